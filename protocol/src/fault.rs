@@ -1,0 +1,234 @@
+//! Typed faults shared by every component and both wire formats.
+//!
+//! A [`Fault`] is what a service answers when a request cannot be carried out. It maps to one
+//! HTTP status, one JSON error body and one SOAP fault whose detail is a WS-BaseFaults element,
+//! all in this module, so that a client in any component gets the same [`FaultKind`] back
+//! whichever transport it used.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::ns;
+use crate::xml::Element;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum FaultKind {
+    /// The GID, checkpoint, class, CTS type or instance named does not exist.
+    ResourceUnknown,
+    /// The request could not be read: malformed XML/JSON, missing or invalid fields.
+    InvalidMessage,
+    /// A CTS descriptor failed validation.
+    InvalidDescriptor,
+    /// A registration conflicts with what is registered already.
+    Conflict,
+    /// The SOAP action or operation is not one this endpoint serves.
+    ActionNotSupported,
+    /// The body is larger than the configured limit.
+    PayloadTooLarge,
+    /// A service this request depends on (a CTS, the GCS) did not answer in time or at all.
+    ServiceUnavailable,
+    /// The core checkpointer or the CTS reported that the operation failed.
+    OperationFailed,
+    /// The caller is not allowed to call this operation.
+    AccessDenied,
+    /// A bug or an unexpected condition on the server; details are in its log.
+    Internal,
+}
+
+impl FaultKind {
+    pub fn http_status(self) -> u16 {
+        match self {
+            FaultKind::ResourceUnknown => 404,
+            FaultKind::InvalidMessage => 400,
+            FaultKind::InvalidDescriptor => 422,
+            FaultKind::Conflict => 409,
+            FaultKind::ActionNotSupported => 400,
+            FaultKind::PayloadTooLarge => 413,
+            FaultKind::ServiceUnavailable => 503,
+            FaultKind::OperationFailed => 502,
+            FaultKind::AccessDenied => 403,
+            FaultKind::Internal => 500,
+        }
+    }
+
+    /// Whether the sender is at fault (SOAP `Client`/`Sender`) or the receiver.
+    pub fn is_sender_fault(self) -> bool {
+        !matches!(
+            self,
+            FaultKind::ServiceUnavailable | FaultKind::OperationFailed | FaultKind::Internal
+        )
+    }
+
+    /// The namespace and local name of the WS-BaseFaults element carried in the SOAP detail.
+    pub fn detail_element(self) -> (&'static str, &'static str) {
+        match self {
+            FaultKind::ResourceUnknown => (ns::WSRF_R, "ResourceUnknownFault"),
+            FaultKind::ServiceUnavailable => (ns::WSRF_R, "ResourceUnavailableFault"),
+            FaultKind::InvalidMessage => (ns::GCA, "InvalidMessageFault"),
+            FaultKind::InvalidDescriptor => (ns::GCA, "InvalidDescriptorFault"),
+            FaultKind::Conflict => (ns::GCA, "ConflictFault"),
+            FaultKind::ActionNotSupported => (ns::GCA, "ActionNotSupportedFault"),
+            FaultKind::PayloadTooLarge => (ns::GCA, "PayloadTooLargeFault"),
+            FaultKind::OperationFailed => (ns::GCA, "OperationFailedFault"),
+            FaultKind::AccessDenied => (ns::GCA, "AccessDeniedFault"),
+            FaultKind::Internal => (ns::GCA, "InternalFault"),
+        }
+    }
+
+    pub fn from_detail_element(ns_uri: &str, name: &str) -> Option<FaultKind> {
+        ALL_KINDS
+            .iter()
+            .copied()
+            .find(|k| k.detail_element() == (ns_uri, name))
+    }
+
+    pub fn as_str(self) -> &'static str {
+        self.detail_element().1.trim_end_matches("Fault")
+    }
+}
+
+pub const ALL_KINDS: [FaultKind; 10] = [
+    FaultKind::ResourceUnknown,
+    FaultKind::InvalidMessage,
+    FaultKind::InvalidDescriptor,
+    FaultKind::Conflict,
+    FaultKind::ActionNotSupported,
+    FaultKind::PayloadTooLarge,
+    FaultKind::ServiceUnavailable,
+    FaultKind::OperationFailed,
+    FaultKind::AccessDenied,
+    FaultKind::Internal,
+];
+
+/// The dialect of [`Fault::code`] values (our `wsrf-bf:ErrorCode` dialect).
+pub const ERROR_CODE_DIALECT: &str = "urn:gca:v1:error-codes";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{kind:?}: {message}")]
+pub struct Fault {
+    pub kind: FaultKind,
+    /// What was wrong and what to do, for a person.
+    pub message: String,
+    /// A stable machine-readable code (e.g. `unknown-gid`, `cts-timeout`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    pub timestamp: DateTime<Utc>,
+}
+
+impl Fault {
+    pub fn new(kind: FaultKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+            code: None,
+            timestamp: Utc::now(),
+        }
+    }
+
+    pub fn with_code(mut self, code: impl Into<String>) -> Self {
+        self.code = Some(code.into());
+        self
+    }
+
+    pub fn resource_unknown(message: impl Into<String>) -> Self {
+        Self::new(FaultKind::ResourceUnknown, message)
+    }
+
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(FaultKind::InvalidMessage, message)
+    }
+
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(FaultKind::Conflict, message)
+    }
+
+    pub fn internal() -> Self {
+        Self::new(
+            FaultKind::Internal,
+            "internal error; the server log has the details",
+        )
+    }
+
+    /// The WS-BaseFaults element for the SOAP fault detail.
+    pub fn to_base_fault(&self) -> Element {
+        let (fns, fname) = self.kind.detail_element();
+        let mut el = Element::new(fns, fname).with_text_child(
+            ns::WSRF_BF,
+            "Timestamp",
+            self.timestamp.to_rfc3339_opts(SecondsFormat::Millis, true),
+        );
+        if let Some(code) = &self.code {
+            el.push_child(
+                Element::new(ns::WSRF_BF, "ErrorCode")
+                    .with_attr("", "dialect", ERROR_CODE_DIALECT)
+                    .with_text(code.clone()),
+            );
+        }
+        el.push_child(
+            Element::new(ns::WSRF_BF, "Description")
+                .with_attr(crate::xml::XML_NS, "lang", "en")
+                .with_text(self.message.clone()),
+        );
+        el
+    }
+
+    /// Reads a fault back from a SOAP fault detail element (any BaseFault-derived element).
+    pub fn from_base_fault(el: &Element, fallback_message: &str) -> Fault {
+        let kind = FaultKind::from_detail_element(el.ns.as_deref().unwrap_or(""), &el.name)
+            .unwrap_or(FaultKind::Internal);
+        let message = el
+            .children_named(ns::WSRF_BF, "Description")
+            .map(|d| d.text().trim().to_string())
+            .filter(|d| !d.is_empty())
+            .collect::<Vec<_>>()
+            .join("; ");
+        let timestamp = el
+            .opt_text(ns::WSRF_BF, "Timestamp")
+            .and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
+            .map(|t| t.with_timezone(&Utc))
+            .unwrap_or_else(Utc::now);
+        Fault {
+            kind,
+            message: if message.is_empty() {
+                fallback_message.to_string()
+            } else {
+                message
+            },
+            code: el.opt_text(ns::WSRF_BF, "ErrorCode"),
+            timestamp,
+        }
+    }
+}
+
+/// The JSON error body: `{"error": {...}}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: Fault,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_fault_round_trips_every_kind() {
+        for kind in ALL_KINDS {
+            let f = Fault::new(kind, format!("boom {kind:?}")).with_code("some-code");
+            let xml = f.to_base_fault().to_xml();
+            let el = crate::xml::parse(&xml).unwrap();
+            let back = Fault::from_base_fault(&el, "fallback");
+            assert_eq!(back.kind, kind);
+            assert_eq!(back.message, f.message);
+            assert_eq!(back.code.as_deref(), Some("some-code"));
+        }
+    }
+
+    #[test]
+    fn statuses_are_distinct_where_clients_need_them() {
+        assert_eq!(FaultKind::ResourceUnknown.http_status(), 404);
+        assert_eq!(FaultKind::Conflict.http_status(), 409);
+        assert_eq!(FaultKind::PayloadTooLarge.http_status(), 413);
+        assert!(!FaultKind::ServiceUnavailable.is_sender_fault());
+        assert!(FaultKind::InvalidDescriptor.is_sender_fault());
+    }
+}

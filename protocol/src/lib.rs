@@ -1,0 +1,26 @@
+//! # gca-protocol
+//!
+//! Everything that crosses a process boundary in the Grid Checkpointing Architecture, shared
+//! by the GCS, the CTS, the wrappers and `gcactl`:
+//!
+//! - [`xml`]: a namespace-aware XML tree (quick-xml) with source lines for error messages;
+//! - [`soap`]: SOAP 1.1/1.2 envelopes with WS-Addressing 1.0 headers, faults;
+//! - [`fault`]: typed faults ([`fault::FaultKind`]) mapped to HTTP, JSON and WS-BaseFaults;
+//! - [`messages`] and [`ops`]: the message types and the operation table (one Rust type,
+//!   two wire forms: JSON and XML);
+//! - [`descriptor`]: CTS descriptor parsing and validation;
+//! - [`placeholders`]: the one implementation of `{GID}`-style parameter patterns;
+//! - [`transport`] and [`client`]: HTTP(S) listeners and clients on rustls.
+
+pub mod client;
+pub mod descriptor;
+pub mod fault;
+pub mod messages;
+pub mod ns;
+pub mod ops;
+pub mod placeholders;
+pub mod soap;
+pub mod transport;
+pub mod xml;
+
+pub use fault::{Fault, FaultKind};

@@ -1,0 +1,1259 @@
+//! The messages GCA components exchange, in one Rust form with two wire forms: JSON (serde) and
+//! XML in the `urn:gca:v1` namespace (the [`XmlContent`] impls, matching `schemas/gca.xsd`).
+//!
+//! Every operation is a pair of types tied together by an [`Operation`] impl in
+//! [`crate::ops`]; the request element is named after the operation and the response element
+//! is `{Operation}Response`.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::ns::GCA;
+use crate::xml::{Element, XmlError};
+
+/// Content of a GCA element: how to write its children and read them back.
+pub trait XmlContent: Sized {
+    fn write_children(&self, el: &mut Element);
+    fn read_children(el: &Element) -> Result<Self, XmlError>;
+
+    /// This value as an element `gca:{name}`.
+    fn to_element(&self, name: &str) -> Element {
+        let mut el = Element::new(GCA, name);
+        self.write_children(&mut el);
+        el
+    }
+}
+
+pub fn fmt_time(t: &DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+fn parse_time(el: &Element, name: &str) -> Result<Option<DateTime<Utc>>, XmlError> {
+    match el.child(GCA, name) {
+        None => Ok(None),
+        Some(c) => {
+            let t = c.text();
+            DateTime::parse_from_rfc3339(t.trim())
+                .map(|t| Some(t.with_timezone(&Utc)))
+                .map_err(|e| c.error(format!("<{name}> is not an xsd:dateTime ({e}): {t:?}")))
+        }
+    }
+}
+
+fn req_time(el: &Element, name: &str) -> Result<DateTime<Utc>, XmlError> {
+    parse_time(el, name)?.ok_or_else(|| {
+        el.error(format!(
+            "<{}> is missing the required element <{name}>",
+            el.name
+        ))
+    })
+}
+
+fn texts(el: &Element, name: &str) -> Vec<String> {
+    el.children_named(GCA, name)
+        .map(|c| c.text().trim().to_string())
+        .collect()
+}
+
+fn push_texts(el: &mut Element, name: &str, values: &[String]) {
+    for v in values {
+        el.push_text_child(GCA, name, v.clone());
+    }
+}
+
+fn push_opt(el: &mut Element, name: &str, v: &Option<impl ToString>) {
+    if let Some(v) = v {
+        el.push_text_child(GCA, name, v.to_string());
+    }
+}
+
+fn push(el: &mut Element, name: &str, v: impl ToString) {
+    el.push_text_child(GCA, name, v.to_string());
+}
+
+fn list<T: XmlContent>(el: &Element, name: &str) -> Result<Vec<T>, XmlError> {
+    el.children_named(GCA, name).map(T::read_children).collect()
+}
+
+fn push_list<T: XmlContent>(el: &mut Element, name: &str, items: &[T]) {
+    for i in items {
+        el.push_child(i.to_element(name));
+    }
+}
+
+fn req_child<'a>(el: &'a Element, name: &str) -> Result<&'a Element, XmlError> {
+    el.child(GCA, name).ok_or_else(|| {
+        el.error(format!(
+            "<{}> is missing the required element <{name}>",
+            el.name
+        ))
+    })
+}
+
+fn bool_or(el: &Element, name: &str, default: bool) -> Result<bool, XmlError> {
+    Ok(el.opt_bool(GCA, name)?.unwrap_or(default))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared value types
+
+/// A key/value property (functional properties of a core service, class requirements).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Property {
+    pub name: String,
+    pub value: String,
+}
+
+impl Property {
+    pub fn new(name: impl Into<String>, value: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            value: value.into(),
+        }
+    }
+}
+
+impl XmlContent for Property {
+    fn write_children(&self, el: &mut Element) {
+        push(el, "Name", &self.name);
+        push(el, "Value", &self.value);
+    }
+    fn read_children(el: &Element) -> Result<Self, XmlError> {
+        Ok(Self {
+            name: el.req_text(GCA, "Name")?,
+            value: el
+                .child(GCA, "Value")
+                .map(|v| v.text().trim().to_string())
+                .unwrap_or_default(),
+        })
+    }
+}
+
+/// A checkpointer class (paper 5.4): the properties every member must have.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointerClass {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub properties: Vec<Property>,
+    /// Defined by the GCS itself (`basic`); cannot be changed.
+    #[serde(default)]
+    pub builtin: bool,
+}
+
+impl XmlContent for CheckpointerClass {
+    fn write_children(&self, el: &mut Element) {
+        push(el, "Name", &self.name);
+        push_opt(el, "Description", &self.description);
+        push_list(el, "Property", &self.properties);
+        push(el, "BuiltIn", self.builtin);
+    }
+    fn read_children(el: &Element) -> Result<Self, XmlError> {
+        Ok(Self {
+            name: el.req_text(GCA, "Name")?,
+            description: el.opt_text(GCA, "Description"),
+            properties: list(el, "Property")?,
+            builtin: bool_or(el, "BuiltIn", false)?,
+        })
+    }
+}
+
+/// An auxiliary wrapper (paper 3.4): its name and its parameters, which may hold placeholders.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct WrapperSpec {
+    pub name: String,
+    #[serde(default)]
+    pub parameters: Vec<String>,
+}
+
+impl XmlContent for WrapperSpec {
+    fn write_children(&self, el: &mut Element) {
+        push(el, "Name", &self.name);
+        push_texts(el, "Parameter", &self.parameters);
+    }
+    fn read_children(el: &Element) -> Result<Self, XmlError> {
+        Ok(Self {
+            name: el.req_text(GCA, "Name")?,
+            parameters: texts(el, "Parameter"),
+        })
+    }
+}
+
+/// What the core service under a CTS type can do (paper 3.3).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CoreService {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// Takes checkpoint requests from outside (doCheckpoint).
+    pub external_checkpoints: bool,
+    /// Takes checkpoints on its own (periodic, or the job itself).
+    pub internal_checkpoints: bool,
+    /// Can recover a job on a computing resource other than the one that checkpointed it.
+    pub recover_on_other_resource: bool,
+    /// Can recover from any image, not only the latest.
+    pub recover_from_any_image: bool,
+    #[serde(default)]
+    pub properties: Vec<Property>,
+}
+
+impl XmlContent for CoreService {
+    fn write_children(&self, el: &mut Element) {
+        push(el, "Name", &self.name);
+        push_opt(el, "Version", &self.version);
+        push(el, "ExternalCheckpoints", self.external_checkpoints);
+        push(el, "InternalCheckpoints", self.internal_checkpoints);
+        push(el, "RecoverOnOtherResource", self.recover_on_other_resource);
+        push(el, "RecoverFromAnyImage", self.recover_from_any_image);
+        push_list(el, "Property", &self.properties);
+    }
+    fn read_children(el: &Element) -> Result<Self, XmlError> {
+        let req_bool = |name: &str| {
+            el.opt_bool(GCA, name)?.ok_or_else(|| {
+                el.error(format!(
+                    "<{}> is missing the required element <{name}>",
+                    el.name
+                ))
+            })
+        };
+        Ok(Self {
+            name: el.req_text(GCA, "Name")?,
+            version: el.opt_text(GCA, "Version"),
+            external_checkpoints: req_bool("ExternalCheckpoints")?,
+            internal_checkpoints: req_bool("InternalCheckpoints")?,
+            recover_on_other_resource: req_bool("RecoverOnOtherResource")?,
+            recover_from_any_image: req_bool("RecoverFromAnyImage")?,
+            properties: list(el, "Property")?,
+        })
+    }
+}
+
+/// A CTS type, as an admin describes it in a CTS descriptor (paper 3.3, 5.5). The XML form is
+/// the `gca:CTSDescriptor` document; [`crate::descriptor`] parses and validates it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CtsType {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    pub core_service: CoreService,
+    #[serde(default)]
+    pub classes: Vec<String>,
+    pub execute_wrapper: WrapperSpec,
+    pub recovery_wrapper: WrapperSpec,
+    /// Extra arguments appended to the job's own when it is executed.
+    #[serde(default)]
+    pub job_parameters: Vec<String>,
+    /// Extra arguments appended to the job's own when it is recovered.
+    #[serde(default)]
+    pub recovery_job_parameters: Vec<String>,
+    /// Environment variables set for the job (values may hold placeholders).
+    #[serde(default)]
+    pub environment: Vec<Property>,
+}
+
+impl XmlContent for CtsType {
+    fn write_children(&self, el: &mut Element) {
+        push(el, "Name", &self.name);
+        push_opt(el, "Description", &self.description);
+        el.push_child(self.core_service.to_element("CoreService"));
+        push_texts(el, "CheckpointerClass", &self.classes);
+        el.push_child(self.execute_wrapper.to_element("ExecuteWrapper"));
+        el.push_child(self.recovery_wrapper.to_element("RecoveryWrapper"));
+        push_texts(el, "JobParameter", &self.job_parameters);
+        push_texts(el, "RecoveryJobParameter", &self.recovery_job_parameters);
+        push_list(el, "Environment", &self.environment);
+    }
+    fn read_children(el: &Element) -> Result<Self, XmlError> {
+        Ok(Self {
+            name: el.req_text(GCA, "Name")?,
+            description: el.opt_text(GCA, "Description"),
+            core_service: CoreService::read_children(req_child(el, "CoreService")?)?,
+            classes: texts(el, "CheckpointerClass"),
+            execute_wrapper: WrapperSpec::read_children(req_child(el, "ExecuteWrapper")?)?,
+            recovery_wrapper: WrapperSpec::read_children(req_child(el, "RecoveryWrapper")?)?,
+            job_parameters: texts(el, "JobParameter"),
+            recovery_job_parameters: texts(el, "RecoveryJobParameter"),
+            environment: list(el, "Environment")?,
+        })
+    }
+}
+
+/// A registered CTS type as listed by the GCS.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CtsTypeInfo {
+    pub descriptor: CtsType,
+    pub registered_at: DateTime<Utc>,
+    pub instance_count: i64,
+}
+
+impl XmlContent for CtsTypeInfo {
+    fn write_children(&self, el: &mut Element) {
+        el.push_child(self.descriptor.to_element("CTSDescriptor"));
+        push(el, "RegisteredAt", fmt_time(&self.registered_at));
+        push(el, "InstanceCount", self.instance_count);
+    }
+    fn read_children(el: &Element) -> Result<Self, XmlError> {
+        Ok(Self {
+            descriptor: CtsType::read_children(req_child(el, "CTSDescriptor")?)?,
+            registered_at: req_time(el, "RegisteredAt")?,
+            instance_count: el.opt_parse(GCA, "InstanceCount")?.unwrap_or(0),
+        })
+    }
+}
+
+/// A running CTS (paper 5.5, second stage).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CtsInstance {
+    pub name: String,
+    pub cts_type: String,
+    /// The CTS's SOAP endpoint (the address of its EPR).
+    pub url: String,
+    /// The EPR address of the Execution Manager whose jobs this CTS checkpoints.
+    pub execution_manager: String,
+    /// The computing resource the CTS runs on.
+    pub resource: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registered_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen: Option<DateTime<Utc>>,
+}
+
+impl XmlContent for CtsInstance {
+    fn write_children(&self, el: &mut Element) {
+        push(el, "Name", &self.name);
+        push(el, "Type", &self.cts_type);
+        push(el, "URL", &self.url);
+        push(el, "ExecutionManager", &self.execution_manager);
+        push(el, "Resource", &self.resource);
+        push_opt(
+            el,
+            "RegisteredAt",
+            &self.registered_at.as_ref().map(fmt_time),
+        );
+        push_opt(el, "LastSeen", &self.last_seen.as_ref().map(fmt_time));
+    }
+    fn read_children(el: &Element) -> Result<Self, XmlError> {
+        Ok(Self {
+            name: el.req_text(GCA, "Name")?,
+            cts_type: el.req_text(GCA, "Type")?,
+            url: el.req_text(GCA, "URL")?,
+            execution_manager: el.req_text(GCA, "ExecutionManager")?,
+            resource: el.req_text(GCA, "Resource")?,
+            registered_at: parse_time(el, "RegisteredAt")?,
+            last_seen: parse_time(el, "LastSeen")?,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    /// Running under a CTS that can checkpoint it.
+    Running,
+    /// A recovery wrapper is restoring it.
+    Recovering,
+    /// Checkpointed and stopped (e.g. for migration); waiting to be recovered.
+    Stopped,
+    /// Exited; `exit_status` / `signal` say how.
+    Finished,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Running => "running",
+            JobState::Recovering => "recovering",
+            JobState::Stopped => "stopped",
+            JobState::Finished => "finished",
+        }
+    }
+}
+
+impl std::str::FromStr for JobState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "running" => Ok(JobState::Running),
+            "recovering" => Ok(JobState::Recovering),
+            "stopped" => Ok(JobState::Stopped),
+            "finished" => Ok(JobState::Finished),
+            other => Err(format!(
+                "unknown job state {other:?}; expected running, recovering, stopped or finished"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for JobState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A job known to the GCS: its GID and the CTS in charge of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Job {
+    pub gid: String,
+    pub state: JobState,
+    pub cts_instance: String,
+    pub cts_type: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_id: Option<String>,
+    pub registered_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub checkpoint_count: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latest_checkpoint: Option<String>,
+    pub recoveries: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_status: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+}
+
+impl XmlContent for Job {
+    fn write_children(&self, el: &mut Element) {
+        push(el, "GID", &self.gid);
+        push(el, "State", self.state);
+        push(el, "CTSInstance", &self.cts_instance);
+        push(el, "CTSType", &self.cts_type);
+        push_opt(el, "LocalID", &self.local_id);
+        push(el, "RegisteredAt", fmt_time(&self.registered_at));
+        push(el, "UpdatedAt", fmt_time(&self.updated_at));
+        push(el, "CheckpointCount", self.checkpoint_count);
+        push_opt(el, "LatestCheckpoint", &self.latest_checkpoint);
+        push(el, "Recoveries", self.recoveries);
+        push_opt(el, "ExitStatus", &self.exit_status);
+        push_opt(el, "Signal", &self.signal);
+    }
+    fn read_children(el: &Element) -> Result<Self, XmlError> {
+        Ok(Self {
+            gid: el.req_text(GCA, "GID")?,
+            state: el
+                .opt_parse(GCA, "State")?
+                .ok_or_else(|| el.error("<Job> has no <State>"))?,
+            cts_instance: el.req_text(GCA, "CTSInstance")?,
+            cts_type: el.req_text(GCA, "CTSType")?,
+            local_id: el.opt_text(GCA, "LocalID"),
+            registered_at: req_time(el, "RegisteredAt")?,
+            updated_at: req_time(el, "UpdatedAt")?,
+            checkpoint_count: el.opt_parse(GCA, "CheckpointCount")?.unwrap_or(0),
+            latest_checkpoint: el.opt_text(GCA, "LatestCheckpoint"),
+            recoveries: el.opt_parse(GCA, "Recoveries")?.unwrap_or(0),
+            exit_status: el.opt_parse(GCA, "ExitStatus")?,
+            signal: el.opt_parse(GCA, "Signal")?,
+        })
+    }
+}
+
+/// Who asked for a checkpoint (paper 3.3: external or internal requests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    /// doCheckpoint from a broker or another outside component.
+    External,
+    /// Taken by the CTS on its own schedule.
+    Periodic,
+    /// Taken by the job (or core service) itself.
+    Job,
+}
+
+impl Origin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::External => "external",
+            Origin::Periodic => "periodic",
+            Origin::Job => "job",
+        }
+    }
+}
+
+impl std::str::FromStr for Origin {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "external" => Ok(Origin::External),
+            "periodic" => Ok(Origin::Periodic),
+            "job" => Ok(Origin::Job),
+            other => Err(format!(
+                "unknown origin {other:?}; expected external, periodic or job"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One checkpoint in the GCS bookkeeping (paper 3.3, 5.2 step 8).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointRecord {
+    /// Unique checkpoint (image) ID, chosen by the CTS that took it.
+    pub id: String,
+    pub gid: String,
+    /// Per-GID sequence number, assigned by the GCS when the record is registered (1, 2, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sequence: Option<i64>,
+    pub cts_name: String,
+    pub cts_type: String,
+    pub taken_at: DateTime<Utc>,
+    /// Logical image name / locator the CTS can fetch the image by.
+    pub image_name: String,
+    pub execution_manager: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_bytes: Option<i64>,
+    /// `sha256:<hex>` of the image manifest, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    /// The image this one is an increment of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    pub origin: Origin,
+    /// The job was stopped after this checkpoint (migration).
+    #[serde(default)]
+    pub job_stopped: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registered_at: Option<DateTime<Utc>>,
+}
+
+impl CheckpointRecord {
+    /// Equality of what the CTS reports, ignoring what the GCS adds (sequence, registration
+    /// time): used to make re-registration idempotent.
+    pub fn same_report(&self, other: &CheckpointRecord) -> bool {
+        let strip = |r: &CheckpointRecord| CheckpointRecord {
+            sequence: None,
+            registered_at: None,
+            taken_at: r.taken_at.with_nanosecond_micros(),
+            ..r.clone()
+        };
+        strip(self) == strip(other)
+    }
+}
+
+trait MicrosPrecision {
+    fn with_nanosecond_micros(&self) -> Self;
+}
+
+impl MicrosPrecision for DateTime<Utc> {
+    /// PostgreSQL keeps microseconds; compare at that precision.
+    fn with_nanosecond_micros(&self) -> Self {
+        use chrono::Timelike;
+        let n = self.nanosecond();
+        self.with_nanosecond(n - n % 1000).unwrap_or(*self)
+    }
+}
+
+impl XmlContent for CheckpointRecord {
+    fn write_children(&self, el: &mut Element) {
+        push(el, "CheckpointID", &self.id);
+        push(el, "GID", &self.gid);
+        push_opt(el, "SequenceNumber", &self.sequence);
+        push(el, "CTSName", &self.cts_name);
+        push(el, "CTSType", &self.cts_type);
+        push(el, "TakenAt", fmt_time(&self.taken_at));
+        push(el, "ImageName", &self.image_name);
+        push(el, "ExecutionManager", &self.execution_manager);
+        push_opt(el, "SizeBytes", &self.size_bytes);
+        push_opt(el, "Digest", &self.digest);
+        push_opt(el, "Parent", &self.parent);
+        push(el, "Origin", self.origin);
+        push(el, "JobStopped", self.job_stopped);
+        push_opt(
+            el,
+            "RegisteredAt",
+            &self.registered_at.as_ref().map(fmt_time),
+        );
+    }
+    fn read_children(el: &Element) -> Result<Self, XmlError> {
+        Ok(Self {
+            id: el.req_text(GCA, "CheckpointID")?,
+            gid: el.req_text(GCA, "GID")?,
+            sequence: el.opt_parse(GCA, "SequenceNumber")?,
+            cts_name: el.req_text(GCA, "CTSName")?,
+            cts_type: el.req_text(GCA, "CTSType")?,
+            taken_at: req_time(el, "TakenAt")?,
+            image_name: el.req_text(GCA, "ImageName")?,
+            execution_manager: el.req_text(GCA, "ExecutionManager")?,
+            size_bytes: el.opt_parse(GCA, "SizeBytes")?,
+            digest: el.opt_text(GCA, "Digest"),
+            parent: el.opt_text(GCA, "Parent"),
+            origin: el
+                .opt_parse(GCA, "Origin")?
+                .ok_or_else(|| el.error("<Origin> is required (external, periodic or job)"))?,
+            job_stopped: bool_or(el, "JobStopped", false)?,
+            registered_at: parse_time(el, "RegisteredAt")?,
+        })
+    }
+}
+
+/// A CTS instance matched by FindCTS, with everything a broker needs to submit a job to it
+/// (paper 5.1 steps 1-2). Parameters are patterns; expand them with [`crate::placeholders`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CtsOffer {
+    pub instance: CtsInstance,
+    pub core_service: CoreService,
+    pub classes: Vec<String>,
+    pub execute_wrapper: WrapperSpec,
+    pub recovery_wrapper: WrapperSpec,
+    pub job_parameters: Vec<String>,
+    pub recovery_job_parameters: Vec<String>,
+    pub environment: Vec<Property>,
+}
+
+impl XmlContent for CtsOffer {
+    fn write_children(&self, el: &mut Element) {
+        el.push_child(self.instance.to_element("Instance"));
+        el.push_child(self.core_service.to_element("CoreService"));
+        push_texts(el, "CheckpointerClass", &self.classes);
+        el.push_child(self.execute_wrapper.to_element("ExecuteWrapper"));
+        el.push_child(self.recovery_wrapper.to_element("RecoveryWrapper"));
+        push_texts(el, "JobParameter", &self.job_parameters);
+        push_texts(el, "RecoveryJobParameter", &self.recovery_job_parameters);
+        push_list(el, "Environment", &self.environment);
+    }
+    fn read_children(el: &Element) -> Result<Self, XmlError> {
+        Ok(Self {
+            instance: CtsInstance::read_children(req_child(el, "Instance")?)?,
+            core_service: CoreService::read_children(req_child(el, "CoreService")?)?,
+            classes: texts(el, "CheckpointerClass"),
+            execute_wrapper: WrapperSpec::read_children(req_child(el, "ExecuteWrapper")?)?,
+            recovery_wrapper: WrapperSpec::read_children(req_child(el, "RecoveryWrapper")?)?,
+            job_parameters: texts(el, "JobParameter"),
+            recovery_job_parameters: texts(el, "RecoveryJobParameter"),
+            environment: list(el, "Environment")?,
+        })
+    }
+}
+
+/// Where and how a job can be recovered from one image (paper 5.3 steps 2-5), with the
+/// recovery wrapper's parameters already expanded for that candidate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryCandidate {
+    pub instance: CtsInstance,
+    pub recovery_wrapper: WrapperSpec,
+    pub job_parameters: Vec<String>,
+    pub environment: Vec<Property>,
+}
+
+impl XmlContent for RecoveryCandidate {
+    fn write_children(&self, el: &mut Element) {
+        el.push_child(self.instance.to_element("Instance"));
+        el.push_child(self.recovery_wrapper.to_element("RecoveryWrapper"));
+        push_texts(el, "JobParameter", &self.job_parameters);
+        push_list(el, "Environment", &self.environment);
+    }
+    fn read_children(el: &Element) -> Result<Self, XmlError> {
+        Ok(Self {
+            instance: CtsInstance::read_children(req_child(el, "Instance")?)?,
+            recovery_wrapper: WrapperSpec::read_children(req_child(el, "RecoveryWrapper")?)?,
+            job_parameters: texts(el, "JobParameter"),
+            environment: list(el, "Environment")?,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Requests and responses
+
+macro_rules! empty_message {
+    ($t:ident) => {
+        #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+        pub struct $t {}
+        impl XmlContent for $t {
+            fn write_children(&self, _el: &mut Element) {}
+            fn read_children(_el: &Element) -> Result<Self, XmlError> {
+                Ok(Self {})
+            }
+        }
+    };
+}
+
+/// doCheckpoint(GID), from a broker to the GCS, and from the GCS to the CTS in charge.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DoCheckpoint {
+    pub gid: String,
+    /// Stop the job after the checkpoint (migration); default: leave it running.
+    #[serde(default)]
+    pub stop: bool,
+}
+
+impl XmlContent for DoCheckpoint {
+    fn write_children(&self, el: &mut Element) {
+        push(el, "GID", &self.gid);
+        push(el, "Stop", self.stop);
+    }
+    fn read_children(el: &Element) -> Result<Self, XmlError> {
+        Ok(Self {
+            gid: el.req_text(GCA, "GID")?,
+            stop: bool_or(el, "Stop", false)?,
+        })
+    }
+}
+
+/// findCTS: any combination of criteria; all given criteria must match.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FindCts {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cts_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub core_service: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource: Option<String>,
+    /// Required properties of the core service (exact key/value matches).
+    #[serde(default)]
+    pub properties: Vec<Property>,
+    /// Only instances heard from within this many seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alive_within_secs: Option<i64>,
+}
+
+impl XmlContent for FindCts {
+    fn write_children(&self, el: &mut Element) {
+        push_opt(el, "CTSType", &self.cts_type);
+        push_opt(el, "CheckpointerClass", &self.class);
+        push_opt(el, "CoreService", &self.core_service);
+        push_opt(el, "Resource", &self.resource);
+        push_list(el, "Property", &self.properties);
+        push_opt(el, "AliveWithinSeconds", &self.alive_within_secs);
+    }
+    fn read_children(el: &Element) -> Result<Self, XmlError> {
+        Ok(Self {
+            cts_type: el.opt_text(GCA, "CTSType"),
+            class: el.opt_text(GCA, "CheckpointerClass"),
+            core_service: el.opt_text(GCA, "CoreService"),
+            resource: el.opt_text(GCA, "Resource"),
+            properties: list(el, "Property")?,
+            alive_within_secs: el.opt_parse(GCA, "AliveWithinSeconds")?,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FindCtsResponse {
+    pub offers: Vec<CtsOffer>,
+}
+
+impl XmlContent for FindCtsResponse {
+    fn write_children(&self, el: &mut Element) {
+        push_list(el, "CTS", &self.offers);
+    }
+    fn read_children(el: &Element) -> Result<Self, XmlError> {
+        Ok(Self {
+            offers: list(el, "CTS")?,
+        })
+    }
+}
+
+/// A request naming one job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GidRequest {
+    pub gid: String,
+}
+
+impl XmlContent for GidRequest {
+    fn write_children(&self, el: &mut Element) {
+        push(el, "GID", &self.gid);
+    }
+    fn read_children(el: &Element) -> Result<Self, XmlError> {
+        Ok(Self {
+            gid: el.req_text(GCA, "GID")?,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointList {
+    pub checkpoints: Vec<CheckpointRecord>,
+}
+
+impl XmlContent for CheckpointList {
+    fn write_children(&self, el: &mut Element) {
+        push_list(el, "Checkpoint", &self.checkpoints);
+    }
+    fn read_children(el: &Element) -> Result<Self, XmlError> {
+        Ok(Self {
+            checkpoints: list(el, "Checkpoint")?,
+        })
+    }
+}
+
+/// The image a recovery starts from: `latest` or a checkpoint ID.
+pub const LATEST: &str = "latest";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GetRecoveryInfo {
+    pub gid: String,
+    /// A checkpoint ID, or `latest`.
+    #[serde(default = "latest")]
+    pub image: String,
+}
+
+fn latest() -> String {
+    LATEST.to_string()
+}
+
+impl XmlContent for GetRecoveryInfo {
+    fn write_children(&self, el: &mut Element) {
+        push(el, "GID", &self.gid);
+        push(el, "Image", &self.image);
+    }
+    fn read_children(el: &Element) -> Result<Self, XmlError> {
+        Ok(Self {
+            gid: el.req_text(GCA, "GID")?,
+            image: el.opt_text(GCA, "Image").unwrap_or_else(latest),
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryInfo {
+    pub gid: String,
+    pub checkpoint: CheckpointRecord,
+    /// The CTS type that must recover the job (the one that checkpointed it).
+    pub cts_type: String,
+    /// The type can only recover on the resource that took the checkpoint.
+    pub same_resource_only: bool,
+    /// The resource the checkpoint was taken on.
+    pub original_resource: Option<String>,
+    pub candidates: Vec<RecoveryCandidate>,
+}
+
+impl XmlContent for RecoveryInfo {
+    fn write_children(&self, el: &mut Element) {
+        push(el, "GID", &self.gid);
+        el.push_child(self.checkpoint.to_element("Checkpoint"));
+        push(el, "CTSType", &self.cts_type);
+        push(el, "SameResourceOnly", self.same_resource_only);
+        push_opt(el, "OriginalResource", &self.original_resource);
+        push_list(el, "Candidate", &self.candidates);
+    }
+    fn read_children(el: &Element) -> Result<Self, XmlError> {
+        Ok(Self {
+            gid: el.req_text(GCA, "GID")?,
+            checkpoint: CheckpointRecord::read_children(req_child(el, "Checkpoint")?)?,
+            cts_type: el.req_text(GCA, "CTSType")?,
+            same_resource_only: bool_or(el, "SameResourceOnly", false)?,
+            original_resource: el.opt_text(GCA, "OriginalResource"),
+            candidates: list(el, "Candidate")?,
+        })
+    }
+}
+
+/// Whether a registration created something new or found it registered already, unchanged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Registration {
+    Created,
+    Unchanged,
+    Updated,
+}
+
+impl Registration {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Registration::Created => "created",
+            Registration::Unchanged => "unchanged",
+            Registration::Updated => "updated",
+        }
+    }
+}
+
+impl std::str::FromStr for Registration {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "created" => Ok(Registration::Created),
+            "unchanged" => Ok(Registration::Unchanged),
+            "updated" => Ok(Registration::Updated),
+            other => Err(format!("unknown registration outcome {other:?}")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterCheckpointerClass {
+    pub class: CheckpointerClass,
+}
+
+impl XmlContent for RegisterCheckpointerClass {
+    fn write_children(&self, el: &mut Element) {
+        el.push_child(self.class.to_element("CheckpointerClass"));
+    }
+    fn read_children(el: &Element) -> Result<Self, XmlError> {
+        Ok(Self {
+            class: CheckpointerClass::read_children(req_child(el, "CheckpointerClass")?)?,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClassRegistered {
+    pub class: CheckpointerClass,
+    pub outcome: Registration,
+}
+
+impl XmlContent for ClassRegistered {
+    fn write_children(&self, el: &mut Element) {
+        el.push_child(self.class.to_element("CheckpointerClass"));
+        push(el, "Outcome", self.outcome.as_str());
+    }
+    fn read_children(el: &Element) -> Result<Self, XmlError> {
+        Ok(Self {
+            class: CheckpointerClass::read_children(req_child(el, "CheckpointerClass")?)?,
+            outcome: el
+                .opt_parse(GCA, "Outcome")?
+                .unwrap_or(Registration::Created),
+        })
+    }
+}
+
+/// registerCTSDescriptor: the descriptor document as text (JSON) or inline element (SOAP).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterCtsDescriptor {
+    pub descriptor_xml: String,
+}
+
+impl XmlContent for RegisterCtsDescriptor {
+    fn write_children(&self, el: &mut Element) {
+        // The descriptor travels as an element; a client holding text parses it first.
+        if let Ok(d) = crate::xml::parse(&self.descriptor_xml) {
+            el.push_child(d);
+        }
+    }
+    fn read_children(el: &Element) -> Result<Self, XmlError> {
+        let d = el.child(GCA, "CTSDescriptor").ok_or_else(|| {
+            el.error("<RegisterCTSDescriptor> must contain a <gca:CTSDescriptor> element")
+        })?;
+        Ok(Self {
+            descriptor_xml: d.to_xml(),
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DescriptorRegistered {
+    pub cts_type: CtsType,
+    pub outcome: Registration,
+}
+
+impl XmlContent for DescriptorRegistered {
+    fn write_children(&self, el: &mut Element) {
+        el.push_child(self.cts_type.to_element("CTSDescriptor"));
+        push(el, "Outcome", self.outcome.as_str());
+    }
+    fn read_children(el: &Element) -> Result<Self, XmlError> {
+        Ok(Self {
+            cts_type: CtsType::read_children(req_child(el, "CTSDescriptor")?)?,
+            outcome: el
+                .opt_parse(GCA, "Outcome")?
+                .unwrap_or(Registration::Created),
+        })
+    }
+}
+
+/// unregisterCTS: remove a CTS instance, or a CTS type with no instances left.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnregisterCts {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cts_type: Option<String>,
+}
+
+impl XmlContent for UnregisterCts {
+    fn write_children(&self, el: &mut Element) {
+        push_opt(el, "Instance", &self.instance);
+        push_opt(el, "CTSType", &self.cts_type);
+    }
+    fn read_children(el: &Element) -> Result<Self, XmlError> {
+        Ok(Self {
+            instance: el.opt_text(GCA, "Instance"),
+            cts_type: el.opt_text(GCA, "CTSType"),
+        })
+    }
+}
+
+empty_message!(Unregistered);
+empty_message!(ListRequest);
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClassList {
+    pub classes: Vec<CheckpointerClass>,
+}
+
+impl XmlContent for ClassList {
+    fn write_children(&self, el: &mut Element) {
+        push_list(el, "CheckpointerClass", &self.classes);
+    }
+    fn read_children(el: &Element) -> Result<Self, XmlError> {
+        Ok(Self {
+            classes: list(el, "CheckpointerClass")?,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CtsTypeList {
+    pub types: Vec<CtsTypeInfo>,
+}
+
+impl XmlContent for CtsTypeList {
+    fn write_children(&self, el: &mut Element) {
+        push_list(el, "CTSType", &self.types);
+    }
+    fn read_children(el: &Element) -> Result<Self, XmlError> {
+        Ok(Self {
+            types: list(el, "CTSType")?,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CtsInstanceList {
+    pub instances: Vec<CtsInstance>,
+}
+
+impl XmlContent for CtsInstanceList {
+    fn write_children(&self, el: &mut Element) {
+        push_list(el, "CTSInstance", &self.instances);
+    }
+    fn read_children(el: &Element) -> Result<Self, XmlError> {
+        Ok(Self {
+            instances: list(el, "CTSInstance")?,
+        })
+    }
+}
+
+/// listJobs with optional filters and keyset paging (by GID).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListJobs {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<JobState>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cts_instance: Option<String>,
+    /// Return jobs whose GID sorts after this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<i64>,
+}
+
+impl XmlContent for ListJobs {
+    fn write_children(&self, el: &mut Element) {
+        push_opt(el, "State", &self.state);
+        push_opt(el, "CTSInstance", &self.cts_instance);
+        push_opt(el, "After", &self.after);
+        push_opt(el, "Limit", &self.limit);
+    }
+    fn read_children(el: &Element) -> Result<Self, XmlError> {
+        Ok(Self {
+            state: el.opt_parse(GCA, "State")?,
+            cts_instance: el.opt_text(GCA, "CTSInstance"),
+            after: el.opt_text(GCA, "After"),
+            limit: el.opt_parse(GCA, "Limit")?,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobList {
+    pub jobs: Vec<Job>,
+}
+
+impl XmlContent for JobList {
+    fn write_children(&self, el: &mut Element) {
+        push_list(el, "Job", &self.jobs);
+    }
+    fn read_children(el: &Element) -> Result<Self, XmlError> {
+        Ok(Self {
+            jobs: list(el, "Job")?,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobInfo {
+    pub job: Job,
+}
+
+impl XmlContent for JobInfo {
+    fn write_children(&self, el: &mut Element) {
+        el.push_child(self.job.to_element("Job"));
+    }
+    fn read_children(el: &Element) -> Result<Self, XmlError> {
+        Ok(Self {
+            job: Job::read_children(req_child(el, "Job")?)?,
+        })
+    }
+}
+
+/// registerCTSInstance: a CTS announcing itself (at start-up, and again after restarts or when
+/// the GCS comes back); doubles as its heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterCtsInstance {
+    pub instance: CtsInstance,
+}
+
+impl XmlContent for RegisterCtsInstance {
+    fn write_children(&self, el: &mut Element) {
+        el.push_child(self.instance.to_element("CTSInstance"));
+    }
+    fn read_children(el: &Element) -> Result<Self, XmlError> {
+        Ok(Self {
+            instance: CtsInstance::read_children(req_child(el, "CTSInstance")?)?,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceRegistered {
+    pub instance: CtsInstance,
+    pub outcome: Registration,
+}
+
+impl XmlContent for InstanceRegistered {
+    fn write_children(&self, el: &mut Element) {
+        el.push_child(self.instance.to_element("CTSInstance"));
+        push(el, "Outcome", self.outcome.as_str());
+    }
+    fn read_children(el: &Element) -> Result<Self, XmlError> {
+        Ok(Self {
+            instance: CtsInstance::read_children(req_child(el, "CTSInstance")?)?,
+            outcome: el
+                .opt_parse(GCA, "Outcome")?
+                .unwrap_or(Registration::Created),
+        })
+    }
+}
+
+/// registerJob: a CTS telling the GCS it is in charge of a GID (paper 3.4.1, 5.1 step 4, and
+/// with `recovery` set, 5.3 step 11).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterJob {
+    pub gid: String,
+    pub cts_instance: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_id: Option<String>,
+    /// The job is being recovered: move the GID's routing to this CTS.
+    #[serde(default)]
+    pub recovery: bool,
+    /// With `recovery`: the checkpoint the job is restored from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_checkpoint: Option<String>,
+    /// With `recovery`: `recovering` while the image is being restored, `running` once it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<JobState>,
+}
+
+impl XmlContent for RegisterJob {
+    fn write_children(&self, el: &mut Element) {
+        push(el, "GID", &self.gid);
+        push(el, "CTSInstance", &self.cts_instance);
+        push_opt(el, "LocalID", &self.local_id);
+        push(el, "Recovery", self.recovery);
+        push_opt(el, "FromCheckpoint", &self.from_checkpoint);
+        push_opt(el, "State", &self.state);
+    }
+    fn read_children(el: &Element) -> Result<Self, XmlError> {
+        Ok(Self {
+            gid: el.req_text(GCA, "GID")?,
+            cts_instance: el.req_text(GCA, "CTSInstance")?,
+            local_id: el.opt_text(GCA, "LocalID"),
+            recovery: bool_or(el, "Recovery", false)?,
+            from_checkpoint: el.opt_text(GCA, "FromCheckpoint"),
+            state: el.opt_parse(GCA, "State")?,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobRegistered {
+    pub job: Job,
+    pub outcome: Registration,
+}
+
+impl XmlContent for JobRegistered {
+    fn write_children(&self, el: &mut Element) {
+        el.push_child(self.job.to_element("Job"));
+        push(el, "Outcome", self.outcome.as_str());
+    }
+    fn read_children(el: &Element) -> Result<Self, XmlError> {
+        Ok(Self {
+            job: Job::read_children(req_child(el, "Job")?)?,
+            outcome: el
+                .opt_parse(GCA, "Outcome")?
+                .unwrap_or(Registration::Created),
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterCheckpoint {
+    pub checkpoint: CheckpointRecord,
+}
+
+impl XmlContent for RegisterCheckpoint {
+    fn write_children(&self, el: &mut Element) {
+        el.push_child(self.checkpoint.to_element("Checkpoint"));
+    }
+    fn read_children(el: &Element) -> Result<Self, XmlError> {
+        Ok(Self {
+            checkpoint: CheckpointRecord::read_children(req_child(el, "Checkpoint")?)?,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointRegistered {
+    pub checkpoint: CheckpointRecord,
+    pub outcome: Registration,
+}
+
+impl XmlContent for CheckpointRegistered {
+    fn write_children(&self, el: &mut Element) {
+        el.push_child(self.checkpoint.to_element("Checkpoint"));
+        push(el, "Outcome", self.outcome.as_str());
+    }
+    fn read_children(el: &Element) -> Result<Self, XmlError> {
+        Ok(Self {
+            checkpoint: CheckpointRecord::read_children(req_child(el, "Checkpoint")?)?,
+            outcome: el
+                .opt_parse(GCA, "Outcome")?
+                .unwrap_or(Registration::Created),
+        })
+    }
+}
+
+/// jobFinished: the job under a CTS exited.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobFinished {
+    pub gid: String,
+    pub cts_instance: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_status: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+}
+
+impl XmlContent for JobFinished {
+    fn write_children(&self, el: &mut Element) {
+        push(el, "GID", &self.gid);
+        push(el, "CTSInstance", &self.cts_instance);
+        push_opt(el, "ExitStatus", &self.exit_status);
+        push_opt(el, "Signal", &self.signal);
+    }
+    fn read_children(el: &Element) -> Result<Self, XmlError> {
+        Ok(Self {
+            gid: el.req_text(GCA, "GID")?,
+            cts_instance: el.req_text(GCA, "CTSInstance")?,
+            exit_status: el.opt_parse(GCA, "ExitStatus")?,
+            signal: el.opt_parse(GCA, "Signal")?,
+        })
+    }
+}

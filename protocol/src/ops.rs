@@ -1,0 +1,93 @@
+//! The operation table: every GCS and CTS operation, with its request and response types.
+//!
+//! The SOAP dispatcher, the JSON routes, the WSDL and the clients all derive from these
+//! names, so an operation is added in one place.
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::messages::*;
+use crate::ns;
+
+pub trait Operation {
+    /// The operation name: the request element's local name, and the WSDL operation.
+    const NAME: &'static str;
+    const PORT_TYPE: &'static str;
+    type Request: XmlContent + Serialize + DeserializeOwned + Send + Sync + 'static;
+    type Response: XmlContent + Serialize + DeserializeOwned + Send + Sync + 'static;
+
+    fn request_action() -> String {
+        ns::request_action(Self::PORT_TYPE, Self::NAME)
+    }
+    fn response_action() -> String {
+        ns::response_action(Self::PORT_TYPE, Self::NAME)
+    }
+    fn response_element() -> String {
+        format!("{}Response", Self::NAME)
+    }
+}
+
+macro_rules! operations {
+    ($port:expr; $($(#[$doc:meta])* $t:ident = $name:literal : $req:ty => $resp:ty;)*) => {
+        $(
+            $(#[$doc])*
+            pub struct $t;
+            impl Operation for $t {
+                const NAME: &'static str = $name;
+                const PORT_TYPE: &'static str = $port;
+                type Request = $req;
+                type Response = $resp;
+            }
+        )*
+    };
+}
+
+/// Names of every GCS operation, in WSDL order.
+pub const GCS_OPERATIONS: &[&str] = &[
+    "DoCheckpoint",
+    "FindCTS",
+    "GetCheckpoints",
+    "GetRecoveryInfo",
+    "GetJob",
+    "ListJobs",
+    "RegisterCheckpointerClass",
+    "RegisterCTSDescriptor",
+    "UnregisterCTS",
+    "ListCheckpointerClasses",
+    "ListCTSTypes",
+    "ListCTSInstances",
+    "RegisterCTSInstance",
+    "RegisterJob",
+    "RegisterCheckpoint",
+    "JobFinished",
+];
+
+operations! { ns::GCS_PORT_TYPE;
+    // broker
+    /// Checkpoint a job: routed to the CTS in charge of the GID (paper 5.2).
+    DoCheckpointOp = "DoCheckpoint": DoCheckpoint => CheckpointRecord;
+    /// Find CTS instances by type, class, core service, resource and properties (paper 5.1 step 1).
+    FindCtsOp = "FindCTS": FindCts => FindCtsResponse;
+    GetCheckpointsOp = "GetCheckpoints": GidRequest => CheckpointList;
+    /// What a broker needs to recover a job from an image (paper 5.3 steps 2-5).
+    GetRecoveryInfoOp = "GetRecoveryInfo": GetRecoveryInfo => RecoveryInfo;
+    GetJobOp = "GetJob": GidRequest => JobInfo;
+    ListJobsOp = "ListJobs": ListJobs => JobList;
+    // admin
+    RegisterClassOp = "RegisterCheckpointerClass": RegisterCheckpointerClass => ClassRegistered;
+    RegisterDescriptorOp = "RegisterCTSDescriptor": RegisterCtsDescriptor => DescriptorRegistered;
+    UnregisterCtsOp = "UnregisterCTS": UnregisterCts => Unregistered;
+    ListClassesOp = "ListCheckpointerClasses": ListRequest => ClassList;
+    ListCtsTypesOp = "ListCTSTypes": ListRequest => CtsTypeList;
+    ListCtsInstancesOp = "ListCTSInstances": ListRequest => CtsInstanceList;
+    // CTS-facing
+    RegisterCtsInstanceOp = "RegisterCTSInstance": RegisterCtsInstance => InstanceRegistered;
+    RegisterJobOp = "RegisterJob": RegisterJob => JobRegistered;
+    RegisterCheckpointOp = "RegisterCheckpoint": RegisterCheckpoint => CheckpointRegistered;
+    JobFinishedOp = "JobFinished": JobFinished => JobInfo;
+}
+
+operations! { ns::CTS_PORT_TYPE;
+    /// The GCS forwarding doCheckpoint to the CTS in charge of the job (paper 5.2 step 4).
+    CtsDoCheckpointOp = "DoCheckpoint": DoCheckpoint => CheckpointRecord;
+}
