@@ -82,8 +82,20 @@ impl FaultKind {
             .find(|k| k.detail_element() == (ns_uri, name))
     }
 
+    /// The kind's name as it appears in JSON (`"ResourceUnknown"`).
     pub fn as_str(self) -> &'static str {
-        self.detail_element().1.trim_end_matches("Fault")
+        match self {
+            FaultKind::ResourceUnknown => "ResourceUnknown",
+            FaultKind::InvalidMessage => "InvalidMessage",
+            FaultKind::InvalidDescriptor => "InvalidDescriptor",
+            FaultKind::Conflict => "Conflict",
+            FaultKind::ActionNotSupported => "ActionNotSupported",
+            FaultKind::PayloadTooLarge => "PayloadTooLarge",
+            FaultKind::ServiceUnavailable => "ServiceUnavailable",
+            FaultKind::OperationFailed => "OperationFailed",
+            FaultKind::AccessDenied => "AccessDenied",
+            FaultKind::Internal => "Internal",
+        }
     }
 }
 

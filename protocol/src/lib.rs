@@ -19,6 +19,7 @@ pub mod messages;
 pub mod ns;
 pub mod ops;
 pub mod placeholders;
+pub mod schemas;
 pub mod soap;
 pub mod transport;
 pub mod xml;

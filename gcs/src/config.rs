@@ -1,0 +1,162 @@
+//! Typed configuration: defaults, then a TOML file, then `GCS_*` environment variables, then
+//! command-line flags (applied by `main`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use gca_protocol::transport::{ClientTls, ServerTls};
+use serde::Deserialize;
+
+/// A secret string: never printed by `Debug`.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// The URL clients reach this GCS at (used in the WSDL and for `{GCS_URL}`); when unset, it
+    /// is taken from each request's Host header.
+    pub public_url: Option<String>,
+    /// PostgreSQL server to use. Unset: a private cluster under `data_dir`.
+    pub database_url: Option<Secret>,
+    /// Directory for the private PostgreSQL cluster.
+    pub data_dir: Option<PathBuf>,
+    pub db_max_connections: u32,
+    /// Largest request body accepted, in bytes.
+    pub max_body_bytes: usize,
+    /// Bound on a doCheckpoint forwarded to a CTS, in seconds.
+    pub cts_timeout_secs: u64,
+    /// Serve HTTPS with these files.
+    pub tls: Option<ServerTls>,
+    /// TLS settings for calls to CTSes.
+    pub client_tls: ClientTls,
+    /// `text` or `json` logs.
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".parse().expect("valid address"),
+            public_url: None,
+            database_url: None,
+            data_dir: None,
+            db_max_connections: 16,
+            max_body_bytes: 1024 * 1024,
+            cts_timeout_secs: 60,
+            tls: None,
+            client_tls: ClientTls::default(),
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+impl Config {
+    pub fn cts_timeout(&self) -> Duration {
+        Duration::from_secs(self.cts_timeout_secs)
+    }
+
+    /// Reads the file (when given) and applies the environment.
+    pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
+        let mut config = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read config file {}", path.display()))?;
+                toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))?
+            }
+            None => Config::default(),
+        };
+        config.apply_env(|k| std::env::var(k).ok())?;
+        Ok(config)
+    }
+
+    /// Applies `GCS_*` variables (and `DATABASE_URL`), read through `var`.
+    pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> anyhow::Result<()> {
+        fn parse<T: std::str::FromStr>(key: &str, v: String) -> anyhow::Result<T>
+        where
+            T::Err: std::fmt::Display,
+        {
+            v.parse::<T>()
+                .map_err(|e| anyhow::anyhow!("environment variable {key}={v:?} is invalid: {e}"))
+        }
+        if let Some(v) = var("GCS_LISTEN") {
+            self.listen = parse("GCS_LISTEN", v)?;
+        }
+        if let Some(v) = var("GCS_PUBLIC_URL") {
+            self.public_url = Some(v);
+        }
+        if let Some(v) = var("GCS_DATABASE_URL").or_else(|| var("DATABASE_URL")) {
+            self.database_url = Some(Secret::new(v));
+        }
+        if let Some(v) = var("GCS_DATA_DIR") {
+            self.data_dir = Some(PathBuf::from(v));
+        }
+        if let Some(v) = var("GCS_DB_MAX_CONNECTIONS") {
+            self.db_max_connections = parse("GCS_DB_MAX_CONNECTIONS", v)?;
+        }
+        if let Some(v) = var("GCS_MAX_BODY_BYTES") {
+            self.max_body_bytes = parse("GCS_MAX_BODY_BYTES", v)?;
+        }
+        if let Some(v) = var("GCS_CTS_TIMEOUT_SECS") {
+            self.cts_timeout_secs = parse("GCS_CTS_TIMEOUT_SECS", v)?;
+        }
+        if let Some(v) = var("GCS_LOG_FORMAT") {
+            self.log_format = match v.as_str() {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                _ => anyhow::bail!("GCS_LOG_FORMAT must be text or json, not {v:?}"),
+            };
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_then_environment() {
+        let mut c: Config = toml::from_str(
+            "listen = \"0.0.0.0:9000\"\ndatabase_url = \"postgres://u:pw@h/db\"\ncts_timeout_secs = 5\n",
+        )
+        .unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        assert!(!format!("{c:?}").contains("pw"), "secrets must not be printed");
+        c.apply_env(|k| (k == "GCS_CTS_TIMEOUT_SECS").then(|| "7".to_string()))
+            .unwrap();
+        assert_eq!(c.cts_timeout_secs, 7);
+        let err = c
+            .apply_env(|k| (k == "GCS_LISTEN").then(|| "nope".to_string()))
+            .unwrap_err();
+        assert!(err.to_string().contains("GCS_LISTEN"));
+        assert!(toml::from_str::<Config>("bogus = 1").is_err());
+    }
+}

@@ -1,0 +1,585 @@
+//! Everything that touches PostgreSQL: row types and queries. The GCS is the only component
+//! with a database; nothing here holds state between requests, so any number of GCS processes
+//! can serve one database.
+
+use chrono::{DateTime, Utc};
+use gca_protocol::messages::{
+    CheckpointRecord, CheckpointerClass, CtsInstance, CtsType, Job, JobState, Origin, Property,
+};
+use sqlx::{FromRow, PgExecutor, PgPool};
+
+use crate::error::{Error, Result};
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+/// Connects to `url`, bounded so that start-up fails clearly instead of hanging.
+pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
+    use anyhow::Context;
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(std::time::Duration::from_secs(10))
+        .connect(url)
+        .await
+        .context("cannot connect to PostgreSQL (check DATABASE_URL / database_url)")
+}
+
+fn bad_row(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Internal(anyhow::anyhow!("corrupt {what} row: {e}"))
+}
+
+#[derive(FromRow)]
+pub struct ClassRow {
+    pub name: String,
+    pub description: Option<String>,
+    pub properties: sqlx::types::Json<Vec<Property>>,
+    pub builtin: bool,
+}
+
+impl From<ClassRow> for CheckpointerClass {
+    fn from(r: ClassRow) -> Self {
+        CheckpointerClass {
+            name: r.name,
+            description: r.description,
+            properties: r.properties.0,
+            builtin: r.builtin,
+        }
+    }
+}
+
+pub async fn get_class(db: impl PgExecutor<'_>, name: &str) -> Result<Option<CheckpointerClass>> {
+    Ok(
+        sqlx::query_as::<_, ClassRow>("select name, description, properties, builtin from checkpointer_classes where name = $1")
+            .bind(name)
+            .fetch_optional(db)
+            .await?
+            .map(Into::into),
+    )
+}
+
+pub async fn list_classes(db: &PgPool) -> Result<Vec<CheckpointerClass>> {
+    Ok(
+        sqlx::query_as::<_, ClassRow>("select name, description, properties, builtin from checkpointer_classes order by name")
+            .fetch_all(db)
+            .await?
+            .into_iter()
+            .map(Into::into)
+            .collect(),
+    )
+}
+
+/// Inserts the class unless the name is taken; true when inserted.
+pub async fn insert_class(db: &PgPool, class: &CheckpointerClass) -> Result<bool> {
+    let inserted = sqlx::query(
+        "insert into checkpointer_classes (name, description, properties) values ($1, $2, $3)
+         on conflict (name) do nothing",
+    )
+    .bind(&class.name)
+    .bind(&class.description)
+    .bind(sqlx::types::Json(&class.properties))
+    .execute(db)
+    .await?
+    .rows_affected();
+    Ok(inserted == 1)
+}
+
+#[derive(FromRow)]
+pub struct TypeRow {
+    pub descriptor: sqlx::types::Json<CtsType>,
+    pub registered_at: DateTime<Utc>,
+    pub instance_count: i64,
+}
+
+pub async fn get_type(db: impl PgExecutor<'_>, name: &str) -> Result<Option<CtsType>> {
+    Ok(
+        sqlx::query_scalar::<_, sqlx::types::Json<CtsType>>("select descriptor from cts_types where name = $1")
+            .bind(name)
+            .fetch_optional(db)
+            .await?
+            .map(|j| j.0),
+    )
+}
+
+pub async fn list_types(db: &PgPool) -> Result<Vec<TypeRow>> {
+    Ok(sqlx::query_as::<_, TypeRow>(
+        "select t.descriptor, t.registered_at, count(i.name) as instance_count
+         from cts_types t left join cts_instances i on i.cts_type = t.name
+         group by t.name order by t.name",
+    )
+    .fetch_all(db)
+    .await?)
+}
+
+/// Inserts a CTS type with its class memberships in one transaction; false when the name is
+/// taken (nothing is written then).
+pub async fn insert_type(db: &PgPool, cts: &CtsType, xml: &str, properties: &serde_json::Value) -> Result<bool> {
+    let mut tx = db.begin().await?;
+    let inserted = sqlx::query(
+        "insert into cts_types (name, core_service, descriptor, descriptor_xml, properties,
+            external_checkpoints, internal_checkpoints, recover_on_other_resource, recover_from_any_image)
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+         on conflict (name) do nothing",
+    )
+    .bind(&cts.name)
+    .bind(&cts.core_service.name)
+    .bind(sqlx::types::Json(cts))
+    .bind(xml)
+    .bind(properties)
+    .bind(cts.core_service.external_checkpoints)
+    .bind(cts.core_service.internal_checkpoints)
+    .bind(cts.core_service.recover_on_other_resource)
+    .bind(cts.core_service.recover_from_any_image)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected()
+        == 1;
+    if !inserted {
+        return Ok(false);
+    }
+    sqlx::query("insert into cts_type_classes (cts_type, class) select $1, unnest($2::text[])")
+        .bind(&cts.name)
+        .bind(&cts.classes)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
+pub async fn delete_type(db: &PgPool, name: &str) -> Result<bool> {
+    Ok(sqlx::query("delete from cts_types where name = $1")
+        .bind(name)
+        .execute(db)
+        .await?
+        .rows_affected()
+        == 1)
+}
+
+#[derive(FromRow)]
+pub struct InstanceRow {
+    pub name: String,
+    pub cts_type: String,
+    pub url: String,
+    pub execution_manager: String,
+    pub resource: String,
+    pub registered_at: DateTime<Utc>,
+    pub last_seen: DateTime<Utc>,
+}
+
+impl From<InstanceRow> for CtsInstance {
+    fn from(r: InstanceRow) -> Self {
+        CtsInstance {
+            name: r.name,
+            cts_type: r.cts_type,
+            url: r.url,
+            execution_manager: r.execution_manager,
+            resource: r.resource,
+            registered_at: Some(r.registered_at),
+            last_seen: Some(r.last_seen),
+        }
+    }
+}
+
+const INSTANCE_COLUMNS: &str = "name, cts_type, url, execution_manager, resource, registered_at, last_seen";
+
+pub async fn get_instance(db: impl PgExecutor<'_>, name: &str) -> Result<Option<CtsInstance>> {
+    Ok(
+        sqlx::query_as::<_, InstanceRow>(&format!("select {INSTANCE_COLUMNS} from cts_instances where name = $1"))
+            .bind(name)
+            .fetch_optional(db)
+            .await?
+            .map(Into::into),
+    )
+}
+
+pub async fn list_instances(db: &PgPool) -> Result<Vec<CtsInstance>> {
+    Ok(
+        sqlx::query_as::<_, InstanceRow>(&format!("select {INSTANCE_COLUMNS} from cts_instances order by name"))
+            .fetch_all(db)
+            .await?
+            .into_iter()
+            .map(Into::into)
+            .collect(),
+    )
+}
+
+/// Instances of `cts_type`, optionally only those on `resource`.
+pub async fn instances_of_type(db: &PgPool, cts_type: &str, resource: Option<&str>) -> Result<Vec<CtsInstance>> {
+    Ok(sqlx::query_as::<_, InstanceRow>(&format!(
+        "select {INSTANCE_COLUMNS} from cts_instances
+         where cts_type = $1 and ($2::text is null or resource = $2) order by last_seen desc, name"
+    ))
+    .bind(cts_type)
+    .bind(resource)
+    .fetch_all(db)
+    .await?
+    .into_iter()
+    .map(Into::into)
+    .collect())
+}
+
+/// Inserts an instance unless the name is taken; true when inserted.
+pub async fn insert_instance(db: &PgPool, i: &CtsInstance) -> Result<bool> {
+    Ok(sqlx::query(
+        "insert into cts_instances (name, cts_type, url, execution_manager, resource)
+         values ($1, $2, $3, $4, $5) on conflict (name) do nothing",
+    )
+    .bind(&i.name)
+    .bind(&i.cts_type)
+    .bind(&i.url)
+    .bind(&i.execution_manager)
+    .bind(&i.resource)
+    .execute(db)
+    .await?
+    .rows_affected()
+        == 1)
+}
+
+pub async fn update_instance(db: &PgPool, i: &CtsInstance) -> Result<()> {
+    sqlx::query(
+        "update cts_instances set url = $2, execution_manager = $3, resource = $4, last_seen = now()
+         where name = $1",
+    )
+    .bind(&i.name)
+    .bind(&i.url)
+    .bind(&i.execution_manager)
+    .bind(&i.resource)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// Records that a CTS was heard from.
+pub async fn touch_instance(db: impl PgExecutor<'_>, name: &str) -> Result<()> {
+    sqlx::query("update cts_instances set last_seen = now() where name = $1")
+        .bind(name)
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
+pub async fn delete_instance(db: &PgPool, name: &str) -> Result<bool> {
+    Ok(sqlx::query("delete from cts_instances where name = $1")
+        .bind(name)
+        .execute(db)
+        .await?
+        .rows_affected()
+        == 1)
+}
+
+pub async fn active_jobs_on(db: &PgPool, instance: &str) -> Result<i64> {
+    Ok(
+        sqlx::query_scalar("select count(*) from jobs where cts_instance = $1 and state in ('running', 'recovering')")
+            .bind(instance)
+            .fetch_one(db)
+            .await?,
+    )
+}
+
+/// The FindCTS search: every criterion given must hold.
+pub struct FindFilter<'a> {
+    pub cts_type: Option<&'a str>,
+    pub class: Option<&'a str>,
+    pub core_service: Option<&'a str>,
+    pub resource: Option<&'a str>,
+    pub properties: serde_json::Value,
+    pub alive_within_secs: Option<i64>,
+}
+
+pub async fn find_instances(db: &PgPool, f: &FindFilter<'_>) -> Result<Vec<(CtsInstance, CtsType)>> {
+    #[derive(FromRow)]
+    struct Row {
+        #[sqlx(flatten)]
+        instance: InstanceRow,
+        descriptor: sqlx::types::Json<CtsType>,
+    }
+    let rows = sqlx::query_as::<_, Row>(
+        "select i.name, i.cts_type, i.url, i.execution_manager, i.resource, i.registered_at, i.last_seen,
+                t.descriptor
+         from cts_instances i join cts_types t on t.name = i.cts_type
+         where ($1::text is null or i.cts_type = $1)
+           and ($2::text is null or exists
+                (select 1 from cts_type_classes c where c.cts_type = t.name and c.class = $2))
+           and ($3::text is null or t.core_service = $3)
+           and ($4::text is null or i.resource = $4)
+           and t.properties @> $5
+           and ($6::bigint is null or i.last_seen >= now() - make_interval(secs => $6::double precision))
+         order by i.last_seen desc, i.name",
+    )
+    .bind(f.cts_type)
+    .bind(f.class)
+    .bind(f.core_service)
+    .bind(f.resource)
+    .bind(&f.properties)
+    .bind(f.alive_within_secs)
+    .fetch_all(db)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.instance.into(), r.descriptor.0))
+        .collect())
+}
+
+#[derive(FromRow)]
+pub struct JobRow {
+    pub gid: String,
+    pub cts_instance: String,
+    pub cts_type: String,
+    pub local_id: Option<String>,
+    pub state: String,
+    pub registered_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub checkpoint_count: i64,
+    pub latest_checkpoint: Option<String>,
+    pub recoveries: i64,
+    pub exit_status: Option<i32>,
+    pub signal: Option<i32>,
+}
+
+impl TryFrom<JobRow> for Job {
+    type Error = Error;
+    fn try_from(r: JobRow) -> Result<Self> {
+        Ok(Job {
+            state: r.state.parse::<JobState>().map_err(|e| bad_row("job", e))?,
+            gid: r.gid,
+            cts_instance: r.cts_instance,
+            cts_type: r.cts_type,
+            local_id: r.local_id,
+            registered_at: r.registered_at,
+            updated_at: r.updated_at,
+            checkpoint_count: r.checkpoint_count,
+            latest_checkpoint: r.latest_checkpoint,
+            recoveries: r.recoveries,
+            exit_status: r.exit_status,
+            signal: r.signal,
+        })
+    }
+}
+
+const JOB_COLUMNS: &str = "gid, cts_instance, cts_type, local_id, state, registered_at, updated_at, \
+     checkpoint_count, latest_checkpoint, recoveries, exit_status, signal";
+
+pub async fn get_job(db: impl PgExecutor<'_>, gid: &str) -> Result<Option<Job>> {
+    sqlx::query_as::<_, JobRow>(&format!("select {JOB_COLUMNS} from jobs where gid = $1"))
+        .bind(gid)
+        .fetch_optional(db)
+        .await?
+        .map(Job::try_from)
+        .transpose()
+}
+
+/// The job row, locked until the transaction ends: serializes everything done to one GID.
+pub async fn lock_job(db: impl PgExecutor<'_>, gid: &str) -> Result<Option<Job>> {
+    sqlx::query_as::<_, JobRow>(&format!("select {JOB_COLUMNS} from jobs where gid = $1 for update"))
+        .bind(gid)
+        .fetch_optional(db)
+        .await?
+        .map(Job::try_from)
+        .transpose()
+}
+
+pub async fn list_jobs(
+    db: &PgPool,
+    state: Option<JobState>,
+    cts_instance: Option<&str>,
+    after: Option<&str>,
+    limit: i64,
+) -> Result<Vec<Job>> {
+    sqlx::query_as::<_, JobRow>(&format!(
+        "select {JOB_COLUMNS} from jobs
+         where ($1::text is null or state = $1) and ($2::text is null or cts_instance = $2)
+           and ($3::text is null or gid > $3)
+         order by gid limit $4"
+    ))
+    .bind(state.map(JobState::as_str))
+    .bind(cts_instance)
+    .bind(after)
+    .bind(limit)
+    .fetch_all(db)
+    .await?
+    .into_iter()
+    .map(Job::try_from)
+    .collect()
+}
+
+/// Inserts a new job; false when the GID is taken.
+pub async fn insert_job(
+    db: impl PgExecutor<'_>,
+    gid: &str,
+    instance: &CtsInstance,
+    local_id: Option<&str>,
+    state: JobState,
+) -> Result<bool> {
+    Ok(sqlx::query(
+        "insert into jobs (gid, cts_instance, cts_type, local_id, state) values ($1, $2, $3, $4, $5)
+         on conflict (gid) do nothing",
+    )
+    .bind(gid)
+    .bind(&instance.name)
+    .bind(&instance.cts_type)
+    .bind(local_id)
+    .bind(state.as_str())
+    .execute(db)
+    .await?
+    .rows_affected()
+        == 1)
+}
+
+/// Moves a job to another CTS (recovery) and/or changes its state.
+pub async fn route_job(
+    db: impl PgExecutor<'_>,
+    gid: &str,
+    instance: &CtsInstance,
+    local_id: Option<&str>,
+    state: JobState,
+    count_recovery: bool,
+) -> Result<()> {
+    sqlx::query(
+        "update jobs set cts_instance = $2, cts_type = $3, local_id = $4, state = $5,
+            recoveries = recoveries + $6, exit_status = null, signal = null, updated_at = now()
+         where gid = $1",
+    )
+    .bind(gid)
+    .bind(&instance.name)
+    .bind(&instance.cts_type)
+    .bind(local_id)
+    .bind(state.as_str())
+    .bind(i64::from(count_recovery))
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+pub async fn finish_job(db: impl PgExecutor<'_>, gid: &str, exit_status: Option<i32>, signal: Option<i32>) -> Result<()> {
+    sqlx::query(
+        "update jobs set state = 'finished', exit_status = $2, signal = $3, updated_at = now() where gid = $1",
+    )
+    .bind(gid)
+    .bind(exit_status)
+    .bind(signal)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+#[derive(FromRow)]
+pub struct CheckpointRow {
+    pub id: String,
+    pub gid: String,
+    pub sequence: i64,
+    pub cts_name: String,
+    pub cts_type: String,
+    pub taken_at: DateTime<Utc>,
+    pub image_name: String,
+    pub execution_manager: String,
+    pub size_bytes: Option<i64>,
+    pub digest: Option<String>,
+    pub parent: Option<String>,
+    pub origin: String,
+    pub job_stopped: bool,
+    pub registered_at: DateTime<Utc>,
+}
+
+impl TryFrom<CheckpointRow> for CheckpointRecord {
+    type Error = Error;
+    fn try_from(r: CheckpointRow) -> Result<Self> {
+        Ok(CheckpointRecord {
+            origin: r.origin.parse::<Origin>().map_err(|e| bad_row("checkpoint", e))?,
+            id: r.id,
+            gid: r.gid,
+            sequence: Some(r.sequence),
+            cts_name: r.cts_name,
+            cts_type: r.cts_type,
+            taken_at: r.taken_at,
+            image_name: r.image_name,
+            execution_manager: r.execution_manager,
+            size_bytes: r.size_bytes,
+            digest: r.digest,
+            parent: r.parent,
+            job_stopped: r.job_stopped,
+            registered_at: Some(r.registered_at),
+        })
+    }
+}
+
+const CHECKPOINT_COLUMNS: &str = "id, gid, sequence, cts_name, cts_type, taken_at, image_name, execution_manager, \
+     size_bytes, digest, parent, origin, job_stopped, registered_at";
+
+pub async fn get_checkpoint(db: impl PgExecutor<'_>, id: &str) -> Result<Option<CheckpointRecord>> {
+    sqlx::query_as::<_, CheckpointRow>(&format!("select {CHECKPOINT_COLUMNS} from checkpoints where id = $1"))
+        .bind(id)
+        .fetch_optional(db)
+        .await?
+        .map(CheckpointRecord::try_from)
+        .transpose()
+}
+
+pub async fn latest_checkpoint(db: &PgPool, gid: &str) -> Result<Option<CheckpointRecord>> {
+    sqlx::query_as::<_, CheckpointRow>(&format!(
+        "select {CHECKPOINT_COLUMNS} from checkpoints where gid = $1 order by sequence desc limit 1"
+    ))
+    .bind(gid)
+    .fetch_optional(db)
+    .await?
+    .map(CheckpointRecord::try_from)
+    .transpose()
+}
+
+pub async fn checkpoints_of(db: &PgPool, gid: &str) -> Result<Vec<CheckpointRecord>> {
+    sqlx::query_as::<_, CheckpointRow>(&format!(
+        "select {CHECKPOINT_COLUMNS} from checkpoints where gid = $1 order by sequence"
+    ))
+    .bind(gid)
+    .fetch_all(db)
+    .await?
+    .into_iter()
+    .map(CheckpointRecord::try_from)
+    .collect()
+}
+
+/// Inserts a checkpoint with the next sequence number of its job and makes it the job's
+/// latest. The caller holds the job row lock ([`lock_job`]) in the same transaction, which is
+/// what makes the numbering gapless under concurrent registrations.
+pub async fn insert_checkpoint(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    r: &CheckpointRecord,
+    sequence: i64,
+) -> Result<DateTime<Utc>> {
+    let registered_at: DateTime<Utc> = sqlx::query_scalar(
+        "insert into checkpoints (id, gid, sequence, cts_name, cts_type, taken_at, image_name,
+            execution_manager, size_bytes, digest, parent, origin, job_stopped)
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+         returning registered_at",
+    )
+    .bind(&r.id)
+    .bind(&r.gid)
+    .bind(sequence)
+    .bind(&r.cts_name)
+    .bind(&r.cts_type)
+    .bind(r.taken_at)
+    .bind(&r.image_name)
+    .bind(&r.execution_manager)
+    .bind(r.size_bytes)
+    .bind(&r.digest)
+    .bind(&r.parent)
+    .bind(r.origin.as_str())
+    .bind(r.job_stopped)
+    .fetch_one(&mut **tx)
+    .await?;
+    sqlx::query(
+        "update jobs set checkpoint_count = $2, latest_checkpoint = $3, updated_at = now(),
+            state = case when $4 and state = 'running' then 'stopped' else state end
+         where gid = $1",
+    )
+    .bind(&r.gid)
+    .bind(sequence)
+    .bind(&r.id)
+    .bind(r.job_stopped)
+    .execute(&mut **tx)
+    .await?;
+    Ok(registered_at)
+}
+
+/// Counts for the health endpoint.
+pub async fn ping(db: &PgPool) -> Result<()> {
+    sqlx::query("select 1").execute(db).await?;
+    Ok(())
+}

@@ -1,0 +1,727 @@
+//! The GCS service layer: every operation, once, for both the SOAP and the JSON transport.
+//! Transport code parses and serializes; the decisions are made here.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use gca_protocol::client::SoapClient;
+use gca_protocol::fault::FaultKind;
+use gca_protocol::messages::*;
+use gca_protocol::ops::CtsDoCheckpointOp;
+use gca_protocol::placeholders::{self, Values};
+use gca_protocol::{descriptor, Fault};
+use sqlx::PgPool;
+
+use crate::config::Config;
+use crate::db;
+use crate::error::{violated_constraint, Error, Result};
+
+/// Shared by every request; cheap to clone. Holds no registry state: that is all in the
+/// database, so replicas can share one.
+#[derive(Clone)]
+pub struct Gcs {
+    pub db: PgPool,
+    pub http: reqwest::Client,
+    pub config: Arc<Config>,
+}
+
+/// Per-request context the service needs from the transport.
+#[derive(Debug, Clone)]
+pub struct Ctx {
+    /// This GCS's public URL (root), for `{GCS_URL}`.
+    pub gcs_url: String,
+}
+
+const MAX_ID_LEN: usize = 256;
+const MAX_LIST: i64 = 1000;
+const DEFAULT_LIST: i64 = 100;
+
+/// Names of classes, types and instances: 1-64 of `[A-Za-z0-9._-]`, starting alphanumeric.
+fn check_name(what: &str, value: &str) -> Result<()> {
+    let ok = !value.is_empty()
+        && value.len() <= 64
+        && value.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "{what} {value:?} is not a valid name: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )))
+    }
+}
+
+/// GIDs and checkpoint IDs: chosen by brokers and CTSes, so anything printable, bounded.
+fn check_id(what: &str, value: &str) -> Result<()> {
+    if value.is_empty() || value.len() > MAX_ID_LEN || value.chars().any(|c| c.is_control()) {
+        return Err(Error::invalid(format!(
+            "{what} must be 1-{MAX_ID_LEN} printable characters, got {value:?}"
+        )));
+    }
+    Ok(())
+}
+
+fn check_url(what: &str, value: &str) -> Result<()> {
+    match reqwest::Url::parse(value) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Ok(()),
+        _ => Err(Error::invalid(format!("{what} {value:?} is not an http(s) URL"))),
+    }
+}
+
+fn sorted_unique(props: &[Property], what: &str) -> Result<Vec<Property>> {
+    let mut seen = BTreeMap::new();
+    for p in props {
+        if p.name.is_empty() {
+            return Err(Error::invalid(format!("{what} with an empty name")));
+        }
+        if seen.insert(p.name.clone(), p.value.clone()).is_some() {
+            return Err(Error::invalid(format!("{what} {:?} is given more than once", p.name)));
+        }
+    }
+    Ok(seen.into_iter().map(|(name, value)| Property { name, value }).collect())
+}
+
+/// A CTS type's properties for class membership and FindCTS: the core service's functional
+/// properties plus its capabilities as `external-checkpoints`, `internal-checkpoints`,
+/// `recover-on-other-resource` and `recover-from-any-image` = `true`/`false`.
+pub fn effective_properties(cts: &CtsType) -> BTreeMap<String, String> {
+    let c = &cts.core_service;
+    let mut m: BTreeMap<String, String> = c
+        .properties
+        .iter()
+        .map(|p| (p.name.clone(), p.value.clone()))
+        .collect();
+    m.insert("external-checkpoints".into(), c.external_checkpoints.to_string());
+    m.insert("internal-checkpoints".into(), c.internal_checkpoints.to_string());
+    m.insert("recover-on-other-resource".into(), c.recover_on_other_resource.to_string());
+    m.insert("recover-from-any-image".into(), c.recover_from_any_image.to_string());
+    m
+}
+
+fn values_for(instance: &CtsInstance, ctx: &Ctx) -> Values {
+    Values::new()
+        .set("CTS_URL", instance.url.clone())
+        .set("CTS_NAME", instance.name.clone())
+        .set("CTS_TYPE", instance.cts_type.clone())
+        .set("RESOURCE", instance.resource.clone())
+        .set("EXECUTION_MANAGER", instance.execution_manager.clone())
+        .set("GCS_URL", ctx.gcs_url.clone())
+}
+
+fn expand(patterns: &[String], values: &Values) -> Result<Vec<String>> {
+    placeholders::expand_all_partial(patterns, values)
+        .map_err(|e| Error::Internal(anyhow::anyhow!("stored descriptor has a bad pattern: {e}")))
+}
+
+fn expand_env(env: &[Property], values: &Values) -> Result<Vec<Property>> {
+    env.iter()
+        .map(|p| {
+            Ok(Property {
+                name: p.name.clone(),
+                value: expand(std::slice::from_ref(&p.value), values)?.remove(0),
+            })
+        })
+        .collect()
+}
+
+impl Gcs {
+    async fn job(&self, gid: &str) -> Result<Job> {
+        check_id("GID", gid)?;
+        db::get_job(&self.db, gid).await?.ok_or_else(|| {
+            Error::Fault(
+                Fault::resource_unknown(format!(
+                    "no job with GID {gid:?} is registered; jobs are registered by the CTS when their wrapper starts"
+                ))
+                .with_code("unknown-gid"),
+            )
+        })
+    }
+
+    async fn instance(&self, name: &str) -> Result<CtsInstance> {
+        db::get_instance(&self.db, name).await?.ok_or_else(|| {
+            Error::Fault(
+                Fault::resource_unknown(format!(
+                    "no CTS instance named {name:?} is registered; a CTS registers itself when it starts"
+                ))
+                .with_code("unknown-cts-instance"),
+            )
+        })
+    }
+
+    async fn cts_type(&self, name: &str) -> Result<CtsType> {
+        db::get_type(&self.db, name).await?.ok_or_else(|| {
+            Error::Fault(
+                Fault::resource_unknown(format!(
+                    "no CTS type named {name:?} is registered; an admin registers its descriptor first (gcactl type register FILE)"
+                ))
+                .with_code("unknown-cts-type"),
+            )
+        })
+    }
+
+    // ---- broker -------------------------------------------------------------------------
+
+    /// doCheckpoint (paper 5.2): find the CTS in charge, forward, record, return.
+    pub async fn do_checkpoint(&self, req: DoCheckpoint) -> Result<CheckpointRecord> {
+        let job = self.job(&req.gid).await?;
+        match job.state {
+            JobState::Running => {}
+            JobState::Finished => {
+                return Err(Error::conflict(format!(
+                    "job {:?} has finished; there is nothing left to checkpoint",
+                    job.gid
+                )))
+            }
+            JobState::Stopped => {
+                return Err(Error::conflict(format!(
+                    "job {:?} was stopped after its last checkpoint; recover it before checkpointing again",
+                    job.gid
+                )))
+            }
+            JobState::Recovering => {
+                return Err(Error::conflict(format!(
+                    "job {:?} is being recovered by CTS {:?}; retry when it runs again",
+                    job.gid, job.cts_instance
+                )))
+            }
+        }
+        let instance = self.instance(&job.cts_instance).await?;
+        let cts_type = self.cts_type(&instance.cts_type).await?;
+        if !cts_type.core_service.external_checkpoints {
+            return Err(Error::conflict(format!(
+                "CTS type {:?} ({}) only takes checkpoints on its own; it does not accept doCheckpoint requests",
+                cts_type.name, cts_type.core_service.name
+            )));
+        }
+        tracing::info!(gid = %job.gid, cts.name = %instance.name, cts.url = %instance.url, stop = req.stop, "forwarding doCheckpoint");
+        let client = SoapClient::new(self.http.clone(), instance.url.clone());
+        let record = client
+            .call_with_timeout::<CtsDoCheckpointOp>(&req, Some(self.config.cts_timeout()))
+            .await
+            .map_err(|f| {
+                let message = match f.kind {
+                    FaultKind::ServiceUnavailable => format!(
+                        "the CTS in charge of job {:?} ({:?} at {}) is unavailable: {}; no checkpoint was recorded",
+                        job.gid, instance.name, instance.url, f.message
+                    ),
+                    _ => format!("CTS {:?} could not checkpoint job {:?}: {}", instance.name, job.gid, f.message),
+                };
+                Error::Fault(Fault { message, ..f })
+            })?;
+        if record.gid != job.gid || record.cts_name != instance.name {
+            return Err(Error::kind(
+                FaultKind::OperationFailed,
+                format!(
+                    "CTS {:?} answered with a checkpoint of job {:?} by CTS {:?}; expected job {:?}; nothing was recorded",
+                    instance.name, record.gid, record.cts_name, job.gid
+                ),
+            ));
+        }
+        // The CTS has normally registered the record itself already (paper 5.2 step 8); this
+        // is idempotent and covers a CTS that could not reach us.
+        let registered = self.register_checkpoint(RegisterCheckpoint { checkpoint: record }).await?;
+        Ok(registered.checkpoint)
+    }
+
+    pub async fn find_cts(&self, q: FindCts) -> Result<FindCtsResponse> {
+        let props = sorted_unique(&q.properties, "required property")?;
+        let properties = serde_json::Value::Object(
+            props
+                .into_iter()
+                .map(|p| (p.name, serde_json::Value::String(p.value)))
+                .collect(),
+        );
+        if q.alive_within_secs.is_some_and(|s| s < 0) {
+            return Err(Error::invalid("AliveWithinSeconds must not be negative"));
+        }
+        let found = db::find_instances(
+            &self.db,
+            &db::FindFilter {
+                cts_type: q.cts_type.as_deref(),
+                class: q.class.as_deref(),
+                core_service: q.core_service.as_deref(),
+                resource: q.resource.as_deref(),
+                properties,
+                alive_within_secs: q.alive_within_secs,
+            },
+        )
+        .await?;
+        Ok(FindCtsResponse {
+            offers: found
+                .into_iter()
+                .map(|(instance, t)| CtsOffer {
+                    instance,
+                    core_service: t.core_service,
+                    classes: t.classes,
+                    execute_wrapper: t.execute_wrapper,
+                    recovery_wrapper: t.recovery_wrapper,
+                    job_parameters: t.job_parameters,
+                    recovery_job_parameters: t.recovery_job_parameters,
+                    environment: t.environment,
+                })
+                .collect(),
+        })
+    }
+
+    pub async fn get_checkpoints(&self, req: GidRequest) -> Result<CheckpointList> {
+        self.job(&req.gid).await?;
+        Ok(CheckpointList {
+            checkpoints: db::checkpoints_of(&self.db, &req.gid).await?,
+        })
+    }
+
+    pub async fn get_job(&self, req: GidRequest) -> Result<JobInfo> {
+        Ok(JobInfo {
+            job: self.job(&req.gid).await?,
+        })
+    }
+
+    pub async fn list_jobs(&self, req: ListJobs) -> Result<JobList> {
+        let limit = req.limit.unwrap_or(DEFAULT_LIST);
+        if !(1..=MAX_LIST).contains(&limit) {
+            return Err(Error::invalid(format!("Limit must be between 1 and {MAX_LIST}")));
+        }
+        Ok(JobList {
+            jobs: db::list_jobs(
+                &self.db,
+                req.state,
+                req.cts_instance.as_deref(),
+                req.after.as_deref(),
+                limit,
+            )
+            .await?,
+        })
+    }
+
+    /// getRecoveryInfo (paper 5.3 steps 2-5).
+    pub async fn get_recovery_info(&self, req: GetRecoveryInfo, ctx: &Ctx) -> Result<RecoveryInfo> {
+        let job = self.job(&req.gid).await?;
+        let latest = db::latest_checkpoint(&self.db, &job.gid).await?.ok_or_else(|| {
+            Error::Fault(
+                Fault::resource_unknown(format!("job {:?} has no checkpoint to recover from", job.gid))
+                    .with_code("no-checkpoint"),
+            )
+        })?;
+        let checkpoint = if req.image == LATEST || req.image == latest.id {
+            latest.clone()
+        } else {
+            check_id("image ID", &req.image)?;
+            match db::get_checkpoint(&self.db, &req.image).await? {
+                Some(c) if c.gid == job.gid => c,
+                _ => {
+                    return Err(Error::Fault(
+                        Fault::resource_unknown(format!(
+                            "job {:?} has no checkpoint with ID {:?}",
+                            job.gid, req.image
+                        ))
+                        .with_code("unknown-checkpoint"),
+                    ))
+                }
+            }
+        };
+        let cts_type = self.cts_type(&checkpoint.cts_type).await?;
+        if !cts_type.core_service.recover_from_any_image && checkpoint.id != latest.id {
+            return Err(Error::conflict(format!(
+                "CTS type {:?} can only recover from the latest image of a job ({:?}), not from {:?}",
+                cts_type.name, latest.id, checkpoint.id
+            )));
+        }
+        let original_resource = db::get_instance(&self.db, &checkpoint.cts_name)
+            .await?
+            .map(|i| i.resource);
+        let same_resource_only = !cts_type.core_service.recover_on_other_resource;
+        let instances = match (same_resource_only, &original_resource) {
+            (false, _) => db::instances_of_type(&self.db, &cts_type.name, None).await?,
+            (true, Some(r)) => db::instances_of_type(&self.db, &cts_type.name, Some(r)).await?,
+            // The resource that took the image is gone and the type cannot recover elsewhere.
+            (true, None) => Vec::new(),
+        };
+        let mut candidates = Vec::with_capacity(instances.len());
+        for instance in instances {
+            let values = values_for(&instance, ctx)
+                .set("GID", job.gid.clone())
+                .set("IMAGE_ID", checkpoint.id.clone())
+                .set("SEQUENCE", checkpoint.sequence.unwrap_or_default().to_string());
+            candidates.push(RecoveryCandidate {
+                recovery_wrapper: WrapperSpec {
+                    name: cts_type.recovery_wrapper.name.clone(),
+                    parameters: expand(&cts_type.recovery_wrapper.parameters, &values)?,
+                },
+                job_parameters: expand(&cts_type.recovery_job_parameters, &values)?,
+                environment: expand_env(&cts_type.environment, &values)?,
+                instance,
+            });
+        }
+        Ok(RecoveryInfo {
+            gid: job.gid,
+            cts_type: cts_type.name,
+            same_resource_only,
+            original_resource,
+            checkpoint,
+            candidates,
+        })
+    }
+
+    // ---- admin --------------------------------------------------------------------------
+
+    pub async fn register_class(&self, req: RegisterCheckpointerClass) -> Result<ClassRegistered> {
+        let mut class = req.class;
+        check_name("checkpointer class", &class.name)?;
+        class.properties = sorted_unique(&class.properties, "class property")?;
+        class.builtin = false;
+        class.description = class.description.filter(|d| !d.trim().is_empty());
+        if db::insert_class(&self.db, &class).await? {
+            tracing::info!(class = %class.name, "checkpointer class registered");
+            return Ok(ClassRegistered {
+                class,
+                outcome: Registration::Created,
+            });
+        }
+        let existing = db::get_class(&self.db, &class.name)
+            .await?
+            .ok_or_else(|| Error::Internal(anyhow::anyhow!("class {} vanished during registration", class.name)))?;
+        if existing.builtin {
+            return Err(Error::conflict(format!(
+                "{:?} is a built-in checkpointer class and cannot be redefined",
+                class.name
+            )));
+        }
+        if existing.properties == class.properties && existing.description == class.description {
+            return Ok(ClassRegistered {
+                class: existing,
+                outcome: Registration::Unchanged,
+            });
+        }
+        Err(Error::conflict(format!(
+            "checkpointer class {:?} is already registered with other properties or description; choose another name",
+            class.name
+        )))
+    }
+
+    pub async fn register_descriptor(&self, req: RegisterCtsDescriptor) -> Result<DescriptorRegistered> {
+        let cts = descriptor::parse(&req.descriptor_xml).map_err(|e| {
+            Error::Fault(Fault::new(FaultKind::InvalidDescriptor, format!("invalid CTS descriptor: {e}")))
+        })?;
+        let props = effective_properties(&cts);
+        for class_name in &cts.classes {
+            let class = db::get_class(&self.db, class_name).await?.ok_or_else(|| {
+                Error::kind(
+                    FaultKind::InvalidDescriptor,
+                    format!(
+                        "CTS type {:?} names checkpointer class {class_name:?}, which is not registered; register the class first",
+                        cts.name
+                    ),
+                )
+            })?;
+            let missing: Vec<String> = class
+                .properties
+                .iter()
+                .filter(|p| props.get(&p.name) != Some(&p.value))
+                .map(|p| match props.get(&p.name) {
+                    Some(v) => format!("{}={} (the type has {v})", p.name, p.value),
+                    None => format!("{}={} (the type does not declare it)", p.name, p.value),
+                })
+                .collect();
+            if !missing.is_empty() {
+                return Err(Error::kind(
+                    FaultKind::InvalidDescriptor,
+                    format!(
+                        "CTS type {:?} cannot join checkpointer class {class_name:?}: it lacks the class properties {}",
+                        cts.name,
+                        missing.join(", ")
+                    ),
+                ));
+            }
+        }
+        let properties = serde_json::to_value(&props).map_err(|e| Error::Internal(e.into()))?;
+        if db::insert_type(&self.db, &cts, &req.descriptor_xml, &properties).await? {
+            tracing::info!(cts.type = %cts.name, core_service = %cts.core_service.name, "CTS type registered");
+            return Ok(DescriptorRegistered {
+                cts_type: cts,
+                outcome: Registration::Created,
+            });
+        }
+        let existing = self.cts_type(&cts.name).await?;
+        if existing == cts {
+            return Ok(DescriptorRegistered {
+                cts_type: existing,
+                outcome: Registration::Unchanged,
+            });
+        }
+        Err(Error::conflict(format!(
+            "CTS type {:?} is already registered with a different descriptor; unregister it first (when no instance runs) or choose another name",
+            cts.name
+        )))
+    }
+
+    pub async fn unregister_cts(&self, req: UnregisterCts) -> Result<Unregistered> {
+        match (req.instance, req.cts_type) {
+            (Some(name), None) => {
+                let active = db::active_jobs_on(&self.db, &name).await?;
+                if active > 0 {
+                    return Err(Error::conflict(format!(
+                        "CTS instance {name:?} is in charge of {active} running job(s); stop or move them first"
+                    )));
+                }
+                if !db::delete_instance(&self.db, &name).await? {
+                    return Err(Error::unknown(format!("no CTS instance named {name:?} is registered")));
+                }
+                tracing::info!(cts.name = %name, "CTS instance unregistered");
+            }
+            (None, Some(name)) => match db::delete_type(&self.db, &name).await {
+                Ok(true) => tracing::info!(cts.type = %name, "CTS type unregistered"),
+                Ok(false) => return Err(Error::unknown(format!("no CTS type named {name:?} is registered"))),
+                Err(Error::Db(e)) if violated_constraint(&e) == Some("cts_instances_cts_type_fkey") => {
+                    return Err(Error::conflict(format!(
+                        "CTS type {name:?} still has registered instances; unregister them first"
+                    )))
+                }
+                Err(e) => return Err(e),
+            },
+            _ => {
+                return Err(Error::invalid(
+                    "UnregisterCTS takes exactly one of Instance (a CTS instance name) or CTSType (a type name)",
+                ))
+            }
+        }
+        Ok(Unregistered {})
+    }
+
+    pub async fn list_classes(&self) -> Result<ClassList> {
+        Ok(ClassList {
+            classes: db::list_classes(&self.db).await?,
+        })
+    }
+
+    pub async fn list_types(&self) -> Result<CtsTypeList> {
+        Ok(CtsTypeList {
+            types: db::list_types(&self.db)
+                .await?
+                .into_iter()
+                .map(|r| CtsTypeInfo {
+                    descriptor: r.descriptor.0,
+                    registered_at: r.registered_at,
+                    instance_count: r.instance_count,
+                })
+                .collect(),
+        })
+    }
+
+    pub async fn list_instances(&self) -> Result<CtsInstanceList> {
+        Ok(CtsInstanceList {
+            instances: db::list_instances(&self.db).await?,
+        })
+    }
+
+    // ---- CTS-facing ---------------------------------------------------------------------
+
+    /// registerCTSInstance: idempotent; a restarted CTS may come back at a new address, so
+    /// URL, Execution Manager and resource are updated, but a name never changes type.
+    pub async fn register_instance(&self, req: RegisterCtsInstance) -> Result<InstanceRegistered> {
+        let mut i = req.instance;
+        check_name("CTS instance", &i.name)?;
+        check_url("CTS URL", &i.url)?;
+        if i.execution_manager.trim().is_empty() || i.resource.trim().is_empty() {
+            return Err(Error::invalid("ExecutionManager and Resource must not be empty"));
+        }
+        self.cts_type(&i.cts_type).await?;
+        i.registered_at = None;
+        i.last_seen = None;
+        let outcome = if db::insert_instance(&self.db, &i).await? {
+            tracing::info!(cts.name = %i.name, cts.type = %i.cts_type, cts.url = %i.url, "CTS instance registered");
+            Registration::Created
+        } else {
+            let existing = self.instance(&i.name).await?;
+            if existing.cts_type != i.cts_type {
+                return Err(Error::conflict(format!(
+                    "CTS instance {:?} is registered with type {:?}, not {:?}; unregister it first or use another name",
+                    i.name, existing.cts_type, i.cts_type
+                )));
+            }
+            let changed = existing.url != i.url
+                || existing.execution_manager != i.execution_manager
+                || existing.resource != i.resource;
+            db::update_instance(&self.db, &i).await?;
+            if changed {
+                tracing::info!(cts.name = %i.name, cts.url = %i.url, "CTS instance re-registered with new settings");
+                Registration::Updated
+            } else {
+                Registration::Unchanged
+            }
+        };
+        Ok(InstanceRegistered {
+            instance: self.instance(&i.name).await?,
+            outcome,
+        })
+    }
+
+    /// registerJob (paper 3.4.1, 5.1 step 4; with `recovery`, 5.3 step 11).
+    pub async fn register_job(&self, req: RegisterJob) -> Result<JobRegistered> {
+        check_id("GID", &req.gid)?;
+        let instance = self.instance(&req.cts_instance).await?;
+        let local_id = req.local_id.as_deref().filter(|l| !l.is_empty());
+        let state = req.state.unwrap_or(JobState::Running);
+        if !matches!(state, JobState::Running | JobState::Recovering) {
+            return Err(Error::invalid("a job registers as running or recovering"));
+        }
+        if state == JobState::Recovering && !req.recovery {
+            return Err(Error::invalid("State=recovering needs Recovery=true"));
+        }
+        let mut tx = self.db.begin().await?;
+        db::touch_instance(&mut *tx, &instance.name).await?;
+        let outcome = if !req.recovery {
+            if db::insert_job(&mut *tx, &req.gid, &instance, local_id, state).await? {
+                Registration::Created
+            } else {
+                let existing = db::lock_job(&mut *tx, &req.gid)
+                    .await?
+                    .ok_or_else(|| Error::Internal(anyhow::anyhow!("job vanished during registration")))?;
+                if existing.cts_instance == instance.name
+                    && existing.local_id.as_deref() == local_id
+                    && existing.state == JobState::Running
+                {
+                    Registration::Unchanged
+                } else {
+                    return Err(Error::conflict(format!(
+                        "GID {:?} is already registered (CTS {:?}, local ID {:?}, {}); a recovered job registers with Recovery=true",
+                        req.gid,
+                        existing.cts_instance,
+                        existing.local_id.unwrap_or_default(),
+                        existing.state
+                    )));
+                }
+            }
+        } else {
+            let existing = db::lock_job(&mut *tx, &req.gid).await?.ok_or_else(|| {
+                Error::unknown(format!(
+                    "cannot recover job {:?}: no job with that GID was ever registered",
+                    req.gid
+                ))
+            })?;
+            if existing.cts_type != instance.cts_type {
+                return Err(Error::conflict(format!(
+                    "job {:?} was checkpointed by CTS type {:?}; CTS {:?} is of type {:?} and cannot recover it",
+                    req.gid, existing.cts_type, instance.name, instance.cts_type
+                )));
+            }
+            if let Some(ck) = &req.from_checkpoint {
+                match db::get_checkpoint(&mut *tx, ck).await? {
+                    Some(c) if c.gid == req.gid => {}
+                    _ => {
+                        return Err(Error::unknown(format!(
+                            "job {:?} has no checkpoint with ID {ck:?}",
+                            req.gid
+                        )))
+                    }
+                }
+            }
+            if existing.cts_instance == instance.name
+                && existing.local_id.as_deref() == local_id
+                && existing.state == state
+            {
+                Registration::Unchanged
+            } else {
+                let count = existing.state != JobState::Recovering;
+                db::route_job(&mut *tx, &req.gid, &instance, local_id, state, count).await?;
+                tracing::info!(gid = %req.gid, cts.name = %instance.name, from = %existing.cts_instance, state = %state, "job recovery registered");
+                Registration::Updated
+            }
+        };
+        tx.commit().await?;
+        if outcome == Registration::Created {
+            tracing::info!(gid = %req.gid, cts.name = %instance.name, "job registered");
+        }
+        Ok(JobRegistered {
+            job: self.job(&req.gid).await?,
+            outcome,
+        })
+    }
+
+    /// registerCheckpoint (paper 5.2 step 8): assigns the next sequence number atomically;
+    /// registering the same record again returns it unchanged.
+    pub async fn register_checkpoint(&self, req: RegisterCheckpoint) -> Result<CheckpointRegistered> {
+        let mut r = req.checkpoint;
+        check_id("checkpoint ID", &r.id)?;
+        check_id("GID", &r.gid)?;
+        if r.image_name.is_empty() {
+            return Err(Error::invalid("ImageName must not be empty"));
+        }
+        if r.size_bytes.is_some_and(|s| s < 0) {
+            return Err(Error::invalid("SizeBytes must not be negative"));
+        }
+        r.sequence = None;
+        r.registered_at = None;
+        let mut tx = self.db.begin().await?;
+        let job = db::lock_job(&mut *tx, &r.gid).await?.ok_or_else(|| {
+            Error::Fault(
+                Fault::resource_unknown(format!(
+                    "cannot register checkpoint {:?}: no job with GID {:?} is registered",
+                    r.id, r.gid
+                ))
+                .with_code("unknown-gid"),
+            )
+        })?;
+        if let Some(existing) = db::get_checkpoint(&mut *tx, &r.id).await? {
+            if existing.same_report(&r) {
+                return Ok(CheckpointRegistered {
+                    checkpoint: existing,
+                    outcome: Registration::Unchanged,
+                });
+            }
+            return Err(Error::conflict(format!(
+                "checkpoint {:?} is already registered with different data (job {:?}, sequence {})",
+                r.id,
+                existing.gid,
+                existing.sequence.unwrap_or_default()
+            )));
+        }
+        db::touch_instance(&mut *tx, &r.cts_name).await?;
+        let sequence = job.checkpoint_count + 1;
+        let registered_at = match db::insert_checkpoint(&mut tx, &r, sequence).await {
+            Ok(t) => t,
+            Err(Error::Db(e)) if violated_constraint(&e) == Some("checkpoints_pkey") => {
+                return Err(Error::conflict(format!(
+                    "checkpoint ID {:?} is already registered for another job",
+                    r.id
+                )))
+            }
+            Err(e) => return Err(e),
+        };
+        tx.commit().await?;
+        tracing::info!(gid = %r.gid, checkpoint.id = %r.id, checkpoint.sequence = sequence, origin = %r.origin, cts.name = %r.cts_name, "checkpoint registered");
+        r.sequence = Some(sequence);
+        r.registered_at = Some(registered_at);
+        Ok(CheckpointRegistered {
+            checkpoint: r,
+            outcome: Registration::Created,
+        })
+    }
+
+    /// jobFinished: only the CTS in charge can finish a job; the exit of a job stopped for
+    /// migration is expected and leaves it stopped.
+    pub async fn job_finished(&self, req: JobFinished) -> Result<JobInfo> {
+        check_id("GID", &req.gid)?;
+        let mut tx = self.db.begin().await?;
+        let job = db::lock_job(&mut *tx, &req.gid)
+            .await?
+            .ok_or_else(|| Error::unknown(format!("no job with GID {:?} is registered", req.gid)))?;
+        db::touch_instance(&mut *tx, &req.cts_instance).await?;
+        if job.cts_instance != req.cts_instance {
+            return Err(Error::conflict(format!(
+                "job {:?} is now in charge of CTS {:?}; the exit reported by {:?} is ignored",
+                req.gid, job.cts_instance, req.cts_instance
+            )));
+        }
+        match job.state {
+            JobState::Running | JobState::Recovering => {
+                db::finish_job(&mut *tx, &req.gid, req.exit_status, req.signal).await?;
+                tracing::info!(gid = %req.gid, exit_status = ?req.exit_status, signal = ?req.signal, "job finished");
+            }
+            JobState::Stopped | JobState::Finished => {}
+        }
+        tx.commit().await?;
+        self.get_job(GidRequest { gid: req.gid }).await
+    }
+}
