@@ -1,1 +1,347 @@
-//! Shared test harness.
+//! Shared test harness: real GCS servers on port 0 over per-test PostgreSQL databases, SOAP
+//! and JSON clients, and a small CTS that speaks the real CTS protocol.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::http::HeaderMap;
+use axum::response::IntoResponse;
+use gca_protocol::client::{JsonClient, SoapClient};
+use gca_protocol::fault::Fault;
+use gca_protocol::messages::*;
+use gca_protocol::ops::{CtsDoCheckpointOp, Operation, RegisterCheckpointOp};
+use gca_protocol::soap;
+use gca_protocol::transport;
+use tokio::sync::oneshot;
+
+pub mod db;
+
+pub const CRIU_DESCRIPTOR: &str = include_str!("../../schemas/examples/criu-cts.xml");
+pub const APP_DESCRIPTOR: &str = include_str!("../../schemas/examples/app-level-cts.xml");
+
+pub fn init_tracing() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("TEST_LOG").is_some() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+                .with_test_writer()
+                .try_init();
+        }
+    });
+}
+
+pub fn http() -> reqwest::Client {
+    transport::http_client(&transport::ClientSettings::default()).expect("HTTP client")
+}
+
+/// A GCS server running in this process.
+pub struct TestGcs {
+    pub addr: SocketAddr,
+    pub url: String,
+    pub database_url: String,
+    pub pool: sqlx::PgPool,
+    pub soap: SoapClient,
+    pub json: JsonClient,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestGcs {
+    /// A GCS on a fresh, migrated database.
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(configure: impl FnOnce(&mut gcs::Config)) -> Self {
+        init_tracing();
+        let database_url = db::fresh_database_url().await;
+        Self::start_on(&database_url, configure).await
+    }
+
+    /// Another GCS replica on an existing database.
+    pub async fn start_on(database_url: &str, configure: impl FnOnce(&mut gcs::Config)) -> Self {
+        let pool = gcs::db::connect(database_url, 8)
+            .await
+            .expect("connect to the test database");
+        gcs::MIGRATOR.run(&pool).await.expect("migrations");
+        let mut config = gcs::Config::default();
+        configure(&mut config);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let url = format!("http://{addr}");
+        let service = gcs::Gcs::new(pool.clone(), config).unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(gcs::run(listener, service, async move {
+            let _ = rx.await;
+        }));
+        let soap = SoapClient::new(http(), format!("{url}{}", gcs::http::GCS_PATH));
+        let json = JsonClient::new(http(), url.clone());
+        TestGcs {
+            addr,
+            url,
+            database_url: database_url.to_string(),
+            pool,
+            soap,
+            json,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("{}{}", self.url, gcs::http::GCS_PATH)
+    }
+
+    /// Stops the server and waits for it to finish.
+    pub async fn shutdown(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.await.expect("server task").expect("server result");
+        }
+    }
+
+    pub async fn call<O: Operation>(&self, req: O::Request) -> Result<O::Response, Fault> {
+        self.soap.call::<O>(&req).await
+    }
+
+    /// Registers the example CRIU type and one instance of it, named `name`, at `cts_url`.
+    pub async fn setup_cts(&self, name: &str, resource: &str, cts_url: &str) -> CtsInstance {
+        use gca_protocol::ops::*;
+        self.call::<RegisterDescriptorOp>(RegisterCtsDescriptor {
+            descriptor_xml: CRIU_DESCRIPTOR.to_string(),
+        })
+        .await
+        .expect("register the CRIU descriptor");
+        self.call::<RegisterCtsInstanceOp>(RegisterCtsInstance {
+            instance: instance(name, "criu", resource, cts_url),
+        })
+        .await
+        .expect("register the CTS instance")
+        .instance
+    }
+
+    pub async fn register_job(&self, gid: &str, cts: &str) -> Job {
+        self.call::<gca_protocol::ops::RegisterJobOp>(RegisterJob {
+            gid: gid.into(),
+            cts_instance: cts.into(),
+            local_id: Some("4242".into()),
+            recovery: false,
+            from_checkpoint: None,
+            state: None,
+        })
+        .await
+        .expect("register job")
+        .job
+    }
+}
+
+impl Drop for TestGcs {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+pub fn instance(name: &str, cts_type: &str, resource: &str, url: &str) -> CtsInstance {
+    CtsInstance {
+        name: name.into(),
+        cts_type: cts_type.into(),
+        url: url.into(),
+        execution_manager: format!("https://{resource}/wsrf/services/ManagedJobFactoryService"),
+        resource: resource.into(),
+        registered_at: None,
+        last_seen: None,
+    }
+}
+
+/// How the in-test CTS behaves.
+#[derive(Clone, Debug)]
+pub struct CtsBehaviour {
+    /// Register each checkpoint at the GCS before answering (what a real CTS does).
+    pub register_at_gcs: Option<String>,
+    /// Sleep this long before answering.
+    pub delay: Duration,
+    /// Answer with this fault instead.
+    pub fault: Option<Fault>,
+}
+
+/// A small CTS speaking the real CTS protocol: SOAP DoCheckpoint in, a checkpoint record out.
+pub struct FakeCts {
+    pub url: String,
+    pub name: String,
+    pub calls: Arc<AtomicUsize>,
+    pub behaviour: Arc<Mutex<CtsBehaviour>>,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl FakeCts {
+    pub async fn start(name: &str) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!(
+            "http://{}/wsrf/services/CheckpointTranslationService",
+            listener.local_addr().unwrap()
+        );
+        let calls = Arc::new(AtomicUsize::new(0));
+        let behaviour = Arc::new(Mutex::new(CtsBehaviour {
+            register_at_gcs: None,
+            delay: Duration::ZERO,
+            fault: None,
+        }));
+        let state = (name.to_string(), calls.clone(), behaviour.clone());
+        let app = axum::Router::new().route(
+            "/wsrf/services/CheckpointTranslationService",
+            axum::routing::post(move |headers: HeaderMap, body: Bytes| {
+                let (name, calls, behaviour) = state.clone();
+                async move { fake_cts_handle(&name, &calls, &behaviour, &headers, &body).await }
+            }),
+        );
+        let (tx, rx) = oneshot::channel::<()>();
+        tokio::spawn(transport::serve(listener, None, app, async move {
+            let _ = rx.await;
+        }));
+        FakeCts {
+            url,
+            name: name.to_string(),
+            calls,
+            behaviour,
+            stop: Some(tx),
+        }
+    }
+
+    pub fn set(&self, f: impl FnOnce(&mut CtsBehaviour)) {
+        f(&mut self.behaviour.lock().unwrap());
+    }
+
+    pub fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for FakeCts {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+async fn fake_cts_handle(
+    name: &str,
+    calls: &AtomicUsize,
+    behaviour: &Mutex<CtsBehaviour>,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> axum::response::Response {
+    calls.fetch_add(1, Ordering::SeqCst);
+    let b = behaviour.lock().unwrap().clone();
+    let text = std::str::from_utf8(body).unwrap_or_default();
+    let ct = headers.get("content-type").and_then(|v| v.to_str().ok());
+    let sa = headers.get("soapaction").and_then(|v| v.to_str().ok());
+    let req = match soap::parse_request(text, ct, sa) {
+        Ok(r) => r,
+        Err(e) => {
+            return (
+                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                soap::fault_envelope(e.version, &e.fault, None),
+            )
+                .into_response()
+        }
+    };
+    assert_eq!(
+        req.addressing.action.as_deref(),
+        Some(CtsDoCheckpointOp::request_action().as_str()),
+        "the GCS must send the CTS DoCheckpoint action"
+    );
+    tokio::time::sleep(b.delay).await;
+    if let Some(f) = b.fault {
+        return (
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            soap::fault_envelope(req.version, &f, None),
+        )
+            .into_response();
+    }
+    let dc = DoCheckpoint::read_children(&req.body).expect("a valid DoCheckpoint");
+    let id = format!("{name}-{}", uuid::Uuid::new_v4());
+    let mut record = CheckpointRecord {
+        id: id.clone(),
+        gid: dc.gid.clone(),
+        sequence: None,
+        cts_name: name.to_string(),
+        cts_type: "criu".into(),
+        taken_at: chrono::Utc::now(),
+        image_name: format!("cts://{name}/images/{id}"),
+        execution_manager: "https://node/wsrf/services/ManagedJobFactoryService".into(),
+        size_bytes: Some(4096),
+        digest: Some(format!("sha256:{}", "ab".repeat(32))),
+        parent: None,
+        origin: Origin::External,
+        job_stopped: dc.stop,
+        registered_at: None,
+    };
+    if let Some(gcs) = &b.register_at_gcs {
+        let client = SoapClient::new(http(), gcs.clone());
+        match client
+            .call::<RegisterCheckpointOp>(&RegisterCheckpoint {
+                checkpoint: record.clone(),
+            })
+            .await
+        {
+            Ok(r) => record = r.checkpoint,
+            Err(f) => {
+                return (
+                    axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                    soap::fault_envelope(req.version, &f, None),
+                )
+                    .into_response()
+            }
+        }
+    }
+    let action = CtsDoCheckpointOp::response_action();
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            req.version.content_type(&action),
+        )],
+        soap::response_envelope(
+            req.version,
+            &action,
+            req.addressing.message_id.as_deref(),
+            record.to_element(&CtsDoCheckpointOp::response_element()),
+        ),
+    )
+        .into_response()
+}
+
+/// Posts a raw SOAP 1.1 envelope, returning (status, body).
+pub async fn post_raw(
+    url: &str,
+    content_type: &str,
+    soap_action: Option<&str>,
+    body: String,
+) -> (u16, String) {
+    let mut req = http()
+        .post(url)
+        .header("content-type", content_type)
+        .body(body);
+    if let Some(a) = soap_action {
+        req = req.header("SOAPAction", a);
+    }
+    let resp = req.send().await.expect("POST");
+    let status = resp.status().as_u16();
+    (status, resp.text().await.unwrap())
+}
+
+/// A SOAP 1.1 envelope around `body` (with the `gca` prefix declared).
+pub fn envelope11(action: &str, body: &str) -> String {
+    format!(
+        "<?xml version=\"1.0\"?>\n<s:Envelope xmlns:s=\"http://schemas.xmlsoap.org/soap/envelope/\" xmlns:wsa=\"http://www.w3.org/2005/08/addressing\" xmlns:gca=\"urn:gca:v1\">\n<s:Header><wsa:Action>{action}</wsa:Action><wsa:MessageID>urn:uuid:{}</wsa:MessageID></s:Header>\n<s:Body>{body}</s:Body>\n</s:Envelope>",
+        uuid::Uuid::new_v4()
+    )
+}

@@ -1,0 +1,8 @@
+//! Integration tests of the Grid Checkpoint Service: real servers on port 0, real PostgreSQL,
+//! real HTTP, SOAP and JSON clients.
+
+mod checkpoints;
+mod faults;
+mod registry;
+mod replicas;
+mod wire;

@@ -1,0 +1,535 @@
+//! Classes, CTS descriptors, instances and jobs: registration, idempotence, conflicts.
+
+use gca_protocol::fault::FaultKind;
+use gca_protocol::messages::*;
+use gca_protocol::ops::*;
+use integration_tests::*;
+
+fn class(name: &str, props: &[(&str, &str)]) -> CheckpointerClass {
+    CheckpointerClass {
+        name: name.into(),
+        description: Some(format!("{name} class")),
+        properties: props.iter().map(|(k, v)| Property::new(*k, *v)).collect(),
+        builtin: false,
+    }
+}
+
+#[tokio::test]
+async fn basic_class_exists_after_migration() {
+    let gcs = TestGcs::start().await;
+    let classes = gcs
+        .call::<ListClassesOp>(ListRequest {})
+        .await
+        .unwrap()
+        .classes;
+    let basic = classes
+        .iter()
+        .find(|c| c.name == "basic")
+        .expect("built-in basic class");
+    assert!(basic.builtin);
+    for key in ["processes", "threads", "io", "network", "ipc"] {
+        assert!(
+            basic.properties.iter().any(|p| p.name == key),
+            "basic lacks {key}"
+        );
+    }
+    let err = gcs
+        .call::<RegisterClassOp>(RegisterCheckpointerClass {
+            class: class("basic", &[]),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, FaultKind::Conflict);
+    assert!(err.message.contains("built-in"), "{}", err.message);
+}
+
+#[tokio::test]
+async fn class_registration_is_idempotent_and_conflicts_when_different() {
+    let gcs = TestGcs::start().await;
+    let c = class("migratable", &[("recover-on-other-resource", "true")]);
+    let first = gcs
+        .call::<RegisterClassOp>(RegisterCheckpointerClass { class: c.clone() })
+        .await
+        .unwrap();
+    assert_eq!(first.outcome, Registration::Created);
+    let again = gcs
+        .call::<RegisterClassOp>(RegisterCheckpointerClass { class: c.clone() })
+        .await
+        .unwrap();
+    assert_eq!(again.outcome, Registration::Unchanged);
+    let different = class("migratable", &[("recover-on-other-resource", "false")]);
+    let err = gcs
+        .call::<RegisterClassOp>(RegisterCheckpointerClass { class: different })
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, FaultKind::Conflict);
+    let listed = gcs
+        .call::<ListClassesOp>(ListRequest {})
+        .await
+        .unwrap()
+        .classes;
+    let stored = listed.iter().find(|x| x.name == "migratable").unwrap();
+    assert_eq!(
+        stored.properties, c.properties,
+        "a refused registration changes nothing"
+    );
+}
+
+#[tokio::test]
+async fn descriptor_registration_checks_classes_and_membership() {
+    let gcs = TestGcs::start().await;
+    let created = gcs
+        .call::<RegisterDescriptorOp>(RegisterCtsDescriptor {
+            descriptor_xml: CRIU_DESCRIPTOR.into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(created.outcome, Registration::Created);
+    assert_eq!(created.cts_type.name, "criu");
+    assert_eq!(created.cts_type.classes, vec!["basic".to_string()]);
+    let again = gcs
+        .call::<RegisterDescriptorOp>(RegisterCtsDescriptor {
+            descriptor_xml: CRIU_DESCRIPTOR.into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(again.outcome, Registration::Unchanged);
+
+    let changed = CRIU_DESCRIPTOR.replace("<Version>4.1</Version>", "<Version>4.2</Version>");
+    let err = gcs
+        .call::<RegisterDescriptorOp>(RegisterCtsDescriptor {
+            descriptor_xml: changed,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, FaultKind::Conflict, "{}", err.message);
+
+    // A class the type does not satisfy: membership refused, nothing registered.
+    gcs.call::<RegisterClassOp>(RegisterCheckpointerClass {
+        class: class("networked", &[("network", "tcp")]),
+    })
+    .await
+    .unwrap();
+    let app = APP_DESCRIPTOR.replace(
+        "<CheckpointerClass>basic</CheckpointerClass>",
+        "<CheckpointerClass>basic</CheckpointerClass><CheckpointerClass>networked</CheckpointerClass>",
+    );
+    let err = gcs
+        .call::<RegisterDescriptorOp>(RegisterCtsDescriptor {
+            descriptor_xml: app,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, FaultKind::InvalidDescriptor);
+    assert!(
+        err.message.contains("network=tcp") && err.message.contains("none"),
+        "{}",
+        err.message
+    );
+    let unknown = APP_DESCRIPTOR.replace(
+        "<CheckpointerClass>basic</CheckpointerClass>",
+        "<CheckpointerClass>nosuch</CheckpointerClass>",
+    );
+    let err = gcs
+        .call::<RegisterDescriptorOp>(RegisterCtsDescriptor {
+            descriptor_xml: unknown,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, FaultKind::InvalidDescriptor);
+    assert!(err.message.contains("nosuch"));
+    let types = gcs
+        .call::<ListCtsTypesOp>(ListRequest {})
+        .await
+        .unwrap()
+        .types;
+    assert_eq!(types.len(), 1, "only the valid descriptor is registered");
+}
+
+#[tokio::test]
+async fn invalid_descriptor_names_the_line_over_soap_and_json() {
+    let gcs = TestGcs::start().await;
+    let bad = CRIU_DESCRIPTOR.replace("{CTS_URL}", "{CTS_ULR}");
+    let line = bad.lines().position(|l| l.contains("{CTS_ULR}")).unwrap() + 1;
+    let err = gcs
+        .call::<RegisterDescriptorOp>(RegisterCtsDescriptor {
+            descriptor_xml: bad.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, FaultKind::InvalidDescriptor);
+    assert!(err.message.contains("{CTS_ULR}"), "{}", err.message);
+    // JSON carries the document as text, so the line is the document's own.
+    let resp = http()
+        .post(format!("{}/api/v1/cts-types", gcs.url))
+        .header("content-type", "application/xml")
+        .body(bad)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 422);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    let msg = body["error"]["message"].as_str().unwrap();
+    assert!(msg.contains(&format!("line {line}")), "{msg}");
+    assert_eq!(body["error"]["kind"], "InvalidDescriptor");
+}
+
+#[tokio::test]
+async fn instances_register_idempotently_and_update_their_address() {
+    let gcs = TestGcs::start().await;
+    let i = gcs
+        .setup_cts("cts-a", "node-a", "http://127.0.0.1:1/cts")
+        .await;
+    assert!(i.registered_at.is_some() && i.last_seen.is_some());
+    let same = gcs
+        .call::<RegisterCtsInstanceOp>(RegisterCtsInstance {
+            instance: instance("cts-a", "criu", "node-a", "http://127.0.0.1:1/cts"),
+        })
+        .await
+        .unwrap();
+    assert_eq!(same.outcome, Registration::Unchanged);
+    assert!(same.instance.last_seen >= i.last_seen);
+    let moved = gcs
+        .call::<RegisterCtsInstanceOp>(RegisterCtsInstance {
+            instance: instance("cts-a", "criu", "node-a", "http://127.0.0.1:2/cts"),
+        })
+        .await
+        .unwrap();
+    assert_eq!(moved.outcome, Registration::Updated);
+    assert_eq!(moved.instance.url, "http://127.0.0.1:2/cts");
+    gcs.call::<RegisterDescriptorOp>(RegisterCtsDescriptor {
+        descriptor_xml: APP_DESCRIPTOR.into(),
+    })
+    .await
+    .unwrap();
+    let err = gcs
+        .call::<RegisterCtsInstanceOp>(RegisterCtsInstance {
+            instance: instance("cts-a", "app-level", "node-a", "http://127.0.0.1:2/cts"),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, FaultKind::Conflict);
+    let err = gcs
+        .call::<RegisterCtsInstanceOp>(RegisterCtsInstance {
+            instance: instance("cts-b", "nosuch", "node-b", "http://127.0.0.1:2/cts"),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, FaultKind::ResourceUnknown);
+    let err = gcs
+        .call::<RegisterCtsInstanceOp>(RegisterCtsInstance {
+            instance: instance("cts-b", "criu", "node-b", "not a url"),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, FaultKind::InvalidMessage);
+}
+
+#[tokio::test]
+async fn find_cts_matches_every_criterion() {
+    let gcs = TestGcs::start().await;
+    gcs.setup_cts("cts-a", "node-a", "http://127.0.0.1:1/cts")
+        .await;
+    gcs.call::<RegisterCtsInstanceOp>(RegisterCtsInstance {
+        instance: instance("cts-b", "criu", "node-b", "http://127.0.0.1:2/cts"),
+    })
+    .await
+    .unwrap();
+    gcs.call::<RegisterDescriptorOp>(RegisterCtsDescriptor {
+        descriptor_xml: APP_DESCRIPTOR.into(),
+    })
+    .await
+    .unwrap();
+    gcs.call::<RegisterCtsInstanceOp>(RegisterCtsInstance {
+        instance: instance("app-a", "app-level", "node-a", "http://127.0.0.1:3/cts"),
+    })
+    .await
+    .unwrap();
+    let names = |r: FindCtsResponse| {
+        let mut v: Vec<String> = r.offers.into_iter().map(|o| o.instance.name).collect();
+        v.sort();
+        v
+    };
+    let all = gcs.call::<FindCtsOp>(FindCts::default()).await.unwrap();
+    assert_eq!(names(all), ["app-a", "cts-a", "cts-b"]);
+    let by_class = gcs
+        .call::<FindCtsOp>(FindCts {
+            class: Some("basic".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(by_class.offers.len(), 3);
+    let by_core = gcs
+        .call::<FindCtsOp>(FindCts {
+            core_service: Some("CRIU".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let offer = by_core
+        .offers
+        .iter()
+        .find(|o| o.instance.name == "cts-a")
+        .unwrap();
+    assert_eq!(offer.execute_wrapper.name, "gca-exec");
+    assert!(offer
+        .execute_wrapper
+        .parameters
+        .contains(&"{GID}".to_string()));
+    assert_eq!(names(by_core), ["cts-a", "cts-b"]);
+    let by_props = gcs
+        .call::<FindCtsOp>(FindCts {
+            properties: vec![
+                Property::new("level", "application"),
+                Property::new("recover-on-other-resource", "true"),
+            ],
+            resource: Some("node-a".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(names(by_props), ["app-a"]);
+    let by_type = gcs
+        .call::<FindCtsOp>(FindCts {
+            cts_type: Some("criu".into()),
+            resource: Some("node-b".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(names(by_type), ["cts-b"]);
+    let none = gcs
+        .call::<FindCtsOp>(FindCts {
+            class: Some("nosuch".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(none.offers.is_empty());
+    sqlx::query(
+        "update cts_instances set last_seen = now() - interval '1 hour' where name = 'cts-b'",
+    )
+    .execute(&gcs.pool)
+    .await
+    .unwrap();
+    let alive = gcs
+        .call::<FindCtsOp>(FindCts {
+            alive_within_secs: Some(60),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(names(alive), ["app-a", "cts-a"]);
+}
+
+#[tokio::test]
+async fn unregistering_refuses_what_is_still_in_use() {
+    let gcs = TestGcs::start().await;
+    gcs.setup_cts("cts-a", "node-a", "http://127.0.0.1:1/cts")
+        .await;
+    gcs.register_job("job-1", "cts-a").await;
+    let err = gcs
+        .call::<UnregisterCtsOp>(UnregisterCts {
+            cts_type: Some("criu".into()),
+            instance: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, FaultKind::Conflict, "{}", err.message);
+    let err = gcs
+        .call::<UnregisterCtsOp>(UnregisterCts {
+            instance: Some("cts-a".into()),
+            cts_type: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, FaultKind::Conflict, "{}", err.message);
+    gcs.call::<JobFinishedOp>(JobFinished {
+        gid: "job-1".into(),
+        cts_instance: "cts-a".into(),
+        exit_status: Some(0),
+        signal: None,
+    })
+    .await
+    .unwrap();
+    gcs.call::<UnregisterCtsOp>(UnregisterCts {
+        instance: Some("cts-a".into()),
+        cts_type: None,
+    })
+    .await
+    .unwrap();
+    gcs.call::<UnregisterCtsOp>(UnregisterCts {
+        cts_type: Some("criu".into()),
+        instance: None,
+    })
+    .await
+    .unwrap();
+    assert!(gcs
+        .call::<ListCtsTypesOp>(ListRequest {})
+        .await
+        .unwrap()
+        .types
+        .is_empty());
+    let err = gcs
+        .call::<UnregisterCtsOp>(UnregisterCts {
+            cts_type: Some("criu".into()),
+            instance: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, FaultKind::ResourceUnknown);
+    let err = gcs
+        .call::<UnregisterCtsOp>(UnregisterCts::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, FaultKind::InvalidMessage);
+}
+
+#[tokio::test]
+async fn jobs_register_move_on_recovery_and_finish() {
+    let gcs = TestGcs::start().await;
+    gcs.setup_cts("cts-a", "node-a", "http://127.0.0.1:1/cts")
+        .await;
+    gcs.call::<RegisterCtsInstanceOp>(RegisterCtsInstance {
+        instance: instance("cts-b", "criu", "node-b", "http://127.0.0.1:2/cts"),
+    })
+    .await
+    .unwrap();
+    let job = gcs.register_job("job-1", "cts-a").await;
+    assert_eq!(job.state, JobState::Running);
+    assert_eq!(job.cts_type, "criu");
+    let reg = |cts: &str, local: &str, recovery: bool, state: Option<JobState>| RegisterJob {
+        gid: "job-1".into(),
+        cts_instance: cts.into(),
+        local_id: Some(local.into()),
+        recovery,
+        from_checkpoint: None,
+        state,
+    };
+    let same = gcs
+        .call::<RegisterJobOp>(reg("cts-a", "4242", false, None))
+        .await
+        .unwrap();
+    assert_eq!(same.outcome, Registration::Unchanged);
+    let err = gcs
+        .call::<RegisterJobOp>(reg("cts-b", "99", false, None))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, FaultKind::Conflict);
+    assert!(err.message.contains("Recovery=true"), "{}", err.message);
+
+    // Recovery on B: recovering, then running; counted once.
+    let r = gcs
+        .call::<RegisterJobOp>(reg("cts-b", "", true, Some(JobState::Recovering)))
+        .await
+        .unwrap();
+    assert_eq!(r.job.state, JobState::Recovering);
+    assert_eq!(r.job.cts_instance, "cts-b");
+    let r = gcs
+        .call::<RegisterJobOp>(reg("cts-b", "777", true, None))
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.job.state, r.job.recoveries, r.job.local_id.as_deref()),
+        (JobState::Running, 1, Some("777"))
+    );
+    let again = gcs
+        .call::<RegisterJobOp>(reg("cts-b", "777", true, None))
+        .await
+        .unwrap();
+    assert_eq!(again.outcome, Registration::Unchanged);
+    assert_eq!(again.job.recoveries, 1);
+
+    // The old CTS reporting the original process's exit must not finish the moved job.
+    let err = gcs
+        .call::<JobFinishedOp>(JobFinished {
+            gid: "job-1".into(),
+            cts_instance: "cts-a".into(),
+            exit_status: None,
+            signal: Some(9),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, FaultKind::Conflict);
+    let done = gcs
+        .call::<JobFinishedOp>(JobFinished {
+            gid: "job-1".into(),
+            cts_instance: "cts-b".into(),
+            exit_status: Some(3),
+            signal: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        (done.job.state, done.job.exit_status),
+        (JobState::Finished, Some(3))
+    );
+
+    let err = gcs
+        .call::<RegisterJobOp>(RegisterJob {
+            gid: "nope".into(),
+            ..reg("cts-b", "1", true, None)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, FaultKind::ResourceUnknown);
+    let err = gcs
+        .call::<RegisterJobOp>(reg("cts-zzz", "1", false, None))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, FaultKind::ResourceUnknown);
+
+    let listed = gcs
+        .call::<ListJobsOp>(ListJobs {
+            state: Some(JobState::Finished),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(listed.jobs.len(), 1);
+    let running = gcs
+        .call::<ListJobsOp>(ListJobs {
+            state: Some(JobState::Running),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(running.jobs.is_empty());
+}
+
+#[tokio::test]
+async fn list_jobs_pages_by_gid() {
+    let gcs = TestGcs::start().await;
+    gcs.setup_cts("cts-a", "node-a", "http://127.0.0.1:1/cts")
+        .await;
+    for i in 0..7 {
+        gcs.register_job(&format!("job-{i}"), "cts-a").await;
+    }
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let page = gcs
+            .call::<ListJobsOp>(ListJobs {
+                after: after.clone(),
+                limit: Some(3),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        if page.jobs.is_empty() {
+            break;
+        }
+        after = page.jobs.last().map(|j| j.gid.clone());
+        seen.extend(page.jobs.into_iter().map(|j| j.gid));
+    }
+    assert_eq!(seen, (0..7).map(|i| format!("job-{i}")).collect::<Vec<_>>());
+    let err = gcs
+        .call::<ListJobsOp>(ListJobs {
+            limit: Some(0),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, FaultKind::InvalidMessage);
+}

@@ -1,0 +1,133 @@
+//! The published contract: WSDL and XSD served, SOAP 1.2, and a generic SOAP client (zeep)
+//! running the broker's scenario from the served WSDL.
+
+use gca_protocol::ops::GCS_OPERATIONS;
+use integration_tests::*;
+
+#[tokio::test]
+async fn the_wsdl_and_schemas_are_served_with_this_servers_address() {
+    let gcs = TestGcs::start().await;
+    let wsdl = http()
+        .get(format!("{}?wsdl", gcs.endpoint()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wsdl.status().as_u16(), 200);
+    let text = wsdl.text().await.unwrap();
+    assert!(
+        text.contains(&format!("location=\"{}\"", gcs.endpoint())),
+        "the service address is this server's"
+    );
+    assert!(text.contains(&format!(
+        "schemaLocation=\"{}/wsrf/schemas/gca.xsd\"",
+        gcs.url
+    )));
+    assert!(!text.contains("localhost:8080"));
+    for op in GCS_OPERATIONS {
+        assert!(
+            text.contains(&format!("name=\"{op}\"")),
+            "the WSDL lacks {op}"
+        );
+        assert!(
+            text.contains(&format!("urn:gca:v1/GridCheckpointService/{op}Request")),
+            "the WSDL lacks {op}'s action"
+        );
+    }
+    let xsd = http()
+        .get(format!("{}/wsrf/schemas/gca.xsd", gcs.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(xsd.status().as_u16(), 200);
+    let xsd = xsd.text().await.unwrap();
+    assert!(
+        xsd.contains(&format!("{}/wsrf/schemas/cts-descriptor.xsd", gcs.url)),
+        "relative includes are made absolute"
+    );
+    assert!(
+        xsd.contains("http://docs.oasis-open.org/wsrf/bf-2.xsd"),
+        "official imports are kept"
+    );
+    assert_eq!(
+        http()
+            .get(format!("{}/wsrf/schemas/nope.xsd", gcs.url))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        404
+    );
+    assert_eq!(
+        http()
+            .get(gcs.endpoint())
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        405
+    );
+}
+
+fn python() -> String {
+    std::env::var("GCA_PYTHON").unwrap_or_else(|_| {
+        let venv = concat!(env!("CARGO_MANIFEST_DIR"), "/../.venv/bin/python");
+        if std::path::Path::new(venv).exists() {
+            venv.to_string()
+        } else {
+            "python3".to_string()
+        }
+    })
+}
+
+#[tokio::test]
+async fn zeep_runs_the_broker_scenario_from_the_served_wsdl() {
+    let gcs = TestGcs::start().await;
+    let cts = FakeCts::start("cts-a").await;
+    cts.set(|b| b.register_at_gcs = Some(gcs.endpoint()));
+    gcs.setup_cts("cts-a", "node-a", &cts.url).await;
+    gcs.register_job("job-7", "cts-a").await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/zeep_broker.py");
+    let out = tokio::process::Command::new(python())
+        .args([
+            script,
+            "--wsdl",
+            &format!("{}?wsdl", gcs.endpoint()),
+            "--gid",
+            "job-7",
+        ])
+        .output()
+        .await
+        .expect("run python (scripts/install-deps sets up .venv with zeep and lxml)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "zeep scenario failed:\n{stdout}\n{stderr}"
+    );
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["find"], serde_json::json!(["cts-a"]));
+    assert_eq!(v["execute_wrapper"], "gca-exec");
+    assert_eq!(v["checkpoint"]["sequence"], 1);
+    assert_eq!(v["checkpoint12"]["sequence"], 2);
+    assert_eq!(v["sequences"], serde_json::json!([1, 2]));
+    assert_eq!(
+        v["fault"],
+        "{http://docs.oasis-open.org/wsrf/r-2}ResourceUnknownFault"
+    );
+    assert!(v["fault_message"].as_str().unwrap().contains("no-such-gid"));
+    let validated: Vec<String> = serde_json::from_value(v["validated"].clone()).unwrap();
+    for el in [
+        "FindCTSResponse",
+        "DoCheckpointResponse",
+        "GetCheckpointsResponse",
+        "ResourceUnknownFault",
+    ] {
+        assert!(
+            validated.iter().any(|x| x == el),
+            "{el} was not schema-validated: {validated:?}"
+        );
+    }
+    assert_eq!(cts.calls(), 2);
+}
