@@ -89,7 +89,8 @@ impl Config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .with_context(|| format!("cannot read config file {}", path.display()))?;
-                toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))?
+                toml::from_str(&text)
+                    .with_context(|| format!("invalid config file {}", path.display()))?
             }
             None => Config::default(),
         };
@@ -149,7 +150,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.listen.port(), 9000);
-        assert!(!format!("{c:?}").contains("pw"), "secrets must not be printed");
+        assert!(
+            !format!("{c:?}").contains("pw"),
+            "secrets must not be printed"
+        );
         c.apply_env(|k| (k == "GCS_CTS_TIMEOUT_SECS").then(|| "7".to_string()))
             .unwrap();
         assert_eq!(c.cts_timeout_secs, 7);

@@ -47,24 +47,24 @@ impl From<ClassRow> for CheckpointerClass {
 }
 
 pub async fn get_class(db: impl PgExecutor<'_>, name: &str) -> Result<Option<CheckpointerClass>> {
-    Ok(
-        sqlx::query_as::<_, ClassRow>("select name, description, properties, builtin from checkpointer_classes where name = $1")
-            .bind(name)
-            .fetch_optional(db)
-            .await?
-            .map(Into::into),
+    Ok(sqlx::query_as::<_, ClassRow>(
+        "select name, description, properties, builtin from checkpointer_classes where name = $1",
     )
+    .bind(name)
+    .fetch_optional(db)
+    .await?
+    .map(Into::into))
 }
 
 pub async fn list_classes(db: &PgPool) -> Result<Vec<CheckpointerClass>> {
-    Ok(
-        sqlx::query_as::<_, ClassRow>("select name, description, properties, builtin from checkpointer_classes order by name")
-            .fetch_all(db)
-            .await?
-            .into_iter()
-            .map(Into::into)
-            .collect(),
+    Ok(sqlx::query_as::<_, ClassRow>(
+        "select name, description, properties, builtin from checkpointer_classes order by name",
     )
+    .fetch_all(db)
+    .await?
+    .into_iter()
+    .map(Into::into)
+    .collect())
 }
 
 /// Inserts the class unless the name is taken; true when inserted.
@@ -90,13 +90,13 @@ pub struct TypeRow {
 }
 
 pub async fn get_type(db: impl PgExecutor<'_>, name: &str) -> Result<Option<CtsType>> {
-    Ok(
-        sqlx::query_scalar::<_, sqlx::types::Json<CtsType>>("select descriptor from cts_types where name = $1")
-            .bind(name)
-            .fetch_optional(db)
-            .await?
-            .map(|j| j.0),
+    Ok(sqlx::query_scalar::<_, sqlx::types::Json<CtsType>>(
+        "select descriptor from cts_types where name = $1",
     )
+    .bind(name)
+    .fetch_optional(db)
+    .await?
+    .map(|j| j.0))
 }
 
 pub async fn list_types(db: &PgPool) -> Result<Vec<TypeRow>> {
@@ -111,7 +111,12 @@ pub async fn list_types(db: &PgPool) -> Result<Vec<TypeRow>> {
 
 /// Inserts a CTS type with its class memberships in one transaction; false when the name is
 /// taken (nothing is written then).
-pub async fn insert_type(db: &PgPool, cts: &CtsType, xml: &str, properties: &serde_json::Value) -> Result<bool> {
+pub async fn insert_type(
+    db: &PgPool,
+    cts: &CtsType,
+    xml: &str,
+    properties: &serde_json::Value,
+) -> Result<bool> {
     let mut tx = db.begin().await?;
     let inserted = sqlx::query(
         "insert into cts_types (name, core_service, descriptor, descriptor_xml, properties,
@@ -178,31 +183,36 @@ impl From<InstanceRow> for CtsInstance {
     }
 }
 
-const INSTANCE_COLUMNS: &str = "name, cts_type, url, execution_manager, resource, registered_at, last_seen";
+const INSTANCE_COLUMNS: &str =
+    "name, cts_type, url, execution_manager, resource, registered_at, last_seen";
 
 pub async fn get_instance(db: impl PgExecutor<'_>, name: &str) -> Result<Option<CtsInstance>> {
-    Ok(
-        sqlx::query_as::<_, InstanceRow>(&format!("select {INSTANCE_COLUMNS} from cts_instances where name = $1"))
-            .bind(name)
-            .fetch_optional(db)
-            .await?
-            .map(Into::into),
-    )
+    Ok(sqlx::query_as::<_, InstanceRow>(&format!(
+        "select {INSTANCE_COLUMNS} from cts_instances where name = $1"
+    ))
+    .bind(name)
+    .fetch_optional(db)
+    .await?
+    .map(Into::into))
 }
 
 pub async fn list_instances(db: &PgPool) -> Result<Vec<CtsInstance>> {
-    Ok(
-        sqlx::query_as::<_, InstanceRow>(&format!("select {INSTANCE_COLUMNS} from cts_instances order by name"))
-            .fetch_all(db)
-            .await?
-            .into_iter()
-            .map(Into::into)
-            .collect(),
-    )
+    Ok(sqlx::query_as::<_, InstanceRow>(&format!(
+        "select {INSTANCE_COLUMNS} from cts_instances order by name"
+    ))
+    .fetch_all(db)
+    .await?
+    .into_iter()
+    .map(Into::into)
+    .collect())
 }
 
 /// Instances of `cts_type`, optionally only those on `resource`.
-pub async fn instances_of_type(db: &PgPool, cts_type: &str, resource: Option<&str>) -> Result<Vec<CtsInstance>> {
+pub async fn instances_of_type(
+    db: &PgPool,
+    cts_type: &str,
+    resource: Option<&str>,
+) -> Result<Vec<CtsInstance>> {
     Ok(sqlx::query_as::<_, InstanceRow>(&format!(
         "select {INSTANCE_COLUMNS} from cts_instances
          where cts_type = $1 and ($2::text is null or resource = $2) order by last_seen desc, name"
@@ -266,12 +276,12 @@ pub async fn delete_instance(db: &PgPool, name: &str) -> Result<bool> {
 }
 
 pub async fn active_jobs_on(db: &PgPool, instance: &str) -> Result<i64> {
-    Ok(
-        sqlx::query_scalar("select count(*) from jobs where cts_instance = $1 and state in ('running', 'recovering')")
-            .bind(instance)
-            .fetch_one(db)
-            .await?,
+    Ok(sqlx::query_scalar(
+        "select count(*) from jobs where cts_instance = $1 and state in ('running', 'recovering')",
     )
+    .bind(instance)
+    .fetch_one(db)
+    .await?)
 }
 
 /// The FindCTS search: every criterion given must hold.
@@ -284,7 +294,10 @@ pub struct FindFilter<'a> {
     pub alive_within_secs: Option<i64>,
 }
 
-pub async fn find_instances(db: &PgPool, f: &FindFilter<'_>) -> Result<Vec<(CtsInstance, CtsType)>> {
+pub async fn find_instances(
+    db: &PgPool,
+    f: &FindFilter<'_>,
+) -> Result<Vec<(CtsInstance, CtsType)>> {
     #[derive(FromRow)]
     struct Row {
         #[sqlx(flatten)]
@@ -354,7 +367,8 @@ impl TryFrom<JobRow> for Job {
     }
 }
 
-const JOB_COLUMNS: &str = "gid, cts_instance, cts_type, local_id, state, registered_at, updated_at, \
+const JOB_COLUMNS: &str =
+    "gid, cts_instance, cts_type, local_id, state, registered_at, updated_at, \
      checkpoint_count, latest_checkpoint, recoveries, exit_status, signal";
 
 pub async fn get_job(db: impl PgExecutor<'_>, gid: &str) -> Result<Option<Job>> {
@@ -368,12 +382,14 @@ pub async fn get_job(db: impl PgExecutor<'_>, gid: &str) -> Result<Option<Job>> 
 
 /// The job row, locked until the transaction ends: serializes everything done to one GID.
 pub async fn lock_job(db: impl PgExecutor<'_>, gid: &str) -> Result<Option<Job>> {
-    sqlx::query_as::<_, JobRow>(&format!("select {JOB_COLUMNS} from jobs where gid = $1 for update"))
-        .bind(gid)
-        .fetch_optional(db)
-        .await?
-        .map(Job::try_from)
-        .transpose()
+    sqlx::query_as::<_, JobRow>(&format!(
+        "select {JOB_COLUMNS} from jobs where gid = $1 for update"
+    ))
+    .bind(gid)
+    .fetch_optional(db)
+    .await?
+    .map(Job::try_from)
+    .transpose()
 }
 
 pub async fn list_jobs(
@@ -448,7 +464,12 @@ pub async fn route_job(
     Ok(())
 }
 
-pub async fn finish_job(db: impl PgExecutor<'_>, gid: &str, exit_status: Option<i32>, signal: Option<i32>) -> Result<()> {
+pub async fn finish_job(
+    db: impl PgExecutor<'_>,
+    gid: &str,
+    exit_status: Option<i32>,
+    signal: Option<i32>,
+) -> Result<()> {
     sqlx::query(
         "update jobs set state = 'finished', exit_status = $2, signal = $3, updated_at = now() where gid = $1",
     )
@@ -482,7 +503,10 @@ impl TryFrom<CheckpointRow> for CheckpointRecord {
     type Error = Error;
     fn try_from(r: CheckpointRow) -> Result<Self> {
         Ok(CheckpointRecord {
-            origin: r.origin.parse::<Origin>().map_err(|e| bad_row("checkpoint", e))?,
+            origin: r
+                .origin
+                .parse::<Origin>()
+                .map_err(|e| bad_row("checkpoint", e))?,
             id: r.id,
             gid: r.gid,
             sequence: Some(r.sequence),
@@ -500,16 +524,19 @@ impl TryFrom<CheckpointRow> for CheckpointRecord {
     }
 }
 
-const CHECKPOINT_COLUMNS: &str = "id, gid, sequence, cts_name, cts_type, taken_at, image_name, execution_manager, \
+const CHECKPOINT_COLUMNS: &str =
+    "id, gid, sequence, cts_name, cts_type, taken_at, image_name, execution_manager, \
      size_bytes, digest, parent, origin, job_stopped, registered_at";
 
 pub async fn get_checkpoint(db: impl PgExecutor<'_>, id: &str) -> Result<Option<CheckpointRecord>> {
-    sqlx::query_as::<_, CheckpointRow>(&format!("select {CHECKPOINT_COLUMNS} from checkpoints where id = $1"))
-        .bind(id)
-        .fetch_optional(db)
-        .await?
-        .map(CheckpointRecord::try_from)
-        .transpose()
+    sqlx::query_as::<_, CheckpointRow>(&format!(
+        "select {CHECKPOINT_COLUMNS} from checkpoints where id = $1"
+    ))
+    .bind(id)
+    .fetch_optional(db)
+    .await?
+    .map(CheckpointRecord::try_from)
+    .transpose()
 }
 
 pub async fn latest_checkpoint(db: &PgPool, gid: &str) -> Result<Option<CheckpointRecord>> {

@@ -1,1 +1,65 @@
-//! placeholder
+//! # gcs — the Grid Checkpoint Service
+//!
+//! The headquarters of the Grid Checkpointing Architecture (GCA paper 3.5): the registry of
+//! checkpointer classes, CTS types and running CTS instances, the GID → CTS routing, the
+//! checkpoint bookkeeping, and the router of `doCheckpoint(GID)` to the CTS in charge.
+//!
+//! Layout, in reading order:
+//! - [`service`]: every operation, once, independent of the wire;
+//! - [`db`]: all SQL (the only code that touches PostgreSQL) and the migrations;
+//! - [`http`]: the SOAP endpoint, the WSDL/XSD files and the JSON API;
+//! - [`error`]: the service error and its mapping to faults;
+//! - [`config`], [`embedded_pg`]: start-up.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use anyhow::Context;
+use gca_protocol::transport;
+use tokio::net::TcpListener;
+
+pub mod config;
+pub mod db;
+pub mod embedded_pg;
+pub mod error;
+pub mod http;
+pub mod service;
+
+pub use config::Config;
+pub use db::MIGRATOR;
+pub use service::Gcs;
+
+impl Gcs {
+    /// The service on an open, migrated pool.
+    pub fn new(db: sqlx::PgPool, config: Config) -> anyhow::Result<Self> {
+        let http = transport::http_client(&transport::ClientSettings {
+            tls: config.client_tls.clone(),
+            request_timeout: config.cts_timeout() + std::time::Duration::from_secs(5),
+            ..Default::default()
+        })?;
+        Ok(Gcs {
+            db,
+            http,
+            config: Arc::new(config),
+        })
+    }
+}
+
+/// The HTTP application (for in-process tests).
+pub fn app(gcs: Gcs) -> axum::Router {
+    http::router(gcs)
+}
+
+/// Serves the GCS on `listener` until `shutdown` resolves.
+pub async fn run(
+    listener: TcpListener,
+    gcs: Gcs,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let tls = match &gcs.config.tls {
+        Some(t) => Some(transport::server_config(t).context("TLS configuration")?),
+        None => None,
+    };
+    tracing::info!(addr = %listener.local_addr()?, tls = tls.is_some(), "GCS listening");
+    transport::serve(listener, tls, app(gcs), shutdown).await
+}

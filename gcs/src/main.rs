@@ -95,7 +95,10 @@ async fn real_main() -> anyhow::Result<()> {
     let result = serve(&url, config, cli.command).await;
     if let Some(mut pg) = embedded {
         if let Err(e) = pg.stop().await {
-            tracing::warn!(error = format!("{e:#}"), "stopping the private PostgreSQL cluster");
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "stopping the private PostgreSQL cluster"
+            );
         }
     }
     result

@@ -40,7 +40,10 @@ const DEFAULT_LIST: i64 = 100;
 fn check_name(what: &str, value: &str) -> Result<()> {
     let ok = !value.is_empty()
         && value.len() <= 64
-        && value.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && value
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric())
         && value
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
@@ -66,7 +69,9 @@ fn check_id(what: &str, value: &str) -> Result<()> {
 fn check_url(what: &str, value: &str) -> Result<()> {
     match reqwest::Url::parse(value) {
         Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Ok(()),
-        _ => Err(Error::invalid(format!("{what} {value:?} is not an http(s) URL"))),
+        _ => Err(Error::invalid(format!(
+            "{what} {value:?} is not an http(s) URL"
+        ))),
     }
 }
 
@@ -77,10 +82,16 @@ fn sorted_unique(props: &[Property], what: &str) -> Result<Vec<Property>> {
             return Err(Error::invalid(format!("{what} with an empty name")));
         }
         if seen.insert(p.name.clone(), p.value.clone()).is_some() {
-            return Err(Error::invalid(format!("{what} {:?} is given more than once", p.name)));
+            return Err(Error::invalid(format!(
+                "{what} {:?} is given more than once",
+                p.name
+            )));
         }
     }
-    Ok(seen.into_iter().map(|(name, value)| Property { name, value }).collect())
+    Ok(seen
+        .into_iter()
+        .map(|(name, value)| Property { name, value })
+        .collect())
 }
 
 /// A CTS type's properties for class membership and FindCTS: the core service's functional
@@ -93,10 +104,22 @@ pub fn effective_properties(cts: &CtsType) -> BTreeMap<String, String> {
         .iter()
         .map(|p| (p.name.clone(), p.value.clone()))
         .collect();
-    m.insert("external-checkpoints".into(), c.external_checkpoints.to_string());
-    m.insert("internal-checkpoints".into(), c.internal_checkpoints.to_string());
-    m.insert("recover-on-other-resource".into(), c.recover_on_other_resource.to_string());
-    m.insert("recover-from-any-image".into(), c.recover_from_any_image.to_string());
+    m.insert(
+        "external-checkpoints".into(),
+        c.external_checkpoints.to_string(),
+    );
+    m.insert(
+        "internal-checkpoints".into(),
+        c.internal_checkpoints.to_string(),
+    );
+    m.insert(
+        "recover-on-other-resource".into(),
+        c.recover_on_other_resource.to_string(),
+    );
+    m.insert(
+        "recover-from-any-image".into(),
+        c.recover_from_any_image.to_string(),
+    );
     m
 }
 
@@ -221,7 +244,9 @@ impl Gcs {
         }
         // The CTS has normally registered the record itself already (paper 5.2 step 8); this
         // is idempotent and covers a CTS that could not reach us.
-        let registered = self.register_checkpoint(RegisterCheckpoint { checkpoint: record }).await?;
+        let registered = self
+            .register_checkpoint(RegisterCheckpoint { checkpoint: record })
+            .await?;
         Ok(registered.checkpoint)
     }
 
@@ -281,7 +306,9 @@ impl Gcs {
     pub async fn list_jobs(&self, req: ListJobs) -> Result<JobList> {
         let limit = req.limit.unwrap_or(DEFAULT_LIST);
         if !(1..=MAX_LIST).contains(&limit) {
-            return Err(Error::invalid(format!("Limit must be between 1 and {MAX_LIST}")));
+            return Err(Error::invalid(format!(
+                "Limit must be between 1 and {MAX_LIST}"
+            )));
         }
         Ok(JobList {
             jobs: db::list_jobs(
@@ -298,12 +325,17 @@ impl Gcs {
     /// getRecoveryInfo (paper 5.3 steps 2-5).
     pub async fn get_recovery_info(&self, req: GetRecoveryInfo, ctx: &Ctx) -> Result<RecoveryInfo> {
         let job = self.job(&req.gid).await?;
-        let latest = db::latest_checkpoint(&self.db, &job.gid).await?.ok_or_else(|| {
-            Error::Fault(
-                Fault::resource_unknown(format!("job {:?} has no checkpoint to recover from", job.gid))
+        let latest = db::latest_checkpoint(&self.db, &job.gid)
+            .await?
+            .ok_or_else(|| {
+                Error::Fault(
+                    Fault::resource_unknown(format!(
+                        "job {:?} has no checkpoint to recover from",
+                        job.gid
+                    ))
                     .with_code("no-checkpoint"),
-            )
-        })?;
+                )
+            })?;
         let checkpoint = if req.image == LATEST || req.image == latest.id {
             latest.clone()
         } else {
@@ -343,7 +375,10 @@ impl Gcs {
             let values = values_for(&instance, ctx)
                 .set("GID", job.gid.clone())
                 .set("IMAGE_ID", checkpoint.id.clone())
-                .set("SEQUENCE", checkpoint.sequence.unwrap_or_default().to_string());
+                .set(
+                    "SEQUENCE",
+                    checkpoint.sequence.unwrap_or_default().to_string(),
+                );
             candidates.push(RecoveryCandidate {
                 recovery_wrapper: WrapperSpec {
                     name: cts_type.recovery_wrapper.name.clone(),
@@ -379,9 +414,12 @@ impl Gcs {
                 outcome: Registration::Created,
             });
         }
-        let existing = db::get_class(&self.db, &class.name)
-            .await?
-            .ok_or_else(|| Error::Internal(anyhow::anyhow!("class {} vanished during registration", class.name)))?;
+        let existing = db::get_class(&self.db, &class.name).await?.ok_or_else(|| {
+            Error::Internal(anyhow::anyhow!(
+                "class {} vanished during registration",
+                class.name
+            ))
+        })?;
         if existing.builtin {
             return Err(Error::conflict(format!(
                 "{:?} is a built-in checkpointer class and cannot be redefined",
@@ -400,9 +438,15 @@ impl Gcs {
         )))
     }
 
-    pub async fn register_descriptor(&self, req: RegisterCtsDescriptor) -> Result<DescriptorRegistered> {
+    pub async fn register_descriptor(
+        &self,
+        req: RegisterCtsDescriptor,
+    ) -> Result<DescriptorRegistered> {
         let cts = descriptor::parse(&req.descriptor_xml).map_err(|e| {
-            Error::Fault(Fault::new(FaultKind::InvalidDescriptor, format!("invalid CTS descriptor: {e}")))
+            Error::Fault(Fault::new(
+                FaultKind::InvalidDescriptor,
+                format!("invalid CTS descriptor: {e}"),
+            ))
         })?;
         let props = effective_properties(&cts);
         for class_name in &cts.classes {
@@ -524,7 +568,9 @@ impl Gcs {
         check_name("CTS instance", &i.name)?;
         check_url("CTS URL", &i.url)?;
         if i.execution_manager.trim().is_empty() || i.resource.trim().is_empty() {
-            return Err(Error::invalid("ExecutionManager and Resource must not be empty"));
+            return Err(Error::invalid(
+                "ExecutionManager and Resource must not be empty",
+            ));
         }
         self.cts_type(&i.cts_type).await?;
         i.registered_at = None;
@@ -575,9 +621,9 @@ impl Gcs {
             if db::insert_job(&mut *tx, &req.gid, &instance, local_id, state).await? {
                 Registration::Created
             } else {
-                let existing = db::lock_job(&mut *tx, &req.gid)
-                    .await?
-                    .ok_or_else(|| Error::Internal(anyhow::anyhow!("job vanished during registration")))?;
+                let existing = db::lock_job(&mut *tx, &req.gid).await?.ok_or_else(|| {
+                    Error::Internal(anyhow::anyhow!("job vanished during registration"))
+                })?;
                 if existing.cts_instance == instance.name
                     && existing.local_id.as_deref() == local_id
                     && existing.state == JobState::Running
@@ -641,7 +687,10 @@ impl Gcs {
 
     /// registerCheckpoint (paper 5.2 step 8): assigns the next sequence number atomically;
     /// registering the same record again returns it unchanged.
-    pub async fn register_checkpoint(&self, req: RegisterCheckpoint) -> Result<CheckpointRegistered> {
+    pub async fn register_checkpoint(
+        &self,
+        req: RegisterCheckpoint,
+    ) -> Result<CheckpointRegistered> {
         let mut r = req.checkpoint;
         check_id("checkpoint ID", &r.id)?;
         check_id("GID", &r.gid)?;
@@ -704,9 +753,9 @@ impl Gcs {
     pub async fn job_finished(&self, req: JobFinished) -> Result<JobInfo> {
         check_id("GID", &req.gid)?;
         let mut tx = self.db.begin().await?;
-        let job = db::lock_job(&mut *tx, &req.gid)
-            .await?
-            .ok_or_else(|| Error::unknown(format!("no job with GID {:?} is registered", req.gid)))?;
+        let job = db::lock_job(&mut *tx, &req.gid).await?.ok_or_else(|| {
+            Error::unknown(format!("no job with GID {:?} is registered", req.gid))
+        })?;
         db::touch_instance(&mut *tx, &req.cts_instance).await?;
         if job.cts_instance != req.cts_instance {
             return Err(Error::conflict(format!(

@@ -4,7 +4,10 @@
 /// (file name, contents) of every file served under `/wsrf/schemas/`.
 pub const FILES: &[(&str, &str)] = &[
     ("gca.xsd", include_str!("../../schemas/gca.xsd")),
-    ("cts-descriptor.xsd", include_str!("../../schemas/cts-descriptor.xsd")),
+    (
+        "cts-descriptor.xsd",
+        include_str!("../../schemas/cts-descriptor.xsd"),
+    ),
     ("gcs.wsdl", include_str!("../../schemas/gcs.wsdl")),
     ("cts.wsdl", include_str!("../../schemas/cts.wsdl")),
 ];
@@ -50,7 +53,10 @@ mod tests {
     fn rewrites_relative_locations_and_the_address() {
         let t = r#"<xsd:import schemaLocation="gca.xsd"/><xsd:import schemaLocation="http://docs.oasis-open.org/wsrf/bf-2.xsd"/><soap:address location="http://localhost:8080/wsrf/services/GridCheckpointService"/>"#;
         let r = rewrite(t, "https://h:1/");
-        assert!(r.contains(r#"schemaLocation="https://h:1/wsrf/schemas/gca.xsd""#), "{r}");
+        assert!(
+            r.contains(r#"schemaLocation="https://h:1/wsrf/schemas/gca.xsd""#),
+            "{r}"
+        );
         assert!(r.contains(r#"schemaLocation="http://docs.oasis-open.org/wsrf/bf-2.xsd""#));
         assert!(r.contains(r#"location="https://h:1/wsrf/services/GridCheckpointService""#));
     }

@@ -20,7 +20,10 @@ pub fn routes() -> Router<Gcs> {
     Router::new()
         .route("/jobs", get(list_jobs).post(register_job))
         .route("/jobs/{gid}", get(get_job))
-        .route("/jobs/{gid}/checkpoints", get(get_checkpoints).post(do_checkpoint))
+        .route(
+            "/jobs/{gid}/checkpoints",
+            get(get_checkpoints).post(do_checkpoint),
+        )
         .route("/jobs/{gid}/recovery", get(recovery_info))
         .route("/jobs/{gid}/finished", post(job_finished))
         .route("/checkpoints", post(register_checkpoint))
@@ -28,18 +31,27 @@ pub fn routes() -> Router<Gcs> {
         .route("/classes", get(list_classes).post(register_class))
         .route("/cts-types", get(list_types).post(register_descriptor))
         .route("/cts-types/{name}", delete(unregister_type))
-        .route("/cts-instances", get(list_instances).post(register_instance))
+        .route(
+            "/cts-instances",
+            get(list_instances).post(register_instance),
+        )
         .route("/cts-instances/{name}", delete(unregister_instance))
 }
 
 /// Reads a JSON object body (an empty body is `{}`), sets `fields` from the URL path (a body
 /// value that disagrees is refused), and deserializes it.
-async fn body<T: DeserializeOwned>(gcs: &Gcs, headers: &HeaderMap, body: Body, fields: &[(&str, &str)]) -> Result<T, ApiError> {
+async fn body<T: DeserializeOwned>(
+    gcs: &Gcs,
+    headers: &HeaderMap,
+    body: Body,
+    fields: &[(&str, &str)],
+) -> Result<T, ApiError> {
     let bytes = read_body(headers, body, gcs.config.max_body_bytes).await?;
     let mut value: serde_json::Value = if bytes.iter().all(u8::is_ascii_whitespace) {
         serde_json::json!({})
     } else {
-        serde_json::from_slice(&bytes).map_err(|e| Fault::invalid(format!("the request body is not valid JSON: {e}")))?
+        serde_json::from_slice(&bytes)
+            .map_err(|e| Fault::invalid(format!("the request body is not valid JSON: {e}")))?
     };
     let obj = value
         .as_object_mut()
@@ -53,19 +65,31 @@ async fn body<T: DeserializeOwned>(gcs: &Gcs, headers: &HeaderMap, body: Body, f
                 .into())
             }
             _ => {
-                obj.insert((*k).to_string(), serde_json::Value::String((*v).to_string()));
+                obj.insert(
+                    (*k).to_string(),
+                    serde_json::Value::String((*v).to_string()),
+                );
             }
         }
     }
-    serde_json::from_value(value).map_err(|e| Fault::invalid(format!("invalid request: {e}")).into())
+    serde_json::from_value(value)
+        .map_err(|e| Fault::invalid(format!("invalid request: {e}")).into())
 }
 
-async fn do_checkpoint(State(gcs): State<Gcs>, Path(gid): Path<String>, headers: HeaderMap, b: Body) -> ApiResult<CheckpointRecord> {
+async fn do_checkpoint(
+    State(gcs): State<Gcs>,
+    Path(gid): Path<String>,
+    headers: HeaderMap,
+    b: Body,
+) -> ApiResult<CheckpointRecord> {
     let req: DoCheckpoint = body(&gcs, &headers, b, &[("gid", &gid)]).await?;
     Ok(Json(gcs.do_checkpoint(req).await?))
 }
 
-async fn get_checkpoints(State(gcs): State<Gcs>, Path(gid): Path<String>) -> ApiResult<CheckpointList> {
+async fn get_checkpoints(
+    State(gcs): State<Gcs>,
+    Path(gid): Path<String>,
+) -> ApiResult<CheckpointList> {
     Ok(Json(gcs.get_checkpoints(GidRequest { gid }).await?))
 }
 
@@ -84,34 +108,56 @@ async fn recovery_info(
         gid,
         image: q.image.unwrap_or_else(|| LATEST.to_string()),
     };
-    Ok(Json(gcs.get_recovery_info(req, &ctx(&gcs, &headers)).await?))
+    Ok(Json(
+        gcs.get_recovery_info(req, &ctx(&gcs, &headers)).await?,
+    ))
 }
 
 async fn get_job(State(gcs): State<Gcs>, Path(gid): Path<String>) -> ApiResult<JobInfo> {
     Ok(Json(gcs.get_job(GidRequest { gid }).await?))
 }
 
-async fn list_jobs(State(gcs): State<Gcs>, q: Result<Query<ListJobs>, axum::extract::rejection::QueryRejection>) -> ApiResult<JobList> {
+async fn list_jobs(
+    State(gcs): State<Gcs>,
+    q: Result<Query<ListJobs>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<JobList> {
     let Query(q) = q.map_err(|e| Fault::invalid(format!("invalid query: {e}")))?;
     Ok(Json(gcs.list_jobs(q).await?))
 }
 
-async fn register_job(State(gcs): State<Gcs>, headers: HeaderMap, b: Body) -> ApiResult<JobRegistered> {
+async fn register_job(
+    State(gcs): State<Gcs>,
+    headers: HeaderMap,
+    b: Body,
+) -> ApiResult<JobRegistered> {
     let req: RegisterJob = body(&gcs, &headers, b, &[]).await?;
     Ok(Json(gcs.register_job(req).await?))
 }
 
-async fn job_finished(State(gcs): State<Gcs>, Path(gid): Path<String>, headers: HeaderMap, b: Body) -> ApiResult<JobInfo> {
+async fn job_finished(
+    State(gcs): State<Gcs>,
+    Path(gid): Path<String>,
+    headers: HeaderMap,
+    b: Body,
+) -> ApiResult<JobInfo> {
     let req: JobFinished = body(&gcs, &headers, b, &[("gid", &gid)]).await?;
     Ok(Json(gcs.job_finished(req).await?))
 }
 
-async fn register_checkpoint(State(gcs): State<Gcs>, headers: HeaderMap, b: Body) -> ApiResult<CheckpointRegistered> {
+async fn register_checkpoint(
+    State(gcs): State<Gcs>,
+    headers: HeaderMap,
+    b: Body,
+) -> ApiResult<CheckpointRegistered> {
     let req: RegisterCheckpoint = body(&gcs, &headers, b, &[]).await?;
     Ok(Json(gcs.register_checkpoint(req).await?))
 }
 
-async fn find_cts(State(gcs): State<Gcs>, headers: HeaderMap, b: Body) -> ApiResult<FindCtsResponse> {
+async fn find_cts(
+    State(gcs): State<Gcs>,
+    headers: HeaderMap,
+    b: Body,
+) -> ApiResult<FindCtsResponse> {
     let req: FindCts = body(&gcs, &headers, b, &[]).await?;
     Ok(Json(gcs.find_cts(req).await?))
 }
@@ -120,7 +166,11 @@ async fn list_classes(State(gcs): State<Gcs>) -> ApiResult<ClassList> {
     Ok(Json(gcs.list_classes().await?))
 }
 
-async fn register_class(State(gcs): State<Gcs>, headers: HeaderMap, b: Body) -> ApiResult<ClassRegistered> {
+async fn register_class(
+    State(gcs): State<Gcs>,
+    headers: HeaderMap,
+    b: Body,
+) -> ApiResult<ClassRegistered> {
     let req: RegisterCheckpointerClass = body(&gcs, &headers, b, &[]).await?;
     Ok(Json(gcs.register_class(req).await?))
 }
@@ -131,7 +181,11 @@ async fn list_types(State(gcs): State<Gcs>) -> ApiResult<CtsTypeList> {
 
 /// Takes `{"descriptor_xml": "..."}`, or the descriptor document itself with an XML content
 /// type (`curl --data-binary @cts.xml -H 'Content-Type: application/xml'`).
-async fn register_descriptor(State(gcs): State<Gcs>, headers: HeaderMap, b: Body) -> ApiResult<DescriptorRegistered> {
+async fn register_descriptor(
+    State(gcs): State<Gcs>,
+    headers: HeaderMap,
+    b: Body,
+) -> ApiResult<DescriptorRegistered> {
     let is_xml = headers
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -139,7 +193,8 @@ async fn register_descriptor(State(gcs): State<Gcs>, headers: HeaderMap, b: Body
     let req = if is_xml {
         let bytes = read_body(&headers, b, gcs.config.max_body_bytes).await?;
         RegisterCtsDescriptor {
-            descriptor_xml: String::from_utf8(bytes.to_vec()).map_err(|_| Fault::invalid("the descriptor is not UTF-8"))?,
+            descriptor_xml: String::from_utf8(bytes.to_vec())
+                .map_err(|_| Fault::invalid("the descriptor is not UTF-8"))?,
         }
     } else {
         body(&gcs, &headers, b, &[]).await?
@@ -147,7 +202,10 @@ async fn register_descriptor(State(gcs): State<Gcs>, headers: HeaderMap, b: Body
     Ok(Json(gcs.register_descriptor(req).await?))
 }
 
-async fn unregister_type(State(gcs): State<Gcs>, Path(name): Path<String>) -> ApiResult<Unregistered> {
+async fn unregister_type(
+    State(gcs): State<Gcs>,
+    Path(name): Path<String>,
+) -> ApiResult<Unregistered> {
     Ok(Json(
         gcs.unregister_cts(UnregisterCts {
             instance: None,
@@ -161,12 +219,19 @@ async fn list_instances(State(gcs): State<Gcs>) -> ApiResult<CtsInstanceList> {
     Ok(Json(gcs.list_instances().await?))
 }
 
-async fn register_instance(State(gcs): State<Gcs>, headers: HeaderMap, b: Body) -> ApiResult<InstanceRegistered> {
+async fn register_instance(
+    State(gcs): State<Gcs>,
+    headers: HeaderMap,
+    b: Body,
+) -> ApiResult<InstanceRegistered> {
     let req: RegisterCtsInstance = body(&gcs, &headers, b, &[]).await?;
     Ok(Json(gcs.register_instance(req).await?))
 }
 
-async fn unregister_instance(State(gcs): State<Gcs>, Path(name): Path<String>) -> ApiResult<Unregistered> {
+async fn unregister_instance(
+    State(gcs): State<Gcs>,
+    Path(name): Path<String>,
+) -> ApiResult<Unregistered> {
     Ok(Json(
         gcs.unregister_cts(UnregisterCts {
             instance: Some(name),

@@ -40,7 +40,11 @@ fn ctx(gcs: &Gcs, headers: &HeaderMap) -> Ctx {
     let gcs_url = match &gcs.config.public_url {
         Some(u) => u.trim_end_matches('/').to_string(),
         None => {
-            let scheme = if gcs.config.tls.is_some() { "https" } else { "http" };
+            let scheme = if gcs.config.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
             let host = headers
                 .get(http::header::HOST)
                 .and_then(|h| h.to_str().ok())

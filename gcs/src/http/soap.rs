@@ -24,7 +24,8 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 }
 
 fn xml_response(status: u16, content_type: String, body: String) -> Response {
-    let status = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+    let status =
+        http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
     (status, [(http::header::CONTENT_TYPE, content_type)], body).into_response()
 }
 
@@ -56,7 +57,11 @@ pub async fn endpoint(State(gcs): State<Gcs>, headers: HeaderMap, body: Body) ->
         Err(f) => return fault_response(guessed, &f, None),
     };
     let Ok(text) = std::str::from_utf8(&bytes) else {
-        return fault_response(guessed, &Fault::invalid("the request body is not UTF-8"), None);
+        return fault_response(
+            guessed,
+            &Fault::invalid("the request body is not UTF-8"),
+            None,
+        );
     };
     let req = match soap::parse_request(text, content_type, header(&headers, "soapaction")) {
         Ok(r) => r,
@@ -98,10 +103,17 @@ where
     let request = O::Request::read_children(&req.body)
         .map_err(|e| Fault::invalid(format!("invalid <{}> request: {e}", O::NAME)))?;
     let response = f(request).await.map_err(Error::into_fault)?;
-    Ok((O::response_action(), response.to_element(&O::response_element())))
+    Ok((
+        O::response_action(),
+        response.to_element(&O::response_element()),
+    ))
 }
 
-async fn dispatch(gcs: &Gcs, ctx: &crate::service::Ctx, req: &SoapRequest) -> Result<(String, Element), Fault> {
+async fn dispatch(
+    gcs: &Gcs,
+    ctx: &crate::service::Ctx,
+    req: &SoapRequest,
+) -> Result<(String, Element), Fault> {
     use ops::*;
     if req.body.ns.as_deref() != Some(ns::GCA) {
         return Err(unsupported(req));
@@ -110,18 +122,34 @@ async fn dispatch(gcs: &Gcs, ctx: &crate::service::Ctx, req: &SoapRequest) -> Re
         "DoCheckpoint" => call::<DoCheckpointOp, _, _>(req, |r| gcs.do_checkpoint(r)).await,
         "FindCTS" => call::<FindCtsOp, _, _>(req, |r| gcs.find_cts(r)).await,
         "GetCheckpoints" => call::<GetCheckpointsOp, _, _>(req, |r| gcs.get_checkpoints(r)).await,
-        "GetRecoveryInfo" => call::<GetRecoveryInfoOp, _, _>(req, |r| gcs.get_recovery_info(r, ctx)).await,
+        "GetRecoveryInfo" => {
+            call::<GetRecoveryInfoOp, _, _>(req, |r| gcs.get_recovery_info(r, ctx)).await
+        }
         "GetJob" => call::<GetJobOp, _, _>(req, |r| gcs.get_job(r)).await,
         "ListJobs" => call::<ListJobsOp, _, _>(req, |r| gcs.list_jobs(r)).await,
-        "RegisterCheckpointerClass" => call::<RegisterClassOp, _, _>(req, |r| gcs.register_class(r)).await,
-        "RegisterCTSDescriptor" => call::<RegisterDescriptorOp, _, _>(req, |r| gcs.register_descriptor(r)).await,
+        "RegisterCheckpointerClass" => {
+            call::<RegisterClassOp, _, _>(req, |r| gcs.register_class(r)).await
+        }
+        "RegisterCTSDescriptor" => {
+            call::<RegisterDescriptorOp, _, _>(req, |r| gcs.register_descriptor(r)).await
+        }
         "UnregisterCTS" => call::<UnregisterCtsOp, _, _>(req, |r| gcs.unregister_cts(r)).await,
-        "ListCheckpointerClasses" => call::<ListClassesOp, _, _>(req, |_: ListRequest| gcs.list_classes()).await,
-        "ListCTSTypes" => call::<ListCtsTypesOp, _, _>(req, |_: ListRequest| gcs.list_types()).await,
-        "ListCTSInstances" => call::<ListCtsInstancesOp, _, _>(req, |_: ListRequest| gcs.list_instances()).await,
-        "RegisterCTSInstance" => call::<RegisterCtsInstanceOp, _, _>(req, |r| gcs.register_instance(r)).await,
+        "ListCheckpointerClasses" => {
+            call::<ListClassesOp, _, _>(req, |_: ListRequest| gcs.list_classes()).await
+        }
+        "ListCTSTypes" => {
+            call::<ListCtsTypesOp, _, _>(req, |_: ListRequest| gcs.list_types()).await
+        }
+        "ListCTSInstances" => {
+            call::<ListCtsInstancesOp, _, _>(req, |_: ListRequest| gcs.list_instances()).await
+        }
+        "RegisterCTSInstance" => {
+            call::<RegisterCtsInstanceOp, _, _>(req, |r| gcs.register_instance(r)).await
+        }
         "RegisterJob" => call::<RegisterJobOp, _, _>(req, |r| gcs.register_job(r)).await,
-        "RegisterCheckpoint" => call::<RegisterCheckpointOp, _, _>(req, |r| gcs.register_checkpoint(r)).await,
+        "RegisterCheckpoint" => {
+            call::<RegisterCheckpointOp, _, _>(req, |r| gcs.register_checkpoint(r)).await
+        }
         "JobFinished" => call::<JobFinishedOp, _, _>(req, |r| gcs.job_finished(r)).await,
         _ => Err(unsupported(req)),
     }
@@ -142,7 +170,11 @@ fn unsupported(req: &SoapRequest) -> Fault {
 }
 
 /// `GET ...GridCheckpointService?wsdl`
-pub async fn wsdl(State(gcs): State<Gcs>, headers: HeaderMap, RawQuery(query): RawQuery) -> Response {
+pub async fn wsdl(
+    State(gcs): State<Gcs>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
     match query.as_deref().map(str::to_ascii_lowercase).as_deref() {
         Some("wsdl") => {
             let base = ctx(&gcs, &headers).gcs_url;
@@ -162,17 +194,29 @@ pub async fn wsdl(State(gcs): State<Gcs>, headers: HeaderMap, RawQuery(query): R
 }
 
 /// `GET /wsrf/schemas/{file}`
-pub async fn schema(State(gcs): State<Gcs>, headers: HeaderMap, Path(file): Path<String>) -> Response {
+pub async fn schema(
+    State(gcs): State<Gcs>,
+    headers: HeaderMap,
+    Path(file): Path<String>,
+) -> Response {
     match schemas::file(&file) {
         Some(text) => {
             let base = ctx(&gcs, &headers).gcs_url;
-            xml_response(200, "text/xml; charset=utf-8".into(), schemas::rewrite(text, &base))
+            xml_response(
+                200,
+                "text/xml; charset=utf-8".into(),
+                schemas::rewrite(text, &base),
+            )
         }
         None => (
             http::StatusCode::NOT_FOUND,
             format!(
                 "no schema named {file:?}; available: {}\n",
-                schemas::FILES.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+                schemas::FILES
+                    .iter()
+                    .map(|(n, _)| *n)
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         )
             .into_response(),

@@ -3,6 +3,7 @@
 
 mod checkpoints;
 mod faults;
+mod gcactl;
 mod registry;
 mod replicas;
 mod wire;

@@ -1,0 +1,945 @@
+//! A private PostgreSQL cluster for `gcs` when no `DATABASE_URL` is configured, also used by the
+//! test harness.
+//!
+//! Layout under the directory given to [`EmbeddedPostgres::start`]:
+//!
+//! * `pgdata/` — the cluster (created by `initdb -U gca --auth=trust` on first use);
+//! * `postgres.log` — the server log (appended to by every start).
+//!
+//! The server listens only on `127.0.0.1`, on a port chosen at start, and has no UNIX socket.
+//! The superuser is `gca` with trust authentication, so the URL is
+//! `postgres://gca@127.0.0.1:PORT/DBNAME`.
+//!
+//! PostgreSQL refuses to run as root: when this process runs as root, `initdb` and `pg_ctl` are
+//! run as the `postgres` system user through `runuser -u postgres --`, `pgdata/` is owned by that
+//! user, and every directory above it must be traversable by that user.
+
+use std::ffi::{OsStr, OsString};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{ConnectOptions, Connection, PgConnection};
+use tokio::process::Command;
+
+/// The superuser `initdb` creates in the cluster.
+pub const SUPERUSER: &str = "gca";
+/// The database [`EmbeddedPostgres::start`] creates for the service.
+pub const SERVICE_DATABASE: &str = "gcs";
+/// The system user PostgreSQL runs as when this process runs as root.
+const SYSTEM_USER: &str = "postgres";
+/// Environment variable naming the directory holding `initdb`, `pg_ctl` and `postgres`.
+pub const BIN_DIR_ENV: &str = "GCA_PG_BIN_DIR";
+
+const INSTALL_HINT: &str =
+    "install the PostgreSQL server (Debian/Ubuntu: `apt-get install postgresql`; \
+     Fedora: `dnf install postgresql-server`), or set GCA_PG_BIN_DIR to the directory holding \
+     initdb, pg_ctl and postgres, or set DATABASE_URL to use an existing PostgreSQL server";
+
+const START_ATTEMPTS: u32 = 5;
+const PG_CTL_TIMEOUT_SECS: u32 = 60;
+const ACCEPT_TIMEOUT: Duration = Duration::from_secs(30);
+const LOG_TAIL_LINES: usize = 20;
+
+/// Where the PostgreSQL server programs are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PgBinaries {
+    bin_dir: PathBuf,
+}
+
+impl PgBinaries {
+    /// Uses the programs in `bin_dir`, which must hold `initdb`, `pg_ctl` and `postgres`.
+    pub fn from_dir(bin_dir: impl Into<PathBuf>) -> Result<Self> {
+        let bin_dir = bin_dir.into();
+        let missing = missing_programs(&bin_dir);
+        if missing.is_empty() {
+            Ok(Self { bin_dir })
+        } else {
+            bail!(
+                "{} does not contain the PostgreSQL server programs (missing: {})",
+                bin_dir.display(),
+                missing.join(", ")
+            )
+        }
+    }
+
+    pub fn bin_dir(&self) -> &Path {
+        &self.bin_dir
+    }
+
+    pub fn initdb(&self) -> PathBuf {
+        self.bin_dir.join("initdb")
+    }
+
+    pub fn pg_ctl(&self) -> PathBuf {
+        self.bin_dir.join("pg_ctl")
+    }
+
+    pub fn postgres(&self) -> PathBuf {
+        self.bin_dir.join("postgres")
+    }
+}
+
+const PROGRAMS: [&str; 3] = ["initdb", "pg_ctl", "postgres"];
+
+fn missing_programs(dir: &Path) -> Vec<&'static str> {
+    PROGRAMS
+        .iter()
+        .copied()
+        .filter(|p| !is_executable_file(&dir.join(p)))
+        .collect()
+}
+
+fn is_executable_file(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
+
+/// Finds the server programs: `$GCA_PG_BIN_DIR`, else `pg_config --bindir` or `PATH`, else the
+/// newest `/usr/lib/postgresql/*/bin` (or `/usr/pgsql-*/bin`).
+fn find_binaries_from(
+    bin_dir_env: Option<OsString>,
+    path_env: Option<OsString>,
+) -> Result<PgBinaries> {
+    if let Some(dir) = bin_dir_env.filter(|d| !d.is_empty()) {
+        return PgBinaries::from_dir(PathBuf::from(&dir)).with_context(|| {
+            format!(
+                "{BIN_DIR_ENV}={} is not usable; {INSTALL_HINT}",
+                dir.to_string_lossy()
+            )
+        });
+    }
+
+    let path_dirs: Vec<PathBuf> = path_env
+        .as_deref()
+        .map(|p| std::env::split_paths(p).collect())
+        .unwrap_or_default();
+
+    // pg_config knows the bindir of its installation (on Debian, /usr/bin/pg_config points to
+    // /usr/lib/postgresql/N/bin).
+    if let Some(pg_config) = path_dirs
+        .iter()
+        .map(|d| d.join("pg_config"))
+        .find(|p| is_executable_file(p))
+    {
+        if let Ok(out) = std::process::Command::new(&pg_config)
+            .arg("--bindir")
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .output()
+        {
+            if out.status.success() {
+                let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+                if let Ok(b) = PgBinaries::from_dir(dir) {
+                    return Ok(b);
+                }
+            }
+        }
+    }
+
+    if let Some(dir) = path_dirs.iter().find(|d| missing_programs(d).is_empty()) {
+        return Ok(PgBinaries {
+            bin_dir: dir.clone(),
+        });
+    }
+
+    let mut candidates: Vec<(Vec<u64>, PathBuf)> = Vec::new();
+    for (parent, prefix) in [("/usr/lib/postgresql", ""), ("/usr", "pgsql-")] {
+        let Ok(entries) = std::fs::read_dir(parent) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(version) = name.to_str().and_then(|n| n.strip_prefix(prefix)) else {
+                continue;
+            };
+            let Some(key) = parse_version(version) else {
+                continue;
+            };
+            let bin = entry.path().join("bin");
+            if missing_programs(&bin).is_empty() {
+                candidates.push((key, bin));
+            }
+        }
+    }
+    candidates.sort();
+    if let Some((_, bin_dir)) = candidates.pop() {
+        return Ok(PgBinaries { bin_dir });
+    }
+
+    bail!(
+        "PostgreSQL server programs (initdb, pg_ctl, postgres) not found: {BIN_DIR_ENV} is not set, \
+         they are not on PATH nor in `pg_config --bindir`, and there is no /usr/lib/postgresql/*/bin; \
+         {INSTALL_HINT}"
+    )
+}
+
+fn parse_version(s: &str) -> Option<Vec<u64>> {
+    if s.is_empty() {
+        return None;
+    }
+    s.split('.').map(|p| p.parse().ok()).collect()
+}
+
+/// The effective uid of this process (from /proc/self/status, else `id -u`).
+pub fn effective_uid() -> Option<u32> {
+    if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+        if let Some(line) = status.lines().find(|l| l.starts_with("Uid:")) {
+            // Uid: real effective saved fs
+            if let Some(euid) = line.split_whitespace().nth(2).and_then(|u| u.parse().ok()) {
+                return Some(euid);
+            }
+        }
+    }
+    let out = std::process::Command::new("id")
+        .arg("-u")
+        .stdin(Stdio::null())
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+}
+
+/// Whether this process runs with effective uid 0.
+pub fn running_as_root() -> bool {
+    effective_uid() == Some(0)
+}
+
+/// When running as root, checks that the `postgres` system user can traverse `dir` and every
+/// directory above it (it must reach the cluster under `dir`). Succeeds at once when not root.
+pub fn check_traversable(dir: &Path) -> Result<()> {
+    if !running_as_root() {
+        return Ok(());
+    }
+    check_traversable_by_postgres(dir)
+}
+
+fn check_traversable_by_postgres(dir: &Path) -> Result<()> {
+    // Outermost first, so that the first failure is the directory to fix.
+    let mut dirs: Vec<&Path> = dir.ancestors().collect();
+    dirs.reverse();
+    let out = std::process::Command::new("runuser")
+        .args(["-u", SYSTEM_USER, "--", "sh", "-c"])
+        .arg(r#"for d in "$@"; do [ -x "$d" ] || { printf '%s' "$d"; exit 1; }; done"#)
+        .arg("sh")
+        .args(&dirs)
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .output()
+        .context("running `runuser -u postgres` to check directory permissions")?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let bad = String::from_utf8_lossy(&out.stdout).to_string();
+    if bad.is_empty() {
+        bail!(
+            "checking that the `postgres` user can reach {} failed: {}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    bail!(
+        "the `postgres` system user (which runs PostgreSQL, since this process runs as root) cannot \
+         traverse {bad}, so it cannot reach the cluster under {}; use a data directory it can reach, \
+         e.g. `--data-dir /var/lib/gca`, or run `chmod o+x {bad}`",
+        dir.display()
+    )
+}
+
+fn ensure_system_user_exists() -> Result<()> {
+    let ok = std::process::Command::new("id")
+        .args(["-u", SYSTEM_USER])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        bail!(
+            "this process runs as root, PostgreSQL refuses to run as root, and there is no `{SYSTEM_USER}` \
+             system user to run it as; install the PostgreSQL server package (which creates it), create it \
+             (`useradd --system {SYSTEM_USER}`), run as a non-root user, or set DATABASE_URL"
+        );
+    }
+    Ok(())
+}
+
+/// A PostgreSQL cluster in a directory of ours, started (or found running) by [`Self::start`].
+#[derive(Debug)]
+pub struct EmbeddedPostgres {
+    dir: PathBuf,
+    data_dir: PathBuf,
+    log_file: PathBuf,
+    port: u16,
+    bins: PgBinaries,
+    as_system_user: bool,
+    /// We started the server and must stop it (in `stop` or on drop).
+    owns_server: bool,
+}
+
+impl EmbeddedPostgres {
+    /// Finds `initdb`, `pg_ctl` and `postgres`: `$GCA_PG_BIN_DIR`, else `PATH` (`pg_config
+    /// --bindir` if available), else the newest `/usr/lib/postgresql/*/bin`.
+    pub fn find_binaries() -> Result<PgBinaries> {
+        find_binaries_from(std::env::var_os(BIN_DIR_ENV), std::env::var_os("PATH"))
+    }
+
+    /// Creates the cluster under `dir/pgdata` if missing and starts it on 127.0.0.1 on a free port,
+    /// or reuses the server already running from that directory (which is then left running on
+    /// drop). Creates the database `gcs` if missing.
+    pub async fn start(dir: &Path) -> Result<Self> {
+        let bins = Self::find_binaries()?;
+        Self::start_with(dir, bins).await
+    }
+
+    /// [`Self::start`] with the given server programs.
+    pub async fn start_with(dir: &Path, bins: PgBinaries) -> Result<Self> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let dir = dir
+            .canonicalize()
+            .with_context(|| format!("resolving {}", dir.display()))?;
+        let as_system_user = running_as_root();
+        if as_system_user {
+            ensure_system_user_exists()?;
+            make_dir_searchable(&dir)?;
+            check_traversable_by_postgres(&dir)?;
+        }
+        let mut pg = Self {
+            data_dir: dir.join("pgdata"),
+            log_file: dir.join("postgres.log"),
+            dir,
+            port: 0,
+            bins,
+            as_system_user,
+            owns_server: false,
+        };
+
+        if let Some(port) = pg.find_running_server().await? {
+            tracing::info!(port, dir = %pg.dir.display(), "reusing the PostgreSQL server already running");
+            pg.port = port;
+        } else {
+            pg.init_cluster_if_missing().await?;
+            pg.start_server().await?;
+        }
+        pg.ensure_database(SERVICE_DATABASE).await?;
+        Ok(pg)
+    }
+
+    /// The TCP port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `postgres://gca@127.0.0.1:PORT/DATABASE`
+    pub fn url(&self, database: &str) -> String {
+        format!("postgres://{SUPERUSER}@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// The directory given to [`Self::start`] (absolute).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The cluster's data directory (`dir/pgdata`).
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// The server log (`dir/postgres.log`).
+    pub fn log_file(&self) -> &Path {
+        &self.log_file
+    }
+
+    /// Whether this handle started the server (and so stops it).
+    pub fn started_here(&self) -> bool {
+        self.owns_server
+    }
+
+    /// Leaves the server running when this handle is stopped or dropped.
+    pub fn detach(&mut self) {
+        self.owns_server = false;
+    }
+
+    /// Creates `database` if it does not exist.
+    pub async fn ensure_database(&self, database: &str) -> Result<()> {
+        let mut conn = connect(self.port, "postgres", Duration::from_secs(10))
+            .await
+            .with_context(|| format!("connecting to PostgreSQL on 127.0.0.1:{}", self.port))?;
+        let exists: Option<i32> =
+            sqlx::query_scalar("SELECT 1 FROM pg_database WHERE datname = $1")
+                .bind(database)
+                .fetch_optional(&mut conn)
+                .await
+                .context("querying pg_database")?;
+        if exists.is_none() {
+            let sql = format!("CREATE DATABASE \"{}\"", database.replace('"', "\"\""));
+            if let Err(e) = sqlx::query(&sql).execute(&mut conn).await {
+                // Someone else may have created it at the same time.
+                let code = e
+                    .as_database_error()
+                    .and_then(|d| d.code().map(|c| c.into_owned()));
+                if !matches!(code.as_deref(), Some("42P04") | Some("23505")) {
+                    return Err(e).with_context(|| format!("creating database {database}"));
+                }
+            }
+        }
+        let _ = conn.close().await;
+        Ok(())
+    }
+
+    /// Stops the server with `pg_ctl stop -m fast` if this handle started it; idempotent.
+    pub async fn stop(&mut self) -> Result<()> {
+        if !self.owns_server {
+            return Ok(());
+        }
+        if !self.data_dir.join("postmaster.pid").exists() {
+            self.owns_server = false;
+            return Ok(());
+        }
+        let mut cmd = self.pg_command(&self.bins.pg_ctl());
+        cmd.arg("stop")
+            .arg("-D")
+            .arg(&self.data_dir)
+            .args(["-m", "fast", "-w", "-t"])
+            .arg(PG_CTL_TIMEOUT_SECS.to_string());
+        let out = run(&mut cmd).await.context("running pg_ctl stop")?;
+        if !out.status.success() && self.data_dir.join("postmaster.pid").exists() {
+            bail!(
+                "pg_ctl stop -D {} failed ({}): {}{}",
+                self.data_dir.display(),
+                out.status,
+                out.text(),
+                self.log_tail_since(0)
+            );
+        }
+        self.owns_server = false;
+        Ok(())
+    }
+
+    // ----- internals -----
+
+    /// A command running `program` as the `postgres` user when we are root.
+    fn pg_command(&self, program: &Path) -> Command {
+        let mut cmd = if self.as_system_user {
+            let mut c = Command::new("runuser");
+            c.args(["-u", SYSTEM_USER, "--"]).arg(program);
+            c
+        } else {
+            Command::new(program)
+        };
+        cmd.current_dir("/")
+            .env_remove("PGDATA")
+            .env_remove("PGPORT")
+            .env_remove("PGHOST")
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    fn std_pg_command(&self, program: &Path) -> std::process::Command {
+        let mut cmd = if self.as_system_user {
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", SYSTEM_USER, "--"]).arg(program);
+            c
+        } else {
+            std::process::Command::new(program)
+        };
+        cmd.current_dir("/").stdin(Stdio::null());
+        cmd
+    }
+
+    /// The port of a server running from our data directory that accepts connections, if any.
+    async fn find_running_server(&self) -> Result<Option<u16>> {
+        let pid_file = self.data_dir.join("postmaster.pid");
+        if !pid_file.exists() {
+            return Ok(None);
+        }
+        if let Some(port) = read_pid_file_port(&pid_file) {
+            if self.is_our_server(port).await {
+                return Ok(Some(port));
+            }
+        }
+        // The pid file may be stale (crash) or the server may be starting up.
+        let deadline = Instant::now() + ACCEPT_TIMEOUT;
+        loop {
+            if !self.server_process_alive().await? {
+                tracing::info!(dir = %self.data_dir.display(), "stale postmaster.pid, starting the server");
+                return Ok(None);
+            }
+            if let Some(port) = read_pid_file_port(&pid_file) {
+                if self.is_our_server(port).await {
+                    return Ok(Some(port));
+                }
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "a PostgreSQL server is running from {} (see postmaster.pid) but does not accept \
+                     connections as {SUPERUSER} on 127.0.0.1:{}; stop it (pg_ctl stop -D {}) and retry{}",
+                    self.data_dir.display(),
+                    read_pid_file_port(&pid_file).map(|p| p.to_string()).unwrap_or_else(|| "?".into()),
+                    self.data_dir.display(),
+                    self.log_tail_since(0)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// `pg_ctl status`: exit 0 when a server runs from the data directory, 3 when not.
+    async fn server_process_alive(&self) -> Result<bool> {
+        let mut cmd = self.pg_command(&self.bins.pg_ctl());
+        cmd.arg("status").arg("-D").arg(&self.data_dir);
+        let out = run(&mut cmd).await.context("running pg_ctl status")?;
+        match out.status.code() {
+            Some(0) => Ok(true),
+            Some(3) => Ok(false),
+            _ => bail!(
+                "pg_ctl status -D {} failed ({}): {}",
+                self.data_dir.display(),
+                out.status,
+                out.text()
+            ),
+        }
+    }
+
+    /// Whether the server on `port` answers and serves our data directory.
+    async fn is_our_server(&self, port: u16) -> bool {
+        let Ok(mut conn) = connect(port, "postgres", Duration::from_secs(3)).await else {
+            return false;
+        };
+        let dd: Result<String, _> = sqlx::query_scalar("SELECT current_setting('data_directory')")
+            .fetch_one(&mut conn)
+            .await;
+        let _ = conn.close().await;
+        match dd {
+            Ok(dd) => {
+                let theirs = Path::new(&dd)
+                    .canonicalize()
+                    .unwrap_or_else(|_| PathBuf::from(&dd));
+                theirs == self.data_dir
+            }
+            Err(_) => false,
+        }
+    }
+
+    async fn init_cluster_if_missing(&self) -> Result<()> {
+        if self.data_dir.join("PG_VERSION").exists() {
+            if self.as_system_user {
+                self.chown_to_system_user(&self.data_dir, true).await?;
+            }
+            return Ok(());
+        }
+        std::fs::create_dir_all(&self.data_dir)
+            .with_context(|| format!("creating {}", self.data_dir.display()))?;
+        if self.as_system_user {
+            self.chown_to_system_user(&self.data_dir, true).await?;
+        }
+        let mut errors = String::new();
+        for locale in ["C.UTF-8", "C"] {
+            let mut cmd = self.pg_command(&self.bins.initdb());
+            cmd.arg("-D")
+                .arg(&self.data_dir)
+                .args(["-U", SUPERUSER, "--auth=trust", "-E", "UTF8"])
+                .arg(format!("--locale={locale}"));
+            let out = run(&mut cmd).await.context("running initdb")?;
+            if out.status.success() {
+                tracing::info!(dir = %self.data_dir.display(), locale, "created PostgreSQL cluster");
+                return Ok(());
+            }
+            let _ = write!(
+                errors,
+                "\n--- initdb --locale={locale} ({}):\n{}",
+                out.status,
+                out.text()
+            );
+        }
+        bail!(
+            "initdb -D {} failed (as {}): {}",
+            self.data_dir.display(),
+            if self.as_system_user {
+                SYSTEM_USER
+            } else {
+                "the current user"
+            },
+            errors
+        )
+    }
+
+    async fn chown_to_system_user(&self, path: &Path, recursive: bool) -> Result<()> {
+        let mut cmd = Command::new("chown");
+        if recursive {
+            cmd.arg("-R");
+        }
+        cmd.arg(format!("{SYSTEM_USER}:"))
+            .arg(path)
+            .stdin(Stdio::null());
+        let out = run(&mut cmd).await.context("running chown")?;
+        if !out.status.success() {
+            bail!(
+                "chown {SYSTEM_USER}: {} failed: {}",
+                path.display(),
+                out.text()
+            );
+        }
+        Ok(())
+    }
+
+    async fn start_server(&mut self) -> Result<()> {
+        if !self.log_file.exists() {
+            std::fs::File::create(&self.log_file)
+                .with_context(|| format!("creating {}", self.log_file.display()))?;
+        }
+        if self.as_system_user {
+            self.chown_to_system_user(&self.log_file, false).await?;
+        }
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let port = free_port()?;
+            let log_offset = std::fs::metadata(&self.log_file)
+                .map(|m| m.len())
+                .unwrap_or(0);
+            let mut cmd = self.pg_command(&self.bins.pg_ctl());
+            cmd.arg("start")
+                .arg("-D")
+                .arg(&self.data_dir)
+                .arg("-l")
+                .arg(&self.log_file)
+                .args(["-w", "-t"])
+                .arg(PG_CTL_TIMEOUT_SECS.to_string())
+                .arg("-o")
+                .arg(format!(
+                    "-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories=''"
+                ));
+            let out = run(&mut cmd).await.context("running pg_ctl start")?;
+            if out.status.success() {
+                self.port = port;
+                self.owns_server = true;
+                self.wait_until_accepting(log_offset).await?;
+                tracing::info!(port, dir = %self.dir.display(), "started PostgreSQL");
+                return Ok(());
+            }
+            let log = read_log_since(&self.log_file, log_offset);
+            let clash = log.contains("could not bind") || log.contains("Address already in use");
+            if clash && attempt < START_ATTEMPTS {
+                tracing::warn!(
+                    port,
+                    "port clash starting PostgreSQL, retrying on another port"
+                );
+                continue;
+            }
+            bail!(
+                "pg_ctl start -D {} (port {port}) failed ({}): {}{}",
+                self.data_dir.display(),
+                out.status,
+                out.text(),
+                self.log_tail_since(log_offset)
+            );
+        }
+    }
+
+    async fn wait_until_accepting(&self, log_offset: u64) -> Result<()> {
+        let deadline = Instant::now() + ACCEPT_TIMEOUT;
+        loop {
+            match connect(self.port, "postgres", Duration::from_secs(3)).await {
+                Ok(conn) => {
+                    let _ = conn.close().await;
+                    return Ok(());
+                }
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(e).with_context(|| {
+                        format!(
+                            "PostgreSQL from {} started but does not accept connections on 127.0.0.1:{}{}",
+                            self.data_dir.display(),
+                            self.port,
+                            self.log_tail_since(log_offset)
+                        )
+                    });
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    fn log_tail_since(&self, offset: u64) -> String {
+        let log = read_log_since(&self.log_file, offset);
+        let lines: Vec<&str> = log.lines().collect();
+        if lines.is_empty() {
+            return String::new();
+        }
+        let tail = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
+        format!(
+            "\n--- last lines of {}:\n{}",
+            self.log_file.display(),
+            tail.join("\n")
+        )
+    }
+}
+
+impl Drop for EmbeddedPostgres {
+    fn drop(&mut self) {
+        if !self.owns_server || !self.data_dir.join("postmaster.pid").exists() {
+            return;
+        }
+        let _ = self
+            .std_pg_command(&self.bins.pg_ctl())
+            .arg("stop")
+            .arg("-D")
+            .arg(&self.data_dir)
+            .args(["-m", "fast", "-w", "-t"])
+            .arg(PG_CTL_TIMEOUT_SECS.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        self.owns_server = false;
+    }
+}
+
+/// Adds o+x to `dir` (ours) if the `postgres` user could not otherwise enter it.
+fn make_dir_searchable(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
+    let mode = meta.permissions().mode();
+    if mode & 0o001 == 0 {
+        tracing::info!(dir = %dir.display(), "adding o+x so that the postgres user can reach the cluster");
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o001))
+            .with_context(|| format!("chmod o+x {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// A port that was free on 127.0.0.1 a moment ago.
+fn free_port() -> Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")
+        .context("binding 127.0.0.1:0 to find a free port")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// Line 4 of postmaster.pid is the port.
+fn read_pid_file_port(pid_file: &Path) -> Option<u16> {
+    let text = std::fs::read_to_string(pid_file).ok()?;
+    text.lines().nth(3)?.trim().parse().ok()
+}
+
+fn read_log_since(log_file: &Path, offset: u64) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(log_file) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    // Bounded: the log of one start is small, but a long-lived log need not be read whole.
+    let start = offset.max(len.saturating_sub(64 * 1024));
+    if f.seek(SeekFrom::Start(start)).is_err() {
+        return String::new();
+    }
+    let mut buf = Vec::new();
+    let _ = f.read_to_end(&mut buf);
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+async fn connect(port: u16, database: &str, timeout: Duration) -> Result<PgConnection> {
+    let opts = PgConnectOptions::new()
+        .host("127.0.0.1")
+        .port(port)
+        .username(SUPERUSER)
+        .database(database)
+        .disable_statement_logging();
+    match tokio::time::timeout(timeout, opts.connect()).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(anyhow!(
+            "connecting to 127.0.0.1:{port} timed out after {timeout:?}"
+        )),
+    }
+}
+
+struct Output {
+    status: ExitStatus,
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+}
+
+impl Output {
+    fn text(&self) -> String {
+        let mut s = String::from_utf8_lossy(&self.stderr).trim().to_string();
+        let out = String::from_utf8_lossy(&self.stdout);
+        if !out.trim().is_empty() {
+            if !s.is_empty() {
+                s.push('\n');
+            }
+            s.push_str(out.trim());
+        }
+        s
+    }
+}
+
+async fn run(cmd: &mut Command) -> Result<Output> {
+    let program = describe(cmd);
+    let out = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .with_context(|| format!("could not run {program}"))?;
+    Ok(Output {
+        status: out.status,
+        stdout: out.stdout,
+        stderr: out.stderr,
+    })
+}
+
+fn describe(cmd: &Command) -> String {
+    let std = cmd.as_std();
+    let mut parts: Vec<&OsStr> = vec![std.get_program()];
+    parts.extend(std.get_args());
+    parts
+        .iter()
+        .map(|p| p.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn test_dir() -> tempfile::TempDir {
+        let dir = tempfile::Builder::new()
+            .prefix("gca-embedded-pg-")
+            .tempdir_in("/tmp")
+            .expect("tempdir in /tmp");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        dir
+    }
+
+    async fn answers(port: u16) -> bool {
+        connect(port, "postgres", Duration::from_secs(2))
+            .await
+            .is_ok()
+    }
+
+    #[tokio::test]
+    async fn start_connect_stop_restart_reuses_data() {
+        let tmp = test_dir();
+        let mut pg = EmbeddedPostgres::start(tmp.path()).await.unwrap();
+        assert!(pg.started_here());
+        assert!(pg.url("gcs").starts_with("postgres://gca@127.0.0.1:"));
+        let pool = sqlx::PgPool::connect(&pg.url("gcs")).await.unwrap();
+        let one: i32 = sqlx::query_scalar("select 1")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(one, 1);
+        sqlx::query("create table kept (x int)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        sqlx::query("insert into kept values (42)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+
+        // A second handle on the same directory reuses the running server and leaves it running.
+        let again = EmbeddedPostgres::start(tmp.path()).await.unwrap();
+        assert!(!again.started_here());
+        assert_eq!(again.port(), pg.port());
+        drop(again);
+        assert!(
+            answers(pg.port()).await,
+            "dropping a reusing handle must not stop the server"
+        );
+
+        let port = pg.port();
+        pg.stop().await.unwrap();
+        pg.stop().await.unwrap(); // idempotent
+        assert!(!answers(port).await, "server still answers after stop");
+        assert!(!tmp.path().join("pgdata/postmaster.pid").exists());
+
+        let mut pg = EmbeddedPostgres::start(tmp.path()).await.unwrap();
+        assert!(pg.started_here());
+        let pool = sqlx::PgPool::connect(&pg.url("gcs")).await.unwrap();
+        let x: i32 = sqlx::query_scalar("select x from kept")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(x, 42);
+        pool.close().await;
+        pg.stop().await.unwrap();
+        drop(tmp);
+    }
+
+    #[tokio::test]
+    async fn drop_stops_the_server_it_started() {
+        let tmp = test_dir();
+        let pg = EmbeddedPostgres::start(tmp.path()).await.unwrap();
+        let port = pg.port();
+        assert!(answers(port).await);
+        assert!(tmp.path().join("postgres.log").exists());
+        drop(pg);
+        assert!(!answers(port).await, "server still answers after drop");
+    }
+
+    #[test]
+    fn missing_bin_dir_gives_install_instructions() {
+        let err =
+            find_binaries_from(Some("/nonexistent".into()), std::env::var_os("PATH")).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("GCA_PG_BIN_DIR=/nonexistent"), "{msg}");
+        assert!(msg.contains("apt-get install postgresql"), "{msg}");
+        assert!(msg.contains("dnf install postgresql-server"), "{msg}");
+        assert!(msg.contains("DATABASE_URL"), "{msg}");
+
+        let err = find_binaries_from(None, Some("/nonexistent".into()));
+        if let Err(err) = err {
+            // Only when /usr/lib/postgresql has no server either.
+            assert!(format!("{err:#}").contains("apt-get install postgresql"));
+        }
+    }
+
+    #[test]
+    fn finds_the_binaries_here() {
+        let bins = EmbeddedPostgres::find_binaries()
+            .expect("PostgreSQL server installed (scripts/install-deps)");
+        assert!(bins.initdb().exists() && bins.pg_ctl().exists() && bins.postgres().exists());
+    }
+
+    #[test]
+    fn parses_versions_and_pid_file() {
+        assert_eq!(parse_version("15"), Some(vec![15]));
+        assert_eq!(parse_version("9.6"), Some(vec![9, 6]));
+        assert_eq!(parse_version("x"), None);
+        let tmp = test_dir();
+        let f = tmp.path().join("postmaster.pid");
+        std::fs::write(
+            &f,
+            "123\n/data\n1700000000\n54321\n\n127.0.0.1\n  1 2\nready   \n",
+        )
+        .unwrap();
+        assert_eq!(read_pid_file_port(&f), Some(54321));
+    }
+
+    #[tokio::test]
+    async fn untraversable_parent_is_reported_when_root() {
+        if !running_as_root() {
+            return;
+        }
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = test_dir();
+        let closed = tmp.path().join("closed");
+        std::fs::create_dir(&closed).unwrap();
+        std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let err = EmbeddedPostgres::start(&closed.join("gca"))
+            .await
+            .unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains(&closed.display().to_string()), "{msg}");
+        assert!(msg.contains("--data-dir /var/lib/gca"), "{msg}");
+        assert!(msg.contains("chmod o+x"), "{msg}");
+    }
+}
