@@ -41,6 +41,16 @@ const PROPERTY: Sequence = &[("Name", 1, 1), ("Value", 1, 1)];
 
 /// Checks that `el`'s children follow `seq`, naming the line of the first deviation.
 fn check_sequence(el: &Element, seq: Sequence) -> Result<(), XmlError> {
+    if let Some(a) = el
+        .attrs
+        .iter()
+        .find(|a| a.ns.as_deref().is_none_or(|ns| ns == GCA))
+    {
+        return Err(el.error(format!(
+            "<{}> does not take attributes (found {}=\"{}\")",
+            el.name, a.name, a.value
+        )));
+    }
     for n in &el.children {
         if let Node::Text(t) = n {
             if !t.trim().is_empty() {

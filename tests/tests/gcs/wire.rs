@@ -131,3 +131,44 @@ async fn zeep_runs_the_broker_scenario_from_the_served_wsdl() {
     }
     assert_eq!(cts.calls(), 2);
 }
+
+/// The XSD and the Rust descriptor checker agree on every example: valid ones pass both,
+/// invalid ones fail both (tests/python/check_schemas.py checks the XSD side and the WSDLs).
+#[tokio::test]
+async fn descriptor_xsd_and_rust_checker_agree_on_the_examples() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../schemas/examples");
+    let mut checked = 0;
+    for (sub, valid) in [("", true), ("invalid", false)] {
+        for entry in std::fs::read_dir(std::path::Path::new(dir).join(sub)).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().and_then(|e| e.to_str()) != Some("xml") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            let result = gca_protocol::descriptor::parse(&text);
+            assert_eq!(result.is_ok(), valid, "{}: {result:?}", path.display());
+            if let Err(e) = result {
+                assert!(
+                    e.line.is_some(),
+                    "{}: the error names no line: {e}",
+                    path.display()
+                );
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 6, "only {checked} examples found");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/check_schemas.py");
+    let out = tokio::process::Command::new(python())
+        .arg(script)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains(" 0 failed"), "{stdout}");
+}
