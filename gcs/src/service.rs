@@ -38,20 +38,11 @@ const DEFAULT_LIST: i64 = 100;
 
 /// Names of classes, types and instances: 1-64 of `[A-Za-z0-9._-]`, starting alphanumeric.
 fn check_name(what: &str, value: &str) -> Result<()> {
-    let ok = !value.is_empty()
-        && value.len() <= 64
-        && value
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_alphanumeric())
-        && value
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if ok {
+    if descriptor::is_valid_name(value) {
         Ok(())
     } else {
-        Err(Error::invalid(format!(
-            "{what} {value:?} is not a valid name: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        Err(Error::invalid(descriptor::invalid_name_message(
+            what, value,
         )))
     }
 }

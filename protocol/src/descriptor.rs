@@ -134,8 +134,10 @@ fn unexpected(parent: &Element, child: &Element, seq: Sequence) -> String {
     }
 }
 
-fn check_name(el: &Element, what: &str, value: &str) -> Result<(), XmlError> {
-    let ok = !value.is_empty()
+/// Whether `value` is a valid name for a CTS type, checkpointer class or CTS instance: 1-64
+/// letters, digits, '.', '_' or '-', starting with a letter or digit (the XSD's name type).
+pub fn is_valid_name(value: &str) -> bool {
+    !value.is_empty()
         && value.len() <= 64
         && value
             .chars()
@@ -143,13 +145,21 @@ fn check_name(el: &Element, what: &str, value: &str) -> Result<(), XmlError> {
             .is_some_and(|c| c.is_ascii_alphanumeric())
         && value
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if ok {
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+/// The message for a name that fails [`is_valid_name`].
+pub fn invalid_name_message(what: &str, value: &str) -> String {
+    format!(
+        "{what} {value:?} is not a valid name: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+    )
+}
+
+fn check_name(el: &Element, what: &str, value: &str) -> Result<(), XmlError> {
+    if is_valid_name(value) {
         Ok(())
     } else {
-        Err(el.error(format!(
-            "{what} {value:?} is not a valid name: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
-        )))
+        Err(el.error(invalid_name_message(what, value)))
     }
 }
 
