@@ -1,0 +1,162 @@
+//! Core checkpointer drivers (paper 3.3): one trait, [`CoreCheckpointer`], and one
+//! implementation per kind of core service:
+//!
+//! - [`criu`]: CRIU (system level, whole process trees), through its command line;
+//! - [`app`]: application-level checkpointing (the `basic` class): the job checkpoints itself
+//!   when signalled, or on its own, into a per-job directory;
+//! - [`command`]: any checkpointer with a command line (BLCR, DMTCP, a site's script),
+//!   configured as command templates with placeholders.
+//!
+//! A driver only moves bytes between a process and a directory. Naming images, storing them
+//! atomically, sequence numbers, locking and registration at the GCS belong to the CTS
+//! (`crate::service`), so every driver gets them the same way.
+
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use gca_protocol::placeholders::Values;
+use gca_protocol::{Fault, FaultKind};
+
+pub mod app;
+pub mod command;
+pub mod criu;
+
+/// A registered job as a driver sees it.
+#[derive(Debug, Clone)]
+pub struct JobHandle {
+    pub gid: String,
+    /// The job's root process (the PID the wrapper registered).
+    pub pid: i32,
+    /// A pidfd for `pid`, opened at registration: signals sent through it cannot reach a
+    /// later process that reused the PID. `None` when the kernel has no pidfds.
+    pub pidfd: Option<Arc<OwnedFd>>,
+    /// The per-job checkpoint directory (`{CHECKPOINT_DIR}`), created by the CTS, owned by
+    /// the job's user. Application-level jobs write their images here.
+    pub checkpoint_dir: PathBuf,
+}
+
+/// One checkpoint to take.
+#[derive(Debug)]
+pub struct CheckpointRequest<'a> {
+    pub job: &'a JobHandle,
+    /// The unique ID the CTS gave this image.
+    pub image_id: &'a str,
+    /// An empty directory in the image store's staging area: write the image here. The CTS
+    /// adds the manifest and moves it into the store only after the driver returns `Ok`.
+    pub image_dir: &'a Path,
+    /// `false`: the job must not be running any more when the driver returns (migration).
+    /// A driver that cannot stop the job itself returns `stopped: false` and the CTS stops it.
+    pub leave_running: bool,
+    /// Placeholder values for command templates: GID, IMAGE_ID, CTS_*, RESOURCE, ...,
+    /// CHECKPOINT_DIR, plus PID and IMAGE_DIR.
+    pub values: &'a Values,
+    /// Bound on the whole operation.
+    pub timeout: Duration,
+}
+
+/// What a driver reports about a checkpoint it took.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct CheckpointOutcome {
+    /// The job no longer runs (the driver stopped it as part of the checkpoint).
+    pub stopped: bool,
+}
+
+/// One restore to carry out (used by the recovery wrapper, which must be the restored job's
+/// parent: the restore runs in the caller's process).
+#[derive(Debug)]
+pub struct RestoreRequest<'a> {
+    pub gid: &'a str,
+    /// The verified image, as the store holds it.
+    pub image_dir: &'a Path,
+    /// Where an application-level job finds its image (`{CHECKPOINT_DIR}`).
+    pub checkpoint_dir: &'a Path,
+    pub values: &'a Values,
+    pub timeout: Duration,
+}
+
+/// The outcome of a restore.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Restored {
+    /// The job runs again as `pid`, a child of the calling process (CRIU with
+    /// `--restore-sibling`).
+    Running { pid: i32 },
+    /// The image is in place (in `checkpoint_dir`); the wrapper now starts the job itself with
+    /// the CTS type's recovery job parameters (application-level checkpointing).
+    StartJob,
+}
+
+/// A driver failure: a fault kind, a short machine-readable code and a message that says
+/// what went wrong and, where the core checkpointer said why, its reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct DriverError {
+    pub kind: FaultKind,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl DriverError {
+    pub fn new(kind: FaultKind, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            code,
+            message: message.into(),
+        }
+    }
+    /// The job's process is gone (exited, killed, never existed).
+    pub fn job_gone(message: impl Into<String>) -> Self {
+        Self::new(FaultKind::ResourceUnknown, "job-gone", message)
+    }
+    /// The core checkpointer ran and refused or failed.
+    pub fn failed(message: impl Into<String>) -> Self {
+        Self::new(FaultKind::OperationFailed, "checkpointer-failed", message)
+    }
+    /// The core checkpointer did not finish in time.
+    pub fn timeout(message: impl Into<String>) -> Self {
+        Self::new(FaultKind::OperationFailed, "checkpointer-timeout", message)
+    }
+    /// The driver is misconfigured or the core checkpointer is missing.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(
+            FaultKind::ServiceUnavailable,
+            "checkpointer-unavailable",
+            message,
+        )
+    }
+}
+
+impl From<DriverError> for Fault {
+    fn from(e: DriverError) -> Fault {
+        Fault::new(e.kind, e.message).with_code(e.code)
+    }
+}
+
+/// A core checkpointer, as the CTS drives it.
+#[async_trait::async_trait]
+pub trait CoreCheckpointer: Send + Sync + std::fmt::Debug {
+    /// Short name for logs and status (`criu`, `application`, `command`).
+    fn kind(&self) -> &'static str;
+
+    /// Checks at start-up that the core checkpointer is usable (present, right version,
+    /// enough privileges); returns a one-line description (e.g. its version).
+    async fn self_check(&self) -> Result<String, DriverError>;
+
+    /// Takes one checkpoint of `req.job` into `req.image_dir`.
+    async fn checkpoint(&self, req: CheckpointRequest<'_>)
+        -> Result<CheckpointOutcome, DriverError>;
+
+    /// A checkpoint the job took on its own (paper 3.3, internal), if one is ready: moves it
+    /// into `image_dir` and returns `true`. Drivers whose jobs never do this return `false`.
+    async fn collect_internal(
+        &self,
+        _job: &JobHandle,
+        _image_dir: &Path,
+    ) -> Result<bool, DriverError> {
+        Ok(false)
+    }
+
+    /// Restores a job from an image; the restored job becomes a child of the caller.
+    async fn restore(&self, req: RestoreRequest<'_>) -> Result<Restored, DriverError>;
+}

@@ -1,0 +1,220 @@
+//! Linux process facts and signals, by PID or (preferably) by pidfd, without `unsafe`.
+//!
+//! The CTS is not the parent of the jobs it checkpoints (the wrapper `exec`s the job under
+//! the local resource manager), so it identifies a process by PID *and* start time, and holds
+//! a pidfd from registration on: a PID that was reused by another process is never mistaken
+//! for the job.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::time::Duration;
+
+use rustix::process::{Pid, PidfdFlags, Signal};
+
+/// What `/proc/PID/stat` says about a process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stat {
+    pub pid: i32,
+    pub comm: String,
+    /// `R`, `S`, `D`, `Z`, `T`, ...
+    pub state: char,
+    pub ppid: i32,
+    /// Start time in clock ticks since boot: with the PID, identifies a process.
+    pub start_time: u64,
+    /// For a zombie: the wait status as `waitpid` would report it (Linux >= 3.5).
+    pub exit_code: Option<i32>,
+}
+
+/// Reads `/proc/PID/stat`; `None` when there is no such process.
+pub fn stat(pid: i32) -> Option<Stat> {
+    if pid <= 0 {
+        return None;
+    }
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat(pid, &text)
+}
+
+fn parse_stat(pid: i32, text: &str) -> Option<Stat> {
+    // `comm` is in parentheses and may itself contain ") ": split at the last one.
+    let open = text.find('(')?;
+    let close = text.rfind(')')?;
+    let comm = text.get(open + 1..close)?.to_string();
+    let rest: Vec<&str> = text.get(close + 1..)?.split_whitespace().collect();
+    // rest[0] is field 3 (state); field N is rest[N - 3].
+    let field = |n: usize| rest.get(n - 3).copied();
+    Some(Stat {
+        pid,
+        comm,
+        state: field(3)?.chars().next()?,
+        ppid: field(4)?.parse().ok()?,
+        start_time: field(22)?.parse().ok()?,
+        exit_code: field(52).and_then(|v| v.parse().ok()),
+    })
+}
+
+/// The real UID a process runs as (`/proc/PID/status`).
+pub fn uid(pid: i32) -> Option<u32> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Whether `pid` is `ancestor` or one of its descendants.
+pub fn is_descendant(pid: i32, ancestor: i32) -> bool {
+    let mut cur = pid;
+    for _ in 0..4096 {
+        if cur == ancestor {
+            return true;
+        }
+        match stat(cur) {
+            Some(s) if s.ppid > 0 && s.ppid != cur => cur = s.ppid,
+            _ => return false,
+        }
+    }
+    false
+}
+
+/// A live (not zombie) process with this PID and start time exists.
+pub fn is_alive(pid: i32, start_time: u64) -> bool {
+    matches!(stat(pid), Some(s) if s.start_time == start_time && s.state != 'Z' && s.state != 'X')
+}
+
+/// Opens a pidfd for `pid`; `None` if the process is gone or the kernel has no pidfds.
+pub fn pidfd(pid: i32) -> Option<OwnedFd> {
+    let pid = Pid::from_raw(pid)?;
+    rustix::process::pidfd_open(pid, PidfdFlags::NONBLOCK).ok()
+}
+
+/// Signal numbers by name: `SIGUSR1`, `USR1`, `usr1` or `10`.
+pub fn parse_signal(name: &str) -> Option<Signal> {
+    let n = name.trim();
+    if let Ok(raw) = n.parse::<i32>() {
+        return Signal::from_named_raw(raw);
+    }
+    let upper = n.to_ascii_uppercase();
+    let short = upper.strip_prefix("SIG").unwrap_or(&upper);
+    Some(match short {
+        "HUP" => Signal::HUP,
+        "INT" => Signal::INT,
+        "QUIT" => Signal::QUIT,
+        "KILL" => Signal::KILL,
+        "USR1" => Signal::USR1,
+        "USR2" => Signal::USR2,
+        "PIPE" => Signal::PIPE,
+        "ALRM" => Signal::ALARM,
+        "TERM" => Signal::TERM,
+        "CONT" => Signal::CONT,
+        "STOP" => Signal::STOP,
+        "TSTP" => Signal::TSTP,
+        "XCPU" => Signal::XCPU,
+        "WINCH" => Signal::WINCH,
+        "PWR" => Signal::POWER,
+        _ => return None,
+    })
+}
+
+/// Sends `sig` through `pidfd` when there is one (immune to PID reuse), else to `pid`.
+pub fn send_signal(pid: i32, pidfd: Option<&OwnedFd>, sig: Signal) -> std::io::Result<()> {
+    match pidfd {
+        Some(fd) => rustix::process::pidfd_send_signal(fd.as_fd(), sig).map_err(Into::into),
+        None => {
+            let pid = Pid::from_raw(pid).ok_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, "PID must be positive")
+            })?;
+            rustix::process::kill_process(pid, sig).map_err(Into::into)
+        }
+    }
+}
+
+/// Waits until the process with `pid` and `start_time` is gone (or a zombie), up to
+/// `timeout`. Returns whether it is gone.
+pub async fn wait_gone(pid: i32, start_time: u64, timeout: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if !is_alive(pid, start_time) {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until no process at all has `pid` (not even a zombie), up to `timeout`: a restore
+/// that must reuse the PID needs this.
+pub async fn wait_pid_free(pid: i32, timeout: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if stat(pid).is_none() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// How a wait status (as in `/proc/PID/stat` field 52) ended: `(exit status, signal)`.
+pub fn decode_wait_status(status: i32) -> (Option<i32>, Option<i32>) {
+    let sig = status & 0x7f;
+    if sig == 0 {
+        (Some((status >> 8) & 0xff), None)
+    } else {
+        (None, Some(sig))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_stat_with_odd_comm() {
+        let line = "4242 (a) b (c)) S 1 4242 4242 0 -1 4194560 1 0 0 0 0 0 0 0 20 0 1 0 987654 1000 100 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0 0 0 0 0 0 0 0 256";
+        let s = parse_stat(4242, line).unwrap();
+        assert_eq!(s.comm, "a) b (c)");
+        assert_eq!(s.state, 'S');
+        assert_eq!(s.ppid, 1);
+        assert_eq!(s.start_time, 987654);
+        assert_eq!(s.exit_code, Some(256));
+        assert_eq!(decode_wait_status(256), (Some(1), None));
+        assert_eq!(decode_wait_status(9), (None, Some(9)));
+    }
+
+    #[test]
+    fn own_process_is_alive_and_its_own_descendant() {
+        let me = std::process::id() as i32;
+        let s = stat(me).unwrap();
+        assert!(is_alive(me, s.start_time));
+        assert!(!is_alive(me, s.start_time + 1));
+        assert!(is_descendant(me, me));
+        assert!(is_descendant(me, 1));
+        assert!(!is_descendant(1, me));
+        assert!(stat(-1).is_none());
+    }
+
+    #[test]
+    fn signal_names() {
+        assert_eq!(parse_signal("SIGUSR1"), Some(Signal::USR1));
+        assert_eq!(parse_signal("usr2"), Some(Signal::USR2));
+        assert_eq!(parse_signal("15"), Some(Signal::TERM));
+        assert_eq!(parse_signal("SIGNOPE"), None);
+    }
+
+    #[tokio::test]
+    async fn waits_for_a_killed_child() {
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let pid = child.id() as i32;
+        let start = stat(pid).unwrap().start_time;
+        let fd = pidfd(pid).expect("pidfd");
+        send_signal(pid, Some(&fd), Signal::KILL).unwrap();
+        assert!(wait_gone(pid, start, Duration::from_secs(5)).await);
+        let status = stat(pid).and_then(|s| s.exit_code);
+        assert_eq!(status.map(decode_wait_status), Some((None, Some(9))));
+        child.wait().unwrap();
+        assert!(wait_pid_free(pid, Duration::from_secs(5)).await);
+    }
+}
