@@ -1,1 +1,959 @@
-//! (being written)
+//! Copying an image from another CTS into the local store (a job recovered on another
+//! resource).
+//!
+//! The manifest comes first: its digest must be the one the GCS recorded for the checkpoint.
+//! Then every file it lists is streamed to disk in the staging area, resuming with a `Range`
+//! request after a transport error, and checked (size, SHA-256) against the manifest. Only
+//! when all match is the image committed, with the fetched manifest bytes unchanged, so the
+//! digest is the same on both sides. A refused image leaves nothing behind.
+
+use std::path::Path;
+use std::time::Duration;
+
+use futures::StreamExt;
+use gca_protocol::fault::ErrorBody;
+use gca_protocol::{Fault, FaultKind};
+use reqwest::{header, StatusCode};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt, BufWriter};
+
+use crate::store::{
+    validate_id, write_err, FileEntry, ImageStore, Manifest, StoreError, MAX_MANIFEST_BYTES,
+};
+
+const WRITE_BUF: usize = 1 << 20;
+const MAX_ERROR_BODY: u64 = 64 * 1024;
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// How hard a fetch tries.
+#[derive(Debug, Clone)]
+pub struct FetchOptions {
+    /// Attempts per request (the manifest, each file) before giving up on transport errors
+    /// and 5xx answers; each new attempt of a file resumes where the last one stopped.
+    pub attempts: u32,
+    /// Wait before the second attempt; doubled for each further one (at most 10 s).
+    pub backoff: Duration,
+    /// A transfer that receives nothing for this long counts as failed.
+    pub stall_timeout: Duration,
+}
+
+impl Default for FetchOptions {
+    fn default() -> Self {
+        FetchOptions {
+            attempts: 5,
+            backoff: Duration::from_millis(250),
+            stall_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Why a fetch failed. Nothing is committed in any of these cases.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// The source CTS could not be reached or kept failing (transport errors, 5xx).
+    #[error("{0}")]
+    Unreachable(String),
+    /// The source has no such image.
+    #[error("{0}")]
+    NotFound(String),
+    /// The source refused the request (another 4xx).
+    #[error("{message}")]
+    Remote { status: u16, message: String },
+    /// The manifest's digest is not the one the GCS recorded.
+    #[error("{0}")]
+    DigestMismatch(String),
+    /// A file's size or SHA-256 does not match the manifest, or the manifest is unreadable.
+    #[error("{0}")]
+    Corrupt(String),
+    /// The local store refused (full, unwritable, an image with that ID but another digest).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<FetchError> for Fault {
+    fn from(e: FetchError) -> Fault {
+        match e {
+            FetchError::Unreachable(m) => {
+                Fault::new(FaultKind::ServiceUnavailable, m).with_code("unreachable")
+            }
+            FetchError::NotFound(m) => {
+                Fault::new(FaultKind::ResourceUnknown, m).with_code("unknown-image")
+            }
+            FetchError::Remote { message, .. } => {
+                Fault::new(FaultKind::OperationFailed, message).with_code("image-fetch-failed")
+            }
+            FetchError::DigestMismatch(m) | FetchError::Corrupt(m) => {
+                Fault::new(FaultKind::OperationFailed, m).with_code("image-corrupt")
+            }
+            FetchError::Store(e) => e.into(),
+        }
+    }
+}
+
+/// [`fetch_image_with`] with the default [`FetchOptions`].
+pub async fn fetch_image(
+    http: &reqwest::Client,
+    base_url: &str,
+    id: &str,
+    expected_digest: Option<&str>,
+    store: &ImageStore,
+) -> Result<Manifest, FetchError> {
+    fetch_image_with(
+        http,
+        base_url,
+        id,
+        expected_digest,
+        store,
+        &FetchOptions::default(),
+    )
+    .await
+}
+
+/// Copies image `id` from the CTS whose image routes are at `base_url` (e.g.
+/// `http://host:port/images`) into `store`, and returns its manifest.
+///
+/// `expected_digest` is the `sha256:<hex>` the GCS recorded; `None` checks the transfer only
+/// (every file against the fetched manifest), not that the image is the recorded one. An
+/// image the store holds already with the same digest is returned without a download.
+pub async fn fetch_image_with(
+    http: &reqwest::Client,
+    base_url: &str,
+    id: &str,
+    expected_digest: Option<&str>,
+    store: &ImageStore,
+    opts: &FetchOptions,
+) -> Result<Manifest, FetchError> {
+    validate_id(id)?;
+    let ctx = Ctx {
+        http,
+        base: base_url.trim_end_matches('/'),
+        id,
+        store,
+        opts,
+    };
+
+    let bytes = ctx.get_manifest().await?;
+    let digest = Manifest::digest_of(&bytes);
+    if let Some(expected) = expected_digest {
+        if !expected.trim().eq_ignore_ascii_case(&digest) {
+            return Err(FetchError::DigestMismatch(format!(
+                "image {id} from {} has digest {digest}, the GCS recorded {}: refusing a \
+                 corrupt or tampered image",
+                ctx.base,
+                expected.trim()
+            )));
+        }
+    }
+    let manifest = Manifest::parse(&bytes)
+        .map_err(|e| FetchError::Corrupt(format!("image {id} from {}: {e}", ctx.base)))?;
+    if manifest.id != id {
+        return Err(FetchError::Corrupt(format!(
+            "{} answered the manifest of image {} when asked for image {id}",
+            ctx.base, manifest.id
+        )));
+    }
+    if let Some(m) = local_copy(store, id, &digest).await? {
+        tracing::info!(image = id, %digest, "image already in the local store");
+        return Ok(m);
+    }
+
+    let staging = store.stage_expecting(id, manifest.total_bytes).await?;
+    for entry in &manifest.files {
+        // Paths were validated by Manifest::parse.
+        let dest = staging.dir.join(&entry.path);
+        if let Err(e) = ctx.download_file(entry, &dest).await {
+            staging.discard().await;
+            return Err(e);
+        }
+    }
+    match staging.commit_with_manifest(bytes).await {
+        Ok(m) => {
+            tracing::info!(image = id, %digest, bytes = m.total_bytes, from = ctx.base,
+                "image fetched");
+            Ok(m)
+        }
+        // Fetched concurrently by someone else: fine if it is the same image.
+        Err(StoreError::Conflict(msg)) => match local_copy(store, id, &digest).await? {
+            Some(m) => Ok(m),
+            None => Err(StoreError::Conflict(msg).into()),
+        },
+        Err(StoreError::Corrupt(msg)) => Err(FetchError::Corrupt(msg)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The local image `id` if it has `digest`; a conflict if it has another one.
+async fn local_copy(
+    store: &ImageStore,
+    id: &str,
+    digest: &str,
+) -> Result<Option<Manifest>, FetchError> {
+    match store.digest(id).await {
+        Ok(d) if d == digest => Ok(Some(store.manifest(id).await?)),
+        Ok(d) => Err(StoreError::Conflict(format!(
+            "image {id} is in the local store already with digest {d}, not {digest}: delete \
+             it first"
+        ))
+        .into()),
+        Err(StoreError::NotFound(_)) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// One failed attempt: try again, or give up now.
+enum Attempt {
+    Retry(String),
+    Fatal(FetchError),
+}
+
+impl From<FetchError> for Attempt {
+    fn from(e: FetchError) -> Self {
+        Attempt::Fatal(e)
+    }
+}
+
+/// An error with its causes, `a: b: c` (reqwest's own message leaves them out).
+fn describe(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let c_s = c.to_string();
+        if !s.contains(&c_s) {
+            s.push_str(": ");
+            s.push_str(&c_s);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+struct Ctx<'a> {
+    http: &'a reqwest::Client,
+    base: &'a str,
+    id: &'a str,
+    store: &'a ImageStore,
+    opts: &'a FetchOptions,
+}
+
+impl Ctx<'_> {
+    fn write_error(&self, e: std::io::Error) -> FetchError {
+        FetchError::Store(write_err(self.store.root(), self.id, e))
+    }
+
+    async fn backoff(&self, failures: u32, what: &str, msg: &str) {
+        let wait = self
+            .opts
+            .backoff
+            .saturating_mul(1 << failures.saturating_sub(1).min(16))
+            .min(MAX_BACKOFF);
+        tracing::warn!(
+            image = self.id,
+            what,
+            error = msg,
+            ?wait,
+            "fetch attempt failed; retrying"
+        );
+        tokio::time::sleep(wait).await;
+    }
+
+    /// Maps an answer that is not a success to an attempt failure.
+    async fn refused(&self, url: &str, res: reqwest::Response) -> Attempt {
+        let status = res.status();
+        let body = read_body(res, MAX_ERROR_BODY, self.opts.stall_timeout)
+            .await
+            .unwrap_or_default();
+        let detail = serde_json::from_slice::<ErrorBody>(&body)
+            .map(|b| b.error.message)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&body).trim().to_string());
+        let message = format!("{url} answered {status}: {detail}");
+        if status == StatusCode::NOT_FOUND {
+            Attempt::Fatal(FetchError::NotFound(format!(
+                "the CTS at {} has no image {} ({message})",
+                self.base, self.id
+            )))
+        } else if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+            Attempt::Retry(message)
+        } else {
+            Attempt::Fatal(FetchError::Remote {
+                status: status.as_u16(),
+                message: format!("cannot fetch image {}: {message}", self.id),
+            })
+        }
+    }
+
+    async fn get_manifest(&self) -> Result<Vec<u8>, FetchError> {
+        let url = format!("{}/{}", self.base, self.id);
+        let mut failures = 0;
+        loop {
+            let attempt = async {
+                let res = self
+                    .http
+                    .get(&url)
+                    .send()
+                    .await
+                    .map_err(|e| Attempt::Retry(describe(&e)))?;
+                if !res.status().is_success() {
+                    return Err(self.refused(&url, res).await);
+                }
+                if res.content_length().is_some_and(|l| l > MAX_MANIFEST_BYTES) {
+                    return Err(Attempt::Fatal(FetchError::Corrupt(format!(
+                        "the manifest of image {} at {url} is larger than {MAX_MANIFEST_BYTES} \
+                         bytes",
+                        self.id
+                    ))));
+                }
+                read_body(res, MAX_MANIFEST_BYTES, self.opts.stall_timeout)
+                    .await
+                    .map_err(|e| match e {
+                        BodyError::TooLarge => Attempt::Fatal(FetchError::Corrupt(format!(
+                            "the manifest of image {} at {url} is larger than \
+                             {MAX_MANIFEST_BYTES} bytes",
+                            self.id
+                        ))),
+                        BodyError::Transport(m) => Attempt::Retry(m),
+                    })
+            };
+            match attempt.await {
+                Ok(bytes) => return Ok(bytes),
+                Err(Attempt::Fatal(e)) => return Err(e),
+                Err(Attempt::Retry(msg)) => {
+                    failures += 1;
+                    if failures >= self.opts.attempts {
+                        return Err(FetchError::Unreachable(format!(
+                            "cannot fetch the manifest of image {} from {url} ({failures} \
+                             attempts): {msg}",
+                            self.id
+                        )));
+                    }
+                    self.backoff(failures, "manifest", &msg).await;
+                }
+            }
+        }
+    }
+
+    /// Downloads one file to `dest`, resuming from what is there already, and checks its
+    /// size and SHA-256.
+    async fn download_file(&self, entry: &FileEntry, dest: &Path) -> Result<(), FetchError> {
+        let url = format!("{}/{}/files/{}", self.base, self.id, entry.path);
+        if let Some(parent) = dest.parent() {
+            tokio::fs::create_dir_all(parent)
+                .await
+                .map_err(|e| self.write_error(e))?;
+        }
+        let mut file = tokio::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dest)
+            .await
+            .map_err(|e| self.write_error(e))?;
+        let mut have = file
+            .metadata()
+            .await
+            .map_err(|e| self.write_error(e))?
+            .len();
+        let mut hasher = Sha256::new();
+        // Resuming from a file an earlier attempt left: its bytes count only if the whole
+        // file then matches; otherwise we start over once.
+        let mut resumed_from_disk = false;
+        if have > entry.size {
+            file.set_len(0).await.map_err(|e| self.write_error(e))?;
+            have = 0;
+        } else if have > 0 {
+            hash_prefix(&mut file, have, &mut hasher)
+                .await
+                .map_err(|e| self.write_error(e))?;
+            resumed_from_disk = true;
+            tracing::info!(image = self.id, file = %entry.path, have, "resuming a partial file");
+        }
+        let mut out = BufWriter::with_capacity(WRITE_BUF, file);
+
+        let mut failures = 0;
+        loop {
+            if have < entry.size {
+                match self
+                    .transfer(&url, entry, &mut out, &mut hasher, &mut have)
+                    .await
+                {
+                    Ok(()) => {}
+                    Err(Attempt::Fatal(e)) => return Err(e),
+                    Err(Attempt::Retry(msg)) => {
+                        failures += 1;
+                        if failures >= self.opts.attempts {
+                            return Err(FetchError::Unreachable(format!(
+                                "cannot download file {} of image {} from {url} ({failures} \
+                                 attempts, {have} of {} bytes received): {msg}",
+                                entry.path, self.id, entry.size
+                            )));
+                        }
+                        self.backoff(failures, &entry.path, &msg).await;
+                        continue;
+                    }
+                }
+            }
+            out.flush().await.map_err(|e| self.write_error(e))?;
+            let got = hex::encode(hasher.finalize_reset());
+            if got == entry.sha256 {
+                return Ok(());
+            }
+            if resumed_from_disk {
+                tracing::warn!(image = self.id, file = %entry.path,
+                    "the partial file did not match; downloading it again");
+                resumed_from_disk = false;
+                restart(&mut out, &mut hasher, &mut have)
+                    .await
+                    .map_err(|e| self.write_error(e))?;
+                continue;
+            }
+            return Err(FetchError::Corrupt(format!(
+                "file {} of image {} from {url} has sha256 {got}, its manifest says {}: \
+                 refusing a corrupt or tampered image",
+                entry.path, self.id, entry.sha256
+            )));
+        }
+    }
+
+    /// One request for the rest of a file (from `*have`), appended to `out`.
+    async fn transfer(
+        &self,
+        url: &str,
+        entry: &FileEntry,
+        out: &mut BufWriter<tokio::fs::File>,
+        hasher: &mut Sha256,
+        have: &mut u64,
+    ) -> Result<(), Attempt> {
+        let werr = |e| Attempt::Fatal(self.write_error(e));
+        let ranged = *have > 0;
+        let mut req = self.http.get(url);
+        if ranged {
+            req = req
+                .header(header::RANGE, format!("bytes={have}-"))
+                .header(header::IF_RANGE, format!("\"{}\"", entry.sha256));
+        }
+        let res = req.send().await.map_err(|e| Attempt::Retry(describe(&e)))?;
+        match res.status() {
+            StatusCode::PARTIAL_CONTENT if ranged => {
+                if content_range(res.headers()) != Some((*have, entry.size)) {
+                    let asked = *have;
+                    restart(out, hasher, have).await.map_err(werr)?;
+                    return Err(Attempt::Retry(format!(
+                        "{url} answered another range than bytes={asked}-"
+                    )));
+                }
+            }
+            // The server ignored the range (or the file changed: If-Range): start over.
+            StatusCode::OK => {
+                if ranged {
+                    restart(out, hasher, have).await.map_err(werr)?;
+                }
+            }
+            StatusCode::RANGE_NOT_SATISFIABLE if ranged => {
+                restart(out, hasher, have).await.map_err(werr)?;
+                return Err(Attempt::Retry(format!("{url} refused to resume")));
+            }
+            s if s.is_success() => {
+                return Err(Attempt::Fatal(FetchError::Remote {
+                    status: s.as_u16(),
+                    message: format!("{url} answered {s} to a file request"),
+                }))
+            }
+            _ => return Err(self.refused(url, res).await),
+        }
+        let remaining = entry.size - *have;
+        if let Some(len) = res.content_length() {
+            if len != remaining {
+                return Err(Attempt::Fatal(FetchError::Corrupt(format!(
+                    "{url} sends {len} bytes where {remaining} were expected: file {} of image \
+                     {} does not match its manifest ({} bytes)",
+                    entry.path, self.id, entry.size
+                ))));
+            }
+        }
+        let mut stream = res.bytes_stream();
+        loop {
+            let next = tokio::time::timeout(self.opts.stall_timeout, stream.next())
+                .await
+                .map_err(|_| {
+                    Attempt::Retry(format!(
+                        "{url} sent nothing for {:?}",
+                        self.opts.stall_timeout
+                    ))
+                })?;
+            let chunk = match next {
+                None => break,
+                Some(Err(e)) => return Err(Attempt::Retry(describe(&e))),
+                Some(Ok(chunk)) => chunk,
+            };
+            if *have + chunk.len() as u64 > entry.size {
+                return Err(Attempt::Fatal(FetchError::Corrupt(format!(
+                    "{url} sends more than the {} bytes the manifest of image {} lists for \
+                     file {}",
+                    entry.size, self.id, entry.path
+                ))));
+            }
+            out.write_all(&chunk).await.map_err(werr)?;
+            hasher.update(&chunk);
+            *have += chunk.len() as u64;
+        }
+        if *have != entry.size {
+            return Err(Attempt::Fatal(FetchError::Corrupt(format!(
+                "{url} ended after {have} bytes: file {} of image {} has {} bytes in its \
+                 manifest",
+                entry.path, self.id, entry.size
+            ))));
+        }
+        Ok(())
+    }
+}
+
+/// Truncates the file being written and resets the hash: the next request starts at 0.
+async fn restart(
+    out: &mut BufWriter<tokio::fs::File>,
+    hasher: &mut Sha256,
+    have: &mut u64,
+) -> std::io::Result<()> {
+    out.flush().await?;
+    let f = out.get_mut();
+    f.set_len(0).await?;
+    f.seek(std::io::SeekFrom::Start(0)).await?;
+    hasher.reset();
+    *have = 0;
+    Ok(())
+}
+
+/// Hashes the first `len` bytes of `file` and leaves it positioned at `len`.
+async fn hash_prefix(
+    file: &mut tokio::fs::File,
+    len: u64,
+    hasher: &mut Sha256,
+) -> std::io::Result<()> {
+    file.seek(std::io::SeekFrom::Start(0)).await?;
+    let mut buf = vec![0u8; WRITE_BUF];
+    let mut left = len;
+    while left > 0 {
+        let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        let n = file.read(&mut buf[..want]).await?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "partial file shrank while resuming",
+            ));
+        }
+        hasher.update(&buf[..n]);
+        left -= n as u64;
+    }
+    Ok(())
+}
+
+/// `Content-Range: bytes a-b/len` → `(a, len)`.
+fn content_range(headers: &header::HeaderMap) -> Option<(u64, u64)> {
+    let v = headers.get(header::CONTENT_RANGE)?.to_str().ok()?;
+    let rest = v.trim().strip_prefix("bytes ")?;
+    let (range, len) = rest.split_once('/')?;
+    let (a, _b) = range.split_once('-')?;
+    Some((a.trim().parse().ok()?, len.trim().parse().ok()?))
+}
+
+enum BodyError {
+    TooLarge,
+    Transport(String),
+}
+
+/// Reads a (small) body, at most `cap` bytes.
+async fn read_body(
+    res: reqwest::Response,
+    cap: u64,
+    stall: Duration,
+) -> Result<Vec<u8>, BodyError> {
+    let mut stream = res.bytes_stream();
+    let mut out = Vec::new();
+    loop {
+        let next = tokio::time::timeout(stall, stream.next())
+            .await
+            .map_err(|_| BodyError::Transport(format!("nothing received for {stall:?}")))?;
+        match next {
+            None => return Ok(out),
+            Some(Err(e)) => return Err(BodyError::Transport(describe(&e))),
+            Some(Ok(chunk)) => {
+                if (out.len() + chunk.len()) as u64 > cap {
+                    return Err(BodyError::TooLarge);
+                }
+                out.extend_from_slice(&chunk);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::images;
+    use crate::store::tests::put;
+    use axum::extract::{Request, State};
+    use axum::middleware::Next;
+    use axum::response::Response;
+    use axum::Router;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    /// Records every request (path, Range header) and can cut the first response for a
+    /// file after some bytes (an interrupted transfer).
+    #[derive(Default)]
+    struct Tracker {
+        requests: Mutex<Vec<(String, Option<String>)>>,
+        cut: Option<(String, usize)>,
+        cut_done: AtomicBool,
+    }
+
+    impl Tracker {
+        fn requests(&self) -> Vec<(String, Option<String>)> {
+            self.requests.lock().unwrap().clone()
+        }
+        fn file_requests(&self) -> Vec<(String, Option<String>)> {
+            self.requests()
+                .into_iter()
+                .filter(|(p, _)| p.contains("/files/"))
+                .collect()
+        }
+    }
+
+    async fn track(State(t): State<Arc<Tracker>>, req: Request, next: Next) -> Response {
+        let path = req.uri().path().to_string();
+        let range = req
+            .headers()
+            .get("range")
+            .map(|v| v.to_str().unwrap().to_string());
+        t.requests.lock().unwrap().push((path.clone(), range));
+        let cut = match &t.cut {
+            Some((suffix, n)) if path.ends_with(suffix.as_str()) => {
+                (!t.cut_done.swap(true, Ordering::SeqCst)).then_some(*n)
+            }
+            _ => None,
+        };
+        let res = next.run(req).await;
+        let Some(n) = cut else { return res };
+        let (parts, body) = res.into_parts();
+        let mut stream = body.into_data_stream();
+        let mut prefix = Vec::new();
+        while prefix.len() < n {
+            match stream.next().await {
+                Some(Ok(b)) => prefix.extend_from_slice(&b),
+                _ => break,
+            }
+        }
+        prefix.truncate(n);
+        let cut_stream = futures::stream::iter(vec![
+            Ok(bytes::Bytes::from(prefix)),
+            Err(std::io::Error::other("connection cut by the test")),
+        ]);
+        Response::from_parts(parts, axum::body::Body::from_stream(cut_stream))
+    }
+
+    async fn serve_tracked(store: ImageStore, tracker: Arc<Tracker>) -> String {
+        let app = Router::new()
+            .nest("/images", images::routes())
+            .with_state(store)
+            .layer(axum::middleware::from_fn_with_state(tracker, track));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        format!("http://{addr}/images")
+    }
+
+    fn noise(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    const BIG: usize = 8 << 20;
+
+    struct Setup {
+        _tmp: tempfile::TempDir,
+        src: ImageStore,
+        dst: ImageStore,
+        dst_root: std::path::PathBuf,
+        base: String,
+        tracker: Arc<Tracker>,
+        big: Vec<u8>,
+        digest: String,
+    }
+
+    async fn setup(tracker: Tracker, dst_quota: Option<u64>) -> Setup {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = ImageStore::open(&tmp.path().join("src"), None).unwrap();
+        let dst_root = tmp.path().join("dst");
+        let dst = ImageStore::open(&dst_root, dst_quota).unwrap();
+        let big = noise(BIG, 42);
+        put(
+            &src,
+            "ckpt-1",
+            &[
+                ("pages-1.img", &big),
+                ("core-1.img", b"core"),
+                ("empty", b""),
+                ("fs/root/c++.log", b"log"),
+            ],
+        )
+        .await;
+        let digest = src.digest("ckpt-1").await.unwrap();
+        let tracker = Arc::new(tracker);
+        let base = serve_tracked(src.clone(), tracker.clone()).await;
+        Setup {
+            _tmp: tmp,
+            src,
+            dst,
+            dst_root,
+            base,
+            tracker,
+            big,
+            digest,
+        }
+    }
+
+    fn quick() -> FetchOptions {
+        FetchOptions {
+            attempts: 3,
+            backoff: Duration::from_millis(10),
+            stall_timeout: Duration::from_secs(10),
+        }
+    }
+
+    fn staging_is_empty(root: &Path) -> bool {
+        std::fs::read_dir(root.join("staging"))
+            .unwrap()
+            .next()
+            .is_none()
+    }
+
+    #[tokio::test]
+    async fn fetch_copies_an_image_with_the_same_digest() {
+        let s = setup(Tracker::default(), None).await;
+        let http = crate::http::images::tests::client();
+        let m = fetch_image(&http, &s.base, "ckpt-1", Some(&s.digest), &s.dst)
+            .await
+            .unwrap();
+        assert_eq!(m, s.src.manifest("ckpt-1").await.unwrap());
+        assert_eq!(s.dst.digest("ckpt-1").await.unwrap(), s.digest);
+        assert_eq!(
+            s.dst.manifest_bytes("ckpt-1").await.unwrap(),
+            s.src.manifest_bytes("ckpt-1").await.unwrap()
+        );
+        s.dst.verify("ckpt-1").await.unwrap();
+        let p = s.dst.file_path("ckpt-1", "pages-1.img").await.unwrap();
+        assert!(std::fs::read(p).unwrap() == s.big);
+        assert_eq!(s.dst.usage(), BIG as u64 + 7);
+        assert!(staging_is_empty(&s.dst_root));
+        // The empty file needs no request.
+        assert_eq!(s.tracker.file_requests().len(), 3);
+
+        // Already here: no download at all.
+        let before = s.tracker.requests().len();
+        let again = fetch_image(&http, &s.base, "ckpt-1", Some(&s.digest), &s.dst)
+            .await
+            .unwrap();
+        assert_eq!(again, m);
+        let after = s.tracker.requests();
+        assert_eq!(after.len(), before + 1);
+        assert!(!after.last().unwrap().0.contains("/files/"));
+    }
+
+    #[tokio::test]
+    async fn a_tampered_file_is_refused_and_nothing_is_committed() {
+        let s = setup(Tracker::default(), None).await;
+        let p = s.src.file_path("ckpt-1", "pages-1.img").await.unwrap();
+        let mut data = std::fs::read(&p).unwrap();
+        data[BIG / 2] ^= 0xff;
+        std::fs::write(&p, data).unwrap();
+
+        let http = crate::http::images::tests::client();
+        let e = fetch_image_with(&http, &s.base, "ckpt-1", Some(&s.digest), &s.dst, &quick())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, FetchError::Corrupt(_)), "{e}");
+        assert!(e.to_string().contains("pages-1.img"), "{e}");
+        let f: Fault = e.into();
+        assert_eq!(f.kind, FaultKind::OperationFailed);
+        assert_eq!(f.code.as_deref(), Some("image-corrupt"));
+        assert!(s.dst.list().await.unwrap().is_empty());
+        assert!(staging_is_empty(&s.dst_root));
+        assert_eq!(s.dst.usage(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_wrong_digest_is_refused_before_any_download() {
+        let s = setup(Tracker::default(), None).await;
+        let http = crate::http::images::tests::client();
+        let wrong = format!("sha256:{}", "0".repeat(64));
+        let e = fetch_image(&http, &s.base, "ckpt-1", Some(&wrong), &s.dst)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, FetchError::DigestMismatch(_)), "{e}");
+        let msg = e.to_string();
+        assert!(msg.contains(&s.digest) && msg.contains(&wrong), "{msg}");
+        assert!(
+            msg.contains("refusing a corrupt or tampered image"),
+            "{msg}"
+        );
+        assert_eq!(Fault::from(e).code.as_deref(), Some("image-corrupt"));
+        assert!(s.tracker.file_requests().is_empty());
+        assert!(s.dst.list().await.unwrap().is_empty());
+        assert!(staging_is_empty(&s.dst_root));
+    }
+
+    #[tokio::test]
+    async fn an_interrupted_download_resumes_with_a_range() {
+        let cut_at = 3 << 20;
+        let s = setup(
+            Tracker {
+                cut: Some(("pages-1.img".into(), cut_at)),
+                ..Tracker::default()
+            },
+            None,
+        )
+        .await;
+        let http = crate::http::images::tests::client();
+        let m = fetch_image_with(&http, &s.base, "ckpt-1", Some(&s.digest), &s.dst, &quick())
+            .await
+            .unwrap();
+        assert_eq!(m.id, "ckpt-1");
+        assert_eq!(s.dst.digest("ckpt-1").await.unwrap(), s.digest);
+        s.dst.verify("ckpt-1").await.unwrap();
+
+        let pages: Vec<_> = s
+            .tracker
+            .file_requests()
+            .into_iter()
+            .filter(|(p, _)| p.ends_with("pages-1.img"))
+            .collect();
+        assert_eq!(pages.len(), 2, "{pages:?}");
+        assert_eq!(pages[0].1, None);
+        let range = pages[1]
+            .1
+            .as_deref()
+            .expect("the second request has a Range");
+        let start: u64 = range
+            .strip_prefix("bytes=")
+            .and_then(|r| r.strip_suffix('-'))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(start > 0 && start <= cut_at as u64, "{range}");
+        assert!(staging_is_empty(&s.dst_root));
+    }
+
+    #[tokio::test]
+    async fn a_partial_file_in_staging_is_resumed_or_redone() {
+        let s = setup(Tracker::default(), None).await;
+        let http = crate::http::images::tests::client();
+        let opts = quick();
+        let ctx = Ctx {
+            http: &http,
+            base: &s.base,
+            id: "ckpt-1",
+            store: &s.dst,
+            opts: &opts,
+        };
+        let m = s.src.manifest("ckpt-1").await.unwrap();
+        let entry = m.files.iter().find(|f| f.path == "pages-1.img").unwrap();
+
+        // A good prefix: one ranged request.
+        let staging = s.dst.stage("ckpt-1").await.unwrap();
+        let dest = staging.dir.join("pages-1.img");
+        std::fs::write(&dest, &s.big[..1_000_000]).unwrap();
+        ctx.download_file(entry, &dest).await.unwrap();
+        assert!(std::fs::read(&dest).unwrap() == s.big);
+        assert_eq!(
+            s.tracker.file_requests(),
+            [(
+                "/images/ckpt-1/files/pages-1.img".to_string(),
+                Some("bytes=1000000-".to_string())
+            )]
+        );
+
+        // A bad prefix: the ranged result does not match, so the whole file again.
+        let mut bad = s.big[..500].to_vec();
+        bad[3] ^= 1;
+        std::fs::write(&dest, &bad).unwrap();
+        ctx.download_file(entry, &dest).await.unwrap();
+        assert!(std::fs::read(&dest).unwrap() == s.big);
+        let reqs = s.tracker.file_requests();
+        assert_eq!(reqs.len(), 3);
+        assert_eq!(reqs[1].1.as_deref(), Some("bytes=500-"));
+        assert_eq!(reqs[2].1, None);
+
+        // Longer than the manifest says: started over.
+        let mut long = s.big.clone();
+        long.push(0);
+        std::fs::write(&dest, &long).unwrap();
+        ctx.download_file(entry, &dest).await.unwrap();
+        assert!(std::fs::read(&dest).unwrap() == s.big);
+        assert_eq!(s.tracker.file_requests()[3].1, None);
+
+        std::fs::write(staging.dir.join("core-1.img"), b"core").unwrap();
+        std::fs::write(staging.dir.join("empty"), b"").unwrap();
+        std::fs::create_dir_all(staging.dir.join("fs/root")).unwrap();
+        std::fs::write(staging.dir.join("fs/root/c++.log"), b"log").unwrap();
+        staging
+            .commit_with_manifest(s.src.manifest_bytes("ckpt-1").await.unwrap())
+            .await
+            .unwrap();
+        assert_eq!(s.dst.digest("ckpt-1").await.unwrap(), s.digest);
+    }
+
+    #[tokio::test]
+    async fn unknown_images_unreachable_sources_and_full_stores() {
+        let s = setup(Tracker::default(), Some(1 << 20)).await;
+        let http = crate::http::images::tests::client();
+
+        let e = fetch_image_with(&http, &s.base, "nope", None, &s.dst, &quick())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, FetchError::NotFound(_)), "{e}");
+        assert_eq!(Fault::from(e).kind, FaultKind::ResourceUnknown);
+
+        let e = fetch_image_with(&http, &s.base, "../x", None, &s.dst, &quick())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, FetchError::Store(StoreError::InvalidId(_))),
+            "{e}"
+        );
+
+        // The image (8 MB) does not fit the 1 MB quota: refused before any file request.
+        let e = fetch_image_with(&http, &s.base, "ckpt-1", Some(&s.digest), &s.dst, &quick())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, FetchError::Store(StoreError::StoreFull(_))),
+            "{e}"
+        );
+        assert!(s.tracker.file_requests().is_empty());
+        assert!(staging_is_empty(&s.dst_root));
+
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let e = fetch_image_with(
+            &http,
+            &format!("http://127.0.0.1:{port}/images/"),
+            "ckpt-1",
+            None,
+            &s.dst,
+            &quick(),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(e, FetchError::Unreachable(_)), "{e}");
+        assert!(e.to_string().contains("3 attempts"), "{e}");
+        assert_eq!(Fault::from(e).kind, FaultKind::ServiceUnavailable);
+    }
+}

@@ -6,11 +6,139 @@
 //! serves them to other resources, and logs every checkpoint at the GCS.
 //!
 //! Layout, in reading order:
-//! - [`driver`]: the [`driver::CoreCheckpointer`] trait and its implementations;
-//! - [`store`]: the image store (manifests, atomic commits, streaming with ranges) and
-//!   [`fetch`], which copies an image from another CTS and checks its digest.
+//! - [`service`]: jobs, checkpoints, periodic and internal checkpoints, exits;
+//! - [`driver`]: the [`driver::CoreCheckpointer`] trait and its implementations (CRIU,
+//!   application-level, command templates);
+//! - [`store`]: the image store (manifests, atomic commits) and [`fetch`], which copies an
+//!   image from another CTS and checks its digest;
+//! - [`gcs_link`]: registration at the GCS and the outbox of records for it;
+//! - [`http`]: the public router (SOAP, images, status) and the local one (UNIX socket);
+//! - [`local`]: the local API's messages and its client (used by the wrappers);
+//! - [`config`], [`error`], [`proc`].
 
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use gca_protocol::transport;
+use tokio::net::{TcpListener, UnixListener};
+
+pub mod config;
 pub mod driver;
+pub mod error;
 pub mod fetch;
+pub mod gcs_link;
+pub mod http;
+pub mod local;
 pub mod proc;
+pub mod service;
 pub mod store;
+
+pub use config::Config;
+pub use service::Cts;
+
+use config::DriverConfig;
+use driver::CoreCheckpointer;
+
+/// The core checkpointer the configuration names.
+pub fn make_driver(cfg: &DriverConfig) -> anyhow::Result<Arc<dyn CoreCheckpointer>> {
+    Ok(match cfg {
+        DriverConfig::Criu(c) => Arc::new(driver::criu::Criu::new(c.clone())?),
+        DriverConfig::Application(c) => Arc::new(driver::app::AppLevel::new(c.clone())?),
+        DriverConfig::Command(c) => Arc::new(driver::command::CommandDriver::new(c.clone())?),
+    })
+}
+
+/// Builds the service from its configuration (driver, descriptor, HTTP client).
+pub async fn build(config: Config) -> anyhow::Result<Cts> {
+    let cts_type = config.load_descriptor()?;
+    let driver = make_driver(&config.driver)?;
+    let http = transport::http_client(&transport::ClientSettings {
+        tls: config.client_tls.clone(),
+        ..Default::default()
+    })?;
+    Cts::new(config, cts_type, driver, http).await
+}
+
+/// Binds the local socket: replaces a stale one (nobody listening), refuses to steal a live
+/// one, and lets every local user connect (the CTS checks credentials per request).
+pub fn bind_local(path: &Path) -> anyhow::Result<UnixListener> {
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!(
+                "another CTS is listening on {}; give this one another local_socket",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing the stale socket {}", path.display()))?;
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("binding the local socket {}", path.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+    Ok(listener)
+}
+
+/// Serves the CTS (public TCP listener and local socket) until `shutdown` resolves; starts
+/// its background work (GCS registration, outbox, job watchers) and stops it at the end.
+pub async fn run(
+    listener: TcpListener,
+    local: UnixListener,
+    cts: Cts,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let tls = match &cts.config().tls {
+        Some(t) => Some(transport::server_config(t).context("TLS configuration")?),
+        None => None,
+    };
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        socket = %cts.config().local_socket().display(),
+        cts.name = %cts.instance().name,
+        cts.type = %cts.instance().cts_type,
+        tls = tls.is_some(),
+        "CTS listening"
+    );
+    cts.start();
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let mut rx2 = rx.clone();
+    let local_router = http::local::router(cts.clone());
+    let local_task = tokio::spawn(async move {
+        axum::serve(
+            local,
+            local_router.into_make_service_with_connect_info::<http::local::UdsPeer>(),
+        )
+        .with_graceful_shutdown(async move {
+            let _ = rx2.wait_for(|v| *v).await;
+        })
+        .await
+    });
+    let mut rx1 = rx;
+    let public = transport::serve(
+        listener,
+        tls,
+        http::public::router(cts.clone()),
+        async move {
+            let _ = rx1.wait_for(|v| *v).await;
+        },
+    );
+    tokio::pin!(public);
+    tokio::pin!(shutdown);
+    let result = tokio::select! {
+        r = &mut public => r,
+        _ = &mut shutdown => {
+            let _ = tx.send(true);
+            public.await
+        }
+    };
+    let _ = tx.send(true);
+    let _ = local_task.await;
+    cts.shutdown();
+    let _ = std::fs::remove_file(cts.config().local_socket());
+    result
+}

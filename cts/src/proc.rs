@@ -206,7 +206,10 @@ mod tests {
 
     #[tokio::test]
     async fn waits_for_a_killed_child() {
-        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
         let pid = child.id() as i32;
         let start = stat(pid).unwrap().start_time;
         let fd = pidfd(pid).expect("pidfd");

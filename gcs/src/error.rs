@@ -68,3 +68,15 @@ pub fn violated_constraint(e: &sqlx::Error) -> Option<&str> {
         _ => None,
     }
 }
+
+impl From<Error> for Fault {
+    fn from(e: Error) -> Fault {
+        e.into_fault()
+    }
+}
+
+impl From<Error> for gca_protocol::server::ApiError {
+    fn from(e: Error) -> Self {
+        gca_protocol::server::ApiError(e.into_fault())
+    }
+}

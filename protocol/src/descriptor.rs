@@ -165,8 +165,18 @@ fn check_name(el: &Element, what: &str, value: &str) -> Result<(), XmlError> {
 
 fn check_patterns(parent: &Element, name: &str) -> Result<(), XmlError> {
     for p in parent.children_named(GCA, name) {
-        placeholders::parse(p.text().trim())
+        let segments = placeholders::parse(p.text().trim())
             .map_err(|e| p.error(format!("<{name}> {:?}: {e}", p.text().trim())))?;
+        for seg in segments {
+            if let placeholders::Segment::Placeholder(ph) = seg {
+                if placeholders::LOCAL_ONLY.contains(&ph.as_str()) {
+                    return Err(p.error(format!(
+                        "<{name}> {:?}: {{{ph}}} is only known inside a CTS (command templates), not in a descriptor",
+                        p.text().trim()
+                    )));
+                }
+            }
+        }
     }
     Ok(())
 }
@@ -294,6 +304,13 @@ mod tests {
             + 1;
         assert_eq!(e.line, Some(line), "{e}");
         assert!(e.message.contains("Recoverywrapper"), "{e}");
+
+        let local = CRIU.replacen("{GID}", "{PID}", 1);
+        let e = err(&local);
+        assert!(
+            e.message.contains("{PID} is only known inside a CTS"),
+            "{e}"
+        );
 
         let typo = CRIU.replacen("{GID}", "{GIDD}", 1);
         let e = err(&typo);

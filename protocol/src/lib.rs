@@ -20,6 +20,7 @@ pub mod ns;
 pub mod ops;
 pub mod placeholders;
 pub mod schemas;
+pub mod server;
 pub mod soap;
 pub mod transport;
 pub mod xml;

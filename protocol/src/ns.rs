@@ -37,3 +37,7 @@ pub fn request_action(port_type: &str, op: &str) -> String {
 pub fn response_action(port_type: &str, op: &str) -> String {
     format!("{GCA}/{port_type}/{op}Response")
 }
+
+/// Where each service's SOAP endpoint lives, under its root URL.
+pub const GCS_SERVICE_PATH: &str = "/wsrf/services/GridCheckpointService";
+pub const CTS_SERVICE_PATH: &str = "/wsrf/services/CheckpointTranslationService";

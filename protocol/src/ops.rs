@@ -87,6 +87,9 @@ operations! { ns::GCS_PORT_TYPE;
     JobFinishedOp = "JobFinished": JobFinished => JobInfo;
 }
 
+/// Names of every CTS operation, in WSDL order.
+pub const CTS_OPERATIONS: &[&str] = &["DoCheckpoint"];
+
 operations! { ns::CTS_PORT_TYPE;
     /// The GCS forwarding doCheckpoint to the CTS in charge of the job (paper 5.2 step 4).
     CtsDoCheckpointOp = "DoCheckpoint": DoCheckpoint => CheckpointRecord;

@@ -28,7 +28,18 @@ pub const KNOWN: &[(&str, &str)] = &[
         "CHECKPOINT_DIR",
         "the per-job checkpoint directory chosen by the CTS",
     ),
+    (
+        "PID",
+        "the local process ID of the job's root process (command templates)",
+    ),
+    (
+        "IMAGE_DIR",
+        "the directory the image is written to or restored from (command templates)",
+    ),
 ];
+
+/// Placeholders only a CTS can fill in (its command templates); descriptors may not use them.
+pub const LOCAL_ONLY: &[&str] = &["PID", "IMAGE_DIR"];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Segment {

@@ -17,6 +17,7 @@ use gca_protocol::soap;
 use gca_protocol::transport;
 use tokio::sync::oneshot;
 
+pub mod cts;
 pub mod db;
 
 pub const CRIU_DESCRIPTOR: &str = include_str!("../../schemas/examples/criu-cts.xml");
@@ -64,13 +65,38 @@ impl TestGcs {
 
     /// Another GCS replica on an existing database.
     pub async fn start_on(database_url: &str, configure: impl FnOnce(&mut gcs::Config)) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_listening(listener, database_url, configure).await
+    }
+
+    /// A GCS at a given address (e.g. the address of one that was shut down).
+    pub async fn start_at(addr: SocketAddr, database_url: &str) -> Self {
+        let mut tries = 0;
+        let listener = loop {
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => break l,
+                Err(e) if tries < 50 => {
+                    tries += 1;
+                    tracing::debug!(error = %e, "address still in use");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("cannot bind {addr} again: {e}"),
+            }
+        };
+        Self::start_listening(listener, database_url, |_| {}).await
+    }
+
+    async fn start_listening(
+        listener: tokio::net::TcpListener,
+        database_url: &str,
+        configure: impl FnOnce(&mut gcs::Config),
+    ) -> Self {
         let pool = gcs::db::connect(database_url, 8)
             .await
             .expect("connect to the test database");
         gcs::MIGRATOR.run(&pool).await.expect("migrations");
         let mut config = gcs::Config::default();
         configure(&mut config);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let url = format!("http://{addr}");
         let service = gcs::Gcs::new(pool.clone(), config).unwrap();

@@ -1,1 +1,1277 @@
-//! (being written)
+//! CRIU (system-level checkpointing of whole process trees), through its command line.
+//!
+//! - checkpoint: `criu dump -t PID -D IMAGE_DIR -W IMAGE_DIR -o dump.log -v4 [--leave-running]
+//!   [--shell-job] [--tcp-established] [--file-locks] EXTRA...`. CRIU's log (`dump.log`) and
+//!   statistics (`stats-dump`) stay in the image directory and become part of the image.
+//! - restore: `criu restore -D IMAGE_DIR -W WORK -o WORK/restore.log -v4 -d --restore-sibling
+//!   --pidfile WORK/restore.pid [...] EXTRA...`, with WORK a fresh directory under the
+//!   temporary directory, so the stored image is not touched (CRIU writes `stats-restore`,
+//!   its log and the PID file into its work directory). With `--restore-sibling` the restored
+//!   root process becomes a child of the process that called [`CoreCheckpointer::restore`]
+//!   (verified on CRIU 4.1.1), which can then wait for it and get its exit status.
+//!
+//! CRIU restores the original PIDs: the restore waits (up to half its timeout) for the image's
+//! root PID to be free, and reports `pid-in-use` (temporary) when it stays taken.
+//!
+//! CRIU >= 4.1 is required: 3.17 (Debian 12) fails on kernels >= 6.13 ("vdso: Unexpected rt
+//! vDSO area bounds"). `scripts/install-criu` installs one at [`DEFAULT_PATH`].
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use gca_protocol::FaultKind;
+use serde::Deserialize;
+use tokio::time::Instant;
+
+use super::command::{describe_status, last_lines, live_job, read_pid_file, run, RunError};
+use super::{
+    CheckpointOutcome, CheckpointRequest, CoreCheckpointer, DriverError, RestoreRequest, Restored,
+};
+use crate::proc;
+
+/// Where `scripts/install-criu` puts its wrapper, the last place looked at.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin/criu";
+/// The environment variable naming the CRIU binary when the configuration does not.
+pub const ENV_VAR: &str = "GCA_CRIU";
+/// The oldest CRIU that works on current kernels.
+pub const MIN_VERSION: (u32, u32) = (4, 1);
+
+/// How the CRIU driver is configured (the `[driver]` table of a CTS of kind `criu`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CriuConfig {
+    /// The `criu` binary. Default: `$GCA_CRIU`, else `criu` on `PATH`, else [`DEFAULT_PATH`].
+    pub path: Option<PathBuf>,
+    /// Appended to every `criu dump`.
+    pub extra_dump_args: Vec<String>,
+    /// Appended to every `criu restore`.
+    pub extra_restore_args: Vec<String>,
+    /// `--shell-job`: the job is attached to a terminal or session outside its own tree.
+    pub shell_job: bool,
+    /// `--tcp-established`: checkpoint established TCP connections (and restore them).
+    pub tcp_established: bool,
+    /// `--file-locks`: checkpoint file locks (without it, a job holding a lock cannot be
+    /// dumped).
+    pub file_locks: bool,
+    /// CRIU's log level, 0 (none) to 4 (debug).
+    pub log_level: u8,
+}
+
+impl Default for CriuConfig {
+    fn default() -> Self {
+        Self {
+            path: None,
+            extra_dump_args: Vec::new(),
+            extra_restore_args: Vec::new(),
+            shell_job: false,
+            tcp_established: false,
+            file_locks: true,
+            log_level: 4,
+        }
+    }
+}
+
+/// The CRIU [`CoreCheckpointer`].
+#[derive(Debug, Clone)]
+pub struct Criu {
+    cfg: CriuConfig,
+    path: PathBuf,
+    /// How `path` was found, for messages.
+    found_by: &'static str,
+}
+
+/// How long `criu --version` and `criu check` may take.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Finds the CRIU binary as the driver does without a configured path: `$GCA_CRIU`, else
+/// `criu` on `PATH`, else [`DEFAULT_PATH`] (returned even when it does not exist).
+pub fn find_criu() -> PathBuf {
+    locate().0
+}
+
+fn locate() -> (PathBuf, &'static str) {
+    if let Some(p) = std::env::var_os(ENV_VAR).filter(|v| !v.is_empty()) {
+        return (PathBuf::from(p), "from $GCA_CRIU");
+    }
+    if let Some(paths) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&paths) {
+            let candidate = dir.join("criu");
+            if is_executable(&candidate) {
+                return (candidate, "on PATH");
+            }
+        }
+    }
+    (PathBuf::from(DEFAULT_PATH), "the default")
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// The version in `criu --version` output ("Version: 4.1.1"), as numbers.
+pub fn parse_version(text: &str) -> Option<Vec<u32>> {
+    let v = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Version:"))?
+        .trim();
+    let numbers: Vec<u32> = v
+        .split(|c: char| !c.is_ascii_digit())
+        .take_while(|p| !p.is_empty())
+        .map(|p| p.parse().ok())
+        .collect::<Option<_>>()?;
+    (!numbers.is_empty()).then_some(numbers)
+}
+
+fn version_string(v: &[u32]) -> String {
+    v.iter().map(u32::to_string).collect::<Vec<_>>().join(".")
+}
+
+/// The meaningful error lines of a CRIU log: the `Error (file:line): ` lines, without the
+/// harmless "Can't setup RLIMIT_NOFILE" one, each reduced to its message.
+pub fn log_errors(log: &str) -> Vec<String> {
+    log.lines()
+        .filter(|l| l.contains("Error (") && !l.contains("RLIMIT_NOFILE"))
+        .map(|l| {
+            let after = l.split_once("Error (").map_or(l, |(_, r)| r);
+            let msg = after.split_once("): ").map_or(after, |(_, m)| m);
+            msg.trim().to_string()
+        })
+        .filter(|m| !m.is_empty())
+        .collect()
+}
+
+/// Up to the last `n` reasons, leaving out CRIU's closing "Dumping FAILED." / "Restoring
+/// FAILED." when there is anything else.
+fn reasons(errors: &[String], n: usize) -> Option<String> {
+    let specific: Vec<&String> = errors.iter().filter(|e| !e.ends_with("FAILED.")).collect();
+    let chosen: Vec<&String> = if specific.is_empty() {
+        errors.iter().collect()
+    } else {
+        specific
+    };
+    if chosen.is_empty() {
+        return None;
+    }
+    Some(
+        chosen[chosen.len().saturating_sub(n)..]
+            .iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>()
+            .join("; "),
+    )
+}
+
+fn is_permission_problem(text: &str) -> bool {
+    let t = text.to_ascii_lowercase();
+    t.contains("operation not permitted")
+        || t.contains("permission denied")
+        || t.contains("cap_sys_admin")
+        || t.contains("cap_checkpoint_restore")
+        || t.contains("unprivileged")
+}
+
+/// The PIDs (and thread IDs) of the process tree in a CRIU image, root first, from
+/// `pstree.img`: two magic numbers, then entries, each a 32-bit length and a protobuf
+/// `PstreeEntry` (field 1 `pid`, field 5 `threads`, both varints). `None` when the file is
+/// missing or not in that format.
+pub fn image_pids(image_dir: &Path) -> Option<Vec<i32>> {
+    const IMG_COMMON_MAGIC: u32 = 0x5456_4319;
+    const PSTREE_MAGIC: u32 = 0x5027_3030;
+    let bytes = std::fs::read(image_dir.join("pstree.img")).ok()?;
+    let word = |at: usize| -> Option<u32> {
+        Some(u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?))
+    };
+    if word(0)? != IMG_COMMON_MAGIC || word(4)? != PSTREE_MAGIC {
+        return None;
+    }
+    let mut pids = Vec::new();
+    let mut at = 8;
+    while at < bytes.len() {
+        let len = word(at)? as usize;
+        let entry = bytes.get(at + 4..at + 4 + len)?;
+        at += 4 + len;
+        let mut i = 0;
+        let mut first = true;
+        while i < entry.len() {
+            let tag = varint(entry, &mut i)?;
+            match (tag >> 3, tag & 7) {
+                (field, 0) => {
+                    let v = varint(entry, &mut i)?;
+                    if field == 1 || field == 5 {
+                        let pid = i32::try_from(v).ok().filter(|p| *p > 0)?;
+                        if !pids.contains(&pid) {
+                            pids.push(pid);
+                        }
+                        first &= field != 1;
+                    }
+                }
+                (field, 2) => {
+                    let n = usize::try_from(varint(entry, &mut i)?).ok()?;
+                    let body = entry.get(i..i + n)?;
+                    i += n;
+                    if field == 5 {
+                        // Packed threads.
+                        let mut j = 0;
+                        while j < body.len() {
+                            let pid = i32::try_from(varint(body, &mut j)?).ok()?;
+                            if pid > 0 && !pids.contains(&pid) {
+                                pids.push(pid);
+                            }
+                        }
+                    }
+                }
+                (_, 5) => i += 4,
+                (_, 1) => i += 8,
+                _ => return None,
+            }
+        }
+        if first {
+            return None; // an entry without a pid
+        }
+    }
+    (!pids.is_empty()).then_some(pids)
+}
+
+fn varint(bytes: &[u8], at: &mut usize) -> Option<u64> {
+    let mut v: u64 = 0;
+    for shift in (0..64).step_by(7) {
+        let b = *bytes.get(*at)?;
+        *at += 1;
+        v |= u64::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            return Some(v);
+        }
+    }
+    None
+}
+
+impl Criu {
+    pub fn new(cfg: CriuConfig) -> Result<Self, DriverError> {
+        if cfg.log_level > 4 {
+            return Err(DriverError::unavailable(format!(
+                "criu driver: log_level {} is out of range (0 to 4)",
+                cfg.log_level
+            )));
+        }
+        let (path, found_by) = match &cfg.path {
+            Some(p) => (p.clone(), "configured as driver.path"),
+            None => locate(),
+        };
+        Ok(Self {
+            cfg,
+            path,
+            found_by,
+        })
+    }
+
+    /// The CRIU binary this driver runs.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn config(&self) -> &CriuConfig {
+        &self.cfg
+    }
+
+    fn command(&self) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(&self.path);
+        // CRIU's output is in its log; keep the locale from changing its messages.
+        cmd.env("LC_ALL", "C");
+        cmd
+    }
+
+    fn common_flags(&self, args: &mut Vec<String>) {
+        if self.cfg.shell_job {
+            args.push("--shell-job".into());
+        }
+        if self.cfg.tcp_established {
+            args.push("--tcp-established".into());
+        }
+        if self.cfg.file_locks {
+            args.push("--file-locks".into());
+        }
+    }
+
+    /// Runs `criu ARGS` for the self-check.
+    async fn run_simple(&self, args: &[&str]) -> Result<(bool, String), DriverError> {
+        let mut cmd = self.command();
+        cmd.args(args);
+        let shown = format!("{} {}", self.path.display(), args.join(" "));
+        match run(cmd, CHECK_TIMEOUT, false).await {
+            Ok(out) => {
+                let text = format!("{}\n{}", out.stdout, out.stderr);
+                Ok((out.status.success(), text))
+            }
+            Err(RunError::Spawn(e)) => Err(DriverError::unavailable(format!(
+                "cannot run CRIU at {} ({}): {e}; install it with scripts/install-criu or set \
+                 driver.path",
+                self.path.display(),
+                self.found_by
+            ))),
+            Err(RunError::Timeout(_)) => Err(DriverError::unavailable(format!(
+                "`{shown}` did not finish within {}s",
+                CHECK_TIMEOUT.as_secs()
+            ))),
+        }
+    }
+
+    fn not_found(&self) -> DriverError {
+        let looked = if self.cfg.path.is_some() {
+            String::new()
+        } else {
+            format!(" (looked at ${ENV_VAR}, PATH and {DEFAULT_PATH})")
+        };
+        DriverError::unavailable(format!(
+            "CRIU not found at {}{looked}; install it with scripts/install-criu or set \
+             driver.path",
+            self.path.display()
+        ))
+    }
+}
+
+#[async_trait::async_trait]
+impl CoreCheckpointer for Criu {
+    fn kind(&self) -> &'static str {
+        "criu"
+    }
+
+    async fn self_check(&self) -> Result<String, DriverError> {
+        if !is_executable(&self.path) {
+            return Err(self.not_found());
+        }
+        let (ok, text) = self.run_simple(&["--version"]).await?;
+        let Some(version) = parse_version(&text).filter(|_| ok) else {
+            return Err(DriverError::unavailable(format!(
+                "`{} --version` did not report a CRIU version: {}",
+                self.path.display(),
+                last_lines(&text, 3).unwrap_or_else(|| "no output".into())
+            )));
+        };
+        let shown = version_string(&version);
+        let (major, minor) = (version[0], version.get(1).copied().unwrap_or(0));
+        if (major, minor) < MIN_VERSION {
+            return Err(DriverError::unavailable(format!(
+                "CRIU {shown} at {} ({}) is too old: need {}.{}+ (older versions fail on kernels \
+                 >= 6.13, see platform-notes); install it with scripts/install-criu or set \
+                 driver.path",
+                self.path.display(),
+                self.found_by,
+                MIN_VERSION.0,
+                MIN_VERSION.1
+            )));
+        }
+        let (ok, text) = self.run_simple(&["check"]).await?;
+        if !ok {
+            let why = last_lines(&text, 4).unwrap_or_else(|| "no output".into());
+            let hint = if is_permission_problem(&text) {
+                " (CRIU needs root or CAP_SYS_ADMIN/CAP_CHECKPOINT_RESTORE)"
+            } else {
+                ""
+            };
+            return Err(DriverError::unavailable(format!(
+                "`criu check` fails for CRIU {shown} at {}{hint}: {why}",
+                self.path.display()
+            )));
+        }
+        Ok(format!("CRIU {shown} at {}", self.path.display()))
+    }
+
+    async fn checkpoint(
+        &self,
+        req: CheckpointRequest<'_>,
+    ) -> Result<CheckpointOutcome, DriverError> {
+        let started = Instant::now();
+        let job = req.job;
+        let Some(st) = live_job(job) else {
+            return Err(DriverError::job_gone(format!(
+                "cannot checkpoint job {}: its process {} is gone",
+                job.gid, job.pid
+            )));
+        };
+        let dir = req.image_dir.to_string_lossy().into_owned();
+        let mut args: Vec<String> = vec![
+            "dump".into(),
+            "-t".into(),
+            job.pid.to_string(),
+            "-D".into(),
+            dir.clone(),
+            "-W".into(),
+            dir,
+            "-o".into(),
+            "dump.log".into(),
+            format!("-v{}", self.cfg.log_level),
+        ];
+        if req.leave_running {
+            args.push("--leave-running".into());
+        }
+        self.common_flags(&mut args);
+        args.extend(self.cfg.extra_dump_args.iter().cloned());
+        let log = req.image_dir.join("dump.log");
+        let mut cmd = self.command();
+        cmd.args(&args);
+        tracing::info!(job.gid = %job.gid, job.pid = job.pid, image.dir = %req.image_dir.display(),
+            leave_running = req.leave_running, "criu dump");
+        let out = match run(cmd, req.timeout, false).await {
+            Ok(out) => out,
+            Err(RunError::Spawn(e)) => {
+                return Err(DriverError::unavailable(format!(
+                    "cannot run CRIU at {}: {e}; install it with scripts/install-criu or set \
+                     driver.path",
+                    self.path.display()
+                )))
+            }
+            Err(RunError::Timeout(_)) => {
+                return Err(DriverError::timeout(format!(
+                    "CRIU did not finish dumping job {} (pid {}) within {}s and was killed; log: \
+                     {}",
+                    job.gid,
+                    job.pid,
+                    req.timeout.as_secs_f32(),
+                    log.display()
+                )))
+            }
+        };
+        if !out.status.success() {
+            let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+            let errors = log_errors(&log_text);
+            let reason = reasons(&errors, 4)
+                .or_else(|| last_lines(&out.stderr, 4))
+                .or_else(|| last_lines(&out.stdout, 2))
+                .unwrap_or_else(|| describe_status(out.status));
+            let where_log = if log_text.is_empty() {
+                format!("CRIU {}, no log", describe_status(out.status))
+            } else {
+                format!("full log: {}", log.display())
+            };
+            let msg = format!(
+                "CRIU could not dump job {} (pid {}): {reason}; {where_log}",
+                job.gid, job.pid
+            );
+            if live_job(job).is_none() {
+                return Err(DriverError::job_gone(format!(
+                    "{msg} (the job's process is gone)"
+                )));
+            }
+            if is_permission_problem(&format!("{}\n{}", errors.join("\n"), out.stderr)) {
+                return Err(DriverError::new(
+                    FaultKind::AccessDenied,
+                    "criu-permission",
+                    msg,
+                ));
+            }
+            return Err(DriverError::failed(msg));
+        }
+        if req.leave_running {
+            return Ok(CheckpointOutcome { stopped: false });
+        }
+        // CRIU kills the dumped tree when it is not told to leave it running.
+        let left = req
+            .timeout
+            .saturating_sub(started.elapsed())
+            .max(Duration::from_secs(1));
+        if proc::wait_gone(job.pid, st.start_time, left).await {
+            Ok(CheckpointOutcome { stopped: true })
+        } else {
+            tracing::warn!(job.gid = %job.gid, job.pid = job.pid,
+                "criu dump succeeded but the job still runs; the CTS stops it");
+            Ok(CheckpointOutcome { stopped: false })
+        }
+    }
+
+    async fn restore(&self, req: RestoreRequest<'_>) -> Result<Restored, DriverError> {
+        let started = Instant::now();
+        if !req.image_dir.join("pstree.img").is_file() {
+            return Err(DriverError::failed(format!(
+                "cannot restore job {}: {} is not a CRIU image (no pstree.img)",
+                req.gid,
+                req.image_dir.display()
+            )));
+        }
+        // CRIU restores the original PIDs: a killed original, or one of its children, that
+        // was not reaped yet still holds its PID (criu#2383). Orphaned children are reaped by
+        // init, which may take a while (about a second on the development machine).
+        let pids = image_pids(req.image_dir).unwrap_or_default();
+        let wait = req.timeout / 2;
+        let deadline = Instant::now() + wait;
+        for &pid in &pids {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if proc::stat(pid).is_some() && !proc::wait_pid_free(pid, left).await {
+                let who = proc::stat(pid)
+                    .map(|s| format!(" by `{}` (state {})", s.comm, s.state))
+                    .unwrap_or_default();
+                let which = if Some(&pid) == pids.first() {
+                    "its PID"
+                } else {
+                    "the PID of one of its processes,"
+                };
+                return Err(DriverError::new(
+                    FaultKind::ServiceUnavailable,
+                    "pid-in-use",
+                    format!(
+                        "cannot restore job {}: {which} {pid} is still in use{who} after {}s; \
+                         CRIU restores the original PIDs, so retry when it is free or restore \
+                         on another resource",
+                        req.gid,
+                        wait.as_secs_f32()
+                    ),
+                ));
+            }
+        }
+        let work = make_work_dir(req.gid).map_err(|e| {
+            DriverError::failed(format!(
+                "cannot create a work directory for restoring job {}: {e}",
+                req.gid
+            ))
+        })?;
+        let log = work.join("restore.log");
+        let pid_file = work.join("restore.pid");
+        let mut args: Vec<String> = vec![
+            "restore".into(),
+            "-D".into(),
+            req.image_dir.to_string_lossy().into_owned(),
+            "-W".into(),
+            work.to_string_lossy().into_owned(),
+            "-o".into(),
+            log.to_string_lossy().into_owned(),
+            format!("-v{}", self.cfg.log_level),
+            "-d".into(),
+            "--restore-sibling".into(),
+            "--pidfile".into(),
+            pid_file.to_string_lossy().into_owned(),
+        ];
+        self.common_flags(&mut args);
+        args.extend(self.cfg.extra_restore_args.iter().cloned());
+        let mut cmd = self.command();
+        cmd.args(&args);
+        let timeout = req.timeout.saturating_sub(started.elapsed());
+        tracing::info!(job.gid = %req.gid, image.dir = %req.image_dir.display(), "criu restore");
+        let out = match run(cmd, timeout, false).await {
+            Ok(out) => out,
+            Err(RunError::Spawn(e)) => {
+                let _ = std::fs::remove_dir_all(&work);
+                return Err(DriverError::unavailable(format!(
+                    "cannot run CRIU at {}: {e}; install it with scripts/install-criu or set \
+                     driver.path",
+                    self.path.display()
+                )));
+            }
+            Err(RunError::Timeout(_)) => {
+                return Err(DriverError::timeout(format!(
+                    "CRIU did not finish restoring job {} within {}s and was killed; log: {}",
+                    req.gid,
+                    req.timeout.as_secs_f32(),
+                    log.display()
+                )))
+            }
+        };
+        if !out.status.success() {
+            let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+            let errors = log_errors(&log_text);
+            let reason = reasons(&errors, 4)
+                .or_else(|| last_lines(&out.stderr, 4))
+                .or_else(|| last_lines(&out.stdout, 2))
+                .unwrap_or_else(|| describe_status(out.status));
+            let where_log = if log_text.is_empty() {
+                format!("CRIU {}, no log", describe_status(out.status))
+            } else {
+                format!("full log: {}", log.display())
+            };
+            let msg = format!(
+                "CRIU could not restore job {} from {}: {reason}; {where_log}",
+                req.gid,
+                req.image_dir.display()
+            );
+            let said = format!("{}\n{}", errors.join("\n"), out.stderr);
+            return Err(restore_failure(msg, &said));
+        }
+        let pid = read_pid_file(&pid_file).map_err(|e| {
+            DriverError::failed(format!(
+                "CRIU restored job {} but {e}; log: {}",
+                req.gid,
+                log.display()
+            ))
+        })?;
+        // The log of a good restore is not needed; a failed one keeps it for the message.
+        let _ = std::fs::remove_dir_all(&work);
+        Ok(Restored::Running { pid })
+    }
+}
+
+/// The error for a failed `criu restore`, from what CRIU said.
+fn restore_failure(msg: String, said: &str) -> DriverError {
+    if said.contains("Can't fork for") && said.contains("File exists") {
+        return DriverError::new(
+            FaultKind::ServiceUnavailable,
+            "pid-in-use",
+            format!("{msg} (a PID of the image is in use; CRIU restores the original PIDs)"),
+        );
+    }
+    if is_permission_problem(said) {
+        return DriverError::new(FaultKind::AccessDenied, "criu-permission", msg);
+    }
+    DriverError::failed(msg)
+}
+
+/// A fresh, private directory for one restore's log, statistics and PID file.
+fn make_work_dir(gid: &str) -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let safe: String = gid
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(40)
+        .collect();
+    let dir = std::env::temp_dir().join(format!(
+        "gca-criu-restore-{safe}-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    Ok(dir)
+}
+
+/// Test helpers shared with the command driver's tests: real jobs to checkpoint.
+#[cfg(test)]
+pub mod test_support {
+    use std::path::{Path, PathBuf};
+    use std::process::{Command, Stdio};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use rustix::process::{Pid, Signal, WaitOptions};
+
+    use crate::driver::JobHandle;
+    use crate::proc;
+
+    /// The job's loop: appends an increasing counter to the file `$0` (kept open as fd 3),
+    /// 20 times a second.
+    const COUNTER_LOOP: &str =
+        r#"exec 3>>"$0"; i=0; while :; do i=$((i+1)); echo $i >&3; sleep 0.05; done"#;
+
+    #[derive(Debug, PartialEq, Eq)]
+    enum State {
+        /// A child of this test process, held as `child`.
+        Child,
+        /// Restored by CRIU with `--restore-sibling`: a child of this process too, but not a
+        /// `std::process::Child`.
+        Restored,
+        /// Reaped; nothing to clean up.
+        Reaped,
+    }
+
+    /// A real process tree in a session of its own (`setsid`), detached from ours, with stdin,
+    /// stdout and stderr on /dev/null, counting into a file. Killed (with its process group)
+    /// and reaped on drop.
+    pub struct TestJob {
+        pub pid: i32,
+        pub counter: PathBuf,
+        child: Option<std::process::Child>,
+        state: State,
+        pub dir: tempfile::TempDir,
+    }
+
+    impl TestJob {
+        /// Starts the counting job.
+        pub async fn start() -> Self {
+            Self::start_with("", &[]).await
+        }
+
+        /// Starts the counting job after `prefix` (shell code; its arguments are `$1`...).
+        pub async fn start_with(prefix: &str, args: &[&str]) -> Self {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let counter = dir.path().join("counter");
+            // Our child is not a process group leader, so setsid(1) calls setsid() and execs
+            // bash in place: the PID we get is the job's root (and session leader).
+            let child = Command::new("setsid")
+                .arg("bash")
+                .arg("-c")
+                .arg(format!("{prefix} {COUNTER_LOOP}"))
+                .arg(&counter)
+                .args(args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn setsid bash");
+            let pid = child.id() as i32;
+            let job = Self {
+                pid,
+                counter,
+                child: Some(child),
+                state: State::Child,
+                dir,
+            };
+            job.wait_count(2).await;
+            let st = proc::stat(pid).expect("job stat");
+            assert_eq!(st.comm, "bash", "setsid must exec in place");
+            assert_eq!(
+                std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .unwrap()
+                    .rsplit(')')
+                    .next()
+                    .unwrap()
+                    .split_whitespace()
+                    .nth(3),
+                Some(pid.to_string().as_str()),
+                "the job must lead its own session"
+            );
+            job
+        }
+
+        /// A handle as the CTS would have it (with a pidfd).
+        pub fn handle(&self, gid: &str) -> JobHandle {
+            let checkpoint_dir = self.new_dir("checkpoint");
+            JobHandle {
+                gid: gid.to_string(),
+                pid: self.pid,
+                pidfd: proc::pidfd(self.pid).map(Arc::new),
+                checkpoint_dir,
+            }
+        }
+
+        /// A new (or existing) directory inside the job's temporary directory.
+        pub fn new_dir(&self, name: &str) -> PathBuf {
+            let d = self.dir.path().join(name);
+            std::fs::create_dir_all(&d).unwrap();
+            d
+        }
+
+        /// Every value written to the counter file so far.
+        pub fn values(&self) -> Vec<u64> {
+            read_counter(&self.counter)
+        }
+
+        pub fn last(&self) -> u64 {
+            self.values().last().copied().unwrap_or(0)
+        }
+
+        /// Waits (up to 5 s) until the counter file has reached `n`.
+        pub async fn wait_count(&self, n: u64) {
+            for _ in 0..250 {
+                if self.last() >= n {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            panic!("the job's counter did not reach {n}: {:?}", self.values());
+        }
+
+        /// Reaps the job after it was killed (by `criu dump`), freeing its PID.
+        pub fn reap(&mut self) {
+            if let Some(mut c) = self.child.take() {
+                let status = c.wait().expect("wait");
+                assert!(!status.success(), "the job was killed: {status:?}");
+            }
+            self.state = State::Reaped;
+        }
+
+        /// The job runs again as `pid`, restored by CRIU as a child of this process.
+        pub fn adopt_restored(&mut self, pid: i32) {
+            assert_eq!(
+                self.state,
+                State::Reaped,
+                "restore after reaping the original"
+            );
+            assert_eq!(
+                proc::stat(pid).map(|s| s.ppid),
+                Some(std::process::id() as i32),
+                "--restore-sibling makes the restored job a child of the caller"
+            );
+            self.pid = pid;
+            self.state = State::Restored;
+        }
+
+        /// Kills the job's process group and reaps the job; returns its wait status.
+        pub fn kill_and_reap(&mut self) -> Option<i32> {
+            if self.state == State::Reaped {
+                return None;
+            }
+            if let Some(p) = Pid::from_raw(self.pid) {
+                let _ = rustix::process::kill_process_group(p, Signal::KILL);
+                let _ = rustix::process::kill_process(p, Signal::KILL);
+            }
+            let status = match (&self.state, self.child.take()) {
+                (State::Child, Some(mut c)) => c.wait().ok().map(|s| {
+                    use std::os::unix::process::ExitStatusExt;
+                    s.into_raw()
+                }),
+                _ => rustix::process::waitpid(Pid::from_raw(self.pid), WaitOptions::empty())
+                    .ok()
+                    .flatten()
+                    .map(|(_, s)| s.as_raw()),
+            };
+            self.state = State::Reaped;
+            status
+        }
+    }
+
+    impl Drop for TestJob {
+        fn drop(&mut self) {
+            self.kill_and_reap();
+        }
+    }
+
+    pub fn read_counter(path: &Path) -> Vec<u64> {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    }
+
+    /// The CRIU binary, found the way the driver finds it; panics with advice when missing.
+    pub fn criu_path() -> PathBuf {
+        let p = super::find_criu();
+        assert!(
+            p.is_file(),
+            "CRIU not found at {} (run scripts/install-criu as root, or set GCA_CRIU)",
+            p.display()
+        );
+        p
+    }
+
+    /// Asserts the counter went on from `last` after a restore: the next value written is
+    /// `last + 1` (not a restart from 1).
+    pub fn assert_continued(values: &[u64], before_len: usize, last: u64) {
+        assert!(
+            values.len() > before_len + 2,
+            "the restored job writes again: {values:?}"
+        );
+        assert_eq!(
+            &values[before_len..before_len + 3],
+            &[last + 1, last + 2, last + 3],
+            "the counter continues where it was checkpointed"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_support::*;
+    use super::*;
+    use gca_protocol::placeholders::Values;
+
+    const T: Duration = Duration::from_secs(8);
+
+    fn criu() -> Criu {
+        Criu::new(CriuConfig {
+            path: Some(criu_path()),
+            ..CriuConfig::default()
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn parses_versions_logs_and_pstree() {
+        assert_eq!(
+            parse_version("Version: 4.1.1\nGitID: v4.1.1\n"),
+            Some(vec![4, 1, 1])
+        );
+        assert_eq!(parse_version("Version: 3.17.1\n"), Some(vec![3, 17, 1]));
+        assert_eq!(parse_version("Version: 4.2-rc1"), Some(vec![4, 2]));
+        assert_eq!(parse_version("criu, who knows"), None);
+
+        let log = "(00.000010) Version: 4.1.1\n\
+            (00.035029) Error (criu/util.c:1533): rlimit: Can't setup RLIMIT_NOFILE for self: Operation not permitted\n\
+            (00.040779) Error (criu/sk-inet.c:191): inet: Connected TCP socket, consider using --tcp-established option.\n\
+            (00.040791) Error (criu/cr-dump.c:1681): Dump files (pid: 2508) failed with -1\n\
+            (00.045877) Error (criu/cr-dump.c:2111): Dumping FAILED.\n";
+        let errors = log_errors(log);
+        assert_eq!(errors.len(), 3, "{errors:?}");
+        assert_eq!(
+            errors[0],
+            "inet: Connected TCP socket, consider using --tcp-established option."
+        );
+        let r = reasons(&errors, 4).unwrap();
+        assert!(
+            r.contains("--tcp-established") && !r.contains("FAILED"),
+            "{r}"
+        );
+        assert!(!is_permission_problem(&errors.join("\n")));
+        assert!(is_permission_problem("seize: Operation not permitted"));
+
+        let said = log_errors(
+            "(00.032392) Error (criu/util.c:1533): rlimit: Can't setup RLIMIT_NOFILE for self: Operation not permitted\n\
+             (00.032934) Error (criu/cr-restore.c:1230): Can't fork for 12524: File exists\n\
+             (00.032952) Error (criu/cr-restore.c:2320): Restoring FAILED.\n",
+        )
+        .join("\n");
+        let e = restore_failure("m".into(), &said);
+        assert_eq!(
+            (e.kind, e.code),
+            (FaultKind::ServiceUnavailable, "pid-in-use")
+        );
+        let e = restore_failure("m".into(), "Error (x.c:1): Can't open: Permission denied");
+        assert_eq!(
+            (e.kind, e.code),
+            (FaultKind::AccessDenied, "criu-permission")
+        );
+        let e = restore_failure("m".into(), "Error (x.c:1): mnt: bad mount");
+        assert_eq!(e.code, "checkpointer-failed");
+
+        let dir = tempfile::tempdir().unwrap();
+        // pstree.img of a bash loop (32625) with a `sleep` child (609), as CRIU 4.1.1 wrote it.
+        let img: Vec<u8> = [
+            "194356543030275012000000",
+            "08f1fe01100018f1fe0120f1fe0128f1fe01",
+            "12000000",
+            "08e10410f1fe0118f1fe0120f1fe0128e104",
+        ]
+        .concat()
+        .as_bytes()
+        .chunks(2)
+        .map(|h| u8::from_str_radix(std::str::from_utf8(h).unwrap(), 16).unwrap())
+        .collect();
+        std::fs::write(dir.path().join("pstree.img"), img).unwrap();
+        assert_eq!(image_pids(dir.path()), Some(vec![32625, 609]));
+        std::fs::write(dir.path().join("pstree.img"), b"junk").unwrap();
+        assert_eq!(image_pids(dir.path()), None);
+    }
+
+    #[test]
+    fn config_defaults_and_unknown_fields() {
+        let cfg: CriuConfig = toml::from_str("").unwrap();
+        assert_eq!(cfg, CriuConfig::default());
+        assert!(cfg.file_locks && cfg.log_level == 4 && !cfg.shell_job);
+        let cfg: CriuConfig =
+            toml::from_str("path = \"/x/criu\"\nextra_dump_args = [\"--ext-unix-sk\"]").unwrap();
+        assert_eq!(cfg.path.as_deref(), Some(Path::new("/x/criu")));
+        let e = toml::from_str::<CriuConfig>("leave_runing = true").unwrap_err();
+        assert!(e.to_string().contains("leave_runing"), "{e}");
+        let e = Criu::new(CriuConfig {
+            log_level: 9,
+            ..CriuConfig::default()
+        })
+        .unwrap_err();
+        assert!(e.message.contains("log_level"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn self_check_reports_version_or_why_not() {
+        let c = criu();
+        let said = c.self_check().await.unwrap();
+        assert!(
+            said.starts_with("CRIU 4.") && said.contains(" at /"),
+            "{said}"
+        );
+        // find_criu() is what the default configuration uses.
+        assert_eq!(
+            Criu::new(CriuConfig::default()).unwrap().path(),
+            criu_path()
+        );
+
+        let missing = Criu::new(CriuConfig {
+            path: Some("/nonexistent/criu".into()),
+            ..CriuConfig::default()
+        })
+        .unwrap();
+        let e = missing.self_check().await.unwrap_err();
+        assert_eq!(e.code, "checkpointer-unavailable");
+        assert!(
+            e.message.contains("CRIU not found at /nonexistent/criu")
+                && e.message.contains("scripts/install-criu"),
+            "{e}"
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let fake = dir.path().join("criu");
+        std::fs::write(
+            &fake,
+            "#!/bin/sh\n[ \"$1\" = --version ] && echo 'Version: 3.17.1' && exit 0\nexit 1\n",
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let old = Criu::new(CriuConfig {
+            path: Some(fake.clone()),
+            ..CriuConfig::default()
+        })
+        .unwrap();
+        let e = old.self_check().await.unwrap_err();
+        assert!(
+            e.message.contains("CRIU 3.17.1") && e.message.contains("too old: need 4.1+"),
+            "{e}"
+        );
+
+        std::fs::write(
+            &fake,
+            "#!/bin/sh\n[ \"$1\" = --version ] && echo 'Version: 4.1' && exit 0\n\
+             echo 'vdso: Unexpected rt vDSO area bounds' >&2; exit 1\n",
+        )
+        .unwrap();
+        let e = old.self_check().await.unwrap_err();
+        assert!(
+            e.message.contains("`criu check` fails for CRIU 4.1")
+                && e.message.contains("Unexpected rt vDSO"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn dump_leave_running_then_dump_and_stop_then_restore() {
+        let c = criu();
+        let mut job = TestJob::start().await;
+        let handle = job.handle("job-criu-1");
+        let values = Values::new();
+
+        // 1. A checkpoint that leaves the job running.
+        let img1 = job.new_dir("img1");
+        let out = c
+            .checkpoint(CheckpointRequest {
+                job: &handle,
+                image_id: "img1",
+                image_dir: &img1,
+                leave_running: true,
+                values: &values,
+                timeout: T,
+            })
+            .await
+            .unwrap();
+        assert_eq!(out, CheckpointOutcome { stopped: false });
+        for f in ["pstree.img", "inventory.img", "dump.log", "stats-dump"] {
+            assert!(img1.join(f).is_file(), "{f} in {:?}", list(&img1));
+        }
+        assert!(img1.join(format!("core-{}.img", job.pid)).is_file());
+        assert_eq!(image_pids(&img1).unwrap()[0], job.pid);
+        let n = job.last();
+        job.wait_count(n + 3).await; // it still counts
+
+        // Its PID is taken (the job runs): the restore says so instead of failing obscurely.
+        let e = c
+            .restore(RestoreRequest {
+                gid: "job-criu-1",
+                image_dir: &img1,
+                checkpoint_dir: &handle.checkpoint_dir,
+                values: &values,
+                timeout: Duration::from_millis(600),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (e.kind, e.code),
+            (FaultKind::ServiceUnavailable, "pid-in-use")
+        );
+        assert!(
+            e.message
+                .contains(&format!("PID {} is still in use", job.pid)),
+            "{e}"
+        );
+
+        // 2. A checkpoint that stops the job.
+        let img2 = job.new_dir("img2");
+        let out = c
+            .checkpoint(CheckpointRequest {
+                job: &handle,
+                image_id: "img2",
+                image_dir: &img2,
+                leave_running: false,
+                values: &values,
+                timeout: T,
+            })
+            .await
+            .unwrap();
+        assert_eq!(out, CheckpointOutcome { stopped: true });
+        assert!(live_job(&handle).is_none());
+        let before = job.values();
+        let last = *before.last().unwrap();
+        job.reap();
+        let stored = list(&img2);
+
+        // 3. Restore: same PID, a child of ours, counting on from `last`.
+        let restored = c
+            .restore(RestoreRequest {
+                gid: "job-criu-1",
+                image_dir: &img2,
+                checkpoint_dir: &handle.checkpoint_dir,
+                values: &values,
+                timeout: T,
+            })
+            .await
+            .unwrap();
+        assert_eq!(restored, Restored::Running { pid: job.pid });
+        job.adopt_restored(job.pid);
+        job.wait_count(last + 3).await;
+        assert_continued(&job.values(), before.len(), last);
+        assert_eq!(
+            list(&img2),
+            stored,
+            "the restore leaves the image as it was"
+        );
+
+        let status = job.kill_and_reap().expect("reaped the restored job");
+        assert_eq!(proc::decode_wait_status(status), (None, Some(9)));
+    }
+
+    #[tokio::test]
+    async fn a_hanging_criu_is_killed_at_the_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = dir.path().join("criu");
+        std::fs::write(&fake, "#!/bin/sh\nexec sleep 30\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let c = Criu::new(CriuConfig {
+            path: Some(fake),
+            ..CriuConfig::default()
+        })
+        .unwrap();
+        // This test process stands in for the job: the fake CRIU does not touch it.
+        let handle = crate::driver::JobHandle {
+            gid: "job-slow".into(),
+            pid: std::process::id() as i32,
+            pidfd: None,
+            checkpoint_dir: dir.path().to_path_buf(),
+        };
+        let started = Instant::now();
+        let e = c
+            .checkpoint(CheckpointRequest {
+                job: &handle,
+                image_id: "x",
+                image_dir: dir.path(),
+                leave_running: true,
+                values: &Values::new(),
+                timeout: Duration::from_millis(300),
+            })
+            .await
+            .unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(3));
+        assert_eq!(
+            (e.kind, e.code),
+            (FaultKind::OperationFailed, "checkpointer-timeout")
+        );
+        assert!(
+            e.message
+                .contains("CRIU did not finish dumping job job-slow")
+                && e.message.contains("was killed"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn missing_process_is_job_gone() {
+        let c = criu();
+        let dir = tempfile::tempdir().unwrap();
+        let handle = JobHandleForTest::gone(dir.path());
+        let e = c
+            .checkpoint(CheckpointRequest {
+                job: &handle,
+                image_id: "x",
+                image_dir: dir.path(),
+                leave_running: true,
+                values: &Values::new(),
+                timeout: T,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!((e.kind, e.code), (FaultKind::ResourceUnknown, "job-gone"));
+        assert!(e.message.contains("is gone"), "{e}");
+    }
+
+    /// A job handle for a PID that cannot exist.
+    struct JobHandleForTest;
+    impl JobHandleForTest {
+        fn gone(dir: &Path) -> super::super::JobHandle {
+            super::super::JobHandle {
+                gid: "job-gone".into(),
+                pid: i32::MAX - 7,
+                pidfd: None,
+                checkpoint_dir: dir.to_path_buf(),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn failures_carry_criu_reasons() {
+        // An established TCP connection without --tcp-established: CRIU refuses, and says why.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port().to_string();
+        let job = TestJob::start_with(r#"exec 4<>"/dev/tcp/127.0.0.1/$1";"#, &[&port]).await;
+        let (_conn, _) = tokio::time::timeout(T, listener.accept())
+            .await
+            .unwrap()
+            .unwrap();
+        let handle = job.handle("job-tcp");
+        let img = job.new_dir("img");
+        let e = criu()
+            .checkpoint(CheckpointRequest {
+                job: &handle,
+                image_id: "img",
+                image_dir: &img,
+                leave_running: true,
+                values: &Values::new(),
+                timeout: T,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (e.kind, e.code),
+            (FaultKind::OperationFailed, "checkpointer-failed")
+        );
+        assert!(
+            e.message.starts_with(&format!(
+                "CRIU could not dump job job-tcp (pid {}): ",
+                job.pid
+            )) && e
+                .message
+                .contains("Connected TCP socket, consider using --tcp-established")
+                && e.message
+                    .contains(&format!("full log: {}", img.join("dump.log").display()))
+                && !e.message.contains("RLIMIT_NOFILE"),
+            "{e}"
+        );
+        let n = job.last();
+        job.wait_count(n + 2).await; // CRIU let it go on
+
+        // A bad extra argument: CRIU stops before writing a log; its stderr is the reason.
+        let bogus = Criu::new(CriuConfig {
+            path: Some(criu_path()),
+            extra_dump_args: vec!["--no-such-option".into()],
+            ..CriuConfig::default()
+        })
+        .unwrap();
+        let img = job.new_dir("img-bogus");
+        let e = bogus
+            .checkpoint(CheckpointRequest {
+                job: &handle,
+                image_id: "img",
+                image_dir: &img,
+                leave_running: true,
+                values: &Values::new(),
+                timeout: T,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, "checkpointer-failed");
+        assert!(
+            e.message.contains("unrecognized option '--no-such-option'")
+                && e.message.contains("exit status 1"),
+            "{e}"
+        );
+
+        // Not an image at all.
+        let e = criu()
+            .restore(RestoreRequest {
+                gid: "job-tcp",
+                image_dir: &img,
+                checkpoint_dir: &handle.checkpoint_dir,
+                values: &Values::new(),
+                timeout: T,
+            })
+            .await
+            .unwrap_err();
+        assert!(e.message.contains("is not a CRIU image"), "{e}");
+    }
+
+    fn list(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+}

@@ -144,8 +144,10 @@ pub trait CoreCheckpointer: Send + Sync + std::fmt::Debug {
     async fn self_check(&self) -> Result<String, DriverError>;
 
     /// Takes one checkpoint of `req.job` into `req.image_dir`.
-    async fn checkpoint(&self, req: CheckpointRequest<'_>)
-        -> Result<CheckpointOutcome, DriverError>;
+    async fn checkpoint(
+        &self,
+        req: CheckpointRequest<'_>,
+    ) -> Result<CheckpointOutcome, DriverError>;
 
     /// A checkpoint the job took on its own (paper 3.3, internal), if one is ready: moves it
     /// into `image_dir` and returns `true`. Drivers whose jobs never do this return `false`.

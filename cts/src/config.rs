@@ -1,0 +1,320 @@
+//! Typed configuration: defaults, then a TOML file, then `CTS_*` environment variables, then
+//! command-line flags (applied by `main`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use gca_protocol::messages::CtsType;
+use gca_protocol::transport::{ClientTls, ServerTls};
+use serde::Deserialize;
+
+use crate::driver::app::AppConfig;
+use crate::driver::command::CommandConfig;
+use crate::driver::criu::CriuConfig;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This CTS instance's name (unique in the grid): `[A-Za-z0-9._-]`, 1-64 characters.
+    pub name: String,
+    /// The computing resource it serves (a host or cluster name).
+    pub resource: String,
+    /// The EPR address of the Execution Manager whose jobs it checkpoints.
+    pub execution_manager: String,
+    /// The GCS: its root URL (`http://gcs:8080`) or its SOAP endpoint.
+    pub gcs_url: String,
+    /// The CTS descriptor (XML) of the type this CTS implements; its name is the type.
+    pub descriptor: PathBuf,
+    /// Public address (SOAP, images, status).
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// The URL other services reach this CTS at; default `http(s)://<listen>`.
+    #[serde(default)]
+    pub public_url: Option<String>,
+    /// Jobs, the outbox of records for the GCS, per-job checkpoint directories.
+    pub state_dir: PathBuf,
+    /// The local-only socket wrappers register jobs on; default `<state_dir>/cts.sock`.
+    #[serde(default)]
+    pub local_socket: Option<PathBuf>,
+    /// How often the CTS re-registers at the GCS (its heartbeat), in seconds.
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_secs: u64,
+    /// How long a request waits for the GCS to take a record before answering with the record
+    /// still queued (it is delivered when the GCS is back), in seconds.
+    #[serde(default = "default_gcs_wait")]
+    pub gcs_wait_secs: u64,
+    /// Largest request body accepted, in bytes.
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+    #[serde(default)]
+    pub store: StoreConfig,
+    #[serde(default)]
+    pub checkpoint: CheckpointConfig,
+    pub driver: DriverConfig,
+    /// Serve HTTPS with these files.
+    #[serde(default)]
+    pub tls: Option<ServerTls>,
+    /// TLS settings for calls to the GCS and other CTSes.
+    #[serde(default)]
+    pub client_tls: ClientTls,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// Default `<state_dir>/store`.
+    pub dir: Option<PathBuf>,
+    /// Refuse new images once the store holds this many bytes (0: no limit).
+    pub max_bytes: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    /// Bound on one checkpoint, in seconds.
+    pub timeout_secs: u64,
+    /// Stop jobs after every checkpoint (a CTS type for migration), unless the request asks.
+    pub stop_after: bool,
+    /// Signal that stops a job after a checkpoint when the driver did not stop it itself.
+    pub stop_signal: String,
+    /// Grace period after `stop_signal` before SIGKILL, in seconds.
+    pub stop_grace_secs: u64,
+    /// Periodic (internal) checkpoints for jobs that do not ask for an interval: seconds
+    /// between two, 0 for none.
+    pub periodic_interval_secs: u64,
+    /// Shortest periodic interval a job may ask for, in seconds.
+    pub min_periodic_interval_secs: u64,
+    /// A second request for a job whose checkpoint is in flight waits this long for it before
+    /// being refused; 0 refuses at once.
+    pub busy_wait_secs: u64,
+    /// How often the CTS looks for checkpoints jobs took on their own, in milliseconds.
+    pub internal_poll_ms: u64,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self {
+            timeout_secs: 300,
+            stop_after: false,
+            stop_signal: "SIGTERM".into(),
+            stop_grace_secs: 10,
+            periodic_interval_secs: 0,
+            min_periodic_interval_secs: 1,
+            busy_wait_secs: 0,
+            internal_poll_ms: 1000,
+        }
+    }
+}
+
+/// The core checkpointer this CTS drives.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum DriverConfig {
+    Criu(CriuConfig),
+    Application(AppConfig),
+    Command(CommandConfig),
+}
+
+fn default_listen() -> SocketAddr {
+    "127.0.0.1:8090".parse().expect("valid address")
+}
+fn default_heartbeat() -> u64 {
+    30
+}
+fn default_gcs_wait() -> u64 {
+    10
+}
+fn default_max_body() -> usize {
+    1024 * 1024
+}
+
+impl Config {
+    /// Reads `path` (TOML), then applies `CTS_*` environment overrides.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the CTS configuration {}", path.display()))?;
+        let mut cfg = Self::from_toml(&text)
+            .with_context(|| format!("in the CTS configuration {}", path.display()))?;
+        cfg.apply_env(|k| std::env::var(k).ok())?;
+        if cfg.descriptor.is_relative() {
+            if let Some(dir) = path.parent() {
+                cfg.descriptor = dir.join(&cfg.descriptor);
+            }
+        }
+        Ok(cfg)
+    }
+
+    pub fn from_toml(text: &str) -> anyhow::Result<Self> {
+        let cfg: Config = toml::from_str(text)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// `CTS_NAME`, `CTS_RESOURCE`, `CTS_EXECUTION_MANAGER`, `CTS_GCS_URL`, `CTS_LISTEN`,
+    /// `CTS_PUBLIC_URL`, `CTS_STATE_DIR`, `CTS_LOCAL_SOCKET`, `CTS_STORE_DIR`.
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> anyhow::Result<()> {
+        if let Some(v) = get("CTS_NAME") {
+            self.name = v;
+        }
+        if let Some(v) = get("CTS_RESOURCE") {
+            self.resource = v;
+        }
+        if let Some(v) = get("CTS_EXECUTION_MANAGER") {
+            self.execution_manager = v;
+        }
+        if let Some(v) = get("CTS_GCS_URL") {
+            self.gcs_url = v;
+        }
+        if let Some(v) = get("CTS_LISTEN") {
+            self.listen = v
+                .parse()
+                .with_context(|| format!("CTS_LISTEN={v:?} is not an address"))?;
+        }
+        if let Some(v) = get("CTS_PUBLIC_URL") {
+            self.public_url = Some(v);
+        }
+        if let Some(v) = get("CTS_STATE_DIR") {
+            self.state_dir = v.into();
+        }
+        if let Some(v) = get("CTS_LOCAL_SOCKET") {
+            self.local_socket = Some(v.into());
+        }
+        if let Some(v) = get("CTS_STORE_DIR") {
+            self.store.dir = Some(v.into());
+        }
+        self.validate()
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if !gca_protocol::descriptor::is_valid_name(&self.name) {
+            bail!(gca_protocol::descriptor::invalid_name_message(
+                "CTS name", &self.name
+            ));
+        }
+        if self.resource.trim().is_empty() || self.execution_manager.trim().is_empty() {
+            bail!("resource and execution_manager must not be empty");
+        }
+        for (what, url) in [
+            ("gcs_url", Some(&self.gcs_url)),
+            ("public_url", self.public_url.as_ref()),
+        ] {
+            if let Some(url) = url {
+                match reqwest::Url::parse(url) {
+                    Ok(u) if matches!(u.scheme(), "http" | "https") => {}
+                    _ => bail!("{what} {url:?} is not an http(s) URL"),
+                }
+            }
+        }
+        if self.heartbeat_secs == 0 {
+            bail!("heartbeat_secs must be at least 1");
+        }
+        if self.checkpoint.timeout_secs == 0 {
+            bail!("checkpoint.timeout_secs must be at least 1");
+        }
+        if crate::proc::parse_signal(&self.checkpoint.stop_signal).is_none() {
+            bail!(
+                "checkpoint.stop_signal {:?} is not a signal name (e.g. SIGTERM)",
+                self.checkpoint.stop_signal
+            );
+        }
+        Ok(())
+    }
+
+    /// Reads and validates the descriptor of the type this CTS implements.
+    pub fn load_descriptor(&self) -> anyhow::Result<CtsType> {
+        let text = std::fs::read_to_string(&self.descriptor)
+            .with_context(|| format!("reading the CTS descriptor {}", self.descriptor.display()))?;
+        gca_protocol::descriptor::parse(&text)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", self.descriptor.display()))
+    }
+
+    pub fn public_url(&self) -> String {
+        match &self.public_url {
+            Some(u) => u.trim_end_matches('/').to_string(),
+            None => {
+                let scheme = if self.tls.is_some() { "https" } else { "http" };
+                format!("{scheme}://{}", self.listen)
+            }
+        }
+    }
+
+    /// The GCS SOAP endpoint.
+    pub fn gcs_endpoint(&self) -> String {
+        let url = self.gcs_url.trim_end_matches('/');
+        match reqwest::Url::parse(url) {
+            Ok(u) if u.path() != "/" && !u.path().is_empty() => url.to_string(),
+            _ => format!("{url}{}", gca_protocol::ns::GCS_SERVICE_PATH),
+        }
+    }
+
+    pub fn local_socket(&self) -> PathBuf {
+        self.local_socket
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("cts.sock"))
+    }
+
+    pub fn store_dir(&self) -> PathBuf {
+        self.store
+            .dir
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("store"))
+    }
+
+    pub fn checkpoint_timeout(&self) -> Duration {
+        Duration::from_secs(self.checkpoint.timeout_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The example configurations in `examples/` are valid, with their descriptors.
+    #[test]
+    fn example_configurations_load() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if !path
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("cts-")
+            {
+                continue;
+            }
+            let cfg = Config::load(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+            cfg.load_descriptor()
+                .unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+            crate::make_driver(&cfg.driver).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+            seen += 1;
+        }
+        assert_eq!(seen, 3);
+    }
+
+    #[test]
+    fn environment_overrides_and_clear_errors() {
+        let text = "name = \"a\"\nresource = \"r\"\nexecution_manager = \"em\"\ngcs_url = \"http://gcs:8080\"\ndescriptor = \"d.xml\"\nstate_dir = \"/tmp/x\"\n[driver]\nkind = \"application\"\n";
+        let mut cfg = Config::from_toml(text).unwrap();
+        assert_eq!(
+            cfg.gcs_endpoint(),
+            "http://gcs:8080/wsrf/services/GridCheckpointService"
+        );
+        assert_eq!(cfg.local_socket(), Path::new("/tmp/x/cts.sock"));
+        cfg.apply_env(|k| (k == "CTS_NAME").then(|| "b".to_string()))
+            .unwrap();
+        assert_eq!(cfg.name, "b");
+        let err = cfg
+            .apply_env(|k| (k == "CTS_NAME").then(|| "bad name".to_string()))
+            .unwrap_err();
+        assert!(err.to_string().contains("bad name"), "{err}");
+        let err = Config::from_toml(&text.replace("kind = \"application\"", "kind = \"blcr\""))
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("blcr"), "{err:#}");
+        let err = Config::from_toml(&format!("{text}\n[store]\nmax = 3\n")).unwrap_err();
+        assert!(format!("{err:#}").contains("max"), "{err:#}");
+    }
+}

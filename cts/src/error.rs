@@ -1,0 +1,64 @@
+//! The CTS error type, and the one place it becomes a wire fault.
+
+use gca_protocol::fault::{Fault, FaultKind};
+
+use crate::driver::DriverError;
+use crate::store::StoreError;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An expected failure with a message for the caller (unknown GID, busy job, ...).
+    #[error("{0}")]
+    Fault(#[from] Fault),
+    /// The core checkpointer failed or refused.
+    #[error("{0}")]
+    Driver(#[from] DriverError),
+    /// The image store failed.
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("{0:#}")]
+    Internal(#[from] anyhow::Error),
+}
+
+impl Error {
+    pub fn unknown(message: impl Into<String>) -> Self {
+        Error::Fault(Fault::resource_unknown(message))
+    }
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Error::Fault(Fault::conflict(message))
+    }
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Error::Fault(Fault::invalid(message))
+    }
+    pub fn denied(message: impl Into<String>) -> Self {
+        Error::Fault(Fault::new(FaultKind::AccessDenied, message))
+    }
+
+    /// The fault to send. Internal errors are logged here, once; callers get a generic
+    /// message.
+    pub fn into_fault(self) -> Fault {
+        match self {
+            Error::Fault(f) => f,
+            Error::Driver(e) => e.into(),
+            Error::Store(e) => e.into(),
+            Error::Internal(e) => {
+                tracing::error!(error = format!("{e:#}"), "internal error");
+                Fault::internal()
+            }
+        }
+    }
+}
+
+impl From<Error> for Fault {
+    fn from(e: Error) -> Fault {
+        e.into_fault()
+    }
+}
+
+impl From<Error> for gca_protocol::server::ApiError {
+    fn from(e: Error) -> Self {
+        gca_protocol::server::ApiError(e.into_fault())
+    }
+}

@@ -1,0 +1,515 @@
+//! The image store over HTTP, for other CTSes and recovery wrappers. Nested by the CTS at
+//! `/images`:
+//!
+//! | request | answer |
+//! |---|---|
+//! | `GET /` | JSON list of [`ImageSummary`](crate::store::ImageSummary) |
+//! | `GET /{id}` | the `manifest.json` bytes as stored; `X-GCA-Digest` and `ETag` = its digest |
+//! | `GET`/`HEAD /{id}/files/{*path}` | a file, streamed; one `Range` (`a-b`, `a-`, `-n`) → 206; `If-Range` |
+//! | `DELETE /{id}` | `{"id": .., "freed_bytes": ..}` |
+//!
+//! Every ID and path goes through [`validate_id`](crate::store::validate_id) /
+//! [`validate_rel_path`](crate::store::validate_rel_path) (inside the store) before it reaches
+//! the disk, and only files the manifest lists are served. Errors are JSON
+//! [`ErrorBody`]s with the fault's status.
+
+use std::io::SeekFrom;
+
+use axum::body::Body;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use gca_protocol::fault::ErrorBody;
+use gca_protocol::{Fault, FaultKind};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio_util::io::ReaderStream;
+
+use crate::store::{ImageStore, Manifest, StoreError};
+
+/// The header carrying an image's manifest digest.
+pub const DIGEST_HEADER: &str = "x-gca-digest";
+const STREAM_CHUNK: usize = 64 * 1024;
+
+/// The routes, relative to where the CTS nests them (`/images`).
+pub fn routes() -> Router<ImageStore> {
+    Router::new()
+        .route("/", get(list))
+        .route("/{id}", get(manifest).delete(delete))
+        .route("/{id}/files/{*path}", get(file))
+}
+
+/// The answer to `DELETE /{id}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deleted {
+    pub id: String,
+    pub freed_bytes: u64,
+}
+
+/// A fault as an HTTP answer: the fault's status (or an explicit one) and an `ErrorBody`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    fault: Fault,
+    headers: HeaderMap,
+}
+
+impl From<Fault> for ApiError {
+    fn from(fault: Fault) -> Self {
+        let status = StatusCode::from_u16(fault.kind.http_status())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        ApiError {
+            status,
+            fault,
+            headers: HeaderMap::new(),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        Fault::from(e).into()
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(e: PathRejection) -> Self {
+        Fault::new(FaultKind::InvalidMessage, format!("bad image URL: {e}")).into()
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut res = (self.status, Json(ErrorBody { error: self.fault })).into_response();
+        res.headers_mut().extend(self.headers);
+        res
+    }
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+async fn list(State(store): State<ImageStore>) -> ApiResult {
+    Ok(Json(store.list().await?).into_response())
+}
+
+async fn manifest(
+    State(store): State<ImageStore>,
+    id: Result<Path<String>, PathRejection>,
+) -> ApiResult {
+    let Path(id) = id?;
+    let bytes = store.manifest_bytes(&id).await?;
+    let digest = Manifest::digest_of(&bytes);
+    let mut res = Response::new(Body::from(bytes));
+    let h = res.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(DIGEST_HEADER, hv(&digest));
+    h.insert(header::ETAG, hv(&format!("\"{digest}\"")));
+    Ok(res)
+}
+
+async fn delete(
+    State(store): State<ImageStore>,
+    id: Result<Path<String>, PathRejection>,
+) -> ApiResult {
+    let Path(id) = id?;
+    let freed_bytes = store.delete(&id).await?;
+    tracing::info!(image = %id, freed_bytes, "image deleted");
+    Ok(Json(Deleted { id, freed_bytes }).into_response())
+}
+
+async fn file(
+    State(store): State<ImageStore>,
+    method: Method,
+    headers: HeaderMap,
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> ApiResult {
+    let Path((id, rel)) = path?;
+    let (disk_path, entry) = store.file(&id, &rel).await?;
+    let mut f = match tokio::fs::File::open(&disk_path).await {
+        Ok(f) => f,
+        // Deleted between reading the manifest and opening the file.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(StoreError::NotFound(format!("no image {id} in this store")).into())
+        }
+        Err(e) => {
+            return Err(StoreError::Io {
+                context: format!("cannot open file {rel} of image {id}"),
+                source: e,
+            }
+            .into())
+        }
+    };
+    let len = f
+        .metadata()
+        .await
+        .map_err(|e| StoreError::Io {
+            context: format!("cannot read file {rel} of image {id}"),
+            source: e,
+        })?
+        .len();
+    if len != entry.size {
+        return Err(StoreError::Corrupt(format!(
+            "file {rel} of image {id} has {len} bytes, its manifest says {}",
+            entry.size
+        ))
+        .into());
+    }
+    let etag = format!("\"{}\"", entry.sha256);
+
+    let range = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .filter(|_| if_range_matches(&headers, &etag))
+        .map(|r| parse_range(r, len))
+        .unwrap_or(RangeSpec::Full);
+
+    let (status, start, count) = match range {
+        RangeSpec::Full => (StatusCode::OK, 0, len),
+        RangeSpec::Partial(a, b) => (StatusCode::PARTIAL_CONTENT, a, b - a + 1),
+        RangeSpec::Unsatisfiable => {
+            let mut err = ApiError::from(
+                Fault::new(
+                    FaultKind::InvalidMessage,
+                    format!("range not satisfiable: file {rel} of image {id} has {len} bytes"),
+                )
+                .with_code("range-not-satisfiable"),
+            );
+            err.status = StatusCode::RANGE_NOT_SATISFIABLE;
+            err.headers
+                .insert(header::CONTENT_RANGE, hv(&format!("bytes */{len}")));
+            return Err(err);
+        }
+    };
+
+    let body = if method == Method::HEAD {
+        Body::empty()
+    } else {
+        if start > 0 {
+            f.seek(SeekFrom::Start(start))
+                .await
+                .map_err(|e| StoreError::Io {
+                    context: format!("cannot read file {rel} of image {id}"),
+                    source: e,
+                })?;
+        }
+        Body::from_stream(ReaderStream::with_capacity(f.take(count), STREAM_CHUNK))
+    };
+    let mut res = Response::new(body);
+    *res.status_mut() = status;
+    let h = res.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(count));
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert(header::ETAG, hv(&etag));
+    if status == StatusCode::PARTIAL_CONTENT {
+        h.insert(
+            header::CONTENT_RANGE,
+            hv(&format!("bytes {start}-{}/{len}", start + count - 1)),
+        );
+    }
+    Ok(res)
+}
+
+fn hv(s: &str) -> HeaderValue {
+    // Only ever called with ASCII we built (digests, numbers).
+    HeaderValue::from_str(s).expect("ASCII header value")
+}
+
+/// `If-Range` absent, or naming this representation's (strong) ETag. A date or another ETag
+/// means "send the whole file".
+fn if_range_matches(headers: &HeaderMap, etag: &str) -> bool {
+    match headers.get(header::IF_RANGE) {
+        None => true,
+        Some(v) => v.to_str().map(|v| v.trim() == etag).unwrap_or(false),
+    }
+}
+
+/// What to send for a `Range` header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RangeSpec {
+    /// The whole file (no range, a range we ignore: another unit, several ranges, bad syntax).
+    Full,
+    /// Bytes `a..=b`, within the file.
+    Partial(u64, u64),
+    /// 416.
+    Unsatisfiable,
+}
+
+/// Reads one `bytes=` range (`a-b`, `a-`, `-n`) against a file of `len` bytes.
+pub fn parse_range(header: &str, len: u64) -> RangeSpec {
+    let header = header.trim();
+    let Some((unit, spec)) = header.split_once('=') else {
+        return RangeSpec::Full;
+    };
+    if !unit.trim().eq_ignore_ascii_case("bytes") || spec.contains(',') {
+        return RangeSpec::Full;
+    }
+    let Some((first, last)) = spec.split_once('-') else {
+        return RangeSpec::Full;
+    };
+    let (first, last) = (first.trim(), last.trim());
+    let num = |s: &str| -> Option<u64> {
+        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+            None
+        } else {
+            s.parse().ok()
+        }
+    };
+    if first.is_empty() {
+        let Some(n) = num(last) else {
+            return RangeSpec::Full;
+        };
+        if n == 0 || len == 0 {
+            return RangeSpec::Unsatisfiable;
+        }
+        return RangeSpec::Partial(len.saturating_sub(n), len - 1);
+    }
+    let Some(a) = num(first) else {
+        return RangeSpec::Full;
+    };
+    let b = if last.is_empty() {
+        u64::MAX
+    } else {
+        match num(last) {
+            Some(b) if b >= a => b,
+            _ => return RangeSpec::Full,
+        }
+    };
+    if a >= len {
+        return RangeSpec::Unsatisfiable;
+    }
+    RangeSpec::Partial(a, b.min(len - 1))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::store::tests::put;
+    use reqwest::StatusCode as S;
+    use sha2::{Digest, Sha256};
+
+    /// A client that never goes through a proxy from the environment.
+    pub(crate) fn client() -> reqwest::Client {
+        reqwest::Client::builder().no_proxy().build().unwrap()
+    }
+
+    async fn serve(store: ImageStore) -> String {
+        let app = Router::new().nest("/images", routes()).with_state(store);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        format!("http://{addr}/images")
+    }
+
+    #[test]
+    fn ranges() {
+        use RangeSpec::*;
+        assert_eq!(parse_range("bytes=0-9", 100), Partial(0, 9));
+        assert_eq!(parse_range("bytes=90-", 100), Partial(90, 99));
+        assert_eq!(parse_range("bytes=90-1000", 100), Partial(90, 99));
+        assert_eq!(parse_range("bytes=-10", 100), Partial(90, 99));
+        assert_eq!(parse_range("bytes=-1000", 100), Partial(0, 99));
+        assert_eq!(parse_range("BYTES = 5-5", 100), Partial(5, 5));
+        assert_eq!(parse_range("bytes=100-", 100), Unsatisfiable);
+        assert_eq!(parse_range("bytes=-0", 100), Unsatisfiable);
+        assert_eq!(parse_range("bytes=0-", 0), Unsatisfiable);
+        assert_eq!(parse_range("bytes=0-1,5-6", 100), Full);
+        assert_eq!(parse_range("bytes=5-1", 100), Full);
+        assert_eq!(parse_range("bytes=x-1", 100), Full);
+        assert_eq!(parse_range("bytes=+1-2", 100), Full);
+        assert_eq!(parse_range("items=0-1", 100), Full);
+        assert_eq!(parse_range("bytes", 100), Full);
+    }
+
+    async fn error_of(res: reqwest::Response) -> Fault {
+        res.json::<ErrorBody>().await.unwrap().error
+    }
+
+    #[tokio::test]
+    async fn serves_lists_ranges_and_deletes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(tmp.path(), None).unwrap();
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let m = put(
+            &store,
+            "img-1",
+            &[("pages-1.img", &data), ("d/core.img", b"core")],
+        )
+        .await;
+        let base = serve(store.clone()).await;
+        let http = crate::http::images::tests::client();
+
+        // List.
+        let list: Vec<crate::store::ImageSummary> =
+            http.get(&base).send().await.unwrap().json().await.unwrap();
+        assert_eq!(list.len(), 1);
+        assert_eq!(list[0].id, "img-1");
+
+        // Manifest, as stored, with its digest.
+        let res = http.get(format!("{base}/img-1")).send().await.unwrap();
+        assert_eq!(res.status(), S::OK);
+        assert_eq!(res.headers()["content-type"], "application/json");
+        let digest = res.headers()[DIGEST_HEADER].to_str().unwrap().to_string();
+        assert_eq!(res.headers()["etag"], format!("\"{digest}\"").as_str());
+        let bytes = res.bytes().await.unwrap();
+        assert_eq!(bytes, store.manifest_bytes("img-1").await.unwrap());
+        assert_eq!(digest, Manifest::digest_of(&bytes));
+        assert_eq!(digest, store.digest("img-1").await.unwrap());
+
+        // Whole file.
+        let url = format!("{base}/img-1/files/pages-1.img");
+        let res = http.get(&url).send().await.unwrap();
+        assert_eq!(res.status(), S::OK);
+        assert_eq!(res.headers()["accept-ranges"], "bytes");
+        assert_eq!(res.headers()["content-length"], "300000");
+        let etag = format!("\"{}\"", m.files[1].sha256);
+        assert_eq!(m.files[1].path, "pages-1.img");
+        assert_eq!(res.headers()["etag"], etag.as_str());
+        let body = res.bytes().await.unwrap();
+        assert_eq!(&body[..], &data[..]);
+        assert_eq!(hex::encode(Sha256::digest(&body)), m.files[1].sha256);
+        let res = http
+            .get(format!("{base}/img-1/files/d/core.img"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.bytes().await.unwrap(), &b"core"[..]);
+
+        // One range.
+        let res = http
+            .get(&url)
+            .header("range", "bytes=1000-1999")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), S::PARTIAL_CONTENT);
+        assert_eq!(res.headers()["content-range"], "bytes 1000-1999/300000");
+        assert_eq!(res.headers()["content-length"], "1000");
+        assert_eq!(&res.bytes().await.unwrap()[..], &data[1000..2000]);
+        // Open-ended and suffix ranges.
+        let res = http
+            .get(&url)
+            .header("range", "bytes=299990-")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), S::PARTIAL_CONTENT);
+        assert_eq!(&res.bytes().await.unwrap()[..], &data[299_990..]);
+        let res = http
+            .get(&url)
+            .header("range", "bytes=-5")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), S::PARTIAL_CONTENT);
+        assert_eq!(res.headers()["content-range"], "bytes 299995-299999/300000");
+        assert_eq!(&res.bytes().await.unwrap()[..], &data[299_995..]);
+        // If-Range: matching ETag → range; another → whole file.
+        let res = http
+            .get(&url)
+            .header("range", "bytes=10-19")
+            .header("if-range", etag.as_str())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), S::PARTIAL_CONTENT);
+        let res = http
+            .get(&url)
+            .header("range", "bytes=10-19")
+            .header("if-range", "\"something-else\"")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), S::OK);
+        assert_eq!(res.bytes().await.unwrap().len(), 300_000);
+        // Several ranges: ignored.
+        let res = http
+            .get(&url)
+            .header("range", "bytes=0-1,5-6")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), S::OK);
+        assert_eq!(res.bytes().await.unwrap().len(), 300_000);
+        // Unsatisfiable.
+        let res = http
+            .get(&url)
+            .header("range", "bytes=300000-")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), S::RANGE_NOT_SATISFIABLE);
+        assert_eq!(res.headers()["content-range"], "bytes */300000");
+        assert_eq!(error_of(res).await.kind, FaultKind::InvalidMessage);
+
+        // HEAD.
+        let res = http.head(&url).send().await.unwrap();
+        assert_eq!(res.status(), S::OK);
+        assert_eq!(res.headers()["content-length"], "300000");
+        assert_eq!(res.headers()["etag"], etag.as_str());
+        assert!(res.bytes().await.unwrap().is_empty());
+        let res = http
+            .head(&url)
+            .header("range", "bytes=0-9")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), S::PARTIAL_CONTENT);
+        assert_eq!(res.headers()["content-length"], "10");
+
+        // Errors: unknown image, unknown file, the manifest is not a file, bad IDs and paths.
+        let res = http.get(format!("{base}/nope")).send().await.unwrap();
+        assert_eq!(res.status(), S::NOT_FOUND);
+        let f = error_of(res).await;
+        assert_eq!(f.kind, FaultKind::ResourceUnknown);
+        assert_eq!(f.code.as_deref(), Some("unknown-image"));
+        for path in [
+            "img-1/files/nope",
+            "img-1/files/manifest.json",
+            "nope/files/pages-1.img",
+        ] {
+            let res = http.get(format!("{base}/{path}")).send().await.unwrap();
+            assert_eq!(res.status(), S::NOT_FOUND, "{path}");
+        }
+        for path in [
+            "..%2F..%2Fetc",
+            ".hidden",
+            "img-1/files/..%2Fmanifest.json",
+            "img-1/files/d/..%2F..%2Fimg-1%2Fmanifest.json",
+            "img-1/files/a%00b",
+        ] {
+            let res = http.get(format!("{base}/{path}")).send().await.unwrap();
+            assert_eq!(res.status(), S::BAD_REQUEST, "{path}");
+            assert_eq!(error_of(res).await.kind, FaultKind::InvalidMessage);
+        }
+
+        // Delete.
+        let res = http.delete(format!("{base}/img-1")).send().await.unwrap();
+        assert_eq!(res.status(), S::OK);
+        let d: Deleted = res.json().await.unwrap();
+        assert_eq!(
+            d,
+            Deleted {
+                id: "img-1".into(),
+                freed_bytes: 300_004
+            }
+        );
+        assert_eq!(store.usage(), 0);
+        let res = http.get(&url).send().await.unwrap();
+        assert_eq!(res.status(), S::NOT_FOUND);
+        let res = http.delete(format!("{base}/img-1")).send().await.unwrap();
+        assert_eq!(res.status(), S::NOT_FOUND);
+        let list: Vec<crate::store::ImageSummary> =
+            http.get(&base).send().await.unwrap().json().await.unwrap();
+        assert!(list.is_empty());
+    }
+}

@@ -1,0 +1,138 @@
+//! The public router: `POST /wsrf/services/CheckpointTranslationService` (SOAP 1.1/1.2,
+//! `?wsdl`), `/images/...` (the image store, for other CTSes and recovery wrappers), the JSON
+//! API under `/api/v1` and `/healthz`.
+
+use axum::body::Body;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use gca_protocol::fault::Fault;
+use gca_protocol::messages::{CheckpointRecord, DoCheckpoint};
+use gca_protocol::ns;
+use gca_protocol::ops::{CtsDoCheckpointOp, CTS_OPERATIONS};
+use gca_protocol::schemas;
+use gca_protocol::server::{self, xml_response, ApiError};
+use gca_protocol::soap::SoapRequest;
+use gca_protocol::xml::Element;
+use serde::Deserialize;
+use tower_http::trace::TraceLayer;
+
+use crate::local::{LocalInfo, LocalJob};
+use crate::service::{Cts, Status};
+
+pub fn router(cts: Cts) -> Router {
+    let images = super::images::routes().with_state(cts.store().clone());
+    Router::new()
+        .route(ns::CTS_SERVICE_PATH, post(soap_endpoint).get(wsdl))
+        .route("/api/v1/status", get(status))
+        .route("/api/v1/local", get(local))
+        .route("/api/v1/jobs", get(jobs))
+        .route("/api/v1/jobs/{gid}", get(job))
+        .route("/api/v1/jobs/{gid}/checkpoint", post(checkpoint))
+        .route("/healthz", get(health))
+        .with_state(cts)
+        .nest("/images", images)
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .layer(TraceLayer::new_for_http())
+}
+
+async fn soap_endpoint(State(cts): State<Cts>, headers: HeaderMap, body: Body) -> Response {
+    let limit = cts.config().max_body_bytes;
+    server::soap_endpoint(&headers, body, limit, |req| async move {
+        dispatch(&cts, &req).await
+    })
+    .await
+}
+
+async fn dispatch(cts: &Cts, req: &SoapRequest) -> Result<(String, Element), Fault> {
+    if req.body.ns.as_deref() != Some(ns::GCA) {
+        return Err(unsupported(req));
+    }
+    match req.body.name.as_str() {
+        "DoCheckpoint" => {
+            server::soap_call::<CtsDoCheckpointOp, _, _, _>(req, |r| cts.do_checkpoint(r)).await
+        }
+        _ => Err(unsupported(req)),
+    }
+}
+
+fn unsupported(req: &SoapRequest) -> Fault {
+    server::unsupported("Checkpoint Translation Service", CTS_OPERATIONS, req)
+}
+
+async fn wsdl(State(cts): State<Cts>, RawQuery(query): RawQuery) -> Response {
+    match query.as_deref().map(str::to_ascii_lowercase).as_deref() {
+        Some("wsdl") => xml_response(
+            200,
+            "text/xml; charset=utf-8".into(),
+            schemas::rewrite(
+                schemas::file("cts.wsdl").unwrap_or_default(),
+                &cts.config().public_url(),
+            ),
+        ),
+        _ => (
+            http::StatusCode::METHOD_NOT_ALLOWED,
+            [(http::header::ALLOW, "POST")],
+            "This is the SOAP endpoint of a Checkpoint Translation Service: POST SOAP 1.1 or 1.2 requests here. The WSDL is at ?wsdl.\n",
+        )
+            .into_response(),
+    }
+}
+
+async fn status(State(cts): State<Cts>) -> Json<Status> {
+    Json(cts.status())
+}
+
+/// Where the local registration socket is: wrappers given the CTS's URL find it here.
+async fn local(State(cts): State<Cts>) -> Json<LocalInfo> {
+    Json(cts.local_info())
+}
+
+async fn jobs(State(cts): State<Cts>) -> Json<Vec<LocalJob>> {
+    Json(cts.list_jobs())
+}
+
+async fn job(State(cts): State<Cts>, Path(gid): Path<String>) -> Result<Json<LocalJob>, ApiError> {
+    Ok(Json(cts.get_job(&gid)?))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckpointBody {
+    #[serde(default)]
+    stop: bool,
+}
+
+/// `POST /api/v1/jobs/{gid}/checkpoint` `{"stop": false}`: the same as the SOAP operation.
+async fn checkpoint(
+    State(cts): State<Cts>,
+    Path(gid): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<CheckpointRecord>, ApiError> {
+    let bytes = server::read_body(&headers, body, cts.config().max_body_bytes).await?;
+    let req: CheckpointBody = if bytes.iter().all(u8::is_ascii_whitespace) {
+        CheckpointBody::default()
+    } else {
+        serde_json::from_slice(&bytes)
+            .map_err(|e| Fault::invalid(format!("invalid JSON body: {e}")))?
+    };
+    Ok(Json(
+        cts.do_checkpoint(DoCheckpoint {
+            gid,
+            stop: req.stop,
+        })
+        .await?,
+    ))
+}
+
+async fn health(State(cts): State<Cts>) -> Json<serde_json::Value> {
+    let gcs = cts.link().status();
+    Json(serde_json::json!({
+        "status": "ok",
+        "gcs_connected": gcs.connected,
+        "outbox_pending": gcs.pending,
+    }))
+}

@@ -1,0 +1,217 @@
+//! The local-only API on the CTS's UNIX socket: how wrappers register the jobs of this
+//! resource (paper 3.4.1). Only processes on this machine can connect, and the CTS checks the
+//! caller's credentials (`SO_PEERCRED`), so a job can neither register a GID on another
+//! resource nor claim a process of another user.
+//!
+//! Also here: [`LocalClient`], the client the wrappers and tests use.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use gca_protocol::fault::{ErrorBody, Fault, FaultKind};
+use gca_protocol::messages::{JobState, Property};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::rt::TokioIo;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// `POST /v1/jobs`: a wrapper registering GID ↔ local process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterLocalJob {
+    pub gid: String,
+    /// The job's root process; normally the wrapper's own PID, which the job keeps by `exec`.
+    pub pid: i32,
+    /// Seconds between periodic checkpoints of this job; default from the CTS configuration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub periodic_interval_secs: Option<u64>,
+    /// Set by the recovery wrapper: the job is restored from a checkpoint (paper 5.3 step 11).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery: Option<LocalRecovery>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalRecovery {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_checkpoint: Option<String>,
+}
+
+/// Whether the GCS has taken a registration yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GcsDelivery {
+    /// The GCS has it.
+    Registered,
+    /// The GCS is unreachable; the CTS delivers it when the GCS is back.
+    Pending,
+}
+
+/// A job as the CTS keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalJob {
+    pub gid: String,
+    pub pid: i32,
+    pub state: JobState,
+    /// The per-job checkpoint directory (`{CHECKPOINT_DIR}`).
+    pub checkpoint_dir: PathBuf,
+    /// Environment variables the job must run with (the CTS type's, expanded).
+    pub environment: Vec<Property>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub periodic_interval_secs: Option<u64>,
+    pub registered_at: DateTime<Utc>,
+    pub checkpoints: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_checkpoint: Option<String>,
+    /// A checkpoint of this job is in flight.
+    pub busy: bool,
+    pub gcs: GcsDelivery,
+}
+
+/// `POST /v1/jobs/{gid}/exit`: a wrapper that is the job's parent reporting how it ended.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalExit {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_status: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+}
+
+/// `GET /v1/info` (and, without the socket path, `GET /api/v1/local` on the public port).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalInfo {
+    pub name: String,
+    pub cts_type: String,
+    pub resource: String,
+    pub url: String,
+    pub socket: PathBuf,
+    pub driver: String,
+}
+
+/// Client for the local socket.
+#[derive(Debug, Clone)]
+pub struct LocalClient {
+    socket: PathBuf,
+    timeout: Duration,
+}
+
+const MAX_LOCAL_RESPONSE: usize = 4 * 1024 * 1024;
+
+impl LocalClient {
+    pub fn new(socket: impl Into<PathBuf>) -> Self {
+        Self {
+            socket: socket.into(),
+            timeout: Duration::from_secs(60),
+        }
+    }
+
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    pub async fn info(&self) -> Result<LocalInfo, Fault> {
+        self.request::<(), _>("GET", "/v1/info", None).await
+    }
+
+    pub async fn register(&self, req: &RegisterLocalJob) -> Result<LocalJob, Fault> {
+        self.request("POST", "/v1/jobs", Some(req)).await
+    }
+
+    pub async fn job(&self, gid: &str) -> Result<LocalJob, Fault> {
+        let path = format!("/v1/jobs/{}", gca_protocol::client::path_segment(gid));
+        self.request::<(), _>("GET", &path, None).await
+    }
+
+    pub async fn jobs(&self) -> Result<Vec<LocalJob>, Fault> {
+        self.request::<(), _>("GET", "/v1/jobs", None).await
+    }
+
+    pub async fn exited(&self, gid: &str, exit: &LocalExit) -> Result<LocalJob, Fault> {
+        let path = format!("/v1/jobs/{}/exit", gca_protocol::client::path_segment(gid));
+        self.request("POST", &path, Some(exit)).await
+    }
+
+    async fn request<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T, Fault> {
+        let endpoint = format!("the CTS socket {}", self.socket.display());
+        match tokio::time::timeout(self.timeout, self.exchange(method, path, body, &endpoint)).await
+        {
+            Ok(r) => r,
+            Err(_) => Err(Fault::new(
+                FaultKind::ServiceUnavailable,
+                format!("{endpoint} did not answer within {:?}", self.timeout),
+            )
+            .with_code("timeout")),
+        }
+    }
+
+    async fn exchange<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&B>,
+        endpoint: &str,
+    ) -> Result<T, Fault> {
+        let unavailable =
+            |what: String| Fault::new(FaultKind::ServiceUnavailable, what).with_code("unreachable");
+        let stream = tokio::net::UnixStream::connect(&self.socket)
+            .await
+            .map_err(|e| {
+                unavailable(format!(
+                    "cannot connect to {endpoint}: {e}; is the CTS of this resource running?"
+                ))
+            })?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| unavailable(format!("cannot talk HTTP to {endpoint}: {e}")))?;
+        tokio::spawn(conn);
+        let bytes = match body {
+            Some(b) => serde_json::to_vec(b).map_err(|e| Fault::invalid(e.to_string()))?,
+            None => Vec::new(),
+        };
+        let req = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(http::header::HOST, "localhost")
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(bytes::Bytes::from(bytes)))
+            .map_err(|e| Fault::invalid(e.to_string()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| unavailable(format!("request to {endpoint} failed: {e}")))?;
+        let status = resp.status();
+        let body = Limited::new(resp.into_body(), MAX_LOCAL_RESPONSE)
+            .collect()
+            .await
+            .map_err(|e| unavailable(format!("reading the answer of {endpoint}: {e}")))?
+            .to_bytes();
+        if status.is_success() {
+            serde_json::from_slice(&body).map_err(|e| {
+                Fault::new(
+                    FaultKind::OperationFailed,
+                    format!("{endpoint} answered with unexpected JSON: {e}"),
+                )
+            })
+        } else {
+            match serde_json::from_slice::<ErrorBody>(&body) {
+                Ok(e) => Err(e.error),
+                Err(_) => Err(Fault::new(
+                    FaultKind::OperationFailed,
+                    format!(
+                        "{endpoint} answered {status}: {}",
+                        String::from_utf8_lossy(&body)
+                    ),
+                )),
+            }
+        }
+    }
+}

@@ -1,0 +1,1060 @@
+//! The CTS service layer: jobs, checkpoints, periodic and internal checkpoints, exits. The
+//! HTTP layer (`crate::http`) only translates between the wire and these methods.
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use gca_protocol::fault::Fault;
+use gca_protocol::messages::*;
+use gca_protocol::placeholders::{self, Values};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::driver::{CheckpointRequest, CoreCheckpointer, JobHandle};
+use crate::error::{Error, Result};
+use crate::gcs_link::{write_atomically, Delivered, GcsLink, LinkStatus, OutboxItem};
+use crate::local::{GcsDelivery, LocalExit, LocalInfo, LocalJob, RegisterLocalJob};
+use crate::proc;
+use crate::store::{ImageMeta, ImageStore};
+
+/// Who is calling the local API (from `SO_PEERCRED`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller {
+    pub pid: Option<i32>,
+    pub uid: u32,
+}
+
+/// The service; cheap to clone.
+#[derive(Clone)]
+pub struct Cts {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: Config,
+    cts_type: CtsType,
+    instance: CtsInstance,
+    driver: Arc<dyn CoreCheckpointer>,
+    driver_check: String,
+    store: ImageStore,
+    link: GcsLink,
+    jobs: Mutex<HashMap<String, Arc<Job>>>,
+    in_flight: AtomicU64,
+    checkpoints_taken: AtomicU64,
+    cancel: CancellationToken,
+}
+
+/// A job running here.
+struct Job {
+    gid: String,
+    pid: i32,
+    start_time: u64,
+    uid: u32,
+    pidfd: Option<Arc<OwnedFd>>,
+    checkpoint_dir: PathBuf,
+    environment: Vec<Property>,
+    periodic: Option<Duration>,
+    registered_at: DateTime<Utc>,
+    gcs: Mutex<GcsDelivery>,
+    /// One checkpoint at a time per job.
+    lock: tokio::sync::Mutex<()>,
+    busy_since: Mutex<Option<(Origin, DateTime<Utc>)>>,
+    /// Checkpointed and stopped for migration: its exit is expected, not a finish.
+    stopping: AtomicBool,
+    /// Exit already handled (by the watcher or a wrapper's report).
+    gone: AtomicBool,
+    checkpoints: AtomicU64,
+    last_checkpoint: Mutex<Option<String>>,
+    cancel: CancellationToken,
+}
+
+/// What survives a CTS restart about a job (`<state_dir>/jobs/<key>.json`).
+#[derive(Debug, Serialize, Deserialize)]
+struct SavedJob {
+    gid: String,
+    pid: i32,
+    start_time: u64,
+    uid: u32,
+    checkpoint_dir: PathBuf,
+    environment: Vec<Property>,
+    periodic_interval_secs: Option<u64>,
+    registered_at: DateTime<Utc>,
+    checkpoints: u64,
+    last_checkpoint: Option<String>,
+}
+
+/// Load figures for status and FindCTS-style placement.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Load {
+    pub jobs: usize,
+    pub checkpoints_in_flight: u64,
+    pub checkpoints_taken: u64,
+    pub store_bytes: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_max_bytes: Option<u64>,
+}
+
+/// `GET /api/v1/status`: the instance, its type's fields, its driver, its GCS link and load.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub instance: CtsInstance,
+    pub descriptor: CtsType,
+    pub driver: String,
+    pub driver_check: String,
+    pub gcs: LinkStatus,
+    pub load: Load,
+}
+
+const MAX_GID_LEN: usize = 256;
+
+fn check_gid(gid: &str) -> Result<()> {
+    if gid.is_empty() || gid.len() > MAX_GID_LEN || gid.chars().any(|c| c.is_control()) {
+        return Err(Error::invalid(format!(
+            "a GID must be 1-{MAX_GID_LEN} printable characters, got {gid:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// A file-name-safe key for a GID (GIDs are chosen by brokers and may hold any character).
+fn job_key(gid: &str) -> String {
+    use sha2::Digest;
+    let safe: String = gid
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        .take(40)
+        .collect();
+    let hash = hex::encode(&sha2::Sha256::digest(gid.as_bytes())[..8]);
+    format!(
+        "{}{}{hash}",
+        safe.trim_start_matches('.'),
+        if safe.is_empty() { "" } else { "-" }
+    )
+}
+
+impl Cts {
+    /// Builds the service: checks the driver, opens the store and the outbox, reloads the
+    /// jobs of a previous run that still run. Background work starts with [`Cts::start`].
+    pub async fn new(
+        config: Config,
+        cts_type: CtsType,
+        driver: Arc<dyn CoreCheckpointer>,
+        http: reqwest::Client,
+    ) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let driver_check = driver.self_check().await.map_err(|e| {
+            anyhow::anyhow!(
+                "the {} core checkpointer is not usable: {}",
+                driver.kind(),
+                e.message
+            )
+        })?;
+        for dir in [
+            config.state_dir.join("jobs"),
+            config.state_dir.join("checkpoint"),
+        ] {
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let max = (config.store.max_bytes > 0).then_some(config.store.max_bytes);
+        let store =
+            ImageStore::open(&config.store_dir(), max).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let instance = CtsInstance {
+            name: config.name.clone(),
+            cts_type: cts_type.name.clone(),
+            url: format!(
+                "{}{}",
+                config.public_url(),
+                gca_protocol::ns::CTS_SERVICE_PATH
+            ),
+            execution_manager: config.execution_manager.clone(),
+            resource: config.resource.clone(),
+            registered_at: None,
+            last_seen: None,
+        };
+        let client = gca_protocol::client::SoapClient::new(http, config.gcs_endpoint());
+        let link = GcsLink::open(
+            client,
+            instance.clone(),
+            &config.state_dir.join("outbox"),
+            Duration::from_secs(config.heartbeat_secs),
+        )?;
+        let cts = Cts {
+            inner: Arc::new(Inner {
+                config,
+                cts_type,
+                instance,
+                driver,
+                driver_check,
+                store,
+                link,
+                jobs: Mutex::new(HashMap::new()),
+                in_flight: AtomicU64::new(0),
+                checkpoints_taken: AtomicU64::new(0),
+                cancel: CancellationToken::new(),
+            }),
+        };
+        cts.reload_jobs();
+        Ok(cts)
+    }
+
+    /// Starts the GCS link and the per-job watchers; they stop on [`Cts::shutdown`].
+    pub fn start(&self) {
+        tokio::spawn(self.inner.link.clone().run(self.inner.cancel.child_token()));
+        let jobs: Vec<Arc<Job>> = self.jobs().values().cloned().collect();
+        for job in jobs {
+            self.spawn_job_tasks(job);
+        }
+    }
+
+    pub fn shutdown(&self) {
+        self.inner.cancel.cancel();
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+    pub fn store(&self) -> &ImageStore {
+        &self.inner.store
+    }
+    pub fn instance(&self) -> &CtsInstance {
+        &self.inner.instance
+    }
+    pub fn link(&self) -> &GcsLink {
+        &self.inner.link
+    }
+
+    fn jobs(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Job>>> {
+        self.inner.jobs.lock().expect("jobs lock")
+    }
+
+    fn job(&self, gid: &str) -> Result<Arc<Job>> {
+        check_gid(gid)?;
+        self.jobs().get(gid).cloned().ok_or_else(|| {
+            Error::Fault(
+                Fault::resource_unknown(format!(
+                    "no job with GID {gid:?} runs under CTS {:?}; jobs are registered here by their wrapper (gca-exec) when they start",
+                    self.inner.instance.name
+                ))
+                .with_code("unknown-gid"),
+            )
+        })
+    }
+
+    pub fn status(&self) -> Status {
+        Status {
+            instance: self.inner.instance.clone(),
+            descriptor: self.inner.cts_type.clone(),
+            driver: self.inner.driver.kind().to_string(),
+            driver_check: self.inner.driver_check.clone(),
+            gcs: self.inner.link.status(),
+            load: Load {
+                jobs: self.jobs().len(),
+                checkpoints_in_flight: self.inner.in_flight.load(Ordering::Relaxed),
+                checkpoints_taken: self.inner.checkpoints_taken.load(Ordering::Relaxed),
+                store_bytes: self.inner.store.usage(),
+                store_max_bytes: (self.inner.config.store.max_bytes > 0)
+                    .then_some(self.inner.config.store.max_bytes),
+            },
+        }
+    }
+
+    pub fn local_info(&self) -> LocalInfo {
+        LocalInfo {
+            name: self.inner.instance.name.clone(),
+            cts_type: self.inner.cts_type.name.clone(),
+            resource: self.inner.instance.resource.clone(),
+            url: self.inner.instance.url.clone(),
+            socket: self.inner.config.local_socket(),
+            driver: self.inner.driver.kind().to_string(),
+        }
+    }
+
+    fn base_values(&self) -> Values {
+        let i = &self.inner.instance;
+        Values::new()
+            .set("CTS_URL", i.url.clone())
+            .set("CTS_NAME", i.name.clone())
+            .set("CTS_TYPE", i.cts_type.clone())
+            .set("RESOURCE", i.resource.clone())
+            .set("EXECUTION_MANAGER", i.execution_manager.clone())
+            .set(
+                "GCS_URL",
+                self.inner.config.gcs_url.trim_end_matches('/').to_string(),
+            )
+    }
+
+    fn job_values(&self, job: &Job) -> Values {
+        self.base_values()
+            .set("GID", job.gid.clone())
+            .set("CHECKPOINT_DIR", job.checkpoint_dir.display().to_string())
+            .set("PID", job.pid.to_string())
+    }
+
+    fn view(&self, job: &Job) -> LocalJob {
+        LocalJob {
+            gid: job.gid.clone(),
+            pid: job.pid,
+            state: if job.stopping.load(Ordering::SeqCst) {
+                JobState::Stopped
+            } else {
+                JobState::Running
+            },
+            checkpoint_dir: job.checkpoint_dir.clone(),
+            environment: job.environment.clone(),
+            periodic_interval_secs: job.periodic.map(|d| d.as_secs()),
+            registered_at: job.registered_at,
+            checkpoints: job.checkpoints.load(Ordering::SeqCst),
+            last_checkpoint: job.last_checkpoint.lock().expect("lock").clone(),
+            busy: job.busy_since.lock().expect("lock").is_some(),
+            gcs: *job.gcs.lock().expect("lock"),
+        }
+    }
+
+    pub fn list_jobs(&self) -> Vec<LocalJob> {
+        let jobs: Vec<Arc<Job>> = self.jobs().values().cloned().collect();
+        let mut out: Vec<LocalJob> = jobs.iter().map(|j| self.view(j)).collect();
+        out.sort_by(|a, b| a.gid.cmp(&b.gid));
+        out
+    }
+
+    pub fn get_job(&self, gid: &str) -> Result<LocalJob> {
+        let job = self.job(gid)?;
+        Ok(self.view(&job))
+    }
+
+    // ---- registration --------------------------------------------------------------------
+
+    /// A wrapper registers GID ↔ PID (paper 3.4.1); the CTS then tells the GCS it is in
+    /// charge of the GID. Idempotent for the same GID and process.
+    pub async fn register_job(&self, req: RegisterLocalJob, caller: Caller) -> Result<LocalJob> {
+        check_gid(&req.gid)?;
+        let Some(stat) = proc::stat(req.pid).filter(|s| s.state != 'Z') else {
+            return Err(Error::unknown(format!(
+                "no process with PID {} runs on this resource; a wrapper registers its own PID before it executes the job",
+                req.pid
+            )));
+        };
+        let uid = proc::uid(req.pid).unwrap_or(u32::MAX);
+        if caller.uid != 0 && caller.uid != uid {
+            return Err(Error::denied(format!(
+                "process {} belongs to user {uid}, not to the caller (user {}); a job can only register its own processes",
+                req.pid, caller.uid
+            )));
+        }
+        let periodic = self.periodic_for(req.periodic_interval_secs)?;
+        if let Some(existing) = self.jobs().get(&req.gid).cloned() {
+            if existing.pid == req.pid && existing.start_time == stat.start_time {
+                return Ok(self.view(&existing));
+            }
+            if proc::is_alive(existing.pid, existing.start_time) {
+                return Err(Error::conflict(format!(
+                    "GID {:?} is already registered here for process {}, which still runs",
+                    req.gid, existing.pid
+                )));
+            }
+        }
+        if let Some(other) = self
+            .jobs()
+            .values()
+            .find(|j| j.pid == req.pid && j.start_time == stat.start_time && j.gid != req.gid)
+        {
+            return Err(Error::conflict(format!(
+                "process {} is already registered as job {:?}",
+                req.pid, other.gid
+            )));
+        }
+        let key = job_key(&req.gid);
+        let checkpoint_dir = self.inner.config.state_dir.join("checkpoint").join(&key);
+        prepare_checkpoint_dir(&checkpoint_dir, uid).map_err(|e| {
+            anyhow::anyhow!(
+                "creating the checkpoint directory {}: {e}",
+                checkpoint_dir.display()
+            )
+        })?;
+        let values = self
+            .base_values()
+            .set("GID", req.gid.clone())
+            .set("CHECKPOINT_DIR", checkpoint_dir.display().to_string());
+        let environment = self
+            .inner
+            .cts_type
+            .environment
+            .iter()
+            .map(|p| {
+                placeholders::expand_partial(&p.value, &values)
+                    .map(|value| Property {
+                        name: p.name.clone(),
+                        value,
+                    })
+                    .map_err(|e| anyhow::anyhow!("the descriptor's environment {}: {e}", p.name))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        // Tell the GCS first: a conflict there (the GID runs elsewhere) refuses the job here.
+        let item = OutboxItem::RegisterJob(RegisterJob {
+            gid: req.gid.clone(),
+            cts_instance: self.inner.instance.name.clone(),
+            local_id: Some(req.pid.to_string()),
+            recovery: req.recovery.is_some(),
+            from_checkpoint: req
+                .recovery
+                .as_ref()
+                .and_then(|r| r.from_checkpoint.clone()),
+            state: req.recovery.as_ref().map(|_| JobState::Running),
+        });
+        let gcs = match self.inner.link.send(item, self.gcs_wait()).await {
+            Ok(Some(_)) => GcsDelivery::Registered,
+            Ok(None) => {
+                tracing::warn!(gid = %req.gid, "GCS unreachable; job accepted, its registration is queued");
+                GcsDelivery::Pending
+            }
+            Err(e) => {
+                let f: Fault = e.into();
+                return Err(Error::Fault(Fault {
+                    message: format!("the GCS refused job {:?}: {}", req.gid, f.message),
+                    ..f
+                }));
+            }
+        };
+        let job = Arc::new(Job {
+            gid: req.gid.clone(),
+            pid: req.pid,
+            start_time: stat.start_time,
+            uid,
+            pidfd: proc::pidfd(req.pid).map(Arc::new),
+            checkpoint_dir,
+            environment,
+            periodic,
+            registered_at: Utc::now(),
+            gcs: Mutex::new(gcs),
+            lock: tokio::sync::Mutex::new(()),
+            busy_since: Mutex::new(None),
+            stopping: AtomicBool::new(false),
+            gone: AtomicBool::new(false),
+            checkpoints: AtomicU64::new(0),
+            last_checkpoint: Mutex::new(None),
+            cancel: self.inner.cancel.child_token(),
+        });
+        if let Some(old) = self.jobs().insert(req.gid.clone(), job.clone()) {
+            old.cancel.cancel();
+        }
+        self.save_job(&job);
+        tracing::info!(gid = %job.gid, pid = job.pid, periodic_secs = ?job.periodic.map(|d| d.as_secs()), gcs = ?gcs, "job registered");
+        self.spawn_job_tasks(job.clone());
+        Ok(self.view(&job))
+    }
+
+    fn periodic_for(&self, asked: Option<u64>) -> Result<Option<Duration>> {
+        let c = &self.inner.config.checkpoint;
+        let secs = asked.unwrap_or(c.periodic_interval_secs);
+        if secs == 0 {
+            return Ok(None);
+        }
+        if !self.inner.cts_type.core_service.internal_checkpoints {
+            return Err(Error::invalid(format!(
+                "CTS type {:?} does not take internal checkpoints, so it cannot checkpoint jobs periodically",
+                self.inner.cts_type.name
+            )));
+        }
+        if secs < c.min_periodic_interval_secs {
+            return Err(Error::invalid(format!(
+                "a periodic checkpoint interval of {secs} s is shorter than this CTS allows ({} s)",
+                c.min_periodic_interval_secs
+            )));
+        }
+        Ok(Some(Duration::from_secs(secs)))
+    }
+
+    fn gcs_wait(&self) -> Duration {
+        Duration::from_secs(self.inner.config.gcs_wait_secs)
+    }
+
+    fn job_file(&self, gid: &str) -> PathBuf {
+        self.inner
+            .config
+            .state_dir
+            .join("jobs")
+            .join(format!("{}.json", job_key(gid)))
+    }
+
+    fn save_job(&self, job: &Job) {
+        let saved = SavedJob {
+            gid: job.gid.clone(),
+            pid: job.pid,
+            start_time: job.start_time,
+            uid: job.uid,
+            checkpoint_dir: job.checkpoint_dir.clone(),
+            environment: job.environment.clone(),
+            periodic_interval_secs: job.periodic.map(|d| d.as_secs()),
+            registered_at: job.registered_at,
+            checkpoints: job.checkpoints.load(Ordering::SeqCst),
+            last_checkpoint: job.last_checkpoint.lock().expect("lock").clone(),
+        };
+        let path = self.job_file(&job.gid);
+        let result = serde_json::to_vec_pretty(&saved)
+            .map_err(std::io::Error::other)
+            .and_then(|b| write_atomically(&path, &b));
+        if let Err(e) = result {
+            tracing::error!(gid = %job.gid, file = %path.display(), error = %e, "cannot save the job's state; it will be forgotten if the CTS restarts");
+        }
+    }
+
+    /// Jobs of a previous run that still run are taken back; the others are reported as
+    /// finished (their exit status is unknown).
+    fn reload_jobs(&self) {
+        let dir = self.inner.config.state_dir.join("jobs");
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("json") {
+                continue;
+            }
+            let saved: SavedJob = match std::fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+            {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(file = %path.display(), error = %e, "unreadable job state ignored");
+                    continue;
+                }
+            };
+            if !proc::is_alive(saved.pid, saved.start_time) {
+                tracing::info!(gid = %saved.gid, pid = saved.pid, "job of a previous run is gone; reporting it finished");
+                let _ = std::fs::remove_file(&path);
+                let _ = self
+                    .inner
+                    .link
+                    .enqueue_nowait(OutboxItem::JobFinished(JobFinished {
+                        gid: saved.gid,
+                        cts_instance: self.inner.instance.name.clone(),
+                        exit_status: None,
+                        signal: None,
+                    }));
+                continue;
+            }
+            let job = Arc::new(Job {
+                gid: saved.gid.clone(),
+                pid: saved.pid,
+                start_time: saved.start_time,
+                uid: saved.uid,
+                pidfd: proc::pidfd(saved.pid).map(Arc::new),
+                checkpoint_dir: saved.checkpoint_dir,
+                environment: saved.environment,
+                periodic: saved.periodic_interval_secs.map(Duration::from_secs),
+                registered_at: saved.registered_at,
+                gcs: Mutex::new(GcsDelivery::Registered),
+                lock: tokio::sync::Mutex::new(()),
+                busy_since: Mutex::new(None),
+                stopping: AtomicBool::new(false),
+                gone: AtomicBool::new(false),
+                checkpoints: AtomicU64::new(saved.checkpoints),
+                last_checkpoint: Mutex::new(saved.last_checkpoint),
+                cancel: self.inner.cancel.child_token(),
+            });
+            tracing::info!(gid = %job.gid, pid = job.pid, "job of a previous run taken back");
+            self.jobs().insert(job.gid.clone(), job);
+        }
+    }
+
+    // ---- checkpoints ---------------------------------------------------------------------
+
+    /// doCheckpoint from the GCS (paper 5.2 steps 4-9).
+    pub async fn do_checkpoint(&self, req: DoCheckpoint) -> Result<CheckpointRecord> {
+        if !self.inner.cts_type.core_service.external_checkpoints {
+            return Err(Error::conflict(format!(
+                "CTS type {:?} does not accept checkpoint requests; its jobs are checkpointed internally",
+                self.inner.cts_type.name
+            )));
+        }
+        let job = self.job(&req.gid)?;
+        let stop = req.stop || self.inner.config.checkpoint.stop_after;
+        let wait = Duration::from_secs(self.inner.config.checkpoint.busy_wait_secs);
+        let guard = match job.lock.try_lock() {
+            Ok(g) => g,
+            Err(_) => {
+                let busy = *job.busy_since.lock().expect("lock");
+                match tokio::time::timeout(wait, job.lock.lock()).await {
+                    Ok(g) => g,
+                    Err(_) => {
+                        let what = busy
+                            .map(|(o, t)| format!(" ({o}, started {})", fmt_time(&t)))
+                            .unwrap_or_default();
+                        return Err(Error::Fault(
+                            Fault::conflict(format!(
+                                "a checkpoint of job {:?} is already in progress{what}; retry when it has completed",
+                                req.gid
+                            ))
+                            .with_code("checkpoint-in-progress"),
+                        ));
+                    }
+                }
+            }
+        };
+        let record = self
+            .fresh_checkpoint_locked(&job, Origin::External, stop)
+            .await;
+        drop(guard);
+        record
+    }
+
+    /// A checkpoint the job took on its own comes first (so sequence numbers follow time),
+    /// then the requested one; the caller holds `job.lock`.
+    async fn fresh_checkpoint_locked(
+        &self,
+        job: &Arc<Job>,
+        origin: Origin,
+        stop: bool,
+    ) -> Result<CheckpointRecord> {
+        self.collect_internal_locked(job).await;
+        match self.checkpoint_locked(job, origin, stop).await {
+            // The job finished one of its own in between: collect it and ask again, once.
+            Err(Error::Driver(e)) if e.code == "internal-checkpoint-pending" => {
+                self.collect_internal_locked(job).await;
+                self.checkpoint_locked(job, origin, stop).await
+            }
+            other => other,
+        }
+    }
+
+    /// Takes one checkpoint; the caller holds `job.lock`.
+    async fn checkpoint_locked(
+        &self,
+        job: &Arc<Job>,
+        origin: Origin,
+        stop: bool,
+    ) -> Result<CheckpointRecord> {
+        if job.stopping.load(Ordering::SeqCst) {
+            return Err(Error::conflict(format!(
+                "job {:?} was stopped after its last checkpoint; recover it to checkpoint it again",
+                job.gid
+            )));
+        }
+        if !proc::is_alive(job.pid, job.start_time) {
+            return Err(Error::Fault(
+                Fault::resource_unknown(format!(
+                    "job {:?} (process {}) is no longer running; nothing was checkpointed",
+                    job.gid, job.pid
+                ))
+                .with_code("job-gone"),
+            ));
+        }
+        self.inner.in_flight.fetch_add(1, Ordering::SeqCst);
+        *job.busy_since.lock().expect("lock") = Some((origin, Utc::now()));
+        let result = self.take(job, origin, stop).await;
+        *job.busy_since.lock().expect("lock") = None;
+        self.inner.in_flight.fetch_sub(1, Ordering::SeqCst);
+        match &result {
+            Ok(r) => {
+                tracing::info!(gid = %job.gid, checkpoint.id = %r.id, checkpoint.sequence = ?r.sequence, origin = %origin, stopped = r.job_stopped, "checkpoint taken")
+            }
+            Err(e) => {
+                tracing::warn!(gid = %job.gid, origin = %origin, error = %e, "checkpoint failed")
+            }
+        }
+        result
+    }
+
+    fn new_image_id(&self) -> String {
+        let rand = uuid::Uuid::new_v4().simple().to_string();
+        format!(
+            "{}-{}-{}",
+            self.inner.instance.name,
+            Utc::now().format("%Y%m%dT%H%M%SZ"),
+            &rand[..12]
+        )
+    }
+
+    async fn take(&self, job: &Arc<Job>, origin: Origin, stop: bool) -> Result<CheckpointRecord> {
+        let id = self.new_image_id();
+        let staging = self.inner.store.stage(&id).await?;
+        let values = self
+            .job_values(job)
+            .set("IMAGE_ID", id.clone())
+            .set("IMAGE_DIR", staging.dir.display().to_string());
+        let handle = self.handle(job);
+        let timeout = self.inner.config.checkpoint_timeout();
+        let taken_at = Utc::now();
+        let outcome = match tokio::time::timeout(
+            timeout + Duration::from_secs(5),
+            self.inner.driver.checkpoint(CheckpointRequest {
+                job: &handle,
+                image_id: &id,
+                image_dir: &staging.dir,
+                leave_running: !stop,
+                values: &values,
+                timeout,
+            }),
+        )
+        .await
+        {
+            Ok(Ok(o)) => o,
+            Ok(Err(e)) => return Err(Error::Driver(e)),
+            Err(_) => {
+                return Err(Error::Driver(crate::driver::DriverError::timeout(format!(
+                    "the {} checkpoint of job {:?} did not finish within {timeout:?}",
+                    self.inner.driver.kind(),
+                    job.gid
+                ))))
+            }
+        };
+        if stop {
+            job.stopping.store(true, Ordering::SeqCst);
+            if !outcome.stopped {
+                self.stop_job(job).await;
+            }
+        }
+        let manifest = staging
+            .commit(ImageMeta {
+                gid: job.gid.clone(),
+                created_at: taken_at,
+                driver: self.inner.driver.kind().to_string(),
+                origin: origin.to_string(),
+                extra: [
+                    ("cts".to_string(), self.inner.instance.name.clone()),
+                    ("cts_type".to_string(), self.inner.cts_type.name.clone()),
+                    ("pid".to_string(), job.pid.to_string()),
+                    ("job_stopped".to_string(), stop.to_string()),
+                ]
+                .into_iter()
+                .collect(),
+            })
+            .await
+            .map_err(|e| {
+                if stop {
+                    tracing::error!(gid = %job.gid, error = %e, "job stopped but its image could not be stored");
+                }
+                e
+            })?;
+        let digest = self.inner.store.digest(&id).await?;
+        let record = CheckpointRecord {
+            id: id.clone(),
+            gid: job.gid.clone(),
+            sequence: None,
+            cts_name: self.inner.instance.name.clone(),
+            cts_type: self.inner.cts_type.name.clone(),
+            taken_at,
+            image_name: format!("{}/images/{id}", self.inner.config.public_url()),
+            execution_manager: self.inner.instance.execution_manager.clone(),
+            size_bytes: Some(manifest.total_bytes as i64),
+            digest: Some(digest),
+            parent: None,
+            origin,
+            job_stopped: stop,
+            registered_at: None,
+        };
+        job.checkpoints.fetch_add(1, Ordering::SeqCst);
+        *job.last_checkpoint.lock().expect("lock") = Some(id.clone());
+        self.inner.checkpoints_taken.fetch_add(1, Ordering::SeqCst);
+        self.save_job(job);
+        let item = OutboxItem::RegisterCheckpoint(RegisterCheckpoint {
+            checkpoint: record.clone(),
+        });
+        match self.inner.link.send(item, self.gcs_wait()).await {
+            Ok(Some(Delivered::Checkpoint(r))) => Ok(r.checkpoint),
+            Ok(_) => {
+                tracing::warn!(gid = %job.gid, checkpoint.id = %id, "GCS unreachable; checkpoint kept and its record queued");
+                Ok(record)
+            }
+            Err(e) => {
+                // The image is stored; the record is set aside in the outbox for an operator.
+                let f: Fault = e.into();
+                Err(Error::Fault(Fault {
+                    message: format!(
+                        "checkpoint {id:?} of job {:?} was taken and stored, but the GCS refused its record: {}",
+                        job.gid, f.message
+                    ),
+                    ..f
+                }))
+            }
+        }
+    }
+
+    fn handle(&self, job: &Job) -> JobHandle {
+        JobHandle {
+            gid: job.gid.clone(),
+            pid: job.pid,
+            pidfd: job.pidfd.clone(),
+            checkpoint_dir: job.checkpoint_dir.clone(),
+        }
+    }
+
+    /// Stops a job after a checkpoint: the configured signal, then SIGKILL after the grace.
+    async fn stop_job(&self, job: &Job) {
+        let c = &self.inner.config.checkpoint;
+        let sig = proc::parse_signal(&c.stop_signal).unwrap_or(rustix::process::Signal::TERM);
+        let fd = job.pidfd.as_deref();
+        if proc::send_signal(job.pid, fd, sig).is_err() {
+            return;
+        }
+        if !proc::wait_gone(
+            job.pid,
+            job.start_time,
+            Duration::from_secs(c.stop_grace_secs),
+        )
+        .await
+        {
+            tracing::warn!(gid = %job.gid, pid = job.pid, "job ignored {}; killing it", c.stop_signal);
+            let _ = proc::send_signal(job.pid, fd, rustix::process::Signal::KILL);
+            proc::wait_gone(job.pid, job.start_time, Duration::from_secs(5)).await;
+        }
+    }
+
+    /// Collects a checkpoint the job took on its own, if one is ready; the caller holds
+    /// `job.lock`. Failures are logged: nothing else depends on them.
+    async fn collect_internal_locked(&self, job: &Arc<Job>) {
+        if job.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        let id = self.new_image_id();
+        let staging = match self.inner.store.stage(&id).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(gid = %job.gid, error = %e, "cannot stage an internal checkpoint");
+                return;
+            }
+        };
+        let handle = self.handle(job);
+        let taken_at = Utc::now();
+        match self
+            .inner
+            .driver
+            .collect_internal(&handle, &staging.dir)
+            .await
+        {
+            Ok(false) => {}
+            Ok(true) => {
+                if let Err(e) = self.register_collected(job, staging, id, taken_at).await {
+                    tracing::warn!(gid = %job.gid, error = %e, "could not store a checkpoint the job took on its own");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(gid = %job.gid, error = %e.message, "could not collect a checkpoint the job took on its own")
+            }
+        }
+    }
+
+    async fn register_collected(
+        &self,
+        job: &Arc<Job>,
+        staging: crate::store::Staging,
+        id: String,
+        taken_at: DateTime<Utc>,
+    ) -> Result<()> {
+        self.inner.in_flight.fetch_add(1, Ordering::SeqCst);
+        let result = async {
+            let manifest = staging
+                .commit(ImageMeta {
+                    gid: job.gid.clone(),
+                    created_at: taken_at,
+                    driver: self.inner.driver.kind().to_string(),
+                    origin: Origin::Job.to_string(),
+                    extra: [("cts".to_string(), self.inner.instance.name.clone())]
+                        .into_iter()
+                        .collect(),
+                })
+                .await?;
+            let digest = self.inner.store.digest(&id).await?;
+            let record = CheckpointRecord {
+                id: id.clone(),
+                gid: job.gid.clone(),
+                sequence: None,
+                cts_name: self.inner.instance.name.clone(),
+                cts_type: self.inner.cts_type.name.clone(),
+                taken_at,
+                image_name: format!("{}/images/{id}", self.inner.config.public_url()),
+                execution_manager: self.inner.instance.execution_manager.clone(),
+                size_bytes: Some(manifest.total_bytes as i64),
+                digest: Some(digest),
+                parent: None,
+                origin: Origin::Job,
+                job_stopped: false,
+                registered_at: None,
+            };
+            job.checkpoints.fetch_add(1, Ordering::SeqCst);
+            *job.last_checkpoint.lock().expect("lock") = Some(id.clone());
+            self.inner.checkpoints_taken.fetch_add(1, Ordering::SeqCst);
+            self.save_job(job);
+            tracing::info!(gid = %job.gid, checkpoint.id = %id, "checkpoint taken by the job itself");
+            self.inner
+                .link
+                .enqueue_nowait(OutboxItem::RegisterCheckpoint(RegisterCheckpoint { checkpoint: record }))
+                .map_err(|e| Error::Fault(e.into()))
+        }
+        .await;
+        self.inner.in_flight.fetch_sub(1, Ordering::SeqCst);
+        result
+    }
+
+    // ---- per-job background work ---------------------------------------------------------
+
+    fn spawn_job_tasks(&self, job: Arc<Job>) {
+        // Exit watcher.
+        let cts = self.clone();
+        let j = job.clone();
+        tokio::spawn(async move {
+            if wait_exit(&j).await {
+                cts.job_exited(&j, None).await;
+            }
+        });
+        // Periodic checkpoints.
+        if let Some(every) = job.periodic {
+            let cts = self.clone();
+            let j = job.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = j.cancel.cancelled() => return,
+                        _ = tick.tick() => {}
+                    }
+                    let Ok(guard) = j.lock.try_lock() else {
+                        tracing::debug!(gid = %j.gid, "periodic checkpoint skipped: another one is in flight");
+                        continue;
+                    };
+                    let _ = cts
+                        .fresh_checkpoint_locked(&j, Origin::Periodic, false)
+                        .await;
+                    drop(guard);
+                    if j.stopping.load(Ordering::SeqCst) {
+                        return;
+                    }
+                }
+            });
+        }
+        // Checkpoints the job takes on its own.
+        if self.inner.cts_type.core_service.internal_checkpoints {
+            let cts = self.clone();
+            let every =
+                Duration::from_millis(self.inner.config.checkpoint.internal_poll_ms.max(10));
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = job.cancel.cancelled() => return,
+                        _ = tokio::time::sleep(every) => {}
+                    }
+                    if let Ok(guard) = job.lock.try_lock() {
+                        cts.collect_internal_locked(&job).await;
+                        drop(guard);
+                    }
+                }
+            });
+        }
+    }
+
+    /// The job's process is gone: collect a last internal checkpoint, forget the job, and tell
+    /// the GCS (unless it was stopped for migration, which the GCS already knows).
+    async fn job_exited(&self, job: &Arc<Job>, reported: Option<LocalExit>) {
+        if job.gone.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let (exit_status, signal) = match reported {
+            Some(r) => (r.exit_status, r.signal),
+            None => proc::stat(job.pid)
+                .filter(|s| s.start_time == job.start_time && s.state == 'Z')
+                .and_then(|s| s.exit_code)
+                .map(proc::decode_wait_status)
+                .unwrap_or((None, None)),
+        };
+        {
+            let _guard = job.lock.lock().await;
+            self.collect_internal_locked(job).await;
+        }
+        job.cancel.cancel();
+        {
+            let mut jobs = self.jobs();
+            if jobs.get(&job.gid).is_some_and(|j| Arc::ptr_eq(j, job)) {
+                jobs.remove(&job.gid);
+            }
+        }
+        let _ = std::fs::remove_file(self.job_file(&job.gid));
+        let _ = std::fs::remove_dir_all(&job.checkpoint_dir);
+        if job.stopping.load(Ordering::SeqCst) {
+            tracing::info!(gid = %job.gid, pid = job.pid, "job stopped after its checkpoint");
+            return;
+        }
+        tracing::info!(gid = %job.gid, pid = job.pid, exit_status = ?exit_status, signal = ?signal, "job finished");
+        let item = OutboxItem::JobFinished(JobFinished {
+            gid: job.gid.clone(),
+            cts_instance: self.inner.instance.name.clone(),
+            exit_status,
+            signal,
+        });
+        if let Err(e) = self.inner.link.enqueue_nowait(item) {
+            tracing::error!(gid = %job.gid, error = %e, "cannot queue the job's exit for the GCS");
+        }
+    }
+
+    /// A wrapper that is the job's parent (the recovery wrapper) reports how the job ended.
+    pub async fn report_exit(
+        &self,
+        gid: &str,
+        exit: LocalExit,
+        caller: Caller,
+    ) -> Result<LocalJob> {
+        let job = self.job(gid)?;
+        if caller.uid != 0 && caller.uid != job.uid {
+            return Err(Error::denied(format!(
+                "job {gid:?} belongs to user {}, not to the caller (user {})",
+                job.uid, caller.uid
+            )));
+        }
+        let view = self.view(&job);
+        self.job_exited(&job, Some(exit)).await;
+        Ok(view)
+    }
+}
+
+/// Waits until the job's process has exited (pidfd readable, or polling when there is none).
+/// Returns `false` when the job's tasks were cancelled first.
+async fn wait_exit(job: &Job) -> bool {
+    if let Some(fd) = &job.pidfd {
+        if let Ok(dup) = fd.try_clone() {
+            // The deprecation is about descriptors the AsyncFd does not own; this one is our
+            // own duplicate, owned by the AsyncFd and closed with it.
+            #[allow(deprecated)]
+            let registered =
+                tokio::io::unix::AsyncFd::with_interest(dup, tokio::io::Interest::READABLE);
+            if let Ok(afd) = registered {
+                tokio::select! {
+                    _ = job.cancel.cancelled() => return false,
+                    r = afd.readable() => {
+                        if r.is_ok() {
+                            return true;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    loop {
+        if !proc::is_alive(job.pid, job.start_time) {
+            return true;
+        }
+        tokio::select! {
+            _ = job.cancel.cancelled() => return false,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}
+
+/// Creates the per-job checkpoint directory, empty, owned by the job's user.
+fn prepare_checkpoint_dir(dir: &Path, uid: u32) -> std::io::Result<()> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir)?;
+    }
+    std::fs::create_dir_all(dir)?;
+    if rustix::process::getuid().is_root() && uid != 0 {
+        let owner = rustix::fs::Uid::from_raw(uid);
+        rustix::fs::chown(dir, Some(owner), None).map_err(std::io::Error::from)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,9 @@
+//! Integration tests of the Checkpoint Translation Service: real CTS servers registered at a
+//! real GCS (real PostgreSQL), real jobs, real CRIU, the application-level and the
+//! command-template drivers.
+
+mod app;
+mod criu;
+mod faults;
+mod outbox;
+mod template;
