@@ -60,10 +60,30 @@ pub const APP_DRIVER: &str = "kind = \"application\"\npoll_interval_ms = 20";
 
 impl TestCts {
     pub async fn start(setup: CtsSetup<'_>) -> Self {
-        crate::init_tracing();
         let dir = tempfile::Builder::new().prefix("cts").tempdir().unwrap();
+        Self::start_in(setup, dir).await
+    }
+
+    /// Stops this CTS and starts another one on the same state directory (a restart).
+    pub async fn restart(mut self, setup: CtsSetup<'_>) -> Self {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.await.expect("CTS task").expect("CTS result");
+        }
+        self.cts.shutdown();
+        let dir = tempfile::Builder::new().prefix("unused").tempdir().unwrap();
+        let dir = std::mem::replace(&mut self.dir, dir);
+        drop(self);
+        Self::start_in(setup, dir).await
+    }
+
+    async fn start_in(setup: CtsSetup<'_>, dir: tempfile::TempDir) -> Self {
+        crate::init_tracing();
         let state = dir.path().join("state");
         std::fs::create_dir_all(&state).unwrap();
+        let _ = std::fs::remove_file(state.join("cts.sock"));
         let descriptor_path = dir.path().join("descriptor.xml");
         std::fs::write(&descriptor_path, descriptor(setup.cts_type)).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

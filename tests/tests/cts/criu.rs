@@ -225,3 +225,58 @@ async fn criu_refusal_is_a_clear_fault_and_nothing_is_registered() {
     assert_eq!(images, 0, "no image may be left in the store");
     assert!(job.running(), "a failed dump must leave the job running");
 }
+
+#[tokio::test]
+async fn a_restarted_cts_takes_its_jobs_back() {
+    let gcs = TestGcs::start().await;
+    let gcs_url = gcs.url.clone();
+    let cts = TestCts::registered(&gcs, "cts-restart", "criu", CRIU_DRIVER, "").await;
+    let wsdl = integration_tests::http()
+        .get(format!(
+            "{}/wsrf/services/CheckpointTranslationService?wsdl",
+            cts.url
+        ))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        wsdl.contains("CheckpointTranslationService") && wsdl.contains(&cts.url),
+        "{wsdl}"
+    );
+    let job = TestJob::counter(cts.dir.path());
+    cts.register("gid-restart", job.pid).await;
+    let first = gcs
+        .call::<DoCheckpointOp>(DoCheckpoint {
+            gid: "gid-restart".into(),
+            stop: false,
+        })
+        .await
+        .unwrap();
+    let setup = CtsSetup {
+        name: "cts-restart",
+        cts_type: "criu",
+        gcs_url: &gcs_url,
+        driver: CRIU_DRIVER,
+        extra: "",
+    };
+    let cts = cts.restart(setup).await;
+    cts.wait_connected().await;
+    // The job is known again, and the GCS reaches the CTS at its new address.
+    let jobs = cts.local.jobs().await.unwrap();
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].pid, job.pid);
+    assert_eq!(jobs[0].last_checkpoint.as_deref(), Some(first.id.as_str()));
+    let second = gcs
+        .call::<DoCheckpointOp>(DoCheckpoint {
+            gid: "gid-restart".into(),
+            stop: false,
+        })
+        .await
+        .expect("doCheckpoint after the CTS restarted");
+    assert_eq!(second.sequence, Some(2));
+    assert!(cts.image_dir(&first.id).join("manifest.json").is_file());
+    assert!(job.running());
+}
