@@ -109,7 +109,8 @@ impl Default for CheckpointConfig {
 }
 
 /// The core checkpointer this CTS drives.
-#[derive(Debug, Clone, Deserialize)]
+/// Serialized for local callers: the recovery wrapper builds the same driver (`LocalInfo`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum DriverConfig {
     Criu(CriuConfig),

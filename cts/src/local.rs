@@ -30,10 +30,43 @@ pub struct RegisterLocalJob {
     pub recovery: Option<LocalRecovery>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A recovery registration (paper 5.3 step 11), in two steps: first with `restoring: true` and
+/// the wrapper's own PID while the image is being restored (the GCS routes the GID here in
+/// state `recovering`, and the CTS hands out the checkpoint directory and environment), then
+/// with `restoring: false` and the restored job's PID once it runs (state `running`). A
+/// wrapper whose restore failed withdraws the first step with `DELETE /v1/jobs/{gid}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LocalRecovery {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from_checkpoint: Option<String>,
+    /// The image is still being restored; `pid` is the recovery wrapper's.
+    #[serde(default)]
+    pub restoring: bool,
+}
+
+/// `POST /v1/images/fetch`: get a checkpoint's image into this CTS's store (fetched from the
+/// CTS that took it when it is not here yet) and check it against the digest the GCS
+/// recorded. The recovery wrapper restores from the returned directory; it never opens the
+/// store itself (the CTS holds its lock).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchImage {
+    pub checkpoint_id: String,
+    /// The record's `image_name`: `http(s)://<cts>/images/<id>`.
+    pub source: String,
+    /// The record's digest (`sha256:<hex>`); without one only the image's own manifest is
+    /// checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+}
+
+/// The answer to [`FetchImage`]: a verified image in the local store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchedImage {
+    pub checkpoint_id: String,
+    pub image_dir: PathBuf,
+    pub digest: String,
+    /// Copied from another CTS now (`false`: it was in this store already).
+    pub fetched: bool,
 }
 
 /// Whether the GCS has taken a registration yet.
@@ -85,6 +118,17 @@ pub struct LocalInfo {
     pub url: String,
     pub socket: PathBuf,
     pub driver: String,
+    /// The GCS this CTS reports to (its root URL or SOAP endpoint, as configured).
+    #[serde(default)]
+    pub gcs_url: String,
+    /// The driver configuration, so that the recovery wrapper builds the same core
+    /// checkpointer (`cts::make_driver`) and restores in its own process. Only on the socket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver_config: Option<crate::config::DriverConfig>,
+    /// The CTS type's recovery job parameters (patterns), appended to the job's arguments
+    /// when the wrapper starts a job itself (`Restored::StartJob`).
+    #[serde(default)]
+    pub recovery_job_parameters: Vec<String>,
 }
 
 /// Client for the local socket.
@@ -133,6 +177,17 @@ impl LocalClient {
     pub async fn exited(&self, gid: &str, exit: &LocalExit) -> Result<LocalJob, Fault> {
         let path = format!("/v1/jobs/{}/exit", gca_protocol::client::path_segment(gid));
         self.request("POST", &path, Some(exit)).await
+    }
+
+    /// Withdraws a recovery registration made with `restoring: true` (the restore failed);
+    /// the GCS keeps the job in state `recovering`, so it can be recovered again.
+    pub async fn abandon(&self, gid: &str) -> Result<LocalJob, Fault> {
+        let path = format!("/v1/jobs/{}", gca_protocol::client::path_segment(gid));
+        self.request::<(), _>("DELETE", &path, None).await
+    }
+
+    pub async fn fetch_image(&self, req: &FetchImage) -> Result<FetchedImage, Fault> {
+        self.request("POST", "/v1/images/fetch", Some(req)).await
     }
 
     async fn request<B: Serialize, T: DeserializeOwned>(

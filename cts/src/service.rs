@@ -19,7 +19,9 @@ use crate::config::Config;
 use crate::driver::{CheckpointRequest, CoreCheckpointer, JobHandle};
 use crate::error::{Error, Result};
 use crate::gcs_link::{write_atomically, Delivered, GcsLink, LinkStatus, OutboxItem};
-use crate::local::{GcsDelivery, LocalExit, LocalInfo, LocalJob, RegisterLocalJob};
+use crate::local::{
+    FetchImage, FetchedImage, GcsDelivery, LocalExit, LocalInfo, LocalJob, RegisterLocalJob,
+};
 use crate::proc;
 use crate::store::{ImageMeta, ImageStore};
 
@@ -44,6 +46,8 @@ struct Inner {
     driver_check: String,
     store: ImageStore,
     link: GcsLink,
+    /// For fetching images from other CTSes.
+    http: reqwest::Client,
     jobs: Mutex<HashMap<String, Arc<Job>>>,
     in_flight: AtomicU64,
     checkpoints_taken: AtomicU64,
@@ -67,6 +71,9 @@ struct Job {
     busy_since: Mutex<Option<(Origin, DateTime<Utc>)>>,
     /// Checkpointed and stopped for migration: its exit is expected, not a finish.
     stopping: AtomicBool,
+    /// A recovery wrapper (`pid`) is restoring the job's image: no checkpoints, and the
+    /// wrapper's exit is no finish (it registers the restored process next, or withdraws).
+    restoring: bool,
     /// Exit already handled (by the watcher or a wrapper's report).
     gone: AtomicBool,
     checkpoints: AtomicU64,
@@ -177,7 +184,7 @@ impl Cts {
             registered_at: None,
             last_seen: None,
         };
-        let client = gca_protocol::client::SoapClient::new(http, config.gcs_endpoint());
+        let client = gca_protocol::client::SoapClient::new(http.clone(), config.gcs_endpoint());
         let link = GcsLink::open(
             client,
             instance.clone(),
@@ -193,6 +200,7 @@ impl Cts {
                 driver_check,
                 store,
                 link,
+                http,
                 jobs: Mutex::new(HashMap::new()),
                 in_flight: AtomicU64::new(0),
                 checkpoints_taken: AtomicU64::new(0),
@@ -272,6 +280,9 @@ impl Cts {
             url: self.inner.instance.url.clone(),
             socket: self.inner.config.local_socket(),
             driver: self.inner.driver.kind().to_string(),
+            gcs_url: self.inner.config.gcs_url.clone(),
+            driver_config: Some(self.inner.config.driver.clone()),
+            recovery_job_parameters: self.inner.cts_type.recovery_job_parameters.clone(),
         }
     }
 
@@ -300,7 +311,9 @@ impl Cts {
         LocalJob {
             gid: job.gid.clone(),
             pid: job.pid,
-            state: if job.stopping.load(Ordering::SeqCst) {
+            state: if job.restoring {
+                JobState::Recovering
+            } else if job.stopping.load(Ordering::SeqCst) {
                 JobState::Stopped
             } else {
                 JobState::Running
@@ -347,12 +360,28 @@ impl Cts {
                 req.pid, caller.uid
             )));
         }
-        let periodic = self.periodic_for(req.periodic_interval_secs)?;
+        let restoring = req.recovery.as_ref().is_some_and(|r| r.restoring);
+        let periodic = if restoring {
+            None
+        } else {
+            self.periodic_for(req.periodic_interval_secs)?
+        };
+        // The second step of a recovery takes over the first one's directory and environment
+        // (the restored image may be in the directory already).
+        let mut taken_over: Option<Arc<Job>> = None;
         if let Some(existing) = self.jobs().get(&req.gid).cloned() {
             if existing.pid == req.pid && existing.start_time == stat.start_time {
                 return Ok(self.view(&existing));
             }
-            if proc::is_alive(existing.pid, existing.start_time) {
+            if existing.restoring && req.recovery.is_some() && !restoring {
+                if caller.uid != 0 && caller.uid != existing.uid {
+                    return Err(Error::denied(format!(
+                        "job {:?} is being recovered by user {}, not by the caller (user {})",
+                        req.gid, existing.uid, caller.uid
+                    )));
+                }
+                taken_over = Some(existing);
+            } else if proc::is_alive(existing.pid, existing.start_time) {
                 return Err(Error::conflict(format!(
                     "GID {:?} is already registered here for process {}, which still runs",
                     req.gid, existing.pid
@@ -371,30 +400,22 @@ impl Cts {
         }
         let key = job_key(&req.gid);
         let checkpoint_dir = self.inner.config.state_dir.join("checkpoint").join(&key);
-        prepare_checkpoint_dir(&checkpoint_dir, uid).map_err(|e| {
-            anyhow::anyhow!(
-                "creating the checkpoint directory {}: {e}",
-                checkpoint_dir.display()
-            )
-        })?;
+        if taken_over.is_none() {
+            prepare_checkpoint_dir(&checkpoint_dir, uid).map_err(|e| {
+                anyhow::anyhow!(
+                    "creating the checkpoint directory {}: {e}",
+                    checkpoint_dir.display()
+                )
+            })?;
+        }
         let values = self
             .base_values()
             .set("GID", req.gid.clone())
             .set("CHECKPOINT_DIR", checkpoint_dir.display().to_string());
-        let environment = self
-            .inner
-            .cts_type
-            .environment
-            .iter()
-            .map(|p| {
-                placeholders::expand_partial(&p.value, &values)
-                    .map(|value| Property {
-                        name: p.name.clone(),
-                        value,
-                    })
-                    .map_err(|e| anyhow::anyhow!("the descriptor's environment {}: {e}", p.name))
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
+        let environment = match &taken_over {
+            Some(t) => t.environment.clone(),
+            None => self.environment_for(&values)?,
+        };
         // Tell the GCS first: a conflict there (the GID runs elsewhere) refuses the job here.
         let item = OutboxItem::RegisterJob(RegisterJob {
             gid: req.gid.clone(),
@@ -405,7 +426,13 @@ impl Cts {
                 .recovery
                 .as_ref()
                 .and_then(|r| r.from_checkpoint.clone()),
-            state: req.recovery.as_ref().map(|_| JobState::Running),
+            state: req.recovery.as_ref().map(|r| {
+                if r.restoring {
+                    JobState::Recovering
+                } else {
+                    JobState::Running
+                }
+            }),
         });
         let gcs = match self.inner.link.send(item, self.gcs_wait()).await {
             Ok(Some(_)) => GcsDelivery::Registered,
@@ -435,6 +462,7 @@ impl Cts {
             lock: tokio::sync::Mutex::new(()),
             busy_since: Mutex::new(None),
             stopping: AtomicBool::new(false),
+            restoring,
             gone: AtomicBool::new(false),
             checkpoints: AtomicU64::new(0),
             last_checkpoint: Mutex::new(None),
@@ -443,10 +471,116 @@ impl Cts {
         if let Some(old) = self.jobs().insert(req.gid.clone(), job.clone()) {
             old.cancel.cancel();
         }
-        self.save_job(&job);
-        tracing::info!(gid = %job.gid, pid = job.pid, periodic_secs = ?job.periodic.map(|d| d.as_secs()), gcs = ?gcs, "job registered");
+        if !restoring {
+            self.save_job(&job);
+        }
+        tracing::info!(gid = %job.gid, pid = job.pid, periodic_secs = ?job.periodic.map(|d| d.as_secs()), gcs = ?gcs, recovery = ?req.recovery, "job registered");
         self.spawn_job_tasks(job.clone());
         Ok(self.view(&job))
+    }
+
+    fn environment_for(&self, values: &Values) -> anyhow::Result<Vec<Property>> {
+        self.inner
+            .cts_type
+            .environment
+            .iter()
+            .map(|p| {
+                placeholders::expand_partial(&p.value, values)
+                    .map(|value| Property {
+                        name: p.name.clone(),
+                        value,
+                    })
+                    .map_err(|e| anyhow::anyhow!("the descriptor's environment {}: {e}", p.name))
+            })
+            .collect()
+    }
+
+    /// Withdraws a recovery registration whose restore failed (`DELETE /v1/jobs/{gid}`). The
+    /// GCS is not told: the job stays `recovering` there and can be recovered again.
+    pub fn abandon_recovery(&self, gid: &str, caller: Caller) -> Result<LocalJob> {
+        let job = self.job(gid)?;
+        if !job.restoring {
+            return Err(Error::conflict(format!(
+                "job {gid:?} is not being recovered here; only a recovery registration that is still restoring can be withdrawn"
+            )));
+        }
+        if caller.uid != 0 && caller.uid != job.uid {
+            return Err(Error::denied(format!(
+                "job {gid:?} belongs to user {}, not to the caller (user {})",
+                job.uid, caller.uid
+            )));
+        }
+        self.forget(&job);
+        tracing::info!(gid = %gid, "recovery withdrawn by its wrapper");
+        Ok(self.view(&job))
+    }
+
+    /// Drops a restoring registration without telling the GCS.
+    fn forget(&self, job: &Arc<Job>) {
+        if job.gone.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        job.cancel.cancel();
+        let mut jobs = self.jobs();
+        if jobs.get(&job.gid).is_some_and(|j| Arc::ptr_eq(j, job)) {
+            jobs.remove(&job.gid);
+            drop(jobs);
+            let _ = std::fs::remove_dir_all(&job.checkpoint_dir);
+        }
+    }
+
+    /// `POST /v1/images/fetch`: the image of a checkpoint, verified, in this store: checked
+    /// in place when it is here already, else copied from the CTS that took it. Either way
+    /// its digest must be the one the GCS recorded.
+    pub async fn fetch_image(&self, req: FetchImage) -> Result<FetchedImage> {
+        let id = req.checkpoint_id.as_str();
+        crate::store::validate_id(id)?;
+        let store = &self.inner.store;
+        let check_digest = |have: &str| -> Result<()> {
+            match &req.digest {
+                Some(want) if !want.trim().eq_ignore_ascii_case(have) => Err(Error::Fault(
+                    Fault::new(
+                        gca_protocol::FaultKind::OperationFailed,
+                        format!(
+                            "image {id} in the store of CTS {:?} has digest {have}, the GCS recorded {want}: refusing a different or tampered image",
+                            self.inner.instance.name
+                        ),
+                    )
+                    .with_code("image-corrupt"),
+                )),
+                _ => Ok(()),
+            }
+        };
+        let fetched = match store.image_dir(id).await {
+            Ok(_) => {
+                store.verify(id).await?;
+                check_digest(&store.digest(id).await?)?;
+                false
+            }
+            Err(crate::store::StoreError::NotFound(_)) => {
+                let source = req.source.trim_end_matches('/');
+                let base = source
+                    .strip_suffix(&format!("/{id}"))
+                    .filter(|b| b.starts_with("http://") || b.starts_with("https://"))
+                    .ok_or_else(|| {
+                        Error::invalid(format!(
+                            "cannot fetch image {id} from {source:?}: expected the record's image name, http(s)://<cts>/images/{id}"
+                        ))
+                    })?;
+                crate::fetch::fetch_image(&self.inner.http, base, id, req.digest.as_deref(), store)
+                    .await
+                    .map_err(|e| Error::Fault(e.into()))?;
+                tracing::info!(checkpoint.id = %id, source = %source, "image fetched for a recovery");
+                true
+            }
+            Err(e) => return Err(e.into()),
+        };
+        Ok(FetchedImage {
+            checkpoint_id: id.to_string(),
+            image_dir: store.image_dir(id).await?,
+            digest: store.digest(id).await?,
+            fetched,
+        })
     }
 
     fn periodic_for(&self, asked: Option<u64>) -> Result<Option<Duration>> {
@@ -554,6 +688,7 @@ impl Cts {
                 lock: tokio::sync::Mutex::new(()),
                 busy_since: Mutex::new(None),
                 stopping: AtomicBool::new(false),
+                restoring: false,
                 gone: AtomicBool::new(false),
                 checkpoints: AtomicU64::new(saved.checkpoints),
                 last_checkpoint: Mutex::new(saved.last_checkpoint),
@@ -631,6 +766,12 @@ impl Cts {
         origin: Origin,
         stop: bool,
     ) -> Result<CheckpointRecord> {
+        if job.restoring {
+            return Err(Error::conflict(format!(
+                "job {:?} is being recovered; checkpoint it once it runs again",
+                job.gid
+            )));
+        }
         if job.stopping.load(Ordering::SeqCst) {
             return Err(Error::conflict(format!(
                 "job {:?} was stopped after its last checkpoint; recover it to checkpoint it again",
@@ -901,9 +1042,17 @@ impl Cts {
         let j = job.clone();
         tokio::spawn(async move {
             if wait_exit(&j).await {
-                cts.job_exited(&j, None).await;
+                if j.restoring {
+                    // The recovery wrapper died before the job ran: nothing finished.
+                    cts.forget(&j);
+                } else {
+                    cts.job_exited(&j, None).await;
+                }
             }
         });
+        if job.restoring {
+            return;
+        }
         // Periodic checkpoints.
         if let Some(every) = job.periodic {
             let cts = self.clone();
@@ -969,14 +1118,19 @@ impl Cts {
             self.collect_internal_locked(job).await;
         }
         job.cancel.cancel();
-        {
+        let current = {
             let mut jobs = self.jobs();
-            if jobs.get(&job.gid).is_some_and(|j| Arc::ptr_eq(j, job)) {
+            let current = jobs.get(&job.gid).is_some_and(|j| Arc::ptr_eq(j, job));
+            if current {
                 jobs.remove(&job.gid);
             }
+            current
+        };
+        // A recovery of the same GID may have registered meanwhile: its files stay.
+        if current {
+            let _ = std::fs::remove_file(self.job_file(&job.gid));
+            let _ = std::fs::remove_dir_all(&job.checkpoint_dir);
         }
-        let _ = std::fs::remove_file(self.job_file(&job.gid));
-        let _ = std::fs::remove_dir_all(&job.checkpoint_dir);
         if job.stopping.load(Ordering::SeqCst) {
             tracing::info!(gid = %job.gid, pid = job.pid, "job stopped after its checkpoint");
             return;

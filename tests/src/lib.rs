@@ -20,6 +20,7 @@ use tokio::sync::oneshot;
 pub mod cts;
 pub mod db;
 pub mod slurm;
+pub mod wrappers;
 
 pub const CRIU_DESCRIPTOR: &str = include_str!("../../schemas/examples/criu-cts.xml");
 pub const APP_DESCRIPTOR: &str = include_str!("../../schemas/examples/app-level-cts.xml");

@@ -1,4 +1,27 @@
-//! # gca-wrappers — execute- and recovery-job-wrappers
+//! # gca-wrappers — execute- and recovery-job-wrappers (GCA paper 3.4)
 //!
-//! Not built yet: `gca-exec` and `gca-recover` come with the job-wrapper issue. They will use
-//! `gca_protocol::placeholders` for parameter expansion, the same code the GCS uses.
+//! What the local resource manager runs instead of the job:
+//!
+//! - `gca-exec --gid GID --cts URL -- JOB [ARGS...]` ([`exec`]): registers GID ↔ its own PID
+//!   at the CTS of this resource, then `exec()`s the job, which keeps that PID.
+//! - `gca-recover --gid GID --image ID|latest --cts URL -- JOB [ARGS...]` ([`recover`]): gets
+//!   the image (verified against the GCS's digest) into the local CTS's store, moves the
+//!   job's routing here, restores the job as its own child, forwards signals to it and ends
+//!   like it.
+//!
+//! The binaries are thin; the logic is here: [`cli`] (clap), [`cts_target`] (`--cts`),
+//! [`exit`] (failure classes and exit codes), [`signals`] (forwarding, waiting, ending like
+//! the job). Placeholders are expanded with `gca_protocol::placeholders`, the code the GCS
+//! uses.
+
+pub mod cli;
+pub mod cts_target;
+pub mod exec;
+pub mod exit;
+pub mod recover;
+pub mod signals;
+
+/// `<wrapper>: <message>` on stderr.
+pub fn warn(wrapper: &str, message: &str) {
+    eprintln!("{wrapper}: {message}");
+}

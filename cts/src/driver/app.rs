@@ -108,7 +108,7 @@ pub const MANIFEST: &str = "manifest.json";
 const MAX_DEPTH: usize = 64;
 
 /// Configuration of the application-level driver (its section of the CTS configuration).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AppConfig {
     /// The signal that asks a job to checkpoint itself: `SIGUSR1`, `USR2`, `10`, ...

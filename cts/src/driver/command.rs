@@ -40,7 +40,7 @@ use super::{
 use crate::proc;
 
 /// How the command driver is configured (the `[driver]` table of a CTS of kind `command`).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CommandConfig {
     /// Takes a checkpoint of the running job into `{IMAGE_DIR}` and leaves it running.

@@ -37,7 +37,7 @@ pub const ENV_VAR: &str = "GCA_CRIU";
 pub const MIN_VERSION: (u32, u32) = (4, 1);
 
 /// How the CRIU driver is configured (the `[driver]` table of a CTS of kind `criu`).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CriuConfig {
     /// The `criu` binary. Default: `$GCA_CRIU`, else `criu` on `PATH`, else [`DEFAULT_PATH`].
@@ -518,6 +518,28 @@ impl CoreCheckpointer for Criu {
                 ));
             }
         }
+        // The PID can still be taken for a moment after /proc no longer shows it (a task being
+        // released); CRIU then fails with "Can't fork for PID: File exists": retry until the
+        // wait is over.
+        loop {
+            match self.restore_attempt(&req, started).await {
+                Err(e) if e.code == "pid-in-use" && started.elapsed() < wait => {
+                    tracing::debug!(job.gid = %req.gid, "a PID of the image is still taken; retrying the restore");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+impl Criu {
+    /// One `criu restore`.
+    async fn restore_attempt(
+        &self,
+        req: &RestoreRequest<'_>,
+        started: Instant,
+    ) -> Result<Restored, DriverError> {
         let work = make_work_dir(req.gid).map_err(|e| {
             DriverError::failed(format!(
                 "cannot create a work directory for restoring job {}: {e}",
@@ -609,6 +631,15 @@ fn restore_failure(msg: String, said: &str) -> DriverError {
     }
     if is_permission_problem(said) {
         return DriverError::new(FaultKind::AccessDenied, "criu-permission", msg);
+    }
+    // CRIU reopens the job's files by path: one that is gone on this resource fails the
+    // restore ("Can't open file ... on restore: No such file or directory").
+    if said.contains("No such file or directory") {
+        return DriverError::new(
+            FaultKind::OperationFailed,
+            "file-missing",
+            format!("{msg} (a file the job had open is missing on this resource)"),
+        );
     }
     DriverError::failed(msg)
 }

@@ -13,7 +13,7 @@ use gca_protocol::server::{self, ApiError};
 use serde::de::DeserializeOwned;
 use tokio::net::UnixListener;
 
-use crate::local::{LocalExit, LocalInfo, LocalJob, RegisterLocalJob};
+use crate::local::{FetchImage, FetchedImage, LocalExit, LocalInfo, LocalJob, RegisterLocalJob};
 use crate::service::{Caller, Cts};
 
 /// The peer of a UNIX socket connection.
@@ -41,7 +41,8 @@ pub fn router(cts: Cts) -> Router {
     Router::new()
         .route("/v1/info", get(info))
         .route("/v1/jobs", get(jobs).post(register))
-        .route("/v1/jobs/{gid}", get(job))
+        .route("/v1/jobs/{gid}", get(job).delete(abandon))
+        .route("/v1/images/fetch", post(fetch_image))
         .route("/v1/jobs/{gid}/exit", post(exit))
         .with_state(cts)
 }
@@ -76,6 +77,23 @@ async fn register(
 ) -> Result<Json<LocalJob>, ApiError> {
     let req: RegisterLocalJob = json_body(&cts, &headers, body).await?;
     Ok(Json(cts.register_job(req, caller).await?))
+}
+
+async fn abandon(
+    State(cts): State<Cts>,
+    ConnectInfo(UdsPeer(caller)): ConnectInfo<UdsPeer>,
+    Path(gid): Path<String>,
+) -> Result<Json<LocalJob>, ApiError> {
+    Ok(Json(cts.abandon_recovery(&gid, caller)?))
+}
+
+async fn fetch_image(
+    State(cts): State<Cts>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<FetchedImage>, ApiError> {
+    let req: FetchImage = json_body(&cts, &headers, body).await?;
+    Ok(Json(cts.fetch_image(req).await?))
 }
 
 async fn exit(

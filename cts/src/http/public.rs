@@ -87,7 +87,9 @@ async fn status(State(cts): State<Cts>) -> Json<Status> {
 
 /// Where the local registration socket is: wrappers given the CTS's URL find it here.
 async fn local(State(cts): State<Cts>) -> Json<LocalInfo> {
-    Json(cts.local_info())
+    let mut info = cts.local_info();
+    info.driver_config = None;
+    Json(info)
 }
 
 async fn jobs(State(cts): State<Cts>) -> Json<Vec<LocalJob>> {

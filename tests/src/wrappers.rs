@@ -1,0 +1,141 @@
+//! Wrapper harness: `gca-exec` and `gca-recover` as real processes, each in its own session
+//! (started with `setsid`, as under a resource manager), reaped and killed when dropped.
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+/// A workspace binary built alongside the tests (target/<profile>/NAME).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace's binaries (cargo build --workspace --bins)",
+        path.display()
+    );
+    path
+}
+
+/// A bash job that counts and appends each number to `log` through a descriptor it keeps
+/// open (like `TestJob::counter`).
+pub fn counter_script(log: &Path) -> String {
+    format!("exec 3>>{log:?}; i=0; while :; do i=$((i+1)); echo $i >&3; sleep 0.05; done")
+}
+
+/// The numbers in a counter's log.
+pub fn values(log: &Path) -> Vec<u64> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+/// A wrapper process (`gca-exec` becomes the job; `gca-recover` stays its parent).
+pub struct Wrapper {
+    pub child: Child,
+    pub pid: i32,
+    pub stderr: PathBuf,
+    status: Option<ExitStatus>,
+    /// Processes to kill before the wrapper (a restored job, our grandchild's PID).
+    adopted: Vec<i32>,
+}
+
+impl Wrapper {
+    /// `setsid BIN ARGS...`, stdin and stdout on /dev/null, stderr into a file in `dir`.
+    pub fn spawn(bin: &str, args: &[&str], dir: &Path) -> Self {
+        let stderr = dir.join(format!("{bin}-{}.err", uuid::Uuid::new_v4().simple()));
+        let child = Command::new("setsid")
+            .arg(binary(bin))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .expect("start the wrapper");
+        let pid = child.id() as i32;
+        // Our child is no process group leader, so `setsid` executes the wrapper in place.
+        Wrapper {
+            child,
+            pid,
+            stderr,
+            status: None,
+            adopted: Vec::new(),
+        }
+    }
+
+    /// Kill `pid` too when dropped (before the wrapper, while it cannot have been reused).
+    pub fn adopt(&mut self, pid: i32) {
+        self.adopted.push(pid);
+    }
+
+    pub fn stderr_text(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Waits (polling) for the wrapper to end; panics after `within`.
+    pub async fn wait(&mut self, within: Duration) -> ExitStatus {
+        if let Some(s) = self.status {
+            return s;
+        }
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                self.status = Some(s);
+                self.adopted.clear();
+                return s;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                panic!(
+                    "the wrapper (PID {}) did not end within {within:?}; stderr: {}",
+                    self.pid,
+                    self.stderr_text()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Exit code, or panics with what happened.
+    pub async fn code(&mut self, within: Duration) -> i32 {
+        let s = self.wait(within).await;
+        s.code().unwrap_or_else(|| {
+            panic!(
+                "the wrapper died of signal {:?}; stderr: {}",
+                s.signal(),
+                self.stderr_text()
+            )
+        })
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} {}", self.pid);
+    }
+
+    pub fn running(&self) -> bool {
+        cts::proc::stat(self.pid).is_some_and(|s| s.state != 'Z')
+    }
+}
+
+impl Drop for Wrapper {
+    fn drop(&mut self) {
+        for pid in self.adopted.drain(..) {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .stderr(Stdio::null())
+                .status();
+        }
+        if self.status.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

@@ -1,0 +1,154 @@
+//! Refusals: a tampered image is not restored; gca-exec without a CTS; programs that cannot be
+//! executed.
+
+use std::time::Duration;
+
+use gca_protocol::messages::*;
+use gca_protocol::ops::DoCheckpointOp;
+use integration_tests::cts::*;
+use integration_tests::wrappers::*;
+use integration_tests::TestGcs;
+
+const T: Duration = Duration::from_secs(20);
+
+#[tokio::test]
+async fn a_tampered_image_is_refused_before_anything_is_restored() {
+    let gcs = TestGcs::start().await;
+    let a = TestCts::registered(&gcs, "cts-a", "criu", CRIU_DRIVER, "").await;
+    let b = TestCts::registered(&gcs, "cts-b", "criu", CRIU_DRIVER, "").await;
+    let gid = "gid-wrap-tamper";
+    let log = a.dir.path().join("counter.log");
+    let url = a.url.clone();
+    let mut job = Wrapper::spawn(
+        "gca-exec",
+        &[
+            "--gid",
+            gid,
+            "--cts",
+            &url,
+            "--",
+            "bash",
+            "-c",
+            &counter_script(&log),
+        ],
+        a.dir.path(),
+    );
+    let pid = job.pid;
+    eventually(T, "the job runs registered", || async {
+        a.local.job(gid).await.is_ok() && values(&log).len() >= 3
+    })
+    .await;
+    let record = gcs
+        .call::<DoCheckpointOp>(DoCheckpoint {
+            gid: gid.into(),
+            stop: true,
+        })
+        .await
+        .unwrap();
+    job.wait(T).await;
+    // Flip one byte of the largest file of the image in A's store.
+    let dir = a.image_dir(&record.id);
+    let largest = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name() != "manifest.json")
+        .max_by_key(|e| e.metadata().unwrap().len())
+        .unwrap()
+        .path();
+    let mut bytes = std::fs::read(&largest).unwrap();
+    bytes[0] ^= 0xff;
+    std::fs::write(&largest, bytes).unwrap();
+
+    // On A (the image is in its store) and on B (fetched from A): refused, permanent.
+    for (cts, name) in [(&a, "A"), (&b, "B")] {
+        let socket = format!("unix:{}", cts.local.socket().display());
+        let mut rec = Wrapper::spawn(
+            "gca-recover",
+            &["--gid", gid, "--image", "latest", "--cts", &socket],
+            cts.dir.path(),
+        );
+        rec.adopt(pid);
+        let code = rec.code(T).await;
+        let err = rec.stderr_text();
+        assert_eq!(code, 65, "on {name}: {err}");
+        assert!(err.starts_with("gca-recover: "), "{err}");
+        assert!(err.contains(&record.id), "{err}");
+        assert!(
+            cts::proc::stat(pid).is_none(),
+            "nothing was restored on {name}"
+        );
+        assert!(cts.local.job(gid).await.is_err());
+    }
+    assert!(
+        !b.image_dir(&record.id).exists(),
+        "B kept no copy of a bad image"
+    );
+    let at_gcs = gcs_job(&gcs, gid).await;
+    assert_eq!(at_gcs.state, JobState::Stopped);
+    assert_eq!(at_gcs.recoveries, 0);
+}
+
+#[tokio::test]
+async fn gca_exec_refuses_without_a_cts_and_exits_like_a_shell() {
+    let dir = tempfile::tempdir().unwrap();
+    let ran = dir.path().join("ran");
+    let touch = format!("touch {ran:?}");
+    let nowhere = format!("unix:{}", dir.path().join("no-cts.sock").display());
+
+    // No CTS: refused (temporary), the job does not run.
+    let mut w = Wrapper::spawn(
+        "gca-exec",
+        &["--gid", "g1", "--cts", &nowhere, "--", "bash", "-c", &touch],
+        dir.path(),
+    );
+    assert_eq!(w.code(T).await, 75, "{}", w.stderr_text());
+    assert!(w.stderr_text().starts_with("gca-exec: "));
+    assert!(!ran.exists());
+    // Unless asked to run it uncheckpointable.
+    let mut w = Wrapper::spawn(
+        "gca-exec",
+        &[
+            "--gid",
+            "g1",
+            "--cts",
+            &nowhere,
+            "--run-uncheckpointable",
+            "--",
+            "bash",
+            "-c",
+            &touch,
+        ],
+        dir.path(),
+    );
+    assert_eq!(w.code(T).await, 0, "{}", w.stderr_text());
+    assert!(ran.exists());
+    assert!(w.stderr_text().contains("UNCHECKPOINTABLE"));
+
+    // Like a shell: 127 not found, 126 not executable.
+    let plain = dir.path().join("not-executable");
+    std::fs::write(&plain, "#!/bin/sh\n").unwrap();
+    for (program, code) in [
+        (dir.path().join("missing").display().to_string(), 127),
+        (plain.display().to_string(), 126),
+    ] {
+        let mut w = Wrapper::spawn(
+            "gca-exec",
+            &[
+                "--gid",
+                "g2",
+                "--cts",
+                &nowhere,
+                "--run-uncheckpointable",
+                "--",
+                &program,
+            ],
+            dir.path(),
+        );
+        assert_eq!(w.code(T).await, code, "{}", w.stderr_text());
+        assert!(w.stderr_text().contains(&program));
+    }
+
+    // A wrong command line is a usage error.
+    let mut w = Wrapper::spawn("gca-recover", &["--gid", "g"], dir.path());
+    assert_eq!(w.code(T).await, 64);
+}

@@ -1,0 +1,6 @@
+//! The job wrappers end to end: `gca-exec` and `gca-recover` as real processes, real CTS
+//! servers (two of one type stand for two resources), a real GCS on PostgreSQL, real CRIU.
+
+mod app;
+mod criu;
+mod failures;

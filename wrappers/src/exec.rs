@@ -1,0 +1,92 @@
+//! gca-exec: register, then become the job.
+
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+use cts::local::RegisterLocalJob;
+
+use crate::cli::ExecArgs;
+use crate::exit::{self, Failure};
+use crate::{cts_target, warn};
+
+/// Runs gca-exec; returns only when the job could not be executed (the exit code to use).
+pub fn run(args: ExecArgs) -> i32 {
+    let registered = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => {
+            let r = rt.block_on(register(&args));
+            drop(rt);
+            r
+        }
+        Err(e) => Err(Failure::new(
+            exit::Class::Internal,
+            format!("cannot start the async runtime: {e}"),
+        )),
+    };
+    let program = &args.job[0];
+    let mut cmd = Command::new(program);
+    cmd.args(&args.job[1..]);
+    match registered {
+        Ok(job) => {
+            for p in &job.environment {
+                cmd.env(&p.name, &p.value);
+            }
+            cmd.env("GCA_CHECKPOINT_DIR", &job.checkpoint_dir);
+        }
+        Err(f) if args.run_uncheckpointable => {
+            warn(
+                "gca-exec",
+                &format!(
+                    "{f}; running job {:?} UNCHECKPOINTABLE as asked (--run-uncheckpointable)",
+                    args.gid
+                ),
+            );
+        }
+        Err(f) => {
+            warn(
+                "gca-exec",
+                &format!(
+                    "{f}; job {:?} was not started (a job that cannot be registered cannot be checkpointed; add --run-uncheckpointable to run it anyway)",
+                    args.gid
+                ),
+            );
+            return f.code();
+        }
+    }
+    let err = cmd.exec();
+    let code = match err.kind() {
+        std::io::ErrorKind::NotFound => exit::NOT_FOUND,
+        _ => exit::NOT_EXECUTABLE,
+    };
+    warn(
+        "gca-exec",
+        &format!(
+            "cannot execute the job program {}: {err}",
+            program.to_string_lossy()
+        ),
+    );
+    code
+}
+
+async fn register(args: &ExecArgs) -> Result<cts::local::LocalJob, Failure> {
+    let cts = cts_target::connect(&args.cts).await?;
+    cts.client
+        .register(&RegisterLocalJob {
+            gid: args.gid.clone(),
+            pid: std::process::id() as i32,
+            periodic_interval_secs: args.periodic,
+            recovery: None,
+        })
+        .await
+        .map_err(|f| {
+            Failure::fault(
+                format!(
+                    "cannot register job {:?} at CTS {:?}",
+                    args.gid, cts.info.name
+                ),
+                &f,
+            )
+        })
+}

@@ -1,0 +1,367 @@
+//! gca-recover: the recovery flow (paper 5.3 steps 9-12).
+//!
+//! 1. Ask the CTS about itself (type, driver configuration, GCS) and the GCS about the
+//!    checkpoint (`GetRecoveryInfo`: `latest` or an ID), and check this CTS can recover it.
+//! 2. Have the CTS get the image into its store (`POST /v1/images/fetch`): fetched from the
+//!    CTS that took it, or checked in place, against the digest the GCS recorded. A corrupt
+//!    or tampered image stops here, before anything is registered or restored.
+//! 3. Register the recovery at the CTS with `restoring: true` (the GCS routes the GID here,
+//!    state `recovering`); the CTS hands out the checkpoint directory and environment.
+//! 4. Restore through the same core checkpointer the CTS drives (`cts::make_driver`), in this
+//!    process: a CRIU-restored job is our child; an application-level job is started by us
+//!    with the type's recovery job parameters. A failed restore withdraws step 3.
+//! 5. Register the running job (state `running`; the GCS counts the recovery once).
+//! 6. Forward signals to the job; when it ends, tell the CTS how (so the GCS gets
+//!    `JobFinished` with the real status), reap it and end the same way.
+
+use std::ffi::OsString;
+use std::time::Duration;
+
+use cts::driver::{RestoreRequest, Restored};
+use cts::local::{FetchImage, LocalExit, LocalJob, LocalRecovery, RegisterLocalJob};
+use gca_protocol::client::SoapClient;
+use gca_protocol::messages::{GetRecoveryInfo, RecoveryInfo};
+use gca_protocol::ops::GetRecoveryInfoOp;
+use gca_protocol::placeholders::{self, Values};
+use gca_protocol::transport;
+
+use crate::cli::RecoverArgs;
+use crate::cts_target::{self, Cts};
+use crate::exit::{Class, Failure};
+use crate::signals::{self, Ended, Forwarder};
+use crate::warn;
+
+/// Runs gca-recover to the end: returns the failure when the job could not be recovered;
+/// once the job ran, this process ends like the job and never returns.
+pub async fn run(args: RecoverArgs) -> Failure {
+    // Catch signals from the start: one that comes during the restore reaches the job once
+    // it runs.
+    let forwarder = match Forwarder::install() {
+        Ok(f) => f,
+        Err(e) => {
+            return Failure::new(
+                Class::Internal,
+                format!("cannot install signal handlers: {e}"),
+            )
+        }
+    };
+    let cts = match cts_target::connect(&args.cts).await {
+        Ok(c) => c,
+        Err(f) => return f,
+    };
+    let (info, image_dir) = match locate(&args, &cts).await {
+        Ok(x) => x,
+        Err(f) => return f,
+    };
+    let checkpoint = &info.checkpoint;
+    let recovery = |restoring| LocalRecovery {
+        from_checkpoint: Some(checkpoint.id.clone()),
+        restoring,
+    };
+    let me = std::process::id() as i32;
+    let registered = match cts
+        .client
+        .register(&RegisterLocalJob {
+            gid: args.gid.clone(),
+            pid: me,
+            periodic_interval_secs: None,
+            recovery: Some(recovery(true)),
+        })
+        .await
+    {
+        Ok(j) => j,
+        Err(f) => {
+            return Failure::fault(
+                format!(
+                    "CTS {:?} refused to take over job {:?}",
+                    cts.info.name, args.gid
+                ),
+                &f,
+            )
+        }
+    };
+    let pid = match restore(&args, &cts, &info, &image_dir, &registered).await {
+        Ok(pid) => pid,
+        Err(f) => {
+            if let Err(e) = cts.client.abandon(&args.gid).await {
+                warn(
+                    "gca-recover",
+                    &format!(
+                        "could not withdraw the recovery registration: {}",
+                        e.message
+                    ),
+                );
+            }
+            return f;
+        }
+    };
+    let forwarding = forwarder.start(pid);
+    if let Err(f) = cts
+        .client
+        .register(&RegisterLocalJob {
+            gid: args.gid.clone(),
+            pid,
+            periodic_interval_secs: args.periodic,
+            recovery: Some(recovery(false)),
+        })
+        .await
+    {
+        warn(
+            "gca-recover",
+            &format!(
+                "job {:?} runs again (PID {pid}) but CTS {:?} did not register it: {}; it cannot be checkpointed until it is recovered again",
+                args.gid, cts.info.name, f.message
+            ),
+        );
+    }
+    let ended = match tokio::task::spawn_blocking(move || signals::wait_ended(pid)).await {
+        Ok(Ok(e)) => e,
+        Ok(Err(e)) => {
+            forwarding.stop();
+            return Failure::new(
+                Class::Internal,
+                format!("cannot wait for job {:?} (PID {pid}): {e}", args.gid),
+            );
+        }
+        Err(e) => {
+            forwarding.stop();
+            return Failure::new(Class::Internal, format!("waiting task failed: {e}"));
+        }
+    };
+    forwarding.stop();
+    // Report while the job is still a zombie, then reap it.
+    let exit = match ended {
+        Ended::Exited(code) => LocalExit {
+            exit_status: Some(code),
+            signal: None,
+        },
+        Ended::Signaled(sig) => LocalExit {
+            exit_status: None,
+            signal: Some(sig),
+        },
+    };
+    if let Err(f) = cts.client.exited(&args.gid, &exit).await {
+        // The CTS may have seen the exit itself already (it watches the process too).
+        if f.code.as_deref() != Some("unknown-gid") {
+            warn(
+                "gca-recover",
+                &format!(
+                    "could not report how job {:?} ended: {}",
+                    args.gid, f.message
+                ),
+            );
+        }
+    }
+    signals::reap(pid);
+    signals::end_like(ended)
+}
+
+/// Steps 1 and 2: the checkpoint from the GCS, and its verified image in the local store.
+async fn locate(
+    args: &RecoverArgs,
+    cts: &Cts,
+) -> Result<(RecoveryInfo, std::path::PathBuf), Failure> {
+    let gcs_url = args
+        .gcs
+        .clone()
+        .filter(|u| !u.trim().is_empty())
+        .unwrap_or_else(|| cts.info.gcs_url.clone());
+    if gcs_url.trim().is_empty() {
+        return Err(Failure::new(
+            Class::Usage,
+            "no GCS known: CTS does not name one; give --gcs URL or set GCA_GCS_URL",
+        ));
+    }
+    let http = transport::http_client(&transport::ClientSettings::default())
+        .map_err(|e| Failure::new(Class::Internal, format!("HTTP client: {e:#}")))?;
+    let gcs = SoapClient::new(http, gcs_endpoint(&gcs_url));
+    let info = gcs
+        .call::<GetRecoveryInfoOp>(&GetRecoveryInfo {
+            gid: args.gid.clone(),
+            image: args.image.clone(),
+        })
+        .await
+        .map_err(|f| {
+            Failure::fault(
+                format!(
+                    "the GCS at {gcs_url} cannot say how to recover job {:?} from image {:?}",
+                    args.gid, args.image
+                ),
+                &f,
+            )
+        })?;
+    if info.cts_type != cts.info.cts_type {
+        return Err(Failure::new(
+            Class::Permanent,
+            format!(
+                "checkpoint {} of job {:?} was taken by a CTS of type {:?}; CTS {:?} here is of type {:?} and cannot restore it: run gca-recover on a resource with a {:?} CTS (GetRecoveryInfo lists them)",
+                info.checkpoint.id, args.gid, info.cts_type, cts.info.name, cts.info.cts_type, info.cts_type
+            ),
+        ));
+    }
+    if info.same_resource_only && info.original_resource.as_deref() != Some(&cts.info.resource) {
+        return Err(Failure::new(
+            Class::Permanent,
+            format!(
+                "CTS type {:?} recovers jobs only on the resource that checkpointed them ({}), not on {:?}",
+                info.cts_type,
+                info.original_resource.as_deref().unwrap_or("unknown"),
+                cts.info.resource
+            ),
+        ));
+    }
+    let fetched = cts
+        .client
+        .clone()
+        .with_timeout(Duration::from_secs(3600))
+        .fetch_image(&FetchImage {
+            checkpoint_id: info.checkpoint.id.clone(),
+            source: info.checkpoint.image_name.clone(),
+            digest: info.checkpoint.digest.clone(),
+        })
+        .await
+        .map_err(|f| {
+            let what = format!(
+                "image {} of job {:?} (from {}) cannot be used",
+                info.checkpoint.id, args.gid, info.checkpoint.image_name
+            );
+            let mut failure = Failure::fault(what, &f);
+            if failure.class == Class::Permanent {
+                failure
+                    .message
+                    .push_str("; nothing was restored: recover from another image");
+            }
+            failure
+        })?;
+    Ok((info, fetched.image_dir))
+}
+
+/// The SOAP endpoint of a GCS given its root URL or its endpoint.
+fn gcs_endpoint(url: &str) -> String {
+    let url = url.trim_end_matches('/');
+    match reqwest::Url::parse(url) {
+        Ok(u) if u.path() != "/" && !u.path().is_empty() => url.to_string(),
+        _ => format!("{url}{}", gca_protocol::ns::GCS_SERVICE_PATH),
+    }
+}
+
+/// Steps 4: restore with the CTS's core checkpointer; returns the running job's PID, a child
+/// of this process.
+async fn restore(
+    args: &RecoverArgs,
+    cts: &Cts,
+    info: &RecoveryInfo,
+    image_dir: &std::path::Path,
+    registered: &LocalJob,
+) -> Result<i32, Failure> {
+    let Some(driver_config) = &cts.info.driver_config else {
+        return Err(Failure::new(
+            Class::Internal,
+            format!(
+                "CTS {:?} does not tell its driver configuration on its local socket; update the CTS",
+                cts.info.name
+            ),
+        ));
+    };
+    let driver = cts::make_driver(driver_config).map_err(|e| {
+        Failure::new(
+            Class::Internal,
+            format!(
+                "cannot set up the {} core checkpointer: {e:#}",
+                cts.info.driver
+            ),
+        )
+    })?;
+    let values = Values::new()
+        .set("GID", args.gid.clone())
+        .set("IMAGE_ID", info.checkpoint.id.clone())
+        .set(
+            "SEQUENCE",
+            info.checkpoint.sequence.unwrap_or_default().to_string(),
+        )
+        .set(
+            "CHECKPOINT_DIR",
+            registered.checkpoint_dir.display().to_string(),
+        )
+        .set("IMAGE_DIR", image_dir.display().to_string())
+        .set("CTS_URL", cts.info.url.clone())
+        .set("CTS_NAME", cts.info.name.clone())
+        .set("CTS_TYPE", cts.info.cts_type.clone())
+        .set("RESOURCE", cts.info.resource.clone())
+        .set("GCS_URL", cts.info.gcs_url.clone());
+    let restored = driver
+        .restore(RestoreRequest {
+            gid: &args.gid,
+            image_dir,
+            checkpoint_dir: &registered.checkpoint_dir,
+            values: &values,
+            timeout: Duration::from_secs(args.timeout.max(1)),
+        })
+        .await
+        .map_err(|e| {
+            let f: gca_protocol::Fault = e.into();
+            Failure::fault(
+                format!(
+                    "restoring job {:?} from image {} failed",
+                    args.gid, info.checkpoint.id
+                ),
+                &f,
+            )
+        })?;
+    match restored {
+        Restored::Running { pid } => Ok(pid),
+        Restored::StartJob => start_job(args, cts, &values, registered),
+    }
+}
+
+/// Application-level recovery: JOB ARGS + the type's recovery job parameters, as our child,
+/// with the registration's environment.
+fn start_job(
+    args: &RecoverArgs,
+    cts: &Cts,
+    values: &Values,
+    registered: &LocalJob,
+) -> Result<i32, Failure> {
+    let Some((program, rest)) = args.job.split_first() else {
+        return Err(Failure::new(
+            Class::Usage,
+            format!(
+                "the image of job {:?} is in place, but CTS type {:?} needs the job restarted: give the job after `--` (gca-recover ... -- JOB [ARGS...])",
+                args.gid, cts.info.cts_type
+            ),
+        ));
+    };
+    let extra =
+        placeholders::expand_all(&cts.info.recovery_job_parameters, values).map_err(|e| {
+            Failure::new(
+                Class::Permanent,
+                format!(
+                    "the recovery job parameters of CTS type {:?} cannot be filled in: {e}",
+                    cts.info.cts_type
+                ),
+            )
+        })?;
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(rest).args(extra.iter().map(OsString::from));
+    for p in &registered.environment {
+        cmd.env(&p.name, &p.value);
+    }
+    cmd.env("GCA_CHECKPOINT_DIR", &registered.checkpoint_dir);
+    let child = cmd.spawn().map_err(|e| {
+        let class = match e.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied => {
+                Class::Environment
+            }
+            _ => Class::Internal,
+        };
+        Failure::new(
+            class,
+            format!(
+                "cannot start the job program {}: {e}",
+                program.to_string_lossy()
+            ),
+        )
+    })?;
+    // Waited for with waitpid by PID, like a CRIU-restored job.
+    Ok(child.id() as i32)
+}
