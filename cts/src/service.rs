@@ -837,7 +837,7 @@ impl Cts {
         .await
         {
             Ok(Ok(o)) => o,
-            Ok(Err(e)) => return Err(Error::Driver(e)),
+            Ok(Err(e)) => return Err(Error::Driver(self.keep_failure_logs(&id, &staging.dir, e))),
             Err(_) => {
                 return Err(Error::Driver(crate::driver::DriverError::timeout(format!(
                     "the {} checkpoint of job {:?} did not finish within {timeout:?}",
@@ -916,6 +916,42 @@ impl Cts {
                 }))
             }
         }
+    }
+
+    /// The staging directory of a failed checkpoint is removed; its logs (CRIU's `dump.log`,
+    /// a command's `command.log`) are kept under `<state_dir>/failed/<image id>/` for the
+    /// operator, and the error points there.
+    fn keep_failure_logs(
+        &self,
+        id: &str,
+        staging: &Path,
+        mut e: crate::driver::DriverError,
+    ) -> crate::driver::DriverError {
+        let keep = self.inner.config.state_dir.join("failed").join(id);
+        let Ok(entries) = std::fs::read_dir(staging) else {
+            return e;
+        };
+        let mut kept = false;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let is_log = name.to_string_lossy().ends_with(".log");
+            if is_log && entry.file_type().is_ok_and(|t| t.is_file()) {
+                if std::fs::create_dir_all(&keep).is_ok()
+                    && std::fs::copy(entry.path(), keep.join(&name)).is_ok()
+                {
+                    kept = true;
+                }
+            }
+        }
+        if kept {
+            let staged = staging.display().to_string();
+            e.message = if e.message.contains(&staged) {
+                e.message.replace(&staged, &keep.display().to_string())
+            } else {
+                format!("{} (logs kept in {})", e.message, keep.display())
+            };
+        }
+        e
     }
 
     fn handle(&self, job: &Job) -> JobHandle {

@@ -33,6 +33,12 @@ pub struct ExecArgs {
     /// (default: refuse to run it).
     #[arg(long)]
     pub run_uncheckpointable: bool,
+    /// Stay in the caller's session. By default gca-exec starts a new session (setsid) so
+    /// that the job is the leader of its own, as system-level checkpointers like CRIU need
+    /// (otherwise the CTS must dump with `shell_job = true`). Note that a new session has no
+    /// controlling terminal.
+    #[arg(long)]
+    pub keep_session: bool,
     /// The job and its arguments, after `--`.
     #[arg(last = true, required = true, value_name = "JOB")]
     pub job: Vec<OsString>,

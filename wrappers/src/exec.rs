@@ -11,6 +11,12 @@ use crate::{cts_target, warn};
 
 /// Runs gca-exec; returns only when the job could not be executed (the exit code to use).
 pub fn run(args: ExecArgs) -> i32 {
+    if !args.keep_session {
+        // Fails (EPERM) only when we lead a process group already, e.g. a session leader
+        // that Slurm or `setsid` started: then the job leads its session anyway, or the site
+        // configures its CTS with `shell_job = true`.
+        let _ = rustix::process::setsid();
+    }
     let registered = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

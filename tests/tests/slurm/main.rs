@@ -62,3 +62,5 @@ fn scancel_delivers_sigterm() {
     assert_eq!(text.trim(), "got TERM");
     assert_eq!(slurm::wait_finished(id, WAIT), "CANCELLED");
 }
+
+mod through_wrappers;

@@ -1,0 +1,121 @@
+//! The wrappers through a real resource manager: a job submitted with `gca-exec` is
+//! checkpointed through the GCS and stopped, resubmitted with `gca-recover`, continues from its
+//! state, and `scancel` of the recovered job reaches it through the wrapper; Slurm records the
+//! job's own exit status.
+
+use std::time::Duration;
+
+use gca_protocol::messages::*;
+use gca_protocol::ops::DoCheckpointOp;
+use integration_tests::cts::*;
+use integration_tests::slurm::{self, JobGuard, Submit};
+use integration_tests::wrappers::{binary, values};
+use integration_tests::TestGcs;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.expect("blocking task")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_checkpoint_stop_resubmit_recover_and_scancel() {
+    slurm::check_cluster();
+    let gcs = TestGcs::start().await;
+    let cts = TestCts::registered(&gcs, "cts-slurm", "criu", CRIU_DRIVER, "").await;
+    let dir = tempfile::Builder::new()
+        .prefix("gca-slurm")
+        .tempdir()
+        .unwrap();
+    let log = dir.path().join("counter.log");
+    let flag = dir.path().join("term.txt");
+    // The job: counts through an open descriptor; on SIGTERM it notes it and exits 3.
+    let job = format!(
+        "trap 'echo got TERM >> {flag:?}; exit 3' TERM; exec 3>>{log:?}; i=0; while :; do i=$((i+1)); echo $i >&3; sleep 0.05; done"
+    );
+    let script = dir.path().join("job.sh");
+    std::fs::write(&script, job).unwrap();
+    // Submitted with the shipped example batch scripts.
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/slurm");
+    let mut submit = Submit::new("gca-exec", dir.path());
+    submit.extra.push(format!(
+        "--export=ALL,GID=gid-slurm,CTS_URL=unix:{},GCA_GCS_URL={},GCA_EXEC={},GCA_RECOVER={}",
+        cts.local.socket().display(),
+        gcs.url,
+        binary("gca-exec").display(),
+        binary("gca-recover").display(),
+    ));
+    let job_args = vec!["bash".to_string(), script.display().to_string()];
+    let (s1, e1, a1) = (
+        submit.clone(),
+        examples.join("execute.sbatch"),
+        job_args.clone(),
+    );
+    let first = blocking(move || s1.script(&e1, &a1)).await;
+    let _g1 = JobGuard(first);
+    eventually(WAIT, "the job registers and counts", || async {
+        values(&log).len() >= 5 && cts.local.job("gid-slurm").await.is_ok()
+    })
+    .await;
+    let registered = cts.local.job("gid-slurm").await.unwrap();
+
+    // Checkpoint through the GCS and stop the job (migration); the Slurm job ends.
+    let record = gcs
+        .call::<DoCheckpointOp>(DoCheckpoint {
+            gid: "gid-slurm".into(),
+            stop: true,
+        })
+        .await
+        .expect("doCheckpoint of the Slurm job");
+    assert!(record.job_stopped);
+    let state = blocking(move || slurm::wait_finished(first, WAIT)).await;
+    assert_ne!(state, "RUNNING");
+    let at_stop = values(&log);
+    eventually(WAIT, "the CTS lets the stopped job go", || async {
+        cts.cts.list_jobs().is_empty()
+    })
+    .await;
+
+    // Resubmit with gca-recover: the job continues from its state, with its PID.
+    let mut s2 = submit.clone();
+    s2.name = "gca-recover".into();
+    let e2 = examples.join("recover.sbatch");
+    let second = blocking(move || s2.script(&e2, &job_args)).await;
+    let _g2 = JobGuard(second);
+    let last = *at_stop.last().unwrap();
+    eventually(WAIT, "the recovered job counts on", || async {
+        values(&log).last().is_some_and(|v| *v > last + 5)
+    })
+    .await;
+    let after = values(&log);
+    let expected: Vec<u64> = (1..=*after.last().unwrap()).collect();
+    assert_eq!(
+        after, expected,
+        "the counter continues where it stopped: nothing lost or repeated"
+    );
+    let running = cts.local.job("gid-slurm").await.unwrap();
+    assert_eq!(
+        running.pid, registered.pid,
+        "the recovered job has its PID back"
+    );
+    let at_gcs = gcs_job(&gcs, "gid-slurm").await;
+    assert_eq!(at_gcs.state, JobState::Running);
+    assert_eq!(at_gcs.recoveries, 1);
+
+    // scancel: SIGTERM reaches the job through the wrapper; Slurm records the job's status.
+    blocking(move || slurm::cancel(second)).await;
+    let text = blocking({
+        let flag = flag.clone();
+        move || slurm::wait_file_contains(&flag, "got TERM", WAIT)
+    })
+    .await;
+    assert!(text.contains("got TERM"));
+    blocking(move || slurm::wait_finished(second, WAIT)).await;
+    let (status, _signal) = slurm::exit_code(second);
+    assert_eq!(status, 3, "Slurm records the job's own exit status");
+    eventually(WAIT, "the GCS records the job's end", || async {
+        gcs_job(&gcs, "gid-slurm").await.state == JobState::Finished
+    })
+    .await;
+    assert_eq!(gcs_job(&gcs, "gid-slurm").await.exit_status, Some(3));
+}
