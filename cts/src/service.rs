@@ -935,12 +935,12 @@ impl Cts {
         for entry in entries.flatten() {
             let name = entry.file_name();
             let is_log = name.to_string_lossy().ends_with(".log");
-            if is_log && entry.file_type().is_ok_and(|t| t.is_file()) {
-                if std::fs::create_dir_all(&keep).is_ok()
-                    && std::fs::copy(entry.path(), keep.join(&name)).is_ok()
-                {
-                    kept = true;
-                }
+            if is_log
+                && entry.file_type().is_ok_and(|t| t.is_file())
+                && std::fs::create_dir_all(&keep).is_ok()
+                && std::fs::copy(entry.path(), keep.join(&name)).is_ok()
+            {
+                kept = true;
             }
         }
         if kept {
