@@ -610,3 +610,93 @@ pub async fn ping(db: &PgPool) -> Result<()> {
     sqlx::query("select 1").execute(db).await?;
     Ok(())
 }
+
+// ---- WS-ResourceLifetime of job resources -------------------------------------------------
+
+/// A job's lifetime: (termination time, destroyed at).
+#[derive(Debug, Clone, Copy, FromRow)]
+pub struct JobLifetime {
+    pub termination_time: Option<DateTime<Utc>>,
+    pub destroyed_at: Option<DateTime<Utc>>,
+}
+
+pub async fn job_lifetime(db: impl PgExecutor<'_>, gid: &str) -> Result<Option<JobLifetime>> {
+    Ok(sqlx::query_as::<_, JobLifetime>(
+        "select termination_time, destroyed_at from jobs where gid = $1",
+    )
+    .bind(gid)
+    .fetch_optional(db)
+    .await?)
+}
+
+/// Sets (or clears) a live job's termination time; false when there is no live job resource.
+pub async fn set_termination_time(
+    db: impl PgExecutor<'_>,
+    gid: &str,
+    at: Option<DateTime<Utc>>,
+) -> Result<bool> {
+    Ok(sqlx::query(
+        "update jobs set termination_time = $2, updated_at = now()
+         where gid = $1 and destroyed_at is null",
+    )
+    .bind(gid)
+    .bind(at)
+    .execute(db)
+    .await?
+    .rows_affected()
+        == 1)
+}
+
+/// Destroys a job resource: the job is finished (an unfinished job keeps no exit status).
+/// False when there is no live job resource with that GID.
+pub async fn destroy_job(db: impl PgExecutor<'_>, gid: &str) -> Result<bool> {
+    Ok(sqlx::query(
+        "update jobs set destroyed_at = now(), state = 'finished', updated_at = now()
+         where gid = $1 and destroyed_at is null",
+    )
+    .bind(gid)
+    .execute(db)
+    .await?
+    .rows_affected()
+        == 1)
+}
+
+/// Destroys every job resource whose termination time has passed; returns their GIDs.
+/// Safe to run from any number of replicas at once (each row is updated once).
+pub async fn destroy_expired_jobs(db: &PgPool) -> Result<Vec<String>> {
+    Ok(sqlx::query_scalar(
+        "update jobs set destroyed_at = now(), state = 'finished', updated_at = now()
+         where termination_time <= now() and destroyed_at is null
+         returning gid",
+    )
+    .fetch_all(db)
+    .await?)
+}
+
+/// Destroys one job resource if its termination time has passed (the lazy check).
+pub async fn destroy_job_if_expired(db: impl PgExecutor<'_>, gid: &str) -> Result<bool> {
+    Ok(sqlx::query(
+        "update jobs set destroyed_at = now(), state = 'finished', updated_at = now()
+         where gid = $1 and termination_time <= now() and destroyed_at is null",
+    )
+    .bind(gid)
+    .execute(db)
+    .await?
+    .rows_affected()
+        == 1)
+}
+
+/// Totals for the GCS resource property document.
+#[derive(Debug, Clone, Copy, FromRow)]
+pub struct Totals {
+    pub jobs: i64,
+    pub checkpoints: i64,
+}
+
+pub async fn totals(db: &PgPool) -> Result<Totals> {
+    Ok(sqlx::query_as::<_, Totals>(
+        "select (select count(*) from jobs) as jobs, (select count(*) from checkpoints) as checkpoints",
+    )
+    .fetch_one(db)
+    .await?)
+}

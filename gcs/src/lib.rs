@@ -24,6 +24,7 @@ pub mod embedded_pg;
 pub mod error;
 pub mod http;
 pub mod service;
+pub mod wsrf;
 
 pub use config::Config;
 pub use db::MIGRATOR;
@@ -61,5 +62,21 @@ pub async fn run(
         None => None,
     };
     tracing::info!(addr = %listener.local_addr()?, tls = tls.is_some(), "GCS listening");
-    transport::serve(listener, tls, app(gcs), shutdown).await
+    let sweeper = tokio::spawn(sweep(gcs.clone()));
+    let result = transport::serve(listener, tls, app(gcs), shutdown).await;
+    sweeper.abort();
+    result
+}
+
+/// Destroys job resources whose WS-RL termination time passed, every
+/// [`wsrf::SWEEP_INTERVAL`] (requests to such a job also destroy it on the spot).
+async fn sweep(gcs: Gcs) {
+    let mut tick = tokio::time::interval(wsrf::SWEEP_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = gcs.sweep_expired_jobs().await {
+            tracing::warn!(error = %e, "sweeping expired job resources failed");
+        }
+    }
 }

@@ -33,6 +33,18 @@ pub enum FaultKind {
     AccessDenied,
     /// A bug or an unexpected condition on the server; details are in its log.
     Internal,
+    /// WS-RP: the QName names no resource property of the resource.
+    InvalidResourcePropertyQName,
+    /// WS-RP: the query expression is not valid in its dialect.
+    InvalidQueryExpression,
+    /// WS-RP: the query expression failed while it was evaluated.
+    QueryEvaluationError,
+    /// WS-RP: the query expression dialect is not supported.
+    UnknownQueryExpressionDialect,
+    /// WS-RL: the requested termination time cannot be set.
+    UnableToSetTerminationTime,
+    /// WS-RL: the resource cannot be destroyed.
+    ResourceNotDestroyed,
 }
 
 impl FaultKind {
@@ -48,6 +60,12 @@ impl FaultKind {
             FaultKind::OperationFailed => 502,
             FaultKind::AccessDenied => 403,
             FaultKind::Internal => 500,
+            FaultKind::InvalidResourcePropertyQName => 400,
+            FaultKind::InvalidQueryExpression => 400,
+            FaultKind::QueryEvaluationError => 400,
+            FaultKind::UnknownQueryExpressionDialect => 400,
+            FaultKind::UnableToSetTerminationTime => 400,
+            FaultKind::ResourceNotDestroyed => 409,
         }
     }
 
@@ -55,7 +73,10 @@ impl FaultKind {
     pub fn is_sender_fault(self) -> bool {
         !matches!(
             self,
-            FaultKind::ServiceUnavailable | FaultKind::OperationFailed | FaultKind::Internal
+            FaultKind::ServiceUnavailable
+                | FaultKind::OperationFailed
+                | FaultKind::Internal
+                | FaultKind::QueryEvaluationError
         )
     }
 
@@ -72,6 +93,18 @@ impl FaultKind {
             FaultKind::OperationFailed => (ns::GCA, "OperationFailedFault"),
             FaultKind::AccessDenied => (ns::GCA, "AccessDeniedFault"),
             FaultKind::Internal => (ns::GCA, "InternalFault"),
+            FaultKind::InvalidResourcePropertyQName => {
+                (ns::WSRF_RP, "InvalidResourcePropertyQNameFault")
+            }
+            FaultKind::InvalidQueryExpression => (ns::WSRF_RP, "InvalidQueryExpressionFault"),
+            FaultKind::QueryEvaluationError => (ns::WSRF_RP, "QueryEvaluationErrorFault"),
+            FaultKind::UnknownQueryExpressionDialect => {
+                (ns::WSRF_RP, "UnknownQueryExpressionDialectFault")
+            }
+            FaultKind::UnableToSetTerminationTime => {
+                (ns::WSRF_RL, "UnableToSetTerminationTimeFault")
+            }
+            FaultKind::ResourceNotDestroyed => (ns::WSRF_RL, "ResourceNotDestroyedFault"),
         }
     }
 
@@ -95,11 +128,17 @@ impl FaultKind {
             FaultKind::OperationFailed => "OperationFailed",
             FaultKind::AccessDenied => "AccessDenied",
             FaultKind::Internal => "Internal",
+            FaultKind::InvalidResourcePropertyQName => "InvalidResourcePropertyQName",
+            FaultKind::InvalidQueryExpression => "InvalidQueryExpression",
+            FaultKind::QueryEvaluationError => "QueryEvaluationError",
+            FaultKind::UnknownQueryExpressionDialect => "UnknownQueryExpressionDialect",
+            FaultKind::UnableToSetTerminationTime => "UnableToSetTerminationTime",
+            FaultKind::ResourceNotDestroyed => "ResourceNotDestroyed",
         }
     }
 }
 
-pub const ALL_KINDS: [FaultKind; 10] = [
+pub const ALL_KINDS: [FaultKind; 16] = [
     FaultKind::ResourceUnknown,
     FaultKind::InvalidMessage,
     FaultKind::InvalidDescriptor,
@@ -110,6 +149,12 @@ pub const ALL_KINDS: [FaultKind; 10] = [
     FaultKind::OperationFailed,
     FaultKind::AccessDenied,
     FaultKind::Internal,
+    FaultKind::InvalidResourcePropertyQName,
+    FaultKind::InvalidQueryExpression,
+    FaultKind::QueryEvaluationError,
+    FaultKind::UnknownQueryExpressionDialect,
+    FaultKind::UnableToSetTerminationTime,
+    FaultKind::ResourceNotDestroyed,
 ];
 
 /// The dialect of [`Fault::code`] values (our `wsrf-bf:ErrorCode` dialect).

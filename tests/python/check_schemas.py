@@ -147,9 +147,9 @@ def read_contract(repo: Path) -> dict:
     if "GCS_PORT_TYPE" not in blocks or "CTS_PORT_TYPE" not in blocks:
         raise ValueError("operations! blocks for GCS_PORT_TYPE / CTS_PORT_TYPE not found in ops.rs")
 
-    nsmap = {"GCA": ns["GCA"], "WSRF_R": ns["WSRF_R"], "WSRF_BF": ns["WSRF_BF"]}
+    nsmap = {k: ns[k] for k in ("GCA", "WSRF_R", "WSRF_BF", "WSRF_RP", "WSRF_RL")}
     faults = []
-    for ns_const, name in re.findall(r'FaultKind::\w+\s*=>\s*\(ns::(\w+),\s*"(\w+)"\)', fault_rs):
+    for ns_const, name in re.findall(r'FaultKind::\w+\s*=>\s*\{?\s*\(ns::(\w+),\s*"(\w+)"\)', fault_rs):
         faults.append((nsmap.get(ns_const, ns_const), name))
     if not faults:
         raise ValueError("no fault detail elements found in fault.rs")
@@ -632,7 +632,9 @@ def check_zeep(rep: Report, contract: dict, oasis: Path, wsdl_name: str, gca_sch
                      f"zeep {getattr(zeep, '__version__', '?')}"):
         return
 
-    bindings = list(client.wsdl.bindings.values())
+    # The bindings of this port type (the WSRF port types have bindings of their own).
+    bindings = [b for b in client.wsdl.bindings.values()
+                if etree.QName(b.port_type.name).localname == port]
     kinds = {type(b).__name__: b for b in bindings}
     for kind in ("Soap11Binding", "Soap12Binding"):
         name = f"{label}: {kind} has every {port} operation of ops.rs"

@@ -18,6 +18,10 @@ pub const GCS_PATH: &str = gca_protocol::ns::GCS_SERVICE_PATH;
 pub fn router(gcs: Gcs) -> Router {
     Router::new()
         .route(GCS_PATH, post(soap::endpoint).get(soap::wsdl))
+        .route(
+            &format!("{GCS_PATH}/{{kind}}/{{id}}"),
+            post(soap::resource_endpoint).get(soap::resource_get),
+        )
         .route("/wsrf/schemas/{file}", get(soap::schema))
         .nest("/api/v1", json::routes())
         .route("/healthz", get(health))

@@ -12,18 +12,68 @@ use gca_protocol::ops;
 use gca_protocol::schemas;
 use gca_protocol::server::{self, xml_response};
 use gca_protocol::soap::SoapRequest;
+use gca_protocol::wsrf::{self, ResourceRef};
 use gca_protocol::xml::Element;
 
 use super::ctx;
 use crate::service::Gcs;
 
-pub async fn endpoint(State(gcs): State<Gcs>, headers: HeaderMap, body: Body) -> Response {
+/// `POST /wsrf/services/GridCheckpointService[?gid=...]`: the GCS resource, or the resource
+/// named by a reference parameter header or the query.
+pub async fn endpoint(
+    State(gcs): State<Gcs>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    body: Body,
+) -> Response {
+    serve(gcs, headers, None, query, body).await
+}
+
+/// `POST /wsrf/services/GridCheckpointService/{kind}/{id}`: a job, checkpoint or CTS instance
+/// resource by its address (for clients that cannot echo reference parameters).
+pub async fn resource_endpoint(
+    State(gcs): State<Gcs>,
+    headers: HeaderMap,
+    Path((kind, id)): Path<(String, String)>,
+    body: Body,
+) -> Response {
+    serve(gcs, headers, Some((kind, id)), None, body).await
+}
+
+/// `GET` on a resource address.
+pub async fn resource_get() -> Response {
+    (
+        http::StatusCode::METHOD_NOT_ALLOWED,
+        [(http::header::ALLOW, "POST")],
+        "This is the address of a WS-Resource of the Grid Checkpoint Service: POST SOAP 1.1 or 1.2 WS-ResourceProperties / WS-ResourceLifetime requests here. The WSDL is at /wsrf/services/GridCheckpointService?wsdl.\n",
+    )
+        .into_response()
+}
+
+async fn serve(
+    gcs: Gcs,
+    headers: HeaderMap,
+    path: Option<(String, String)>,
+    query: Option<String>,
+    body: Body,
+) -> Response {
     let ctx = ctx(&gcs, &headers);
     server::soap_endpoint(
         &headers,
         body,
         gcs.config.max_body_bytes,
-        |req| async move { dispatch(&gcs, &ctx, &req).await },
+        |req| async move {
+            let resource = ResourceRef::from_request(
+                &req.addressing,
+                path.as_ref().map(|(k, i)| (k.as_str(), i.as_str())),
+                query.as_deref(),
+            )?;
+            let service_address = format!("{}{}", ctx.gcs_url, ns::GCS_SERVICE_PATH);
+            let (action, mut element) =
+                dispatch(&gcs, &ctx, &resource, &service_address, &req).await?;
+            wsrf::add_eprs(&mut element, &service_address);
+            Ok((action, element))
+        },
     )
     .await
 }
@@ -31,12 +81,22 @@ pub async fn endpoint(State(gcs): State<Gcs>, headers: HeaderMap, body: Body) ->
 async fn dispatch(
     gcs: &Gcs,
     ctx: &crate::service::Ctx,
+    resource: &ResourceRef,
+    service_address: &str,
     req: &SoapRequest,
 ) -> Result<(String, Element), Fault> {
     use ops::*;
     use server::soap_call as call;
-    if req.body.ns.as_deref() != Some(ns::GCA) {
-        return Err(unsupported(req));
+    let action = req.addressing.action.as_deref();
+    match req.body.ns.as_deref() {
+        Some(ns::WSRF_RP) => {
+            return Ok(gcs
+                .resource_properties(resource, service_address, &req.body, action)
+                .await?)
+        }
+        Some(ns::WSRF_RL) => return Ok(gcs.resource_lifetime(resource, &req.body, action).await?),
+        Some(ns::GCA) => {}
+        _ => return Err(unsupported(req)),
     }
     match req.body.name.as_str() {
         "DoCheckpoint" => call::<DoCheckpointOp, _, _, _>(req, |r| gcs.do_checkpoint(r)).await,

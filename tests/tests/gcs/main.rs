@@ -7,3 +7,4 @@ mod gcactl;
 mod registry;
 mod replicas;
 mod wire;
+mod wsrf;
