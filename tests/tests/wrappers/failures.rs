@@ -152,3 +152,65 @@ async fn gca_exec_refuses_without_a_cts_and_exits_like_a_shell() {
     let mut w = Wrapper::spawn("gca-recover", &["--gid", "g"], dir.path());
     assert_eq!(w.code(T).await, 64);
 }
+
+#[tokio::test]
+async fn a_missing_file_the_job_had_open_is_an_environment_failure() {
+    let gcs = TestGcs::start().await;
+    let a = TestCts::registered(&gcs, "cts-a", "criu", CRIU_DRIVER, "").await;
+    let gid = "gid-wrap-missing-file";
+    let log = a.dir.path().join("counter.log");
+    let url = a.url.clone();
+    let mut job = Wrapper::spawn(
+        "gca-exec",
+        &[
+            "--gid",
+            gid,
+            "--cts",
+            &url,
+            "--",
+            "bash",
+            "-c",
+            &counter_script(&log),
+        ],
+        a.dir.path(),
+    );
+    let pid = job.pid;
+    eventually(T, "the job runs registered", || async {
+        a.local.job(gid).await.is_ok() && values(&log).len() >= 3
+    })
+    .await;
+    gcs.call::<DoCheckpointOp>(DoCheckpoint {
+        gid: gid.into(),
+        stop: true,
+    })
+    .await
+    .unwrap();
+    job.wait(T).await;
+    eventually(T, "the CTS lets the stopped job go", || async {
+        a.local.job(gid).await.is_err()
+    })
+    .await;
+    // The job's output file is gone on this resource (say, a scratch directory was wiped).
+    std::fs::remove_file(&log).unwrap();
+    let socket = format!("unix:{}", a.local.socket().display());
+    let mut rec = Wrapper::spawn(
+        "gca-recover",
+        &["--gid", gid, "--image", "latest", "--cts", &socket],
+        a.dir.path(),
+    );
+    rec.adopt(pid);
+    let code = rec.code(T).await;
+    let err = rec.stderr_text();
+    assert_eq!(code, 72, "{err}");
+    assert!(
+        err.contains("counter.log"),
+        "the message names the missing file: {err}"
+    );
+    // CRIU's half-made task, if any, is gone (it was the wrapper's child; init reaps it).
+    eventually(T, "nothing restored is left running", || async {
+        cts::proc::stat(pid).is_none_or(|s| s.state == 'Z')
+    })
+    .await;
+    // The job can be recovered once the file is back.
+    assert_ne!(gcs_job(&gcs, gid).await.state, JobState::Running);
+}
