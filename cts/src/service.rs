@@ -803,6 +803,56 @@ impl Cts {
         result
     }
 
+    /// Moves a written image into the store (manifest, atomic rename) and makes its record
+    /// (without a sequence number: the GCS assigns it); counts it for the job.
+    async fn commit_image(
+        &self,
+        job: &Arc<Job>,
+        staging: crate::store::Staging,
+        id: &str,
+        taken_at: DateTime<Utc>,
+        origin: Origin,
+        stop: bool,
+    ) -> Result<CheckpointRecord> {
+        let manifest = staging
+            .commit(ImageMeta {
+                gid: job.gid.clone(),
+                created_at: taken_at,
+                driver: self.inner.driver.kind().to_string(),
+                origin: origin.to_string(),
+                extra: [
+                    ("cts".to_string(), self.inner.instance.name.clone()),
+                    ("cts_type".to_string(), self.inner.cts_type.name.clone()),
+                    ("pid".to_string(), job.pid.to_string()),
+                    ("job_stopped".to_string(), stop.to_string()),
+                ]
+                .into_iter()
+                .collect(),
+            })
+            .await?;
+        let digest = self.inner.store.digest(id).await?;
+        job.checkpoints.fetch_add(1, Ordering::SeqCst);
+        *job.last_checkpoint.lock().expect("lock") = Some(id.to_string());
+        self.inner.checkpoints_taken.fetch_add(1, Ordering::SeqCst);
+        self.save_job(job);
+        Ok(CheckpointRecord {
+            id: id.to_string(),
+            gid: job.gid.clone(),
+            sequence: None,
+            cts_name: self.inner.instance.name.clone(),
+            cts_type: self.inner.cts_type.name.clone(),
+            taken_at,
+            image_name: format!("{}/images/{id}", self.inner.config.public_url()),
+            execution_manager: self.inner.instance.execution_manager.clone(),
+            size_bytes: Some(manifest.total_bytes as i64),
+            digest: Some(digest),
+            parent: None,
+            origin,
+            job_stopped: stop,
+            registered_at: None,
+        })
+    }
+
     fn new_image_id(&self) -> String {
         let rand = uuid::Uuid::new_v4().simple().to_string();
         format!(
@@ -852,49 +902,14 @@ impl Cts {
                 self.stop_job(job).await;
             }
         }
-        let manifest = staging
-            .commit(ImageMeta {
-                gid: job.gid.clone(),
-                created_at: taken_at,
-                driver: self.inner.driver.kind().to_string(),
-                origin: origin.to_string(),
-                extra: [
-                    ("cts".to_string(), self.inner.instance.name.clone()),
-                    ("cts_type".to_string(), self.inner.cts_type.name.clone()),
-                    ("pid".to_string(), job.pid.to_string()),
-                    ("job_stopped".to_string(), stop.to_string()),
-                ]
-                .into_iter()
-                .collect(),
-            })
+        let record = self
+            .commit_image(job, staging, &id, taken_at, origin, stop)
             .await
-            .map_err(|e| {
+            .inspect_err(|e| {
                 if stop {
                     tracing::error!(gid = %job.gid, error = %e, "job stopped but its image could not be stored");
                 }
-                e
             })?;
-        let digest = self.inner.store.digest(&id).await?;
-        let record = CheckpointRecord {
-            id: id.clone(),
-            gid: job.gid.clone(),
-            sequence: None,
-            cts_name: self.inner.instance.name.clone(),
-            cts_type: self.inner.cts_type.name.clone(),
-            taken_at,
-            image_name: format!("{}/images/{id}", self.inner.config.public_url()),
-            execution_manager: self.inner.instance.execution_manager.clone(),
-            size_bytes: Some(manifest.total_bytes as i64),
-            digest: Some(digest),
-            parent: None,
-            origin,
-            job_stopped: stop,
-            registered_at: None,
-        };
-        job.checkpoints.fetch_add(1, Ordering::SeqCst);
-        *job.last_checkpoint.lock().expect("lock") = Some(id.clone());
-        self.inner.checkpoints_taken.fetch_add(1, Ordering::SeqCst);
-        self.save_job(job);
         let item = OutboxItem::RegisterCheckpoint(RegisterCheckpoint {
             checkpoint: record.clone(),
         });
@@ -1027,38 +1042,9 @@ impl Cts {
     ) -> Result<()> {
         self.inner.in_flight.fetch_add(1, Ordering::SeqCst);
         let result = async {
-            let manifest = staging
-                .commit(ImageMeta {
-                    gid: job.gid.clone(),
-                    created_at: taken_at,
-                    driver: self.inner.driver.kind().to_string(),
-                    origin: Origin::Job.to_string(),
-                    extra: [("cts".to_string(), self.inner.instance.name.clone())]
-                        .into_iter()
-                        .collect(),
-                })
+            let record = self
+                .commit_image(job, staging, &id, taken_at, Origin::Job, false)
                 .await?;
-            let digest = self.inner.store.digest(&id).await?;
-            let record = CheckpointRecord {
-                id: id.clone(),
-                gid: job.gid.clone(),
-                sequence: None,
-                cts_name: self.inner.instance.name.clone(),
-                cts_type: self.inner.cts_type.name.clone(),
-                taken_at,
-                image_name: format!("{}/images/{id}", self.inner.config.public_url()),
-                execution_manager: self.inner.instance.execution_manager.clone(),
-                size_bytes: Some(manifest.total_bytes as i64),
-                digest: Some(digest),
-                parent: None,
-                origin: Origin::Job,
-                job_stopped: false,
-                registered_at: None,
-            };
-            job.checkpoints.fetch_add(1, Ordering::SeqCst);
-            *job.last_checkpoint.lock().expect("lock") = Some(id.clone());
-            self.inner.checkpoints_taken.fetch_add(1, Ordering::SeqCst);
-            self.save_job(job);
             tracing::info!(gid = %job.gid, checkpoint.id = %id, "checkpoint taken by the job itself");
             self.inner
                 .link

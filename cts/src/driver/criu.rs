@@ -23,7 +23,9 @@ use gca_protocol::FaultKind;
 use serde::Deserialize;
 use tokio::time::Instant;
 
-use super::command::{describe_status, last_lines, live_job, read_pid_file, run, RunError};
+use super::command::{
+    describe_status, last_lines, live_job, read_pid_file, run, RunError, RunOutput,
+};
 use super::{
     CheckpointOutcome, CheckpointRequest, CoreCheckpointer, DriverError, RestoreRequest, Restored,
 };
@@ -433,27 +435,17 @@ impl CoreCheckpointer for Criu {
             }
         };
         if !out.status.success() {
-            let log_text = std::fs::read_to_string(&log).unwrap_or_default();
-            let errors = log_errors(&log_text);
-            let reason = reasons(&errors, 4)
-                .or_else(|| last_lines(&out.stderr, 4))
-                .or_else(|| last_lines(&out.stdout, 2))
-                .unwrap_or_else(|| describe_status(out.status));
-            let where_log = if log_text.is_empty() {
-                format!("CRIU {}, no log", describe_status(out.status))
-            } else {
-                format!("full log: {}", log.display())
-            };
+            let failure = Failure::read(&log, &out);
             let msg = format!(
-                "CRIU could not dump job {} (pid {}): {reason}; {where_log}",
-                job.gid, job.pid
+                "CRIU could not dump job {} (pid {}): {}",
+                job.gid, job.pid, failure.summary
             );
             if live_job(job).is_none() {
                 return Err(DriverError::job_gone(format!(
                     "{msg} (the job's process is gone)"
                 )));
             }
-            if is_permission_problem(&format!("{}\n{}", errors.join("\n"), out.stderr)) {
+            if is_permission_problem(&failure.said) {
                 return Err(DriverError::new(
                     FaultKind::AccessDenied,
                     "criu-permission",
@@ -588,24 +580,14 @@ impl Criu {
             }
         };
         if !out.status.success() {
-            let log_text = std::fs::read_to_string(&log).unwrap_or_default();
-            let errors = log_errors(&log_text);
-            let reason = reasons(&errors, 4)
-                .or_else(|| last_lines(&out.stderr, 4))
-                .or_else(|| last_lines(&out.stdout, 2))
-                .unwrap_or_else(|| describe_status(out.status));
-            let where_log = if log_text.is_empty() {
-                format!("CRIU {}, no log", describe_status(out.status))
-            } else {
-                format!("full log: {}", log.display())
-            };
+            let failure = Failure::read(&log, &out);
             let msg = format!(
-                "CRIU could not restore job {} from {}: {reason}; {where_log}",
+                "CRIU could not restore job {} from {}: {}",
                 req.gid,
-                req.image_dir.display()
+                req.image_dir.display(),
+                failure.summary
             );
-            let said = format!("{}\n{}", errors.join("\n"), out.stderr);
-            return Err(restore_failure(msg, &said));
+            return Err(restore_failure(msg, &failure.said));
         }
         let pid = read_pid_file(&pid_file).map_err(|e| {
             DriverError::failed(format!(
@@ -617,6 +599,33 @@ impl Criu {
         // The log of a good restore is not needed; a failed one keeps it for the message.
         let _ = std::fs::remove_dir_all(&work);
         Ok(Restored::Running { pid })
+    }
+}
+
+/// What a failed CRIU run said: a summary for the message (its error lines, or its output,
+/// and where the full log is) and everything it said, for classifying the failure.
+struct Failure {
+    summary: String,
+    said: String,
+}
+
+impl Failure {
+    fn read(log: &Path, out: &RunOutput) -> Self {
+        let log_text = std::fs::read_to_string(log).unwrap_or_default();
+        let errors = log_errors(&log_text);
+        let reason = reasons(&errors, 4)
+            .or_else(|| last_lines(&out.stderr, 4))
+            .or_else(|| last_lines(&out.stdout, 2))
+            .unwrap_or_else(|| describe_status(out.status));
+        let where_log = if log_text.is_empty() {
+            format!("CRIU {}, no log", describe_status(out.status))
+        } else {
+            format!("full log: {}", log.display())
+        };
+        Failure {
+            summary: format!("{reason}; {where_log}"),
+            said: format!("{}\n{}", errors.join("\n"), out.stderr),
+        }
     }
 }
 
