@@ -52,6 +52,22 @@ pub struct Config {
     pub client_tls: ClientTls,
     /// `text` or `json` logs.
     pub log_format: LogFormat,
+    /// A CTS instance not heard from for this long is lost (the `gca:CTSLost` notification):
+    /// by default 3 × the CTS's default heartbeat of 30 s.
+    pub cts_lost_after_secs: f64,
+    /// Each replica looks for due notifications (and lost CTSes, expired subscriptions) this
+    /// often, besides being woken by its own commits.
+    pub notify_poll_millis: u64,
+    /// The first retry of a failed Notify waits this long; each further one twice as long...
+    pub notify_retry_base_millis: u64,
+    /// ...up to this.
+    pub notify_retry_max_secs: u64,
+    /// After this many failed attempts a notification is given up (kept as failed, logged).
+    pub notify_max_attempts: u32,
+    /// Bound on one Notify POST, in seconds.
+    pub notify_timeout_secs: u64,
+    /// The termination time of a subscription whose Subscribe names none, in seconds from then.
+    pub subscription_default_lifetime_secs: u64,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -74,6 +90,13 @@ impl Default for Config {
             tls: None,
             client_tls: ClientTls::default(),
             log_format: LogFormat::Text,
+            cts_lost_after_secs: 90.0,
+            notify_poll_millis: 1000,
+            notify_retry_base_millis: 1000,
+            notify_retry_max_secs: 300,
+            notify_max_attempts: 10,
+            notify_timeout_secs: 10,
+            subscription_default_lifetime_secs: 24 * 3600,
         }
     }
 }
@@ -127,6 +150,12 @@ impl Config {
         }
         if let Some(v) = var("GCS_CTS_TIMEOUT_SECS") {
             self.cts_timeout_secs = parse("GCS_CTS_TIMEOUT_SECS", v)?;
+        }
+        if let Some(v) = var("GCS_CTS_LOST_AFTER_SECS") {
+            self.cts_lost_after_secs = parse("GCS_CTS_LOST_AFTER_SECS", v)?;
+        }
+        if let Some(v) = var("GCS_NOTIFY_MAX_ATTEMPTS") {
+            self.notify_max_attempts = parse("GCS_NOTIFY_MAX_ATTEMPTS", v)?;
         }
         if let Some(v) = var("GCS_LOG_FORMAT") {
             self.log_format = match v.as_str() {

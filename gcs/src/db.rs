@@ -227,7 +227,7 @@ pub async fn instances_of_type(
 }
 
 /// Inserts an instance unless the name is taken; true when inserted.
-pub async fn insert_instance(db: &PgPool, i: &CtsInstance) -> Result<bool> {
+pub async fn insert_instance(db: impl PgExecutor<'_>, i: &CtsInstance) -> Result<bool> {
     Ok(sqlx::query(
         "insert into cts_instances (name, cts_type, url, execution_manager, resource)
          values ($1, $2, $3, $4, $5) on conflict (name) do nothing",
@@ -245,7 +245,8 @@ pub async fn insert_instance(db: &PgPool, i: &CtsInstance) -> Result<bool> {
 
 pub async fn update_instance(db: &PgPool, i: &CtsInstance) -> Result<()> {
     sqlx::query(
-        "update cts_instances set url = $2, execution_manager = $3, resource = $4, last_seen = now()
+        "update cts_instances set url = $2, execution_manager = $3, resource = $4, last_seen = now(),
+            lost_notified_at = null
          where name = $1",
     )
     .bind(&i.name)
@@ -259,10 +260,12 @@ pub async fn update_instance(db: &PgPool, i: &CtsInstance) -> Result<()> {
 
 /// Records that a CTS was heard from.
 pub async fn touch_instance(db: impl PgExecutor<'_>, name: &str) -> Result<()> {
-    sqlx::query("update cts_instances set last_seen = now() where name = $1")
-        .bind(name)
-        .execute(db)
-        .await?;
+    sqlx::query(
+        "update cts_instances set last_seen = now(), lost_notified_at = null where name = $1",
+    )
+    .bind(name)
+    .execute(db)
+    .await?;
     Ok(())
 }
 
@@ -663,27 +666,36 @@ pub async fn destroy_job(db: impl PgExecutor<'_>, gid: &str) -> Result<bool> {
 
 /// Destroys every job resource whose termination time has passed; returns their GIDs.
 /// Safe to run from any number of replicas at once (each row is updated once).
-pub async fn destroy_expired_jobs(db: &PgPool) -> Result<Vec<String>> {
-    Ok(sqlx::query_scalar(
-        "update jobs set destroyed_at = now(), state = 'finished', updated_at = now()
-         where termination_time <= now() and destroyed_at is null
-         returning gid",
+/// With each GID, whether the job was unfinished until then (a JobFinished event is due).
+pub async fn destroy_expired_jobs(db: impl PgExecutor<'_>) -> Result<Vec<(String, bool)>> {
+    Ok(sqlx::query_as(
+        "with due as (
+            select gid, state from jobs
+            where termination_time <= now() and destroyed_at is null
+            for update skip locked)
+         update jobs j set destroyed_at = now(), state = 'finished', updated_at = now()
+         from due where j.gid = due.gid
+         returning j.gid, due.state <> 'finished'",
     )
     .fetch_all(db)
     .await?)
 }
 
-/// Destroys one job resource if its termination time has passed (the lazy check).
-pub async fn destroy_job_if_expired(db: impl PgExecutor<'_>, gid: &str) -> Result<bool> {
-    Ok(sqlx::query(
-        "update jobs set destroyed_at = now(), state = 'finished', updated_at = now()
-         where gid = $1 and termination_time <= now() and destroyed_at is null",
+/// Destroys one job resource if its termination time has passed (the lazy check). Some(was
+/// unfinished) when it was destroyed now.
+pub async fn destroy_job_if_expired(db: impl PgExecutor<'_>, gid: &str) -> Result<Option<bool>> {
+    Ok(sqlx::query_scalar(
+        "with due as (
+            select gid, state from jobs
+            where gid = $1 and termination_time <= now() and destroyed_at is null
+            for update)
+         update jobs j set destroyed_at = now(), state = 'finished', updated_at = now()
+         from due where j.gid = due.gid
+         returning due.state <> 'finished'",
     )
     .bind(gid)
-    .execute(db)
-    .await?
-    .rows_affected()
-        == 1)
+    .fetch_optional(db)
+    .await?)
 }
 
 /// Totals for the GCS resource property document.
@@ -696,6 +708,227 @@ pub struct Totals {
 pub async fn totals(db: &PgPool) -> Result<Totals> {
     Ok(sqlx::query_as::<_, Totals>(
         "select (select count(*) from jobs) as jobs, (select count(*) from checkpoints) as checkpoints",
+    )
+    .fetch_one(db)
+    .await?)
+}
+
+// ---- WS-BaseNotification: subscriptions and the notification outbox ----------------------
+
+/// A subscription as stored.
+#[derive(Debug, Clone, FromRow)]
+pub struct SubscriptionRow {
+    pub id: String,
+    pub consumer_address: String,
+    pub consumer_reference: String,
+    pub topics: Option<Vec<String>>,
+    pub topic_dialect: String,
+    pub gid: Option<String>,
+    pub producer_address: String,
+    pub created_at: DateTime<Utc>,
+    pub termination_time: Option<DateTime<Utc>>,
+}
+
+pub async fn insert_subscription(db: impl PgExecutor<'_>, s: &SubscriptionRow) -> Result<()> {
+    sqlx::query(
+        "insert into subscriptions (id, consumer_address, consumer_reference, topics, topic_dialect,
+            gid, producer_address, termination_time)
+         values ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(&s.id)
+    .bind(&s.consumer_address)
+    .bind(&s.consumer_reference)
+    .bind(&s.topics)
+    .bind(&s.topic_dialect)
+    .bind(&s.gid)
+    .bind(&s.producer_address)
+    .bind(s.termination_time)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// A live subscription (one whose termination time has passed is gone, whether or not the
+/// sweep has removed it yet).
+pub async fn get_subscription(
+    db: impl PgExecutor<'_>,
+    id: &str,
+) -> Result<Option<SubscriptionRow>> {
+    Ok(sqlx::query_as::<_, SubscriptionRow>(
+        "select id, consumer_address, consumer_reference, topics, topic_dialect, gid,
+            producer_address, created_at, termination_time
+         from subscriptions
+         where id = $1 and (termination_time is null or termination_time > now())",
+    )
+    .bind(id)
+    .fetch_optional(db)
+    .await?)
+}
+
+/// Renews a live subscription; false when there is none.
+pub async fn renew_subscription(
+    db: impl PgExecutor<'_>,
+    id: &str,
+    at: Option<DateTime<Utc>>,
+) -> Result<bool> {
+    Ok(sqlx::query(
+        "update subscriptions set termination_time = $2
+         where id = $1 and (termination_time is null or termination_time > now())",
+    )
+    .bind(id)
+    .bind(at)
+    .execute(db)
+    .await?
+    .rows_affected()
+        == 1)
+}
+
+/// Deletes a live subscription and its undelivered notifications; false when there is none.
+pub async fn delete_subscription(db: impl PgExecutor<'_>, id: &str) -> Result<bool> {
+    Ok(sqlx::query(
+        "delete from subscriptions
+         where id = $1 and (termination_time is null or termination_time > now())",
+    )
+    .bind(id)
+    .execute(db)
+    .await?
+    .rows_affected()
+        == 1)
+}
+
+/// Removes subscriptions whose termination time has passed (and what they had not received).
+pub async fn delete_expired_subscriptions(db: &PgPool) -> Result<Vec<String>> {
+    Ok(
+        sqlx::query_scalar(
+            "delete from subscriptions where termination_time <= now() returning id",
+        )
+        .fetch_all(db)
+        .await?,
+    )
+}
+
+/// Queues an event for every live subscription it matches (topic and GID filter), in the
+/// caller's transaction; returns how many notifications were queued.
+pub async fn emit(
+    db: impl PgExecutor<'_>,
+    topic: &str,
+    gid: Option<&str>,
+    message_xml: &str,
+) -> Result<u64> {
+    Ok(sqlx::query(
+        "insert into notifications (subscription_id, topic, message)
+         select id, $1, $3 from subscriptions
+         where (topics is null or $1 = any (topics))
+           and (gid is null or gid = $2)
+           and (termination_time is null or termination_time > now())
+         order by created_at, id",
+    )
+    .bind(topic)
+    .bind(gid)
+    .bind(message_xml)
+    .execute(db)
+    .await?
+    .rows_affected())
+}
+
+/// A notification claimed for delivery, with what the Notify needs from its subscription.
+#[derive(Debug, Clone, FromRow)]
+pub struct DueNotification {
+    pub id: i64,
+    pub topic: String,
+    pub message: String,
+    pub attempts: i32,
+    pub subscription_id: String,
+    pub consumer_address: String,
+    pub consumer_reference: String,
+    pub topic_dialect: String,
+    pub producer_address: String,
+}
+
+/// Claims up to `limit` due notifications of live subscriptions, oldest first. The rows stay
+/// locked until `tx` ends; other replicas skip them (`skip locked`), so a notification is
+/// delivered by one replica at a time.
+pub async fn claim_due_notifications(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    limit: i64,
+) -> Result<Vec<DueNotification>> {
+    Ok(sqlx::query_as::<_, DueNotification>(
+        "select n.id, n.topic, n.message, n.attempts, s.id as subscription_id,
+            s.consumer_address, s.consumer_reference, s.topic_dialect, s.producer_address
+         from notifications n join subscriptions s on s.id = n.subscription_id
+         where n.failed_at is null and n.next_attempt_at <= now()
+           and (s.termination_time is null or s.termination_time > now())
+           -- Per subscription in order: not while an earlier one waits for its retry.
+           and not exists (
+               select 1 from notifications e
+               where e.subscription_id = n.subscription_id and e.id < n.id
+                 and e.failed_at is null and e.next_attempt_at > now())
+         order by n.id
+         limit $1
+         for update of n skip locked",
+    )
+    .bind(limit)
+    .fetch_all(&mut **tx)
+    .await?)
+}
+
+pub async fn delete_notification(db: impl PgExecutor<'_>, id: i64) -> Result<()> {
+    sqlx::query("delete from notifications where id = $1")
+        .bind(id)
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
+/// Records a failed attempt: retry after `retry_in`, or give up (`failed`).
+pub async fn notification_failed(
+    db: impl PgExecutor<'_>,
+    id: i64,
+    error: &str,
+    retry_in: std::time::Duration,
+    failed: bool,
+) -> Result<()> {
+    sqlx::query(
+        "update notifications set attempts = attempts + 1, last_error = $2,
+            next_attempt_at = now() + make_interval(secs => $3),
+            failed_at = case when $4 then now() else null end
+         where id = $1",
+    )
+    .bind(id)
+    .bind(error)
+    .bind(retry_in.as_secs_f64())
+    .bind(failed)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// Marks instances not heard from for `lost_after` as lost (once per loss) and returns them,
+/// in the caller's transaction. Concurrent replicas each get a disjoint set (the update
+/// re-checks `lost_notified_at is null` under the row lock).
+pub async fn mark_lost_instances(
+    db: impl PgExecutor<'_>,
+    lost_after: std::time::Duration,
+) -> Result<Vec<CtsInstance>> {
+    Ok(sqlx::query_as::<_, InstanceRow>(&format!(
+        "update cts_instances set lost_notified_at = now()
+         where lost_notified_at is null
+           and last_seen < now() - make_interval(secs => $1)
+         returning {INSTANCE_COLUMNS}"
+    ))
+    .bind(lost_after.as_secs_f64())
+    .fetch_all(db)
+    .await?
+    .into_iter()
+    .map(Into::into)
+    .collect())
+}
+
+/// Undelivered notifications: (pending, failed), for tests and operators.
+pub async fn notification_counts(db: &PgPool) -> Result<(i64, i64)> {
+    Ok(sqlx::query_as(
+        "select count(*) filter (where failed_at is null), count(*) filter (where failed_at is not null)
+         from notifications",
     )
     .fetch_one(db)
     .await?)

@@ -8,6 +8,8 @@
 //! - [`service`]: every operation, once, independent of the wire;
 //! - [`db`]: all SQL (the only code that touches PostgreSQL) and the migrations;
 //! - [`http`]: the SOAP endpoint, the WSDL/XSD files and the JSON API;
+//! - [`wsrf`], [`notify`]: the WS-Resources, and WS-BaseNotification (subscriptions, the
+//!   notification outbox and its delivery);
 //! - [`error`]: the service error and its mapping to faults;
 //! - [`config`], [`embedded_pg`]: start-up.
 
@@ -23,6 +25,7 @@ pub mod db;
 pub mod embedded_pg;
 pub mod error;
 pub mod http;
+pub mod notify;
 pub mod service;
 pub mod wsrf;
 
@@ -42,6 +45,7 @@ impl Gcs {
             db,
             http,
             config: Arc::new(config),
+            wake: Arc::new(tokio::sync::Notify::new()),
         })
     }
 }
@@ -63,8 +67,10 @@ pub async fn run(
     };
     tracing::info!(addr = %listener.local_addr()?, tls = tls.is_some(), "GCS listening");
     let sweeper = tokio::spawn(sweep(gcs.clone()));
+    let notifier = tokio::spawn(notify::run(gcs.clone()));
     let result = transport::serve(listener, tls, app(gcs), shutdown).await;
     sweeper.abort();
+    notifier.abort();
     result
 }
 

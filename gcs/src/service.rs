@@ -15,6 +15,8 @@ use sqlx::PgPool;
 use crate::config::Config;
 use crate::db;
 use crate::error::{violated_constraint, Error, Result};
+use crate::notify::emit;
+use gca_protocol::wsn::Topic;
 
 /// Shared by every request; cheap to clone. Holds no registry state: that is all in the
 /// database, so replicas can share one.
@@ -23,6 +25,8 @@ pub struct Gcs {
     pub db: PgPool,
     pub http: reqwest::Client,
     pub config: Arc<Config>,
+    /// Wakes this replica's notification deliverer after a commit (a signal, not state).
+    pub wake: Arc<tokio::sync::Notify>,
 }
 
 /// Per-request context the service needs from the transport.
@@ -566,7 +570,23 @@ impl Gcs {
         self.cts_type(&i.cts_type).await?;
         i.registered_at = None;
         i.last_seen = None;
-        let outcome = if db::insert_instance(&self.db, &i).await? {
+        let mut tx = self.db.begin().await?;
+        let created = db::insert_instance(&mut *tx, &i).await?;
+        if created {
+            let stored = db::get_instance(&mut *tx, &i.name).await?.ok_or_else(|| {
+                Error::Internal(anyhow::anyhow!("instance vanished during registration"))
+            })?;
+            emit(
+                &mut *tx,
+                Topic::CtsRegistered,
+                None,
+                &stored.to_element(&Topic::CtsRegistered.message_name()),
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        let outcome = if created {
+            self.wake_deliverer();
             tracing::info!(cts.name = %i.name, cts.type = %i.cts_type, cts.url = %i.url, "CTS instance registered");
             Registration::Created
         } else {
@@ -610,6 +630,8 @@ impl Gcs {
         db::touch_instance(&mut *tx, &instance.name).await?;
         let outcome = if !req.recovery {
             if db::insert_job(&mut *tx, &req.gid, &instance, local_id, state).await? {
+                self.emit_job(&mut tx, Topic::JobRegistered, &req.gid)
+                    .await?;
                 Registration::Created
             } else {
                 let existing = db::lock_job(&mut *tx, &req.gid).await?.ok_or_else(|| {
@@ -662,11 +684,19 @@ impl Gcs {
             } else {
                 let count = existing.state != JobState::Recovering;
                 db::route_job(&mut *tx, &req.gid, &instance, local_id, state, count).await?;
+                if count {
+                    // Once per recovery (the move that counts it), not per state change.
+                    self.emit_job(&mut tx, Topic::JobRecovered, &req.gid)
+                        .await?;
+                }
                 tracing::info!(gid = %req.gid, cts.name = %instance.name, from = %existing.cts_instance, state = %state, "job recovery registered");
                 Registration::Updated
             }
         };
         tx.commit().await?;
+        if outcome != Registration::Unchanged {
+            self.wake_deliverer();
+        }
         if outcome == Registration::Created {
             tracing::info!(gid = %req.gid, cts.name = %instance.name, "job registered");
         }
@@ -729,7 +759,17 @@ impl Gcs {
             }
             Err(e) => return Err(e),
         };
+        r.sequence = Some(sequence);
+        r.registered_at = Some(registered_at);
+        emit(
+            &mut *tx,
+            Topic::CheckpointTaken,
+            Some(&r.gid),
+            &r.to_element(&Topic::CheckpointTaken.message_name()),
+        )
+        .await?;
         tx.commit().await?;
+        self.wake_deliverer();
         tracing::info!(gid = %r.gid, checkpoint.id = %r.id, checkpoint.sequence = sequence, origin = %r.origin, cts.name = %r.cts_name, "checkpoint registered");
         r.sequence = Some(sequence);
         r.registered_at = Some(registered_at);
@@ -757,11 +797,32 @@ impl Gcs {
         match job.state {
             JobState::Running | JobState::Recovering => {
                 db::finish_job(&mut *tx, &req.gid, req.exit_status, req.signal).await?;
+                self.emit_job(&mut tx, Topic::JobFinished, &req.gid).await?;
                 tracing::info!(gid = %req.gid, exit_status = ?req.exit_status, signal = ?req.signal, "job finished");
             }
             JobState::Stopped | JobState::Finished => {}
         }
         tx.commit().await?;
+        self.wake_deliverer();
         self.get_job(GidRequest { gid: req.gid }).await
+    }
+
+    /// Queues a job event (`gca:{topic}` with the job as it is now in `tx`).
+    pub(crate) async fn emit_job(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+        topic: Topic,
+        gid: &str,
+    ) -> Result<()> {
+        let job = db::get_job(&mut **tx, gid)
+            .await?
+            .ok_or_else(|| Error::Internal(anyhow::anyhow!("job {gid:?} vanished")))?;
+        emit(
+            &mut **tx,
+            topic,
+            Some(gid),
+            &job.to_element(&topic.message_name()),
+        )
+        .await
     }
 }

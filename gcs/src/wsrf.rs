@@ -12,6 +12,7 @@ use chrono::Utc;
 use gca_protocol::fault::{Fault, FaultKind};
 use gca_protocol::messages::{fmt_time, CtsInstance, XmlContent};
 use gca_protocol::ns;
+use gca_protocol::wsn::Topic;
 use gca_protocol::wsrf::{self, PropertyName, ResourceKind, ResourceRef, RlRequest, RpRequest};
 use gca_protocol::xml::Element;
 
@@ -33,6 +34,19 @@ pub const GCS_PROPERTIES: &[PropertyName] = &[
     (ns::WSRF_RL, "CurrentTime"),
     (ns::WSRF_SG, "MembershipContentRule"),
     (ns::WSRF_SG, "Entry"),
+    (ns::WSNT, "TopicExpression"),
+    (ns::WSNT, "FixedTopicSet"),
+    (ns::WSNT, "TopicExpressionDialect"),
+];
+
+/// Properties of a subscription resource (WS-BaseNotification SubscriptionManagerRP plus its
+/// WS-RL times).
+pub const SUBSCRIPTION_PROPERTIES: &[PropertyName] = &[
+    (ns::WSNT, "ConsumerReference"),
+    (ns::WSNT, "Filter"),
+    (ns::WSNT, "CreationTime"),
+    (ns::WSRF_RL, "CurrentTime"),
+    (ns::WSRF_RL, "TerminationTime"),
 ];
 
 /// Properties of a job resource, in document order.
@@ -92,6 +106,7 @@ fn properties_of(r: &ResourceRef) -> &'static [PropertyName] {
         ResourceRef::Resource(ResourceKind::Job, _) => JOB_PROPERTIES,
         ResourceRef::Resource(ResourceKind::Checkpoint, _) => CHECKPOINT_PROPERTIES,
         ResourceRef::Resource(ResourceKind::CtsInstance, _) => INSTANCE_PROPERTIES,
+        ResourceRef::Resource(ResourceKind::Subscription, _) => SUBSCRIPTION_PROPERTIES,
     }
 }
 
@@ -180,6 +195,10 @@ impl Gcs {
                 for i in &instances {
                     doc.push_child(service_group_entry(i, service_address));
                 }
+                // WS-BaseNotification NotificationProducerRP: the topics and dialects.
+                for p in gca_protocol::wsn::producer_properties() {
+                    doc.push_child(p);
+                }
                 Ok(doc)
             }
             ResourceRef::Resource(ResourceKind::Job, gid) => {
@@ -210,6 +229,36 @@ impl Gcs {
                     .ok_or_else(|| unknown("CTS instance", name, ""))?;
                 Ok(i.to_element("CTSInstanceResourceProperties"))
             }
+            ResourceRef::Resource(ResourceKind::Subscription, id) => {
+                let s = db::get_subscription(&self.db, id)
+                    .await?
+                    .ok_or_else(|| unknown("subscription", id, ""))?;
+                let consumer = gca_protocol::xml::parse(&s.consumer_reference)
+                    .map_err(|e| Error::Internal(anyhow::anyhow!("stored consumer EPR: {e}")))?;
+                let mut filter = Element::new(ns::WSNT, "Filter");
+                for t in s.topics.iter().flatten() {
+                    filter.push_child(
+                        Element::new(ns::WSNT, "TopicExpression")
+                            .with_attr("", "Dialect", s.topic_dialect.clone())
+                            .with_text(format!("gca:{t}")),
+                    );
+                }
+                if let Some(g) = &s.gid {
+                    filter.push_text_child(ns::GCA, "GID", g.clone());
+                }
+                let mut doc =
+                    Element::new(ns::GCA, "SubscriptionResourceProperties").with_child(consumer);
+                if !filter.children.is_empty() {
+                    doc.push_child(filter);
+                }
+                doc.push_text_child(ns::WSNT, "CreationTime", fmt_time(&s.created_at));
+                doc.children.extend(
+                    wsrf::lifetime_properties(now, s.termination_time)
+                        .into_iter()
+                        .map(gca_protocol::xml::Node::Element),
+                );
+                Ok(doc)
+            }
         }
     }
 
@@ -227,7 +276,12 @@ impl Gcs {
             ));
         }
         if lifetime.termination_time.is_some_and(|t| t <= Utc::now()) {
-            db::destroy_job_if_expired(&self.db, gid).await?;
+            let mut tx = self.db.begin().await?;
+            if db::destroy_job_if_expired(&mut *tx, gid).await? == Some(true) {
+                self.emit_job(&mut tx, Topic::JobFinished, gid).await?;
+            }
+            tx.commit().await?;
+            self.wake_deliverer();
             return Err(unknown(
                 "job",
                 gid,
@@ -269,7 +323,7 @@ impl Gcs {
         self.live_job(gid).await?;
         match req {
             RlRequest::Destroy => {
-                if !db::destroy_job(&self.db, gid).await? {
+                if !self.destroy_job(gid).await? {
                     return Err(unknown("job", gid, " any more"));
                 }
                 tracing::info!(%gid, "job resource destroyed");
@@ -282,7 +336,7 @@ impl Gcs {
                 if let Some(t) = at {
                     if t <= now {
                         // WS-RL: a time in the past destroys the resource at once.
-                        db::destroy_job(&self.db, gid).await?;
+                        self.destroy_job(gid).await?;
                         tracing::info!(%gid, "job resource destroyed (termination time in the past)");
                     } else {
                         db::set_termination_time(&self.db, gid, at).await?;
@@ -302,10 +356,37 @@ impl Gcs {
 
     /// Destroys job resources whose termination time has passed; run periodically.
     pub async fn sweep_expired_jobs(&self) -> Result<usize> {
-        let gids = db::destroy_expired_jobs(&self.db).await?;
-        for gid in &gids {
+        let mut tx = self.db.begin().await?;
+        let gids = db::destroy_expired_jobs(&mut *tx).await?;
+        for (gid, unfinished) in &gids {
+            if *unfinished {
+                self.emit_job(&mut tx, Topic::JobFinished, gid).await?;
+            }
+        }
+        tx.commit().await?;
+        if !gids.is_empty() {
+            self.wake_deliverer();
+        }
+        for (gid, _) in &gids {
             tracing::info!(%gid, "job resource destroyed: its termination time passed");
         }
         Ok(gids.len())
+    }
+
+    /// Destroys a live job resource (the job is finished; JobFinished when it was not yet).
+    async fn destroy_job(&self, gid: &str) -> Result<bool> {
+        let mut tx = self.db.begin().await?;
+        let Some(job) = db::lock_job(&mut *tx, gid).await? else {
+            return Ok(false);
+        };
+        if !db::destroy_job(&mut *tx, gid).await? {
+            return Ok(false);
+        }
+        if job.state != gca_protocol::messages::JobState::Finished {
+            self.emit_job(&mut tx, Topic::JobFinished, gid).await?;
+        }
+        tx.commit().await?;
+        self.wake_deliverer();
+        Ok(true)
     }
 }

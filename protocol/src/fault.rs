@@ -45,6 +45,22 @@ pub enum FaultKind {
     UnableToSetTerminationTime,
     /// WS-RL: the resource cannot be destroyed.
     ResourceNotDestroyed,
+    /// WS-N: the subscription could not be created (e.g. an unusable consumer reference).
+    SubscribeCreationFailed,
+    /// WS-N: a filter component is not understood.
+    InvalidFilter,
+    /// WS-N: the topic expression dialect is not supported.
+    TopicExpressionDialectUnknown,
+    /// WS-N: the topic expression is not valid in its dialect.
+    InvalidTopicExpression,
+    /// WS-N: the topic is not one the producer offers.
+    TopicNotSupported,
+    /// WS-N: the initial termination time of a subscription is not acceptable.
+    UnacceptableInitialTerminationTime,
+    /// WS-N: the termination time asked for in Renew is not acceptable.
+    UnacceptableTerminationTime,
+    /// WS-N: GetCurrentMessage on a topic with no current message (the GCS keeps none).
+    NoCurrentMessageOnTopic,
 }
 
 impl FaultKind {
@@ -66,6 +82,14 @@ impl FaultKind {
             FaultKind::UnknownQueryExpressionDialect => 400,
             FaultKind::UnableToSetTerminationTime => 400,
             FaultKind::ResourceNotDestroyed => 409,
+            FaultKind::SubscribeCreationFailed => 400,
+            FaultKind::InvalidFilter => 400,
+            FaultKind::TopicExpressionDialectUnknown => 400,
+            FaultKind::InvalidTopicExpression => 400,
+            FaultKind::TopicNotSupported => 400,
+            FaultKind::UnacceptableInitialTerminationTime => 400,
+            FaultKind::UnacceptableTerminationTime => 400,
+            FaultKind::NoCurrentMessageOnTopic => 404,
         }
     }
 
@@ -105,6 +129,20 @@ impl FaultKind {
                 (ns::WSRF_RL, "UnableToSetTerminationTimeFault")
             }
             FaultKind::ResourceNotDestroyed => (ns::WSRF_RL, "ResourceNotDestroyedFault"),
+            FaultKind::SubscribeCreationFailed => (ns::WSNT, "SubscribeCreationFailedFault"),
+            FaultKind::InvalidFilter => (ns::WSNT, "InvalidFilterFault"),
+            FaultKind::TopicExpressionDialectUnknown => {
+                (ns::WSNT, "TopicExpressionDialectUnknownFault")
+            }
+            FaultKind::InvalidTopicExpression => (ns::WSNT, "InvalidTopicExpressionFault"),
+            FaultKind::TopicNotSupported => (ns::WSNT, "TopicNotSupportedFault"),
+            FaultKind::UnacceptableInitialTerminationTime => {
+                (ns::WSNT, "UnacceptableInitialTerminationTimeFault")
+            }
+            FaultKind::UnacceptableTerminationTime => {
+                (ns::WSNT, "UnacceptableTerminationTimeFault")
+            }
+            FaultKind::NoCurrentMessageOnTopic => (ns::WSNT, "NoCurrentMessageOnTopicFault"),
         }
     }
 
@@ -134,11 +172,19 @@ impl FaultKind {
             FaultKind::UnknownQueryExpressionDialect => "UnknownQueryExpressionDialect",
             FaultKind::UnableToSetTerminationTime => "UnableToSetTerminationTime",
             FaultKind::ResourceNotDestroyed => "ResourceNotDestroyed",
+            FaultKind::SubscribeCreationFailed => "SubscribeCreationFailed",
+            FaultKind::InvalidFilter => "InvalidFilter",
+            FaultKind::TopicExpressionDialectUnknown => "TopicExpressionDialectUnknown",
+            FaultKind::InvalidTopicExpression => "InvalidTopicExpression",
+            FaultKind::TopicNotSupported => "TopicNotSupported",
+            FaultKind::UnacceptableInitialTerminationTime => "UnacceptableInitialTerminationTime",
+            FaultKind::UnacceptableTerminationTime => "UnacceptableTerminationTime",
+            FaultKind::NoCurrentMessageOnTopic => "NoCurrentMessageOnTopic",
         }
     }
 }
 
-pub const ALL_KINDS: [FaultKind; 16] = [
+pub const ALL_KINDS: [FaultKind; 24] = [
     FaultKind::ResourceUnknown,
     FaultKind::InvalidMessage,
     FaultKind::InvalidDescriptor,
@@ -155,6 +201,14 @@ pub const ALL_KINDS: [FaultKind; 16] = [
     FaultKind::UnknownQueryExpressionDialect,
     FaultKind::UnableToSetTerminationTime,
     FaultKind::ResourceNotDestroyed,
+    FaultKind::SubscribeCreationFailed,
+    FaultKind::InvalidFilter,
+    FaultKind::TopicExpressionDialectUnknown,
+    FaultKind::InvalidTopicExpression,
+    FaultKind::TopicNotSupported,
+    FaultKind::UnacceptableInitialTerminationTime,
+    FaultKind::UnacceptableTerminationTime,
+    FaultKind::NoCurrentMessageOnTopic,
 ];
 
 /// The dialect of [`Fault::code`] values (our `wsrf-bf:ErrorCode` dialect).
@@ -170,6 +224,10 @@ pub struct Fault {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub code: Option<String>,
     pub timestamp: DateTime<Utc>,
+    /// Elements the fault type adds after the WS-BaseFaults content (e.g. `wsnt:UnknownFilter`,
+    /// `wsnt:MinimumTime`); SOAP only.
+    #[serde(skip)]
+    pub extra: Vec<Element>,
 }
 
 impl Fault {
@@ -179,7 +237,14 @@ impl Fault {
             message: message.into(),
             code: None,
             timestamp: Utc::now(),
+            extra: Vec::new(),
         }
+    }
+
+    /// Adds an element after the WS-BaseFaults content of the detail.
+    pub fn with_extra(mut self, el: Element) -> Self {
+        self.extra.push(el);
+        self
     }
 
     pub fn with_code(mut self, code: impl Into<String>) -> Self {
@@ -226,6 +291,8 @@ impl Fault {
                 .with_attr(crate::xml::XML_NS, "lang", "en")
                 .with_text(self.message.clone()),
         );
+        el.children
+            .extend(self.extra.iter().cloned().map(crate::xml::Node::Element));
         el
     }
 
@@ -253,6 +320,7 @@ impl Fault {
             },
             code: el.opt_text(ns::WSRF_BF, "ErrorCode"),
             timestamp,
+            extra: Vec::new(),
         }
     }
 }

@@ -23,6 +23,7 @@ pub mod schemas;
 pub mod server;
 pub mod soap;
 pub mod transport;
+pub mod wsn;
 pub mod wsrf;
 pub mod xml;
 

@@ -369,6 +369,7 @@ pub fn parse_response(text: &str) -> Result<Element, Fault> {
                 message,
                 code: None,
                 timestamp: Utc::now(),
+                extra: Vec::new(),
             },
         });
     }

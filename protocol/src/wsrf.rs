@@ -104,13 +104,16 @@ pub enum ResourceKind {
     Job,
     Checkpoint,
     CtsInstance,
+    /// A WS-BaseNotification subscription (the SubscriptionManager resource).
+    Subscription,
 }
 
 impl ResourceKind {
-    pub const ALL: [ResourceKind; 3] = [
+    pub const ALL: [ResourceKind; 4] = [
         ResourceKind::Job,
         ResourceKind::Checkpoint,
         ResourceKind::CtsInstance,
+        ResourceKind::Subscription,
     ];
 
     /// The path segment and `Kind` attribute value.
@@ -119,6 +122,7 @@ impl ResourceKind {
             ResourceKind::Job => "jobs",
             ResourceKind::Checkpoint => "checkpoints",
             ResourceKind::CtsInstance => "instances",
+            ResourceKind::Subscription => "subscriptions",
         }
     }
 
@@ -132,6 +136,7 @@ impl ResourceKind {
             ResourceKind::Job => &["gid", "job"],
             ResourceKind::Checkpoint => &["checkpoint", "ckpt"],
             ResourceKind::CtsInstance => &["instance", "cts"],
+            ResourceKind::Subscription => &["subscription"],
         }
     }
 }
@@ -153,6 +158,9 @@ impl ResourceRef {
     }
     pub fn instance(name: &str) -> Self {
         ResourceRef::Resource(ResourceKind::CtsInstance, name.to_string())
+    }
+    pub fn subscription(id: &str) -> Self {
+        ResourceRef::Resource(ResourceKind::Subscription, id.to_string())
     }
 
     /// The EPR of this resource, given the service's full address.
@@ -188,7 +196,7 @@ impl ResourceRef {
                 let kind_attr = h.attr("", "Kind").unwrap_or("");
                 let kind = ResourceKind::parse(kind_attr).ok_or_else(|| {
                     Fault::resource_unknown(format!(
-                        "the gca:ResourceID header has Kind {kind_attr:?}; expected jobs, checkpoints or instances"
+                        "the gca:ResourceID header has Kind {kind_attr:?}; expected jobs, checkpoints, instances or subscriptions"
                     ))
                     .with_code("unknown-resource-kind")
                 })?;
@@ -203,7 +211,7 @@ impl ResourceRef {
         if let Some((kind, id)) = path {
             return Self::from_segments(kind, id, false).ok_or_else(|| {
                 Fault::resource_unknown(format!(
-                    "no resource kind {kind:?} at this service; expected jobs, checkpoints or instances"
+                    "no resource kind {kind:?} at this service; expected jobs, checkpoints, instances or subscriptions"
                 ))
                 .with_code("unknown-resource-kind")
             });

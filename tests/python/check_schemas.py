@@ -147,7 +147,7 @@ def read_contract(repo: Path) -> dict:
     if "GCS_PORT_TYPE" not in blocks or "CTS_PORT_TYPE" not in blocks:
         raise ValueError("operations! blocks for GCS_PORT_TYPE / CTS_PORT_TYPE not found in ops.rs")
 
-    nsmap = {k: ns[k] for k in ("GCA", "WSRF_R", "WSRF_BF", "WSRF_RP", "WSRF_RL")}
+    nsmap = {k: ns[k] for k in ("GCA", "WSRF_R", "WSRF_BF", "WSRF_RP", "WSRF_RL", "WSNT")}
     faults = []
     for ns_const, name in re.findall(r'FaultKind::\w+\s*=>\s*\{?\s*\(ns::(\w+),\s*"(\w+)"\)', fault_rs):
         faults.append((nsmap.get(ns_const, ns_const), name))
@@ -263,10 +263,17 @@ def check_declarations(rep: Report, contract: dict, schemas: dict) -> None:
         if fns == GCA_NS and name not in decls:
             problems.append("not declared")
         else:
+            # Elements some WS-BaseNotification faults add after the BaseFault content
+            # (what protocol/src/wsn.rs sends with them).
+            extra = {
+                "InvalidFilterFault": "<f:UnknownFilter>f:MessageContent</f:UnknownFilter>",
+                "UnacceptableInitialTerminationTimeFault": "<f:MinimumTime>2025-01-31T12:00:00Z</f:MinimumTime>",
+                "UnacceptableTerminationTimeFault": "<f:MinimumTime>2025-01-31T12:00:00Z</f:MinimumTime>",
+            }.get(name, "") if fns == contract["ns"].get("WSNT") else ""
             good = etree.fromstring(
                 f'<f:{name} xmlns:f="{fns}" xmlns:bf="{bf}"><bf:Timestamp>2025-01-31T12:00:00Z</bf:Timestamp>'
                 f'<bf:ErrorCode dialect="urn:gca:v1:error-codes">x</bf:ErrorCode>'
-                f'<bf:Description xml:lang="en">d</bf:Description></f:{name}>'
+                f'<bf:Description xml:lang="en">d</bf:Description>{extra}</f:{name}>'
             )
             bad = etree.fromstring(f'<f:{name} xmlns:f="{fns}"/>')
             if not gca.validate(good):
@@ -320,6 +327,8 @@ def check_with_xmllint(rep: Report, oasis: Path, valid: list[Path], invalid: lis
 <catalog xmlns="urn:oasis:names:tc:entity:xmlns:xml:catalog">
   <rewriteURI uriStartString="http://docs.oasis-open.org/wsrf/" rewritePrefix="{schemas_uri}"/>
   <rewriteURI uriStartString="http://docs.oasis-open.org/schema/" rewritePrefix="{schema_uri}"/>
+  <rewriteURI uriStartString="http://docs.oasis-open.org/wsn/" rewritePrefix="{schemas_uri}"/>
+  <rewriteSystem systemIdStartString="http://docs.oasis-open.org/wsn/" rewritePrefix="{schemas_uri}"/>
   <rewriteSystem systemIdStartString="http://docs.oasis-open.org/wsrf/" rewritePrefix="{schemas_uri}"/>
   <rewriteSystem systemIdStartString="http://docs.oasis-open.org/schema/" rewritePrefix="{schema_uri}"/>
 </catalog>

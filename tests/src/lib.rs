@@ -17,6 +17,7 @@ use gca_protocol::soap;
 use gca_protocol::transport;
 use tokio::sync::oneshot;
 
+pub mod consumer;
 pub mod cts;
 pub mod db;
 pub mod slurm;

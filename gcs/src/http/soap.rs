@@ -95,6 +95,11 @@ async fn dispatch(
                 .await?)
         }
         Some(ns::WSRF_RL) => return Ok(gcs.resource_lifetime(resource, &req.body, action).await?),
+        Some(ns::WSNT) => {
+            return Ok(gcs
+                .notification(resource, service_address, &req.body, action)
+                .await?)
+        }
         Some(ns::GCA) => {}
         _ => return Err(unsupported(req)),
     }

@@ -4,6 +4,7 @@
 mod checkpoints;
 mod faults;
 mod gcactl;
+mod notifications;
 mod registry;
 mod replicas;
 mod wire;

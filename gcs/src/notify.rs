@@ -1,0 +1,372 @@
+//! WS-BaseNotification 1.3 on the GCS: the GCS resource is the NotificationProducer
+//! (Subscribe, GetCurrentMessage), each subscription is a WS-Resource
+//! (`{service}/subscriptions/{id}`, the SubscriptionManager: Renew, Unsubscribe).
+//!
+//! Events are queued in the `notifications` table in the transaction of the change that causes
+//! them ([`emit`]), one row per matching subscription (a transactional outbox). Every replica
+//! runs [`run`]: it claims due rows with `for update skip locked`, POSTs a `wsnt:Notify` to the
+//! consumer while holding the row lock, and deletes the row on a 2xx in the same transaction,
+//! or schedules a retry with exponential backoff; so two replicas never deliver one row, and a
+//! row survives restarts until it is delivered, given up, or its subscription ends.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use gca_protocol::fault::{Fault, FaultKind};
+use gca_protocol::ns;
+use gca_protocol::soap::{self, SoapVersion};
+use gca_protocol::wsn::{self, ManagerRequest, Subscribe, Topic};
+use gca_protocol::wsrf::{self, Epr, ResourceKind, ResourceRef};
+use gca_protocol::xml::{self, Element};
+use sqlx::PgExecutor;
+
+use crate::db;
+use crate::error::{Error, Result};
+use crate::service::Gcs;
+
+/// How many notifications one claim takes.
+const BATCH: i64 = 16;
+
+/// Queues `message` (a `gca:{topic}` element) for every subscription it matches, in the
+/// caller's transaction.
+pub async fn emit(
+    db: impl PgExecutor<'_>,
+    topic: Topic,
+    gid: Option<&str>,
+    message: &Element,
+) -> Result<()> {
+    let n = db::emit(db, topic.as_str(), gid, &message.to_xml()).await?;
+    if n > 0 {
+        tracing::debug!(
+            topic = topic.as_str(),
+            gid,
+            queued = n,
+            "notifications queued"
+        );
+    }
+    Ok(())
+}
+
+fn unknown_subscription(id: &str) -> Error {
+    Error::Fault(
+        Fault::resource_unknown(format!(
+            "no subscription {id:?} at this GCS (it was unsubscribed, expired, or never existed)"
+        ))
+        .with_code("unknown-subscription"),
+    )
+}
+
+/// The retry delay after `attempts` failed attempts: base × 2^(attempts-1), capped.
+pub fn backoff(attempts: u32, base: Duration, max: Duration) -> Duration {
+    let factor = 2u32.saturating_pow(attempts.saturating_sub(1).min(30));
+    base.saturating_mul(factor).min(max)
+}
+
+impl Gcs {
+    /// Wakes this replica's deliverer (after a commit that queued notifications).
+    pub fn wake_deliverer(&self) {
+        self.wake.notify_one();
+    }
+
+    /// A WS-BaseNotification request (`wsnt:*` body) on `resource`.
+    pub async fn notification(
+        &self,
+        resource: &ResourceRef,
+        service_address: &str,
+        body: &Element,
+        action: Option<&str>,
+    ) -> Result<(String, Element)> {
+        let now = Utc::now();
+        match (body.name.as_str(), resource) {
+            ("Subscribe", ResourceRef::Service | ResourceRef::Resource(ResourceKind::Job, _)) => {
+                let mut req = Subscribe::read(body, action, now)?;
+                if let ResourceRef::Resource(_, gid) = resource {
+                    // Subscribing on a job resource: only that job's events.
+                    if req.gid.as_ref().is_some_and(|g| g != gid) {
+                        return Err(Error::kind(
+                            FaultKind::InvalidFilter,
+                            format!("the gca:GID filter names another job than the job resource {gid:?}"),
+                        ));
+                    }
+                    db::job_lifetime(&self.db, gid)
+                        .await?
+                        .filter(|l| l.destroyed_at.is_none())
+                        .ok_or_else(|| {
+                            Error::unknown(format!("no job resource {gid:?} at this GCS"))
+                        })?;
+                    req.gid = Some(gid.clone());
+                }
+                self.subscribe(req, service_address, body, now).await
+            }
+            ("GetCurrentMessage", ResourceRef::Service) => {
+                if !wsrf::action_matches(action, wsn::GET_CURRENT_MESSAGE_REQUEST) {
+                    return Err(Error::kind(
+                        FaultKind::ActionNotSupported,
+                        format!("action {action:?} does not match <wsnt:GetCurrentMessage>"),
+                    ));
+                }
+                let topic = body.child(ns::WSNT, "Topic").ok_or_else(|| {
+                    Error::invalid("<wsnt:GetCurrentMessage> needs a <wsnt:Topic>")
+                })?;
+                let (_, t) = wsn::read_topic_expression(topic)?;
+                Err(Error::kind(
+                    FaultKind::NoCurrentMessageOnTopic,
+                    format!(
+                        "the GCS keeps no current message on {}: subscribe to receive its events",
+                        t.qname()
+                    ),
+                ))
+            }
+            ("Renew" | "Unsubscribe", ResourceRef::Resource(ResourceKind::Subscription, id)) => {
+                let req = ManagerRequest::read(body, action, now)?;
+                match req {
+                    ManagerRequest::Renew(at) => {
+                        if !db::renew_subscription(&self.db, id, at).await? {
+                            return Err(unknown_subscription(id));
+                        }
+                        tracing::info!(subscription = %id, termination = ?at, "subscription renewed");
+                        Ok((wsn::RENEW_RESPONSE.into(), wsn::renew_response(now, at)))
+                    }
+                    ManagerRequest::Unsubscribe => {
+                        if !db::delete_subscription(&self.db, id).await? {
+                            return Err(unknown_subscription(id));
+                        }
+                        tracing::info!(subscription = %id, "unsubscribed");
+                        Ok((
+                            wsn::UNSUBSCRIBE_RESPONSE.into(),
+                            Element::new(ns::WSNT, "UnsubscribeResponse"),
+                        ))
+                    }
+                }
+            }
+            _ => {
+                let what = match resource {
+                    ResourceRef::Service => "the GCS itself".to_string(),
+                    ResourceRef::Resource(k, id) => format!("{} resource {id:?}", k.as_str()),
+                };
+                Err(Error::kind(
+                    FaultKind::ActionNotSupported,
+                    format!(
+                        "<wsnt:{}> is not served on {what}: Subscribe and GetCurrentMessage go to the GCS (or a job), Renew and Unsubscribe to a subscription's address",
+                        body.name
+                    ),
+                ))
+            }
+        }
+    }
+
+    async fn subscribe(
+        &self,
+        req: Subscribe,
+        service_address: &str,
+        body: &Element,
+        now: chrono::DateTime<Utc>,
+    ) -> Result<(String, Element)> {
+        let address = req.consumer.address.trim().to_string();
+        let usable = reqwest::Url::parse(&address)
+            .ok()
+            .is_some_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
+        if !usable {
+            return Err(Error::kind(
+                FaultKind::SubscribeCreationFailed,
+                format!(
+                    "the consumer address {address:?} is not an http(s) URL the GCS can POST notifications to (pull delivery is not offered)"
+                ),
+            ));
+        }
+        let termination = match req.termination {
+            Some(t) => t,
+            None => Some(
+                now + chrono::Duration::seconds(
+                    self.config
+                        .subscription_default_lifetime_secs
+                        .min(i64::MAX as u64) as i64,
+                ),
+            ),
+        };
+        let consumer_el = body
+            .child(ns::WSNT, "ConsumerReference")
+            .cloned()
+            .unwrap_or_else(|| req.consumer.to_element(ns::WSNT, "ConsumerReference"));
+        let row = db::SubscriptionRow {
+            id: uuid::Uuid::new_v4().to_string(),
+            consumer_address: address,
+            consumer_reference: consumer_el.to_xml(),
+            topics: (!req.topics.is_empty())
+                .then(|| req.topics.iter().map(|t| t.as_str().to_string()).collect()),
+            topic_dialect: req.dialect.clone(),
+            gid: req.gid.clone(),
+            producer_address: service_address.to_string(),
+            created_at: now,
+            termination_time: termination,
+        };
+        db::insert_subscription(&self.db, &row).await?;
+        tracing::info!(subscription = %row.id, consumer = %row.consumer_address, topics = ?row.topics, gid = ?row.gid, "subscribed");
+        let epr = ResourceRef::subscription(&row.id).epr(service_address);
+        Ok((
+            wsn::SUBSCRIBE_RESPONSE.into(),
+            wsn::subscribe_response(&epr, now, termination),
+        ))
+    }
+
+    /// Delivers every due notification this replica can claim; returns how many were
+    /// delivered.
+    pub async fn deliver_due(&self) -> Result<usize> {
+        let mut delivered = 0;
+        loop {
+            let mut tx = self.db.begin().await?;
+            let due = db::claim_due_notifications(&mut tx, BATCH).await?;
+            let claimed = due.len();
+            // Once a consumer fails, its later notifications in the batch wait too (order).
+            let mut failed: Vec<(String, Duration)> = Vec::new();
+            for n in due {
+                if let Some((_, wait)) = failed.iter().find(|(s, _)| *s == n.subscription_id) {
+                    db::notification_failed(
+                        &mut *tx,
+                        n.id,
+                        "an earlier notification to this consumer failed",
+                        *wait,
+                        false,
+                    )
+                    .await?;
+                    continue;
+                }
+                match self.send_notify(&n).await {
+                    Ok(()) => {
+                        db::delete_notification(&mut *tx, n.id).await?;
+                        delivered += 1;
+                        tracing::debug!(notification = n.id, subscription = %n.subscription_id, topic = %n.topic, "notification delivered");
+                    }
+                    Err(why) => {
+                        let attempts = u32::try_from(n.attempts).unwrap_or(0) + 1;
+                        let give_up = attempts >= self.config.notify_max_attempts.max(1);
+                        let wait = backoff(
+                            attempts,
+                            Duration::from_millis(self.config.notify_retry_base_millis.max(1)),
+                            Duration::from_secs(self.config.notify_retry_max_secs.max(1)),
+                        );
+                        db::notification_failed(&mut *tx, n.id, &why, wait, give_up).await?;
+                        if give_up {
+                            tracing::error!(notification = n.id, subscription = %n.subscription_id, consumer = %n.consumer_address, attempts, error = %why, "notification given up");
+                        } else {
+                            tracing::warn!(notification = n.id, subscription = %n.subscription_id, consumer = %n.consumer_address, attempts, retry_in = ?wait, error = %why, "notification not delivered; will retry");
+                        }
+                        failed.push((n.subscription_id.clone(), wait));
+                    }
+                }
+            }
+            tx.commit().await?;
+            if claimed < BATCH as usize {
+                return Ok(delivered);
+            }
+        }
+    }
+
+    /// POSTs one `wsnt:Notify` (SOAP 1.1, WS-Addressing; the consumer EPR's reference
+    /// parameters as headers). Ok on a 2xx answer.
+    async fn send_notify(&self, n: &db::DueNotification) -> std::result::Result<(), String> {
+        let consumer = xml::parse(&n.consumer_reference)
+            .ok()
+            .and_then(|el| Epr::from_element(&el).ok())
+            .unwrap_or(Epr {
+                address: n.consumer_address.clone(),
+                reference_parameters: Vec::new(),
+            });
+        let mut message =
+            xml::parse(&n.message).map_err(|e| format!("stored message is not XML: {e}"))?;
+        wsrf::add_eprs(&mut message, &n.producer_address);
+        let body = wsn::notify(
+            &ResourceRef::subscription(&n.subscription_id).epr(&n.producer_address),
+            &n.topic_dialect,
+            &n.topic,
+            &ResourceRef::Service.epr(&n.producer_address),
+            message,
+        );
+        let (envelope, _) = soap::request_envelope(
+            SoapVersion::Soap11,
+            wsn::NOTIFY,
+            &n.consumer_address,
+            &consumer.reference_parameters,
+            body,
+        );
+        let resp = self
+            .http
+            .post(&n.consumer_address)
+            .header(
+                "content-type",
+                SoapVersion::Soap11.content_type(wsn::NOTIFY),
+            )
+            .header("SOAPAction", format!("\"{}\"", wsn::NOTIFY))
+            .timeout(Duration::from_secs(self.config.notify_timeout_secs.max(1)))
+            .body(envelope)
+            .send()
+            .await
+            .map_err(|e| format!("POST to {} failed: {e}", n.consumer_address))?;
+        if resp.status().is_success() {
+            Ok(())
+        } else {
+            Err(format!("the consumer answered HTTP {}", resp.status()))
+        }
+    }
+
+    /// The periodic part: CTS instances not heard from become lost (once per loss, a
+    /// `gca:CTSLost` event), expired subscriptions are removed.
+    pub async fn notification_sweep(&self) -> Result<()> {
+        let lost_after = Duration::from_secs_f64(self.config.cts_lost_after_secs.max(0.001));
+        let mut tx = self.db.begin().await?;
+        let lost = db::mark_lost_instances(&mut *tx, lost_after).await?;
+        for i in &lost {
+            use gca_protocol::messages::XmlContent;
+            emit(
+                &mut *tx,
+                Topic::CtsLost,
+                None,
+                &i.to_element(&Topic::CtsLost.message_name()),
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        for i in &lost {
+            tracing::warn!(cts.name = %i.name, last_seen = ?i.last_seen, "CTS instance lost: not heard from");
+        }
+        for id in db::delete_expired_subscriptions(&self.db).await? {
+            tracing::info!(subscription = %id, "subscription expired");
+        }
+        Ok(())
+    }
+}
+
+/// The notification task of one replica: sweeps and delivers whenever woken by a commit of
+/// this replica, and every `notify_poll_millis` for rows queued by other replicas, retries
+/// coming due and lost CTSes.
+pub async fn run(gcs: Gcs) {
+    let poll = Duration::from_millis(gcs.config.notify_poll_millis.max(10));
+    loop {
+        tokio::select! {
+            _ = gcs.wake.notified() => {}
+            _ = tokio::time::sleep(poll) => {}
+        }
+        if let Err(e) = gcs.notification_sweep().await {
+            tracing::warn!(error = %e, "notification sweep failed");
+        }
+        if let Err(e) = gcs.deliver_due().await {
+            tracing::warn!(error = %e, "delivering notifications failed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let b = Duration::from_millis(100);
+        let m = Duration::from_secs(1);
+        assert_eq!(backoff(1, b, m), Duration::from_millis(100));
+        assert_eq!(backoff(2, b, m), Duration::from_millis(200));
+        assert_eq!(backoff(4, b, m), Duration::from_millis(800));
+        assert_eq!(backoff(5, b, m), m);
+        assert_eq!(backoff(100, b, m), m);
+    }
+}

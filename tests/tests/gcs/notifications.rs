@@ -1,0 +1,722 @@
+//! WS-BaseNotification 1.3 on the GCS: Subscribe (topics in the Simple and Concrete dialects,
+//! the gca:GID filter, initial termination time), Notify delivered to a consumer with retries,
+//! Renew, Unsubscribe, expiry, CTSLost, delivery after a restart, exactly-once delivery with
+//! two replicas, and the faults.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use gca_protocol::fault::{Fault, FaultKind};
+use gca_protocol::messages::*;
+use gca_protocol::ns;
+use gca_protocol::ops::*;
+use gca_protocol::wsn;
+use gca_protocol::xml::Element;
+use integration_tests::consumer::{Consumer, Notification};
+use integration_tests::*;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+fn fast(c: &mut gcs::Config) {
+    c.notify_poll_millis = 100;
+    c.notify_retry_base_millis = 100;
+    c.notify_retry_max_secs = 1;
+}
+
+fn env(action: &str, body: &str) -> String {
+    format!(
+        "<?xml version=\"1.0\"?>\n<s:Envelope xmlns:s=\"{}\" xmlns:wsa=\"{}\" xmlns:wsnt=\"{}\" xmlns:gca=\"urn:gca:v1\" xmlns:xsi=\"{}\">\n<s:Header><wsa:Action>{action}</wsa:Action><wsa:MessageID>urn:uuid:{}</wsa:MessageID></s:Header>\n<s:Body>{body}</s:Body>\n</s:Envelope>",
+        ns::SOAP11,
+        ns::WSA,
+        ns::WSNT,
+        ns::XSI,
+        uuid::Uuid::new_v4()
+    )
+}
+
+async fn call(url: &str, action: &str, body: &str) -> Result<Element, Fault> {
+    let (_, text) = post_raw(url, "text/xml; charset=utf-8", None, env(action, body)).await;
+    gca_protocol::soap::parse_response(&text)
+}
+
+fn topic_filter(dialect: &str, topic: &str) -> String {
+    format!("<wsnt:TopicExpression Dialect=\"{dialect}\">{topic}</wsnt:TopicExpression>")
+}
+
+/// Subscribes `consumer` with the given filter content and extra elements; returns the
+/// response.
+async fn subscribe_raw(
+    gcs: &TestGcs,
+    consumer: &str,
+    filter: &str,
+    extra: &str,
+) -> Result<Element, Fault> {
+    let filter = if filter.is_empty() {
+        String::new()
+    } else {
+        format!("<wsnt:Filter>{filter}</wsnt:Filter>")
+    };
+    call(
+        &gcs.endpoint(),
+        wsn::SUBSCRIBE_REQUEST,
+        &format!(
+            "<wsnt:Subscribe><wsnt:ConsumerReference><wsa:Address>{consumer}</wsa:Address></wsnt:ConsumerReference>{filter}{extra}</wsnt:Subscribe>"
+        ),
+    )
+    .await
+}
+
+/// Subscribes and returns the subscription's address.
+async fn subscribe(gcs: &TestGcs, consumer: &Consumer, filter: &str) -> String {
+    let resp = subscribe_raw(gcs, &consumer.url, filter, "")
+        .await
+        .expect("Subscribe");
+    assert!(resp.is(ns::WSNT, "SubscribeResponse"));
+    assert!(resp.child(ns::WSNT, "CurrentTime").is_some());
+    resp.child(ns::WSNT, "SubscriptionReference")
+        .and_then(|r| r.opt_text(ns::WSA, "Address"))
+        .expect("a SubscriptionReference address")
+}
+
+fn record(id: &str, gid: &str, cts: &str) -> CheckpointRecord {
+    CheckpointRecord {
+        id: id.into(),
+        gid: gid.into(),
+        sequence: None,
+        cts_name: cts.into(),
+        cts_type: "criu".into(),
+        taken_at: chrono::Utc::now(),
+        image_name: format!("cts://{cts}/images/{id}"),
+        execution_manager: "https://node-a/em".into(),
+        size_bytes: Some(1),
+        digest: None,
+        parent: None,
+        origin: Origin::Periodic,
+        job_stopped: false,
+        registered_at: None,
+    }
+}
+
+async fn checkpoint(gcs: &TestGcs, id: &str, gid: &str) -> CheckpointRecord {
+    gcs.call::<RegisterCheckpointOp>(RegisterCheckpoint {
+        checkpoint: record(id, gid, "cts-a"),
+    })
+    .await
+    .expect("register checkpoint")
+    .checkpoint
+}
+
+fn text(el: &Element, name: &str) -> String {
+    el.opt_text(ns::GCA, name).unwrap_or_default()
+}
+
+/// No more than `n` notifications arrive within a short while.
+async fn settle(consumer: &Consumer, n: usize) {
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        consumer.received().len(),
+        n,
+        "unexpected notifications: {:#?}",
+        consumer.received()
+    );
+}
+
+#[tokio::test]
+async fn checkpoint_taken_reaches_subscribers_with_and_without_a_gid_filter() {
+    let gcs = TestGcs::start_with(fast).await;
+    gcs.setup_cts("cts-a", "node-a", "http://node-a:8090/cts")
+        .await;
+    let all = Consumer::start().await;
+    let one = Consumer::start().await;
+    let sub_all = subscribe(
+        &gcs,
+        &all,
+        &topic_filter(wsn::SIMPLE_DIALECT, "gca:CheckpointTaken"),
+    )
+    .await;
+    let sub_one = subscribe(
+        &gcs,
+        &one,
+        &format!(
+            "{}<gca:GID>job-2</gca:GID>",
+            topic_filter(wsn::CONCRETE_DIALECT, "gca:CheckpointTaken")
+        ),
+    )
+    .await;
+    assert!(sub_all.starts_with(&format!("{}/subscriptions/", gcs.endpoint())));
+    assert_ne!(sub_all, sub_one);
+    gcs.register_job("job-1", "cts-a").await;
+    gcs.register_job("job-2", "cts-a").await;
+    let c1 = checkpoint(&gcs, "ck-1", "job-1").await;
+    let c2 = checkpoint(&gcs, "ck-2", "job-2").await;
+
+    let got = all.wait_for(2, WAIT).await;
+    assert_eq!(got.len(), 2);
+    for (n, c) in got.iter().zip([&c1, &c2]) {
+        assert_eq!(n.action, wsn::NOTIFY);
+        assert_eq!(n.topic_name(), "CheckpointTaken");
+        assert_eq!(n.dialect, wsn::SIMPLE_DIALECT);
+        assert_eq!(n.subscription_address, sub_all);
+        assert_eq!(n.producer_address, gcs.endpoint());
+        assert!(n.message.is(ns::GCA, "CheckpointTakenEvent"));
+        let back = CheckpointRecord::read_children(&n.message).unwrap();
+        assert_eq!(back.id, c.id);
+        assert_eq!(back.gid, c.gid);
+        assert_eq!(back.sequence, Some(1));
+        assert!(n.message.child(ns::GCA, "EndpointReference").is_some());
+    }
+    let got = one.wait_for(1, WAIT).await;
+    assert_eq!(got[0].dialect, wsn::CONCRETE_DIALECT);
+    assert_eq!(got[0].subscription_address, sub_one);
+    assert_eq!(text(&got[0].message, "CheckpointID"), "ck-2");
+    // Job registrations were not subscribed to; job-1's checkpoint was filtered out.
+    settle(&all, 2).await;
+    settle(&one, 1).await;
+    // Re-registering the same record is no new checkpoint.
+    gcs.call::<RegisterCheckpointOp>(RegisterCheckpoint {
+        checkpoint: CheckpointRecord {
+            sequence: None,
+            registered_at: None,
+            ..c2.clone()
+        },
+    })
+    .await
+    .unwrap();
+    settle(&one, 1).await;
+}
+
+#[tokio::test]
+async fn job_and_cts_events_reach_a_subscriber_of_every_topic() {
+    let gcs = TestGcs::start_with(fast).await;
+    let consumer = Consumer::start().await;
+    subscribe(&gcs, &consumer, "").await;
+    gcs.setup_cts("cts-a", "node-a", "http://node-a:8090/cts")
+        .await;
+    gcs.register_job("job-1", "cts-a").await;
+    checkpoint(&gcs, "ck-1", "job-1").await;
+    gcs.call::<RegisterCtsInstanceOp>(RegisterCtsInstance {
+        instance: instance("cts-b", "criu", "node-b", "http://node-b:8090/cts"),
+    })
+    .await
+    .unwrap();
+    // Recovery on cts-b: recovering, then running (one JobRecovered).
+    for state in [JobState::Recovering, JobState::Running] {
+        gcs.call::<RegisterJobOp>(RegisterJob {
+            gid: "job-1".into(),
+            cts_instance: "cts-b".into(),
+            local_id: Some("77".into()),
+            recovery: true,
+            from_checkpoint: Some("ck-1".into()),
+            state: Some(state),
+        })
+        .await
+        .unwrap();
+    }
+    gcs.call::<JobFinishedOp>(JobFinished {
+        gid: "job-1".into(),
+        cts_instance: "cts-b".into(),
+        exit_status: Some(0),
+        signal: None,
+    })
+    .await
+    .unwrap();
+    let got = consumer.wait_for(6, WAIT).await;
+    let topics: Vec<&str> = got.iter().map(Notification::topic_name).collect();
+    assert_eq!(
+        topics,
+        [
+            "CTSRegistered",
+            "JobRegistered",
+            "CheckpointTaken",
+            "CTSRegistered",
+            "JobRecovered",
+            "JobFinished"
+        ]
+    );
+    assert_eq!(text(&got[0].message, "Name"), "cts-a");
+    assert!(got[1].message.is(ns::GCA, "JobRegisteredEvent"));
+    assert_eq!(text(&got[1].message, "GID"), "job-1");
+    assert_eq!(text(&got[4].message, "CTSInstance"), "cts-b");
+    assert_eq!(text(&got[5].message, "State"), "finished");
+    assert_eq!(text(&got[5].message, "ExitStatus"), "0");
+    settle(&consumer, 6).await;
+}
+
+#[tokio::test]
+async fn destroying_a_job_resource_is_job_finished() {
+    let gcs = TestGcs::start_with(fast).await;
+    gcs.setup_cts("cts-a", "node-a", "http://node-a:8090/cts")
+        .await;
+    gcs.register_job("job-1", "cts-a").await;
+    let consumer = Consumer::start().await;
+    // Subscribing on the job resource filters by its GID.
+    let job_url = format!("{}/jobs/job-1", gcs.endpoint());
+    let resp = call(
+        &job_url,
+        wsn::SUBSCRIBE_REQUEST,
+        &format!("<wsnt:Subscribe><wsnt:ConsumerReference><wsa:Address>{}</wsa:Address></wsnt:ConsumerReference><wsnt:Filter>{}</wsnt:Filter></wsnt:Subscribe>", consumer.url, topic_filter(wsn::SIMPLE_DIALECT, "gca:JobFinished")),
+    )
+    .await
+    .unwrap();
+    assert!(resp.is(ns::WSNT, "SubscribeResponse"));
+    gcs.register_job("job-2", "cts-a").await;
+    let destroy = |url: String| async move {
+        call(
+            &url,
+            gca_protocol::wsrf::RL_DESTROY_REQUEST,
+            "<wsrf-rl:Destroy xmlns:wsrf-rl=\"http://docs.oasis-open.org/wsrf/rl-2\"/>",
+        )
+        .await
+        .unwrap()
+    };
+    destroy(format!("{}/jobs/job-2", gcs.endpoint())).await;
+    destroy(job_url).await;
+    let got = consumer.wait_for(1, WAIT).await;
+    assert_eq!(got[0].topic_name(), "JobFinished");
+    assert_eq!(text(&got[0].message, "GID"), "job-1");
+    settle(&consumer, 1).await;
+}
+
+#[tokio::test]
+async fn a_cts_not_heard_from_is_lost_once_per_loss() {
+    let gcs = TestGcs::start_with(|c| {
+        fast(c);
+        c.cts_lost_after_secs = 0.5;
+    })
+    .await;
+    let consumer = Consumer::start().await;
+    subscribe(
+        &gcs,
+        &consumer,
+        &topic_filter(wsn::SIMPLE_DIALECT, "gca:CTSLost"),
+    )
+    .await;
+    gcs.setup_cts("cts-a", "node-a", "http://node-a:8090/cts")
+        .await;
+    let got = consumer.wait_for(1, WAIT).await;
+    assert_eq!(got[0].topic_name(), "CTSLost");
+    assert!(got[0].message.is(ns::GCA, "CTSLostEvent"));
+    assert_eq!(text(&got[0].message, "Name"), "cts-a");
+    settle(&consumer, 1).await;
+    // Heard from again (its heartbeat re-registers it), then silent again: lost again.
+    gcs.call::<RegisterCtsInstanceOp>(RegisterCtsInstance {
+        instance: instance("cts-a", "criu", "node-a", "http://node-a:8090/cts"),
+    })
+    .await
+    .unwrap();
+    consumer.wait_for(2, WAIT).await;
+    settle(&consumer, 2).await;
+}
+
+#[tokio::test]
+async fn a_failing_consumer_gets_the_notification_on_a_retry() {
+    let gcs = TestGcs::start_with(fast).await;
+    gcs.setup_cts("cts-a", "node-a", "http://node-a:8090/cts")
+        .await;
+    let consumer = Consumer::start().await;
+    consumer.fail(3);
+    subscribe(
+        &gcs,
+        &consumer,
+        &topic_filter(wsn::SIMPLE_DIALECT, "gca:JobRegistered"),
+    )
+    .await;
+    let started = std::time::Instant::now();
+    gcs.register_job("job-1", "cts-a").await;
+    gcs.register_job("job-2", "cts-a").await;
+    let got = consumer.wait_for(2, WAIT).await;
+    // Backoff 100, 200, 400 ms before the first success; order is kept.
+    assert!(
+        started.elapsed() >= Duration::from_millis(600),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(text(&got[0].message, "GID"), "job-1");
+    assert_eq!(text(&got[1].message, "GID"), "job-2");
+    assert_eq!(
+        consumer.requests.load(std::sync::atomic::Ordering::SeqCst),
+        5
+    );
+    assert_eq!(
+        gcs::db::notification_counts(&gcs.pool).await.unwrap(),
+        (0, 0)
+    );
+}
+
+#[tokio::test]
+async fn a_consumer_that_never_answers_is_given_up_after_the_attempts() {
+    let gcs = TestGcs::start_with(|c| {
+        fast(c);
+        c.notify_max_attempts = 3;
+    })
+    .await;
+    gcs.setup_cts("cts-a", "node-a", "http://node-a:8090/cts")
+        .await;
+    let consumer = Consumer::start().await;
+    consumer.fail(usize::MAX);
+    subscribe(&gcs, &consumer, "").await;
+    gcs.register_job("job-1", "cts-a").await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while gcs::db::notification_counts(&gcs.pool).await.unwrap() != (0, 1) {
+        assert!(tokio::time::Instant::now() < deadline, "not given up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        consumer.requests.load(std::sync::atomic::Ordering::SeqCst),
+        3
+    );
+}
+
+#[tokio::test]
+async fn renew_unsubscribe_and_expiry() {
+    let gcs = TestGcs::start_with(fast).await;
+    gcs.setup_cts("cts-a", "node-a", "http://node-a:8090/cts")
+        .await;
+    let consumer = Consumer::start().await;
+    let resp = subscribe_raw(
+        &gcs,
+        &consumer.url,
+        "",
+        "<wsnt:InitialTerminationTime>PT1H</wsnt:InitialTerminationTime>",
+    )
+    .await
+    .unwrap();
+    let sub = resp
+        .child(ns::WSNT, "SubscriptionReference")
+        .and_then(|r| r.opt_text(ns::WSA, "Address"))
+        .unwrap();
+    let t0 =
+        chrono::DateTime::parse_from_rfc3339(&resp.opt_text(ns::WSNT, "TerminationTime").unwrap())
+            .unwrap();
+    let now = chrono::Utc::now();
+    assert!(t0 > now + chrono::Duration::minutes(59) && t0 < now + chrono::Duration::minutes(61));
+
+    let renewed = call(
+        &sub,
+        wsn::RENEW_REQUEST,
+        "<wsnt:Renew><wsnt:TerminationTime>PT2H</wsnt:TerminationTime></wsnt:Renew>",
+    )
+    .await
+    .unwrap();
+    assert!(renewed.is(ns::WSNT, "RenewResponse"));
+    let t1 = chrono::DateTime::parse_from_rfc3339(
+        &renewed.opt_text(ns::WSNT, "TerminationTime").unwrap(),
+    )
+    .unwrap();
+    assert!(t1 > t0 + chrono::Duration::minutes(59));
+    // The subscription's RP document shows the new time.
+    let doc = call(
+        &sub,
+        &gca_protocol::wsrf::rp_request_action("GetResourcePropertyDocument"),
+        "<wsrf-rp:GetResourcePropertyDocument xmlns:wsrf-rp=\"http://docs.oasis-open.org/wsrf/rp-2\"/>",
+    )
+    .await
+    .unwrap();
+    let doc = doc.elements().next().unwrap();
+    assert!(doc.is(ns::GCA, "SubscriptionResourceProperties"));
+    assert_eq!(
+        doc.opt_text(ns::WSRF_RL, "TerminationTime").unwrap(),
+        renewed.opt_text(ns::WSNT, "TerminationTime").unwrap()
+    );
+
+    // Past termination times are refused.
+    let past = call(
+        &sub,
+        wsn::RENEW_REQUEST,
+        "<wsnt:Renew><wsnt:TerminationTime>2001-01-01T00:00:00Z</wsnt:TerminationTime></wsnt:Renew>",
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(past.kind, FaultKind::UnacceptableTerminationTime);
+
+    let gone = call(&sub, wsn::UNSUBSCRIBE_REQUEST, "<wsnt:Unsubscribe/>")
+        .await
+        .unwrap();
+    assert!(gone.is(ns::WSNT, "UnsubscribeResponse"));
+    gcs.register_job("job-1", "cts-a").await;
+    for (action, body) in [
+        (wsn::UNSUBSCRIBE_REQUEST, "<wsnt:Unsubscribe/>"),
+        (
+            wsn::RENEW_REQUEST,
+            "<wsnt:Renew><wsnt:TerminationTime>PT1H</wsnt:TerminationTime></wsnt:Renew>",
+        ),
+    ] {
+        assert_eq!(
+            call(&sub, action, body).await.unwrap_err().kind,
+            FaultKind::ResourceUnknown
+        );
+    }
+
+    // A subscription that expires gets nothing after its termination time and is unknown.
+    let short = subscribe_raw(
+        &gcs,
+        &consumer.url,
+        "",
+        "<wsnt:InitialTerminationTime>PT0.5S</wsnt:InitialTerminationTime>",
+    )
+    .await
+    .unwrap();
+    let short = short
+        .child(ns::WSNT, "SubscriptionReference")
+        .and_then(|r| r.opt_text(ns::WSA, "Address"))
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    gcs.register_job("job-2", "cts-a").await;
+    assert_eq!(
+        call(&short, wsn::UNSUBSCRIBE_REQUEST, "<wsnt:Unsubscribe/>")
+            .await
+            .unwrap_err()
+            .kind,
+        FaultKind::ResourceUnknown
+    );
+    settle(&consumer, 0).await;
+    let left: i64 = sqlx::query_scalar("select count(*) from subscriptions")
+        .fetch_one(&gcs.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "the sweep removes expired subscriptions");
+}
+
+#[tokio::test]
+async fn notifications_queued_while_the_consumer_is_down_survive_a_gcs_restart() {
+    let a = TestGcs::start_with(|c| {
+        fast(c);
+        c.notify_retry_base_millis = 60_000;
+    })
+    .await;
+    a.setup_cts("cts-a", "node-a", "http://node-a:8090/cts")
+        .await;
+    let consumer = Consumer::start().await;
+    consumer.fail(1);
+    subscribe(
+        &a,
+        &consumer,
+        &topic_filter(wsn::SIMPLE_DIALECT, "gca:JobRegistered"),
+    )
+    .await;
+    a.register_job("job-1", "cts-a").await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while consumer.requests.load(std::sync::atomic::Ordering::SeqCst) < 1 {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    a.register_job("job-2", "cts-a").await;
+    let url = a.database_url.clone();
+    a.shutdown().await;
+    assert_eq!(
+        gcs::db::notification_counts(&gcs::db::connect(&url, 1).await.unwrap())
+            .await
+            .unwrap(),
+        (2, 0)
+    );
+    // A new GCS on the same database delivers them once the retry is due.
+    let pool = gcs::db::connect(&url, 1).await.unwrap();
+    sqlx::query("update notifications set next_attempt_at = now()")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let b = TestGcs::start_on(&url, fast).await;
+    let got = consumer.wait_for(2, WAIT).await;
+    let gids: Vec<String> = got.iter().map(|n| text(&n.message, "GID")).collect();
+    assert_eq!(gids, ["job-1", "job-2"]);
+    assert_eq!(
+        got[0].producer_address,
+        format!("{}{}", a_url_of(&got[0]), gcs::http::GCS_PATH)
+    );
+    settle(&consumer, 2).await;
+    drop(b);
+}
+
+/// The root URL in a notification's producer address.
+fn a_url_of(n: &Notification) -> String {
+    n.producer_address
+        .strip_suffix(gcs::http::GCS_PATH)
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test]
+async fn two_replicas_deliver_each_notification_exactly_once() {
+    let a = TestGcs::start_with(fast).await;
+    let b = TestGcs::start_on(&a.database_url, fast).await;
+    a.setup_cts("cts-a", "node-a", "http://node-a:8090/cts")
+        .await;
+    a.register_job("job-1", "cts-a").await;
+    let consumer = Consumer::start().await;
+    subscribe(
+        &b,
+        &consumer,
+        &topic_filter(wsn::SIMPLE_DIALECT, "gca:CheckpointTaken"),
+    )
+    .await;
+    let ids: Vec<String> = (0..30).map(|i| format!("ck-{i}")).collect();
+    let calls = ids.iter().enumerate().map(|(i, id)| {
+        let gcs = if i % 2 == 0 { &a } else { &b };
+        checkpoint(gcs, id, "job-1")
+    });
+    futures::future::join_all(calls).await;
+    let got = consumer.wait_for(30, WAIT).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let got_after = consumer.notifications();
+    assert_eq!(got_after.len(), 30, "duplicates delivered");
+    let mut by_id = BTreeMap::new();
+    for n in &got {
+        *by_id.entry(text(&n.message, "CheckpointID")).or_insert(0) += 1;
+    }
+    assert_eq!(by_id.len(), 30);
+    assert!(by_id.values().all(|&c| c == 1));
+}
+
+#[tokio::test]
+async fn bad_subscriptions_get_the_ws_base_notification_faults() {
+    let gcs = TestGcs::start().await;
+    let consumer = "http://127.0.0.1:9/consumer";
+    let cases: Vec<(String, String, FaultKind)> = vec![
+        (topic_filter("urn:nope", "gca:CheckpointTaken"), String::new(), FaultKind::TopicExpressionDialectUnknown),
+        (topic_filter(wsn::FULL_DIALECT, "gca:*"), String::new(), FaultKind::TopicExpressionDialectUnknown),
+        (topic_filter(wsn::SIMPLE_DIALECT, "gca:NoSuchTopic"), String::new(), FaultKind::TopicNotSupported),
+        (topic_filter(wsn::SIMPLE_DIALECT, "gca:Job/CheckpointTaken"), String::new(), FaultKind::InvalidTopicExpression),
+        (topic_filter(wsn::CONCRETE_DIALECT, "gca:JobFinished/Child"), String::new(), FaultKind::TopicNotSupported),
+        (topic_filter(wsn::CONCRETE_DIALECT, "gca:*"), String::new(), FaultKind::InvalidTopicExpression),
+        ("<wsnt:MessageContent Dialect=\"http://www.w3.org/TR/1999/REC-xpath-19991116\">true()</wsnt:MessageContent>".into(), String::new(), FaultKind::InvalidFilter),
+        (String::new(), "<wsnt:InitialTerminationTime>2001-01-01T00:00:00Z</wsnt:InitialTerminationTime>".into(), FaultKind::UnacceptableInitialTerminationTime),
+        (String::new(), "<wsnt:InitialTerminationTime>soon</wsnt:InitialTerminationTime>".into(), FaultKind::UnacceptableInitialTerminationTime),
+    ];
+    for (filter, extra, kind) in cases {
+        let f = subscribe_raw(&gcs, consumer, &filter, &extra)
+            .await
+            .unwrap_err();
+        assert_eq!(f.kind, kind, "{filter} {extra}: {f:?}");
+    }
+    let f = subscribe_raw(&gcs, "urn:not-http", "", "")
+        .await
+        .unwrap_err();
+    assert_eq!(f.kind, FaultKind::SubscribeCreationFailed);
+    let f = call(
+        &gcs.endpoint(),
+        wsn::GET_CURRENT_MESSAGE_REQUEST,
+        &format!(
+            "<wsnt:GetCurrentMessage><wsnt:Topic Dialect=\"{}\">gca:CheckpointTaken</wsnt:Topic></wsnt:GetCurrentMessage>",
+            wsn::SIMPLE_DIALECT
+        ),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(f.kind, FaultKind::NoCurrentMessageOnTopic);
+    let f = call(
+        &format!("{}/subscriptions/nope", gcs.endpoint()),
+        wsn::UNSUBSCRIBE_REQUEST,
+        "<wsnt:Unsubscribe/>",
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(f.kind, FaultKind::ResourceUnknown);
+    let none: i64 = sqlx::query_scalar("select count(*) from subscriptions")
+        .fetch_one(&gcs.pool)
+        .await
+        .unwrap();
+    assert_eq!(none, 0);
+}
+
+#[tokio::test]
+async fn the_gcs_document_advertises_its_topics() {
+    let gcs = TestGcs::start().await;
+    let doc = call(
+        &gcs.endpoint(),
+        &gca_protocol::wsrf::rp_request_action("GetResourceProperty"),
+        "<wsrf-rp:GetResourceProperty xmlns:wsrf-rp=\"http://docs.oasis-open.org/wsrf/rp-2\">wsnt:TopicExpression</wsrf-rp:GetResourceProperty>",
+    )
+    .await
+    .unwrap();
+    let topics: Vec<String> = doc
+        .children_named(ns::WSNT, "TopicExpression")
+        .map(|t| t.text())
+        .collect();
+    assert_eq!(
+        topics,
+        [
+            "gca:CheckpointTaken",
+            "gca:JobRegistered",
+            "gca:JobRecovered",
+            "gca:JobFinished",
+            "gca:CTSRegistered",
+            "gca:CTSLost"
+        ]
+    );
+}
+
+fn python() -> String {
+    std::env::var("GCA_PYTHON").unwrap_or_else(|_| {
+        let venv = concat!(env!("CARGO_MANIFEST_DIR"), "/../.venv/bin/python");
+        if std::path::Path::new(venv).exists() {
+            venv.to_string()
+        } else {
+            "python3".to_string()
+        }
+    })
+}
+
+#[tokio::test]
+async fn the_oasis_schemas_accept_every_notification_message_and_fault() {
+    let gcs = TestGcs::start_with(fast).await;
+    gcs.setup_cts("cts-a", "node-a", "http://node-a:8090/cts")
+        .await;
+    gcs.register_job("job-1", "cts-a").await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/wsn_check.py");
+    let out = tokio::process::Command::new(python())
+        .arg(script)
+        .arg("--url")
+        .arg(gcs.endpoint())
+        .arg("--gid")
+        .arg("job-1")
+        .output()
+        .await
+        .expect("run python (scripts/install-deps sets up .venv with lxml)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "wsn_check failed:\n{stdout}\n{stderr}"
+    );
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).expect("JSON output");
+    assert_eq!(v["schema_errors"], serde_json::json!([]), "{v}");
+    assert_eq!(v["notifications"], 2, "{v}");
+    assert_eq!(v["zeep_subscribed"], true, "{v}");
+    assert_eq!(v["zeep_notified"], 1, "{v}");
+    assert_eq!(v["zeep_unsubscribed"], true, "{v}");
+    assert_eq!(v["topic"], "{urn:gca:v1}JobFinished", "{v}");
+    assert_eq!(v["dialect"], wsn::SIMPLE_DIALECT, "{v}");
+    assert_eq!(v["message"], "{urn:gca:v1}JobFinishedEvent", "{v}");
+    assert_eq!(v["subscription"], true, "{v}");
+    assert_eq!(v["action"], wsn::NOTIFY, "{v}");
+    assert_eq!(v["reference_parameter"], "c-1", "{v}");
+    let validated: Vec<String> = v["validated"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_str().unwrap().to_string())
+        .collect();
+    for name in [
+        "SubscribeResponse",
+        "RenewResponse",
+        "UnsubscribeResponse",
+        "GetResourcePropertyDocumentResponse",
+        "GetResourcePropertyResponse",
+        "Notify",
+        "TopicExpressionDialectUnknownFault",
+        "TopicNotSupportedFault",
+        "InvalidTopicExpressionFault",
+        "InvalidFilterFault",
+        "UnacceptableInitialTerminationTimeFault",
+        "UnacceptableTerminationTimeFault",
+        "NoCurrentMessageOnTopicFault",
+        "ResourceUnknownFault",
+        "DestroyResponse",
+    ] {
+        assert!(
+            validated.contains(&name.to_string()),
+            "{name} not validated: {v}"
+        );
+    }
+}
