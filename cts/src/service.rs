@@ -96,6 +96,47 @@ struct SavedJob {
     last_checkpoint: Option<String>,
 }
 
+impl Job {
+    fn new(saved: SavedJob, gcs: GcsDelivery, restoring: bool, cancel: CancellationToken) -> Self {
+        Job {
+            pidfd: proc::pidfd(saved.pid).map(Arc::new),
+            gid: saved.gid,
+            pid: saved.pid,
+            start_time: saved.start_time,
+            uid: saved.uid,
+            checkpoint_dir: saved.checkpoint_dir,
+            environment: saved.environment,
+            periodic: saved.periodic_interval_secs.map(Duration::from_secs),
+            registered_at: saved.registered_at,
+            gcs: Mutex::new(gcs),
+            lock: tokio::sync::Mutex::new(()),
+            busy_since: Mutex::new(None),
+            stopping: AtomicBool::new(false),
+            restoring,
+            gone: AtomicBool::new(false),
+            checkpoints: AtomicU64::new(saved.checkpoints),
+            last_checkpoint: Mutex::new(saved.last_checkpoint),
+            cancel,
+        }
+    }
+
+    /// What survives a restart.
+    fn saved(&self) -> SavedJob {
+        SavedJob {
+            gid: self.gid.clone(),
+            pid: self.pid,
+            start_time: self.start_time,
+            uid: self.uid,
+            checkpoint_dir: self.checkpoint_dir.clone(),
+            environment: self.environment.clone(),
+            periodic_interval_secs: self.periodic.map(|d| d.as_secs()),
+            registered_at: self.registered_at,
+            checkpoints: self.checkpoints.load(Ordering::SeqCst),
+            last_checkpoint: self.last_checkpoint.lock().expect("lock").clone(),
+        }
+    }
+}
+
 /// Load figures for status and FindCTS-style placement.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Load {
@@ -448,26 +489,23 @@ impl Cts {
                 }));
             }
         };
-        let job = Arc::new(Job {
-            gid: req.gid.clone(),
-            pid: req.pid,
-            start_time: stat.start_time,
-            uid,
-            pidfd: proc::pidfd(req.pid).map(Arc::new),
-            checkpoint_dir,
-            environment,
-            periodic,
-            registered_at: Utc::now(),
-            gcs: Mutex::new(gcs),
-            lock: tokio::sync::Mutex::new(()),
-            busy_since: Mutex::new(None),
-            stopping: AtomicBool::new(false),
+        let job = Arc::new(Job::new(
+            SavedJob {
+                gid: req.gid.clone(),
+                pid: req.pid,
+                start_time: stat.start_time,
+                uid,
+                checkpoint_dir,
+                environment,
+                periodic_interval_secs: periodic.map(|d| d.as_secs()),
+                registered_at: Utc::now(),
+                checkpoints: 0,
+                last_checkpoint: None,
+            },
+            gcs,
             restoring,
-            gone: AtomicBool::new(false),
-            checkpoints: AtomicU64::new(0),
-            last_checkpoint: Mutex::new(None),
-            cancel: self.inner.cancel.child_token(),
-        });
+            self.inner.cancel.child_token(),
+        ));
         if let Some(old) = self.jobs().insert(req.gid.clone(), job.clone()) {
             old.cancel.cancel();
         }
@@ -617,18 +655,7 @@ impl Cts {
     }
 
     fn save_job(&self, job: &Job) {
-        let saved = SavedJob {
-            gid: job.gid.clone(),
-            pid: job.pid,
-            start_time: job.start_time,
-            uid: job.uid,
-            checkpoint_dir: job.checkpoint_dir.clone(),
-            environment: job.environment.clone(),
-            periodic_interval_secs: job.periodic.map(|d| d.as_secs()),
-            registered_at: job.registered_at,
-            checkpoints: job.checkpoints.load(Ordering::SeqCst),
-            last_checkpoint: job.last_checkpoint.lock().expect("lock").clone(),
-        };
+        let saved = job.saved();
         let path = self.job_file(&job.gid);
         let result = serde_json::to_vec_pretty(&saved)
             .map_err(std::io::Error::other)
@@ -674,26 +701,12 @@ impl Cts {
                     }));
                 continue;
             }
-            let job = Arc::new(Job {
-                gid: saved.gid.clone(),
-                pid: saved.pid,
-                start_time: saved.start_time,
-                uid: saved.uid,
-                pidfd: proc::pidfd(saved.pid).map(Arc::new),
-                checkpoint_dir: saved.checkpoint_dir,
-                environment: saved.environment,
-                periodic: saved.periodic_interval_secs.map(Duration::from_secs),
-                registered_at: saved.registered_at,
-                gcs: Mutex::new(GcsDelivery::Registered),
-                lock: tokio::sync::Mutex::new(()),
-                busy_since: Mutex::new(None),
-                stopping: AtomicBool::new(false),
-                restoring: false,
-                gone: AtomicBool::new(false),
-                checkpoints: AtomicU64::new(saved.checkpoints),
-                last_checkpoint: Mutex::new(saved.last_checkpoint),
-                cancel: self.inner.cancel.child_token(),
-            });
+            let job = Arc::new(Job::new(
+                saved,
+                GcsDelivery::Registered,
+                false,
+                self.inner.cancel.child_token(),
+            ));
             tracing::info!(gid = %job.gid, pid = job.pid, "job of a previous run taken back");
             self.jobs().insert(job.gid.clone(), job);
         }
