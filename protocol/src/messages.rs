@@ -90,6 +90,10 @@ fn req_child<'a>(el: &'a Element, name: &str) -> Result<&'a Element, XmlError> {
     })
 }
 
+fn opt_child<T: XmlContent>(el: &Element, name: &str) -> Result<Option<T>, XmlError> {
+    el.child(GCA, name).map(T::read_children).transpose()
+}
+
 fn bool_or(el: &Element, name: &str, default: bool) -> Result<bool, XmlError> {
     Ok(el.opt_bool(GCA, name)?.unwrap_or(default))
 }
@@ -391,6 +395,246 @@ impl std::fmt::Display for JobState {
     }
 }
 
+/// What is kept of a job's checkpoint images once the job has ended (it finished with exit
+/// status 0, or its WS-Resource was destroyed). XtreemOS's default: nothing, the images are
+/// deleted; the job owner can ask for the last N, or all, to be kept in space the owner names.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Keep {
+    #[default]
+    None,
+    Last,
+    All,
+}
+
+impl Keep {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Keep::None => "none",
+            Keep::Last => "last",
+            Keep::All => "all",
+        }
+    }
+}
+
+impl std::str::FromStr for Keep {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "none" => Ok(Keep::None),
+            "last" => Ok(Keep::Last),
+            "all" => Ok(Keep::All),
+            other => Err(format!(
+                "unknown retention {other:?}; expected none, last or all"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Keep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The most images a job can ask to keep by number (`keep = last`).
+pub const MAX_KEEP_LAST: u32 = 10_000;
+/// The longest owner directory accepted (Linux's PATH_MAX).
+pub const MAX_KEEP_IN_LEN: usize = 4096;
+
+/// A job's retention policy: which checkpoint images survive the end of the job, and where.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retention {
+    pub keep: Keep,
+    /// With `keep = last`: how many of the most recent images.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_last: Option<u32>,
+    /// With `keep = last | all`: the owner's directory the kept images are moved to, an absolute
+    /// path on the resource that holds each image (usually a shared file system). It must
+    /// exist and belong to the job's owner when the job ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_in: Option<String>,
+}
+
+impl Retention {
+    /// Keep the last `n` images in `dir`.
+    pub fn last(n: u32, dir: impl Into<String>) -> Self {
+        Retention {
+            keep: Keep::Last,
+            keep_last: Some(n),
+            keep_in: Some(dir.into()),
+        }
+    }
+
+    /// Keep every image in `dir`.
+    pub fn all(dir: impl Into<String>) -> Self {
+        Retention {
+            keep: Keep::All,
+            keep_last: None,
+            keep_in: Some(dir.into()),
+        }
+    }
+
+    /// Checks the policy is complete and consistent; the message says what to change.
+    pub fn validate(&self) -> Result<(), String> {
+        match (self.keep, self.keep_last) {
+            (Keep::Last, None) => {
+                return Err("keep = last needs KeepLast, the number of images to keep".into())
+            }
+            (Keep::Last, Some(n)) if n == 0 || n > MAX_KEEP_LAST => {
+                return Err(format!(
+                    "KeepLast must be between 1 and {MAX_KEEP_LAST}, got {n}"
+                ))
+            }
+            (Keep::None | Keep::All, Some(_)) => {
+                return Err(format!(
+                    "KeepLast only goes with keep = last (keep is {})",
+                    self.keep
+                ))
+            }
+            _ => {}
+        }
+        match (self.keep, &self.keep_in) {
+            (Keep::None, Some(_)) => Err(
+                "KeepIn only goes with keep = last or all: with keep = none the images are deleted"
+                    .into(),
+            ),
+            (Keep::Last | Keep::All, None) => Err(format!(
+                "keep = {} needs KeepIn, the owner's directory to keep the images in",
+                self.keep
+            )),
+            (_, Some(dir)) => check_keep_in(dir),
+            (Keep::None, None) => Ok(()),
+        }
+    }
+
+    /// How many of the most recent images are kept (`None`: all).
+    pub fn kept_count(&self) -> Option<usize> {
+        match self.keep {
+            Keep::None => Some(0),
+            Keep::Last => Some(self.keep_last.unwrap_or(0) as usize),
+            Keep::All => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Retention {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.keep, self.keep_last, &self.keep_in) {
+            (Keep::None, _, _) => f.write_str("delete all"),
+            (Keep::Last, n, dir) => write!(
+                f,
+                "keep last {} in {}",
+                n.unwrap_or(0),
+                dir.as_deref().unwrap_or("?")
+            ),
+            (Keep::All, _, dir) => write!(f, "keep all in {}", dir.as_deref().unwrap_or("?")),
+        }
+    }
+}
+
+/// An owner directory must be an absolute, normalized path: no `.`/`..` components, no empty
+/// components, no control characters.
+fn check_keep_in(dir: &str) -> Result<(), String> {
+    if dir.len() > MAX_KEEP_IN_LEN {
+        return Err(format!(
+            "KeepIn is longer than {MAX_KEEP_IN_LEN} bytes"
+        ));
+    }
+    if !dir.starts_with('/') {
+        return Err(format!(
+            "KeepIn must be an absolute path on the resource, got {dir:?}"
+        ));
+    }
+    if dir.chars().any(|c| c.is_control()) {
+        return Err(format!("KeepIn contains control characters: {dir:?}"));
+    }
+    let trimmed = dir.trim_end_matches('/');
+    if trimmed.is_empty() {
+        return Err("KeepIn must not be the root directory".into());
+    }
+    if trimmed[1..]
+        .split('/')
+        .any(|c| c.is_empty() || c == "." || c == "..")
+    {
+        return Err(format!(
+            "KeepIn must be a normalized path (no empty, . or .. components), got {dir:?}"
+        ));
+    }
+    Ok(())
+}
+
+impl XmlContent for Retention {
+    fn write_children(&self, el: &mut Element) {
+        push(el, "Keep", self.keep);
+        push_opt(el, "KeepLast", &self.keep_last);
+        push_opt(el, "KeepIn", &self.keep_in);
+    }
+    fn read_children(el: &Element) -> Result<Self, XmlError> {
+        Ok(Self {
+            keep: el.opt_parse(GCA, "Keep")?.unwrap_or_default(),
+            keep_last: el.opt_parse(GCA, "KeepLast")?,
+            keep_in: el.opt_text(GCA, "KeepIn"),
+        })
+    }
+}
+
+/// Where a checkpoint's image is, as the retention policy moves it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageState {
+    /// In the image store of the CTS that took it (or fetched it): the job can recover from it.
+    #[default]
+    Stored,
+    /// Being deleted from the CTS (the job ended and the policy does not keep it).
+    Deleting,
+    /// Deleted.
+    Deleted,
+    /// Being moved to the owner's directory.
+    Keeping,
+    /// Moved to the owner's directory (`kept_in`); no longer served by the CTS.
+    Kept,
+    /// Deleting or keeping it failed for good (`image_error` says why); the image stays on
+    /// the CTS until the retention policy is set again.
+    Failed,
+}
+
+impl ImageState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImageState::Stored => "stored",
+            ImageState::Deleting => "deleting",
+            ImageState::Deleted => "deleted",
+            ImageState::Keeping => "keeping",
+            ImageState::Kept => "kept",
+            ImageState::Failed => "failed",
+        }
+    }
+}
+
+impl std::str::FromStr for ImageState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "stored" => Ok(ImageState::Stored),
+            "deleting" => Ok(ImageState::Deleting),
+            "deleted" => Ok(ImageState::Deleted),
+            "keeping" => Ok(ImageState::Keeping),
+            "kept" => Ok(ImageState::Kept),
+            "failed" => Ok(ImageState::Failed),
+            other => Err(format!(
+                "unknown image state {other:?}; expected stored, deleting, deleted, keeping, kept or failed"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for ImageState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A job known to the GCS: its GID and the CTS in charge of it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Job {
@@ -410,6 +654,9 @@ pub struct Job {
     pub exit_status: Option<i32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signal: Option<i32>,
+    /// What happens to its images when it ends.
+    #[serde(default)]
+    pub retention: Retention,
 }
 
 impl XmlContent for Job {
@@ -426,6 +673,7 @@ impl XmlContent for Job {
         push(el, "Recoveries", self.recoveries);
         push_opt(el, "ExitStatus", &self.exit_status);
         push_opt(el, "Signal", &self.signal);
+        el.push_child(self.retention.to_element("Retention"));
     }
     fn read_children(el: &Element) -> Result<Self, XmlError> {
         Ok(Self {
@@ -443,6 +691,7 @@ impl XmlContent for Job {
             recoveries: el.opt_parse(GCA, "Recoveries")?.unwrap_or(0),
             exit_status: el.opt_parse(GCA, "ExitStatus")?,
             signal: el.opt_parse(GCA, "Signal")?,
+            retention: opt_child(el, "Retention")?.unwrap_or_default(),
         })
     }
 }
@@ -518,6 +767,15 @@ pub struct CheckpointRecord {
     pub job_stopped: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub registered_at: Option<DateTime<Utc>>,
+    /// Where the image is (set by the GCS; a CTS registers `stored`).
+    #[serde(default)]
+    pub image_state: ImageState,
+    /// With `kept`: the directory the image was moved to, on the resource of `cts_name`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kept_in: Option<String>,
+    /// With `failed` (or while retrying): why deleting or keeping the image failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_error: Option<String>,
 }
 
 impl CheckpointRecord {
@@ -527,6 +785,9 @@ impl CheckpointRecord {
         let strip = |r: &CheckpointRecord| CheckpointRecord {
             sequence: None,
             registered_at: None,
+            image_state: ImageState::Stored,
+            kept_in: None,
+            image_error: None,
             taken_at: r.taken_at.with_nanosecond_micros(),
             ..r.clone()
         };
@@ -567,6 +828,9 @@ impl XmlContent for CheckpointRecord {
             "RegisteredAt",
             &self.registered_at.as_ref().map(fmt_time),
         );
+        push(el, "ImageState", self.image_state);
+        push_opt(el, "KeptIn", &self.kept_in);
+        push_opt(el, "ImageError", &self.image_error);
     }
     fn read_children(el: &Element) -> Result<Self, XmlError> {
         Ok(Self {
@@ -586,6 +850,9 @@ impl XmlContent for CheckpointRecord {
                 .ok_or_else(|| el.error("<Origin> is required (external, periodic or job)"))?,
             job_stopped: bool_or(el, "JobStopped", false)?,
             registered_at: parse_time(el, "RegisteredAt")?,
+            image_state: el.opt_parse(GCA, "ImageState")?.unwrap_or_default(),
+            kept_in: el.opt_text(GCA, "KeptIn"),
+            image_error: el.opt_text(GCA, "ImageError"),
         })
     }
 }
@@ -1149,6 +1416,10 @@ pub struct RegisterJob {
     /// With `recovery`: `recovering` while the image is being restored, `running` once it runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<JobState>,
+    /// The owner's retention policy, if given at submission (a new job without one gets the
+    /// default; a recovery without one keeps the job's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<Retention>,
 }
 
 impl XmlContent for RegisterJob {
@@ -1159,6 +1430,9 @@ impl XmlContent for RegisterJob {
         push(el, "Recovery", self.recovery);
         push_opt(el, "FromCheckpoint", &self.from_checkpoint);
         push_opt(el, "State", &self.state);
+        if let Some(r) = &self.retention {
+            el.push_child(r.to_element("Retention"));
+        }
     }
     fn read_children(el: &Element) -> Result<Self, XmlError> {
         Ok(Self {
@@ -1168,6 +1442,7 @@ impl XmlContent for RegisterJob {
             recovery: bool_or(el, "Recovery", false)?,
             from_checkpoint: el.opt_text(GCA, "FromCheckpoint"),
             state: el.opt_parse(GCA, "State")?,
+            retention: opt_child(el, "Retention")?,
         })
     }
 }
@@ -1254,6 +1529,28 @@ impl XmlContent for JobFinished {
             cts_instance: el.req_text(GCA, "CTSInstance")?,
             exit_status: el.opt_parse(GCA, "ExitStatus")?,
             signal: el.opt_parse(GCA, "Signal")?,
+        })
+    }
+}
+
+/// setRetention: the job owner (or its broker) changes what is kept of the job's images when it
+/// ends. On a job that has ended already, the new policy is applied at once to the images that
+/// are still stored (or whose deletion or keeping failed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetRetention {
+    pub gid: String,
+    pub retention: Retention,
+}
+
+impl XmlContent for SetRetention {
+    fn write_children(&self, el: &mut Element) {
+        push(el, "GID", &self.gid);
+        el.push_child(self.retention.to_element("Retention"));
+    }
+    fn read_children(el: &Element) -> Result<Self, XmlError> {
+        Ok(Self {
+            gid: el.req_text(GCA, "GID")?,
+            retention: Retention::read_children(req_child(el, "Retention")?)?,
         })
     }
 }

@@ -50,6 +50,7 @@ pub const GCS_OPERATIONS: &[&str] = &[
     "GetRecoveryInfo",
     "GetJob",
     "ListJobs",
+    "SetRetention",
     "RegisterCheckpointerClass",
     "RegisterCTSDescriptor",
     "UnregisterCTS",
@@ -73,6 +74,8 @@ operations! { ns::GCS_PORT_TYPE;
     GetRecoveryInfoOp = "GetRecoveryInfo": GetRecoveryInfo => RecoveryInfo;
     GetJobOp = "GetJob": GidRequest => JobInfo;
     ListJobsOp = "ListJobs": ListJobs => JobList;
+    /// What is kept of a job's images when it ends (XtreemOS: deleted unless the owner asks).
+    SetRetentionOp = "SetRetention": SetRetention => JobInfo;
     // admin
     RegisterClassOp = "RegisterCheckpointerClass": RegisterCheckpointerClass => ClassRegistered;
     RegisterDescriptorOp = "RegisterCTSDescriptor": RegisterCtsDescriptor => DescriptorRegistered;
