@@ -474,6 +474,7 @@ impl Cts {
                     JobState::Running
                 }
             }),
+            retention: None,
         });
         let gcs = match self.inner.link.send(item, self.gcs_wait()).await {
             Ok(Some(_)) => GcsDelivery::Registered,
@@ -863,6 +864,9 @@ impl Cts {
             origin,
             job_stopped: stop,
             registered_at: None,
+            image_state: Default::default(),
+            kept_in: None,
+            image_error: None,
         })
     }
 
