@@ -702,6 +702,9 @@ mod tests {
             origin: Origin::External,
             job_stopped: false,
             registered_at: None,
+            image_state: Default::default(),
+            kept_in: None,
+            image_error: None,
         }
     }
 

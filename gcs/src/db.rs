@@ -4,7 +4,8 @@
 
 use chrono::{DateTime, Utc};
 use gca_protocol::messages::{
-    CheckpointRecord, CheckpointerClass, CtsInstance, CtsType, Job, JobState, Origin, Property,
+    CheckpointRecord, CheckpointerClass, CtsInstance, CtsType, ImageState, Job, JobState, Keep,
+    Origin, Property, Retention,
 };
 use sqlx::{FromRow, PgExecutor, PgPool};
 
@@ -348,6 +349,9 @@ pub struct JobRow {
     pub recoveries: i64,
     pub exit_status: Option<i32>,
     pub signal: Option<i32>,
+    pub keep: String,
+    pub keep_last: Option<i32>,
+    pub keep_in: Option<String>,
 }
 
 impl TryFrom<JobRow> for Job {
@@ -366,13 +370,18 @@ impl TryFrom<JobRow> for Job {
             recoveries: r.recoveries,
             exit_status: r.exit_status,
             signal: r.signal,
+            retention: Retention {
+                keep: r.keep.parse::<Keep>().map_err(|e| bad_row("job", e))?,
+                keep_last: r.keep_last.map(|n| n as u32),
+                keep_in: r.keep_in,
+            },
         })
     }
 }
 
 const JOB_COLUMNS: &str =
     "gid, cts_instance, cts_type, local_id, state, registered_at, updated_at, \
-     checkpoint_count, latest_checkpoint, recoveries, exit_status, signal";
+     checkpoint_count, latest_checkpoint, recoveries, exit_status, signal, keep, keep_last, keep_in";
 
 pub async fn get_job(db: impl PgExecutor<'_>, gid: &str) -> Result<Option<Job>> {
     sqlx::query_as::<_, JobRow>(&format!("select {JOB_COLUMNS} from jobs where gid = $1"))
@@ -500,6 +509,9 @@ pub struct CheckpointRow {
     pub origin: String,
     pub job_stopped: bool,
     pub registered_at: DateTime<Utc>,
+    pub image_state: String,
+    pub kept_in: Option<String>,
+    pub image_error: Option<String>,
 }
 
 impl TryFrom<CheckpointRow> for CheckpointRecord {
@@ -523,13 +535,19 @@ impl TryFrom<CheckpointRow> for CheckpointRecord {
             parent: r.parent,
             job_stopped: r.job_stopped,
             registered_at: Some(r.registered_at),
+            image_state: r
+                .image_state
+                .parse::<ImageState>()
+                .map_err(|e| bad_row("checkpoint", e))?,
+            kept_in: r.kept_in,
+            image_error: r.image_error,
         })
     }
 }
 
 const CHECKPOINT_COLUMNS: &str =
     "id, gid, sequence, cts_name, cts_type, taken_at, image_name, execution_manager, \
-     size_bytes, digest, parent, origin, job_stopped, registered_at";
+     size_bytes, digest, parent, origin, job_stopped, registered_at, image_state, kept_in, image_error";
 
 pub async fn get_checkpoint(db: impl PgExecutor<'_>, id: &str) -> Result<Option<CheckpointRecord>> {
     sqlx::query_as::<_, CheckpointRow>(&format!(

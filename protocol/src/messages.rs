@@ -537,9 +537,7 @@ impl std::fmt::Display for Retention {
 /// components, no control characters.
 fn check_keep_in(dir: &str) -> Result<(), String> {
     if dir.len() > MAX_KEEP_IN_LEN {
-        return Err(format!(
-            "KeepIn is longer than {MAX_KEEP_IN_LEN} bytes"
-        ));
+        return Err(format!("KeepIn is longer than {MAX_KEEP_IN_LEN} bytes"));
     }
     if !dir.starts_with('/') {
         return Err(format!(

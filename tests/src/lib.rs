@@ -163,6 +163,7 @@ impl TestGcs {
             recovery: false,
             from_checkpoint: None,
             state: None,
+            retention: None,
         })
         .await
         .expect("register job")
@@ -313,6 +314,9 @@ async fn fake_cts_handle(
         origin: Origin::External,
         job_stopped: dc.stop,
         registered_at: None,
+        image_state: Default::default(),
+        kept_in: None,
+        image_error: None,
     };
     if let Some(gcs) = &b.register_at_gcs {
         let client = SoapClient::new(http(), gcs.clone());

@@ -115,6 +115,7 @@ async fn duplicate_and_foreign_registrations() {
         recovery: false,
         from_checkpoint: None,
         state: None,
+        retention: None,
     })
     .await
     .unwrap();

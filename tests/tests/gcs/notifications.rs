@@ -94,6 +94,9 @@ fn record(id: &str, gid: &str, cts: &str) -> CheckpointRecord {
         origin: Origin::Periodic,
         job_stopped: false,
         registered_at: None,
+        image_state: Default::default(),
+        kept_in: None,
+        image_error: None,
     }
 }
 
@@ -208,6 +211,7 @@ async fn job_and_cts_events_reach_a_subscriber_of_every_topic() {
             recovery: true,
             from_checkpoint: Some("ck-1".into()),
             state: Some(state),
+            retention: None,
         })
         .await
         .unwrap();

@@ -406,6 +406,7 @@ async fn jobs_register_move_on_recovery_and_finish() {
         recovery,
         from_checkpoint: None,
         state,
+        retention: None,
     };
     let same = gcs
         .call::<RegisterJobOp>(reg("cts-a", "4242", false, None))

@@ -91,6 +91,9 @@ fn record(id: &str, gid: &str) -> CheckpointRecord {
         origin: Origin::Periodic,
         job_stopped: false,
         registered_at: None,
+        image_state: Default::default(),
+        kept_in: None,
+        image_error: None,
     }
 }
 
