@@ -154,6 +154,60 @@ pub enum Command {
 
     /// Find CTS instances a job can be submitted to (all criteria given must match).
     FindCts(FindCtsArgs),
+
+    /// Set what is kept of a job's checkpoint images when it ends.
+    #[command(
+        long_about = "Set what is kept of a job's checkpoint images when it ends (it exits with \
+                      status 0, or its resource is destroyed). By default they are all \
+                      deleted; --keep-last N or --keep-all move the newest N (or all) into \
+                      --keep-in DIR, a directory of the job's owner on the resource holding \
+                      each image. On a job that has ended already, the policy is applied at \
+                      once to the images still stored."
+    )]
+    Retention {
+        /// Global identifier of the job.
+        gid: String,
+        #[command(flatten)]
+        retention: RetentionArgs,
+    },
+}
+
+/// A retention policy on the command line.
+#[derive(Debug, clap::Args)]
+#[group(id = "keep", required = true, multiple = false)]
+pub struct RetentionArgs {
+    /// Keep the N most recent images.
+    #[arg(long, value_name = "N", group = "keep")]
+    pub keep_last: Option<u32>,
+    /// Keep every image.
+    #[arg(long, group = "keep")]
+    pub keep_all: bool,
+    /// Keep nothing: delete the images when the job ends (the default policy).
+    #[arg(long, group = "keep")]
+    pub keep_none: bool,
+    /// The owner's directory to move kept images to (with --keep-last or --keep-all).
+    #[arg(long, value_name = "DIR")]
+    pub keep_in: Option<String>,
+}
+
+impl RetentionArgs {
+    /// The policy, checked.
+    pub fn to_retention(
+        &self,
+    ) -> Result<gca_protocol::messages::Retention, crate::commands::CliError> {
+        use gca_protocol::messages::{Keep, Retention};
+        let r = Retention {
+            keep: match (self.keep_last, self.keep_all) {
+                (Some(_), _) => Keep::Last,
+                (None, true) => Keep::All,
+                (None, false) => Keep::None,
+            },
+            keep_last: self.keep_last,
+            keep_in: self.keep_in.clone(),
+        };
+        r.validate().map_err(crate::commands::CliError::Local)?;
+        Ok(r)
+    }
 }
 
 #[derive(Debug, Subcommand)]

@@ -210,6 +210,11 @@ impl Gcs {
                     render_checkpoints(&gid, list)
                 })
             }
+            Command::Retention { gid, retention } => {
+                let path = format!("/api/v1/jobs/{}/retention", path_segment(&gid));
+                let body = retention.to_retention()?;
+                self.show(self.client.put(&path, &body).await, render_job)
+            }
             Command::RecoveryInfo { gid, image } => {
                 let path = format!(
                     "/api/v1/jobs/{}/recovery{}",
@@ -531,6 +536,7 @@ pub fn render_job(info: &JobInfo) -> String {
         ("Recoveries", Some(j.recoveries.to_string())),
         ("Exit status", j.exit_status.map(|s| s.to_string())),
         ("Signal", j.signal.map(|s| s.to_string())),
+        ("Retention", Some(j.retention.to_string())),
     ])
 }
 
@@ -547,7 +553,17 @@ pub fn render_checkpoint(c: &CheckpointRecord) -> String {
         ("Taken at", Some(fmt_time(&c.taken_at))),
         ("Size", c.size_bytes.map(|b| format!("{b} bytes"))),
         ("Job stopped", Some(yes_no(c.job_stopped))),
+        ("Image state", Some(image_state(c))),
+        ("Image error", c.image_error.clone()),
     ])
+}
+
+/// `stored`, `kept in DIR`, `deleted`...
+fn image_state(c: &CheckpointRecord) -> String {
+    match &c.kept_in {
+        Some(dir) => format!("{} in {dir}", c.image_state),
+        None => c.image_state.to_string(),
+    }
 }
 
 pub fn render_checkpoints(gid: &str, list: &CheckpointList) -> String {
@@ -563,6 +579,7 @@ pub fn render_checkpoints(gid: &str, list: &CheckpointList) -> String {
         "STOPPED",
         "SIZE",
         "IMAGE",
+        "STATE",
     ])
     .right(0)
     .right(6);
@@ -576,6 +593,7 @@ pub fn render_checkpoints(gid: &str, list: &CheckpointList) -> String {
             yes_no(c.job_stopped),
             c.size_bytes.map(|b| b.to_string()).unwrap_or("-".into()),
             c.image_name.clone(),
+            image_state(c),
         ]);
     }
     t.render()

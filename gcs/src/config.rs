@@ -68,6 +68,17 @@ pub struct Config {
     pub notify_timeout_secs: u64,
     /// The termination time of a subscription whose Subscribe names none, in seconds from then.
     pub subscription_default_lifetime_secs: u64,
+    /// A job that fails (non-zero exit status, a signal, an unknown status) keeps its images
+    /// for recovery; unless it has a termination time already, it gets one this many seconds
+    /// later, when its retention policy applies (default 7 days).
+    pub failed_job_lifetime_secs: u64,
+    /// After this many failed attempts to delete or keep an image, the GCS gives up (the image
+    /// stays on its CTS, its record says `failed` and why).
+    pub image_task_max_attempts: u32,
+    /// The first retry of a failed image task waits this long; each further one twice as long...
+    pub image_task_retry_base_millis: u64,
+    /// ...up to this.
+    pub image_task_retry_max_secs: u64,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -97,6 +108,10 @@ impl Default for Config {
             notify_max_attempts: 10,
             notify_timeout_secs: 10,
             subscription_default_lifetime_secs: 24 * 3600,
+            failed_job_lifetime_secs: 7 * 24 * 3600,
+            image_task_max_attempts: 12,
+            image_task_retry_base_millis: 2000,
+            image_task_retry_max_secs: 600,
         }
     }
 }
@@ -156,6 +171,12 @@ impl Config {
         }
         if let Some(v) = var("GCS_NOTIFY_MAX_ATTEMPTS") {
             self.notify_max_attempts = parse("GCS_NOTIFY_MAX_ATTEMPTS", v)?;
+        }
+        if let Some(v) = var("GCS_FAILED_JOB_LIFETIME_SECS") {
+            self.failed_job_lifetime_secs = parse("GCS_FAILED_JOB_LIFETIME_SECS", v)?;
+        }
+        if let Some(v) = var("GCS_IMAGE_TASK_MAX_ATTEMPTS") {
+            self.image_task_max_attempts = parse("GCS_IMAGE_TASK_MAX_ATTEMPTS", v)?;
         }
         if let Some(v) = var("GCS_LOG_FORMAT") {
             self.log_format = match v.as_str() {

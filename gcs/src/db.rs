@@ -462,7 +462,9 @@ pub async fn route_job(
 ) -> Result<()> {
     sqlx::query(
         "update jobs set cts_instance = $2, cts_type = $3, local_id = $4, state = $5,
-            recoveries = recoveries + $6, exit_status = null, signal = null, updated_at = now()
+            recoveries = recoveries + $6, exit_status = null, signal = null, updated_at = now(),
+            termination_time = case when termination_on_failure then null else termination_time end,
+            termination_on_failure = false
          where gid = $1",
     )
     .bind(gid)
@@ -947,6 +949,274 @@ pub async fn notification_counts(db: &PgPool) -> Result<(i64, i64)> {
     Ok(sqlx::query_as(
         "select count(*) filter (where failed_at is null), count(*) filter (where failed_at is not null)
          from notifications",
+    )
+    .fetch_one(db)
+    .await?)
+}
+
+// ---- Retention of checkpoint images -------------------------------------------------------
+
+/// Sets a job's retention policy; false when there is no such job.
+pub async fn set_retention(db: impl PgExecutor<'_>, gid: &str, r: &Retention) -> Result<bool> {
+    Ok(sqlx::query(
+        "update jobs set keep = $2, keep_last = $3, keep_in = $4, updated_at = now()
+         where gid = $1",
+    )
+    .bind(gid)
+    .bind(r.keep.as_str())
+    .bind(r.keep_last.map(|n| n as i32))
+    .bind(&r.keep_in)
+    .execute(db)
+    .await?
+    .rows_affected()
+        == 1)
+}
+
+/// Whether the job has ended for retention (its policy was applied).
+pub async fn retention_applied(db: impl PgExecutor<'_>, gid: &str) -> Result<bool> {
+    Ok(sqlx::query_scalar::<_, bool>(
+        "select retention_applied_at is not null from jobs where gid = $1",
+    )
+    .bind(gid)
+    .fetch_optional(db)
+    .await?
+    .unwrap_or(false))
+}
+
+pub async fn mark_retention_applied(db: impl PgExecutor<'_>, gid: &str) -> Result<()> {
+    sqlx::query("update jobs set retention_applied_at = now() where gid = $1")
+        .bind(gid)
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
+/// The job's checkpoints whose image still exists or is being kept, newest first:
+/// (ID, image state).
+pub async fn images_of(db: impl PgExecutor<'_>, gid: &str) -> Result<Vec<(String, ImageState)>> {
+    sqlx::query_as::<_, (String, String)>(
+        "select id, image_state from checkpoints
+         where gid = $1 and image_state in ('stored', 'failed', 'keeping', 'kept')
+         order by sequence desc",
+    )
+    .bind(gid)
+    .fetch_all(db)
+    .await?
+    .into_iter()
+    .map(|(id, s)| {
+        let s = s
+            .parse::<ImageState>()
+            .map_err(|e| bad_row("checkpoint", e))?;
+        Ok((id, s))
+    })
+    .collect()
+}
+
+/// What to do to an image on its CTS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageAction {
+    Delete,
+    Keep,
+}
+
+impl ImageAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImageAction::Delete => "delete",
+            ImageAction::Keep => "keep",
+        }
+    }
+}
+
+/// Queues `action` for a checkpoint's image (replacing a queued task for it) and moves the
+/// record to `deleting` / `keeping`.
+pub async fn queue_image_task(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    checkpoint: &str,
+    action: ImageAction,
+    keep_in: Option<&str>,
+) -> Result<()> {
+    let state = match action {
+        ImageAction::Delete => ImageState::Deleting,
+        ImageAction::Keep => ImageState::Keeping,
+    };
+    sqlx::query(
+        "update checkpoints set image_state = $2, image_error = null, kept_in = null where id = $1",
+    )
+    .bind(checkpoint)
+    .bind(state.as_str())
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query(
+        "insert into image_tasks (checkpoint_id, action, keep_in) values ($1, $2, $3)
+         on conflict (checkpoint_id) do update set action = excluded.action,
+            keep_in = excluded.keep_in, created_at = now(), attempts = 0,
+            next_attempt_at = now(), last_error = null",
+    )
+    .bind(checkpoint)
+    .bind(action.as_str())
+    .bind(keep_in)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// An image task claimed by one replica, with what the call to the CTS needs.
+#[derive(Debug, Clone, FromRow)]
+pub struct DueImageTask {
+    pub checkpoint_id: String,
+    pub action: String,
+    pub keep_in: Option<String>,
+    /// Including this attempt.
+    pub attempts: i32,
+    pub gid: String,
+    pub cts_name: String,
+    pub image_name: String,
+    pub digest: Option<String>,
+}
+
+/// Claims up to `limit` due image tasks for `lease`: they are not due again (for any replica)
+/// until then, so a task is carried out by one replica at a time without holding a
+/// transaction open across the call to the CTS. A replica that dies mid-task leaves it to be
+/// retried when the lease runs out (the CTS calls are idempotent).
+pub async fn claim_image_tasks(
+    db: impl PgExecutor<'_>,
+    limit: i64,
+    lease: std::time::Duration,
+) -> Result<Vec<DueImageTask>> {
+    Ok(sqlx::query_as::<_, DueImageTask>(
+        "with due as (
+            select checkpoint_id from image_tasks where next_attempt_at <= now()
+            order by next_attempt_at, checkpoint_id limit $1
+            for update skip locked)
+         update image_tasks t set attempts = t.attempts + 1,
+            next_attempt_at = now() + make_interval(secs => $2)
+         from due, checkpoints c
+         where t.checkpoint_id = due.checkpoint_id and c.id = t.checkpoint_id
+         returning t.checkpoint_id, t.action, t.keep_in, t.attempts, c.gid, c.cts_name,
+            c.image_name, c.digest",
+    )
+    .bind(limit)
+    .bind(lease.as_secs_f64())
+    .fetch_all(db)
+    .await?)
+}
+
+/// Completes a claimed task: the image is `deleted` or `kept` (in `kept_in`). False when the
+/// task was replaced meanwhile (a new policy): then nothing changes.
+pub async fn image_task_done(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    task: &DueImageTask,
+    kept_in: Option<&str>,
+) -> Result<bool> {
+    if !take_task(tx, task).await? {
+        return Ok(false);
+    }
+    let state = if kept_in.is_some() {
+        ImageState::Kept
+    } else {
+        ImageState::Deleted
+    };
+    sqlx::query(
+        "update checkpoints set image_state = $2, kept_in = $3, image_error = null where id = $1",
+    )
+    .bind(&task.checkpoint_id)
+    .bind(state.as_str())
+    .bind(kept_in)
+    .execute(&mut **tx)
+    .await?;
+    Ok(true)
+}
+
+/// Gives a claimed task up: the record is `failed` with `error`, the image stays where it is.
+pub async fn image_task_given_up(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    task: &DueImageTask,
+    error: &str,
+) -> Result<bool> {
+    if !take_task(tx, task).await? {
+        return Ok(false);
+    }
+    sqlx::query("update checkpoints set image_state = 'failed', image_error = $2 where id = $1")
+        .bind(&task.checkpoint_id)
+        .bind(error)
+        .execute(&mut **tx)
+        .await?;
+    Ok(true)
+}
+
+/// Deletes the task row if it is still the one claimed (same action and attempt).
+async fn take_task(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    task: &DueImageTask,
+) -> Result<bool> {
+    Ok(sqlx::query(
+        "delete from image_tasks where checkpoint_id = $1 and action = $2 and attempts = $3",
+    )
+    .bind(&task.checkpoint_id)
+    .bind(&task.action)
+    .bind(task.attempts)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected()
+        == 1)
+}
+
+/// Schedules the retry of a claimed task after a failed attempt; the record shows the error.
+pub async fn image_task_retry(
+    db: &PgPool,
+    task: &DueImageTask,
+    error: &str,
+    retry_in: std::time::Duration,
+) -> Result<()> {
+    let mut tx = db.begin().await?;
+    let n = sqlx::query(
+        "update image_tasks set last_error = $4, next_attempt_at = now() + make_interval(secs => $5)
+         where checkpoint_id = $1 and action = $2 and attempts = $3",
+    )
+    .bind(&task.checkpoint_id)
+    .bind(&task.action)
+    .bind(task.attempts)
+    .bind(error)
+    .bind(retry_in.as_secs_f64())
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if n == 1 {
+        sqlx::query("update checkpoints set image_error = $2 where id = $1")
+            .bind(&task.checkpoint_id)
+            .bind(error)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// A failed job gets a termination time (unless it has one) so that its images do not outlive
+/// the chance to recover it; its recovery clears it ([`route_job`]).
+pub async fn expire_failed_job(
+    db: impl PgExecutor<'_>,
+    gid: &str,
+    lifetime: std::time::Duration,
+) -> Result<()> {
+    sqlx::query(
+        "update jobs set termination_time = now() + make_interval(secs => $2),
+            termination_on_failure = true
+         where gid = $1 and termination_time is null and destroyed_at is null",
+    )
+    .bind(gid)
+    .bind(lifetime.as_secs_f64())
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// Counts for the health endpoint and tests: (queued image tasks, failed images).
+pub async fn image_task_counts(db: &PgPool) -> Result<(i64, i64)> {
+    Ok(sqlx::query_as(
+        "select (select count(*) from image_tasks),
+                (select count(*) from checkpoints where image_state = 'failed')",
     )
     .fetch_one(db)
     .await?)

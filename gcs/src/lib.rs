@@ -10,6 +10,8 @@
 //! - [`http`]: the SOAP endpoint, the WSDL/XSD files and the JSON API;
 //! - [`wsrf`], [`notify`]: the WS-Resources, and WS-BaseNotification (subscriptions, the
 //!   notification outbox and its delivery);
+//! - [`retention`]: what happens to checkpoint images when their job ends (the image tasks
+//!   the GCS carries out on the CTSes);
 //! - [`error`]: the service error and its mapping to faults;
 //! - [`config`], [`embedded_pg`]: start-up.
 
@@ -26,6 +28,7 @@ pub mod embedded_pg;
 pub mod error;
 pub mod http;
 pub mod notify;
+pub mod retention;
 pub mod service;
 pub mod wsrf;
 
@@ -46,6 +49,7 @@ impl Gcs {
             http,
             config: Arc::new(config),
             wake: Arc::new(tokio::sync::Notify::new()),
+            image_wake: Arc::new(tokio::sync::Notify::new()),
         })
     }
 }
@@ -68,9 +72,11 @@ pub async fn run(
     tracing::info!(addr = %listener.local_addr()?, tls = tls.is_some(), "GCS listening");
     let sweeper = tokio::spawn(sweep(gcs.clone()));
     let notifier = tokio::spawn(notify::run(gcs.clone()));
+    let images = tokio::spawn(retention::run(gcs.clone()));
     let result = transport::serve(listener, tls, app(gcs), shutdown).await;
     sweeper.abort();
     notifier.abort();
+    images.abort();
     result
 }
 

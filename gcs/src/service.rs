@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use gca_protocol::client::SoapClient;
 use gca_protocol::fault::FaultKind;
@@ -27,6 +28,8 @@ pub struct Gcs {
     pub config: Arc<Config>,
     /// Wakes this replica's notification deliverer after a commit (a signal, not state).
     pub wake: Arc<tokio::sync::Notify>,
+    /// Wakes this replica's image task runner after a commit (see [`crate::retention`]).
+    pub image_wake: Arc<tokio::sync::Notify>,
 }
 
 /// Per-request context the service needs from the transport.
@@ -59,6 +62,27 @@ fn check_id(what: &str, value: &str) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// The fault for recovering from a checkpoint whose image is no longer in a CTS's store.
+fn image_gone(c: &CheckpointRecord) -> Error {
+    let where_ = match (c.image_state, &c.kept_in) {
+        (ImageState::Kept, Some(dir)) => format!(
+            "was moved to the owner's directory {dir} (on the resource of CTS {:?}) by the job's retention policy",
+            c.cts_name
+        ),
+        (ImageState::Deleted | ImageState::Deleting, _) => {
+            "was deleted when the job ended (its retention policy keeps no images)".to_string()
+        }
+        (state, _) => format!("is {state}, not stored"),
+    };
+    Error::Fault(
+        Fault::resource_unknown(format!(
+            "cannot recover job {:?} from checkpoint {:?}: its image {where_}",
+            c.gid, c.id
+        ))
+        .with_code("image-not-stored"),
+    )
 }
 
 fn check_url(what: &str, value: &str) -> Result<()> {
@@ -348,6 +372,9 @@ impl Gcs {
                 }
             }
         };
+        if checkpoint.image_state != ImageState::Stored {
+            return Err(image_gone(&checkpoint));
+        }
         let cts_type = self.cts_type(&checkpoint.cts_type).await?;
         if !cts_type.core_service.recover_from_any_image && checkpoint.id != latest.id {
             return Err(Error::conflict(format!(
@@ -626,10 +653,16 @@ impl Gcs {
         if state == JobState::Recovering && !req.recovery {
             return Err(Error::invalid("State=recovering needs Recovery=true"));
         }
+        if let Some(r) = &req.retention {
+            r.validate().map_err(Error::invalid)?;
+        }
         let mut tx = self.db.begin().await?;
         db::touch_instance(&mut *tx, &instance.name).await?;
         let outcome = if !req.recovery {
             if db::insert_job(&mut *tx, &req.gid, &instance, local_id, state).await? {
+                if let Some(r) = &req.retention {
+                    db::set_retention(&mut *tx, &req.gid, r).await?;
+                }
                 self.emit_job(&mut tx, Topic::JobRegistered, &req.gid)
                     .await?;
                 Registration::Created
@@ -641,7 +674,13 @@ impl Gcs {
                     && existing.local_id.as_deref() == local_id
                     && existing.state == JobState::Running
                 {
-                    Registration::Unchanged
+                    match &req.retention {
+                        Some(r) if *r != existing.retention => {
+                            db::set_retention(&mut *tx, &req.gid, r).await?;
+                            Registration::Updated
+                        }
+                        _ => Registration::Unchanged,
+                    }
                 } else {
                     return Err(Error::conflict(format!(
                         "GID {:?} is already registered (CTS {:?}, local ID {:?}, {}); a recovered job registers with Recovery=true",
@@ -667,7 +706,10 @@ impl Gcs {
             }
             if let Some(ck) = &req.from_checkpoint {
                 match db::get_checkpoint(&mut *tx, ck).await? {
-                    Some(c) if c.gid == req.gid => {}
+                    Some(c) if c.gid == req.gid && c.image_state == ImageState::Stored => {}
+                    Some(c) if c.gid == req.gid => {
+                        return Err(image_gone(&c));
+                    }
                     _ => {
                         return Err(Error::unknown(format!(
                             "job {:?} has no checkpoint with ID {ck:?}",
@@ -676,11 +718,22 @@ impl Gcs {
                     }
                 }
             }
+            let retention_changed = req
+                .retention
+                .as_ref()
+                .is_some_and(|r| *r != existing.retention);
+            if let Some(r) = req.retention.as_ref().filter(|_| retention_changed) {
+                db::set_retention(&mut *tx, &req.gid, r).await?;
+            }
             if existing.cts_instance == instance.name
                 && existing.local_id.as_deref() == local_id
                 && existing.state == state
             {
-                Registration::Unchanged
+                if retention_changed {
+                    Registration::Updated
+                } else {
+                    Registration::Unchanged
+                }
             } else {
                 let count = existing.state != JobState::Recovering;
                 db::route_job(&mut *tx, &req.gid, &instance, local_id, state, count).await?;
@@ -761,6 +814,12 @@ impl Gcs {
         };
         r.sequence = Some(sequence);
         r.registered_at = Some(registered_at);
+        // A record delivered late (queued at a CTS) for a job that has ended: its image goes
+        // the way of the others.
+        let late = db::retention_applied(&mut *tx, &r.gid).await?;
+        if late {
+            self.apply_retention(&mut tx, &r.gid).await?;
+        }
         emit(
             &mut *tx,
             Topic::CheckpointTaken,
@@ -770,6 +829,9 @@ impl Gcs {
         .await?;
         tx.commit().await?;
         self.wake_deliverer();
+        if late {
+            self.wake_image_tasks();
+        }
         tracing::info!(gid = %r.gid, checkpoint.id = %r.id, checkpoint.sequence = sequence, origin = %r.origin, cts.name = %r.cts_name, "checkpoint registered");
         r.sequence = Some(sequence);
         r.registered_at = Some(registered_at);
@@ -780,7 +842,9 @@ impl Gcs {
     }
 
     /// jobFinished: only the CTS in charge can finish a job; the exit of a job stopped for
-    /// migration is expected and leaves it stopped.
+    /// migration is expected and leaves it stopped. A job that exits with status 0 has ended:
+    /// its retention policy applies. One that fails keeps its images for recovery, for
+    /// `failed_job_lifetime_secs` unless it has a termination time already.
     pub async fn job_finished(&self, req: JobFinished) -> Result<JobInfo> {
         check_id("GID", &req.gid)?;
         let mut tx = self.db.begin().await?;
@@ -798,12 +862,23 @@ impl Gcs {
             JobState::Running | JobState::Recovering => {
                 db::finish_job(&mut *tx, &req.gid, req.exit_status, req.signal).await?;
                 self.emit_job(&mut tx, Topic::JobFinished, &req.gid).await?;
+                if req.exit_status == Some(0) && req.signal.is_none() {
+                    self.apply_retention(&mut tx, &req.gid).await?;
+                } else {
+                    db::expire_failed_job(
+                        &mut *tx,
+                        &req.gid,
+                        Duration::from_secs(self.config.failed_job_lifetime_secs),
+                    )
+                    .await?;
+                }
                 tracing::info!(gid = %req.gid, exit_status = ?req.exit_status, signal = ?req.signal, "job finished");
             }
             JobState::Stopped | JobState::Finished => {}
         }
         tx.commit().await?;
         self.wake_deliverer();
+        self.wake_image_tasks();
         self.get_job(GidRequest { gid: req.gid }).await
     }
 

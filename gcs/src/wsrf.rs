@@ -277,11 +277,15 @@ impl Gcs {
         }
         if lifetime.termination_time.is_some_and(|t| t <= Utc::now()) {
             let mut tx = self.db.begin().await?;
-            if db::destroy_job_if_expired(&mut *tx, gid).await? == Some(true) {
-                self.emit_job(&mut tx, Topic::JobFinished, gid).await?;
+            if let Some(unfinished) = db::destroy_job_if_expired(&mut *tx, gid).await? {
+                if unfinished {
+                    self.emit_job(&mut tx, Topic::JobFinished, gid).await?;
+                }
+                self.apply_retention(&mut tx, gid).await?;
             }
             tx.commit().await?;
             self.wake_deliverer();
+            self.wake_image_tasks();
             return Err(unknown(
                 "job",
                 gid,
@@ -362,10 +366,12 @@ impl Gcs {
             if *unfinished {
                 self.emit_job(&mut tx, Topic::JobFinished, gid).await?;
             }
+            self.apply_retention(&mut tx, gid).await?;
         }
         tx.commit().await?;
         if !gids.is_empty() {
             self.wake_deliverer();
+            self.wake_image_tasks();
         }
         for (gid, _) in &gids {
             tracing::info!(%gid, "job resource destroyed: its termination time passed");
@@ -385,8 +391,11 @@ impl Gcs {
         if job.state != gca_protocol::messages::JobState::Finished {
             self.emit_job(&mut tx, Topic::JobFinished, gid).await?;
         }
+        // Destroying a job ends it: its images go the way its retention policy says.
+        self.apply_retention(&mut tx, gid).await?;
         tx.commit().await?;
         self.wake_deliverer();
+        self.wake_image_tasks();
         Ok(true)
     }
 }

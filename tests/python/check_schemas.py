@@ -62,6 +62,7 @@ REQUIRED_FAULTS = {
     "GetCheckpoints": {"ResourceUnknownFault"},
     "GetRecoveryInfo": {"ResourceUnknownFault"},
     "GetJob": {"ResourceUnknownFault"},
+    "SetRetention": {"ResourceUnknownFault"},
     "RegisterCheckpointerClass": {"ConflictFault"},
     "RegisterCTSDescriptor": {"ConflictFault", "InvalidDescriptorFault"},
     "UnregisterCTS": {"ResourceUnknownFault"},
@@ -597,6 +598,8 @@ def sample_requests(client) -> dict:
         "GetRecoveryInfo": {"GID": "job-1", "Image": "latest"},
         "GetJob": {"GID": "job-1"},
         "ListJobs": {"State": "running", "After": "job-0", "Limit": 50},
+        "SetRetention": {"GID": "job-1", "Retention": {
+            "Keep": "last", "KeepLast": 2, "KeepIn": "/home/alice/checkpoints"}},
         "RegisterCheckpointerClass": {"CheckpointerClass": {
             "Name": "single-process", "Description": "one process, no sockets",
             "Property": [{"Name": "processes", "Value": "single"}]}},

@@ -5,7 +5,7 @@
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use gca_protocol::fault::Fault;
 use gca_protocol::messages::*;
@@ -25,6 +25,7 @@ pub fn routes() -> Router<Gcs> {
             get(get_checkpoints).post(do_checkpoint),
         )
         .route("/jobs/{gid}/recovery", get(recovery_info))
+        .route("/jobs/{gid}/retention", put(set_retention))
         .route("/jobs/{gid}/finished", post(job_finished))
         .route("/checkpoints", post(register_checkpoint))
         .route("/find-cts", post(find_cts))
@@ -110,6 +111,19 @@ async fn recovery_info(
     };
     Ok(Json(
         gcs.get_recovery_info(req, &ctx(&gcs, &headers)).await?,
+    ))
+}
+
+/// `PUT /jobs/{gid}/retention` with a [`Retention`] body.
+async fn set_retention(
+    State(gcs): State<Gcs>,
+    Path(gid): Path<String>,
+    headers: HeaderMap,
+    b: Body,
+) -> ApiResult<JobInfo> {
+    let retention: Retention = body(&gcs, &headers, b, &[]).await?;
+    Ok(Json(
+        gcs.set_retention(SetRetention { gid, retention }).await?,
     ))
 }
 

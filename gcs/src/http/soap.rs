@@ -114,6 +114,7 @@ async fn dispatch(
         }
         "GetJob" => call::<GetJobOp, _, _, _>(req, |r| gcs.get_job(r)).await,
         "ListJobs" => call::<ListJobsOp, _, _, _>(req, |r| gcs.list_jobs(r)).await,
+        "SetRetention" => call::<SetRetentionOp, _, _, _>(req, |r| gcs.set_retention(r)).await,
         "RegisterCheckpointerClass" => {
             call::<RegisterClassOp, _, _, _>(req, |r| gcs.register_class(r)).await
         }
