@@ -63,6 +63,7 @@ pub const JOB_PROPERTIES: &[PropertyName] = &[
     (ns::GCA, "Recoveries"),
     (ns::GCA, "ExitStatus"),
     (ns::GCA, "Signal"),
+    (ns::GCA, "Retention"),
     (ns::GCA, "Checkpoint"),
     (ns::WSRF_RL, "CurrentTime"),
     (ns::WSRF_RL, "TerminationTime"),
@@ -84,6 +85,9 @@ pub const CHECKPOINT_PROPERTIES: &[PropertyName] = &[
     (ns::GCA, "Origin"),
     (ns::GCA, "JobStopped"),
     (ns::GCA, "RegisteredAt"),
+    (ns::GCA, "ImageState"),
+    (ns::GCA, "KeptIn"),
+    (ns::GCA, "ImageError"),
 ];
 
 /// Properties of a CTS instance resource.

@@ -7,5 +7,6 @@ mod gcactl;
 mod notifications;
 mod registry;
 mod replicas;
+mod retention;
 mod wire;
 mod wsrf;
