@@ -122,6 +122,10 @@ pub enum Command {
     #[command(subcommand)]
     Job(JobCommand),
 
+    /// Notification subscriptions: list them with their delivery backlog, add, remove.
+    #[command(subcommand)]
+    Subscription(SubscriptionCommand),
+
     /// Checkpoint a job now (doCheckpoint), through the CTS in charge of it.
     #[command(
         long_about = "Checkpoint a job now (doCheckpoint): the GCS forwards the request to \
@@ -252,6 +256,37 @@ pub enum InstanceCommand {
     Remove {
         /// Name of the CTS instance.
         name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SubscriptionCommand {
+    /// List live subscriptions with pending and failed notifications.
+    List,
+    /// Show one subscription.
+    Show {
+        /// Subscription ID.
+        id: String,
+    },
+    /// Subscribe a consumer URL: the GCS POSTs WS-BaseNotification Notify messages to it.
+    Add {
+        /// The consumer's http(s) URL.
+        consumer: String,
+        /// A topic (CheckpointTaken, JobRegistered, JobRecovered, JobFinished,
+        /// CTSRegistered, CTSLost); repeatable; none: every topic.
+        #[arg(long = "topic", value_name = "TOPIC")]
+        topics: Vec<String>,
+        /// Only events about this job.
+        #[arg(long, value_name = "GID")]
+        gid: Option<String>,
+        /// Seconds until the subscription ends (0: never; default: the GCS's default).
+        #[arg(long, value_name = "SECS")]
+        lifetime: Option<u64>,
+    },
+    /// Unsubscribe.
+    Remove {
+        /// Subscription ID.
+        id: String,
     },
 }
 

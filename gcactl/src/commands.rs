@@ -13,8 +13,9 @@ use gca_protocol::client::{path_segment, JsonClient};
 use gca_protocol::messages::{
     CheckpointList, CheckpointRecord, CheckpointerClass, ClassList, ClassRegistered,
     CtsInstanceList, CtsTypeList, DescriptorRegistered, FindCts, FindCtsResponse, JobInfo, JobList,
-    Property, RecoveryCandidate, RecoveryInfo, RegisterCheckpointerClass, RegisterCtsDescriptor,
-    Registration, Unregistered, WrapperSpec,
+    NewSubscription, Property, RecoveryCandidate, RecoveryInfo, RegisterCheckpointerClass,
+    RegisterCtsDescriptor, Registration, SubscriptionInfo, SubscriptionList, Unregistered,
+    WrapperSpec,
 };
 use gca_protocol::transport::{http_client, ClientSettings, ClientTls};
 use gca_protocol::{Fault, FaultKind};
@@ -23,8 +24,8 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::cli::{
-    ClassCommand, Cli, Command, FindCtsArgs, InstanceCommand, JobCommand, TypeCommand,
-    EXIT_FAILURE, EXIT_NOT_FOUND, EXIT_UNAVAILABLE,
+    ClassCommand, Cli, Command, FindCtsArgs, InstanceCommand, JobCommand, SubscriptionCommand,
+    TypeCommand, EXIT_FAILURE, EXIT_NOT_FOUND, EXIT_UNAVAILABLE,
 };
 use crate::table::{key_values, Table};
 
@@ -165,6 +166,37 @@ impl Gcs {
                 let path = format!("/api/v1/cts-instances/{}", path_segment(&name));
                 self.show(self.client.delete(&path).await, |_: &Unregistered| {
                     format!("removed CTS instance {name}\n")
+                })
+            }
+            Command::Subscription(SubscriptionCommand::List) => self.show(
+                self.client.get("/api/v1/subscriptions").await,
+                render_subscriptions,
+            ),
+            Command::Subscription(SubscriptionCommand::Show { id }) => {
+                let path = format!("/api/v1/subscriptions/{}", path_segment(&id));
+                self.show(self.client.get(&path).await, render_subscription)
+            }
+            Command::Subscription(SubscriptionCommand::Add {
+                consumer,
+                topics,
+                gid,
+                lifetime,
+            }) => {
+                let body = NewSubscription {
+                    consumer,
+                    topics,
+                    gid,
+                    lifetime_secs: lifetime,
+                };
+                self.show(
+                    self.client.post("/api/v1/subscriptions", &body).await,
+                    render_subscription,
+                )
+            }
+            Command::Subscription(SubscriptionCommand::Remove { id }) => {
+                let path = format!("/api/v1/subscriptions/{}", path_segment(&id));
+                self.show(self.client.delete(&path).await, |_: &Value| {
+                    format!("unsubscribed {id}\n")
                 })
             }
             Command::Job(JobCommand::List {
@@ -484,6 +516,68 @@ pub fn render_instances(list: &CtsInstanceList) -> String {
         ]);
     }
     t.render()
+}
+
+pub fn render_subscriptions(list: &SubscriptionList) -> String {
+    if list.subscriptions.is_empty() {
+        return "no subscriptions\n".into();
+    }
+    let mut t = Table::new(&[
+        "ID",
+        "CONSUMER",
+        "TOPICS",
+        "GID",
+        "ENDS",
+        "PENDING",
+        "FAILED",
+        "LAST ERROR",
+    ])
+    .right(5)
+    .right(6);
+    for s in &list.subscriptions {
+        t.row([
+            s.id.clone(),
+            s.consumer.clone(),
+            topics(s),
+            s.gid.clone().unwrap_or("-".into()),
+            fmt_opt_time(s.termination_time.as_ref()),
+            s.pending.to_string(),
+            s.failed.to_string(),
+            s.last_error.clone().unwrap_or("-".into()),
+        ]);
+    }
+    t.render()
+}
+
+fn topics(s: &SubscriptionInfo) -> String {
+    if s.topics.is_empty() {
+        "all".into()
+    } else {
+        s.topics.join(",")
+    }
+}
+
+pub fn render_subscription(s: &SubscriptionInfo) -> String {
+    key_values(&[
+        ("ID", Some(s.id.clone())),
+        ("Address", Some(s.address.clone())),
+        ("Consumer", Some(s.consumer.clone())),
+        ("Topics", Some(topics(s))),
+        ("GID", s.gid.clone()),
+        ("Created at", Some(fmt_time(&s.created_at))),
+        (
+            "Ends",
+            Some(
+                s.termination_time
+                    .as_ref()
+                    .map(fmt_time)
+                    .unwrap_or("never".into()),
+            ),
+        ),
+        ("Pending", Some(s.pending.to_string())),
+        ("Failed", Some(s.failed.to_string())),
+        ("Last error", s.last_error.clone()),
+    ])
 }
 
 pub fn render_jobs(list: &JobList, filtered: bool) -> String {

@@ -1221,3 +1221,33 @@ pub async fn image_task_counts(db: &PgPool) -> Result<(i64, i64)> {
     .fetch_one(db)
     .await?)
 }
+
+/// A live subscription with its backlog: (row, pending, failed, most recent error).
+#[derive(Debug, Clone, FromRow)]
+pub struct SubscriptionStatus {
+    #[sqlx(flatten)]
+    pub row: SubscriptionRow,
+    pub pending: i64,
+    pub failed: i64,
+    pub last_error: Option<String>,
+}
+
+/// Live subscriptions (one, or all in creation order) with their backlogs.
+pub async fn subscription_status(db: &PgPool, id: Option<&str>) -> Result<Vec<SubscriptionStatus>> {
+    Ok(sqlx::query_as::<_, SubscriptionStatus>(
+        "select s.id, s.consumer_address, s.consumer_reference, s.topics, s.topic_dialect, s.gid,
+            s.producer_address, s.created_at, s.termination_time,
+            count(n.id) filter (where n.failed_at is null) as pending,
+            count(n.id) filter (where n.failed_at is not null) as failed,
+            (array_agg(n.last_error order by n.id desc) filter (where n.last_error is not null))[1]
+                as last_error
+         from subscriptions s left join notifications n on n.subscription_id = s.id
+         where (s.termination_time is null or s.termination_time > now())
+           and ($1::text is null or s.id = $1)
+         group by s.id
+         order by s.created_at, s.id",
+    )
+    .bind(id)
+    .fetch_all(db)
+    .await?)
+}

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use gca_protocol::fault::{Fault, FaultKind};
+use gca_protocol::messages::{NewSubscription, SubscriptionInfo, SubscriptionList};
 use gca_protocol::ns;
 use gca_protocol::soap::{self, SoapVersion};
 use gca_protocol::wsn::{self, ManagerRequest, Subscribe, Topic};
@@ -45,6 +46,23 @@ pub async fn emit(
         );
     }
     Ok(())
+}
+
+fn subscription_info(s: db::SubscriptionStatus, service_address: &str) -> SubscriptionInfo {
+    SubscriptionInfo {
+        address: ResourceRef::subscription(&s.row.id)
+            .epr(service_address)
+            .address,
+        id: s.row.id,
+        consumer: s.row.consumer_address,
+        topics: s.row.topics.unwrap_or_default(),
+        gid: s.row.gid,
+        created_at: s.row.created_at,
+        termination_time: s.row.termination_time,
+        pending: s.pending,
+        failed: s.failed,
+        last_error: s.last_error,
+    }
 }
 
 fn unknown_subscription(id: &str) -> Error {
@@ -162,7 +180,44 @@ impl Gcs {
         body: &Element,
         now: chrono::DateTime<Utc>,
     ) -> Result<(String, Element)> {
-        let address = req.consumer.address.trim().to_string();
+        let consumer_el = body
+            .child(ns::WSNT, "ConsumerReference")
+            .cloned()
+            .unwrap_or_else(|| req.consumer.to_element(ns::WSNT, "ConsumerReference"));
+        let row = self
+            .create_subscription(
+                &req.consumer.address,
+                consumer_el,
+                &req.topics,
+                &req.dialect,
+                req.gid.clone(),
+                req.termination,
+                service_address,
+                now,
+            )
+            .await?;
+        let epr = ResourceRef::subscription(&row.id).epr(service_address);
+        Ok((
+            wsn::SUBSCRIBE_RESPONSE.into(),
+            wsn::subscribe_response(&epr, now, row.termination_time),
+        ))
+    }
+
+    /// Stores a new subscription (Subscribe over SOAP, or the JSON API). `termination`: None
+    /// for the default lifetime, Some(None) for none.
+    #[allow(clippy::too_many_arguments)]
+    async fn create_subscription(
+        &self,
+        consumer: &str,
+        consumer_reference: Element,
+        topics: &[Topic],
+        dialect: &str,
+        gid: Option<String>,
+        termination: Option<Option<chrono::DateTime<Utc>>>,
+        service_address: &str,
+        now: chrono::DateTime<Utc>,
+    ) -> Result<db::SubscriptionRow> {
+        let address = consumer.trim().to_string();
         let usable = reqwest::Url::parse(&address)
             .ok()
             .is_some_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
@@ -174,7 +229,7 @@ impl Gcs {
                 ),
             ));
         }
-        let termination = match req.termination {
+        let termination = match termination {
             Some(t) => t,
             None => Some(
                 now + chrono::Duration::seconds(
@@ -184,29 +239,111 @@ impl Gcs {
                 ),
             ),
         };
-        let consumer_el = body
-            .child(ns::WSNT, "ConsumerReference")
-            .cloned()
-            .unwrap_or_else(|| req.consumer.to_element(ns::WSNT, "ConsumerReference"));
         let row = db::SubscriptionRow {
             id: uuid::Uuid::new_v4().to_string(),
             consumer_address: address,
-            consumer_reference: consumer_el.to_xml(),
-            topics: (!req.topics.is_empty())
-                .then(|| req.topics.iter().map(|t| t.as_str().to_string()).collect()),
-            topic_dialect: req.dialect.clone(),
-            gid: req.gid.clone(),
+            consumer_reference: consumer_reference.to_xml(),
+            topics: (!topics.is_empty())
+                .then(|| topics.iter().map(|t| t.as_str().to_string()).collect()),
+            topic_dialect: dialect.to_string(),
+            gid,
             producer_address: service_address.to_string(),
             created_at: now,
             termination_time: termination,
         };
         db::insert_subscription(&self.db, &row).await?;
         tracing::info!(subscription = %row.id, consumer = %row.consumer_address, topics = ?row.topics, gid = ?row.gid, "subscribed");
-        let epr = ResourceRef::subscription(&row.id).epr(service_address);
-        Ok((
-            wsn::SUBSCRIBE_RESPONSE.into(),
-            wsn::subscribe_response(&epr, now, termination),
-        ))
+        Ok(row)
+    }
+
+    /// JSON API: subscribe a consumer URL to topics by name.
+    pub async fn subscribe_json(
+        &self,
+        req: NewSubscription,
+        service_address: &str,
+    ) -> Result<SubscriptionInfo> {
+        let topics = req
+            .topics
+            .iter()
+            .map(|name| {
+                Topic::ALL
+                    .into_iter()
+                    .find(|t| t.as_str() == name.trim())
+                    .ok_or_else(|| {
+                        Error::kind(
+                            FaultKind::TopicNotSupported,
+                            format!(
+                                "unknown topic {name:?}; the topics are {}",
+                                Topic::ALL.map(Topic::as_str).join(", ")
+                            ),
+                        )
+                    })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if let Some(g) = &req.gid {
+            if g.is_empty() {
+                return Err(Error::invalid("gid must not be empty"));
+            }
+        }
+        let now = Utc::now();
+        let termination = match req.lifetime_secs {
+            None => None,
+            Some(0) => Some(None),
+            Some(s) => Some(Some(
+                now + chrono::Duration::seconds(s.min(100 * 365 * 24 * 3600) as i64),
+            )),
+        };
+        let consumer = Epr {
+            address: req.consumer.trim().to_string(),
+            reference_parameters: Vec::new(),
+        };
+        let row = self
+            .create_subscription(
+                &req.consumer,
+                consumer.to_element(ns::WSNT, "ConsumerReference"),
+                &topics,
+                wsn::SIMPLE_DIALECT,
+                req.gid,
+                termination,
+                service_address,
+                now,
+            )
+            .await?;
+        self.subscription_info(&row.id, service_address).await
+    }
+
+    /// JSON API: every live subscription, with its backlog.
+    pub async fn list_subscriptions(&self, service_address: &str) -> Result<SubscriptionList> {
+        Ok(SubscriptionList {
+            subscriptions: db::subscription_status(&self.db, None)
+                .await?
+                .into_iter()
+                .map(|s| subscription_info(s, service_address))
+                .collect(),
+        })
+    }
+
+    /// JSON API: one live subscription.
+    pub async fn subscription_info(
+        &self,
+        id: &str,
+        service_address: &str,
+    ) -> Result<SubscriptionInfo> {
+        db::subscription_status(&self.db, Some(id))
+            .await?
+            .into_iter()
+            .next()
+            .map(|s| subscription_info(s, service_address))
+            .ok_or_else(|| unknown_subscription(id))
+    }
+
+    /// JSON API: Unsubscribe.
+    pub async fn unsubscribe(&self, id: &str) -> Result<()> {
+        if !db::delete_subscription(&self.db, id).await? {
+            return Err(unknown_subscription(id));
+        }
+        tracing::info!(subscription = %id, "unsubscribed");
+        Ok(())
     }
 
     /// Delivers every due notification this replica can claim; returns how many were

@@ -1552,3 +1552,53 @@ impl XmlContent for SetRetention {
         })
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// JSON API only: notification subscriptions for scripts and operators. (SOAP clients use
+// WS-BaseNotification; a subscription made either way is the same WS-Resource.)
+
+/// A notification subscription, with its delivery backlog.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubscriptionInfo {
+    pub id: String,
+    /// Its WS-Resource address (Renew, Unsubscribe, WS-RP over SOAP).
+    pub address: String,
+    /// Where notifications are POSTed (as WS-BaseNotification `Notify` messages).
+    pub consumer: String,
+    /// Topic names in `urn:gca:v1`; empty: every topic.
+    #[serde(default)]
+    pub topics: Vec<String>,
+    /// Only events about this job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gid: Option<String>,
+    pub created_at: DateTime<Utc>,
+    /// None: no scheduled end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub termination_time: Option<DateTime<Utc>>,
+    /// Notifications waiting for delivery (or their retry).
+    pub pending: i64,
+    /// Notifications given up after their last attempt.
+    pub failed: i64,
+    /// The most recent delivery error, if any notification has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubscriptionList {
+    pub subscriptions: Vec<SubscriptionInfo>,
+}
+
+/// `POST /api/v1/subscriptions`: subscribe a consumer URL.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewSubscription {
+    pub consumer: String,
+    /// Topic names (`CheckpointTaken`, ...); empty: every topic.
+    #[serde(default)]
+    pub topics: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gid: Option<String>,
+    /// Seconds until it ends; absent: the GCS's default lifetime; 0: never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lifetime_secs: Option<u64>,
+}

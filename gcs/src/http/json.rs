@@ -37,6 +37,11 @@ pub fn routes() -> Router<Gcs> {
             get(list_instances).post(register_instance),
         )
         .route("/cts-instances/{name}", delete(unregister_instance))
+        .route("/subscriptions", get(list_subscriptions).post(subscribe))
+        .route(
+            "/subscriptions/{id}",
+            get(get_subscription).delete(unsubscribe),
+        )
 }
 
 /// Reads a JSON object body (an empty body is `{}`), sets `fields` from the URL path (a body
@@ -112,6 +117,56 @@ async fn recovery_info(
     Ok(Json(
         gcs.get_recovery_info(req, &ctx(&gcs, &headers)).await?,
     ))
+}
+
+/// The GCS's SOAP service address as this request reached it (subscription addresses).
+fn service_address(gcs: &Gcs, headers: &HeaderMap) -> String {
+    format!(
+        "{}{}",
+        ctx(gcs, headers).gcs_url,
+        gca_protocol::ns::GCS_SERVICE_PATH
+    )
+}
+
+async fn list_subscriptions(
+    State(gcs): State<Gcs>,
+    headers: HeaderMap,
+) -> ApiResult<SubscriptionList> {
+    Ok(Json(
+        gcs.list_subscriptions(&service_address(&gcs, &headers))
+            .await?,
+    ))
+}
+
+async fn subscribe(
+    State(gcs): State<Gcs>,
+    headers: HeaderMap,
+    b: Body,
+) -> ApiResult<SubscriptionInfo> {
+    let req: NewSubscription = body(&gcs, &headers, b, &[]).await?;
+    Ok(Json(
+        gcs.subscribe_json(req, &service_address(&gcs, &headers))
+            .await?,
+    ))
+}
+
+async fn get_subscription(
+    State(gcs): State<Gcs>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<SubscriptionInfo> {
+    Ok(Json(
+        gcs.subscription_info(&id, &service_address(&gcs, &headers))
+            .await?,
+    ))
+}
+
+async fn unsubscribe(
+    State(gcs): State<Gcs>,
+    Path(id): Path<String>,
+) -> ApiResult<serde_json::Value> {
+    gcs.unsubscribe(&id).await?;
+    Ok(Json(serde_json::json!({ "id": id, "unsubscribed": true })))
 }
 
 /// `PUT /jobs/{gid}/retention` with a [`Retention`] body.

@@ -103,3 +103,107 @@ async fn admin_and_broker_workflow() {
     let (code, _, err) = gcactl(&dead_url, &["class", "list"]).await;
     assert_eq!(code, 4, "unreachable: {err}");
 }
+
+#[tokio::test]
+async fn subscriptions_over_json_and_gcactl_show_their_backlog() {
+    use gca_protocol::messages::{NewSubscription, SubscriptionInfo, SubscriptionList};
+    use integration_tests::consumer::Consumer;
+    use std::time::Duration;
+
+    let gcs = TestGcs::start_with(|c| {
+        c.notify_poll_millis = 50;
+        c.notify_retry_base_millis = 20;
+        c.notify_retry_max_secs = 1;
+        c.notify_max_attempts = 2;
+    })
+    .await;
+    let consumer = Consumer::start().await;
+
+    // JSON: subscribe to one topic for one job; the Notify arrives like any WS-N subscriber's.
+    let sub: SubscriptionInfo = gcs
+        .json
+        .post(
+            "/api/v1/subscriptions",
+            &NewSubscription {
+                consumer: consumer.url.clone(),
+                topics: vec!["CTSRegistered".into()],
+                gid: None,
+                lifetime_secs: Some(0),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(sub.topics, vec!["CTSRegistered".to_string()]);
+    assert_eq!(sub.termination_time, None, "lifetime 0: no end");
+    assert!(
+        sub.address.ends_with(&format!("/subscriptions/{}", sub.id)),
+        "{}",
+        sub.address
+    );
+    gcs.setup_cts("cts-a", "node-a", "http://127.0.0.1:9/cts")
+        .await;
+    let got = consumer.wait_for(1, Duration::from_secs(10)).await;
+    assert_eq!(got[0].topic_name(), "CTSRegistered");
+
+    // Unknown topics and consumers the GCS cannot POST to are refused.
+    let err = gcs
+        .json
+        .post::<_, SubscriptionInfo>(
+            "/api/v1/subscriptions",
+            &serde_json::json!({"consumer": consumer.url, "topics": ["Nope"]}),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        err.message.contains("unknown topic \"Nope\""),
+        "{}",
+        err.message
+    );
+    let (code, _, err) = gcactl(&gcs.url, &["subscription", "add", "ftp://x/y"]).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("not an http(s) URL"), "{err}");
+
+    // gcactl: add one that fails, see its backlog and error, remove it.
+    let (code, out, err) = gcactl(
+        &gcs.url,
+        &[
+            "subscription",
+            "add",
+            &consumer.url,
+            "--topic",
+            "JobRegistered",
+            "--lifetime",
+            "3600",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let id = out
+        .lines()
+        .find_map(|l| l.strip_prefix("ID:"))
+        .map(|v| v.trim().to_string())
+        .expect("the subscription's ID");
+    consumer.fail(10);
+    gcs.register_job("job-1", "cts-a").await;
+    let list_has_failed = || async {
+        let list: SubscriptionList = gcs.json.get("/api/v1/subscriptions").await.unwrap();
+        list.subscriptions
+            .iter()
+            .any(|s| s.id == id && s.failed == 1 && s.last_error.is_some())
+    };
+    integration_tests::cts::eventually(
+        Duration::from_secs(10),
+        "the notification fails",
+        list_has_failed,
+    )
+    .await;
+    let (code, out, _) = gcactl(&gcs.url, &["subscription", "list"]).await;
+    assert_eq!(code, 0);
+    assert!(out.contains(&id) && out.contains("JobRegistered"), "{out}");
+    assert!(out.contains("HTTP 503"), "the last error is shown: {out}");
+    let (code, out, _) = gcactl(&gcs.url, &["subscription", "remove", &id]).await;
+    assert_eq!(code, 0);
+    assert!(out.contains("unsubscribed"), "{out}");
+    let (code, _, err) = gcactl(&gcs.url, &["subscription", "show", &id]).await;
+    assert_eq!(code, 3, "an unknown subscription is not found: {err}");
+}
