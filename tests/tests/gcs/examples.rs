@@ -136,7 +136,8 @@ fn gcs_operation(op: &str) -> Option<(Caller, &'static str)> {
         "RegisterCTSInstance" => (Caller::Cts, "A CTS announces itself: at start, every `heartbeat_secs` (its heartbeat), and when the GCS is back after being unreachable. Equal registrations are `unchanged`; a new address is `updated`; another type is a conflict."),
         "RegisterJob" => (Caller::Cts, "A CTS takes charge of a GID, when the execute wrapper registers the job there; with `Recovery` = `true` (and `FromCheckpoint`, `State`) when a recovery wrapper restores it, which moves the job to that CTS."),
         "RegisterCheckpoint" => (Caller::Cts, "A CTS records a checkpoint it took (on request, periodic, or by the job itself); the GCS assigns the next sequence number. The same record again is `unchanged`."),
-        "JobFinished" => (Caller::Cts, "The CTS in charge reports that the job exited, with its exit status or signal."),
+        "JobFinished" => (Caller::Cts, "The CTS in charge reports that the job exited, with its exit status or signal. Exit status 0 ends the job: its retention policy applies to its images. A job that failed keeps them for recovery (and gets a termination time, `failed_job_lifetime_secs`, unless it has one)."),
+        "SetRetention" => (Caller::Broker, "The job owner's retention policy: what is kept of the job's images when it ends (exit status 0, or its resource destroyed). `Keep` `none` (the default: delete them), `last` (the newest `KeepLast`) or `all`, moved to `KeepIn`, a directory of the job's owner on the resource holding each image. On a job that has ended, it applies at once to the images still stored."),
         _ => return None,
     })
 }
@@ -1333,6 +1334,25 @@ async fn soap_operations_reference_is_generated_from_real_exchanges() {
         .await
         .expect("ListJobs");
     assert_eq!(r.children_named(ns::GCA, "Job").count(), 2);
+    let r = rec
+        .gcs(
+            &gcs,
+            "SetRetention",
+            r#"
+            <gca:SetRetention>
+              <gca:GID>job-42</gca:GID>
+              <gca:Retention>
+                <gca:Keep>last</gca:Keep>
+                <gca:KeepLast>2</gca:KeepLast>
+                <gca:KeepIn>/home/alice/checkpoints</gca:KeepIn>
+              </gca:Retention>
+            </gca:SetRetention>"#,
+        )
+        .await
+        .expect("SetRetention");
+    let j = r.child(ns::GCA, "Job").expect("Job");
+    let retention = j.child(ns::GCA, "Retention").expect("Retention");
+    assert_eq!(text_of(retention, "KeepLast"), "2");
 
     // Admin lists.
     let r = rec
@@ -1735,7 +1755,7 @@ async fn soap_operations_reference_is_generated_from_real_exchanges() {
             Section::Rl,
             "Destroy",
             "Destroy",
-            "Ends a job's WS-Resource now: the job is `finished` at the GCS (a `gca:JobFinished` event), and its address answers `wsrf-r:ResourceUnknownFault` from then on.",
+            "Ends a job's WS-Resource now: the job is `finished` at the GCS (a `gca:JobFinished` event), its retention policy applies to its images (here: the newest two move to `/home/alice/checkpoints`), and its address answers `wsrf-r:ResourceUnknownFault` from then on.",
             Request::new(
                 &job_url,
                 wsrf::RL_DESTROY_REQUEST,
