@@ -590,8 +590,11 @@ pub fn answer(req: &RpRequest, document: &Element) -> Result<(String, Element), 
 
 /// Evaluates an XPath 1.0 expression on an RP document, with the document node as context
 /// (so `/gca:X/gca:Y` and `//gca:Y` both work). Node-set results are returned as copies of the
-/// selected elements in document order (attributes and text nodes as text); a boolean, number
-/// or string result as its XPath string value.
+/// selected elements in document order. Everything else comes wrapped in a
+/// `gca:QueryResult`, because the rp-2 schema wants at least one element in the response: a
+/// boolean, number or string result (`Type="boolean|number|string"`, its XPath string value),
+/// each selected attribute or text node (`Type="text"`), and an empty node-set
+/// (`Type="empty"`, no content).
 pub fn query(
     document: &Element,
     expression: &str,
@@ -641,21 +644,32 @@ pub fn query(
     }))
     .map_err(|_| failed("the XPath engine could not evaluate it".into()))?
     .map_err(|e| failed(e.to_string()))?;
+    let result = |kind: &str, text: Option<String>| {
+        let el = Element::new(ns::GCA, QUERY_RESULT).with_attr("", "Type", kind);
+        Node::Element(match text {
+            Some(t) => el.with_text(t),
+            None => el,
+        })
+    };
     Ok(match value {
+        Value::Nodeset(set) if set.size() == 0 => vec![result("empty", None)],
         Value::Nodeset(set) => set
             .document_order()
             .into_iter()
             .map(|n| match n {
                 nodeset::Node::Element(e) => Node::Element(from_sxd(e)),
                 nodeset::Node::Root(_) => Node::Element(document.clone()),
-                other => Node::Text(other.string_value()),
+                other => result("text", Some(other.string_value())),
             })
             .collect(),
-        Value::Boolean(b) => vec![Node::Text(b.to_string())],
-        Value::Number(n) => vec![Node::Text(xpath_number(n))],
-        Value::String(s) => vec![Node::Text(s)],
+        Value::Boolean(b) => vec![result("boolean", Some(b.to_string()))],
+        Value::Number(n) => vec![result("number", Some(xpath_number(n)))],
+        Value::String(s) => vec![result("string", Some(s))],
     })
 }
+
+/// The element that carries a query result which is not an element.
+pub const QUERY_RESULT: &str = "QueryResult";
 
 /// The prefixes of the QNames in an XPath expression (outside string literals; `axis::` is
 /// not a prefix).
@@ -971,14 +985,20 @@ mod tests {
         let ns = query_namespaces(&Scope::default());
         let r = query(&doc, "/gca:Doc/gca:N[. > 1]", &ns).unwrap();
         assert_eq!(r.len(), 1);
+        let result = |kind: &str, text: &str| {
+            let el = Element::new(ns::GCA, QUERY_RESULT).with_attr("", "Type", kind);
+            vec![Node::Element(if text.is_empty() {
+                el
+            } else {
+                el.with_text(text)
+            })]
+        };
         assert_eq!(
             query(&doc, "count(//gca:N)", &ns).unwrap(),
-            vec![Node::Text("2".into())]
+            result("number", "2")
         );
-        assert_eq!(
-            query(&doc, "//gca:S/@a", &ns).unwrap(),
-            vec![Node::Text("x".into())]
-        );
+        assert_eq!(query(&doc, "//gca:S/@a", &ns).unwrap(), result("text", "x"));
+        assert_eq!(query(&doc, "//gca:Z", &ns).unwrap(), result("empty", ""));
         assert_eq!(
             query(&doc, "//gca:N[", &ns).unwrap_err().kind,
             FaultKind::InvalidQueryExpression

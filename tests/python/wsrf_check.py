@@ -179,6 +179,16 @@ def main() -> int:
     call("query", args.url, rp("QueryResourceProperties"),
          f'<wsrf-rp:QueryResourceProperties><wsrf-rp:QueryExpression Dialect="{XPATH}">'
          "//gca:CTSInstanceEntry</wsrf-rp:QueryExpression></wsrf-rp:QueryResourceProperties>")
+    # Results that are not elements (a number, a text node, nothing) in gca:QueryResult.
+    call("query-number", job_url, rp("QueryResourceProperties"),
+         f'<wsrf-rp:QueryResourceProperties><wsrf-rp:QueryExpression Dialect="{XPATH}">'
+         "count(//gca:Checkpoint)</wsrf-rp:QueryExpression></wsrf-rp:QueryResourceProperties>")
+    call("query-text", job_url, rp("QueryResourceProperties"),
+         f'<wsrf-rp:QueryResourceProperties><wsrf-rp:QueryExpression Dialect="{XPATH}">'
+         "/*/gca:GID/text()</wsrf-rp:QueryExpression></wsrf-rp:QueryResourceProperties>")
+    call("query-empty", job_url, rp("QueryResourceProperties"),
+         f'<wsrf-rp:QueryResourceProperties><wsrf-rp:QueryExpression Dialect="{XPATH}">'
+         "//gca:Nothing</wsrf-rp:QueryExpression></wsrf-rp:QueryResourceProperties>")
     call("getjob", args.url, "urn:gca:v1/GridCheckpointService/GetJobRequest",
          f"<gca:GetJob><gca:GID>{args.gid}</gca:GID></gca:GetJob>")
     call("set-tt", job_url, f"{RLW}/ScheduledResourceTermination/SetTerminationTimeRequest",

@@ -387,10 +387,24 @@ async fn get_multiple_resource_properties_and_xpath_queries() {
         Some("ck-2")
     );
 
-    let resp = query(&url, "count(//gca:Checkpoint)", XPATH_DIALECT)
-        .await
-        .unwrap();
-    assert_eq!(resp.text().trim(), "2");
+    // Results that are not elements come in gca:QueryResult (rp-2 wants an element).
+    for (expr, kind, value) in [
+        ("count(//gca:Checkpoint)", "number", Some("2")),
+        ("boolean(//gca:Checkpoint)", "boolean", Some("true")),
+        ("string(/*/gca:GID)", "string", Some("job-1")),
+        ("/*/gca:GID/text()", "text", Some("job-1")),
+        ("//gca:Checkpoint[gca:SequenceNumber=99]", "empty", None),
+    ] {
+        let resp = query(&url, expr, XPATH_DIALECT).await.unwrap();
+        let results: Vec<&Element> = resp.elements().collect();
+        assert_eq!(results.len(), 1, "{expr}");
+        assert!(results[0].is(ns::GCA, "QueryResult"), "{expr}");
+        assert_eq!(results[0].attr("", "Type"), Some(kind), "{expr}");
+        match value {
+            Some(v) => assert_eq!(results[0].text().trim(), v, "{expr}"),
+            None => assert!(results[0].children.is_empty(), "{expr}"),
+        }
+    }
 
     let resp = query(
         &gcs.endpoint(),
