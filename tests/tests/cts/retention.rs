@@ -1,0 +1,141 @@
+//! The retention policy end to end: a real GCS, a real CTS (application-level driver) and real
+//! jobs. When a job ends, the GCS has the CTS delete its images, or move the ones the owner
+//! keeps into the owner's directory; a job that fails keeps them for recovery.
+
+use std::time::Duration;
+
+use gca_protocol::messages::*;
+use gca_protocol::ops::{DoCheckpointOp, SetRetentionOp};
+use integration_tests::cts::*;
+use integration_tests::TestGcs;
+
+async fn gcs() -> TestGcs {
+    TestGcs::start_with(|c| {
+        c.notify_poll_millis = 50;
+        c.image_task_retry_base_millis = 50;
+        c.image_task_retry_max_secs = 1;
+    })
+    .await
+}
+
+/// Starts the demo job under `cts` as `gid` and takes `n` checkpoints through the GCS.
+async fn job_with_checkpoints(
+    gcs: &TestGcs,
+    cts: &TestCts,
+    gid: &str,
+    n: usize,
+) -> (TestJob, Vec<CheckpointRecord>) {
+    let job = TestJob::app_counter(cts.dir.path(), &[]);
+    job.start(&cts.register(gid, job.pid).await);
+    job.wait_for_values(2).await;
+    let mut records = Vec::new();
+    for _ in 0..n {
+        let r = gcs
+            .call::<DoCheckpointOp>(DoCheckpoint {
+                gid: gid.into(),
+                stop: false,
+            })
+            .await
+            .expect("doCheckpoint");
+        assert!(cts.image_dir(&r.id).exists());
+        records.push(r);
+    }
+    (job, records)
+}
+
+fn signal(job: &TestJob, sig: &str) {
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{sig}"), &job.pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Waits until the GCS knows the job ended and no image of it is being deleted or kept.
+async fn settled(gcs: &TestGcs, gid: &str) -> Vec<CheckpointRecord> {
+    eventually(
+        Duration::from_secs(20),
+        "the job finished and its image tasks are done",
+        || async {
+            gcs_job(gcs, gid).await.state == JobState::Finished
+                && gcs_checkpoints(gcs, gid)
+                    .await
+                    .iter()
+                    .all(|c| !matches!(c.image_state, ImageState::Deleting | ImageState::Keeping))
+        },
+    )
+    .await;
+    gcs_checkpoints(gcs, gid).await
+}
+
+#[tokio::test]
+async fn images_are_deleted_when_the_job_exits_0_and_kept_when_it_fails() {
+    let gcs = gcs().await;
+    let cts = TestCts::registered(&gcs, "cts-ret", "app-level", APP_DRIVER, "").await;
+
+    // Exits 0 (SIGTERM makes the demo job finish its step and exit 0): images deleted.
+    let (done, records) = job_with_checkpoints(&gcs, &cts, "gid-done", 2).await;
+    signal(&done, "TERM");
+    let after = settled(&gcs, "gid-done").await;
+    assert_eq!(gcs_job(&gcs, "gid-done").await.exit_status, Some(0));
+    assert!(
+        after.iter().all(|c| c.image_state == ImageState::Deleted),
+        "{after:#?}"
+    );
+    for r in &records {
+        assert!(
+            !cts.image_dir(&r.id).exists(),
+            "image {} is still in the CTS's store",
+            r.id
+        );
+    }
+
+    // Killed: the images stay, they are what recovers it.
+    let (killed, records) = job_with_checkpoints(&gcs, &cts, "gid-killed", 1).await;
+    signal(&killed, "KILL");
+    let after = settled(&gcs, "gid-killed").await;
+    assert_eq!(gcs_job(&gcs, "gid-killed").await.signal, Some(9));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(after[0].image_state, ImageState::Stored);
+    assert!(cts.image_dir(&records[0].id).exists());
+}
+
+#[tokio::test]
+async fn the_owner_keeps_the_newest_images_in_their_directory() {
+    let gcs = gcs().await;
+    let cts = TestCts::registered(&gcs, "cts-keep", "app-level", APP_DRIVER, "").await;
+    let keep = cts.dir.path().join("alice-checkpoints");
+    std::fs::create_dir(&keep).unwrap();
+
+    let (job, records) = job_with_checkpoints(&gcs, &cts, "gid-keep", 3).await;
+    // Later than at submission: the owner asks to keep the newest two.
+    gcs.call::<SetRetentionOp>(SetRetention {
+        gid: "gid-keep".into(),
+        retention: Retention::last(2, keep.to_str().unwrap()),
+    })
+    .await
+    .unwrap();
+    signal(&job, "TERM");
+    let after = settled(&gcs, "gid-keep").await;
+    assert_eq!(
+        after.iter().map(|c| c.image_state).collect::<Vec<_>>(),
+        vec![ImageState::Deleted, ImageState::Kept, ImageState::Kept],
+        "{after:#?}"
+    );
+    for (r, c) in records.iter().zip(&after).skip(1) {
+        let kept = keep.join(&r.id);
+        assert_eq!(c.kept_in.as_deref(), kept.to_str());
+        // The whole image, verified: the job's state and the manifest with the same digest.
+        let state = std::fs::read_to_string(kept.join("state")).expect("the job's state");
+        assert!(state.trim().parse::<u64>().is_ok(), "{state:?}");
+        let manifest = std::fs::read(kept.join("manifest.json")).unwrap();
+        assert_eq!(
+            Some(cts::store::Manifest::digest_of(&manifest)),
+            r.digest,
+            "the kept image is the one the GCS recorded"
+        );
+        assert!(!cts.image_dir(&r.id).exists(), "moved, not copied");
+    }
+    assert!(!keep.join(&records[0].id).exists());
+    assert!(!cts.image_dir(&records[0].id).exists());
+}
