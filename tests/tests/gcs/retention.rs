@@ -225,21 +225,39 @@ fn states(records: &[CheckpointRecord]) -> Vec<ImageState> {
     records.iter().map(|c| c.image_state).collect()
 }
 
+/// A WS-RP or WS-RL request (SOAP 1.1) to a job's resource address: (HTTP status, body).
+async fn job_resource(gcs: &TestGcs, gid: &str, action: &str, body: &str) -> (u16, String) {
+    post_raw(
+        &format!("{}/jobs/{gid}", gcs.endpoint()),
+        "text/xml; charset=utf-8",
+        None,
+        envelope11(action, body),
+    )
+    .await
+}
+
+const GET_RP: &str =
+    "http://docs.oasis-open.org/wsrf/rpw-2/GetResourceProperty/GetResourcePropertyRequest";
+
+async fn get_property(gcs: &TestGcs, gid: &str, qname: &str) -> (u16, String) {
+    job_resource(
+        gcs,
+        gid,
+        GET_RP,
+        &format!("<wsrf-rp:GetResourceProperty xmlns:wsrf-rp=\"http://docs.oasis-open.org/wsrf/rp-2\">{qname}</wsrf-rp:GetResourceProperty>"),
+    )
+    .await
+}
+
 async fn destroy(gcs: &TestGcs, gid: &str) {
-    let body = "<wsrf-rl:Destroy xmlns:wsrf-rl=\"http://docs.oasis-open.org/wsrf/rl-2\"/>";
-    let env = format!(
-        "<s:Envelope xmlns:s=\"http://schemas.xmlsoap.org/soap/envelope/\" xmlns:wsa=\"http://www.w3.org/2005/08/addressing\"><s:Header><wsa:Action>http://docs.oasis-open.org/wsrf/rlw-2/ImmediateResourceTermination/DestroyRequest</wsa:Action></s:Header><s:Body>{body}</s:Body></s:Envelope>"
-    );
-    let resp = http()
-        .post(format!("{}/jobs/{gid}", gcs.endpoint()))
-        .header("content-type", "text/xml; charset=utf-8")
-        .body(env)
-        .send()
-        .await
-        .unwrap();
-    let status = resp.status();
-    let text = resp.text().await.unwrap();
-    assert!(status.is_success(), "Destroy failed: {status} {text}");
+    let (status, text) = job_resource(
+        gcs,
+        gid,
+        "http://docs.oasis-open.org/wsrf/rlw-2/ImmediateResourceTermination/DestroyRequest",
+        "<wsrf-rl:Destroy xmlns:wsrf-rl=\"http://docs.oasis-open.org/wsrf/rl-2\"/>",
+    )
+    .await;
+    assert_eq!(status, 200, "Destroy failed: {text}");
 }
 
 #[tokio::test]
@@ -396,14 +414,8 @@ async fn a_failed_job_keeps_its_images_for_recovery_until_its_termination_time()
             gid: "job-3".into(),
         })
         .await;
-    let rp = http()
-        .post(format!("{}/jobs/job-3", gcs.endpoint()))
-        .header("content-type", "text/xml; charset=utf-8")
-        .body("<s:Envelope xmlns:s=\"http://schemas.xmlsoap.org/soap/envelope/\" xmlns:wsa=\"http://www.w3.org/2005/08/addressing\"><s:Header><wsa:Action>http://docs.oasis-open.org/wsrf/rpw-2/GetResourceProperty/GetResourcePropertyRequest</wsa:Action></s:Header><s:Body><wsrf-rp:GetResourceProperty xmlns:wsrf-rp=\"http://docs.oasis-open.org/wsrf/rp-2\" xmlns:gca=\"urn:gca:v1\">gca:State</wsrf-rp:GetResourceProperty></s:Body></s:Envelope>")
-        .send()
-        .await
-        .unwrap();
-    assert!(!rp.status().is_success(), "the job resource has expired");
+    let (status, _) = get_property(&gcs, "job-3", "gca:State").await;
+    assert_ne!(status, 200, "the job resource has expired");
     let after = settled(&gcs, "job-3").await;
     assert_eq!(states(&after), vec![ImageState::Deleted; 2]);
 }
@@ -556,16 +568,7 @@ async fn set_retention_checks_the_policy_and_shows_it_everywhere() {
         .unwrap()
         .job;
     assert_eq!(job.retention, Retention::last(3, "/scratch/carol"));
-    let rp = http()
-        .post(format!("{}/jobs/job-6", gcs.endpoint()))
-        .header("content-type", "text/xml; charset=utf-8")
-        .body("<s:Envelope xmlns:s=\"http://schemas.xmlsoap.org/soap/envelope/\" xmlns:wsa=\"http://www.w3.org/2005/08/addressing\"><s:Header><wsa:Action>http://docs.oasis-open.org/wsrf/rpw-2/GetResourceProperty/GetResourcePropertyRequest</wsa:Action></s:Header><s:Body><wsrf-rp:GetResourceProperty xmlns:wsrf-rp=\"http://docs.oasis-open.org/wsrf/rp-2\" xmlns:gca=\"urn:gca:v1\">gca:Retention</wsrf-rp:GetResourceProperty></s:Body></s:Envelope>")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let (_, rp) = get_property(&gcs, "job-6", "gca:Retention").await;
     assert!(rp.contains("<gca:KeepLast>3</gca:KeepLast>"), "{rp}");
     assert!(rp.contains("/scratch/carol"), "{rp}");
 
