@@ -166,7 +166,8 @@ pub enum Command {
                       deleted; --keep-last N or --keep-all move the newest N (or all) into \
                       --keep-in DIR, a directory of the job's owner on the resource holding \
                       each image. On a job that has ended already, the policy is applied at \
-                      once to the images still stored."
+                      once to the images still stored.",
+        group(clap::ArgGroup::new("keep").required(true).multiple(false))
     )]
     Retention {
         /// Global identifier of the job.
@@ -178,7 +179,7 @@ pub enum Command {
 
 /// A retention policy on the command line.
 #[derive(Debug, clap::Args)]
-#[group(id = "keep", required = true, multiple = false)]
+#[group(skip)]
 pub struct RetentionArgs {
     /// Keep the N most recent images.
     #[arg(long, value_name = "N", group = "keep")]

@@ -207,3 +207,43 @@ async fn subscriptions_over_json_and_gcactl_show_their_backlog() {
     let (code, _, err) = gcactl(&gcs.url, &["subscription", "show", &id]).await;
     assert_eq!(code, 3, "an unknown subscription is not found: {err}");
 }
+
+#[tokio::test]
+async fn retention_is_set_and_shown_by_gcactl() {
+    let gcs = TestGcs::start().await;
+    gcs.setup_cts("cts-a", "node-a", "http://127.0.0.1:9/cts")
+        .await;
+    gcs.register_job("job-1", "cts-a").await;
+
+    let (code, out, err) = gcactl(&gcs.url, &["job", "show", "job-1"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("delete all"), "the default policy: {out}");
+    let (code, out, err) = gcactl(
+        &gcs.url,
+        &[
+            "retention",
+            "job-1",
+            "--keep-last",
+            "2",
+            "--keep-in",
+            "/home/alice/ckpt",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("keep last 2 in /home/alice/ckpt"), "{out}");
+    let (_, out, _) = gcactl(&gcs.url, &["--json", "job", "show", "job-1"]).await;
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["job"]["retention"]["keep"], "last");
+    assert_eq!(v["job"]["retention"]["keep_last"], 2);
+
+    // Refused before anything is sent: a policy that keeps needs a directory.
+    let (code, _, err) = gcactl(&gcs.url, &["retention", "job-1", "--keep-all"]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("needs KeepIn"), "{err}");
+    // One of --keep-last, --keep-all, --keep-none is required (a usage error).
+    let (code, _, _) = gcactl(&gcs.url, &["retention", "job-1"]).await;
+    assert_eq!(code, 2);
+    let (code, _, err) = gcactl(&gcs.url, &["retention", "nope", "--keep-none"]).await;
+    assert_eq!(code, 3, "{err}");
+}
