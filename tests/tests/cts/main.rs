@@ -6,4 +6,5 @@ mod app;
 mod criu;
 mod faults;
 mod outbox;
+mod retention;
 mod template;
