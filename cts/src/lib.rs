@@ -9,8 +9,9 @@
 //! - [`service`]: jobs, checkpoints, periodic and internal checkpoints, exits;
 //! - [`driver`]: the [`driver::CoreCheckpointer`] trait and its implementations (CRIU,
 //!   application-level, command templates);
-//! - [`store`]: the image store (manifests, atomic commits) and [`fetch`], which copies an
-//!   image from another CTS and checks its digest;
+//! - [`store`]: the image store (manifests, atomic commits), [`fetch`], which copies an
+//!   image from another CTS and checks its digest, and [`export`], which copies one into its
+//!   owner's directory (a retention policy's "keep");
 //! - [`gcs_link`]: registration at the GCS and the outbox of records for it;
 //! - [`http`]: the public router (SOAP, images, status) and the local one (UNIX socket);
 //! - [`local`]: the local API's messages and its client (used by the wrappers);
@@ -27,6 +28,7 @@ use tokio::net::{TcpListener, UnixListener};
 pub mod config;
 pub mod driver;
 pub mod error;
+pub mod export;
 pub mod fetch;
 pub mod gcs_link;
 pub mod http;

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use gca_protocol::fault::{ErrorBody, Fault, FaultKind};
-use gca_protocol::messages::{JobState, Property};
+use gca_protocol::messages::{JobState, Property, Retention};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
@@ -28,6 +28,13 @@ pub struct RegisterLocalJob {
     /// Set by the recovery wrapper: the job is restored from a checkpoint (paper 5.3 step 11).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recovery: Option<LocalRecovery>,
+    /// The owner's retention policy (what is kept of the job's images when it ends, and
+    /// where), passed on to the GCS in `RegisterJob`. Checked with
+    /// [`Retention::validate`](gca_protocol::messages::Retention::validate): an invalid one
+    /// refuses the registration (400, code `invalid-retention`). `None` leaves the policy the
+    /// GCS has for the job (the default, delete all, for a new job); a recovery may change it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<Retention>,
 }
 
 /// A recovery registration (paper 5.3 step 11), in two steps: first with `restoring: true` and

@@ -53,11 +53,47 @@ fn parse_stat(pid: i32, text: &str) -> Option<Stat> {
 
 /// The real UID a process runs as (`/proc/PID/status`).
 pub fn uid(pid: i32) -> Option<u32> {
+    status_id(pid, "Uid:")
+}
+
+/// The real GID (group) a process runs as (`/proc/PID/status`).
+pub fn gid(pid: i32) -> Option<u32> {
+    status_id(pid, "Gid:")
+}
+
+/// The first (real) ID on the `Uid:` or `Gid:` line of `/proc/PID/status`.
+fn status_id(pid: i32, field: &str) -> Option<u32> {
+    if pid <= 0 {
+        return None;
+    }
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    parse_status_id(&text, field)
+}
+
+fn parse_status_id(text: &str, field: &str) -> Option<u32> {
     text.lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
+}
+
+/// The primary group of user `uid` in `/etc/passwd` (local accounts only; the job's own
+/// process, [`gid`], is the better source while it runs).
+pub fn passwd_gid(uid: u32) -> Option<u32> {
+    let text = std::fs::read_to_string("/etc/passwd").ok()?;
+    parse_passwd_gid(&text, uid)
+}
+
+fn parse_passwd_gid(text: &str, uid: u32) -> Option<u32> {
+    text.lines().find_map(|line| {
+        // name:password:uid:gid:gecos:home:shell
+        let mut fields = line.split(':');
+        let _name = fields.next()?;
+        let _password = fields.next()?;
+        let u: u32 = fields.next()?.parse().ok()?;
+        let g: u32 = fields.next()?.parse().ok()?;
+        (u == uid).then_some(g)
+    })
 }
 
 /// Whether `pid` is `ancestor` or one of its descendants.
@@ -182,6 +218,23 @@ mod tests {
         assert_eq!(s.exit_code, Some(256));
         assert_eq!(decode_wait_status(256), (Some(1), None));
         assert_eq!(decode_wait_status(9), (None, Some(9)));
+    }
+
+    #[test]
+    fn owner_ids_from_status_and_passwd() {
+        let status = "Name:\tbash\nUid:\t1000\t1000\t1000\t1000\nGid:\t100\t101\t101\t101\n";
+        assert_eq!(parse_status_id(status, "Uid:"), Some(1000));
+        assert_eq!(parse_status_id(status, "Gid:"), Some(100));
+        assert_eq!(parse_status_id("Name:\tx\n", "Gid:"), None);
+        let me = std::process::id() as i32;
+        assert_eq!(uid(me), Some(rustix::process::getuid().as_raw()));
+        assert_eq!(gid(me), Some(rustix::process::getgid().as_raw()));
+        assert_eq!(gid(-1), None);
+
+        let passwd = "root:x:0:0:root:/root:/bin/bash\n# comment\nbroken\nalice:x:1000:1001::/home/alice:/bin/sh\n";
+        assert_eq!(parse_passwd_gid(passwd, 1000), Some(1001));
+        assert_eq!(parse_passwd_gid(passwd, 0), Some(0));
+        assert_eq!(parse_passwd_gid(passwd, 4242), None);
     }
 
     #[test]

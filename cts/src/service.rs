@@ -59,7 +59,9 @@ struct Job {
     gid: String,
     pid: i32,
     start_time: u64,
+    /// The job's owner (its process's real UID and GID); recorded in each of its images.
     uid: u32,
+    owner_gid: Option<u32>,
     pidfd: Option<Arc<OwnedFd>>,
     checkpoint_dir: PathBuf,
     environment: Vec<Property>,
@@ -88,6 +90,10 @@ struct SavedJob {
     pid: i32,
     start_time: u64,
     uid: u32,
+    /// The owner's group; absent in the files of CTS versions before it was recorded (then
+    /// read again from the running process).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    owner_gid: Option<u32>,
     checkpoint_dir: PathBuf,
     environment: Vec<Property>,
     periodic_interval_secs: Option<u64>,
@@ -104,6 +110,10 @@ impl Job {
             pid: saved.pid,
             start_time: saved.start_time,
             uid: saved.uid,
+            owner_gid: saved
+                .owner_gid
+                .or_else(|| proc::gid(saved.pid))
+                .or_else(|| proc::passwd_gid(saved.uid)),
             checkpoint_dir: saved.checkpoint_dir,
             environment: saved.environment,
             periodic: saved.periodic_interval_secs.map(Duration::from_secs),
@@ -127,6 +137,7 @@ impl Job {
             pid: self.pid,
             start_time: self.start_time,
             uid: self.uid,
+            owner_gid: self.owner_gid,
             checkpoint_dir: self.checkpoint_dir.clone(),
             environment: self.environment.clone(),
             periodic_interval_secs: self.periodic.map(|d| d.as_secs()),
@@ -395,12 +406,14 @@ impl Cts {
             )));
         };
         let uid = proc::uid(req.pid).unwrap_or(u32::MAX);
+        let owner_gid = proc::gid(req.pid).or_else(|| proc::passwd_gid(uid));
         if caller.uid != 0 && caller.uid != uid {
             return Err(Error::denied(format!(
                 "process {} belongs to user {uid}, not to the caller (user {}); a job can only register its own processes",
                 req.pid, caller.uid
             )));
         }
+        check_retention(&req)?;
         let restoring = req.recovery.as_ref().is_some_and(|r| r.restoring);
         let periodic = if restoring {
             None
@@ -458,24 +471,7 @@ impl Cts {
             None => self.environment_for(&values)?,
         };
         // Tell the GCS first: a conflict there (the GID runs elsewhere) refuses the job here.
-        let item = OutboxItem::RegisterJob(RegisterJob {
-            gid: req.gid.clone(),
-            cts_instance: self.inner.instance.name.clone(),
-            local_id: Some(req.pid.to_string()),
-            recovery: req.recovery.is_some(),
-            from_checkpoint: req
-                .recovery
-                .as_ref()
-                .and_then(|r| r.from_checkpoint.clone()),
-            state: req.recovery.as_ref().map(|r| {
-                if r.restoring {
-                    JobState::Recovering
-                } else {
-                    JobState::Running
-                }
-            }),
-            retention: None,
-        });
+        let item = OutboxItem::RegisterJob(gcs_registration(&req, &self.inner.instance.name));
         let gcs = match self.inner.link.send(item, self.gcs_wait()).await {
             Ok(Some(_)) => GcsDelivery::Registered,
             Ok(None) => {
@@ -496,6 +492,7 @@ impl Cts {
                 pid: req.pid,
                 start_time: stat.start_time,
                 uid,
+                owner_gid,
                 checkpoint_dir,
                 environment,
                 periodic_interval_secs: periodic.map(|d| d.as_secs()),
@@ -513,7 +510,7 @@ impl Cts {
         if !restoring {
             self.save_job(&job);
         }
-        tracing::info!(gid = %job.gid, pid = job.pid, periodic_secs = ?job.periodic.map(|d| d.as_secs()), gcs = ?gcs, recovery = ?req.recovery, "job registered");
+        tracing::info!(gid = %job.gid, pid = job.pid, periodic_secs = ?job.periodic.map(|d| d.as_secs()), gcs = ?gcs, recovery = ?req.recovery, retention = ?req.retention, "job registered");
         self.spawn_job_tasks(job.clone());
         Ok(self.view(&job))
     }
@@ -841,6 +838,7 @@ impl Cts {
                     ("job_stopped".to_string(), stop.to_string()),
                 ]
                 .into_iter()
+                .chain(owner_extra(job))
                 .collect(),
             })
             .await?;
@@ -1206,6 +1204,61 @@ impl Cts {
     }
 }
 
+/// The RegisterJob a local registration becomes at the GCS.
+fn gcs_registration(req: &RegisterLocalJob, cts_instance: &str) -> RegisterJob {
+    RegisterJob {
+        gid: req.gid.clone(),
+        cts_instance: cts_instance.to_string(),
+        local_id: Some(req.pid.to_string()),
+        recovery: req.recovery.is_some(),
+        from_checkpoint: req
+            .recovery
+            .as_ref()
+            .and_then(|r| r.from_checkpoint.clone()),
+        state: req.recovery.as_ref().map(|r| {
+            if r.restoring {
+                JobState::Recovering
+            } else {
+                JobState::Running
+            }
+        }),
+        retention: req.retention.clone(),
+    }
+}
+
+/// A retention policy given at registration must be complete and consistent
+/// ([`Retention::validate`]); the GCS is not asked otherwise.
+fn check_retention(req: &RegisterLocalJob) -> Result<()> {
+    match &req.retention {
+        Some(r) => r.validate().map_err(|m| {
+            Error::Fault(
+                Fault::invalid(format!(
+                    "invalid retention policy for job {:?}: {m}",
+                    req.gid
+                ))
+                .with_code("invalid-retention"),
+            )
+        }),
+        None => Ok(()),
+    }
+}
+
+/// `uid` and `gid` (the owner's numeric user and group, not the job's GID, which is
+/// `meta.gid`) for an image's `meta.extra`: the owner an image is exported for
+/// (`POST /images/{id}/export`). Left out when the CTS could not read them.
+fn owner_extra(job: &Job) -> Vec<(String, String)> {
+    match (job.uid, job.owner_gid) {
+        (uid, Some(gid)) if uid != u32::MAX => vec![
+            (crate::export::OWNER_UID_KEY.to_string(), uid.to_string()),
+            (crate::export::OWNER_GID_KEY.to_string(), gid.to_string()),
+        ],
+        _ => {
+            tracing::warn!(gid = %job.gid, pid = job.pid, "the job's owner is unknown; its images cannot be exported to the owner's directory");
+            Vec::new()
+        }
+    }
+}
+
 /// Waits until the job's process has exited (pidfd readable, or polling when there is none).
 /// Returns `false` when the job's tasks were cancelled first.
 async fn wait_exit(job: &Job) -> bool {
@@ -1250,4 +1303,88 @@ fn prepare_checkpoint_dir(dir: &Path, uid: u32) -> std::io::Result<()> {
         rustix::fs::chown(dir, Some(owner), None).map_err(std::io::Error::from)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::local::LocalRecovery;
+
+    fn req(retention: Option<Retention>) -> RegisterLocalJob {
+        RegisterLocalJob {
+            gid: "job-1".into(),
+            pid: 4242,
+            periodic_interval_secs: None,
+            recovery: None,
+            retention,
+        }
+    }
+
+    #[test]
+    fn the_retention_policy_goes_to_the_gcs_as_given() {
+        let r = req(Some(Retention::last(2, "/home/alice/ckpt")));
+        check_retention(&r).unwrap();
+        let sent = gcs_registration(&r, "cts-a");
+        assert_eq!(sent.retention, Some(Retention::last(2, "/home/alice/ckpt")));
+        assert_eq!(sent.cts_instance, "cts-a");
+        assert_eq!(sent.local_id.as_deref(), Some("4242"));
+        assert!(!sent.recovery);
+        assert_eq!(sent.state, None);
+
+        // None stays None (the GCS keeps the job's policy, or its default for a new job).
+        assert_eq!(gcs_registration(&req(None), "cts-a").retention, None);
+
+        // A recovery may change it.
+        let mut r = req(Some(Retention::all("/scratch/alice")));
+        r.recovery = Some(LocalRecovery {
+            from_checkpoint: Some("ck-1".into()),
+            restoring: true,
+        });
+        let sent = gcs_registration(&r, "cts-b");
+        assert!(sent.recovery);
+        assert_eq!(sent.state, Some(JobState::Recovering));
+        assert_eq!(sent.retention, Some(Retention::all("/scratch/alice")));
+        // And it travels in the SOAP form too.
+        let el = sent.to_element("RegisterJob");
+        assert_eq!(RegisterJob::read_children(&el).unwrap(), sent);
+    }
+
+    #[test]
+    fn a_bad_retention_policy_is_refused_with_the_reason() {
+        let cases = [
+            (Retention::last(0, "/d"), "KeepLast must be between 1"),
+            (Retention::all("relative/dir"), "absolute path"),
+            (Retention::all("/a/../b"), "normalized"),
+            (
+                Retention {
+                    keep: Keep::Last,
+                    keep_last: Some(3),
+                    keep_in: None,
+                },
+                "needs KeepIn",
+            ),
+            (
+                Retention {
+                    keep: Keep::None,
+                    keep_last: None,
+                    keep_in: Some("/d".into()),
+                },
+                "KeepIn only goes with",
+            ),
+        ];
+        for (r, want) in cases {
+            let f: Fault = check_retention(&req(Some(r.clone()))).unwrap_err().into();
+            assert_eq!(f.kind, gca_protocol::FaultKind::InvalidMessage, "{r:?}");
+            assert_eq!(f.code.as_deref(), Some("invalid-retention"));
+            assert!(
+                f.message
+                    .starts_with("invalid retention policy for job \"job-1\": "),
+                "{}",
+                f.message
+            );
+            assert!(f.message.contains(want), "{r:?}: {}", f.message);
+        }
+        check_retention(&req(None)).unwrap();
+        check_retention(&req(Some(Retention::default()))).unwrap();
+    }
 }

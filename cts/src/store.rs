@@ -602,6 +602,13 @@ impl ImageStore {
         .await
     }
 
+    /// Where a committed image with this ID is (or would be) on disk, without looking: for
+    /// code that opens it itself (e.g. [`crate::export`], through a directory descriptor).
+    pub fn image_path(&self, id: &str) -> Result<PathBuf, StoreError> {
+        validate_id(id)?;
+        Ok(self.inner.images.join(id))
+    }
+
     /// The directory of a committed image.
     pub async fn image_dir(&self, id: &str) -> Result<PathBuf, StoreError> {
         validate_id(id)?;

@@ -534,8 +534,10 @@ impl std::fmt::Display for Retention {
 }
 
 /// An owner directory must be an absolute, normalized path: no `.`/`..` components, no empty
-/// components, no control characters.
-fn check_keep_in(dir: &str) -> Result<(), String> {
+/// components, no control characters, not `/` itself (a trailing `/` is allowed). This is
+/// `KeepIn`'s check in [`Retention::validate`]; the CTS applies it too to the directory it is
+/// asked to export an image into.
+pub fn check_keep_in(dir: &str) -> Result<(), String> {
     if dir.len() > MAX_KEEP_IN_LEN {
         return Err(format!("KeepIn is longer than {MAX_KEEP_IN_LEN} bytes"));
     }

@@ -181,6 +181,7 @@ impl TestCts {
                 pid,
                 periodic_interval_secs: None,
                 recovery: None,
+                retention: None,
             })
             .await
             .expect("register the job at the CTS")

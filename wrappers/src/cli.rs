@@ -3,6 +3,7 @@
 use std::ffi::OsString;
 
 use clap::Parser;
+use gca_protocol::messages::Retention;
 
 use crate::cts_target::CtsTarget;
 use crate::exit;
@@ -42,6 +43,8 @@ pub struct ExecArgs {
     /// The job and its arguments, after `--`.
     #[arg(last = true, required = true, value_name = "JOB")]
     pub job: Vec<OsString>,
+    #[command(flatten)]
+    pub retention: RetentionArgs,
 }
 
 /// gca-recover: the recovery-job-wrapper (GCA paper 3.4.2, 5.3).
@@ -77,6 +80,60 @@ pub struct RecoverArgs {
     /// checkpointer restores the process itself).
     #[arg(last = true, value_name = "JOB")]
     pub job: Vec<OsString>,
+    #[command(flatten)]
+    pub retention: RetentionArgs,
+}
+
+/// The job owner's retention policy: what is kept of the job's checkpoint images when it
+/// ends, and where. Without these flags gca-exec registers no policy (the GCS's default:
+/// every image is deleted when the job ends) and gca-recover leaves the job's policy as it is.
+#[derive(Debug, Clone, Default, PartialEq, Eq, clap::Args)]
+#[command(next_help_heading = "Retention of checkpoint images (when the job ends)")]
+pub struct RetentionArgs {
+    /// Keep the job's last N checkpoint images when it ends, in --keep-in DIR. Without
+    /// --keep-last or --keep-all, gca-exec lets the images be deleted when the job ends and
+    /// gca-recover leaves the job's policy as it was.
+    #[arg(long, value_name = "N", conflicts_with = "keep_all")]
+    pub keep_last: Option<u32>,
+    /// Keep all of the job's checkpoint images when it ends, in --keep-in DIR.
+    #[arg(long)]
+    pub keep_all: bool,
+    /// The directory the kept images are moved to: an absolute path on the resource that
+    /// holds the images (usually a shared file system). It must exist and belong to you
+    /// when the job ends; each image becomes DIR/<image ID>.
+    #[arg(long, value_name = "DIR")]
+    pub keep_in: Option<String>,
+}
+
+impl RetentionArgs {
+    /// The policy these flags ask for (`None`: no flag given), checked with
+    /// [`Retention::validate`]; the message says what to change on the command line.
+    pub fn retention(&self) -> Result<Option<Retention>, String> {
+        let r = match (self.keep_last, self.keep_all, &self.keep_in) {
+            (None, false, None) => return Ok(None),
+            (Some(n), _, Some(dir)) => Retention::last(n, dir.clone()),
+            (None, true, Some(dir)) => Retention::all(dir.clone()),
+            (None, false, Some(_)) => {
+                return Err(
+                    "--keep-in DIR needs --keep-last N or --keep-all (which images to keep)".into(),
+                )
+            }
+            (_, _, None) => {
+                return Err(format!(
+                    "{} needs --keep-in DIR, the directory to keep the images in",
+                    if self.keep_all {
+                        "--keep-all"
+                    } else {
+                        "--keep-last"
+                    }
+                ))
+            }
+        };
+        r.validate().map_err(|m| {
+            format!("invalid retention policy (--keep-last N | --keep-all, --keep-in DIR): {m}")
+        })?;
+        Ok(Some(r))
+    }
 }
 
 /// Parses a wrapper's command line: `--help`/`--version` print and exit 0, anything wrong
@@ -112,6 +169,64 @@ mod tests {
         assert!(
             ExecArgs::try_parse_from(os(&["gca-exec", "--gid", "g", "--cts", "unix:/s"])).is_err()
         );
+    }
+
+    fn exec_with(flags: &[&str]) -> Result<ExecArgs, clap::Error> {
+        let mut v = vec!["gca-exec", "--gid", "g", "--cts", "unix:/s"];
+        v.extend_from_slice(flags);
+        v.extend_from_slice(&["--", "true"]);
+        ExecArgs::try_parse_from(os(&v))
+    }
+
+    #[test]
+    fn retention_flags_make_a_valid_policy_or_a_usage_error() {
+        let policy = |flags: &[&str]| exec_with(flags).unwrap().retention.retention();
+        assert_eq!(policy(&[]), Ok(None));
+        assert_eq!(
+            policy(&["--keep-last", "2", "--keep-in", "/home/alice/ckpt"]),
+            Ok(Some(Retention::last(2, "/home/alice/ckpt")))
+        );
+        assert_eq!(
+            policy(&["--keep-all", "--keep-in", "/scratch/alice/"]),
+            Ok(Some(Retention::all("/scratch/alice/")))
+        );
+        for (flags, want) in [
+            (
+                &["--keep-in", "/d"][..],
+                "--keep-in DIR needs --keep-last N or --keep-all",
+            ),
+            (&["--keep-last", "2"][..], "--keep-last needs --keep-in DIR"),
+            (&["--keep-all"][..], "--keep-all needs --keep-in DIR"),
+            (
+                &["--keep-last", "0", "--keep-in", "/d"][..],
+                "KeepLast must be between 1 and",
+            ),
+            (&["--keep-all", "--keep-in", "rel/dir"][..], "absolute path"),
+            (&["--keep-all", "--keep-in", "/a/../b"][..], "normalized"),
+        ] {
+            let e = policy(flags).unwrap_err();
+            assert!(e.contains(want), "{flags:?}: {e}");
+        }
+        // Contradictory or malformed flags are clap's usage errors.
+        assert!(exec_with(&["--keep-last", "2", "--keep-all", "--keep-in", "/d"]).is_err());
+        assert!(exec_with(&["--keep-last", "two", "--keep-in", "/d"]).is_err());
+        assert!(exec_with(&["--keep-last", "-1", "--keep-in", "/d"]).is_err());
+
+        // gca-recover takes the same flags.
+        let a = RecoverArgs::try_parse_from(os(&[
+            "gca-recover",
+            "--gid",
+            "g",
+            "--image",
+            "latest",
+            "--cts",
+            "unix:/s",
+            "--keep-all",
+            "--keep-in",
+            "/d",
+        ]))
+        .unwrap();
+        assert_eq!(a.retention.retention(), Ok(Some(Retention::all("/d"))));
     }
 
     #[test]

@@ -4,6 +4,7 @@ use std::os::unix::process::CommandExt;
 use std::process::Command;
 
 use cts::local::RegisterLocalJob;
+use gca_protocol::messages::Retention;
 
 use crate::cli::ExecArgs;
 use crate::exit::{self, Failure};
@@ -11,6 +12,16 @@ use crate::{cts_target, warn};
 
 /// Runs gca-exec; returns only when the job could not be executed (the exit code to use).
 pub fn run(args: ExecArgs) -> i32 {
+    let retention = match args.retention.retention() {
+        Ok(r) => r,
+        Err(e) => {
+            warn(
+                "gca-exec",
+                &format!("{e}; job {:?} was not started", args.gid),
+            );
+            return exit::USAGE;
+        }
+    };
     if !args.keep_session {
         // Fails (EPERM) only when we lead a process group already, e.g. a session leader
         // that Slurm or `setsid` started: then the job leads its session anyway, or the site
@@ -22,7 +33,7 @@ pub fn run(args: ExecArgs) -> i32 {
         .build()
     {
         Ok(rt) => {
-            let r = rt.block_on(register(&args));
+            let r = rt.block_on(register(&args, retention));
             drop(rt);
             r
         }
@@ -76,7 +87,10 @@ pub fn run(args: ExecArgs) -> i32 {
     code
 }
 
-async fn register(args: &ExecArgs) -> Result<cts::local::LocalJob, Failure> {
+async fn register(
+    args: &ExecArgs,
+    retention: Option<Retention>,
+) -> Result<cts::local::LocalJob, Failure> {
     let cts = cts_target::connect(&args.cts).await?;
     cts.client
         .register(&RegisterLocalJob {
@@ -84,6 +98,7 @@ async fn register(args: &ExecArgs) -> Result<cts::local::LocalJob, Failure> {
             pid: std::process::id() as i32,
             periodic_interval_secs: args.periodic,
             recovery: None,
+            retention,
         })
         .await
         .map_err(|f| {

@@ -6,7 +6,9 @@
 //!    CTS that took it, or checked in place, against the digest the GCS recorded. A corrupt
 //!    or tampered image stops here, before anything is registered or restored.
 //! 3. Register the recovery at the CTS with `restoring: true` (the GCS routes the GID here,
-//!    state `recovering`); the CTS hands out the checkpoint directory and environment.
+//!    state `recovering`); the CTS hands out the checkpoint directory and environment. A
+//!    retention policy given on the command line (`--keep-last`/`--keep-all`, `--keep-in`)
+//!    goes with both registrations and replaces the job's at the GCS.
 //! 4. Restore through the same core checkpointer the CTS drives (`cts::make_driver`), in this
 //!    process: a CRIU-restored job is our child; an application-level job is started by us
 //!    with the type's recovery job parameters. A failed restore withdraws step 3.
@@ -34,6 +36,15 @@ use crate::warn;
 /// Runs gca-recover to the end: returns the failure when the job could not be recovered;
 /// once the job ran, this process ends like the job and never returns.
 pub async fn run(args: RecoverArgs) -> Failure {
+    let retention = match args.retention.retention() {
+        Ok(r) => r,
+        Err(e) => {
+            return Failure::new(
+                Class::Usage,
+                format!("{e}; job {:?} was not recovered", args.gid),
+            )
+        }
+    };
     // Catch signals from the start: one that comes during the restore reaches the job once
     // it runs.
     let forwarder = match Forwarder::install() {
@@ -66,6 +77,7 @@ pub async fn run(args: RecoverArgs) -> Failure {
             pid: me,
             periodic_interval_secs: None,
             recovery: Some(recovery(true)),
+            retention: retention.clone(),
         })
         .await
     {
@@ -103,6 +115,7 @@ pub async fn run(args: RecoverArgs) -> Failure {
             pid,
             periodic_interval_secs: args.periodic,
             recovery: Some(recovery(false)),
+            retention,
         })
         .await
     {

@@ -7,6 +7,15 @@
 //! | `GET /{id}` | the `manifest.json` bytes as stored; `X-GCA-Digest` and `ETag` = its digest |
 //! | `GET`/`HEAD /{id}/files/{*path}` | a file, streamed; one `Range` (`a-b`, `a-`, `-n`) → 206; `If-Range` |
 //! | `DELETE /{id}` | `{"id": .., "freed_bytes": ..}` |
+//! | `POST /{id}/export` `{"dir", "digest"?, "remove"?}` | copy into the owner's directory ([`crate::export`]): `{"id", "path", "files", "bytes", "already", "removed"}` |
+//!
+//! Export statuses: 200 done (or done before: `already`); 400 bad ID, directory (not
+//! absolute and normalized) or digest, or a bad body; 403 the directory is a symbolic link,
+//! not a directory, inside the store, or not owned by the image's owner; 404 no such image (and no finished
+//! export with the given digest); 409 the manifest names no owner, the digest differs, the
+//! directory does not exist, or `DIR/ID` holds something else; 500 a stored file does not
+//! match the manifest, or another I/O error (the message names the path); 507 no space or
+//! quota left. Nothing is left in the directory after an error.
 //!
 //! Every ID and path goes through [`validate_id`](crate::store::validate_id) /
 //! [`validate_rel_path`](crate::store::validate_rel_path) (inside the store) before it reaches
@@ -20,7 +29,7 @@ use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use gca_protocol::fault::ErrorBody;
 use gca_protocol::{Fault, FaultKind};
@@ -28,6 +37,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio_util::io::ReaderStream;
 
+use crate::export::{export_image, ExportError, ExportRequest};
 use crate::store::{ImageStore, Manifest, StoreError};
 
 /// The header carrying an image's manifest digest.
@@ -40,7 +50,11 @@ pub fn routes() -> Router<ImageStore> {
         .route("/", get(list))
         .route("/{id}", get(manifest).delete(delete))
         .route("/{id}/files/{*path}", get(file))
+        .route("/{id}/export", post(export))
 }
+
+/// The largest export request body read.
+const MAX_EXPORT_BODY: usize = 64 * 1024;
 
 /// The answer to `DELETE /{id}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -72,6 +86,17 @@ impl From<Fault> for ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         Fault::from(e).into()
+    }
+}
+
+impl From<ExportError> for ApiError {
+    fn from(e: ExportError) -> Self {
+        let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        ApiError {
+            status,
+            fault: e.into(),
+            headers: HeaderMap::new(),
+        }
     }
 }
 
@@ -121,6 +146,38 @@ async fn delete(
     let freed_bytes = store.delete(&id).await?;
     tracing::info!(image = %id, freed_bytes, "image deleted");
     Ok(Json(Deleted { id, freed_bytes }).into_response())
+}
+
+async fn export(
+    State(store): State<ImageStore>,
+    id: Result<Path<String>, PathRejection>,
+    body: Body,
+) -> ApiResult {
+    let Path(id) = id?;
+    let bytes = axum::body::to_bytes(body, MAX_EXPORT_BODY)
+        .await
+        .map_err(|e| {
+            Fault::new(
+                FaultKind::InvalidMessage,
+                format!("cannot read the export request (at most {MAX_EXPORT_BODY} bytes): {e}"),
+            )
+        })?;
+    let req: ExportRequest = serde_json::from_slice(&bytes).map_err(|e| {
+        Fault::new(
+            FaultKind::InvalidMessage,
+            format!(
+                "invalid export request: {e}; expected {{\"dir\": \"/absolute/dir\", \"digest\": \"sha256:...\", \"remove\": true}}"
+            ),
+        )
+        .with_code("invalid-export")
+    })?;
+    match export_image(&store, &id, &req).await {
+        Ok(done) => Ok(Json(done).into_response()),
+        Err(e) => {
+            tracing::warn!(image = %id, dir = %req.dir, status = e.status(), error = %e, "image export failed");
+            Err(e.into())
+        }
+    }
 }
 
 async fn file(
@@ -511,5 +568,187 @@ pub(crate) mod tests {
         let list: Vec<crate::store::ImageSummary> =
             http.get(&base).send().await.unwrap().json().await.unwrap();
         assert!(list.is_empty());
+    }
+
+    #[tokio::test]
+    async fn export_answers_with_statuses_and_json_errors() {
+        use crate::export::{Exported, OWNER_GID_KEY, OWNER_UID_KEY};
+        use std::os::unix::fs::MetadataExt;
+        assert!(
+            rustix::process::geteuid().is_root(),
+            "this test needs root (the CTS exports as root and chowns to the owner)"
+        );
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(&tmp.path().join("store"), None).unwrap();
+        let commit = |id: &'static str, owner: bool| {
+            let store = store.clone();
+            async move {
+                let s = store.stage(id).await.unwrap();
+                std::fs::write(s.dir.join("pages.img"), b"pages").unwrap();
+                let mut meta = crate::store::tests::meta("job-9");
+                if owner {
+                    meta.extra.insert(OWNER_UID_KEY.into(), "1000".into());
+                    meta.extra.insert(OWNER_GID_KEY.into(), "1000".into());
+                }
+                s.commit(meta).await.unwrap();
+            }
+        };
+        commit("img-1", true).await;
+        commit("img-2", true).await;
+        commit("orphan", false).await;
+        let keep = tmp.path().join("keep");
+        std::fs::create_dir(&keep).unwrap();
+        std::os::unix::fs::chown(&keep, Some(1000), Some(1000)).unwrap();
+        let dir = keep.display().to_string();
+        let digest = store.digest("img-1").await.unwrap();
+        let base = serve(store.clone()).await;
+        let http = client();
+        let export = |id: &str, body: serde_json::Value| {
+            http.post(format!("{base}/{id}/export")).json(&body).send()
+        };
+
+        let res = export(
+            "img-1",
+            serde_json::json!({"dir": dir, "digest": digest, "remove": true}),
+        )
+        .await
+        .unwrap();
+        assert_eq!(res.status(), S::OK);
+        let done: Exported = res.json().await.unwrap();
+        assert_eq!(
+            done,
+            Exported {
+                id: "img-1".into(),
+                path: format!("{dir}/img-1"),
+                files: 1,
+                bytes: 5,
+                already: false,
+                removed: true,
+            }
+        );
+        assert_eq!(
+            std::fs::metadata(keep.join("img-1/pages.img"))
+                .unwrap()
+                .uid(),
+            1000
+        );
+        let res = http.get(format!("{base}/img-1")).send().await.unwrap();
+        assert_eq!(res.status(), S::NOT_FOUND, "removed from the store");
+        // A retry after a lost answer.
+        let res = export(
+            "img-1",
+            serde_json::json!({"dir": dir, "digest": digest, "remove": true}),
+        )
+        .await
+        .unwrap();
+        assert_eq!(res.status(), S::OK);
+        let again: serde_json::Value = res.json().await.unwrap();
+        assert_eq!(again["already"], true);
+        assert_eq!(again["removed"], true);
+
+        // Errors: status, kind and code in the usual JSON shape.
+        let other = tmp.path().join("other");
+        std::fs::create_dir(&other).unwrap();
+        std::os::unix::fs::chown(&other, Some(1001), None).unwrap();
+        let cases = [
+            (
+                "img-2",
+                serde_json::json!({"dir": "keep"}),
+                S::BAD_REQUEST,
+                FaultKind::InvalidMessage,
+                "invalid-export",
+            ),
+            (
+                "img-2",
+                serde_json::json!({"dir": dir, "remov": true}),
+                S::BAD_REQUEST,
+                FaultKind::InvalidMessage,
+                "invalid-export",
+            ),
+            (
+                "img-2",
+                serde_json::json!({"remove": true}),
+                S::BAD_REQUEST,
+                FaultKind::InvalidMessage,
+                "invalid-export",
+            ),
+            (
+                "img-2",
+                serde_json::json!({"dir": other.display().to_string()}),
+                S::FORBIDDEN,
+                FaultKind::AccessDenied,
+                "export-dir-refused",
+            ),
+            (
+                "nope",
+                serde_json::json!({"dir": dir}),
+                S::NOT_FOUND,
+                FaultKind::ResourceUnknown,
+                "unknown-image",
+            ),
+            (
+                "img-2",
+                serde_json::json!({"dir": dir, "digest": digest}),
+                S::CONFLICT,
+                FaultKind::Conflict,
+                "digest-mismatch",
+            ),
+            (
+                "orphan",
+                serde_json::json!({"dir": dir}),
+                S::CONFLICT,
+                FaultKind::Conflict,
+                "image-owner-unknown",
+            ),
+            (
+                "img-2",
+                serde_json::json!({"dir": format!("{dir}/missing")}),
+                S::CONFLICT,
+                FaultKind::Conflict,
+                "export-dir-missing",
+            ),
+        ];
+        for (id, body, status, kind, code) in cases {
+            let res = export(id, body.clone()).await.unwrap();
+            assert_eq!(res.status(), status, "{body}");
+            let f = error_of(res).await;
+            assert_eq!(
+                (f.kind, f.code.as_deref()),
+                (kind, Some(code)),
+                "{body}: {}",
+                f.message
+            );
+        }
+        let res = export(
+            "img-2",
+            serde_json::json!({"dir": other.display().to_string()}),
+        )
+        .await
+        .unwrap();
+        let msg = error_of(res).await.message;
+        assert!(
+            msg.ends_with("the directory belongs to uid 1001, not to the job's owner uid 1000"),
+            "{msg}"
+        );
+
+        // A corrupt stored file: 500 with the reason, nothing left in the directory.
+        let p = store.file_path("img-2", "pages.img").await.unwrap();
+        std::fs::write(p, b"PAGES").unwrap();
+        let res = export("img-2", serde_json::json!({"dir": dir}))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), S::INTERNAL_SERVER_ERROR);
+        let f = error_of(res).await;
+        assert_eq!(f.code.as_deref(), Some("image-corrupt"));
+        assert!(
+            f.message.contains("file pages.img has sha256"),
+            "{}",
+            f.message
+        );
+        let left: Vec<_> = std::fs::read_dir(&keep)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, ["img-1"]);
     }
 }

@@ -164,6 +164,7 @@ async fn periodic_checkpoints_are_registered_as_internal() {
             pid: job.pid,
             periodic_interval_secs: Some(1),
             recovery: None,
+            retention: None,
         })
         .await
         .unwrap();

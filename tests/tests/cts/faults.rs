@@ -18,6 +18,7 @@ fn reg(gid: &str, pid: i32) -> RegisterLocalJob {
         pid,
         periodic_interval_secs: None,
         recovery: None,
+        retention: None,
     }
 }
 

@@ -4,6 +4,7 @@
 
 mod app;
 mod criu;
+mod export;
 mod faults;
 mod outbox;
 mod retention;

@@ -214,3 +214,133 @@ async fn a_missing_file_the_job_had_open_is_an_environment_failure() {
     // The job can be recovered once the file is back.
     assert_ne!(gcs_job(&gcs, gid).await.state, JobState::Running);
 }
+
+#[tokio::test]
+async fn retention_flags_that_do_not_make_a_policy_are_usage_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let ran = dir.path().join("ran");
+    let touch = format!("touch {ran:?}");
+    let nowhere = format!("unix:{}", dir.path().join("no-cts.sock").display());
+    for (flags, want) in [
+        (
+            &["--keep-in", "/home/alice/ckpt"][..],
+            "--keep-in DIR needs --keep-last N or --keep-all",
+        ),
+        (&["--keep-last", "2"][..], "--keep-last needs --keep-in DIR"),
+        (&["--keep-all"][..], "--keep-all needs --keep-in DIR"),
+        (
+            &["--keep-last", "0", "--keep-in", "/d"][..],
+            "KeepLast must be between 1 and",
+        ),
+        (
+            &["--keep-all", "--keep-in", "ckpt"][..],
+            "KeepIn must be an absolute path",
+        ),
+        (&["--keep-all", "--keep-in", "/a/../b"][..], "normalized"),
+        (
+            &["--keep-last", "2", "--keep-all", "--keep-in", "/d"][..],
+            "cannot be used with",
+        ),
+    ] {
+        // Even --run-uncheckpointable does not run a job whose command line is wrong.
+        let mut args = vec!["--gid", "g1", "--cts", &nowhere, "--run-uncheckpointable"];
+        args.extend_from_slice(flags);
+        args.extend_from_slice(&["--", "bash", "-c", &touch]);
+        let mut w = Wrapper::spawn("gca-exec", &args, dir.path());
+        let err = {
+            let code = w.code(T).await;
+            let err = w.stderr_text();
+            assert_eq!(code, 64, "{flags:?}: {err}");
+            err
+        };
+        assert!(err.contains(want), "{flags:?}: {err}");
+        assert!(!ran.exists(), "{flags:?}: the job ran");
+
+        let mut args = vec!["--gid", "g1", "--image", "latest", "--cts", &nowhere];
+        args.extend_from_slice(flags);
+        let mut w = Wrapper::spawn("gca-recover", &args, dir.path());
+        assert_eq!(w.code(T).await, 64, "{flags:?}: {}", w.stderr_text());
+        assert!(w.stderr_text().contains(want), "{}", w.stderr_text());
+    }
+}
+
+#[tokio::test]
+async fn gca_exec_registers_the_job_with_its_retention_policy() {
+    let gcs = TestGcs::start().await;
+    let a = TestCts::registered(&gcs, "cts-a", "criu", CRIU_DRIVER, "").await;
+    let gid = "gid-wrap-retention";
+    let keep = a.dir.path().join("kept");
+    std::fs::create_dir(&keep).unwrap();
+    let keep_in = keep.display().to_string();
+    let log = a.dir.path().join("counter.log");
+    let url = a.url.clone();
+    let _job = Wrapper::spawn(
+        "gca-exec",
+        &[
+            "--gid",
+            gid,
+            "--cts",
+            &url,
+            "--keep-last",
+            "2",
+            "--keep-in",
+            &keep_in,
+            "--",
+            "bash",
+            "-c",
+            &counter_script(&log),
+        ],
+        a.dir.path(),
+    );
+    eventually(T, "the job runs registered", || async {
+        a.local.job(gid).await.is_ok() && values(&log).len() >= 3
+    })
+    .await;
+    // What the GCS stores is checked by gca_exec_retention_reaches_the_gcs (ignored until
+    // the GCS stores RegisterJob.retention); here: the job runs and is checkpointable.
+    let record = gcs
+        .call::<DoCheckpointOp>(DoCheckpoint {
+            gid: gid.into(),
+            stop: false,
+        })
+        .await
+        .unwrap();
+    assert_eq!(record.gid, gid);
+}
+
+/// `gca-exec --keep-last 2 --keep-in DIR` makes that the job's policy at the GCS.
+#[tokio::test]
+async fn gca_exec_retention_reaches_the_gcs() {
+    let gcs = TestGcs::start().await;
+    let a = TestCts::registered(&gcs, "cts-a", "criu", CRIU_DRIVER, "").await;
+    let gid = "gid-wrap-retention-gcs";
+    let keep_in = a.dir.path().join("kept").display().to_string();
+    let log = a.dir.path().join("counter.log");
+    let url = a.url.clone();
+    let _job = Wrapper::spawn(
+        "gca-exec",
+        &[
+            "--gid",
+            gid,
+            "--cts",
+            &url,
+            "--keep-last",
+            "2",
+            "--keep-in",
+            &keep_in,
+            "--",
+            "bash",
+            "-c",
+            &counter_script(&log),
+        ],
+        a.dir.path(),
+    );
+    eventually(T, "the job runs registered", || async {
+        a.local.job(gid).await.is_ok()
+    })
+    .await;
+    assert_eq!(
+        gcs_job(&gcs, gid).await.retention,
+        Retention::last(2, keep_in)
+    );
+}
