@@ -100,10 +100,14 @@ struct SavedJob {
     registered_at: DateTime<Utc>,
     checkpoints: u64,
     last_checkpoint: Option<String>,
+    /// A recovery wrapper is restoring the job (the first step of a recovery registration):
+    /// a restarted CTS keeps the registration, so the wrapper's second step finds it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    restoring: bool,
 }
 
 impl Job {
-    fn new(saved: SavedJob, gcs: GcsDelivery, restoring: bool, cancel: CancellationToken) -> Self {
+    fn new(saved: SavedJob, gcs: GcsDelivery, cancel: CancellationToken) -> Self {
         Job {
             pidfd: proc::pidfd(saved.pid).map(Arc::new),
             gid: saved.gid,
@@ -122,7 +126,7 @@ impl Job {
             lock: tokio::sync::Mutex::new(()),
             busy_since: Mutex::new(None),
             stopping: AtomicBool::new(false),
-            restoring,
+            restoring: saved.restoring,
             gone: AtomicBool::new(false),
             checkpoints: AtomicU64::new(saved.checkpoints),
             last_checkpoint: Mutex::new(saved.last_checkpoint),
@@ -144,6 +148,7 @@ impl Job {
             registered_at: self.registered_at,
             checkpoints: self.checkpoints.load(Ordering::SeqCst),
             last_checkpoint: self.last_checkpoint.lock().expect("lock").clone(),
+            restoring: self.restoring,
         }
     }
 }
@@ -499,17 +504,15 @@ impl Cts {
                 registered_at: Utc::now(),
                 checkpoints: 0,
                 last_checkpoint: None,
+                restoring,
             },
             gcs,
-            restoring,
             self.inner.cancel.child_token(),
         ));
         if let Some(old) = self.jobs().insert(req.gid.clone(), job.clone()) {
             old.cancel.cancel();
         }
-        if !restoring {
-            self.save_job(&job);
-        }
+        self.save_job(&job);
         tracing::info!(gid = %job.gid, pid = job.pid, periodic_secs = ?job.periodic.map(|d| d.as_secs()), gcs = ?gcs, recovery = ?req.recovery, retention = ?req.retention, "job registered");
         self.spawn_job_tasks(job.clone());
         Ok(self.view(&job))
@@ -561,6 +564,7 @@ impl Cts {
         if jobs.get(&job.gid).is_some_and(|j| Arc::ptr_eq(j, job)) {
             jobs.remove(&job.gid);
             drop(jobs);
+            let _ = std::fs::remove_file(self.job_file(&job.gid));
             let _ = std::fs::remove_dir_all(&job.checkpoint_dir);
         }
     }
@@ -685,6 +689,14 @@ impl Cts {
                     continue;
                 }
             };
+            if saved.restoring && !proc::is_alive(saved.pid, saved.start_time) {
+                // Its recovery wrapper died before the job ran: nothing finished (the GCS
+                // keeps the job `recovering`, so it can be recovered again).
+                tracing::info!(gid = %saved.gid, pid = saved.pid, "recovery of a previous run was abandoned; registration dropped");
+                let _ = std::fs::remove_file(&path);
+                let _ = std::fs::remove_dir_all(&saved.checkpoint_dir);
+                continue;
+            }
             if !proc::is_alive(saved.pid, saved.start_time) {
                 tracing::info!(gid = %saved.gid, pid = saved.pid, "job of a previous run is gone; reporting it finished");
                 let _ = std::fs::remove_file(&path);
@@ -702,10 +714,9 @@ impl Cts {
             let job = Arc::new(Job::new(
                 saved,
                 GcsDelivery::Registered,
-                false,
                 self.inner.cancel.child_token(),
             ));
-            tracing::info!(gid = %job.gid, pid = job.pid, "job of a previous run taken back");
+            tracing::info!(gid = %job.gid, pid = job.pid, restoring = job.restoring, "job of a previous run taken back");
             self.jobs().insert(job.gid.clone(), job);
         }
     }

@@ -65,7 +65,12 @@ impl TestCts {
     }
 
     /// Stops this CTS and starts another one on the same state directory (a restart).
-    pub async fn restart(mut self, setup: CtsSetup<'_>) -> Self {
+    pub async fn restart(self, setup: CtsSetup<'_>) -> Self {
+        self.restart_after(setup, || {}).await
+    }
+
+    /// Restarts the CTS, doing `meanwhile` while it is down.
+    pub async fn restart_after(mut self, setup: CtsSetup<'_>, meanwhile: impl FnOnce()) -> Self {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
@@ -76,6 +81,7 @@ impl TestCts {
         let dir = tempfile::Builder::new().prefix("unused").tempdir().unwrap();
         let dir = std::mem::replace(&mut self.dir, dir);
         drop(self);
+        meanwhile();
         Self::start_in(setup, dir).await
     }
 

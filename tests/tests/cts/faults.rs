@@ -253,3 +253,90 @@ async fn a_job_that_exits_is_reported_finished_with_its_status() {
         .unwrap_err();
     assert_eq!(err.kind, FaultKind::ResourceUnknown);
 }
+
+/// The first step of a recovery registration (the wrapper restoring the image) survives a CTS
+/// restart: the wrapper's second step still finds it. A wrapper that died meanwhile leaves
+/// nothing behind, and the job stays `recovering` at the GCS (it can be recovered again).
+#[tokio::test]
+async fn a_restarted_cts_keeps_a_recovery_that_is_still_restoring() {
+    use cts::local::LocalRecovery;
+    let gcs = TestGcs::start().await;
+    let gcs_url = gcs.url.clone();
+    let cts = TestCts::registered(&gcs, "cts-rr", "app-level", APP_DRIVER, "").await;
+    // Two jobs that ran here and died (their node "failed").
+    for gid in ["gid-rr", "gid-rr-gone"] {
+        let first = TestJob::script(cts.dir.path(), "sleep 60", &[]);
+        cts.register(gid, first.pid).await;
+        drop(first);
+        eventually(
+            Duration::from_secs(10),
+            "the GCS learns it died",
+            || async { gcs_job(&gcs, gid).await.state == JobState::Finished },
+        )
+        .await;
+    }
+    let restoring = |gid: &str, pid: i32, restoring: bool| RegisterLocalJob {
+        gid: gid.into(),
+        pid,
+        periodic_interval_secs: None,
+        recovery: Some(LocalRecovery {
+            from_checkpoint: None,
+            restoring,
+        }),
+        retention: None,
+    };
+    // Two recovery wrappers are restoring them when the CTS restarts.
+    let wrapper = TestJob::script(cts.dir.path(), "sleep 60", &[]);
+    let step1 = cts
+        .local
+        .register(&restoring("gid-rr", wrapper.pid, true))
+        .await
+        .unwrap();
+    let doomed = TestJob::script(cts.dir.path(), "sleep 60", &[]);
+    let doomed_dir = cts
+        .local
+        .register(&restoring("gid-rr-gone", doomed.pid, true))
+        .await
+        .unwrap()
+        .checkpoint_dir;
+    assert_eq!(gcs_job(&gcs, "gid-rr").await.state, JobState::Recovering);
+    let setup = CtsSetup {
+        name: "cts-rr",
+        cts_type: "app-level",
+        gcs_url: &gcs_url,
+        driver: APP_DRIVER,
+        extra: "",
+    };
+    let cts = cts.restart_after(setup, || drop(doomed)).await;
+    cts.wait_connected().await;
+
+    let jobs = cts.local.jobs().await.unwrap();
+    assert_eq!(jobs.len(), 1, "{jobs:#?}");
+    assert_eq!(jobs[0].pid, wrapper.pid);
+    assert_eq!(jobs[0].state, JobState::Recovering);
+    assert!(
+        !doomed_dir.exists(),
+        "the abandoned recovery's directory is removed"
+    );
+    // The second step: the restored process takes over the first step's directory.
+    let restored = TestJob::script(cts.dir.path(), "sleep 60", &[]);
+    let step2 = cts
+        .local
+        .register(&restoring("gid-rr", restored.pid, false))
+        .await
+        .expect("the second step finds the first one after the restart");
+    assert_eq!(step2.checkpoint_dir, step1.checkpoint_dir);
+    assert_eq!(step2.state, JobState::Running);
+    eventually(
+        Duration::from_secs(10),
+        "the GCS has the job running",
+        || async { gcs_job(&gcs, "gid-rr").await.state == JobState::Running },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        gcs_job(&gcs, "gid-rr-gone").await.state,
+        JobState::Recovering,
+        "an abandoned recovery is no finish"
+    );
+}
