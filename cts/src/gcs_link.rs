@@ -154,6 +154,14 @@ impl GcsLink {
         })
     }
 
+    /// A direct call to the GCS (a query: not queued, not retried).
+    pub async fn query<O: gca_protocol::ops::Operation>(
+        &self,
+        req: &O::Request,
+    ) -> Result<O::Response, Fault> {
+        self.inner.client.call::<O>(req).await
+    }
+
     pub fn status(&self) -> LinkStatus {
         let mut s = self.inner.status.lock().expect("status lock").clone();
         s.pending = self.inner.queue.lock().expect("queue lock").items.len();

@@ -53,15 +53,17 @@ pub struct LocalRecovery {
 
 /// `POST /v1/images/fetch`: get a checkpoint's image into this CTS's store (fetched from the
 /// CTS that took it when it is not here yet) and check it against the digest the GCS
-/// recorded. The recovery wrapper restores from the returned directory; it never opens the
-/// store itself (the CTS holds its lock).
+/// recorded. The CTS looks the checkpoint up at its GCS itself: where it fetches from and the
+/// digest it checks come from the GCS's record, never from the local caller. The recovery
+/// wrapper restores from the returned directory; it never opens the store itself (the CTS
+/// holds its lock).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FetchImage {
+    /// The job the checkpoint belongs to.
+    pub gid: String,
     pub checkpoint_id: String,
-    /// The record's `image_name`: `http(s)://<cts>/images/<id>`.
-    pub source: String,
-    /// The record's digest (`sha256:<hex>`); without one only the image's own manifest is
-    /// checked.
+    /// The digest the caller expects (`sha256:<hex>`, e.g. from its own GetRecoveryInfo): one
+    /// that differs from the GCS's record is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub digest: Option<String>,
 }

@@ -228,8 +228,8 @@ async fn locate(
         .clone()
         .with_timeout(Duration::from_secs(3600))
         .fetch_image(&FetchImage {
+            gid: args.gid.clone(),
             checkpoint_id: info.checkpoint.id.clone(),
-            source: info.checkpoint.image_name.clone(),
             digest: info.checkpoint.digest.clone(),
         })
         .await

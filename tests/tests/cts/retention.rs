@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use cts::local::FetchImage;
 use gca_protocol::messages::*;
 use gca_protocol::ops::{DoCheckpointOp, SetRetentionOp};
 use integration_tests::cts::*;
@@ -90,6 +91,20 @@ async fn images_are_deleted_when_the_job_exits_0_and_kept_when_it_fails() {
         );
     }
 
+    // A recovery wrapper cannot have a deleted image fetched: the CTS asks the GCS.
+    let fetch = |gid: &str, id: &str, digest: Option<String>| FetchImage {
+        gid: gid.into(),
+        checkpoint_id: id.into(),
+        digest,
+    };
+    let err = cts
+        .local
+        .fetch_image(&fetch("gid-done", &records[1].id, None))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code.as_deref(), Some("image-not-stored"), "{err:?}");
+    assert!(err.message.contains("deleted"), "{}", err.message);
+
     // Killed: the images stay, they are what recovers it.
     let (killed, records) = job_with_checkpoints(&gcs, &cts, "gid-killed", 1).await;
     signal(&killed, "KILL");
@@ -98,6 +113,37 @@ async fn images_are_deleted_when_the_job_exits_0_and_kept_when_it_fails() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(after[0].image_state, ImageState::Stored);
     assert!(cts.image_dir(&records[0].id).exists());
+    let ok = cts
+        .local
+        .fetch_image(&fetch(
+            "gid-killed",
+            &records[0].id,
+            records[0].digest.clone(),
+        ))
+        .await
+        .expect("a stored image is verified in place");
+    assert!(!ok.fetched);
+    // What the caller claims is checked against the GCS's record, not trusted.
+    let err = cts
+        .local
+        .fetch_image(&fetch(
+            "gid-killed",
+            &records[0].id,
+            Some(format!("sha256:{}", "00".repeat(32))),
+        ))
+        .await
+        .unwrap_err();
+    assert!(
+        err.message.contains("the GCS records digest"),
+        "{}",
+        err.message
+    );
+    let err = cts
+        .local
+        .fetch_image(&fetch("gid-done", &records[0].id, None))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code.as_deref(), Some("unknown-checkpoint"), "{err:?}");
 }
 
 #[tokio::test]
