@@ -553,7 +553,7 @@ pub fn parse(src: &str) -> Result<Element, XmlError> {
                 };
                 if empty {
                     match stack.last_mut() {
-                        Some(parent) => parent.children.push(Node::Element(el)),
+                        Some(parent) => attach(parent, el),
                         None => root = Some(el),
                     }
                 } else {
@@ -567,7 +567,7 @@ pub fn parse(src: &str) -> Result<Element, XmlError> {
                     .pop()
                     .ok_or_else(|| XmlError::new(Some(lines.line(start)), "unexpected end tag"))?;
                 match stack.last_mut() {
-                    Some(parent) => parent.children.push(Node::Element(el)),
+                    Some(parent) => attach(parent, el),
                     None => root = Some(el),
                 }
             }
@@ -599,6 +599,17 @@ pub fn parse(src: &str) -> Result<Element, XmlError> {
         ));
     }
     root.ok_or_else(|| XmlError::new(None, "the document is empty"))
+}
+
+/// Adds a child element. Whitespace before an element's first child is indentation, like the
+/// whitespace between children (see [`push_text`]), and is dropped.
+fn attach(parent: &mut Element, child: Element) {
+    if parent.elements().next().is_none() {
+        parent
+            .children
+            .retain(|n| !matches!(n, Node::Text(t) if t.trim().is_empty()));
+    }
+    parent.children.push(Node::Element(child));
 }
 
 fn push_text(
@@ -655,6 +666,14 @@ mod tests {
             Some((Some("urn:a".to_string()), "Name".to_string()))
         );
         assert_eq!(q.resolve_qname("nope:Name"), None);
+        // Indentation is no content: before the first child, between and after children.
+        assert!(
+            root.children.iter().all(|n| matches!(n, Node::Element(_))),
+            "{:?}",
+            root.children
+        );
+        let leaf = parse("<a>  </a>").unwrap();
+        assert_eq!(leaf.text(), "  ", "a leaf keeps its whitespace text");
     }
 
     #[test]
