@@ -61,13 +61,27 @@ pub struct Config {
     pub client_tls: ClientTls,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     /// Default `<state_dir>/store`.
     pub dir: Option<PathBuf>,
     /// Refuse new images once the store holds this many bytes (0: no limit).
     pub max_bytes: u64,
+    /// How often the store is reconciled with the GCS, in seconds (0: never): images the GCS
+    /// records as deleted or kept (by the retention policy) are removed, which is how copies
+    /// fetched for a recovery go once their job has ended.
+    pub reconcile_secs: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            max_bytes: 0,
+            reconcile_secs: 3600,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -1,7 +1,7 @@
 //! The CTS service layer: jobs, checkpoints, periodic and internal checkpoints, exits. The
 //! HTTP layer (`crate::http`) only translates between the wire and these methods.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -268,9 +268,29 @@ impl Cts {
         Ok(cts)
     }
 
-    /// Starts the GCS link and the per-job watchers; they stop on [`Cts::shutdown`].
+    /// Starts the GCS link, the store's reconciliation and the per-job watchers; they stop on
+    /// [`Cts::shutdown`].
     pub fn start(&self) {
         tokio::spawn(self.inner.link.clone().run(self.inner.cancel.child_token()));
+        let every = self.inner.config.store.reconcile_secs;
+        if every > 0 {
+            let cts = self.clone();
+            let cancel = self.inner.cancel.child_token();
+            tokio::spawn(async move {
+                let every = Duration::from_secs(every);
+                let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tick.tick() => {}
+                    }
+                    if let Err(e) = cts.reconcile_store().await {
+                        tracing::warn!(error = %e, "reconciling the image store with the GCS failed; will retry");
+                    }
+                }
+            });
+        }
         let jobs: Vec<Arc<Job>> = self.jobs().values().cloned().collect();
         for job in jobs {
             self.spawn_job_tasks(job);
@@ -567,6 +587,57 @@ impl Cts {
             let _ = std::fs::remove_file(self.job_file(&job.gid));
             let _ = std::fs::remove_dir_all(&job.checkpoint_dir);
         }
+    }
+
+    /// Removes the images of this store that the GCS records as deleted or kept: copies
+    /// fetched for a recovery (the GCS deletes an image only on the CTS that took it), and
+    /// anything a missed deletion left. Only the GCS's word removes an image: images of jobs or
+    /// checkpoints the GCS does not know (yet: a registration may still be queued), images
+    /// being kept, images whose deletion failed, and images of jobs being restored here stay.
+    /// Returns how many images were removed.
+    pub async fn reconcile_store(&self) -> Result<usize> {
+        let mut by_job: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for image in self.inner.store.list().await? {
+            by_job.entry(image.gid).or_default().push(image.id);
+        }
+        let mut removed = 0;
+        for (gid, ids) in by_job {
+            if self.jobs().get(&gid).is_some_and(|j| j.restoring) {
+                continue;
+            }
+            let records = match self
+                .inner
+                .link
+                .query::<gca_protocol::ops::GetCheckpointsOp>(&GidRequest { gid: gid.clone() })
+                .await
+            {
+                Ok(list) => list.checkpoints,
+                Err(f) if f.kind == gca_protocol::FaultKind::ResourceUnknown => continue,
+                Err(f) => return Err(Error::Fault(f)),
+            };
+            for id in ids {
+                let gone = records.iter().find(|r| r.id == id).is_some_and(|r| {
+                    matches!(
+                        r.image_state,
+                        ImageState::Deleted | ImageState::Deleting | ImageState::Kept
+                    )
+                });
+                if !gone {
+                    continue;
+                }
+                match self.inner.store.delete(&id).await {
+                    Ok(bytes) => {
+                        removed += 1;
+                        tracing::info!(%gid, checkpoint.id = %id, freed_bytes = bytes, "image removed: the GCS records it deleted or kept");
+                    }
+                    Err(crate::store::StoreError::NotFound(_)) => {}
+                    Err(e) => {
+                        tracing::warn!(%gid, checkpoint.id = %id, error = %e, "cannot remove an image the GCS records deleted or kept")
+                    }
+                }
+            }
+        }
+        Ok(removed)
     }
 
     /// The GCS's record of checkpoint `id` of job `gid`, whose image must still be stored.

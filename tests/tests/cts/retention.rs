@@ -185,3 +185,59 @@ async fn the_owner_keeps_the_newest_images_in_their_directory() {
     assert!(!keep.join(&records[0].id).exists());
     assert!(!cts.image_dir(&records[0].id).exists());
 }
+
+#[tokio::test]
+async fn copies_fetched_for_a_recovery_go_when_the_job_ends() {
+    let gcs = gcs().await;
+    let a = TestCts::registered(&gcs, "cts-copy-a", "app-level", APP_DRIVER, "").await;
+    let b = TestCts::registered(
+        &gcs,
+        "cts-copy-b",
+        "app-level",
+        APP_DRIVER,
+        "[store]\nreconcile_secs = 1",
+    )
+    .await;
+    let (job, records) = job_with_checkpoints(&gcs, &a, "gid-copy", 1).await;
+    let id = &records[0].id;
+    // The job's node fails; a recovery on B gets the image there (and then fails too).
+    signal(&job, "KILL");
+    settled(&gcs, "gid-copy").await;
+    let fetched = b
+        .local
+        .fetch_image(&FetchImage {
+            gid: "gid-copy".into(),
+            checkpoint_id: id.clone(),
+            digest: records[0].digest.clone(),
+        })
+        .await
+        .unwrap();
+    assert!(fetched.fetched && b.image_dir(id).exists());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        b.image_dir(id).exists(),
+        "a copy of a stored image stays: the job may be recovered from it"
+    );
+
+    // The owner gives up on the job: destroying it ends it, and with it every copy.
+    let (status, body) = integration_tests::post_raw(
+        &format!("{}/jobs/gid-copy", gcs.endpoint()),
+        "text/xml; charset=utf-8",
+        None,
+        integration_tests::envelope11(
+            "http://docs.oasis-open.org/wsrf/rlw-2/ImmediateResourceTermination/DestroyRequest",
+            "<wsrf-rl:Destroy xmlns:wsrf-rl=\"http://docs.oasis-open.org/wsrf/rl-2\"/>",
+        ),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let after = settled(&gcs, "gid-copy").await;
+    assert_eq!(after[0].image_state, ImageState::Deleted);
+    assert!(!a.image_dir(id).exists(), "the GCS deleted the original");
+    eventually(
+        Duration::from_secs(10),
+        "B's reconciliation removes its copy",
+        || async { !b.image_dir(id).exists() },
+    )
+    .await;
+}
