@@ -95,8 +95,9 @@ impl Gcs {
     }
 
     /// setRetention: a new policy for a job; applied at once if the job has ended already.
-    pub async fn set_retention(&self, req: SetRetention) -> Result<JobInfo> {
+    pub async fn set_retention(&self, mut req: SetRetention) -> Result<JobInfo> {
         req.retention.validate().map_err(Error::invalid)?;
+        req.retention = req.retention.normalized();
         let mut tx = self.db.begin().await?;
         if db::lock_job(&mut *tx, &req.gid).await?.is_none() {
             return Err(Error::unknown(format!(

@@ -642,7 +642,7 @@ impl Gcs {
     }
 
     /// registerJob (paper 3.4.1, 5.1 step 4; with `recovery`, 5.3 step 11).
-    pub async fn register_job(&self, req: RegisterJob) -> Result<JobRegistered> {
+    pub async fn register_job(&self, mut req: RegisterJob) -> Result<JobRegistered> {
         check_id("GID", &req.gid)?;
         let instance = self.instance(&req.cts_instance).await?;
         let local_id = req.local_id.as_deref().filter(|l| !l.is_empty());
@@ -653,8 +653,9 @@ impl Gcs {
         if state == JobState::Recovering && !req.recovery {
             return Err(Error::invalid("State=recovering needs Recovery=true"));
         }
-        if let Some(r) = &req.retention {
+        if let Some(r) = req.retention.take() {
             r.validate().map_err(Error::invalid)?;
+            req.retention = Some(r.normalized());
         }
         let mut tx = self.db.begin().await?;
         db::touch_instance(&mut *tx, &instance.name).await?;

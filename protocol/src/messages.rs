@@ -508,6 +508,15 @@ impl Retention {
         }
     }
 
+    /// The same policy with `keep_in` in its canonical form (no trailing `/`).
+    pub fn normalized(mut self) -> Self {
+        if let Some(dir) = &mut self.keep_in {
+            let trimmed = dir.trim_end_matches('/').len().max(1);
+            dir.truncate(trimmed);
+        }
+        self
+    }
+
     /// How many of the most recent images are kept (`None`: all).
     pub fn kept_count(&self) -> Option<usize> {
         match self.keep {

@@ -546,7 +546,7 @@ async fn set_retention_checks_the_policy_and_shows_it_everywhere() {
         .json
         .put(
             "/api/v1/jobs/job-6/retention",
-            &json!({"keep": "last", "keep_last": 3, "keep_in": "/scratch/carol"}),
+            &json!({"keep": "last", "keep_last": 3, "keep_in": "/scratch/carol//"}),
         )
         .await
         .unwrap();
