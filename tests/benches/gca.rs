@@ -1,0 +1,1241 @@
+//! Benchmarks of the GCA services: `scripts/bench [NAME...]`, or, with a test PostgreSQL
+//! server at hand, `cargo bench -p integration-tests --bench gca -- [NAME...]`. How to read
+//! the results: `docs/benchmarks.md`.
+//!
+//! Each benchmark starts real components with the test harness (a GCS on port 0 over a fresh
+//! database on the test PostgreSQL cluster, real CTS servers, real jobs, real CRIU) and
+//! measures one thing against a baseline that does the same work without the part under
+//! test, in the same run. Measurement and baseline are repeated interleaved (the order
+//! rotates every repetition, so drift on a shared machine hits both alike), after warm-up
+//! repetitions that are not counted. Every sample is a time per unit of work (an operation,
+//! or a MiB); the report gives the median and the range over the repetitions, and the ratio
+//! of the time per unit to the baseline's, paired per repetition, which is what compares
+//! across machines.
+//!
+//! Not a test: `harness = false` and no `test = true`, so `cargo test` and `cargo nextest` do
+//! not run it; `cargo clippy --all-targets` compiles it.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use cts::local::FetchImage;
+use cts::store::{ImageMeta, ImageStore, Manifest};
+use futures::StreamExt;
+use gca_protocol::client::SoapClient;
+use gca_protocol::messages::*;
+use gca_protocol::ops::{
+    CtsDoCheckpointOp, DoCheckpointOp, RegisterCheckpointOp, RegisterCtsInstanceOp,
+};
+use integration_tests::cts::{register_type, TestCts, TestJob, APP_DRIVER, CRIU_DRIVER};
+use integration_tests::{db, instance, TestGcs};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+
+const BENCHES: &[(&str, &str)] = &[
+    (
+        "register",
+        "GCS bookkeeping: RegisterCheckpoint over SOAP and in-process vs its core SQL \
+         transaction, 1 and 8 concurrent clients",
+    ),
+    (
+        "routing",
+        "DoCheckpoint through the GCS vs sent to the CTS directly (application-level job)",
+    ),
+    (
+        "fetch",
+        "verified image fetch between two CTSes vs a plain HTTP download, a one-pass verified \
+         download and a local copy",
+    ),
+    (
+        "criu",
+        "CRIU checkpoint through the CTS vs `criu dump` run directly on the same process",
+    ),
+];
+
+const USAGE: &str = "\
+usage: scripts/bench [OPTIONS] [BENCH...]
+       cargo bench -p integration-tests --bench gca -- [OPTIONS] [BENCH...]
+
+Runs the named benchmarks (default: all) and prints a Markdown table; see docs/benchmarks.md.
+Uses the test PostgreSQL server at GCA_TEST_DATABASE_URL, which scripts/bench sets up (without
+it the test harness starts its private cluster and leaves it running, as under cargo test).
+`criu` needs root and CRIU >= 4.1.
+
+options:
+  --reps N        counted repetitions of every measurement (default 7)
+  --warmup N      repetitions run first and not counted (default 1)
+  --window-ms N   how long one throughput repetition runs (default 1000)
+  --image-mib N   size of the image the fetch benchmark copies (default 128)
+  --quick         a smoke run: 3 repetitions, 300 ms windows, a 32 MiB image
+  --json PATH     also write the results as JSON (default target/bench/results.json)
+  --no-json       do not write JSON
+  --list          list the benchmarks
+";
+
+/// One run's settings.
+#[derive(Debug, Clone, Serialize)]
+struct Options {
+    benches: Vec<String>,
+    reps: usize,
+    warmup: usize,
+    window_ms: u64,
+    image_mib: u64,
+    quick: bool,
+    #[serde(skip)]
+    json: Option<PathBuf>,
+}
+
+impl Options {
+    fn window(&self) -> Duration {
+        Duration::from_millis(self.window_ms)
+    }
+}
+
+fn parse_args() -> Result<Options, String> {
+    let mut benches = Vec::new();
+    let (mut reps, mut warmup, mut window, mut image) = (None, None, None, None);
+    let mut quick = false;
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate is inside the workspace");
+    let mut json = Some(workspace.join("target/bench/results.json"));
+    let mut args = std::env::args().skip(1);
+    let number = |flag: &str, v: Option<String>| -> Result<u64, String> {
+        v.as_deref()
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|n| *n > 0 || flag == "--warmup")
+            .ok_or_else(|| format!("{flag} needs a positive number"))
+    };
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            // What `cargo bench` passes to every bench target.
+            "--bench" => {}
+            "-h" | "--help" => {
+                print!("{USAGE}");
+                list();
+                std::process::exit(0);
+            }
+            "--list" => {
+                list();
+                std::process::exit(0);
+            }
+            "--quick" => quick = true,
+            "--reps" => reps = Some(number(&a, args.next())? as usize),
+            "--warmup" => warmup = Some(number(&a, args.next())? as usize),
+            "--window-ms" => window = Some(number(&a, args.next())?),
+            "--image-mib" => image = Some(number(&a, args.next())?),
+            "--json" => json = Some(PathBuf::from(args.next().ok_or("--json needs a path")?)),
+            "--no-json" => json = None,
+            s if s.starts_with('-') => return Err(format!("unknown option {s}\n\n{USAGE}")),
+            name => {
+                if !BENCHES.iter().any(|(n, _)| *n == name) {
+                    let known: Vec<&str> = BENCHES.iter().map(|(n, _)| *n).collect();
+                    return Err(format!(
+                        "no benchmark named {name:?}; there are: {}",
+                        known.join(", ")
+                    ));
+                }
+                if !benches.iter().any(|b| b == name) {
+                    benches.push(name.to_string());
+                }
+            }
+        }
+    }
+    if benches.is_empty() {
+        benches = BENCHES.iter().map(|(n, _)| n.to_string()).collect();
+    }
+    Ok(Options {
+        benches,
+        reps: reps.unwrap_or(if quick { 3 } else { 7 }),
+        warmup: warmup.unwrap_or(1),
+        window_ms: window.unwrap_or(if quick { 300 } else { 1000 }),
+        image_mib: image.unwrap_or(if quick { 32 } else { 128 }),
+        quick,
+        json,
+    })
+}
+
+fn list() {
+    println!("benchmarks:");
+    for (name, what) in BENCHES {
+        println!("  {name:<9} {what}");
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let opts = match parse_args() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("bench: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let machine_before = Machine::describe().await;
+    eprintln!(
+        "bench: {} on {}; {} counted repetitions after {} warm-up",
+        opts.benches.join(", "),
+        machine_before.summary(),
+        opts.reps,
+        opts.warmup
+    );
+    let started = Instant::now();
+    let mut rows = Vec::new();
+    let mut failed = Vec::new();
+    for name in &opts.benches {
+        let t = Instant::now();
+        let o = opts.clone();
+        // Each benchmark in its own task: a panic (a failed step) is reported and the others
+        // still run.
+        let result = match name.as_str() {
+            "register" => tokio::spawn(bench_register(o)).await,
+            "routing" => tokio::spawn(bench_routing(o)).await,
+            "fetch" => tokio::spawn(bench_fetch(o)).await,
+            "criu" => tokio::spawn(bench_criu(o)).await,
+            other => unreachable!("unknown benchmark {other}"),
+        };
+        match result {
+            Ok(r) => {
+                eprintln!("bench: {name} done in {:.0} s", t.elapsed().as_secs_f64());
+                rows.extend(r);
+            }
+            Err(e) => {
+                // The panic's message, without the backtrace an error may carry.
+                let why = match e.try_into_panic() {
+                    Ok(p) => p
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_else(|| "panicked".into()),
+                    Err(e) => e.to_string(),
+                };
+                let why = why.lines().next().unwrap_or_default().to_string();
+                eprintln!("bench: {name} FAILED: {why}");
+                failed.push(format!("{name} ({why})"));
+            }
+        }
+    }
+    let mut machine = machine_before;
+    machine.loadavg_end = loadavg();
+    let total = started.elapsed();
+    println!();
+    println!("{}", machine.summary());
+    println!(
+        "{} counted repetitions (after {} warm-up) per measurement, interleaved with the \
+         baseline; {:.0} s in all.",
+        opts.reps,
+        opts.warmup,
+        total.as_secs_f64()
+    );
+    println!();
+    print_table(&rows);
+    if !failed.is_empty() {
+        println!();
+        println!("FAILED: {}", failed.join(", "));
+    }
+    if let Some(path) = &opts.json {
+        match write_json(path, &opts, &machine, &rows, &failed, total) {
+            Ok(()) => eprintln!("bench: results written to {}", path.display()),
+            Err(e) => eprintln!("bench: cannot write {}: {e}", path.display()),
+        }
+    }
+    if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Measurements and the report
+
+/// How a sample (seconds per unit of work) is shown.
+#[derive(Debug, Clone, Copy, Serialize)]
+enum Unit {
+    /// Operations per second (samples: seconds per operation).
+    #[serde(rename = "op/s")]
+    OpsPerSec,
+    /// MiB per second (samples: seconds per MiB).
+    #[serde(rename = "MiB/s")]
+    MibPerSec,
+    /// Milliseconds per operation (samples: seconds per operation).
+    #[serde(rename = "ms")]
+    Millis,
+}
+
+impl Unit {
+    fn show(self, secs_per_unit: f64) -> f64 {
+        match self {
+            Unit::OpsPerSec | Unit::MibPerSec => 1.0 / secs_per_unit,
+            Unit::Millis => secs_per_unit * 1e3,
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Unit::OpsPerSec => "op/s",
+            Unit::MibPerSec => "MiB/s",
+            Unit::Millis => "ms",
+        }
+    }
+}
+
+/// One line of the report: a measurement and its baseline, both as seconds per unit of work,
+/// one sample per counted repetition (the i-th samples were taken in the same repetition).
+#[derive(Debug, Clone)]
+struct Row {
+    bench: &'static str,
+    measurement: String,
+    baseline: String,
+    unit: Unit,
+    subject: Vec<f64>,
+    base: Vec<f64>,
+    note: String,
+}
+
+impl Row {
+    /// Time per unit of the measurement over the baseline's, per repetition.
+    fn ratios(&self) -> Vec<f64> {
+        self.subject
+            .iter()
+            .zip(&self.base)
+            .map(|(s, b)| s / b)
+            .collect()
+    }
+}
+
+/// Median, minimum, maximum.
+#[derive(Debug, Clone, Copy, Serialize)]
+struct Summary {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+fn summarize(values: impl IntoIterator<Item = f64>) -> Summary {
+    let mut v: Vec<f64> = values.into_iter().collect();
+    assert!(!v.is_empty(), "no samples");
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    let median = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    Summary {
+        median,
+        min: v[0],
+        max: v[n - 1],
+    }
+}
+
+/// The order of `k` variants in repetition `rep`: rotated by one each time.
+fn order(rep: usize, k: usize) -> impl Iterator<Item = usize> {
+    (0..k).map(move |i| (i + rep) % k)
+}
+
+/// Runs variants `0..k` in every repetition (warm-up ones first, not kept) in rotating order;
+/// `run(v)` returns one sample (seconds per unit of work) of variant `v`.
+async fn interleaved<F, Fut>(opts: &Options, label: &str, k: usize, mut run: F) -> Vec<Vec<f64>>
+where
+    F: FnMut(usize) -> Fut,
+    Fut: std::future::Future<Output = f64>,
+{
+    use std::io::IsTerminal;
+    let tty = std::io::stderr().is_terminal();
+    let mut samples = vec![Vec::with_capacity(opts.reps); k];
+    let total = opts.warmup + opts.reps;
+    let started = Instant::now();
+    for rep in 0..total {
+        let warm = rep < opts.warmup;
+        if tty {
+            eprint!(
+                "\r  {label}: repetition {}/{total}{}   ",
+                rep + 1,
+                if warm { " (warm-up)" } else { "" }
+            );
+        }
+        for v in order(rep, k) {
+            let s = run(v).await;
+            assert!(s.is_finite() && s > 0.0, "{label}: bad sample {s}");
+            if !warm {
+                samples[v].push(s);
+            }
+        }
+    }
+    if tty {
+        eprintln!();
+    }
+    eprintln!(
+        "  {label}: {total} repetitions of {k} variants in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    samples
+}
+
+fn num(x: f64) -> String {
+    let a = x.abs();
+    if a >= 100.0 {
+        format!("{x:.0}")
+    } else if a >= 10.0 {
+        format!("{x:.1}")
+    } else {
+        format!("{x:.2}")
+    }
+}
+
+fn shown(unit: Unit, samples: &[f64]) -> String {
+    let s = summarize(samples.iter().map(|x| unit.show(*x)));
+    format!(
+        "{} {} ({}–{})",
+        num(s.median),
+        unit.label(),
+        num(s.min),
+        num(s.max)
+    )
+}
+
+fn print_table(rows: &[Row]) {
+    println!(
+        "| benchmark | measurement | median (min–max) | baseline | median (min–max) | time ratio \
+         (min–max) | note |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for r in rows {
+        let ratio = summarize(r.ratios());
+        println!(
+            "| {} | {} | {} | {} | {} | **{}×** ({}–{}) | {} |",
+            r.bench,
+            r.measurement,
+            shown(r.unit, &r.subject),
+            r.baseline,
+            shown(r.unit, &r.base),
+            num(ratio.median),
+            num(ratio.min),
+            num(ratio.max),
+            r.note
+        );
+    }
+}
+
+fn write_json(
+    path: &Path,
+    opts: &Options,
+    machine: &Machine,
+    rows: &[Row],
+    failed: &[String],
+    total: Duration,
+) -> std::io::Result<()> {
+    let results: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|r| {
+            let side = |samples: &[f64]| {
+                let shown: Vec<f64> = samples.iter().map(|x| r.unit.show(*x)).collect();
+                serde_json::json!({
+                    "summary": summarize(shown.iter().copied()),
+                    "samples": shown,
+                })
+            };
+            serde_json::json!({
+                "bench": r.bench,
+                "measurement": r.measurement,
+                "baseline": r.baseline,
+                "unit": r.unit,
+                "value": side(&r.subject),
+                "baseline_value": side(&r.base),
+                "time_ratio": {
+                    "summary": summarize(r.ratios()),
+                    "samples": r.ratios(),
+                },
+                "note": r.note,
+            })
+        })
+        .collect();
+    let doc = serde_json::json!({
+        "machine": machine,
+        "options": opts,
+        "seconds": total.as_secs_f64(),
+        "results": results,
+        "failed": failed,
+    });
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut text = serde_json::to_string_pretty(&doc).map_err(std::io::Error::other)?;
+    text.push('\n');
+    std::fs::write(path, text)
+}
+
+/// What the numbers were measured on.
+#[derive(Debug, Clone, Serialize)]
+struct Machine {
+    cpus: usize,
+    cpu_model: String,
+    memory_gib: f64,
+    kernel: String,
+    postgres: String,
+    criu: String,
+    loadavg_start: String,
+    loadavg_end: String,
+}
+
+impl Machine {
+    async fn describe() -> Self {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu_model = cpuinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("model name"))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, m)| m.trim().to_string())
+            .unwrap_or_else(|| "unknown CPU".into());
+        let memory_gib = std::fs::read_to_string("/proc/meminfo")
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .map(|kb| kb / (1024.0 * 1024.0))
+            .unwrap_or(0.0);
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default();
+        let criu = tokio::process::Command::new(cts::driver::criu::find_criu())
+            .arg("--version")
+            .output()
+            .await
+            .ok()
+            .and_then(|o| {
+                cts::driver::criu::parse_version(&String::from_utf8_lossy(&o.stdout)).map(|v| {
+                    format!(
+                        "CRIU {}",
+                        v.iter().map(u32::to_string).collect::<Vec<_>>().join(".")
+                    )
+                })
+            })
+            .unwrap_or_else(|| "no CRIU".into());
+        Machine {
+            cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            cpu_model,
+            memory_gib,
+            kernel,
+            postgres: postgres_version().await,
+            criu,
+            loadavg_start: loadavg(),
+            loadavg_end: String::new(),
+        }
+    }
+
+    fn summary(&self) -> String {
+        let mut s = format!(
+            "{} CPUs ({}), {:.0} GiB RAM, Linux {}, {}, {}; load average at start {}",
+            self.cpus,
+            self.cpu_model,
+            self.memory_gib,
+            self.kernel,
+            self.postgres,
+            self.criu,
+            self.loadavg_start
+        );
+        if !self.loadavg_end.is_empty() {
+            s.push_str(&format!(", at end {}", self.loadavg_end));
+        }
+        s
+    }
+}
+
+/// The 1, 5 and 15 minute load averages.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+async fn postgres_version() -> String {
+    use sqlx::Connection;
+    let url = db::maintenance_url().await;
+    let Ok(mut conn) = sqlx::PgConnection::connect(&url).await else {
+        return "PostgreSQL (unreachable)".into();
+    };
+    let v: String = sqlx::query_scalar("show server_version")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap_or_default();
+    let fsync: String = sqlx::query_scalar("show fsync")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap_or_default();
+    let _ = conn.close().await;
+    let v = v.split_whitespace().next().unwrap_or("?").to_string();
+    format!("PostgreSQL {v} (fsync {fsync})")
+}
+
+/// Stops the GCS and drops its database.
+async fn finish(gcs: TestGcs) {
+    let url = gcs.database_url.clone();
+    gcs.pool.close().await;
+    gcs.shutdown().await;
+    db::drop_database(&url).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// register: the GCS's checkpoint bookkeeping
+
+/// How a registration reaches the database.
+#[derive(Debug, Clone, Copy)]
+enum Via {
+    /// RegisterCheckpoint over SOAP/HTTP to the GCS server (what a CTS does).
+    Soap,
+    /// `gcs::Gcs::register_checkpoint` in this process: the service, no HTTP/SOAP.
+    Service,
+    /// The core of the registration only: one transaction that locks the job row, inserts the
+    /// record and updates the job (`gcs::db::lock_job` + `gcs::db::insert_checkpoint`).
+    Sql,
+    /// [`Via::Sql`] plus the update of the CTS instance's `last_seen` that the service makes
+    /// in the same transaction (`gcs::db::touch_instance`): the jobs of one CTS instance
+    /// share that row.
+    SqlTouch,
+}
+
+struct RegisterCtx {
+    soap: SoapClient,
+    service: gcs::Gcs,
+    pool: sqlx::PgPool,
+    next_id: AtomicU64,
+}
+
+/// (clients, CTS instances): one job per client, its CTS instance shared round-robin.
+const REGISTER_SETUPS: [(usize, usize); 3] = [(1, 1), (8, 8), (8, 1)];
+
+async fn bench_register(opts: Options) -> Vec<Row> {
+    let gcs = TestGcs::start().await;
+    register_type(&gcs, "criu").await;
+    // All the variants share the server's pool (8 connections, as the harness opens it).
+    let ctx = Arc::new(RegisterCtx {
+        soap: gcs.soap.clone(),
+        service: gcs::Gcs::new(gcs.pool.clone(), gcs::Config::default()).expect("GCS service"),
+        pool: gcs.pool.clone(),
+        next_id: AtomicU64::new(0),
+    });
+    let mut rows = Vec::new();
+    for (clients, instances) in REGISTER_SETUPS {
+        // One job per client: N CTSes registering checkpoints of their jobs, or fewer CTSes
+        // with several jobs each.
+        for i in 0..instances {
+            let cts = format!("bench-cts-{clients}-{instances}-{i}");
+            gcs.call::<RegisterCtsInstanceOp>(RegisterCtsInstance {
+                instance: instance(
+                    &cts,
+                    "criu",
+                    &format!("node-{cts}"),
+                    &format!("http://127.0.0.1:9/{cts}"),
+                ),
+            })
+            .await
+            .expect("register a CTS instance");
+        }
+        let mut jobs = Vec::new();
+        for c in 0..clients {
+            let cts = format!("bench-cts-{clients}-{instances}-{}", c % instances);
+            let gid = format!("bench-job-{clients}-{instances}-{c}");
+            gcs.register_job(&gid, &cts).await;
+            jobs.push((gid, cts));
+        }
+        let variants = [Via::Soap, Via::Service, Via::Sql, Via::SqlTouch];
+        let window = opts.window();
+        let plural = if clients == 1 { "" } else { "s" };
+        let who = match (clients, instances) {
+            (1, _) => "1 client".to_string(),
+            (c, i) if c == i => format!("{c} clients (one CTS instance each)"),
+            (c, 1) => format!("{c} clients (jobs of one CTS instance)"),
+            (c, i) => format!("{c} clients ({i} CTS instances)"),
+        };
+        let label = format!("register, {who}");
+        let s = interleaved(&opts, &label, variants.len(), |v| {
+            register_window(ctx.clone(), variants[v], jobs.clone(), window)
+        })
+        .await;
+        let baseline = format!(
+            "core SQL transaction (lock job, insert record, update job; sqlx), {clients} \
+             client{plural}"
+        );
+        rows.push(Row {
+            bench: "register",
+            measurement: format!("RegisterCheckpoint over SOAP/HTTP to the GCS, {who}"),
+            baseline: baseline.clone(),
+            unit: Unit::OpsPerSec,
+            subject: s[0].clone(),
+            base: s[2].clone(),
+            note: format!(
+                "{} µs/op more than the in-process service",
+                num((summarize(s[0].iter().copied()).median
+                    - summarize(s[1].iter().copied()).median)
+                    * 1e6)
+            ),
+        });
+        rows.push(Row {
+            bench: "register",
+            measurement: format!(
+                "the same through the GCS service in-process (no HTTP/SOAP), {who}"
+            ),
+            baseline: baseline.clone(),
+            unit: Unit::OpsPerSec,
+            subject: s[1].clone(),
+            base: s[2].clone(),
+            note: String::new(),
+        });
+        rows.push(Row {
+            bench: "register",
+            measurement: format!(
+                "core SQL transaction plus the CTS instance's last_seen update \
+                 (gcs::db::touch_instance), {who}"
+            ),
+            baseline,
+            unit: Unit::OpsPerSec,
+            subject: s[3].clone(),
+            base: s[2].clone(),
+            note: String::new(),
+        });
+    }
+    finish(gcs).await;
+    rows
+}
+
+/// Every client registers checkpoints one after the other until the window closes; returns
+/// the seconds per registration over all clients (wall time / registrations).
+async fn register_window(
+    ctx: Arc<RegisterCtx>,
+    via: Via,
+    jobs: Vec<(String, String)>,
+    window: Duration,
+) -> f64 {
+    let start = Instant::now();
+    let deadline = start + window;
+    let tasks: Vec<_> = jobs
+        .into_iter()
+        .map(|(gid, cts)| {
+            let ctx = ctx.clone();
+            tokio::spawn(async move {
+                let mut n = 0u64;
+                while Instant::now() < deadline {
+                    register_once(&ctx, via, &gid, &cts).await;
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let mut ops = 0;
+    for t in tasks {
+        ops += t.await.expect("a registering client");
+    }
+    start.elapsed().as_secs_f64() / ops as f64
+}
+
+async fn register_once(ctx: &RegisterCtx, via: Via, gid: &str, cts: &str) {
+    let id = format!(
+        "bench-ck-{}",
+        ctx.next_id.fetch_add(1, Ordering::Relaxed) + 1
+    );
+    let record = CheckpointRecord {
+        id: id.clone(),
+        gid: gid.to_string(),
+        sequence: None,
+        cts_name: cts.to_string(),
+        cts_type: "criu".into(),
+        taken_at: Utc::now(),
+        image_name: format!("http://127.0.0.1:9/{cts}/images/{id}"),
+        execution_manager: format!("https://node-{cts}/wsrf/services/ManagedJobFactoryService"),
+        size_bytes: Some(1 << 20),
+        digest: Some(format!("sha256:{}", "ab".repeat(32))),
+        parent: None,
+        origin: Origin::External,
+        job_stopped: false,
+        registered_at: None,
+        image_state: Default::default(),
+        kept_in: None,
+        image_error: None,
+    };
+    match via {
+        Via::Soap => {
+            let r = ctx
+                .soap
+                .call::<RegisterCheckpointOp>(&RegisterCheckpoint { checkpoint: record })
+                .await
+                .expect("RegisterCheckpoint over SOAP");
+            assert!(r.checkpoint.sequence.is_some());
+        }
+        Via::Service => {
+            let r = ctx
+                .service
+                .register_checkpoint(RegisterCheckpoint { checkpoint: record })
+                .await
+                .expect("RegisterCheckpoint in-process");
+            assert!(r.checkpoint.sequence.is_some());
+        }
+        Via::Sql | Via::SqlTouch => {
+            let mut tx = ctx.pool.begin().await.expect("begin");
+            let job = gcs::db::lock_job(&mut *tx, gid)
+                .await
+                .expect("lock the job")
+                .expect("the job exists");
+            if matches!(via, Via::SqlTouch) {
+                // Where the service does it: after locking the job, before inserting.
+                gcs::db::touch_instance(&mut *tx, cts)
+                    .await
+                    .expect("touch the instance");
+            }
+            gcs::db::insert_checkpoint(&mut tx, &record, job.checkpoint_count + 1)
+                .await
+                .expect("insert the record");
+            tx.commit().await.expect("commit");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// routing: DoCheckpoint through the GCS or straight to the CTS
+
+/// The application-level driver, looking for the job's marker every 2 ms (the tests use 20,
+/// the default is 100): the poll interval would otherwise dominate the latency.
+const APP_DRIVER_FAST_POLL: &str = "kind = \"application\"\npoll_interval_ms = 2";
+
+async fn bench_routing(opts: Options) -> Vec<Row> {
+    let gcs = TestGcs::start().await;
+    let cts = TestCts::registered(&gcs, "bench-app", "app-level", APP_DRIVER_FAST_POLL, "").await;
+    let gid = "bench-routing";
+    let job = TestJob::app_counter(cts.dir.path(), &[]);
+    job.start(&cts.register(gid, job.pid).await);
+    job.wait_for_values(2).await;
+    let per_rep = if opts.quick { 5 } else { 25 };
+    let req = DoCheckpoint {
+        gid: gid.into(),
+        stop: false,
+    };
+    let (gcs_ref, cts_ref, req_ref) = (&gcs, &cts, &req);
+    let s = interleaved(&opts, "routing", 2, |v| async move {
+        let start = Instant::now();
+        for _ in 0..per_rep {
+            let record = if v == 0 {
+                gcs_ref
+                    .call::<DoCheckpointOp>(req_ref.clone())
+                    .await
+                    .expect("DoCheckpoint through the GCS")
+            } else {
+                cts_ref
+                    .soap
+                    .call::<CtsDoCheckpointOp>(req_ref)
+                    .await
+                    .expect("DoCheckpoint at the CTS")
+            };
+            assert!(record.sequence.is_some(), "the GCS numbered the checkpoint");
+        }
+        start.elapsed().as_secs_f64() / per_rep as f64
+    })
+    .await;
+    assert!(job.running(), "the job survived its checkpoints");
+    let delta = summarize(s[0].iter().zip(&s[1]).map(|(a, b)| (a - b) * 1e3));
+    let rows = vec![Row {
+        bench: "routing",
+        measurement: "DoCheckpoint to the GCS, which forwards it to the CTS (application-level \
+                      job, one call at a time)"
+            .into(),
+        baseline: "the same DoCheckpoint sent to the CTS's SOAP endpoint".into(),
+        unit: Unit::Millis,
+        subject: s[0].clone(),
+        base: s[1].clone(),
+        note: format!(
+            "routing adds {} ms per call ({}–{}); {per_rep} calls per repetition",
+            num(delta.median),
+            num(delta.min),
+            num(delta.max)
+        ),
+    }];
+    drop(job);
+    drop(cts);
+    finish(gcs).await;
+    rows
+}
+
+// ---------------------------------------------------------------------------------------------
+// fetch: an image from one CTS to another
+
+async fn bench_fetch(opts: Options) -> Vec<Row> {
+    let gcs = TestGcs::start().await;
+    let src = TestCts::registered(&gcs, "bench-src", "app-level", APP_DRIVER, "").await;
+    let dst = TestCts::registered(&gcs, "bench-dst", "app-level", APP_DRIVER, "").await;
+    let id = "bench-src-20260101T000000Z-0123456789ab";
+    let total = opts.image_mib << 20;
+    let manifest = make_image(src.cts.store(), id, total).await;
+    let digest = src.cts.store().digest(id).await.expect("digest");
+    let src_dir = src.image_dir(id);
+    let images_url = format!("{}/images", src.url);
+    let source = format!("{images_url}/{id}");
+    // Baselines write next to the destination store (same file system).
+    let scratch = dst.dir.path().join("bench-copies");
+    std::fs::create_dir_all(&scratch).expect("scratch directory");
+    let http = integration_tests::http();
+    let mib = total as f64 / (1u64 << 20) as f64;
+    let refs = (
+        &dst,
+        &manifest,
+        &digest,
+        &src_dir,
+        &images_url,
+        &source,
+        &scratch,
+        &http,
+    );
+    let s = interleaved(&opts, "fetch", 4, |v| {
+        let (dst, manifest, digest, src_dir, images_url, source, scratch, http) = refs;
+        async move {
+            let dest = scratch.join(format!("copy-{}", uuid::Uuid::new_v4().simple()));
+            let start = Instant::now();
+            match v {
+                0 => {
+                    let f = dst
+                        .local
+                        .fetch_image(&FetchImage {
+                            checkpoint_id: id.into(),
+                            source: source.clone(),
+                            digest: Some(digest.clone()),
+                        })
+                        .await
+                        .expect("fetch through the destination CTS");
+                    assert!(f.fetched, "the image was copied, not found in place");
+                    assert_eq!(&f.digest, digest);
+                }
+                1 => http_download(http, images_url, id, manifest, &dest, false).await,
+                2 => http_download(http, images_url, id, manifest, &dest, true).await,
+                _ => local_copy(src_dir, manifest, &dest).await,
+            }
+            let secs = start.elapsed().as_secs_f64();
+            // Not timed: back to an empty destination.
+            if v == 0 {
+                dst.cts
+                    .store()
+                    .delete(id)
+                    .await
+                    .expect("delete the fetched copy");
+            } else {
+                tokio::fs::remove_dir_all(&dest)
+                    .await
+                    .expect("remove a copy");
+            }
+            secs / mib
+        }
+    })
+    .await;
+    let files = manifest.files.len();
+    let what = format!("{} MiB image, {files} files", opts.image_mib);
+    let fetch = format!(
+        "verified fetch CTS → CTS ({what}; POST /v1/images/fetch on the destination's socket)"
+    );
+    let rows = vec![
+        Row {
+            bench: "fetch",
+            measurement: fetch.clone(),
+            baseline: "plain HTTP GET of the same files from the source CTS, written to disk \
+                       (no hashing, no fsync)"
+                .into(),
+            unit: Unit::MibPerSec,
+            subject: s[0].clone(),
+            base: s[1].clone(),
+            note: String::new(),
+        },
+        Row {
+            bench: "fetch",
+            measurement: fetch.clone(),
+            baseline: "one-pass verified download: HTTP GET + SHA-256 while writing + fsync".into(),
+            unit: Unit::MibPerSec,
+            subject: s[0].clone(),
+            base: s[2].clone(),
+            note: String::new(),
+        },
+        Row {
+            bench: "fetch",
+            measurement: fetch,
+            baseline: "local copy of the image's files (std::fs::copy, source in page cache)"
+                .into(),
+            unit: Unit::MibPerSec,
+            subject: s[0].clone(),
+            base: s[3].clone(),
+            note: String::new(),
+        },
+    ];
+    drop(src);
+    drop(dst);
+    finish(gcs).await;
+    rows
+}
+
+/// Commits an image of `total` bytes of pseudo-random data into `store`, laid out like a CRIU
+/// dump: one large pages file and a dozen small ones.
+async fn make_image(store: &ImageStore, id: &str, total: u64) -> Manifest {
+    let staging = store.stage(id).await.expect("stage the image");
+    let dir = staging.dir.clone();
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        const SMALL: u64 = 64 * 1024;
+        let smalls = 12u64.min(total / SMALL / 2);
+        let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+        let mut fill = |buf: &mut [u8]| {
+            for chunk in buf.chunks_mut(8) {
+                // xorshift64
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                chunk.copy_from_slice(&rng.to_le_bytes()[..chunk.len()]);
+            }
+        };
+        let mut buf = vec![0u8; 1 << 20];
+        for i in 0..smalls {
+            fill(&mut buf[..SMALL as usize]);
+            std::fs::write(dir.join(format!("core-{i}.img")), &buf[..SMALL as usize])
+                .expect("write an image file");
+        }
+        let mut left = total - smalls * SMALL;
+        let mut pages = std::io::BufWriter::new(
+            std::fs::File::create(dir.join("pages-1.img")).expect("create the pages file"),
+        );
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            fill(&mut buf[..n]);
+            pages.write_all(&buf[..n]).expect("write the pages file");
+            left -= n as u64;
+        }
+        pages.flush().expect("flush the pages file");
+    })
+    .await
+    .expect("write the image");
+    staging
+        .commit(ImageMeta {
+            gid: "bench-fetch".into(),
+            created_at: Utc::now(),
+            driver: "criu".into(),
+            origin: "bench-src".into(),
+            extra: [("uid", "0"), ("gid", "0")]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        })
+        .await
+        .expect("commit the image")
+}
+
+/// Downloads the image's files into `dest` over HTTP from the CTS's image routes, like the
+/// fetch but without retries or commit; with `verify`, also the manifest (checked against
+/// nothing but parsed), a SHA-256 of every file while it is written, and an fsync of every
+/// file and of `dest`.
+async fn http_download(
+    http: &reqwest::Client,
+    images_url: &str,
+    id: &str,
+    manifest: &Manifest,
+    dest: &Path,
+    verify: bool,
+) {
+    tokio::fs::create_dir_all(dest).await.expect("create dest");
+    if verify {
+        let bytes = http
+            .get(format!("{images_url}/{id}"))
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .expect("GET the manifest")
+            .bytes()
+            .await
+            .expect("read the manifest");
+        Manifest::parse(&bytes).expect("a valid manifest");
+    }
+    for f in &manifest.files {
+        let path = dest.join(&f.path);
+        let file = tokio::fs::File::create(&path).await.expect("create a file");
+        let mut out = tokio::io::BufWriter::with_capacity(1 << 20, file);
+        let mut hasher = Sha256::new();
+        let res = http
+            .get(format!("{images_url}/{id}/files/{}", f.path))
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .expect("GET a file");
+        let mut stream = res.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.expect("read a file");
+            out.write_all(&chunk).await.expect("write a file");
+            if verify {
+                hasher.update(&chunk);
+            }
+        }
+        out.flush().await.expect("flush a file");
+        if verify {
+            assert_eq!(format!("{:x}", hasher.finalize()), f.sha256, "{}", f.path);
+            out.get_ref().sync_all().await.expect("fsync a file");
+        }
+    }
+    if verify {
+        let dir = dest.to_path_buf();
+        tokio::task::spawn_blocking(move || std::fs::File::open(dir)?.sync_all())
+            .await
+            .expect("fsync task")
+            .expect("fsync the directory");
+    }
+}
+
+async fn local_copy(src: &Path, manifest: &Manifest, dest: &Path) {
+    let (src, dest) = (src.to_path_buf(), dest.to_path_buf());
+    let files: Vec<String> = manifest.files.iter().map(|f| f.path.clone()).collect();
+    tokio::task::spawn_blocking(move || {
+        std::fs::create_dir_all(&dest)?;
+        for f in files {
+            std::fs::copy(src.join(&f), dest.join(&f))?;
+        }
+        std::io::Result::Ok(())
+    })
+    .await
+    .expect("copy task")
+    .expect("copy the image");
+}
+
+// ---------------------------------------------------------------------------------------------
+// criu: a CRIU checkpoint through the CTS, or `criu dump` by hand
+
+async fn bench_criu(opts: Options) -> Vec<Row> {
+    let gcs = TestGcs::start().await;
+    let cts = TestCts::registered(&gcs, "bench-criu", "criu", CRIU_DRIVER, "").await;
+    let gid = "bench-criu";
+    let job = TestJob::counter(cts.dir.path());
+    cts.register(gid, job.pid).await;
+    job.wait_for_values(3).await;
+    let criu = cts::driver::criu::find_criu();
+    // The options the CTS's driver passes (cts/src/driver/criu.rs), from its configuration.
+    let cfg = cts::driver::criu::CriuConfig::default();
+    let scratch = cts.dir.path().join("direct-dumps");
+    std::fs::create_dir_all(&scratch).expect("scratch directory");
+    let per_rep = if opts.quick { 1 } else { 5 };
+    let req = DoCheckpoint {
+        gid: gid.into(),
+        stop: false,
+    };
+    let cts_bytes = AtomicU64::new(0);
+    let direct_bytes = AtomicU64::new(0);
+    let refs = (
+        &cts,
+        &req,
+        &criu,
+        &cfg,
+        &scratch,
+        &cts_bytes,
+        &direct_bytes,
+        job.pid,
+    );
+    let s = interleaved(&opts, "criu", 2, |v| {
+        let (cts, req, criu, cfg, scratch, cts_bytes, direct_bytes, pid) = refs;
+        async move {
+            let mut secs = 0.0;
+            for _ in 0..per_rep {
+                if v == 0 {
+                    let start = Instant::now();
+                    let r = cts
+                        .soap
+                        .call::<CtsDoCheckpointOp>(req)
+                        .await
+                        .expect("a CRIU checkpoint through the CTS");
+                    secs += start.elapsed().as_secs_f64();
+                    assert!(r.sequence.is_some(), "the GCS numbered the checkpoint");
+                    cts_bytes.store(r.size_bytes.unwrap_or(0) as u64, Ordering::Relaxed);
+                    cts.cts
+                        .store()
+                        .delete(&r.id)
+                        .await
+                        .expect("delete the image");
+                } else {
+                    let dir = scratch.join(uuid::Uuid::new_v4().simple().to_string());
+                    std::fs::create_dir(&dir).expect("dump directory");
+                    let d = dir.to_string_lossy().into_owned();
+                    let mut args: Vec<String> = vec![
+                        "dump".into(),
+                        "-t".into(),
+                        pid.to_string(),
+                        "-D".into(),
+                        d.clone(),
+                        "-W".into(),
+                        d,
+                        "-o".into(),
+                        "dump.log".into(),
+                        format!("-v{}", cfg.log_level),
+                        "--leave-running".into(),
+                    ];
+                    if cfg.shell_job {
+                        args.push("--shell-job".into());
+                    }
+                    if cfg.tcp_established {
+                        args.push("--tcp-established".into());
+                    }
+                    if cfg.file_locks {
+                        args.push("--file-locks".into());
+                    }
+                    let start = Instant::now();
+                    let out = tokio::process::Command::new(criu)
+                        .args(&args)
+                        .env("LC_ALL", "C")
+                        .stdin(std::process::Stdio::null())
+                        .output()
+                        .await
+                        .expect("run criu");
+                    secs += start.elapsed().as_secs_f64();
+                    assert!(
+                        out.status.success(),
+                        "criu dump failed: {}; log in {}",
+                        String::from_utf8_lossy(&out.stderr),
+                        dir.display()
+                    );
+                    direct_bytes.store(dir_bytes(&dir), Ordering::Relaxed);
+                    std::fs::remove_dir_all(&dir).expect("remove the dump");
+                }
+            }
+            secs / per_rep as f64
+        }
+    })
+    .await;
+    assert!(job.running(), "the job survived its checkpoints");
+    let rows = vec![Row {
+        bench: "criu",
+        measurement: "CRIU checkpoint through the CTS (SOAP DoCheckpoint: criu dump, manifest \
+                      with SHA-256, fsync, store, record at the GCS)"
+            .into(),
+        baseline: format!(
+            "criu dump run directly with the driver's options on the same process ({} per \
+             repetition each)",
+            per_rep
+        ),
+        unit: Unit::Millis,
+        subject: s[0].clone(),
+        base: s[1].clone(),
+        note: format!(
+            "bash counter job; images: {} KiB through the CTS, {} KiB direct",
+            cts_bytes.load(Ordering::Relaxed) / 1024,
+            direct_bytes.load(Ordering::Relaxed) / 1024
+        ),
+    }];
+    drop(job);
+    drop(cts);
+    finish(gcs).await;
+    rows
+}
+
+/// The bytes of the files in `dir` (one level, as CRIU writes it).
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .filter(|m| m.is_file())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
