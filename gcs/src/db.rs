@@ -216,7 +216,7 @@ pub async fn instances_of_type(
 ) -> Result<Vec<CtsInstance>> {
     Ok(sqlx::query_as::<_, InstanceRow>(&format!(
         "select {INSTANCE_COLUMNS} from cts_instances
-         where cts_type = $1 and ($2::text is null or resource = $2) order by last_seen desc, name"
+         where cts_type = $1 and ($2::text is null or resource = $2) order by name"
     ))
     .bind(cts_type)
     .bind(resource)
@@ -260,9 +260,14 @@ pub async fn update_instance(db: &PgPool, i: &CtsInstance) -> Result<()> {
 }
 
 /// Records that a CTS was heard from.
-pub async fn touch_instance(db: impl PgExecutor<'_>, name: &str) -> Result<()> {
+/// Records that a CTS instance was heard from. At most once a second per instance (and
+/// whenever it was lost), and never inside another transaction: the row lock it takes would
+/// serialize every registration from that CTS.
+pub async fn touch_instance(db: &PgPool, name: &str) -> Result<()> {
     sqlx::query(
-        "update cts_instances set last_seen = now(), lost_notified_at = null where name = $1",
+        "update cts_instances set last_seen = now(), lost_notified_at = null
+         where name = $1
+           and (last_seen < now() - interval '1 second' or lost_notified_at is not null)",
     )
     .bind(name)
     .execute(db)
@@ -319,7 +324,7 @@ pub async fn find_instances(
            and ($4::text is null or i.resource = $4)
            and t.properties @> $5
            and ($6::bigint is null or i.last_seen >= now() - make_interval(secs => $6::double precision))
-         order by i.last_seen desc, i.name",
+         order by i.name",
     )
     .bind(f.cts_type)
     .bind(f.class)

@@ -658,7 +658,6 @@ impl Gcs {
             req.retention = Some(r.normalized());
         }
         let mut tx = self.db.begin().await?;
-        db::touch_instance(&mut *tx, &instance.name).await?;
         let outcome = if !req.recovery {
             if db::insert_job(&mut *tx, &req.gid, &instance, local_id, state).await? {
                 if let Some(r) = &req.retention {
@@ -748,6 +747,7 @@ impl Gcs {
             }
         };
         tx.commit().await?;
+        self.heard_from(&instance.name).await;
         if outcome != Registration::Unchanged {
             self.wake_deliverer();
         }
@@ -801,7 +801,6 @@ impl Gcs {
                 existing.sequence.unwrap_or_default()
             )));
         }
-        db::touch_instance(&mut *tx, &r.cts_name).await?;
         let sequence = job.checkpoint_count + 1;
         let registered_at = match db::insert_checkpoint(&mut tx, &r, sequence).await {
             Ok(t) => t,
@@ -829,6 +828,7 @@ impl Gcs {
         )
         .await?;
         tx.commit().await?;
+        self.heard_from(&r.cts_name).await;
         self.wake_deliverer();
         if late {
             self.wake_image_tasks();
@@ -852,7 +852,6 @@ impl Gcs {
         let job = db::lock_job(&mut *tx, &req.gid).await?.ok_or_else(|| {
             Error::unknown(format!("no job with GID {:?} is registered", req.gid))
         })?;
-        db::touch_instance(&mut *tx, &req.cts_instance).await?;
         if job.cts_instance != req.cts_instance {
             return Err(Error::conflict(format!(
                 "job {:?} is now in charge of CTS {:?}; the exit reported by {:?} is ignored",
@@ -878,9 +877,19 @@ impl Gcs {
             JobState::Stopped | JobState::Finished => {}
         }
         tx.commit().await?;
+        self.heard_from(&req.cts_instance).await;
         self.wake_deliverer();
         self.wake_image_tasks();
         self.get_job(GidRequest { gid: req.gid }).await
+    }
+
+    /// Records that a CTS was heard from, after the request that proved it (outside its
+    /// transaction, see [`db::touch_instance`]). Best effort: failing to record it does not
+    /// fail that request.
+    async fn heard_from(&self, cts: &str) {
+        if let Err(e) = db::touch_instance(&self.db, cts).await {
+            tracing::warn!(cts.name = %cts, error = %e, "cannot record that the CTS was heard from");
+        }
     }
 
     /// Queues a job event (`gca:{topic}` with the job as it is now in `tx`).

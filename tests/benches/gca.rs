@@ -28,7 +28,7 @@ use futures::StreamExt;
 use gca_protocol::client::SoapClient;
 use gca_protocol::messages::*;
 use gca_protocol::ops::{
-    CtsDoCheckpointOp, DoCheckpointOp, RegisterCheckpointOp, RegisterCtsInstanceOp,
+    CtsDoCheckpointOp, DoCheckpointOp, RegisterCheckpointOp, RegisterCtsInstanceOp, RegisterJobOp,
 };
 use integration_tests::cts::{register_type, TestCts, TestJob, APP_DRIVER, CRIU_DRIVER};
 use integration_tests::{db, instance, TestGcs};
@@ -595,8 +595,8 @@ enum Via {
     /// record and updates the job (`gcs::db::lock_job` + `gcs::db::insert_checkpoint`).
     Sql,
     /// [`Via::Sql`] plus the update of the CTS instance's `last_seen` that the service makes
-    /// in the same transaction (`gcs::db::touch_instance`): the jobs of one CTS instance
-    /// share that row.
+    /// after the transaction (`gcs::db::touch_instance`, at most once a second per instance):
+    /// the jobs of one CTS instance share that row.
     SqlTouch,
 }
 
@@ -782,16 +782,16 @@ async fn register_once(ctx: &RegisterCtx, via: Via, gid: &str, cts: &str) {
                 .await
                 .expect("lock the job")
                 .expect("the job exists");
-            if matches!(via, Via::SqlTouch) {
-                // Where the service does it: after locking the job, before inserting.
-                gcs::db::touch_instance(&mut *tx, cts)
-                    .await
-                    .expect("touch the instance");
-            }
             gcs::db::insert_checkpoint(&mut tx, &record, job.checkpoint_count + 1)
                 .await
                 .expect("insert the record");
             tx.commit().await.expect("commit");
+            if matches!(via, Via::SqlTouch) {
+                // Where the service does it: after the commit, outside the transaction.
+                gcs::db::touch_instance(&ctx.pool, cts)
+                    .await
+                    .expect("touch the instance");
+            }
         }
     }
 }
@@ -874,6 +874,43 @@ async fn bench_fetch(opts: Options) -> Vec<Row> {
     let src_dir = src.image_dir(id);
     let images_url = format!("{}/images", src.url);
     let source = format!("{images_url}/{id}");
+    // The destination CTS takes the source and digest from the GCS's record, as in a recovery.
+    let gid = "bench-fetch";
+    gcs.call::<RegisterJobOp>(RegisterJob {
+        gid: gid.into(),
+        cts_instance: "bench-src".into(),
+        local_id: None,
+        recovery: false,
+        from_checkpoint: None,
+        state: None,
+        retention: None,
+    })
+    .await
+    .expect("register the job");
+    gcs.call::<RegisterCheckpointOp>(RegisterCheckpoint {
+        checkpoint: CheckpointRecord {
+            id: id.into(),
+            gid: gid.into(),
+            sequence: None,
+            cts_name: "bench-src".into(),
+            cts_type: "app-level".into(),
+            taken_at: Utc::now(),
+            image_name: source.clone(),
+            execution_manager: "https://node-bench-src/wsrf/services/ManagedJobFactoryService"
+                .into(),
+            size_bytes: Some(total as i64),
+            digest: Some(digest.clone()),
+            parent: None,
+            origin: Origin::External,
+            job_stopped: false,
+            registered_at: None,
+            image_state: ImageState::Stored,
+            kept_in: None,
+            image_error: None,
+        },
+    })
+    .await
+    .expect("register the image's record");
     // Baselines write next to the destination store (same file system).
     let scratch = dst.dir.path().join("bench-copies");
     std::fs::create_dir_all(&scratch).expect("scratch directory");
@@ -885,12 +922,11 @@ async fn bench_fetch(opts: Options) -> Vec<Row> {
         &digest,
         &src_dir,
         &images_url,
-        &source,
         &scratch,
         &http,
     );
     let s = interleaved(&opts, "fetch", 4, |v| {
-        let (dst, manifest, digest, src_dir, images_url, source, scratch, http) = refs;
+        let (dst, manifest, digest, src_dir, images_url, scratch, http) = refs;
         async move {
             let dest = scratch.join(format!("copy-{}", uuid::Uuid::new_v4().simple()));
             let start = Instant::now();
@@ -899,8 +935,8 @@ async fn bench_fetch(opts: Options) -> Vec<Row> {
                     let f = dst
                         .local
                         .fetch_image(&FetchImage {
+                            gid: gid.into(),
                             checkpoint_id: id.into(),
-                            source: source.clone(),
                             digest: Some(digest.clone()),
                         })
                         .await

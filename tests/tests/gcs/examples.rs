@@ -122,7 +122,7 @@ enum Caller {
 fn gcs_operation(op: &str) -> Option<(Caller, &'static str)> {
     Some(match op {
         "DoCheckpoint" => (Caller::Broker, "Checkpoints the job with this GID now: the GCS forwards the request to the CTS in charge of the job and answers with the checkpoint record, including the sequence number it assigned. `Stop` = `true` stops the job after the checkpoint (migration)."),
-        "FindCTS" => (Caller::Broker, "Where can a job run checkpointably: the CTS instances matching every criterion given (type, checkpointer class, core service, resource, core-service properties, heard from within so many seconds), each with its wrappers and parameter patterns to submit the job with; the most recently heard from first."),
+        "FindCTS" => (Caller::Broker, "Where can a job run checkpointably: the CTS instances matching every criterion given (type, checkpointer class, core service, resource, core-service properties, heard from within so many seconds), each with its wrappers and parameter patterns to submit the job with, in instance name order."),
         "GetCheckpoints" => (Caller::Broker, "Every checkpoint record of a job, in sequence order."),
         "GetRecoveryInfo" => (Caller::Broker, "How and where to recover a job from an image (`latest` or a checkpoint ID): the checkpoint, the CTS type that must restore it, and each candidate instance with the recovery wrapper's parameters expanded for it (`{CHECKPOINT_DIR}` is left for the CTS)."),
         "GetJob" => (Caller::Broker, "One job: its state, the CTS in charge, its latest checkpoint, how it ended."),
@@ -1212,8 +1212,8 @@ async fn soap_operations_reference_is_generated_from_real_exchanges() {
         .filter_map(|o| o.child(ns::GCA, "Instance"))
         .map(|i| text_of(i, "Name"))
         .collect();
-    // Most recently heard from first: cts-b reported job-43 after cts-a registered job-42.
-    assert_eq!(offers, ["cts-b", "cts-a"]);
+    // In name order: cts-a, then cts-b.
+    assert_eq!(offers, ["cts-a", "cts-b"]);
 
     let r = rec
         .gcs(
