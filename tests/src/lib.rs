@@ -378,3 +378,35 @@ pub fn envelope11(action: &str, body: &str) -> String {
         uuid::Uuid::new_v4()
     )
 }
+
+/// The Python that has zeep, lxml and xmlschema: `GCA_PYTHON`, else the checkout's `.venv`
+/// (made by scripts/install-deps), else `python3`.
+pub fn python() -> String {
+    std::env::var("GCA_PYTHON").unwrap_or_else(|_| {
+        let venv = concat!(env!("CARGO_MANIFEST_DIR"), "/../.venv/bin/python");
+        if std::path::Path::new(venv).exists() {
+            venv.to_string()
+        } else {
+            "python3".to_string()
+        }
+    })
+}
+
+/// Runs `tests/python/{script}` with `args` and returns its standard output; a failure
+/// panics with both outputs.
+pub async fn run_python<S: AsRef<std::ffi::OsStr>>(script: &str, args: &[S]) -> String {
+    let path = format!("{}/python/{script}", env!("CARGO_MANIFEST_DIR"));
+    let out = tokio::process::Command::new(python())
+        .arg(&path)
+        .args(args)
+        .output()
+        .await
+        .expect("run python (scripts/install-deps sets up .venv with zeep and lxml)");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{script} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}

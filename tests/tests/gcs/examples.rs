@@ -15,7 +15,6 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::path::Path;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -28,7 +27,7 @@ use gca_protocol::wsrf;
 use gca_protocol::xml::{self, Element, Node, XML_NS};
 use integration_tests::consumer::Consumer;
 use integration_tests::cts::{TestCts, TestJob, APP_DRIVER};
-use integration_tests::{http, TestGcs, APP_DESCRIPTOR};
+use integration_tests::{http, run_python, TestGcs, APP_DESCRIPTOR};
 
 const DOC_PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/soap-operations.md");
 const REGENERATE: &str = "GCA_UPDATE_DOCS=1 scripts/test -E 'test(soap_operations)'";
@@ -950,17 +949,6 @@ fn text_of(el: &Element, name: &str) -> String {
     el.opt_text(ns::GCA, name).unwrap_or_default()
 }
 
-fn python() -> String {
-    std::env::var("GCA_PYTHON").unwrap_or_else(|_| {
-        let venv = concat!(env!("CARGO_MANIFEST_DIR"), "/../.venv/bin/python");
-        if Path::new(venv).exists() {
-            venv.to_string()
-        } else {
-            "python3".to_string()
-        }
-    })
-}
-
 /// Validates every message of the session against gca.xsd and the OASIS schemas with
 /// `tests/python/check_schemas.py --instances`.
 async fn validate(examples: &[Example]) {
@@ -983,20 +971,11 @@ async fn validate(examples: &[Example]) {
             Captured::Notify(r) => write("notify", &r.body),
         }
     }
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/check_schemas.py");
-    let out = tokio::process::Command::new(python())
-        .arg(script)
-        .arg("--instances")
-        .arg(dir.path())
-        .output()
-        .await
-        .expect("run python (scripts/install-deps sets up .venv with zeep and lxml)");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "check_schemas.py failed:\n{stdout}\n{stderr}"
-    );
+    let stdout = run_python(
+        "check_schemas.py",
+        &[std::ffi::OsStr::new("--instances"), dir.path().as_os_str()],
+    )
+    .await;
     let validated = stdout
         .lines()
         .filter(|l| l.starts_with("PASS  instance "))

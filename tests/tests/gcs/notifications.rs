@@ -650,39 +650,14 @@ async fn the_gcs_document_advertises_its_topics() {
     );
 }
 
-fn python() -> String {
-    std::env::var("GCA_PYTHON").unwrap_or_else(|_| {
-        let venv = concat!(env!("CARGO_MANIFEST_DIR"), "/../.venv/bin/python");
-        if std::path::Path::new(venv).exists() {
-            venv.to_string()
-        } else {
-            "python3".to_string()
-        }
-    })
-}
-
 #[tokio::test]
 async fn the_oasis_schemas_accept_every_notification_message_and_fault() {
     let gcs = TestGcs::start_with(fast).await;
     gcs.setup_cts("cts-a", "node-a", "http://node-a:8090/cts")
         .await;
     gcs.register_job("job-1", "cts-a").await;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/wsn_check.py");
-    let out = tokio::process::Command::new(python())
-        .arg(script)
-        .arg("--url")
-        .arg(gcs.endpoint())
-        .arg("--gid")
-        .arg("job-1")
-        .output()
-        .await
-        .expect("run python (scripts/install-deps sets up .venv with lxml)");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "wsn_check failed:\n{stdout}\n{stderr}"
-    );
+    let endpoint = gcs.endpoint();
+    let stdout = run_python("wsn_check.py", &["--url", &endpoint, "--gid", "job-1"]).await;
     let v: serde_json::Value = serde_json::from_str(stdout.trim()).expect("JSON output");
     assert_eq!(v["schema_errors"], serde_json::json!([]), "{v}");
     assert_eq!(v["notifications"], 2, "{v}");

@@ -70,17 +70,6 @@ async fn the_wsdl_and_schemas_are_served_with_this_servers_address() {
     );
 }
 
-fn python() -> String {
-    std::env::var("GCA_PYTHON").unwrap_or_else(|_| {
-        let venv = concat!(env!("CARGO_MANIFEST_DIR"), "/../.venv/bin/python");
-        if std::path::Path::new(venv).exists() {
-            venv.to_string()
-        } else {
-            "python3".to_string()
-        }
-    })
-}
-
 #[tokio::test]
 async fn zeep_runs_the_broker_scenario_from_the_served_wsdl() {
     let gcs = TestGcs::start().await;
@@ -88,24 +77,8 @@ async fn zeep_runs_the_broker_scenario_from_the_served_wsdl() {
     cts.set(|b| b.register_at_gcs = Some(gcs.endpoint()));
     gcs.setup_cts("cts-a", "node-a", &cts.url).await;
     gcs.register_job("job-7", "cts-a").await;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/zeep_broker.py");
-    let out = tokio::process::Command::new(python())
-        .args([
-            script,
-            "--wsdl",
-            &format!("{}?wsdl", gcs.endpoint()),
-            "--gid",
-            "job-7",
-        ])
-        .output()
-        .await
-        .expect("run python (scripts/install-deps sets up .venv with zeep and lxml)");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "zeep scenario failed:\n{stdout}\n{stderr}"
-    );
+    let wsdl = format!("{}?wsdl", gcs.endpoint());
+    let stdout = run_python("zeep_broker.py", &["--wsdl", &wsdl, "--gid", "job-7"]).await;
     let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     assert_eq!(v["find"], serde_json::json!(["cts-a"]));
     assert_eq!(v["execute_wrapper"], "gca-exec");
@@ -158,17 +131,6 @@ async fn descriptor_xsd_and_rust_checker_agree_on_the_examples() {
         }
     }
     assert!(checked >= 6, "only {checked} examples found");
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/check_schemas.py");
-    let out = tokio::process::Command::new(python())
-        .arg(script)
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = run_python::<&str>("check_schemas.py", &[]).await;
     assert!(stdout.contains(" 0 failed"), "{stdout}");
 }

@@ -726,36 +726,11 @@ async fn the_gcs_serves_a_service_group_view_of_its_cts_instances() {
     );
 }
 
-fn python() -> String {
-    std::env::var("GCA_PYTHON").unwrap_or_else(|_| {
-        let venv = concat!(env!("CARGO_MANIFEST_DIR"), "/../.venv/bin/python");
-        if std::path::Path::new(venv).exists() {
-            venv.to_string()
-        } else {
-            "python3".to_string()
-        }
-    })
-}
-
 #[tokio::test]
 async fn zeep_and_the_oasis_schemas_accept_every_wsrf_response_and_fault() {
     let gcs = setup().await;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/wsrf_check.py");
-    let out = tokio::process::Command::new(python())
-        .arg(script)
-        .arg("--url")
-        .arg(gcs.endpoint())
-        .arg("--gid")
-        .arg("job-1")
-        .output()
-        .await
-        .expect("run python (scripts/install-deps sets up .venv with zeep and lxml)");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "wsrf_check failed:\n{stdout}\n{stderr}"
-    );
+    let endpoint = gcs.endpoint();
+    let stdout = run_python("wsrf_check.py", &["--url", &endpoint, "--gid", "job-1"]).await;
     let v: serde_json::Value = serde_json::from_str(stdout.trim()).expect("JSON output");
     assert_eq!(v["zeep_job_state"], "running", "{v}");
     assert_eq!(v["zeep_job_count"], 1, "{v}");
