@@ -264,17 +264,24 @@ async fn retention_flags_that_do_not_make_a_policy_are_usage_errors() {
     }
 }
 
+/// `gca-exec --keep-last 2 --keep-in DIR`: the policy reaches the GCS, and when the job exits
+/// 0 its two newest images are in DIR and the older one is gone.
 #[tokio::test]
-async fn gca_exec_registers_the_job_with_its_retention_policy() {
-    let gcs = TestGcs::start().await;
+async fn gca_exec_keeps_the_newest_images_when_the_job_exits_0() {
+    let gcs = TestGcs::start_with(|c| c.notify_poll_millis = 50).await;
     let a = TestCts::registered(&gcs, "cts-a", "criu", CRIU_DRIVER, "").await;
     let gid = "gid-wrap-retention";
     let keep = a.dir.path().join("kept");
     std::fs::create_dir(&keep).unwrap();
     let keep_in = keep.display().to_string();
     let log = a.dir.path().join("counter.log");
+    let flag = a.dir.path().join("finish");
+    // Counts until told to finish, then exits 0.
+    let script = format!(
+        "exec 3>>{log:?}; i=0; while [ ! -e {flag:?} ]; do i=$((i+1)); echo $i >&3; sleep 0.05; done; exit 0"
+    );
     let url = a.url.clone();
-    let _job = Wrapper::spawn(
+    let mut job = Wrapper::spawn(
         "gca-exec",
         &[
             "--gid",
@@ -288,7 +295,7 @@ async fn gca_exec_registers_the_job_with_its_retention_policy() {
             "--",
             "bash",
             "-c",
-            &counter_script(&log),
+            &script,
         ],
         a.dir.path(),
     );
@@ -296,51 +303,36 @@ async fn gca_exec_registers_the_job_with_its_retention_policy() {
         a.local.job(gid).await.is_ok() && values(&log).len() >= 3
     })
     .await;
-    // What the GCS stores is checked by gca_exec_retention_reaches_the_gcs (ignored until
-    // the GCS stores RegisterJob.retention); here: the job runs and is checkpointable.
-    let record = gcs
-        .call::<DoCheckpointOp>(DoCheckpoint {
-            gid: gid.into(),
-            stop: false,
-        })
-        .await
-        .unwrap();
-    assert_eq!(record.gid, gid);
-}
-
-/// `gca-exec --keep-last 2 --keep-in DIR` makes that the job's policy at the GCS.
-#[tokio::test]
-async fn gca_exec_retention_reaches_the_gcs() {
-    let gcs = TestGcs::start().await;
-    let a = TestCts::registered(&gcs, "cts-a", "criu", CRIU_DRIVER, "").await;
-    let gid = "gid-wrap-retention-gcs";
-    let keep_in = a.dir.path().join("kept").display().to_string();
-    let log = a.dir.path().join("counter.log");
-    let url = a.url.clone();
-    let _job = Wrapper::spawn(
-        "gca-exec",
-        &[
-            "--gid",
-            gid,
-            "--cts",
-            &url,
-            "--keep-last",
-            "2",
-            "--keep-in",
-            &keep_in,
-            "--",
-            "bash",
-            "-c",
-            &counter_script(&log),
-        ],
-        a.dir.path(),
-    );
-    eventually(T, "the job runs registered", || async {
-        a.local.job(gid).await.is_ok()
-    })
-    .await;
     assert_eq!(
         gcs_job(&gcs, gid).await.retention,
-        Retention::last(2, keep_in)
+        Retention::last(2, keep_in.clone())
     );
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let record = gcs
+            .call::<DoCheckpointOp>(DoCheckpoint {
+                gid: gid.into(),
+                stop: false,
+            })
+            .await
+            .unwrap();
+        ids.push(record.id);
+    }
+    std::fs::write(&flag, "").unwrap();
+    assert_eq!(job.code(T).await, 0, "{}", job.stderr_text());
+    eventually(T, "the retention policy is carried out", || async {
+        let states: Vec<ImageState> = gcs_checkpoints(&gcs, gid)
+            .await
+            .iter()
+            .map(|c| c.image_state)
+            .collect();
+        states == [ImageState::Deleted, ImageState::Kept, ImageState::Kept]
+    })
+    .await;
+    assert!(!a.image_dir(&ids[0]).exists());
+    assert!(!keep.join(&ids[0]).exists());
+    for id in &ids[1..] {
+        assert!(keep.join(id).join("manifest.json").is_file(), "{id} kept");
+        assert!(!a.image_dir(id).exists(), "{id} moved out of the store");
+    }
 }
