@@ -37,13 +37,16 @@ async fn submit_checkpoint_stop_resubmit_recover_and_scancel() {
     std::fs::write(&script, job).unwrap();
     // Submitted with the shipped example batch scripts.
     let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/slurm");
+    let keep = dir.path().join("kept");
+    std::fs::create_dir(&keep).unwrap();
     let mut submit = Submit::new("gca-exec", dir.path());
     submit.extra.push(format!(
-        "--export=ALL,GID=gid-slurm,CTS_URL=unix:{},GCA_GCS_URL={},GCA_EXEC={},GCA_RECOVER={}",
+        "--export=ALL,GID=gid-slurm,CTS_URL=unix:{},GCA_GCS_URL={},GCA_EXEC={},GCA_RECOVER={},KEEP_LAST=1,KEEP_IN={}",
         cts.local.socket().display(),
         gcs.url,
         binary("gca-exec").display(),
         binary("gca-recover").display(),
+        keep.display(),
     ));
     let job_args = vec!["bash".to_string(), script.display().to_string()];
     let (s1, e1, a1) = (
@@ -58,6 +61,11 @@ async fn submit_checkpoint_stop_resubmit_recover_and_scancel() {
     })
     .await;
     let registered = cts.local.job("gid-slurm").await.unwrap();
+    assert_eq!(
+        gcs_job(&gcs, "gid-slurm").await.retention,
+        Retention::last(1, keep.display().to_string()),
+        "KEEP_LAST/KEEP_IN of execute.sbatch reach the GCS"
+    );
 
     // Checkpoint through the GCS and stop the job (migration); the Slurm job ends.
     let record = gcs
@@ -118,4 +126,9 @@ async fn submit_checkpoint_stop_resubmit_recover_and_scancel() {
     })
     .await;
     assert_eq!(gcs_job(&gcs, "gid-slurm").await.exit_status, Some(3));
+    // Ended by a signal with status 3, not 0: its image stays, for a recovery.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let records = gcs_checkpoints(&gcs, "gid-slurm").await;
+    assert_eq!(records[0].image_state, ImageState::Stored);
+    assert!(cts.image_dir(&record.id).exists());
 }
