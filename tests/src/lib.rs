@@ -179,6 +179,30 @@ impl Drop for TestGcs {
     }
 }
 
+/// A periodic checkpoint record of `gid` by CTS `cts` (type `criu`), as a CTS would register
+/// it; its image name is not a reachable URL (`cts://{cts}/images/{id}`).
+pub fn checkpoint_record(id: &str, gid: &str, cts: &str) -> CheckpointRecord {
+    CheckpointRecord {
+        id: id.into(),
+        gid: gid.into(),
+        sequence: None,
+        cts_name: cts.into(),
+        cts_type: "criu".into(),
+        taken_at: chrono::Utc::now(),
+        image_name: format!("cts://{cts}/images/{id}"),
+        execution_manager: "https://node-a/em".into(),
+        size_bytes: Some(1),
+        digest: None,
+        parent: None,
+        origin: Origin::Periodic,
+        job_stopped: false,
+        registered_at: None,
+        image_state: ImageState::Stored,
+        kept_in: None,
+        image_error: None,
+    }
+}
+
 pub fn instance(name: &str, cts_type: &str, resource: &str, url: &str) -> CtsInstance {
     CtsInstance {
         name: name.into(),

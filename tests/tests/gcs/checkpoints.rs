@@ -8,28 +8,6 @@ use gca_protocol::messages::*;
 use gca_protocol::ops::*;
 use integration_tests::*;
 
-fn record(id: &str, gid: &str, cts: &str) -> CheckpointRecord {
-    CheckpointRecord {
-        id: id.into(),
-        gid: gid.into(),
-        sequence: None,
-        cts_name: cts.into(),
-        cts_type: "criu".into(),
-        taken_at: chrono::Utc::now(),
-        image_name: format!("cts://{cts}/images/{id}"),
-        execution_manager: "https://node-a/em".into(),
-        size_bytes: Some(1),
-        digest: None,
-        parent: None,
-        origin: Origin::Periodic,
-        job_stopped: false,
-        registered_at: None,
-        image_state: Default::default(),
-        kept_in: None,
-        image_error: None,
-    }
-}
-
 async fn count_checkpoints(gcs: &TestGcs, gid: &str) -> i64 {
     sqlx::query_scalar("select count(*) from checkpoints where gid = $1")
         .bind(gid)
@@ -261,7 +239,7 @@ async fn sequence_numbers_are_gapless_under_concurrent_registrations() {
         let soap = gcs.soap.clone();
         async move {
             soap.call::<RegisterCheckpointOp>(&RegisterCheckpoint {
-                checkpoint: record(&format!("ck-{i}"), "job-1", "cts-a"),
+                checkpoint: checkpoint_record(&format!("ck-{i}"), "job-1", "cts-a"),
             })
             .await
         }
@@ -281,7 +259,7 @@ async fn checkpoint_registration_is_idempotent_and_refuses_clashes() {
         .await;
     gcs.register_job("job-1", "cts-a").await;
     gcs.register_job("job-2", "cts-a").await;
-    let r = record("ck-1", "job-1", "cts-a");
+    let r = checkpoint_record("ck-1", "job-1", "cts-a");
     let first = gcs
         .call::<RegisterCheckpointOp>(RegisterCheckpoint {
             checkpoint: r.clone(),
@@ -318,7 +296,7 @@ async fn checkpoint_registration_is_idempotent_and_refuses_clashes() {
     assert_eq!(err.kind, FaultKind::Conflict);
     let err = gcs
         .call::<RegisterCheckpointOp>(RegisterCheckpoint {
-            checkpoint: record("ck-x", "nojob", "cts-a"),
+            checkpoint: checkpoint_record("ck-x", "nojob", "cts-a"),
         })
         .await
         .unwrap_err();
@@ -357,7 +335,7 @@ async fn recovery_info_names_the_wrapper_parameters_and_candidates() {
     assert_eq!(err.code.as_deref(), Some("no-checkpoint"));
     for id in ["ck-1", "ck-2"] {
         gcs.call::<RegisterCheckpointOp>(RegisterCheckpoint {
-            checkpoint: record(id, "job-1", "cts-a"),
+            checkpoint: checkpoint_record(id, "job-1", "cts-a"),
         })
         .await
         .unwrap();
@@ -438,7 +416,7 @@ async fn recovery_info_respects_same_resource_and_latest_only_types() {
     }
     gcs.register_job("job-1", "l-a").await;
     for id in ["ck-1", "ck-2"] {
-        let mut r = record(id, "job-1", "l-a");
+        let mut r = checkpoint_record(id, "job-1", "l-a");
         r.cts_type = "criu-local".into();
         gcs.call::<RegisterCheckpointOp>(RegisterCheckpoint { checkpoint: r })
             .await

@@ -78,31 +78,9 @@ async fn subscribe(gcs: &TestGcs, consumer: &Consumer, filter: &str) -> String {
         .expect("a SubscriptionReference address")
 }
 
-fn record(id: &str, gid: &str, cts: &str) -> CheckpointRecord {
-    CheckpointRecord {
-        id: id.into(),
-        gid: gid.into(),
-        sequence: None,
-        cts_name: cts.into(),
-        cts_type: "criu".into(),
-        taken_at: chrono::Utc::now(),
-        image_name: format!("cts://{cts}/images/{id}"),
-        execution_manager: "https://node-a/em".into(),
-        size_bytes: Some(1),
-        digest: None,
-        parent: None,
-        origin: Origin::Periodic,
-        job_stopped: false,
-        registered_at: None,
-        image_state: Default::default(),
-        kept_in: None,
-        image_error: None,
-    }
-}
-
 async fn checkpoint(gcs: &TestGcs, id: &str, gid: &str) -> CheckpointRecord {
     gcs.call::<RegisterCheckpointOp>(RegisterCheckpoint {
-        checkpoint: record(id, gid, "cts-a"),
+        checkpoint: checkpoint_record(id, gid, "cts-a"),
     })
     .await
     .expect("register checkpoint")

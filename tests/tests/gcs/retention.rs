@@ -164,25 +164,12 @@ async fn checkpoints(gcs: &TestGcs, store: &ImageStore, gid: &str, n: usize) -> 
     ids
 }
 
+/// A record of CTS `cts-a` whose image is at `image_name` (the in-test image store).
 fn record(id: &str, gid: &str, image_name: &str) -> CheckpointRecord {
     CheckpointRecord {
-        id: id.into(),
-        gid: gid.into(),
-        sequence: None,
-        cts_name: "cts-a".into(),
-        cts_type: "criu".into(),
-        taken_at: chrono::Utc::now(),
         image_name: image_name.into(),
-        execution_manager: "https://node-a/em".into(),
-        size_bytes: Some(1),
         digest: Some(format!("sha256:{}", "cd".repeat(32))),
-        parent: None,
-        origin: Origin::Periodic,
-        job_stopped: false,
-        registered_at: None,
-        image_state: ImageState::Stored,
-        kept_in: None,
-        image_error: None,
+        ..checkpoint_record(id, gid, "cts-a")
     }
 }
 

@@ -75,28 +75,6 @@ fn texts(el: &Element, ns_uri: &str, name: &str) -> Vec<String> {
         .collect()
 }
 
-fn record(id: &str, gid: &str) -> CheckpointRecord {
-    CheckpointRecord {
-        id: id.into(),
-        gid: gid.into(),
-        sequence: None,
-        cts_name: "cts-a".into(),
-        cts_type: "criu".into(),
-        taken_at: chrono::Utc::now(),
-        image_name: format!("cts://cts-a/images/{id}"),
-        execution_manager: "https://node-a/em".into(),
-        size_bytes: Some(1),
-        digest: None,
-        parent: None,
-        origin: Origin::Periodic,
-        job_stopped: false,
-        registered_at: None,
-        image_state: Default::default(),
-        kept_in: None,
-        image_error: None,
-    }
-}
-
 /// A GCS with one CTS instance, job `job-1` and two checkpoints of it.
 async fn setup() -> TestGcs {
     let gcs = TestGcs::start().await;
@@ -105,7 +83,7 @@ async fn setup() -> TestGcs {
     gcs.register_job("job-1", "cts-a").await;
     for id in ["ck-1", "ck-2"] {
         gcs.call::<RegisterCheckpointOp>(RegisterCheckpoint {
-            checkpoint: record(id, "job-1"),
+            checkpoint: checkpoint_record(id, "job-1", "cts-a"),
         })
         .await
         .unwrap();
