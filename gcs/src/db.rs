@@ -590,6 +590,14 @@ pub async fn checkpoints_of(db: &PgPool, gid: &str) -> Result<Vec<CheckpointReco
     .collect()
 }
 
+/// What [`insert_checkpoint`] did.
+#[derive(Debug, Clone, Copy)]
+pub struct InsertedCheckpoint {
+    pub registered_at: DateTime<Utc>,
+    /// The job has ended already (its retention policy was applied): a late record.
+    pub job_ended: bool,
+}
+
 /// Inserts a checkpoint with the next sequence number of its job and makes it the job's
 /// latest. The caller holds the job row lock ([`lock_job`]) in the same transaction, which is
 /// what makes the numbering gapless under concurrent registrations.
@@ -597,7 +605,7 @@ pub async fn insert_checkpoint(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     r: &CheckpointRecord,
     sequence: i64,
-) -> Result<DateTime<Utc>> {
+) -> Result<InsertedCheckpoint> {
     let registered_at: DateTime<Utc> = sqlx::query_scalar(
         "insert into checkpoints (id, gid, sequence, cts_name, cts_type, taken_at, image_name,
             execution_manager, size_bytes, digest, parent, origin, job_stopped)
@@ -619,18 +627,22 @@ pub async fn insert_checkpoint(
     .bind(r.job_stopped)
     .fetch_one(&mut **tx)
     .await?;
-    sqlx::query(
+    let job_ended: bool = sqlx::query_scalar(
         "update jobs set checkpoint_count = $2, latest_checkpoint = $3, updated_at = now(),
             state = case when $4 and state = 'running' then 'stopped' else state end
-         where gid = $1",
+         where gid = $1
+         returning retention_applied_at is not null",
     )
     .bind(&r.gid)
     .bind(sequence)
     .bind(&r.id)
     .bind(r.job_stopped)
-    .execute(&mut **tx)
+    .fetch_one(&mut **tx)
     .await?;
-    Ok(registered_at)
+    Ok(InsertedCheckpoint {
+        registered_at,
+        job_ended,
+    })
 }
 
 /// Counts for the health endpoint.
@@ -961,31 +973,24 @@ pub async fn notification_counts(db: &PgPool) -> Result<(i64, i64)> {
 
 // ---- Retention of checkpoint images -------------------------------------------------------
 
-/// Sets a job's retention policy; false when there is no such job.
-pub async fn set_retention(db: impl PgExecutor<'_>, gid: &str, r: &Retention) -> Result<bool> {
-    Ok(sqlx::query(
+/// Sets a job's retention policy. None when there is no such job; else whether the job has
+/// ended already (its policy was applied before).
+pub async fn set_retention(
+    db: impl PgExecutor<'_>,
+    gid: &str,
+    r: &Retention,
+) -> Result<Option<bool>> {
+    Ok(sqlx::query_scalar(
         "update jobs set keep = $2, keep_last = $3, keep_in = $4, updated_at = now()
-         where gid = $1",
+         where gid = $1
+         returning retention_applied_at is not null",
     )
     .bind(gid)
     .bind(r.keep.as_str())
     .bind(r.keep_last.map(|n| n as i32))
     .bind(&r.keep_in)
-    .execute(db)
-    .await?
-    .rows_affected()
-        == 1)
-}
-
-/// Whether the job has ended for retention (its policy was applied).
-pub async fn retention_applied(db: impl PgExecutor<'_>, gid: &str) -> Result<bool> {
-    Ok(sqlx::query_scalar::<_, bool>(
-        "select retention_applied_at is not null from jobs where gid = $1",
-    )
-    .bind(gid)
     .fetch_optional(db)
-    .await?
-    .unwrap_or(false))
+    .await?)
 }
 
 pub async fn mark_retention_applied(db: impl PgExecutor<'_>, gid: &str) -> Result<()> {

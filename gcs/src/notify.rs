@@ -48,7 +48,8 @@ pub async fn emit(
     Ok(())
 }
 
-fn subscription_info(s: db::SubscriptionStatus, service_address: &str) -> SubscriptionInfo {
+/// A stored subscription and its backlog, as the JSON API shows it.
+fn to_info(s: db::SubscriptionStatus, service_address: &str) -> SubscriptionInfo {
     SubscriptionInfo {
         address: ResourceRef::subscription(&s.row.id)
             .epr(service_address)
@@ -318,7 +319,7 @@ impl Gcs {
             subscriptions: db::subscription_status(&self.db, None)
                 .await?
                 .into_iter()
-                .map(|s| subscription_info(s, service_address))
+                .map(|s| to_info(s, service_address))
                 .collect(),
         })
     }
@@ -333,7 +334,7 @@ impl Gcs {
             .await?
             .into_iter()
             .next()
-            .map(|s| subscription_info(s, service_address))
+            .map(|s| to_info(s, service_address))
             .ok_or_else(|| unknown_subscription(id))
     }
 

@@ -99,14 +99,13 @@ impl Gcs {
         req.retention.validate().map_err(Error::invalid)?;
         req.retention = req.retention.normalized();
         let mut tx = self.db.begin().await?;
-        if db::lock_job(&mut *tx, &req.gid).await?.is_none() {
-            return Err(Error::unknown(format!(
-                "no job with GID {:?} is registered",
-                req.gid
-            )));
-        }
-        db::set_retention(&mut *tx, &req.gid, &req.retention).await?;
-        let queued = if db::retention_applied(&mut *tx, &req.gid).await? {
+        // The update locks the job row until the commit, like every change to one GID.
+        let ended = db::set_retention(&mut *tx, &req.gid, &req.retention)
+            .await?
+            .ok_or_else(|| {
+                Error::unknown(format!("no job with GID {:?} is registered", req.gid))
+            })?;
+        let queued = if ended {
             self.apply_retention(&mut tx, &req.gid).await?
         } else {
             0

@@ -802,8 +802,8 @@ impl Gcs {
             )));
         }
         let sequence = job.checkpoint_count + 1;
-        let registered_at = match db::insert_checkpoint(&mut tx, &r, sequence).await {
-            Ok(t) => t,
+        let inserted = match db::insert_checkpoint(&mut tx, &r, sequence).await {
+            Ok(i) => i,
             Err(Error::Db(e)) if violated_constraint(&e) == Some("checkpoints_pkey") => {
                 return Err(Error::conflict(format!(
                     "checkpoint ID {:?} is already registered for another job",
@@ -813,10 +813,10 @@ impl Gcs {
             Err(e) => return Err(e),
         };
         r.sequence = Some(sequence);
-        r.registered_at = Some(registered_at);
+        r.registered_at = Some(inserted.registered_at);
         // A record delivered late (queued at a CTS) for a job that has ended: its image goes
         // the way of the others.
-        let late = db::retention_applied(&mut *tx, &r.gid).await?;
+        let late = inserted.job_ended;
         if late {
             self.apply_retention(&mut tx, &r.gid).await?;
         }
@@ -834,8 +834,6 @@ impl Gcs {
             self.wake_image_tasks();
         }
         tracing::info!(gid = %r.gid, checkpoint.id = %r.id, checkpoint.sequence = sequence, origin = %r.origin, cts.name = %r.cts_name, "checkpoint registered");
-        r.sequence = Some(sequence);
-        r.registered_at = Some(registered_at);
         Ok(CheckpointRegistered {
             checkpoint: r,
             outcome: Registration::Created,
