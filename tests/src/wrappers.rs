@@ -139,3 +139,29 @@ impl Drop for Wrapper {
         }
     }
 }
+
+/// `gca-exec` running [`counter_script`] (writing to `log`) as job `gid` under `cts` (by its
+/// URL), once the CTS has the job and it has counted to 3.
+pub async fn exec_counter(cts: &crate::cts::TestCts, gid: &str, log: &Path) -> Wrapper {
+    let job = Wrapper::spawn(
+        "gca-exec",
+        &[
+            "--gid",
+            gid,
+            "--cts",
+            &cts.url,
+            "--",
+            "bash",
+            "-c",
+            &counter_script(log),
+        ],
+        cts.dir.path(),
+    );
+    crate::cts::eventually(
+        Duration::from_secs(20),
+        "the job runs registered",
+        || async { cts.local.job(gid).await.is_ok() && values(log).len() >= 3 },
+    )
+    .await;
+    job
+}

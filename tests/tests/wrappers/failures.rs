@@ -18,26 +18,8 @@ async fn a_tampered_image_is_refused_before_anything_is_restored() {
     let b = TestCts::registered(&gcs, "cts-b", "criu", CRIU_DRIVER, "").await;
     let gid = "gid-wrap-tamper";
     let log = a.dir.path().join("counter.log");
-    let url = a.url.clone();
-    let mut job = Wrapper::spawn(
-        "gca-exec",
-        &[
-            "--gid",
-            gid,
-            "--cts",
-            &url,
-            "--",
-            "bash",
-            "-c",
-            &counter_script(&log),
-        ],
-        a.dir.path(),
-    );
+    let mut job = exec_counter(&a, gid, &log).await;
     let pid = job.pid;
-    eventually(T, "the job runs registered", || async {
-        a.local.job(gid).await.is_ok() && values(&log).len() >= 3
-    })
-    .await;
     let record = gcs
         .call::<DoCheckpointOp>(DoCheckpoint {
             gid: gid.into(),
@@ -159,26 +141,8 @@ async fn a_missing_file_the_job_had_open_is_an_environment_failure() {
     let a = TestCts::registered(&gcs, "cts-a", "criu", CRIU_DRIVER, "").await;
     let gid = "gid-wrap-missing-file";
     let log = a.dir.path().join("counter.log");
-    let url = a.url.clone();
-    let mut job = Wrapper::spawn(
-        "gca-exec",
-        &[
-            "--gid",
-            gid,
-            "--cts",
-            &url,
-            "--",
-            "bash",
-            "-c",
-            &counter_script(&log),
-        ],
-        a.dir.path(),
-    );
+    let mut job = exec_counter(&a, gid, &log).await;
     let pid = job.pid;
-    eventually(T, "the job runs registered", || async {
-        a.local.job(gid).await.is_ok() && values(&log).len() >= 3
-    })
-    .await;
     gcs.call::<DoCheckpointOp>(DoCheckpoint {
         gid: gid.into(),
         stop: true,
