@@ -211,6 +211,11 @@ pub const ALL_KINDS: [FaultKind; 24] = [
     FaultKind::NoCurrentMessageOnTopic,
 ];
 
+/// The code of an `AccessDenied` fault for a caller without an identity (JSON 401).
+pub const UNAUTHENTICATED: &str = "unauthenticated";
+/// The code of an `AccessDenied` fault for an identity that may not do what it asked (403).
+pub const ACCESS_DENIED: &str = "access-denied";
+
 /// The dialect of [`Fault::code`] values (our `wsrf-bf:ErrorCode` dialect).
 pub const ERROR_CODE_DIALECT: &str = "urn:gca:v1:error-codes";
 
@@ -250,6 +255,26 @@ impl Fault {
     pub fn with_code(mut self, code: impl Into<String>) -> Self {
         self.code = Some(code.into());
         self
+    }
+
+    /// The HTTP status of the JSON answer: the kind's, except that a refusal for want of any
+    /// identity (`AccessDenied` with code `unauthenticated`) is 401, not 403.
+    pub fn http_status(&self) -> u16 {
+        if self.kind == FaultKind::AccessDenied && self.code.as_deref() == Some(UNAUTHENTICATED) {
+            401
+        } else {
+            self.kind.http_status()
+        }
+    }
+
+    /// An `AccessDenied` fault for a caller that presented no identity.
+    pub fn unauthenticated(message: impl Into<String>) -> Self {
+        Self::new(FaultKind::AccessDenied, message).with_code(UNAUTHENTICATED)
+    }
+
+    /// An `AccessDenied` fault for an identity the operation does not allow.
+    pub fn denied(message: impl Into<String>) -> Self {
+        Self::new(FaultKind::AccessDenied, message).with_code(ACCESS_DENIED)
     }
 
     pub fn resource_unknown(message: impl Into<String>) -> Self {

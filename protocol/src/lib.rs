@@ -15,12 +15,14 @@
 pub mod client;
 pub mod descriptor;
 pub mod fault;
+pub mod identity;
 pub mod messages;
 pub mod ns;
 pub mod ops;
 pub mod placeholders;
 pub mod schemas;
 pub mod server;
+pub mod signature;
 pub mod soap;
 pub mod transport;
 pub mod wsn;

@@ -785,6 +785,71 @@ pub struct CheckpointRecord {
     /// With `failed` (or while retrying): why deleting or keeping the image failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_error: Option<String>,
+    /// Whose job the image is, on the resource that took it (the UID and GID of the job's
+    /// processes): the only owner a recovery trusts, as it is covered by `signature`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<ImageOwner>,
+    /// The taking CTS's signature over the image's identity ([`crate::signature`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<ImageSignature>,
+}
+
+/// The local owner of a job's image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ImageOwner {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl std::fmt::Display for ImageOwner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.uid, self.gid)
+    }
+}
+
+impl XmlContent for ImageOwner {
+    fn write_children(&self, el: &mut Element) {
+        push(el, "UID", self.uid);
+        push(el, "GroupID", self.gid);
+    }
+    fn read_children(el: &Element) -> Result<Self, XmlError> {
+        Ok(Self {
+            uid: el
+                .opt_parse(GCA, "UID")?
+                .ok_or_else(|| el.error("<Owner> has no <UID>"))?,
+            gid: el
+                .opt_parse(GCA, "GroupID")?
+                .ok_or_else(|| el.error("<Owner> has no <GroupID>"))?,
+        })
+    }
+}
+
+/// A signature by the CTS that took an image: `value` signs the image's identity (checkpoint
+/// ID, GID, manifest digest, owner, CTS name and type) with the key of `certificate`, which
+/// the site CA issued to that CTS.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ImageSignature {
+    /// `ecdsa-p256-sha256`, `ecdsa-p384-sha384`, `ed25519`, `rsa-pss-sha256`.
+    pub algorithm: String,
+    /// The signer's certificate, base64 DER.
+    pub certificate: String,
+    /// The signature, base64.
+    pub value: String,
+}
+
+impl XmlContent for ImageSignature {
+    fn write_children(&self, el: &mut Element) {
+        push(el, "Algorithm", &self.algorithm);
+        push(el, "Certificate", &self.certificate);
+        push(el, "Value", &self.value);
+    }
+    fn read_children(el: &Element) -> Result<Self, XmlError> {
+        Ok(Self {
+            algorithm: el.req_text(GCA, "Algorithm")?,
+            certificate: el.req_text(GCA, "Certificate")?,
+            value: el.req_text(GCA, "Value")?,
+        })
+    }
 }
 
 impl CheckpointRecord {
@@ -840,6 +905,12 @@ impl XmlContent for CheckpointRecord {
         push(el, "ImageState", self.image_state);
         push_opt(el, "KeptIn", &self.kept_in);
         push_opt(el, "ImageError", &self.image_error);
+        if let Some(o) = &self.owner {
+            el.push_child(o.to_element("Owner"));
+        }
+        if let Some(s) = &self.signature {
+            el.push_child(s.to_element("Signature"));
+        }
     }
     fn read_children(el: &Element) -> Result<Self, XmlError> {
         Ok(Self {
@@ -862,6 +933,8 @@ impl XmlContent for CheckpointRecord {
             image_state: el.opt_parse(GCA, "ImageState")?.unwrap_or_default(),
             kept_in: el.opt_text(GCA, "KeptIn"),
             image_error: el.opt_text(GCA, "ImageError"),
+            owner: opt_child(el, "Owner")?,
+            signature: opt_child(el, "Signature")?,
         })
     }
 }
@@ -1083,6 +1156,60 @@ impl XmlContent for GetRecoveryInfo {
         Ok(Self {
             gid: el.req_text(GCA, "GID")?,
             image: el.opt_text(GCA, "Image").unwrap_or_else(latest),
+        })
+    }
+}
+
+/// AuthorizeRecovery: a broker lets CTS `cts_instance` take job `gid` over by a recovery
+/// (from `checkpoint`, or from any image) although the job may still run elsewhere: a clone,
+/// or a migration the broker drives. Without it, a recovery registration moves a job only
+/// when it failed, was stopped for migration or its CTS is lost. The grant is used up by that
+/// recovery, or expires.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthorizeRecovery {
+    pub gid: String,
+    pub cts_instance: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<String>,
+}
+
+impl XmlContent for AuthorizeRecovery {
+    fn write_children(&self, el: &mut Element) {
+        push(el, "GID", &self.gid);
+        push(el, "CTSInstance", &self.cts_instance);
+        push_opt(el, "CheckpointID", &self.checkpoint);
+    }
+    fn read_children(el: &Element) -> Result<Self, XmlError> {
+        Ok(Self {
+            gid: el.req_text(GCA, "GID")?,
+            cts_instance: el.req_text(GCA, "CTSInstance")?,
+            checkpoint: el.opt_text(GCA, "CheckpointID"),
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryAuthorized {
+    pub gid: String,
+    pub cts_instance: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<String>,
+    pub expires_at: DateTime<Utc>,
+}
+
+impl XmlContent for RecoveryAuthorized {
+    fn write_children(&self, el: &mut Element) {
+        push(el, "GID", &self.gid);
+        push(el, "CTSInstance", &self.cts_instance);
+        push_opt(el, "CheckpointID", &self.checkpoint);
+        push(el, "ExpiresAt", fmt_time(&self.expires_at));
+    }
+    fn read_children(el: &Element) -> Result<Self, XmlError> {
+        Ok(Self {
+            gid: el.req_text(GCA, "GID")?,
+            cts_instance: el.req_text(GCA, "CTSInstance")?,
+            checkpoint: el.opt_text(GCA, "CheckpointID"),
+            expires_at: req_time(el, "ExpiresAt")?,
         })
     }
 }

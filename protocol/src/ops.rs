@@ -48,6 +48,7 @@ pub const GCS_OPERATIONS: &[&str] = &[
     "FindCTS",
     "GetCheckpoints",
     "GetRecoveryInfo",
+    "AuthorizeRecovery",
     "GetJob",
     "ListJobs",
     "SetRetention",
@@ -72,6 +73,8 @@ operations! { ns::GCS_PORT_TYPE;
     GetCheckpointsOp = "GetCheckpoints": GidRequest => CheckpointList;
     /// What a broker needs to recover a job from an image (paper 5.3 steps 2-5).
     GetRecoveryInfoOp = "GetRecoveryInfo": GetRecoveryInfo => RecoveryInfo;
+    /// Let a CTS take a job over by a recovery while it may still run elsewhere.
+    AuthorizeRecoveryOp = "AuthorizeRecovery": AuthorizeRecovery => RecoveryAuthorized;
     GetJobOp = "GetJob": GidRequest => JobInfo;
     ListJobsOp = "ListJobs": ListJobs => JobList;
     /// What is kept of a job's images when it ends (XtreemOS: deleted unless the owner asks).

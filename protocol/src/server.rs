@@ -174,7 +174,7 @@ impl From<Fault> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status = http::StatusCode::from_u16(self.0.kind.http_status())
+        let status = http::StatusCode::from_u16(self.0.http_status())
             .unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
         (status, Json(ErrorBody { error: self.0 })).into_response()
     }

@@ -22,18 +22,57 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 
-/// Server-side TLS settings (PEM files).
+/// A component's TLS settings (PEM files): the site CA it trusts, its own certificate and key,
+/// and how certificates issued by another PKI map to GCA identities. Servers require nothing
+/// at the handshake beyond a valid chain when a certificate is presented: a connection without
+/// one is served as [`Caller::Anonymous`](crate::identity::Caller), which the policies refuse
+/// for every operation but discovery (WSDL, schemas, health), with a message saying so.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ServerTls {
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The site CA: peers' certificates (clients and servers) and image signatures are
+    /// checked against it.
+    pub ca: PathBuf,
+    /// This component's certificate (its identity, e.g. `urn:gca:role:gcs:main`).
     pub cert: PathBuf,
     pub key: PathBuf,
-    /// When set, clients must present a certificate signed by one of these CAs.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub client_ca: Option<PathBuf>,
+    /// Certificates of a site's own PKI, mapped to identities (tried before the URN SAN).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub identity: Vec<crate::identity::IdentityRule>,
+}
+
+impl TlsConfig {
+    /// The same files for outgoing calls.
+    pub fn client(&self) -> ClientTls {
+        ClientTls {
+            ca: Some(self.ca.clone()),
+            cert: Some(self.cert.clone()),
+            key: Some(self.key.clone()),
+        }
+    }
+
+    /// Checks the files and rules, and returns the identity this component's own certificate
+    /// carries (so a service can refuse to start under the wrong name).
+    pub fn own_identity(&self) -> anyhow::Result<crate::identity::Identity> {
+        for rule in &self.identity {
+            rule.validate().map_err(|e| anyhow!(e))?;
+        }
+        let certs = read_certs(&self.cert)?;
+        let facts = crate::identity::CertificateFacts::from_der(&certs[0])
+            .map_err(|e| anyhow!("{}: {e}", self.cert.display()))?;
+        facts.identity(&self.identity).ok_or_else(|| {
+            anyhow!(
+                "the certificate {} ({}) carries no GCA identity: issue it with `gcactl pki issue --role ROLE --name NAME`, or map it with an identity rule",
+                self.cert.display(),
+                facts.subject
+            )
+        })
+    }
 }
 
 /// Client-side TLS settings (PEM files).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ClientTls {
     /// CAs to trust for servers (the GCS, CTSes); without it, the system's roots are not used
     /// either, so set it whenever https URLs are used.
@@ -44,6 +83,28 @@ pub struct ClientTls {
     pub cert: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<PathBuf>,
+}
+
+/// The environment variables every GCA client reads its TLS files from (gcactl, the
+/// wrappers, scripts): the site CA, and the caller's certificate and key.
+pub const ENV_CA: &str = "GCA_CA";
+pub const ENV_CERT: &str = "GCA_CERT";
+pub const ENV_KEY: &str = "GCA_KEY";
+
+impl ClientTls {
+    /// `GCA_CA`, `GCA_CERT`, `GCA_KEY` (read through `var`, empty values unset).
+    pub fn from_env_with(var: impl Fn(&str) -> Option<String>) -> Self {
+        let get = |k: &str| var(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+        ClientTls {
+            ca: get(ENV_CA),
+            cert: get(ENV_CERT),
+            key: get(ENV_KEY),
+        }
+    }
+
+    pub fn from_env() -> Self {
+        Self::from_env_with(|k| std::env::var(k).ok())
+    }
 }
 
 /// The authenticated peer of a TLS connection with a client certificate.
@@ -57,7 +118,7 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn read_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+pub fn read_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
     let pem = std::fs::read(path)
         .with_context(|| format!("cannot read certificate file {}", path.display()))?;
     let certs = rustls_pemfile::certs(&mut pem.as_slice())
@@ -69,7 +130,7 @@ fn read_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
     Ok(certs)
 }
 
-fn read_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
+pub fn read_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
     let pem =
         std::fs::read(path).with_context(|| format!("cannot read key file {}", path.display()))?;
     rustls_pemfile::private_key(&mut pem.as_slice())
@@ -87,24 +148,22 @@ fn root_store(path: &Path) -> anyhow::Result<rustls::RootCertStore> {
     Ok(roots)
 }
 
-/// Builds the rustls server configuration.
-pub fn server_config(tls: &ServerTls) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+/// Builds the rustls server configuration: our certificate, and client certificates checked
+/// against the site CA when presented (expired, revoked-by-chain or foreign ones fail the
+/// handshake; none at all is an anonymous caller).
+pub fn server_config(tls: &TlsConfig) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .context("TLS protocol versions")?;
-    let builder = match &tls.client_ca {
-        Some(ca) => {
-            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-                Arc::new(root_store(ca)?),
-                provider(),
-            )
-            .build()
-            .context("client certificate verifier")?;
-            builder.with_client_cert_verifier(verifier)
-        }
-        None => builder.with_no_client_auth(),
-    };
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(root_store(&tls.ca)?),
+        provider(),
+    )
+    .allow_unauthenticated()
+    .build()
+    .context("client certificate verifier")?;
     let mut config = builder
+        .with_client_cert_verifier(verifier)
         .with_single_cert(read_certs(&tls.cert)?, read_key(&tls.key)?)
         .context("server certificate and key do not match")?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -277,41 +336,94 @@ mod tests {
         fn path(&self, name: &str) -> PathBuf {
             self.dir.path().join(name)
         }
+        fn client(&self, name: Option<&str>) -> reqwest::Client {
+            http_client(&ClientSettings {
+                tls: ClientTls {
+                    ca: Some(self.path("ca.pem")),
+                    cert: name.map(|n| self.path(&format!("{n}.pem"))),
+                    key: name.map(|n| self.path(&format!("{n}.key"))),
+                },
+                ..Default::default()
+            })
+            .unwrap()
+        }
     }
 
+    /// A CA (`ca`), a server certificate for localhost, a client `admin:a`, an expired
+    /// client `admin:old`, and `stranger:` issued by another CA.
     fn pki() -> Pki {
         let dir = tempfile::tempdir().unwrap();
-        let ca_key = rcgen::KeyPair::generate().unwrap();
-        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        let ca = ca_params.self_signed(&ca_key).unwrap();
-        let issue = |name: &str, sans: Vec<String>| {
+        let make_ca = || {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            p.distinguished_name
+                .push(rcgen::DnType::CommonName, "test CA");
+            (p.self_signed(&key).unwrap(), key)
+        };
+        let (ca, ca_key) = make_ca();
+        let (other, other_key) = make_ca();
+        let issue = |name: &str,
+                     sans: Vec<String>,
+                     uri: Option<&str>,
+                     expired: bool,
+                     by: (&rcgen::Certificate, &rcgen::KeyPair)| {
             let key = rcgen::KeyPair::generate().unwrap();
             let mut p = rcgen::CertificateParams::new(sans).unwrap();
             p.distinguished_name.push(rcgen::DnType::CommonName, name);
-            let cert = p.signed_by(&key, &ca, &ca_key).unwrap();
+            if let Some(u) = uri {
+                p.subject_alt_names
+                    .push(rcgen::SanType::URI(u.try_into().unwrap()));
+            }
+            if expired {
+                p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+                p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+            }
+            let cert = p.signed_by(&key, by.0, by.1).unwrap();
             std::fs::write(dir.path().join(format!("{name}.pem")), cert.pem()).unwrap();
             std::fs::write(dir.path().join(format!("{name}.key")), key.serialize_pem()).unwrap();
         };
         std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
-        issue("server", vec!["localhost".into()]);
-        issue("client", vec![]);
+        issue(
+            "server",
+            vec!["localhost".into()],
+            None,
+            false,
+            (&ca, &ca_key),
+        );
+        issue(
+            "client",
+            vec![],
+            Some("urn:gca:role:admin:a"),
+            false,
+            (&ca, &ca_key),
+        );
+        issue("nameless", vec![], None, false, (&ca, &ca_key));
+        issue(
+            "expired",
+            vec![],
+            Some("urn:gca:role:admin:old"),
+            true,
+            (&ca, &ca_key),
+        );
+        issue(
+            "stranger",
+            vec![],
+            Some("urn:gca:role:admin:a"),
+            false,
+            (&other, &other_key),
+        );
         Pki { dir }
     }
 
-    async fn start(tls: ServerTls) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
+    async fn start(tls: TlsConfig) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let router = axum::Router::new().route(
             "/who",
-            axum::routing::get(|id: Option<axum::Extension<PeerIdentity>>| async move {
-                if id.is_some() {
-                    "authenticated"
-                } else {
-                    "anonymous"
-                }
-            }),
+            axum::routing::get(|caller: crate::identity::Caller| async move { caller.to_string() }),
         );
+        let router = crate::identity::Authenticator::with_rules(tls.identity.clone()).layer(router);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let config = server_config(&tls).unwrap();
         tokio::spawn(serve(listener, Some(config), router, async move {
@@ -320,88 +432,89 @@ mod tests {
         (addr, tx)
     }
 
-    #[tokio::test]
-    async fn mutual_tls_identifies_the_client_and_refuses_strangers() {
-        let pki = pki();
-        let (addr, _stop) = start(ServerTls {
+    fn server_tls(pki: &Pki) -> TlsConfig {
+        TlsConfig {
+            ca: pki.path("ca.pem"),
             cert: pki.path("server.pem"),
             key: pki.path("server.key"),
-            client_ca: Some(pki.path("ca.pem")),
-        })
-        .await;
+            identity: vec![crate::identity::IdentityRule {
+                subject: Some("CN=nameless".into()),
+                san: None,
+                role: crate::identity::Role::Broker,
+                name: "mapped".into(),
+            }],
+        }
+    }
+
+    #[tokio::test]
+    async fn mutual_tls_identifies_clients_and_refuses_strangers() {
+        let pki = pki();
+        let (addr, stop) = start(server_tls(&pki)).await;
         let url = format!("https://localhost:{}/who", addr.port());
-        let with_cert = http_client(&ClientSettings {
-            tls: ClientTls {
-                ca: Some(pki.path("ca.pem")),
-                cert: Some(pki.path("client.pem")),
-                key: Some(pki.path("client.key")),
-            },
-            ..Default::default()
-        })
-        .unwrap();
-        let body = with_cert
-            .get(&url)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        assert_eq!(body, "authenticated");
-
-        let without_cert = http_client(&ClientSettings {
-            tls: ClientTls {
-                ca: Some(pki.path("ca.pem")),
-                ..Default::default()
-            },
-            ..Default::default()
-        })
-        .unwrap();
-        assert!(
-            without_cert.get(&url).send().await.is_err(),
-            "a client without a certificate must be refused"
+        let who = |c: reqwest::Client| {
+            let url = url.clone();
+            async move { c.get(&url).send().await.map(|r| r.status()) }
+        };
+        let text = |c: reqwest::Client| {
+            let url = url.clone();
+            async move { c.get(&url).send().await.unwrap().text().await.unwrap() }
+        };
+        assert_eq!(text(pki.client(Some("client"))).await, "admin:a");
+        assert_eq!(text(pki.client(Some("nameless"))).await, "broker:mapped");
+        assert_eq!(
+            text(pki.client(None)).await,
+            "a caller without a client certificate"
         );
-
+        assert!(
+            who(pki.client(Some("expired"))).await.is_err(),
+            "an expired client certificate must fail the handshake"
+        );
+        assert!(
+            who(pki.client(Some("stranger"))).await.is_err(),
+            "a certificate of another CA must fail the handshake"
+        );
         let untrusting = http_client(&ClientSettings::default()).unwrap();
         assert!(
             untrusting.get(&url).send().await.is_err(),
             "an unknown server CA must be refused"
         );
+        stop.send(()).unwrap();
     }
 
     #[tokio::test]
-    async fn server_tls_without_client_auth_serves_anonymous_clients() {
+    async fn own_identity_is_read_from_the_certificate() {
         let pki = pki();
-        let (addr, stop) = start(ServerTls {
-            cert: pki.path("server.pem"),
-            key: pki.path("server.key"),
-            client_ca: None,
-        })
-        .await;
-        let client = http_client(&ClientSettings {
-            tls: ClientTls {
-                ca: Some(pki.path("ca.pem")),
-                ..Default::default()
-            },
-            ..Default::default()
-        })
-        .unwrap();
-        let url = format!("https://localhost:{}/who", addr.port());
-        assert_eq!(
-            client.get(&url).send().await.unwrap().text().await.unwrap(),
-            "anonymous"
+        let mut tls = server_tls(&pki);
+        tls.cert = pki.path("client.pem");
+        assert_eq!(tls.own_identity().unwrap().to_string(), "admin:a");
+        tls.cert = pki.path("server.pem");
+        let err = tls.own_identity().unwrap_err();
+        assert!(
+            format!("{err:#}").contains("carries no GCA identity"),
+            "{err:#}"
         );
-        stop.send(()).unwrap();
+    }
+
+    #[test]
+    fn client_files_come_from_the_environment() {
+        let tls = ClientTls::from_env_with(|k| match k {
+            "GCA_CA" => Some("/etc/gca/ca.pem".into()),
+            "GCA_CERT" => Some(String::new()),
+            _ => None,
+        });
+        assert_eq!(tls.ca.as_deref(), Some(Path::new("/etc/gca/ca.pem")));
+        assert_eq!(tls.cert, None);
     }
 
     #[test]
     fn bad_files_give_clear_errors() {
-        let err = server_config(&ServerTls {
+        let err = server_config(&TlsConfig {
+            ca: "/nonexistent/ca.pem".into(),
             cert: "/nonexistent/cert.pem".into(),
             key: "/nonexistent/key.pem".into(),
-            client_ca: None,
+            identity: vec![],
         })
         .unwrap_err();
-        assert!(format!("{err:#}").contains("/nonexistent/cert.pem"));
+        assert!(format!("{err:#}").contains("/nonexistent/"));
     }
 }
