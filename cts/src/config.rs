@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use gca_protocol::messages::CtsType;
-use gca_protocol::transport::{ClientTls, ServerTls};
+use gca_protocol::transport::TlsConfig;
 use serde::Deserialize;
 
 use crate::driver::app::AppConfig;
@@ -53,12 +53,14 @@ pub struct Config {
     #[serde(default)]
     pub checkpoint: CheckpointConfig,
     pub driver: DriverConfig,
-    /// Serve HTTPS with these files.
+    /// Mutual TLS on the public port and for calls to the GCS and other CTSes: the site CA,
+    /// this CTS's certificate (`cts:<name>`) and key (which also signs its images), identity
+    /// rules. Required unless `insecure`.
     #[serde(default)]
-    pub tls: Option<ServerTls>,
-    /// TLS settings for calls to the GCS and other CTSes.
+    pub tls: Option<TlsConfig>,
+    /// Plain HTTP, no identities, unsigned images (development only; warned at start).
     #[serde(default)]
-    pub client_tls: ClientTls,
+    pub insecure: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -199,6 +201,29 @@ impl Config {
         if let Some(v) = get("CTS_STORE_DIR") {
             self.store.dir = Some(v.into());
         }
+        let file = |k: &str| get(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+        match (
+            file("CTS_TLS_CA"),
+            file("CTS_TLS_CERT"),
+            file("CTS_TLS_KEY"),
+        ) {
+            (Some(ca), Some(cert), Some(key)) => {
+                let identity = self.tls.take().map(|t| t.identity).unwrap_or_default();
+                self.tls = Some(TlsConfig {
+                    ca,
+                    cert,
+                    key,
+                    identity,
+                });
+            }
+            (None, None, None) => {}
+            _ => bail!("set all three of CTS_TLS_CA, CTS_TLS_CERT and CTS_TLS_KEY, or none"),
+        }
+        if let Some(v) = get("CTS_INSECURE") {
+            self.insecure = v
+                .parse()
+                .with_context(|| format!("CTS_INSECURE={v:?} is not true or false"))?;
+        }
         self.validate()
     }
 
@@ -221,6 +246,14 @@ impl Config {
                     _ => bail!("{what} {url:?} is not an http(s) URL"),
                 }
             }
+        }
+        match (&self.tls, self.insecure) {
+            (Some(_), true) => bail!("both [tls] and insecure = true are set; choose one"),
+            (None, false) => bail!(
+                "no [tls] configured: the CTS serves and calls with mutual TLS only. Give it the site CA and its certificate ([tls] ca/cert/key, or CTS_TLS_CA, CTS_TLS_CERT, CTS_TLS_KEY; make them with `gcactl pki issue --role cts --name {}`), or set insecure = true (CTS_INSECURE=true) for plain HTTP without authentication",
+                self.name
+            ),
+            _ => {}
         }
         if self.heartbeat_secs == 0 {
             bail!("heartbeat_secs must be at least 1");

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum OutboxItem {
     RegisterJob(RegisterJob),
-    RegisterCheckpoint(RegisterCheckpoint),
+    RegisterCheckpoint(Box<RegisterCheckpoint>),
     JobFinished(JobFinished),
 }
 
@@ -336,7 +336,7 @@ impl GcsLink {
         Ok(match item {
             OutboxItem::RegisterJob(r) => Delivered::Job(c.call::<RegisterJobOp>(r).await?),
             OutboxItem::RegisterCheckpoint(r) => {
-                Delivered::Checkpoint(c.call::<RegisterCheckpointOp>(r).await?)
+                Delivered::Checkpoint(c.call::<RegisterCheckpointOp>(r.as_ref()).await?)
             }
             OutboxItem::JobFinished(r) => Delivered::Finished(c.call::<JobFinishedOp>(r).await?),
         })

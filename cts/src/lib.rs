@@ -56,8 +56,23 @@ pub fn make_driver(cfg: &DriverConfig) -> anyhow::Result<Arc<dyn CoreCheckpointe
 pub async fn build(config: Config) -> anyhow::Result<Cts> {
     let cts_type = config.load_descriptor()?;
     let driver = make_driver(&config.driver)?;
+    let tls = match &config.tls {
+        Some(tls) => {
+            let me = tls.own_identity().context("the CTS's certificate")?;
+            if !me.is_cts(&config.name) {
+                anyhow::bail!(
+                    "the CTS's certificate {} says {me}, but this CTS is named {:?}; issue one with --role cts --name {}",
+                    tls.cert.display(),
+                    config.name,
+                    config.name
+                );
+            }
+            tls.client()
+        }
+        None => Default::default(),
+    };
     let http = transport::http_client(&transport::ClientSettings {
-        tls: config.client_tls.clone(),
+        tls,
         ..Default::default()
     })?;
     Cts::new(config, cts_type, driver, http).await
@@ -106,6 +121,13 @@ pub async fn run(
         tls = tls.is_some(),
         "CTS listening"
     );
+    if tls.is_none() {
+        tracing::warn!("insecure = true: serving plain HTTP to anyone, calling without a certificate, and taking unsigned images; never run this on a network others can reach");
+    }
+    let authenticator = match &cts.config().tls {
+        Some(t) => gca_protocol::identity::Authenticator::with_rules(t.identity.clone()),
+        None => gca_protocol::identity::Authenticator::insecure(),
+    };
     cts.start();
     let (tx, rx) = tokio::sync::watch::channel(false);
     let mut rx2 = rx.clone();
@@ -124,7 +146,7 @@ pub async fn run(
     let public = transport::serve(
         listener,
         tls,
-        http::public::router(cts.clone()),
+        authenticator.layer(http::public::router(cts.clone())),
         async move {
             let _ = rx1.wait_for(|v| *v).await;
         },

@@ -48,6 +48,8 @@ struct Inner {
     link: GcsLink,
     /// For fetching images from other CTSes.
     http: reqwest::Client,
+    /// Signs the images this CTS takes (`None` in insecure mode).
+    signer: Option<gca_protocol::signature::Signer>,
     jobs: Mutex<HashMap<String, Arc<Job>>>,
     in_flight: AtomicU64,
     checkpoints_taken: AtomicU64,
@@ -241,6 +243,13 @@ impl Cts {
             registered_at: None,
             last_seen: None,
         };
+        let signer = match &config.tls {
+            Some(tls) => Some(
+                gca_protocol::signature::Signer::from_tls(tls)
+                    .context("the CTS's signing key (its TLS key)")?,
+            ),
+            None => None,
+        };
         let client = gca_protocol::client::SoapClient::new(http.clone(), config.gcs_endpoint());
         let link = GcsLink::open(
             client,
@@ -258,6 +267,7 @@ impl Cts {
                 store,
                 link,
                 http,
+                signer,
                 jobs: Mutex::new(HashMap::new()),
                 in_flight: AtomicU64::new(0),
                 checkpoints_taken: AtomicU64::new(0),
@@ -990,7 +1000,13 @@ impl Cts {
         *job.last_checkpoint.lock().expect("lock") = Some(id.to_string());
         self.inner.checkpoints_taken.fetch_add(1, Ordering::SeqCst);
         self.save_job(job);
-        Ok(CheckpointRecord {
+        let owner = match (job.uid, job.owner_gid) {
+            (uid, Some(gid)) if uid != u32::MAX => {
+                Some(gca_protocol::messages::ImageOwner { uid, gid })
+            }
+            _ => None,
+        };
+        let mut record = CheckpointRecord {
             id: id.to_string(),
             gid: job.gid.clone(),
             sequence: None,
@@ -1008,7 +1024,27 @@ impl Cts {
             image_state: Default::default(),
             kept_in: None,
             image_error: None,
-        })
+            owner,
+            signature: None,
+        };
+        if let Some(signer) = &self.inner.signer {
+            let facts = gca_protocol::signature::SignedFacts::of(&record).ok_or_else(|| {
+                Error::Fault(Fault::new(
+                    gca_protocol::FaultKind::OperationFailed,
+                    format!(
+                        "image {id} of job {:?} cannot be signed: the job's owner is unknown",
+                        job.gid
+                    ),
+                ))
+            })?;
+            record.signature = Some(signer.sign(&facts).map_err(|e| {
+                Error::Fault(Fault::new(
+                    gca_protocol::FaultKind::Internal,
+                    format!("signing image {id}: {e:#}"),
+                ))
+            })?);
+        }
+        Ok(record)
     }
 
     fn new_image_id(&self) -> String {
@@ -1068,9 +1104,9 @@ impl Cts {
                     tracing::error!(gid = %job.gid, error = %e, "job stopped but its image could not be stored");
                 }
             })?;
-        let item = OutboxItem::RegisterCheckpoint(RegisterCheckpoint {
+        let item = OutboxItem::RegisterCheckpoint(Box::new(RegisterCheckpoint {
             checkpoint: record.clone(),
-        });
+        }));
         match self.inner.link.send(item, self.gcs_wait()).await {
             Ok(Some(Delivered::Checkpoint(r))) => Ok(r.checkpoint),
             Ok(_) => {
@@ -1206,7 +1242,7 @@ impl Cts {
             tracing::info!(gid = %job.gid, checkpoint.id = %id, "checkpoint taken by the job itself");
             self.inner
                 .link
-                .enqueue_nowait(OutboxItem::RegisterCheckpoint(RegisterCheckpoint { checkpoint: record }))
+                .enqueue_nowait(OutboxItem::RegisterCheckpoint(Box::new(RegisterCheckpoint { checkpoint: record })))
                 .map_err(|e| Error::Fault(e.into()))
         }
         .await;

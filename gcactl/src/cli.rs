@@ -122,6 +122,11 @@ pub enum Command {
     #[command(subcommand)]
     Job(JobCommand),
 
+    /// The site CA: make one, issue certificates for GCA identities, show certificates.
+    /// Runs locally; needs no GCS.
+    #[command(subcommand)]
+    Pki(PkiCommand),
+
     /// Notification subscriptions: list them with their delivery backlog, add, remove.
     #[command(subcommand)]
     Subscription(SubscriptionCommand),
@@ -154,6 +159,20 @@ pub enum Command {
         /// The checkpoint (image) ID to recover from, or `latest`.
         #[arg(long, value_name = "ID|latest", default_value = "latest")]
         image: String,
+    },
+
+    /// Let a CTS take a job over by a recovery although it may still run elsewhere (a clone,
+    /// or a migration you drive); otherwise a recovery moves a job only when it failed, was
+    /// stopped for migration, or its CTS is lost.
+    AuthorizeRecovery {
+        /// Global identifier of the job.
+        gid: String,
+        /// The CTS instance that will recover it.
+        #[arg(long = "on", value_name = "CTS")]
+        cts_instance: String,
+        /// Only a recovery from this checkpoint (image) ID.
+        #[arg(long, value_name = "ID")]
+        image: Option<String>,
     },
 
     /// Find CTS instances a job can be submitted to (all criteria given must match).
@@ -213,6 +232,48 @@ impl RetentionArgs {
         r.validate().map_err(crate::commands::CliError::Local)?;
         Ok(r)
     }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PkiCommand {
+    /// Make a site CA in DIR (ca.pem for everyone, ca.key readable by its owner only).
+    Init {
+        /// The CA's directory (created 0700).
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// The site's name, in the CA's subject.
+        #[arg(long, value_name = "NAME", default_value = "gca")]
+        site: String,
+    },
+    /// Issue a certificate carrying a GCA identity (urn:gca:role:ROLE:NAME).
+    #[command(
+        long_about = "Issue a certificate carrying a GCA identity: a URI subject                              alternative name urn:gca:role:ROLE:NAME, which the GCS and the                              CTSes read. Servers (gcs, cts) need --host for every name or                              address clients reach them at. Writes PREFIX.pem and PREFIX.key                              (mode 0600); PREFIX defaults to DIR/ROLE-NAME."
+    )]
+    Issue {
+        /// The CA's directory.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// admin, broker, cts, gcs or user.
+        #[arg(long, value_name = "ROLE")]
+        role: gca_protocol::identity::Role,
+        /// The holder's name (a CTS's instance name; 1-64 of [A-Za-z0-9._-]).
+        #[arg(long, value_name = "NAME")]
+        name: String,
+        /// A host name or IP address the holder serves at (repeatable).
+        #[arg(long = "host", value_name = "HOST")]
+        hosts: Vec<String>,
+        /// Days the certificate is valid.
+        #[arg(long, value_name = "N", default_value_t = 365, value_parser = clap::value_parser!(u32).range(1..))]
+        days: u32,
+        /// Where to write it: PREFIX.pem and PREFIX.key.
+        #[arg(long, value_name = "PREFIX")]
+        out: Option<PathBuf>,
+    },
+    /// Show what certificates in a PEM file are: identity, subject, issuer, validity.
+    Show {
+        /// A PEM certificate file.
+        file: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -11,11 +11,11 @@ use std::time::Duration;
 use chrono::{DateTime, SecondsFormat, Utc};
 use gca_protocol::client::{path_segment, JsonClient};
 use gca_protocol::messages::{
-    CheckpointList, CheckpointRecord, CheckpointerClass, ClassList, ClassRegistered,
-    CtsInstanceList, CtsTypeList, DescriptorRegistered, FindCts, FindCtsResponse, JobInfo, JobList,
-    NewSubscription, Property, RecoveryCandidate, RecoveryInfo, RegisterCheckpointerClass,
-    RegisterCtsDescriptor, Registration, SubscriptionInfo, SubscriptionList, Unregistered,
-    WrapperSpec,
+    AuthorizeRecovery, CheckpointList, CheckpointRecord, CheckpointerClass, ClassList,
+    ClassRegistered, CtsInstanceList, CtsTypeList, DescriptorRegistered, FindCts, FindCtsResponse,
+    JobInfo, JobList, NewSubscription, Property, RecoveryAuthorized, RecoveryCandidate,
+    RecoveryInfo, RegisterCheckpointerClass, RegisterCtsDescriptor, Registration, SubscriptionInfo,
+    SubscriptionList, Unregistered, WrapperSpec,
 };
 use gca_protocol::transport::{http_client, ClientSettings, ClientTls};
 use gca_protocol::{Fault, FaultKind};
@@ -76,6 +76,9 @@ impl From<Fault> for CliError {
 
 /// Runs the command and returns what to print on stdout.
 pub async fn run(cli: Cli) -> Result<String, CliError> {
+    if let Command::Pki(command) = cli.command {
+        return crate::pki::run(command, cli.json);
+    }
     let timeout = match (cli.timeout, &cli.command) {
         (Some(secs), _) => Duration::from_secs(secs),
         (None, Command::Checkpoint { .. }) => CHECKPOINT_TIMEOUT,
@@ -255,6 +258,34 @@ impl Gcs {
                 );
                 self.show(self.client.get(&path).await, render_recovery)
             }
+            Command::AuthorizeRecovery {
+                gid,
+                cts_instance,
+                image,
+            } => {
+                let path = format!("/api/v1/jobs/{}/recovery-grants", path_segment(&gid));
+                let body = AuthorizeRecovery {
+                    gid: gid.clone(),
+                    cts_instance,
+                    checkpoint: image,
+                };
+                self.show(
+                    self.client.post(&path, &body).await,
+                    |g: &RecoveryAuthorized| {
+                        format!(
+                            "CTS {} may recover job {} ({}) until {}\n",
+                            g.cts_instance,
+                            g.gid,
+                            g.checkpoint
+                                .as_deref()
+                                .map(|c| format!("from {c}"))
+                                .unwrap_or_else(|| "from any image".into()),
+                            fmt_time(&g.expires_at)
+                        )
+                    },
+                )
+            }
+            Command::Pki(_) => unreachable!("run() handles pki locally"),
             Command::FindCts(args) => {
                 let body = find_request(args);
                 self.show(
@@ -817,6 +848,8 @@ mod tests {
             image_state: Default::default(),
             kept_in: None,
             image_error: None,
+            owner: None,
+            signature: None,
         }
     }
 

@@ -5,6 +5,7 @@
 
 mod cli;
 mod commands;
+mod pki;
 mod table;
 
 use std::io::Write;

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use gca_protocol::transport::{ClientTls, ServerTls};
+use gca_protocol::transport::TlsConfig;
 use serde::Deserialize;
 
 /// A secret string: never printed by `Debug`.
@@ -46,10 +46,12 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// Bound on a doCheckpoint forwarded to a CTS, in seconds.
     pub cts_timeout_secs: u64,
-    /// Serve HTTPS with these files.
-    pub tls: Option<ServerTls>,
-    /// TLS settings for calls to CTSes.
-    pub client_tls: ClientTls,
+    /// Mutual TLS: the site CA, the GCS's certificate (role `gcs`) and key, identity rules.
+    /// Required unless `insecure`.
+    pub tls: Option<TlsConfig>,
+    /// Serve plain HTTP and trust every caller with every operation (development only; a
+    /// warning is logged at start). Without `tls` and without this, the GCS refuses to start.
+    pub insecure: bool,
     /// `text` or `json` logs.
     pub log_format: LogFormat,
     /// A CTS instance not heard from for this long is lost (the `gca:CTSLost` notification):
@@ -79,6 +81,8 @@ pub struct Config {
     pub image_task_retry_base_millis: u64,
     /// ...up to this.
     pub image_task_retry_max_secs: u64,
+    /// How long a broker's AuthorizeRecovery lets the CTS it names take the job over.
+    pub recovery_grant_secs: u64,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -99,7 +103,7 @@ impl Default for Config {
             max_body_bytes: 1024 * 1024,
             cts_timeout_secs: 60,
             tls: None,
-            client_tls: ClientTls::default(),
+            insecure: false,
             log_format: LogFormat::Text,
             cts_lost_after_secs: 90.0,
             notify_poll_millis: 1000,
@@ -112,11 +116,25 @@ impl Default for Config {
             image_task_max_attempts: 12,
             image_task_retry_base_millis: 2000,
             image_task_retry_max_secs: 600,
+            recovery_grant_secs: 3600,
         }
     }
 }
 
 impl Config {
+    /// The security mode is explicit: mutual TLS, or plain HTTP with `insecure`.
+    pub fn check_security(&self) -> anyhow::Result<()> {
+        match (&self.tls, self.insecure) {
+            (Some(_), true) => anyhow::bail!(
+                "both [tls] and insecure = true are set; choose one (insecure serves plain HTTP)"
+            ),
+            (None, false) => anyhow::bail!(
+                "no [tls] configured: the GCS serves mutual TLS only. Give it the site CA and its certificate ([tls] ca/cert/key, or GCS_TLS_CA, GCS_TLS_CERT, GCS_TLS_KEY; make them with `gcactl pki init` and `gcactl pki issue --role gcs`), or set insecure = true (GCS_INSECURE=true) for plain HTTP without authentication"
+            ),
+            _ => Ok(()),
+        }
+    }
+
     pub fn cts_timeout(&self) -> Duration {
         Duration::from_secs(self.cts_timeout_secs)
     }
@@ -175,8 +193,33 @@ impl Config {
         if let Some(v) = var("GCS_FAILED_JOB_LIFETIME_SECS") {
             self.failed_job_lifetime_secs = parse("GCS_FAILED_JOB_LIFETIME_SECS", v)?;
         }
+        if let Some(v) = var("GCS_RECOVERY_GRANT_SECS") {
+            self.recovery_grant_secs = parse("GCS_RECOVERY_GRANT_SECS", v)?;
+        }
         if let Some(v) = var("GCS_IMAGE_TASK_MAX_ATTEMPTS") {
             self.image_task_max_attempts = parse("GCS_IMAGE_TASK_MAX_ATTEMPTS", v)?;
+        }
+        let tls_file = |k: &str| var(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+        if let (Some(ca), Some(cert), Some(key)) = (
+            tls_file("GCS_TLS_CA"),
+            tls_file("GCS_TLS_CERT"),
+            tls_file("GCS_TLS_KEY"),
+        ) {
+            let identity = self.tls.take().map(|t| t.identity).unwrap_or_default();
+            self.tls = Some(TlsConfig {
+                ca,
+                cert,
+                key,
+                identity,
+            });
+        } else if ["GCS_TLS_CA", "GCS_TLS_CERT", "GCS_TLS_KEY"]
+            .iter()
+            .any(|k| tls_file(k).is_some())
+        {
+            anyhow::bail!("set all three of GCS_TLS_CA, GCS_TLS_CERT and GCS_TLS_KEY, or none");
+        }
+        if let Some(v) = var("GCS_INSECURE") {
+            self.insecure = parse("GCS_INSECURE", v)?;
         }
         if let Some(v) = var("GCS_LOG_FORMAT") {
             self.log_format = match v.as_str() {

@@ -4,9 +4,10 @@
 
 use chrono::{DateTime, Utc};
 use gca_protocol::messages::{
-    CheckpointRecord, CheckpointerClass, CtsInstance, CtsType, ImageState, Job, JobState, Keep,
-    Origin, Property, Retention,
+    CheckpointRecord, CheckpointerClass, CtsInstance, CtsType, ImageOwner, ImageSignature,
+    ImageState, Job, JobState, Keep, Origin, Property, Retention,
 };
+use sqlx::types::Json;
 use sqlx::{FromRow, PgExecutor, PgPool};
 
 use crate::error::{Error, Result};
@@ -519,6 +520,9 @@ pub struct CheckpointRow {
     pub image_state: String,
     pub kept_in: Option<String>,
     pub image_error: Option<String>,
+    pub owner_uid: Option<i64>,
+    pub owner_gid: Option<i64>,
+    pub signature: Option<Json<ImageSignature>>,
 }
 
 impl TryFrom<CheckpointRow> for CheckpointRecord {
@@ -548,13 +552,22 @@ impl TryFrom<CheckpointRow> for CheckpointRecord {
                 .map_err(|e| bad_row("checkpoint", e))?,
             kept_in: r.kept_in,
             image_error: r.image_error,
+            owner: match (r.owner_uid, r.owner_gid) {
+                (Some(uid), Some(gid)) => Some(ImageOwner {
+                    uid: u32::try_from(uid).map_err(|e| bad_row("checkpoint owner", e))?,
+                    gid: u32::try_from(gid).map_err(|e| bad_row("checkpoint owner", e))?,
+                }),
+                _ => None,
+            },
+            signature: r.signature.map(|s| s.0),
         })
     }
 }
 
 const CHECKPOINT_COLUMNS: &str =
     "id, gid, sequence, cts_name, cts_type, taken_at, image_name, execution_manager, \
-     size_bytes, digest, parent, origin, job_stopped, registered_at, image_state, kept_in, image_error";
+     size_bytes, digest, parent, origin, job_stopped, registered_at, image_state, kept_in, image_error, \
+     owner_uid, owner_gid, signature";
 
 pub async fn get_checkpoint(db: impl PgExecutor<'_>, id: &str) -> Result<Option<CheckpointRecord>> {
     sqlx::query_as::<_, CheckpointRow>(&format!(
@@ -608,8 +621,9 @@ pub async fn insert_checkpoint(
 ) -> Result<InsertedCheckpoint> {
     let registered_at: DateTime<Utc> = sqlx::query_scalar(
         "insert into checkpoints (id, gid, sequence, cts_name, cts_type, taken_at, image_name,
-            execution_manager, size_bytes, digest, parent, origin, job_stopped)
-         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+            execution_manager, size_bytes, digest, parent, origin, job_stopped, owner_uid,
+            owner_gid, signature)
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
          returning registered_at",
     )
     .bind(&r.id)
@@ -625,6 +639,9 @@ pub async fn insert_checkpoint(
     .bind(&r.parent)
     .bind(r.origin.as_str())
     .bind(r.job_stopped)
+    .bind(r.owner.map(|o| i64::from(o.uid)))
+    .bind(r.owner.map(|o| i64::from(o.gid)))
+    .bind(r.signature.clone().map(Json))
     .fetch_one(&mut **tx)
     .await?;
     let job_ended: bool = sqlx::query_scalar(
@@ -764,13 +781,15 @@ pub struct SubscriptionRow {
     pub producer_address: String,
     pub created_at: DateTime<Utc>,
     pub termination_time: Option<DateTime<Utc>>,
+    /// Who created it (`role:name`); `None` for subscriptions made without an identity.
+    pub owner: Option<String>,
 }
 
 pub async fn insert_subscription(db: impl PgExecutor<'_>, s: &SubscriptionRow) -> Result<()> {
     sqlx::query(
         "insert into subscriptions (id, consumer_address, consumer_reference, topics, topic_dialect,
-            gid, producer_address, termination_time)
-         values ($1, $2, $3, $4, $5, $6, $7, $8)",
+            gid, producer_address, termination_time, owner)
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
     )
     .bind(&s.id)
     .bind(&s.consumer_address)
@@ -780,6 +799,7 @@ pub async fn insert_subscription(db: impl PgExecutor<'_>, s: &SubscriptionRow) -
     .bind(&s.gid)
     .bind(&s.producer_address)
     .bind(s.termination_time)
+    .bind(&s.owner)
     .execute(db)
     .await?;
     Ok(())
@@ -793,7 +813,7 @@ pub async fn get_subscription(
 ) -> Result<Option<SubscriptionRow>> {
     Ok(sqlx::query_as::<_, SubscriptionRow>(
         "select id, consumer_address, consumer_reference, topics, topic_dialect, gid,
-            producer_address, created_at, termination_time
+            producer_address, created_at, termination_time, owner
          from subscriptions
          where id = $1 and (termination_time is null or termination_time > now())",
     )
@@ -1242,11 +1262,15 @@ pub struct SubscriptionStatus {
     pub last_error: Option<String>,
 }
 
-/// Live subscriptions (one, or all in creation order) with their backlogs.
-pub async fn subscription_status(db: &PgPool, id: Option<&str>) -> Result<Vec<SubscriptionStatus>> {
+/// Live subscriptions (in creation order) with their backlog: one (`id`), or all, or all of one `owner`.
+pub async fn subscription_status(
+    db: &PgPool,
+    id: Option<&str>,
+    owner: Option<&str>,
+) -> Result<Vec<SubscriptionStatus>> {
     Ok(sqlx::query_as::<_, SubscriptionStatus>(
         "select s.id, s.consumer_address, s.consumer_reference, s.topics, s.topic_dialect, s.gid,
-            s.producer_address, s.created_at, s.termination_time,
+            s.producer_address, s.created_at, s.termination_time, s.owner,
             count(n.id) filter (where n.failed_at is null) as pending,
             count(n.id) filter (where n.failed_at is not null) as failed,
             (array_agg(n.last_error order by n.id desc) filter (where n.last_error is not null))[1]
@@ -1254,10 +1278,74 @@ pub async fn subscription_status(db: &PgPool, id: Option<&str>) -> Result<Vec<Su
          from subscriptions s left join notifications n on n.subscription_id = s.id
          where (s.termination_time is null or s.termination_time > now())
            and ($1::text is null or s.id = $1)
+           and ($2::text is null or s.owner = $2)
          group by s.id
          order by s.created_at, s.id",
     )
     .bind(id)
+    .bind(owner)
     .fetch_all(db)
+    .await?)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Recovery grants: a broker's AuthorizeRecovery
+
+/// Records (or renews) a broker's authorization for `cts` to take `gid` over by a recovery.
+pub async fn grant_recovery(
+    db: impl PgExecutor<'_>,
+    gid: &str,
+    cts: &str,
+    granted_by: &str,
+    checkpoint: Option<&str>,
+    lifetime: std::time::Duration,
+) -> Result<DateTime<Utc>> {
+    Ok(sqlx::query_scalar(
+        "insert into recovery_grants (gid, cts_instance, granted_by, checkpoint_id, expires_at)
+         values ($1, $2, $3, $4, now() + make_interval(secs => $5))
+         on conflict (gid, cts_instance) do update
+            set granted_by = excluded.granted_by, checkpoint_id = excluded.checkpoint_id,
+                granted_at = now(), expires_at = excluded.expires_at
+         returning expires_at",
+    )
+    .bind(gid)
+    .bind(cts)
+    .bind(granted_by)
+    .bind(checkpoint)
+    .bind(lifetime.as_secs_f64())
+    .fetch_one(db)
+    .await?)
+}
+
+/// Uses up a live grant for `cts` to recover `gid` (from `checkpoint`, when the grant names
+/// one); true when there was one.
+pub async fn take_recovery_grant(
+    db: impl PgExecutor<'_>,
+    gid: &str,
+    cts: &str,
+    checkpoint: Option<&str>,
+) -> Result<bool> {
+    Ok(sqlx::query(
+        "delete from recovery_grants
+         where gid = $1 and cts_instance = $2 and expires_at > now()
+           and (checkpoint_id is null or checkpoint_id = $3)",
+    )
+    .bind(gid)
+    .bind(cts)
+    .bind(checkpoint)
+    .execute(db)
+    .await?
+    .rows_affected()
+        == 1)
+}
+
+/// Whether `cts` has registered a checkpoint of `gid` before (it was in charge of the job).
+pub async fn has_checkpoint_by(db: impl PgExecutor<'_>, gid: &str, cts: &str) -> Result<bool> {
+    Ok(sqlx::query_scalar(
+        "select exists (select 1 from checkpoints where gid = $1 and cts_name = $2)",
+    )
+    .bind(gid)
+    .bind(cts)
+    .fetch_one(db)
     .await?)
 }

@@ -28,6 +28,7 @@ pub mod embedded_pg;
 pub mod error;
 pub mod http;
 pub mod notify;
+pub mod policy;
 pub mod retention;
 pub mod service;
 pub mod wsrf;
@@ -37,16 +38,51 @@ pub use db::MIGRATOR;
 pub use service::Gcs;
 
 impl Gcs {
-    /// The service on an open, migrated pool.
+    /// The service on an open, migrated pool. With TLS, its certificate must carry the
+    /// identity `gcs:NAME` (the CTSes let only that role checkpoint, delete and export).
     pub fn new(db: sqlx::PgPool, config: Config) -> anyhow::Result<Self> {
+        config.check_security()?;
+        let (cts_tls, consumer_tls, verifier) = match &config.tls {
+            Some(tls) => {
+                let me = tls.own_identity().context("the GCS's certificate")?;
+                if me.role != gca_protocol::identity::Role::Gcs {
+                    anyhow::bail!(
+                        "the GCS's certificate {} says {me}; issue one with --role gcs",
+                        tls.cert.display()
+                    );
+                }
+                // Consumers of notifications get no client certificate: the GCS's identity
+                // is for CTSes only (never a confused deputy at an address a subscriber
+                // chose).
+                let consumer = transport::ClientTls {
+                    ca: Some(tls.ca.clone()),
+                    ..Default::default()
+                };
+                let verifier = gca_protocol::signature::Verifier::from_tls(tls)?;
+                (tls.client(), consumer, Some(verifier))
+            }
+            None => Default::default(),
+        };
         let http = transport::http_client(&transport::ClientSettings {
-            tls: config.client_tls.clone(),
+            tls: cts_tls,
             request_timeout: config.cts_timeout() + std::time::Duration::from_secs(5),
             ..Default::default()
         })?;
+        let consumers = transport::http_client(&transport::ClientSettings {
+            tls: consumer_tls,
+            request_timeout: std::time::Duration::from_secs(config.notify_timeout_secs.max(1)),
+            ..Default::default()
+        })?;
+        let authenticator = match &config.tls {
+            Some(tls) => gca_protocol::identity::Authenticator::with_rules(tls.identity.clone()),
+            None => gca_protocol::identity::Authenticator::insecure(),
+        };
         Ok(Gcs {
             db,
             http,
+            consumers,
+            verifier,
+            authenticator,
             config: Arc::new(config),
             wake: Arc::new(tokio::sync::Notify::new()),
             image_wake: Arc::new(tokio::sync::Notify::new()),
@@ -56,7 +92,8 @@ impl Gcs {
 
 /// The HTTP application (for in-process tests).
 pub fn app(gcs: Gcs) -> axum::Router {
-    http::router(gcs)
+    let authenticator = gcs.authenticator.clone();
+    authenticator.layer(http::router(gcs))
 }
 
 /// Serves the GCS on `listener` until `shutdown` resolves.
@@ -69,6 +106,9 @@ pub async fn run(
         Some(t) => Some(transport::server_config(t).context("TLS configuration")?),
         None => None,
     };
+    if tls.is_none() {
+        tracing::warn!("insecure = true: serving plain HTTP, and every caller may do everything; never run this on a network others can reach");
+    }
     tracing::info!(addr = %listener.local_addr()?, tls = tls.is_some(), "GCS listening");
     let sweeper = tokio::spawn(sweep(gcs.clone()));
     let notifier = tokio::spawn(notify::run(gcs.clone()));

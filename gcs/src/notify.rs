@@ -23,7 +23,8 @@ use sqlx::PgExecutor;
 
 use crate::db;
 use crate::error::{Error, Result};
-use crate::service::Gcs;
+use crate::policy::{self, Op};
+use crate::service::{Ctx, Gcs};
 
 /// How many notifications one claim takes.
 const BATCH: i64 = 16;
@@ -90,11 +91,18 @@ impl Gcs {
     /// A WS-BaseNotification request (`wsnt:*` body) on `resource`.
     pub async fn notification(
         &self,
+        ctx: &Ctx,
         resource: &ResourceRef,
         service_address: &str,
         body: &Element,
         action: Option<&str>,
     ) -> Result<(String, Element)> {
+        let op = match body.name.as_str() {
+            "GetCurrentMessage" => Op::GetCurrentMessage,
+            "Renew" | "Unsubscribe" => Op::ManageSubscription,
+            _ => Op::Subscribe,
+        };
+        policy::authorize(&ctx.caller, op)?;
         let now = Utc::now();
         match (body.name.as_str(), resource) {
             ("Subscribe", ResourceRef::Service | ResourceRef::Resource(ResourceKind::Job, _)) => {
@@ -115,7 +123,7 @@ impl Gcs {
                         })?;
                     req.gid = Some(gid.clone());
                 }
-                self.subscribe(req, service_address, body, now).await
+                self.subscribe(ctx, req, service_address, body, now).await
             }
             ("GetCurrentMessage", ResourceRef::Service) => {
                 if !wsrf::action_matches(action, wsn::GET_CURRENT_MESSAGE_REQUEST) {
@@ -137,6 +145,7 @@ impl Gcs {
                 ))
             }
             ("Renew" | "Unsubscribe", ResourceRef::Resource(ResourceKind::Subscription, id)) => {
+                self.check_subscription_owner(ctx, id).await?;
                 let req = ManagerRequest::read(body, action, now)?;
                 match req {
                     ManagerRequest::Renew(at) => {
@@ -174,8 +183,17 @@ impl Gcs {
         }
     }
 
+    /// A broker manages only the subscriptions it created (an unknown one is unknown to all).
+    pub(crate) async fn check_subscription_owner(&self, ctx: &Ctx, id: &str) -> Result<()> {
+        let row = db::get_subscription(&self.db, id)
+            .await?
+            .ok_or_else(|| unknown_subscription(id))?;
+        policy::may_manage_subscription(&ctx.caller, row.owner.as_deref())
+    }
+
     async fn subscribe(
         &self,
+        ctx: &Ctx,
         req: Subscribe,
         service_address: &str,
         body: &Element,
@@ -187,6 +205,7 @@ impl Gcs {
             .unwrap_or_else(|| req.consumer.to_element(ns::WSNT, "ConsumerReference"));
         let row = self
             .create_subscription(
+                ctx,
                 &req.consumer.address,
                 consumer_el,
                 &req.topics,
@@ -209,6 +228,7 @@ impl Gcs {
     #[allow(clippy::too_many_arguments)]
     async fn create_subscription(
         &self,
+        ctx: &Ctx,
         consumer: &str,
         consumer_reference: Element,
         topics: &[Topic],
@@ -251,6 +271,7 @@ impl Gcs {
             producer_address: service_address.to_string(),
             created_at: now,
             termination_time: termination,
+            owner: policy::subscription_owner(&ctx.caller),
         };
         db::insert_subscription(&self.db, &row).await?;
         tracing::info!(subscription = %row.id, consumer = %row.consumer_address, topics = ?row.topics, gid = ?row.gid, "subscribed");
@@ -260,9 +281,11 @@ impl Gcs {
     /// JSON API: subscribe a consumer URL to topics by name.
     pub async fn subscribe_json(
         &self,
+        ctx: &Ctx,
         req: NewSubscription,
         service_address: &str,
     ) -> Result<SubscriptionInfo> {
+        policy::authorize(&ctx.caller, Op::Subscribe)?;
         let topics = req
             .topics
             .iter()
@@ -300,6 +323,7 @@ impl Gcs {
         };
         let row = self
             .create_subscription(
+                ctx,
                 &req.consumer,
                 consumer.to_element(ns::WSNT, "ConsumerReference"),
                 &topics,
@@ -310,13 +334,19 @@ impl Gcs {
                 now,
             )
             .await?;
-        self.subscription_info(&row.id, service_address).await
+        self.subscription_status(&row.id, service_address).await
     }
 
     /// JSON API: every live subscription, with its backlog.
-    pub async fn list_subscriptions(&self, service_address: &str) -> Result<SubscriptionList> {
+    pub async fn list_subscriptions(
+        &self,
+        ctx: &Ctx,
+        service_address: &str,
+    ) -> Result<SubscriptionList> {
+        policy::authorize(&ctx.caller, Op::ListSubscriptions)?;
+        let owner = policy::subscription_filter(&ctx.caller);
         Ok(SubscriptionList {
-            subscriptions: db::subscription_status(&self.db, None)
+            subscriptions: db::subscription_status(&self.db, None, owner.as_deref())
                 .await?
                 .into_iter()
                 .map(|s| to_info(s, service_address))
@@ -327,10 +357,21 @@ impl Gcs {
     /// JSON API: one live subscription.
     pub async fn subscription_info(
         &self,
+        ctx: &Ctx,
         id: &str,
         service_address: &str,
     ) -> Result<SubscriptionInfo> {
-        db::subscription_status(&self.db, Some(id))
+        policy::authorize(&ctx.caller, Op::ManageSubscription)?;
+        self.check_subscription_owner(ctx, id).await?;
+        self.subscription_status(id, service_address).await
+    }
+
+    async fn subscription_status(
+        &self,
+        id: &str,
+        service_address: &str,
+    ) -> Result<SubscriptionInfo> {
+        db::subscription_status(&self.db, Some(id), None)
             .await?
             .into_iter()
             .next()
@@ -339,7 +380,9 @@ impl Gcs {
     }
 
     /// JSON API: Unsubscribe.
-    pub async fn unsubscribe(&self, id: &str) -> Result<()> {
+    pub async fn unsubscribe(&self, ctx: &Ctx, id: &str) -> Result<()> {
+        policy::authorize(&ctx.caller, Op::ManageSubscription)?;
+        self.check_subscription_owner(ctx, id).await?;
         if !db::delete_subscription(&self.db, id).await? {
             return Err(unknown_subscription(id));
         }
@@ -428,7 +471,7 @@ impl Gcs {
             body,
         );
         let resp = self
-            .http
+            .consumers
             .post(&n.consumer_address)
             .header(
                 "content-type",

@@ -19,13 +19,13 @@
 
 use std::time::Duration;
 
-use gca_protocol::messages::{GidRequest, ImageState, JobInfo, SetRetention};
+use gca_protocol::messages::{ImageState, JobInfo, SetRetention};
 use serde::{Deserialize, Serialize};
 
 use crate::db::{self, DueImageTask, ImageAction};
 use crate::error::{Error, Result};
 use crate::notify::backoff;
-use crate::service::Gcs;
+use crate::service::{Ctx, Gcs};
 
 /// How many tasks one claim takes.
 const BATCH: i64 = 8;
@@ -95,7 +95,8 @@ impl Gcs {
     }
 
     /// setRetention: a new policy for a job; applied at once if the job has ended already.
-    pub async fn set_retention(&self, mut req: SetRetention) -> Result<JobInfo> {
+    pub async fn set_retention(&self, ctx: &Ctx, mut req: SetRetention) -> Result<JobInfo> {
+        crate::policy::authorize(&ctx.caller, crate::policy::Op::SetRetention)?;
         req.retention.validate().map_err(Error::invalid)?;
         req.retention = req.retention.normalized();
         let mut tx = self.db.begin().await?;
@@ -115,7 +116,11 @@ impl Gcs {
             self.wake_image_tasks();
         }
         tracing::info!(gid = %req.gid, retention = %req.retention, "retention policy set");
-        self.get_job(GidRequest { gid: req.gid }).await
+        Ok(JobInfo {
+            job: db::get_job(&self.db, &req.gid)
+                .await?
+                .ok_or_else(|| Error::unknown(format!("job {:?} vanished", req.gid)))?,
+        })
     }
 
     /// Carries out every due image task this replica can claim; returns how many finished

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use gca_protocol::client::SoapClient;
 use gca_protocol::fault::FaultKind;
+use gca_protocol::identity::Caller;
 use gca_protocol::messages::*;
 use gca_protocol::ops::CtsDoCheckpointOp;
 use gca_protocol::placeholders::{self, Values};
@@ -17,6 +18,7 @@ use crate::config::Config;
 use crate::db;
 use crate::error::{violated_constraint, Error, Result};
 use crate::notify::emit;
+use crate::policy::{self, Op};
 use gca_protocol::wsn::Topic;
 
 /// Shared by every request; cheap to clone. Holds no registry state: that is all in the
@@ -24,7 +26,13 @@ use gca_protocol::wsn::Topic;
 #[derive(Clone)]
 pub struct Gcs {
     pub db: PgPool,
+    /// Calls to CTSes, with the GCS's client certificate.
     pub http: reqwest::Client,
+    /// Notifications to consumers: no client certificate.
+    pub consumers: reqwest::Client,
+    /// Checks image signatures against the site CA (`None` in insecure mode).
+    pub verifier: Option<gca_protocol::signature::Verifier>,
+    pub authenticator: gca_protocol::identity::Authenticator,
     pub config: Arc<Config>,
     /// Wakes this replica's notification deliverer after a commit (a signal, not state).
     pub wake: Arc<tokio::sync::Notify>,
@@ -37,6 +45,8 @@ pub struct Gcs {
 pub struct Ctx {
     /// This GCS's public URL (root), for `{GCS_URL}`.
     pub gcs_url: String,
+    /// Who is asking (see [`crate::policy`]).
+    pub caller: Caller,
 }
 
 const MAX_ID_LEN: usize = 256;
@@ -206,7 +216,8 @@ impl Gcs {
     // ---- broker -------------------------------------------------------------------------
 
     /// doCheckpoint (paper 5.2): find the CTS in charge, forward, record, return.
-    pub async fn do_checkpoint(&self, req: DoCheckpoint) -> Result<CheckpointRecord> {
+    pub async fn do_checkpoint(&self, ctx: &Ctx, req: DoCheckpoint) -> Result<CheckpointRecord> {
+        policy::authorize(&ctx.caller, Op::DoCheckpoint)?;
         let job = self.job(&req.gid).await?;
         match job.state {
             JobState::Running => {}
@@ -262,14 +273,24 @@ impl Gcs {
             ));
         }
         // The CTS has normally registered the record itself already (paper 5.2 step 8); this
-        // is idempotent and covers a CTS that could not reach us.
-        let registered = self
-            .register_checkpoint(RegisterCheckpoint { checkpoint: record })
-            .await?;
+        // is idempotent and covers a CTS that could not reach us. The record is checked as if
+        // that CTS had registered it (its signature is what proves it took the image).
+        let vouching = match ctx.caller {
+            Caller::Insecure => Caller::Insecure,
+            _ => Caller::Identified(
+                gca_protocol::identity::Identity::new(
+                    gca_protocol::identity::Role::Cts,
+                    instance.name.clone(),
+                )
+                .map_err(|e| Error::Internal(anyhow::anyhow!(e)))?,
+            ),
+        };
+        let registered = self.record_checkpoint(&vouching, record).await?;
         Ok(registered.checkpoint)
     }
 
-    pub async fn find_cts(&self, q: FindCts) -> Result<FindCtsResponse> {
+    pub async fn find_cts(&self, ctx: &Ctx, q: FindCts) -> Result<FindCtsResponse> {
+        policy::authorize(&ctx.caller, Op::FindCts)?;
         let props = sorted_unique(&q.properties, "required property")?;
         let properties = serde_json::Value::Object(
             props
@@ -309,20 +330,23 @@ impl Gcs {
         })
     }
 
-    pub async fn get_checkpoints(&self, req: GidRequest) -> Result<CheckpointList> {
+    pub async fn get_checkpoints(&self, ctx: &Ctx, req: GidRequest) -> Result<CheckpointList> {
+        policy::authorize(&ctx.caller, Op::GetCheckpoints)?;
         self.job(&req.gid).await?;
         Ok(CheckpointList {
             checkpoints: db::checkpoints_of(&self.db, &req.gid).await?,
         })
     }
 
-    pub async fn get_job(&self, req: GidRequest) -> Result<JobInfo> {
+    pub async fn get_job(&self, ctx: &Ctx, req: GidRequest) -> Result<JobInfo> {
+        policy::authorize(&ctx.caller, Op::GetJob)?;
         Ok(JobInfo {
             job: self.job(&req.gid).await?,
         })
     }
 
-    pub async fn list_jobs(&self, req: ListJobs) -> Result<JobList> {
+    pub async fn list_jobs(&self, ctx: &Ctx, req: ListJobs) -> Result<JobList> {
+        policy::authorize(&ctx.caller, Op::ListJobs)?;
         let limit = req.limit.unwrap_or(DEFAULT_LIST);
         if !(1..=MAX_LIST).contains(&limit) {
             return Err(Error::invalid(format!(
@@ -342,7 +366,8 @@ impl Gcs {
     }
 
     /// getRecoveryInfo (paper 5.3 steps 2-5).
-    pub async fn get_recovery_info(&self, req: GetRecoveryInfo, ctx: &Ctx) -> Result<RecoveryInfo> {
+    pub async fn get_recovery_info(&self, ctx: &Ctx, req: GetRecoveryInfo) -> Result<RecoveryInfo> {
+        policy::authorize(&ctx.caller, Op::GetRecoveryInfo)?;
         let job = self.job(&req.gid).await?;
         let latest = db::latest_checkpoint(&self.db, &job.gid)
             .await?
@@ -421,9 +446,66 @@ impl Gcs {
         })
     }
 
+    /// AuthorizeRecovery: a broker lets a CTS take a job over by a recovery although the job
+    /// may still run elsewhere (see [`policy::may_move_job`]).
+    pub async fn authorize_recovery(
+        &self,
+        ctx: &Ctx,
+        req: AuthorizeRecovery,
+    ) -> Result<RecoveryAuthorized> {
+        policy::authorize(&ctx.caller, Op::AuthorizeRecovery)?;
+        let job = self.job(&req.gid).await?;
+        let instance = self.instance(&req.cts_instance).await?;
+        if instance.cts_type != job.cts_type {
+            return Err(Error::conflict(format!(
+                "job {:?} is of CTS type {:?}; CTS {:?} is of type {:?} and cannot recover it",
+                job.gid, job.cts_type, instance.name, instance.cts_type
+            )));
+        }
+        if let Some(ck) = &req.checkpoint {
+            check_id("checkpoint ID", ck)?;
+            match db::get_checkpoint(&self.db, ck).await? {
+                Some(c) if c.gid == job.gid && c.image_state == ImageState::Stored => {}
+                Some(c) if c.gid == job.gid => return Err(image_gone(&c)),
+                _ => {
+                    return Err(Error::unknown(format!(
+                        "job {:?} has no checkpoint with ID {ck:?}",
+                        job.gid
+                    )))
+                }
+            }
+        }
+        let by = ctx
+            .caller
+            .identity()
+            .map(|i| i.to_string())
+            .unwrap_or_else(|| "insecure".into());
+        let expires_at = db::grant_recovery(
+            &self.db,
+            &job.gid,
+            &instance.name,
+            &by,
+            req.checkpoint.as_deref(),
+            Duration::from_secs(self.config.recovery_grant_secs),
+        )
+        .await?;
+        tracing::info!(gid = %job.gid, cts.name = %instance.name, by = %by, "recovery authorized");
+        Ok(RecoveryAuthorized {
+            gid: job.gid,
+            cts_instance: instance.name,
+            checkpoint: req.checkpoint,
+            expires_at,
+        })
+    }
+
     // ---- admin --------------------------------------------------------------------------
 
-    pub async fn register_class(&self, req: RegisterCheckpointerClass) -> Result<ClassRegistered> {
+    pub async fn register_class(
+        &self,
+        ctx: &Ctx,
+        req: RegisterCheckpointerClass,
+    ) -> Result<ClassRegistered> {
+        policy::authorize(&ctx.caller, Op::RegisterClass)?;
         let mut class = req.class;
         check_name("checkpointer class", &class.name)?;
         class.properties = sorted_unique(&class.properties, "class property")?;
@@ -462,8 +544,10 @@ impl Gcs {
 
     pub async fn register_descriptor(
         &self,
+        ctx: &Ctx,
         req: RegisterCtsDescriptor,
     ) -> Result<DescriptorRegistered> {
+        policy::authorize(&ctx.caller, Op::RegisterDescriptor)?;
         let cts = descriptor::parse(&req.descriptor_xml).map_err(|e| {
             Error::Fault(Fault::new(
                 FaultKind::InvalidDescriptor,
@@ -522,7 +606,8 @@ impl Gcs {
         )))
     }
 
-    pub async fn unregister_cts(&self, req: UnregisterCts) -> Result<Unregistered> {
+    pub async fn unregister_cts(&self, ctx: &Ctx, req: UnregisterCts) -> Result<Unregistered> {
+        policy::authorize(&ctx.caller, Op::UnregisterCts)?;
         match (req.instance, req.cts_type) {
             (Some(name), None) => {
                 let active = db::active_jobs_on(&self.db, &name).await?;
@@ -555,13 +640,19 @@ impl Gcs {
         Ok(Unregistered {})
     }
 
-    pub async fn list_classes(&self) -> Result<ClassList> {
+    pub async fn list_classes(&self, ctx: &Ctx) -> Result<ClassList> {
+        policy::authorize(&ctx.caller, Op::ListClasses)?;
         Ok(ClassList {
             classes: db::list_classes(&self.db).await?,
         })
     }
 
-    pub async fn list_types(&self) -> Result<CtsTypeList> {
+    pub async fn list_types(&self, ctx: &Ctx) -> Result<CtsTypeList> {
+        policy::authorize(&ctx.caller, Op::ListTypes)?;
+        self.type_list().await
+    }
+
+    pub(crate) async fn type_list(&self) -> Result<CtsTypeList> {
         Ok(CtsTypeList {
             types: db::list_types(&self.db)
                 .await?
@@ -575,7 +666,8 @@ impl Gcs {
         })
     }
 
-    pub async fn list_instances(&self) -> Result<CtsInstanceList> {
+    pub async fn list_instances(&self, ctx: &Ctx) -> Result<CtsInstanceList> {
+        policy::authorize(&ctx.caller, Op::ListInstances)?;
         Ok(CtsInstanceList {
             instances: db::list_instances(&self.db).await?,
         })
@@ -585,7 +677,13 @@ impl Gcs {
 
     /// registerCTSInstance: idempotent; a restarted CTS may come back at a new address, so
     /// URL, Execution Manager and resource are updated, but a name never changes type.
-    pub async fn register_instance(&self, req: RegisterCtsInstance) -> Result<InstanceRegistered> {
+    pub async fn register_instance(
+        &self,
+        ctx: &Ctx,
+        req: RegisterCtsInstance,
+    ) -> Result<InstanceRegistered> {
+        policy::authorize(&ctx.caller, Op::RegisterInstance)?;
+        policy::acting_as(&ctx.caller, Op::RegisterInstance, &req.instance.name)?;
         let mut i = req.instance;
         check_name("CTS instance", &i.name)?;
         check_url("CTS URL", &i.url)?;
@@ -642,7 +740,9 @@ impl Gcs {
     }
 
     /// registerJob (paper 3.4.1, 5.1 step 4; with `recovery`, 5.3 step 11).
-    pub async fn register_job(&self, mut req: RegisterJob) -> Result<JobRegistered> {
+    pub async fn register_job(&self, ctx: &Ctx, mut req: RegisterJob) -> Result<JobRegistered> {
+        policy::authorize(&ctx.caller, Op::RegisterJob)?;
+        policy::acting_as(&ctx.caller, Op::RegisterJob, &req.cts_instance)?;
         check_id("GID", &req.gid)?;
         let instance = self.instance(&req.cts_instance).await?;
         let local_id = req.local_id.as_deref().filter(|l| !l.is_empty());
@@ -704,6 +804,32 @@ impl Gcs {
                     req.gid, existing.cts_type, instance.name, instance.cts_type
                 )));
             }
+            let destroyed = db::job_lifetime(&mut *tx, &req.gid)
+                .await?
+                .is_some_and(|l| l.destroyed_at.is_some());
+            let current = db::get_instance(&mut *tx, &existing.cts_instance).await?;
+            let granted = existing.cts_instance != instance.name
+                && db::take_recovery_grant(
+                    &mut *tx,
+                    &req.gid,
+                    &instance.name,
+                    req.from_checkpoint.as_deref(),
+                )
+                .await?;
+            policy::may_move_job(
+                &ctx.caller,
+                &instance,
+                &policy::RecoveryFacts {
+                    job: &existing,
+                    destroyed,
+                    current_last_seen: current.and_then(|c| c.last_seen),
+                    lost_after: chrono::Duration::milliseconds(
+                        (self.config.cts_lost_after_secs * 1000.0) as i64,
+                    ),
+                    granted,
+                    now: chrono::Utc::now(),
+                },
+            )?;
             if let Some(ck) = &req.from_checkpoint {
                 match db::get_checkpoint(&mut *tx, ck).await? {
                     Some(c) if c.gid == req.gid && c.image_state == ImageState::Stored => {}
@@ -764,9 +890,21 @@ impl Gcs {
     /// registering the same record again returns it unchanged.
     pub async fn register_checkpoint(
         &self,
+        ctx: &Ctx,
         req: RegisterCheckpoint,
     ) -> Result<CheckpointRegistered> {
-        let mut r = req.checkpoint;
+        policy::authorize(&ctx.caller, Op::RegisterCheckpoint)?;
+        self.record_checkpoint(&ctx.caller, req.checkpoint).await
+    }
+
+    /// Registers a record that `vouching` (the CTS that took it) vouches for: the caller of
+    /// RegisterCheckpoint, or the CTS that answered a DoCheckpoint. Checked by
+    /// [`policy::may_register_record`] and, with TLS, against the CTS's signature.
+    async fn record_checkpoint(
+        &self,
+        vouching: &Caller,
+        mut r: CheckpointRecord,
+    ) -> Result<CheckpointRegistered> {
         check_id("checkpoint ID", &r.id)?;
         check_id("GID", &r.gid)?;
         if r.image_name.is_empty() {
@@ -777,6 +915,7 @@ impl Gcs {
         }
         r.sequence = None;
         r.registered_at = None;
+        policy::acting_as(vouching, Op::RegisterCheckpoint, &r.cts_name)?;
         let mut tx = self.db.begin().await?;
         let job = db::lock_job(&mut *tx, &r.gid).await?.ok_or_else(|| {
             Error::Fault(
@@ -787,6 +926,28 @@ impl Gcs {
                 .with_code("unknown-gid"),
             )
         })?;
+        let instance = db::get_instance(&mut *tx, &r.cts_name)
+            .await?
+            .ok_or_else(|| {
+                Error::unknown(format!(
+                    "cannot register checkpoint {:?}: no CTS instance named {:?} is registered",
+                    r.id, r.cts_name
+                ))
+            })?;
+        let took_earlier = job.cts_instance != r.cts_name
+            && db::has_checkpoint_by(&mut *tx, &r.gid, &r.cts_name).await?;
+        policy::may_register_record(vouching, &r, &job, &instance, took_earlier)?;
+        if let Some(verifier) = &self.verifier {
+            verifier.verify_record(&r).map_err(|e| {
+                Error::Fault(
+                    Fault::new(
+                        FaultKind::AccessDenied,
+                        format!("checkpoint {:?} of job {:?} refused: {e}", r.id, r.gid),
+                    )
+                    .with_code("bad-signature"),
+                )
+            })?;
+        }
         if let Some(existing) = db::get_checkpoint(&mut *tx, &r.id).await? {
             if existing.same_report(&r) {
                 return Ok(CheckpointRegistered {
@@ -844,7 +1005,9 @@ impl Gcs {
     /// migration is expected and leaves it stopped. A job that exits with status 0 has ended:
     /// its retention policy applies. One that fails keeps its images for recovery, for
     /// `failed_job_lifetime_secs` unless it has a termination time already.
-    pub async fn job_finished(&self, req: JobFinished) -> Result<JobInfo> {
+    pub async fn job_finished(&self, ctx: &Ctx, req: JobFinished) -> Result<JobInfo> {
+        policy::authorize(&ctx.caller, Op::JobFinished)?;
+        policy::acting_as(&ctx.caller, Op::JobFinished, &req.cts_instance)?;
         check_id("GID", &req.gid)?;
         let mut tx = self.db.begin().await?;
         let job = db::lock_job(&mut *tx, &req.gid).await?.ok_or_else(|| {
@@ -878,7 +1041,9 @@ impl Gcs {
         self.heard_from(&req.cts_instance).await;
         self.wake_deliverer();
         self.wake_image_tasks();
-        self.get_job(GidRequest { gid: req.gid }).await
+        Ok(JobInfo {
+            job: self.job(&req.gid).await?,
+        })
     }
 
     /// Records that a CTS was heard from, after the request that proved it (outside its

@@ -18,7 +18,8 @@ use gca_protocol::xml::Element;
 
 use crate::db;
 use crate::error::{Error, Result};
-use crate::service::Gcs;
+use crate::policy::{self, Op};
+use crate::service::{Ctx, Gcs};
 
 /// Properties of the GCS resource, in document order.
 pub const GCS_PROPERTIES: &[PropertyName] = &[
@@ -88,6 +89,8 @@ pub const CHECKPOINT_PROPERTIES: &[PropertyName] = &[
     (ns::GCA, "ImageState"),
     (ns::GCA, "KeptIn"),
     (ns::GCA, "ImageError"),
+    (ns::GCA, "Owner"),
+    (ns::GCA, "Signature"),
 ];
 
 /// Properties of a CTS instance resource.
@@ -146,11 +149,19 @@ impl Gcs {
     /// A WS-ResourceProperties request on `resource`: (response action, response element).
     pub async fn resource_properties(
         &self,
+        ctx: &Ctx,
         resource: &ResourceRef,
         service_address: &str,
         body: &Element,
         action: Option<&str>,
     ) -> Result<(String, Element)> {
+        match resource {
+            ResourceRef::Resource(ResourceKind::Subscription, id) => {
+                policy::authorize(&ctx.caller, Op::ManageSubscription)?;
+                self.check_subscription_owner(ctx, id).await?;
+            }
+            _ => policy::authorize(&ctx.caller, Op::ReadProperties)?,
+        }
         // An unknown resource is reported before anything wrong with the request.
         let doc = self.property_document(resource, service_address).await?;
         let req = RpRequest::read(body, action, properties_of(resource))?;
@@ -166,9 +177,9 @@ impl Gcs {
         let now = Utc::now();
         match resource {
             ResourceRef::Service => {
-                let classes = self.list_classes().await?.classes;
-                let types = self.list_types().await?.types;
-                let instances = self.list_instances().await?.instances;
+                let classes = db::list_classes(&self.db).await?;
+                let types = self.type_list().await?.types;
+                let instances = db::list_instances(&self.db).await?;
                 let totals = db::totals(&self.db).await?;
                 let mut doc = Element::new(ns::GCA, "GCSResourceProperties");
                 for c in &classes {
@@ -302,10 +313,12 @@ impl Gcs {
     /// A WS-ResourceLifetime request on `resource` (only job resources have a lifetime).
     pub async fn resource_lifetime(
         &self,
+        ctx: &Ctx,
         resource: &ResourceRef,
         body: &Element,
         action: Option<&str>,
     ) -> Result<(String, Element)> {
+        policy::authorize(&ctx.caller, Op::Lifetime)?;
         let now = Utc::now();
         let req = RlRequest::read(body, action, now)?;
         let gid = match resource {

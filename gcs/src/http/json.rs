@@ -3,7 +3,7 @@
 //! merged into them.
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Query};
 use axum::http::HeaderMap;
 use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
@@ -12,7 +12,8 @@ use gca_protocol::messages::*;
 use serde::de::DeserializeOwned;
 
 use super::{ctx, read_body, ApiError};
-use crate::service::Gcs;
+use crate::service::{Ctx, Gcs};
+use gca_protocol::identity::Caller;
 
 type ApiResult<T> = Result<Json<T>, ApiError>;
 
@@ -25,6 +26,7 @@ pub fn routes() -> Router<Gcs> {
             get(get_checkpoints).post(do_checkpoint),
         )
         .route("/jobs/{gid}/recovery", get(recovery_info))
+        .route("/jobs/{gid}/recovery-grants", post(authorize_recovery))
         .route("/jobs/{gid}/retention", put(set_retention))
         .route("/jobs/{gid}/finished", post(job_finished))
         .route("/checkpoints", post(register_checkpoint))
@@ -82,21 +84,59 @@ async fn body<T: DeserializeOwned>(
         .map_err(|e| Fault::invalid(format!("invalid request: {e}")).into())
 }
 
-async fn do_checkpoint(
-    State(gcs): State<Gcs>,
-    Path(gid): Path<String>,
+/// The request's context (caller and public URL), for the handlers below.
+struct Req {
+    gcs: Gcs,
+    ctx: Ctx,
     headers: HeaderMap,
-    b: Body,
-) -> ApiResult<CheckpointRecord> {
-    let req: DoCheckpoint = body(&gcs, &headers, b, &[("gid", &gid)]).await?;
-    Ok(Json(gcs.do_checkpoint(req).await?))
 }
 
-async fn get_checkpoints(
-    State(gcs): State<Gcs>,
-    Path(gid): Path<String>,
-) -> ApiResult<CheckpointList> {
-    Ok(Json(gcs.get_checkpoints(GidRequest { gid }).await?))
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Req
+where
+    Gcs: axum::extract::FromRef<S>,
+{
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        use axum::extract::FromRef;
+        let gcs = Gcs::from_ref(state);
+        let caller = Caller::from_request_parts(parts, state).await?;
+        let ctx = ctx(&gcs, &parts.headers, caller);
+        Ok(Req {
+            gcs,
+            ctx,
+            headers: parts.headers.clone(),
+        })
+    }
+}
+
+impl Req {
+    async fn body<T: DeserializeOwned>(
+        &self,
+        b: Body,
+        fields: &[(&str, &str)],
+    ) -> Result<T, ApiError> {
+        body(&self.gcs, &self.headers, b, fields).await
+    }
+
+    /// The GCS's SOAP service address as this request reached it (subscription addresses).
+    fn service_address(&self) -> String {
+        format!("{}{}", self.ctx.gcs_url, gca_protocol::ns::GCS_SERVICE_PATH)
+    }
+}
+
+async fn do_checkpoint(r: Req, Path(gid): Path<String>, b: Body) -> ApiResult<CheckpointRecord> {
+    let req: DoCheckpoint = r.body(b, &[("gid", &gid)]).await?;
+    Ok(Json(r.gcs.do_checkpoint(&r.ctx, req).await?))
+}
+
+async fn get_checkpoints(r: Req, Path(gid): Path<String>) -> ApiResult<CheckpointList> {
+    Ok(Json(
+        r.gcs.get_checkpoints(&r.ctx, GidRequest { gid }).await?,
+    ))
 }
 
 #[derive(serde::Deserialize)]
@@ -105,207 +145,165 @@ struct ImageQuery {
 }
 
 async fn recovery_info(
-    State(gcs): State<Gcs>,
+    r: Req,
     Path(gid): Path<String>,
     Query(q): Query<ImageQuery>,
-    headers: HeaderMap,
 ) -> ApiResult<RecoveryInfo> {
     let req = GetRecoveryInfo {
         gid,
         image: q.image.unwrap_or_else(|| LATEST.to_string()),
     };
-    Ok(Json(
-        gcs.get_recovery_info(req, &ctx(&gcs, &headers)).await?,
-    ))
+    Ok(Json(r.gcs.get_recovery_info(&r.ctx, req).await?))
 }
 
-/// The GCS's SOAP service address as this request reached it (subscription addresses).
-fn service_address(gcs: &Gcs, headers: &HeaderMap) -> String {
-    format!(
-        "{}{}",
-        ctx(gcs, headers).gcs_url,
-        gca_protocol::ns::GCS_SERVICE_PATH
-    )
-}
-
-async fn list_subscriptions(
-    State(gcs): State<Gcs>,
-    headers: HeaderMap,
-) -> ApiResult<SubscriptionList> {
-    Ok(Json(
-        gcs.list_subscriptions(&service_address(&gcs, &headers))
-            .await?,
-    ))
-}
-
-async fn subscribe(
-    State(gcs): State<Gcs>,
-    headers: HeaderMap,
+/// `POST /jobs/{gid}/recovery-grants` `{"cts_instance": ..., "checkpoint": ...}`.
+async fn authorize_recovery(
+    r: Req,
+    Path(gid): Path<String>,
     b: Body,
-) -> ApiResult<SubscriptionInfo> {
-    let req: NewSubscription = body(&gcs, &headers, b, &[]).await?;
+) -> ApiResult<RecoveryAuthorized> {
+    let req: AuthorizeRecovery = r.body(b, &[("gid", &gid)]).await?;
+    Ok(Json(r.gcs.authorize_recovery(&r.ctx, req).await?))
+}
+
+async fn list_subscriptions(r: Req) -> ApiResult<SubscriptionList> {
     Ok(Json(
-        gcs.subscribe_json(req, &service_address(&gcs, &headers))
+        r.gcs
+            .list_subscriptions(&r.ctx, &r.service_address())
             .await?,
     ))
 }
 
-async fn get_subscription(
-    State(gcs): State<Gcs>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-) -> ApiResult<SubscriptionInfo> {
+async fn subscribe(r: Req, b: Body) -> ApiResult<SubscriptionInfo> {
+    let req: NewSubscription = r.body(b, &[]).await?;
     Ok(Json(
-        gcs.subscription_info(&id, &service_address(&gcs, &headers))
+        r.gcs
+            .subscribe_json(&r.ctx, req, &r.service_address())
             .await?,
     ))
 }
 
-async fn unsubscribe(
-    State(gcs): State<Gcs>,
-    Path(id): Path<String>,
-) -> ApiResult<serde_json::Value> {
-    gcs.unsubscribe(&id).await?;
+async fn get_subscription(r: Req, Path(id): Path<String>) -> ApiResult<SubscriptionInfo> {
+    Ok(Json(
+        r.gcs
+            .subscription_info(&r.ctx, &id, &r.service_address())
+            .await?,
+    ))
+}
+
+async fn unsubscribe(r: Req, Path(id): Path<String>) -> ApiResult<serde_json::Value> {
+    r.gcs.unsubscribe(&r.ctx, &id).await?;
     Ok(Json(serde_json::json!({ "id": id, "unsubscribed": true })))
 }
 
 /// `PUT /jobs/{gid}/retention` with a [`Retention`] body.
-async fn set_retention(
-    State(gcs): State<Gcs>,
-    Path(gid): Path<String>,
-    headers: HeaderMap,
-    b: Body,
-) -> ApiResult<JobInfo> {
-    let retention: Retention = body(&gcs, &headers, b, &[]).await?;
+async fn set_retention(r: Req, Path(gid): Path<String>, b: Body) -> ApiResult<JobInfo> {
+    let retention: Retention = r.body(b, &[]).await?;
     Ok(Json(
-        gcs.set_retention(SetRetention { gid, retention }).await?,
+        r.gcs
+            .set_retention(&r.ctx, SetRetention { gid, retention })
+            .await?,
     ))
 }
 
-async fn get_job(State(gcs): State<Gcs>, Path(gid): Path<String>) -> ApiResult<JobInfo> {
-    Ok(Json(gcs.get_job(GidRequest { gid }).await?))
+async fn get_job(r: Req, Path(gid): Path<String>) -> ApiResult<JobInfo> {
+    Ok(Json(r.gcs.get_job(&r.ctx, GidRequest { gid }).await?))
 }
 
 async fn list_jobs(
-    State(gcs): State<Gcs>,
+    r: Req,
     q: Result<Query<ListJobs>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<JobList> {
     let Query(q) = q.map_err(|e| Fault::invalid(format!("invalid query: {e}")))?;
-    Ok(Json(gcs.list_jobs(q).await?))
+    Ok(Json(r.gcs.list_jobs(&r.ctx, q).await?))
 }
 
-async fn register_job(
-    State(gcs): State<Gcs>,
-    headers: HeaderMap,
-    b: Body,
-) -> ApiResult<JobRegistered> {
-    let req: RegisterJob = body(&gcs, &headers, b, &[]).await?;
-    Ok(Json(gcs.register_job(req).await?))
+async fn register_job(r: Req, b: Body) -> ApiResult<JobRegistered> {
+    let req: RegisterJob = r.body(b, &[]).await?;
+    Ok(Json(r.gcs.register_job(&r.ctx, req).await?))
 }
 
-async fn job_finished(
-    State(gcs): State<Gcs>,
-    Path(gid): Path<String>,
-    headers: HeaderMap,
-    b: Body,
-) -> ApiResult<JobInfo> {
-    let req: JobFinished = body(&gcs, &headers, b, &[("gid", &gid)]).await?;
-    Ok(Json(gcs.job_finished(req).await?))
+async fn job_finished(r: Req, Path(gid): Path<String>, b: Body) -> ApiResult<JobInfo> {
+    let req: JobFinished = r.body(b, &[("gid", &gid)]).await?;
+    Ok(Json(r.gcs.job_finished(&r.ctx, req).await?))
 }
 
-async fn register_checkpoint(
-    State(gcs): State<Gcs>,
-    headers: HeaderMap,
-    b: Body,
-) -> ApiResult<CheckpointRegistered> {
-    let req: RegisterCheckpoint = body(&gcs, &headers, b, &[]).await?;
-    Ok(Json(gcs.register_checkpoint(req).await?))
+async fn register_checkpoint(r: Req, b: Body) -> ApiResult<CheckpointRegistered> {
+    let req: RegisterCheckpoint = r.body(b, &[]).await?;
+    Ok(Json(r.gcs.register_checkpoint(&r.ctx, req).await?))
 }
 
-async fn find_cts(
-    State(gcs): State<Gcs>,
-    headers: HeaderMap,
-    b: Body,
-) -> ApiResult<FindCtsResponse> {
-    let req: FindCts = body(&gcs, &headers, b, &[]).await?;
-    Ok(Json(gcs.find_cts(req).await?))
+async fn find_cts(r: Req, b: Body) -> ApiResult<FindCtsResponse> {
+    let req: FindCts = r.body(b, &[]).await?;
+    Ok(Json(r.gcs.find_cts(&r.ctx, req).await?))
 }
 
-async fn list_classes(State(gcs): State<Gcs>) -> ApiResult<ClassList> {
-    Ok(Json(gcs.list_classes().await?))
+async fn list_classes(r: Req) -> ApiResult<ClassList> {
+    Ok(Json(r.gcs.list_classes(&r.ctx).await?))
 }
 
-async fn register_class(
-    State(gcs): State<Gcs>,
-    headers: HeaderMap,
-    b: Body,
-) -> ApiResult<ClassRegistered> {
-    let req: RegisterCheckpointerClass = body(&gcs, &headers, b, &[]).await?;
-    Ok(Json(gcs.register_class(req).await?))
+async fn register_class(r: Req, b: Body) -> ApiResult<ClassRegistered> {
+    let req: RegisterCheckpointerClass = r.body(b, &[]).await?;
+    Ok(Json(r.gcs.register_class(&r.ctx, req).await?))
 }
 
-async fn list_types(State(gcs): State<Gcs>) -> ApiResult<CtsTypeList> {
-    Ok(Json(gcs.list_types().await?))
+async fn list_types(r: Req) -> ApiResult<CtsTypeList> {
+    Ok(Json(r.gcs.list_types(&r.ctx).await?))
 }
 
 /// Takes `{"descriptor_xml": "..."}`, or the descriptor document itself with an XML content
 /// type (`curl --data-binary @cts.xml -H 'Content-Type: application/xml'`).
-async fn register_descriptor(
-    State(gcs): State<Gcs>,
-    headers: HeaderMap,
-    b: Body,
-) -> ApiResult<DescriptorRegistered> {
-    let is_xml = headers
+async fn register_descriptor(r: Req, b: Body) -> ApiResult<DescriptorRegistered> {
+    let is_xml = r
+        .headers
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| ct.contains("xml"));
     let req = if is_xml {
-        let bytes = read_body(&headers, b, gcs.config.max_body_bytes).await?;
+        let bytes = read_body(&r.headers, b, r.gcs.config.max_body_bytes).await?;
         RegisterCtsDescriptor {
             descriptor_xml: String::from_utf8(bytes.to_vec())
                 .map_err(|_| Fault::invalid("the descriptor is not UTF-8"))?,
         }
     } else {
-        body(&gcs, &headers, b, &[]).await?
+        r.body(b, &[]).await?
     };
-    Ok(Json(gcs.register_descriptor(req).await?))
+    Ok(Json(r.gcs.register_descriptor(&r.ctx, req).await?))
 }
 
-async fn unregister_type(
-    State(gcs): State<Gcs>,
-    Path(name): Path<String>,
-) -> ApiResult<Unregistered> {
+async fn unregister_type(r: Req, Path(name): Path<String>) -> ApiResult<Unregistered> {
     Ok(Json(
-        gcs.unregister_cts(UnregisterCts {
-            instance: None,
-            cts_type: Some(name),
-        })
-        .await?,
+        r.gcs
+            .unregister_cts(
+                &r.ctx,
+                UnregisterCts {
+                    instance: None,
+                    cts_type: Some(name),
+                },
+            )
+            .await?,
     ))
 }
 
-async fn list_instances(State(gcs): State<Gcs>) -> ApiResult<CtsInstanceList> {
-    Ok(Json(gcs.list_instances().await?))
+async fn list_instances(r: Req) -> ApiResult<CtsInstanceList> {
+    Ok(Json(r.gcs.list_instances(&r.ctx).await?))
 }
 
-async fn register_instance(
-    State(gcs): State<Gcs>,
-    headers: HeaderMap,
-    b: Body,
-) -> ApiResult<InstanceRegistered> {
-    let req: RegisterCtsInstance = body(&gcs, &headers, b, &[]).await?;
-    Ok(Json(gcs.register_instance(req).await?))
+async fn register_instance(r: Req, b: Body) -> ApiResult<InstanceRegistered> {
+    let req: RegisterCtsInstance = r.body(b, &[]).await?;
+    Ok(Json(r.gcs.register_instance(&r.ctx, req).await?))
 }
 
-async fn unregister_instance(
-    State(gcs): State<Gcs>,
-    Path(name): Path<String>,
-) -> ApiResult<Unregistered> {
+async fn unregister_instance(r: Req, Path(name): Path<String>) -> ApiResult<Unregistered> {
     Ok(Json(
-        gcs.unregister_cts(UnregisterCts {
-            instance: Some(name),
-            cts_type: None,
-        })
-        .await?,
+        r.gcs
+            .unregister_cts(
+                &r.ctx,
+                UnregisterCts {
+                    instance: Some(name),
+                    cts_type: None,
+                },
+            )
+            .await?,
     ))
 }

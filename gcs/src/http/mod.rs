@@ -9,6 +9,7 @@ use axum::{Json, Router};
 use tower_http::trace::TraceLayer;
 
 use crate::service::{Ctx, Gcs};
+use gca_protocol::identity::Caller;
 
 mod json;
 mod soap;
@@ -37,8 +38,9 @@ async fn health(State(gcs): State<Gcs>) -> Response {
     }
 }
 
-/// The root URL clients reach us at: the configured public URL, else the request's Host.
-fn ctx(gcs: &Gcs, headers: &HeaderMap) -> Ctx {
+/// The request's context: who calls (see [`crate::policy`]), and the root URL clients reach
+/// us at: the configured public URL, else the request's Host.
+fn ctx(gcs: &Gcs, headers: &HeaderMap, caller: Caller) -> Ctx {
     let gcs_url = match &gcs.config.public_url {
         Some(u) => u.trim_end_matches('/').to_string(),
         None => {
@@ -56,7 +58,7 @@ fn ctx(gcs: &Gcs, headers: &HeaderMap) -> Ctx {
             format!("{scheme}://{host}")
         }
     };
-    Ctx { gcs_url }
+    Ctx { gcs_url, caller }
 }
 
 pub use gca_protocol::server::{read_body, ApiError};

@@ -17,27 +17,30 @@ use gca_protocol::xml::Element;
 
 use super::ctx;
 use crate::service::Gcs;
+use gca_protocol::identity::Caller;
 
 /// `POST /wsrf/services/GridCheckpointService[?gid=...]`: the GCS resource, or the resource
 /// named by a reference parameter header or the query.
 pub async fn endpoint(
     State(gcs): State<Gcs>,
+    caller: Caller,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
     body: Body,
 ) -> Response {
-    serve(gcs, headers, None, query, body).await
+    serve(gcs, caller, headers, None, query, body).await
 }
 
 /// `POST /wsrf/services/GridCheckpointService/{kind}/{id}`: a job, checkpoint or CTS instance
 /// resource by its address (for clients that cannot echo reference parameters).
 pub async fn resource_endpoint(
     State(gcs): State<Gcs>,
+    caller: Caller,
     headers: HeaderMap,
     Path((kind, id)): Path<(String, String)>,
     body: Body,
 ) -> Response {
-    serve(gcs, headers, Some((kind, id)), None, body).await
+    serve(gcs, caller, headers, Some((kind, id)), None, body).await
 }
 
 /// `GET` on a resource address.
@@ -52,12 +55,13 @@ pub async fn resource_get() -> Response {
 
 async fn serve(
     gcs: Gcs,
+    caller: Caller,
     headers: HeaderMap,
     path: Option<(String, String)>,
     query: Option<String>,
     body: Body,
 ) -> Response {
-    let ctx = ctx(&gcs, &headers);
+    let ctx = ctx(&gcs, &headers, caller);
     server::soap_endpoint(
         &headers,
         body,
@@ -91,54 +95,63 @@ async fn dispatch(
     match req.body.ns.as_deref() {
         Some(ns::WSRF_RP) => {
             return Ok(gcs
-                .resource_properties(resource, service_address, &req.body, action)
+                .resource_properties(ctx, resource, service_address, &req.body, action)
                 .await?)
         }
-        Some(ns::WSRF_RL) => return Ok(gcs.resource_lifetime(resource, &req.body, action).await?),
+        Some(ns::WSRF_RL) => {
+            return Ok(gcs
+                .resource_lifetime(ctx, resource, &req.body, action)
+                .await?)
+        }
         Some(ns::WSNT) => {
             return Ok(gcs
-                .notification(resource, service_address, &req.body, action)
+                .notification(ctx, resource, service_address, &req.body, action)
                 .await?)
         }
         Some(ns::GCA) => {}
         _ => return Err(unsupported(req)),
     }
     match req.body.name.as_str() {
-        "DoCheckpoint" => call::<DoCheckpointOp, _, _, _>(req, |r| gcs.do_checkpoint(r)).await,
-        "FindCTS" => call::<FindCtsOp, _, _, _>(req, |r| gcs.find_cts(r)).await,
+        "DoCheckpoint" => call::<DoCheckpointOp, _, _, _>(req, |r| gcs.do_checkpoint(ctx, r)).await,
+        "FindCTS" => call::<FindCtsOp, _, _, _>(req, |r| gcs.find_cts(ctx, r)).await,
         "GetCheckpoints" => {
-            call::<GetCheckpointsOp, _, _, _>(req, |r| gcs.get_checkpoints(r)).await
+            call::<GetCheckpointsOp, _, _, _>(req, |r| gcs.get_checkpoints(ctx, r)).await
         }
         "GetRecoveryInfo" => {
-            call::<GetRecoveryInfoOp, _, _, _>(req, |r| gcs.get_recovery_info(r, ctx)).await
+            call::<GetRecoveryInfoOp, _, _, _>(req, |r| gcs.get_recovery_info(ctx, r)).await
         }
-        "GetJob" => call::<GetJobOp, _, _, _>(req, |r| gcs.get_job(r)).await,
-        "ListJobs" => call::<ListJobsOp, _, _, _>(req, |r| gcs.list_jobs(r)).await,
-        "SetRetention" => call::<SetRetentionOp, _, _, _>(req, |r| gcs.set_retention(r)).await,
+        "AuthorizeRecovery" => {
+            call::<AuthorizeRecoveryOp, _, _, _>(req, |r| gcs.authorize_recovery(ctx, r)).await
+        }
+        "GetJob" => call::<GetJobOp, _, _, _>(req, |r| gcs.get_job(ctx, r)).await,
+        "ListJobs" => call::<ListJobsOp, _, _, _>(req, |r| gcs.list_jobs(ctx, r)).await,
+        "SetRetention" => call::<SetRetentionOp, _, _, _>(req, |r| gcs.set_retention(ctx, r)).await,
         "RegisterCheckpointerClass" => {
-            call::<RegisterClassOp, _, _, _>(req, |r| gcs.register_class(r)).await
+            call::<RegisterClassOp, _, _, _>(req, |r| gcs.register_class(ctx, r)).await
         }
         "RegisterCTSDescriptor" => {
-            call::<RegisterDescriptorOp, _, _, _>(req, |r| gcs.register_descriptor(r)).await
+            call::<RegisterDescriptorOp, _, _, _>(req, |r| gcs.register_descriptor(ctx, r)).await
         }
-        "UnregisterCTS" => call::<UnregisterCtsOp, _, _, _>(req, |r| gcs.unregister_cts(r)).await,
+        "UnregisterCTS" => {
+            call::<UnregisterCtsOp, _, _, _>(req, |r| gcs.unregister_cts(ctx, r)).await
+        }
         "ListCheckpointerClasses" => {
-            call::<ListClassesOp, _, _, _>(req, |_: ListRequest| gcs.list_classes()).await
+            call::<ListClassesOp, _, _, _>(req, |_: ListRequest| gcs.list_classes(ctx)).await
         }
         "ListCTSTypes" => {
-            call::<ListCtsTypesOp, _, _, _>(req, |_: ListRequest| gcs.list_types()).await
+            call::<ListCtsTypesOp, _, _, _>(req, |_: ListRequest| gcs.list_types(ctx)).await
         }
         "ListCTSInstances" => {
-            call::<ListCtsInstancesOp, _, _, _>(req, |_: ListRequest| gcs.list_instances()).await
+            call::<ListCtsInstancesOp, _, _, _>(req, |_: ListRequest| gcs.list_instances(ctx)).await
         }
         "RegisterCTSInstance" => {
-            call::<RegisterCtsInstanceOp, _, _, _>(req, |r| gcs.register_instance(r)).await
+            call::<RegisterCtsInstanceOp, _, _, _>(req, |r| gcs.register_instance(ctx, r)).await
         }
-        "RegisterJob" => call::<RegisterJobOp, _, _, _>(req, |r| gcs.register_job(r)).await,
+        "RegisterJob" => call::<RegisterJobOp, _, _, _>(req, |r| gcs.register_job(ctx, r)).await,
         "RegisterCheckpoint" => {
-            call::<RegisterCheckpointOp, _, _, _>(req, |r| gcs.register_checkpoint(r)).await
+            call::<RegisterCheckpointOp, _, _, _>(req, |r| gcs.register_checkpoint(ctx, r)).await
         }
-        "JobFinished" => call::<JobFinishedOp, _, _, _>(req, |r| gcs.job_finished(r)).await,
+        "JobFinished" => call::<JobFinishedOp, _, _, _>(req, |r| gcs.job_finished(ctx, r)).await,
         _ => Err(unsupported(req)),
     }
 }
@@ -155,7 +168,7 @@ pub async fn wsdl(
 ) -> Response {
     match query.as_deref().map(str::to_ascii_lowercase).as_deref() {
         Some("wsdl") => {
-            let base = ctx(&gcs, &headers).gcs_url;
+            let base = ctx(&gcs, &headers, Caller::Anonymous).gcs_url;
             xml_response(
                 200,
                 "text/xml; charset=utf-8".into(),
@@ -179,7 +192,7 @@ pub async fn schema(
 ) -> Response {
     match schemas::file(&file) {
         Some(text) => {
-            let base = ctx(&gcs, &headers).gcs_url;
+            let base = ctx(&gcs, &headers, Caller::Anonymous).gcs_url;
             xml_response(
                 200,
                 "text/xml; charset=utf-8".into(),
