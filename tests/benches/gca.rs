@@ -740,7 +740,7 @@ async fn register_once(ctx: &RegisterCtx, via: Via, gid: &str, cts: &str) {
         "bench-ck-{}",
         ctx.next_id.fetch_add(1, Ordering::Relaxed) + 1
     );
-    let record = CheckpointRecord {
+    let record = integration_tests::signed(CheckpointRecord {
         id: id.clone(),
         gid: gid.to_string(),
         sequence: None,
@@ -758,7 +758,9 @@ async fn register_once(ctx: &RegisterCtx, via: Via, gid: &str, cts: &str) {
         image_state: Default::default(),
         kept_in: None,
         image_error: None,
-    };
+        owner: Some(integration_tests::current_owner()),
+        signature: None,
+    });
     match via {
         Via::Soap => {
             let r = ctx
@@ -771,7 +773,15 @@ async fn register_once(ctx: &RegisterCtx, via: Via, gid: &str, cts: &str) {
         Via::Service => {
             let r = ctx
                 .service
-                .register_checkpoint(RegisterCheckpoint { checkpoint: record })
+                .register_checkpoint(
+                    &gcs::service::Ctx {
+                        gcs_url: String::new(),
+                        caller: gca_protocol::identity::Caller::Identified(
+                            integration_tests::pki::identity(&integration_tests::pki::cts(cts)),
+                        ),
+                    },
+                    RegisterCheckpoint { checkpoint: record },
+                )
                 .await
                 .expect("RegisterCheckpoint in-process");
             assert!(r.checkpoint.sequence.is_some());
@@ -888,7 +898,7 @@ async fn bench_fetch(opts: Options) -> Vec<Row> {
     .await
     .expect("register the job");
     gcs.call::<RegisterCheckpointOp>(RegisterCheckpoint {
-        checkpoint: CheckpointRecord {
+        checkpoint: integration_tests::signed(CheckpointRecord {
             id: id.into(),
             gid: gid.into(),
             sequence: None,
@@ -907,7 +917,9 @@ async fn bench_fetch(opts: Options) -> Vec<Row> {
             image_state: ImageState::Stored,
             kept_in: None,
             image_error: None,
-        },
+            owner: Some(integration_tests::current_owner()),
+            signature: None,
+        }),
     })
     .await
     .expect("register the image's record");

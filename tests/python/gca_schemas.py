@@ -147,6 +147,39 @@ def descriptor_schema(oasis: Optional[PathLike] = None) -> etree.XMLSchema:
     return load_schema(SCHEMAS_DIR / "cts-descriptor.xsd", oasis)
 
 
+def tls_files():
+    """The client TLS files every GCA client takes from the environment: (ca, cert, key),
+    each None when unset (GCA_CA, GCA_CERT, GCA_KEY)."""
+    get = lambda k: os.environ.get(k) or None  # noqa: E731
+    return get("GCA_CA"), get("GCA_CERT"), get("GCA_KEY")
+
+
+def ssl_context():
+    """An ssl.SSLContext trusting GCA_CA and presenting GCA_CERT/GCA_KEY (for urllib)."""
+    import ssl
+
+    ca, cert, key = tls_files()
+    ctx = ssl.create_default_context(cafile=ca) if ca else ssl.create_default_context()
+    if cert and key:
+        ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+def tls_session():
+    """A requests Session trusting GCA_CA and presenting GCA_CERT/GCA_KEY (for zeep)."""
+    import requests
+
+    ca, cert, key = tls_files()
+    session = requests.Session()
+    if ca:
+        # Else REQUESTS_CA_BUNDLE and the like would replace it.
+        session.trust_env = False
+        session.verify = ca
+    if cert and key:
+        session.cert = (cert, key)
+    return session
+
+
 def zeep_transport(oasis: Optional[PathLike] = None, **kwargs):
     """A zeep Transport whose load(url) serves the OASIS URLs from the local copies (and
     everything else as zeep's own Transport does: files, then HTTP). Extra keyword arguments
@@ -166,6 +199,7 @@ def zeep_transport(oasis: Optional[PathLike] = None, **kwargs):
                 return path.read_bytes()
             return super().load(url)
 
+    kwargs.setdefault("session", tls_session())
     return OasisTransport(**kwargs)
 
 

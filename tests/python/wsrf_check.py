@@ -121,7 +121,7 @@ def post(url: str, action: str, body: str, headers: str = "", soap12: bool = Fal
     ct = f'application/soap+xml; charset=utf-8; action="{action}"' if soap12 else "text/xml; charset=utf-8"
     req = urllib.request.Request(url, data=text.encode(), headers={"Content-Type": ct}, method="POST")
     try:
-        with urllib.request.urlopen(req, timeout=20) as resp:
+        with urllib.request.urlopen(req, timeout=20, context=gca_schemas.ssl_context()) as resp:
             return resp.status, etree.fromstring(resp.read())
     except urllib.error.HTTPError as e:
         return e.code, etree.fromstring(e.read())

@@ -93,7 +93,9 @@ impl TestCts {
         let descriptor_path = dir.path().join("descriptor.xml");
         std::fs::write(&descriptor_path, descriptor(setup.cts_type)).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
+        let insecure = setup.extra.contains("insecure = true");
+        let scheme = if insecure { "http" } else { "https" };
+        let url = format!("{scheme}://{}", listener.local_addr().unwrap());
         let base = format!(
             "name = {name:?}\nresource = \"node-{name}\"\nexecution_manager = \"https://node-{name}/wsrf/services/ManagedJobFactoryService\"\ngcs_url = {gcs:?}\ndescriptor = {desc:?}\nstate_dir = {state:?}\npublic_url = {url:?}\nheartbeat_secs = 2\ngcs_wait_secs = 5\n[driver]\n{driver}\n",
             name = setup.name,
@@ -114,6 +116,13 @@ impl TestCts {
                 }
             }
         }
+        if !insecure {
+            let tls = crate::pki::pki().tls(&crate::pki::cts(setup.name));
+            table.insert(
+                "tls".into(),
+                toml::Value::try_from(&tls).expect("TLS settings as TOML"),
+            );
+        }
         let text = toml::to_string(&table).unwrap();
         let config = cts::Config::from_toml(&text).expect("test CTS configuration");
         let local_socket = config.local_socket();
@@ -123,8 +132,9 @@ impl TestCts {
         let task = tokio::spawn(cts::run(listener, local, service.clone(), async move {
             let _ = rx.await;
         }));
+        // The GCS is the CTS's only caller of DoCheckpoint.
         let soap = SoapClient::new(
-            crate::http(),
+            crate::http_as(crate::pki::GCS),
             format!("{url}{}", gca_protocol::ns::CTS_SERVICE_PATH),
         );
         TestCts {

@@ -11,6 +11,7 @@ use axum::http::HeaderMap;
 use axum::response::IntoResponse;
 use gca_protocol::client::{JsonClient, SoapClient};
 use gca_protocol::fault::Fault;
+use gca_protocol::identity::{Authenticator, Caller};
 use gca_protocol::messages::*;
 use gca_protocol::ops::{CtsDoCheckpointOp, Operation, RegisterCheckpointOp};
 use gca_protocol::soap;
@@ -20,6 +21,7 @@ use tokio::sync::oneshot;
 pub mod consumer;
 pub mod cts;
 pub mod db;
+pub mod pki;
 pub mod slurm;
 pub mod wrappers;
 
@@ -38,8 +40,60 @@ pub fn init_tracing() {
     });
 }
 
+/// An HTTP client that trusts the test site CA and presents the test admin's certificate.
 pub fn http() -> reqwest::Client {
-    transport::http_client(&transport::ClientSettings::default()).expect("HTTP client")
+    pki::pki().client(pki::ADMIN)
+}
+
+/// An HTTP client presenting `id`'s certificate (`role:name`).
+pub fn http_as(id: &str) -> reqwest::Client {
+    pki::pki().client(id)
+}
+
+/// Who the harness calls an operation as by default: the CTS a CTS-facing request speaks
+/// for, else the test admin (the authorization tests choose their callers themselves).
+pub trait Actor {
+    fn actor(&self) -> String {
+        pki::ADMIN.to_string()
+    }
+}
+
+macro_rules! admin_actor {
+    ($($t:ty),*) => { $(impl Actor for $t {})* };
+}
+admin_actor!(
+    DoCheckpoint,
+    FindCts,
+    GidRequest,
+    GetRecoveryInfo,
+    AuthorizeRecovery,
+    ListJobs,
+    SetRetention,
+    RegisterCheckpointerClass,
+    RegisterCtsDescriptor,
+    UnregisterCts,
+    ListRequest
+);
+
+impl Actor for RegisterCtsInstance {
+    fn actor(&self) -> String {
+        pki::cts(&self.instance.name)
+    }
+}
+impl Actor for RegisterJob {
+    fn actor(&self) -> String {
+        pki::cts(&self.cts_instance)
+    }
+}
+impl Actor for RegisterCheckpoint {
+    fn actor(&self) -> String {
+        pki::cts(&self.checkpoint.cts_name)
+    }
+}
+impl Actor for JobFinished {
+    fn actor(&self) -> String {
+        pki::cts(&self.cts_instance)
+    }
 }
 
 /// A GCS server running in this process.
@@ -98,10 +152,18 @@ impl TestGcs {
             .await
             .expect("connect to the test database");
         gcs::MIGRATOR.run(&pool).await.expect("migrations");
-        let mut config = gcs::Config::default();
+        let mut config = gcs::Config {
+            tls: Some(pki::pki().tls(pki::GCS)),
+            ..Default::default()
+        };
         configure(&mut config);
         let addr = listener.local_addr().unwrap();
-        let url = format!("http://{addr}");
+        let scheme = if config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let url = format!("{scheme}://{addr}");
         let service = gcs::Gcs::new(pool.clone(), config).unwrap();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(gcs::run(listener, service, async move {
@@ -135,8 +197,31 @@ impl TestGcs {
         }
     }
 
-    pub async fn call<O: Operation>(&self, req: O::Request) -> Result<O::Response, Fault> {
-        self.soap.call::<O>(&req).await
+    /// Calls `O` over SOAP as the identity the request speaks for ([`Actor`]).
+    pub async fn call<O: Operation>(&self, req: O::Request) -> Result<O::Response, Fault>
+    where
+        O::Request: Actor,
+    {
+        self.soap_as(&req.actor()).call::<O>(&req).await
+    }
+
+    /// Calls `O` over SOAP as `id` (`role:name`).
+    pub async fn call_as<O: Operation>(
+        &self,
+        id: &str,
+        req: O::Request,
+    ) -> Result<O::Response, Fault> {
+        self.soap_as(id).call::<O>(&req).await
+    }
+
+    /// A SOAP client of this GCS presenting `id`'s certificate.
+    pub fn soap_as(&self, id: &str) -> SoapClient {
+        SoapClient::new(http_as(id), self.endpoint())
+    }
+
+    /// A JSON client of this GCS presenting `id`'s certificate.
+    pub fn json_as(&self, id: &str) -> JsonClient {
+        JsonClient::new(http_as(id), self.url.clone())
     }
 
     /// Registers the example CRIU type and one instance of it, named `name`, at `cts_url`.
@@ -153,6 +238,20 @@ impl TestGcs {
         .await
         .expect("register the CTS instance")
         .instance
+    }
+
+    /// A broker's AuthorizeRecovery: CTS `cts` may take `gid` over while it still runs.
+    pub async fn authorize_recovery(&self, gid: &str, cts: &str) {
+        self.call_as::<gca_protocol::ops::AuthorizeRecoveryOp>(
+            pki::BROKER,
+            AuthorizeRecovery {
+                gid: gid.into(),
+                cts_instance: cts.into(),
+                checkpoint: None,
+            },
+        )
+        .await
+        .expect("authorize the recovery");
     }
 
     pub async fn register_job(&self, gid: &str, cts: &str) -> Job {
@@ -179,20 +278,30 @@ impl Drop for TestGcs {
     }
 }
 
+/// The address of a CTS that is registered but never answers (nothing listens on port 1);
+/// [`checkpoint_record`]s name images under it.
+pub const UNREACHABLE_CTS: &str = "https://127.0.0.1:1/wsrf/services/CheckpointTranslationService";
+
 /// A periodic checkpoint record of `gid` by CTS `cts` (type `criu`), as a CTS would register
-/// it; its image name is not a reachable URL (`cts://{cts}/images/{id}`).
+/// it: an image under [`UNREACHABLE_CTS`], a digest, the test process's owner, and the
+/// signature of `cts`'s test certificate.
 pub fn checkpoint_record(id: &str, gid: &str, cts: &str) -> CheckpointRecord {
-    CheckpointRecord {
+    checkpoint_record_at(id, gid, cts, "https://127.0.0.1:1")
+}
+
+/// [`checkpoint_record`] with the image on the CTS at `base` (its root URL).
+pub fn checkpoint_record_at(id: &str, gid: &str, cts: &str, base: &str) -> CheckpointRecord {
+    signed(CheckpointRecord {
         id: id.into(),
         gid: gid.into(),
         sequence: None,
         cts_name: cts.into(),
         cts_type: "criu".into(),
         taken_at: chrono::Utc::now(),
-        image_name: format!("cts://{cts}/images/{id}"),
+        image_name: format!("{}/images/{id}", base.trim_end_matches('/')),
         execution_manager: "https://node-a/em".into(),
         size_bytes: Some(1),
-        digest: None,
+        digest: Some(format!("sha256:{}", "ab".repeat(32))),
         parent: None,
         origin: Origin::Periodic,
         job_stopped: false,
@@ -200,7 +309,28 @@ pub fn checkpoint_record(id: &str, gid: &str, cts: &str) -> CheckpointRecord {
         image_state: ImageState::Stored,
         kept_in: None,
         image_error: None,
+        owner: Some(current_owner()),
+        signature: None,
+    })
+}
+
+/// The UID and GID this test process runs as (the owner of its jobs).
+pub fn current_owner() -> ImageOwner {
+    use std::os::unix::fs::MetadataExt;
+    let me = std::fs::metadata("/proc/self").expect("/proc/self");
+    ImageOwner {
+        uid: me.uid(),
+        gid: me.gid(),
     }
+}
+
+/// `r` signed by the test certificate of the CTS it names (call again after changing it).
+pub fn signed(mut r: CheckpointRecord) -> CheckpointRecord {
+    let facts =
+        gca_protocol::signature::SignedFacts::of(&r).expect("a record with digest and owner");
+    let sig = pki::pki().signer(&r.cts_name).sign(&facts).expect("sign");
+    r.signature = Some(sig);
+    r
 }
 
 pub fn instance(name: &str, cts_type: &str, resource: &str, url: &str) -> CtsInstance {
@@ -226,7 +356,8 @@ pub struct CtsBehaviour {
     pub fault: Option<Fault>,
 }
 
-/// A small CTS speaking the real CTS protocol: SOAP DoCheckpoint in, a checkpoint record out.
+/// A small CTS speaking the real CTS protocol over mutual TLS (with the test certificate of
+/// `cts:<name>`): SOAP DoCheckpoint from the GCS's identity in, a signed checkpoint record out.
 pub struct FakeCts {
     pub url: String,
     pub name: String,
@@ -239,7 +370,7 @@ impl FakeCts {
     pub async fn start(name: &str) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!(
-            "http://{}/wsrf/services/CheckpointTranslationService",
+            "https://{}/wsrf/services/CheckpointTranslationService",
             listener.local_addr().unwrap()
         );
         let calls = Arc::new(AtomicUsize::new(0));
@@ -251,15 +382,28 @@ impl FakeCts {
         let state = (name.to_string(), calls.clone(), behaviour.clone());
         let app = axum::Router::new().route(
             "/wsrf/services/CheckpointTranslationService",
-            axum::routing::post(move |headers: HeaderMap, body: Bytes| {
+            axum::routing::post(move |caller: Caller, headers: HeaderMap, body: Bytes| {
                 let (name, calls, behaviour) = state.clone();
-                async move { fake_cts_handle(&name, &calls, &behaviour, &headers, &body).await }
+                async move {
+                    if caller.role() != Some(gca_protocol::identity::Role::Gcs) {
+                        return (
+                            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                            soap::fault_envelope(
+                                soap::SoapVersion::Soap11,
+                                &Fault::denied(format!("{caller} is not the GCS")),
+                                None,
+                            ),
+                        )
+                            .into_response();
+                    }
+                    fake_cts_handle(&name, &calls, &behaviour, &headers, &body).await
+                }
             }),
         );
         let (tx, rx) = oneshot::channel::<()>();
-        tokio::spawn(transport::serve(listener, None, app, async move {
+        serve_tls(listener, &pki::cts(name), app, async move {
             let _ = rx.await;
-        }));
+        });
         FakeCts {
             url,
             name: name.to_string(),
@@ -323,27 +467,22 @@ async fn fake_cts_handle(
     }
     let dc = DoCheckpoint::read_children(&req.body).expect("a valid DoCheckpoint");
     let id = format!("{name}-{}", uuid::Uuid::new_v4());
-    let mut record = CheckpointRecord {
-        id: id.clone(),
-        gid: dc.gid.clone(),
-        sequence: None,
-        cts_name: name.to_string(),
-        cts_type: "criu".into(),
-        taken_at: chrono::Utc::now(),
-        image_name: format!("cts://{name}/images/{id}"),
-        execution_manager: "https://node/wsrf/services/ManagedJobFactoryService".into(),
+    let base = format!(
+        "https://{}",
+        headers
+            .get("host")
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("127.0.0.1")
+    );
+    let mut record = signed(CheckpointRecord {
         size_bytes: Some(4096),
-        digest: Some(format!("sha256:{}", "ab".repeat(32))),
-        parent: None,
         origin: Origin::External,
         job_stopped: dc.stop,
-        registered_at: None,
-        image_state: Default::default(),
-        kept_in: None,
-        image_error: None,
-    };
+        execution_manager: "https://node/wsrf/services/ManagedJobFactoryService".into(),
+        ..checkpoint_record_at(&id, &dc.gid, name, &base)
+    });
     if let Some(gcs) = &b.register_at_gcs {
-        let client = SoapClient::new(http(), gcs.clone());
+        let client = SoapClient::new(http_as(&pki::cts(name)), gcs.clone());
         match client
             .call::<RegisterCheckpointOp>(&RegisterCheckpoint {
                 checkpoint: record.clone(),
@@ -374,6 +513,20 @@ async fn fake_cts_handle(
         ),
     )
         .into_response()
+}
+
+/// Serves `app` with mutual TLS as `id` (the test certificate of `role:name`); handlers see
+/// the [`Caller`].
+pub fn serve_tls(
+    listener: tokio::net::TcpListener,
+    id: &str,
+    app: axum::Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let tls = pki::pki().tls(id);
+    let app = Authenticator::with_rules(Vec::new()).layer(app);
+    let server = transport::server_config(&tls).expect("test server TLS");
+    tokio::spawn(transport::serve(listener, Some(server), app, shutdown));
 }
 
 /// Posts a raw SOAP 1.1 envelope, returning (status, body).
@@ -416,11 +569,22 @@ pub fn python() -> String {
     })
 }
 
-/// Runs `tests/python/{script}` with `args` and returns its standard output; a failure
-/// panics with both outputs.
+/// Runs `tests/python/{script}` with `args` as the test admin (its certificate in
+/// `GCA_CA`/`GCA_CERT`/`GCA_KEY`, which the scripts' zeep and urllib clients use) and returns
+/// its standard output; a failure panics with both outputs.
 pub async fn run_python<S: AsRef<std::ffi::OsStr>>(script: &str, args: &[S]) -> String {
+    run_python_as(pki::ADMIN, script, args).await
+}
+
+/// [`run_python`] presenting `id`'s certificate.
+pub async fn run_python_as<S: AsRef<std::ffi::OsStr>>(
+    id: &str,
+    script: &str,
+    args: &[S],
+) -> String {
     let path = format!("{}/python/{script}", env!("CARGO_MANIFEST_DIR"));
     let out = tokio::process::Command::new(python())
+        .envs(pki::pki().env(id))
         .arg(&path)
         .args(args)
         .output()

@@ -219,7 +219,10 @@ async fn an_unwritable_store_stops_the_cts_at_start_with_a_clear_error() {
         store = not_a_dir,
     );
     std::fs::write(dir.path().join("d.xml"), integration_tests::CRIU_DESCRIPTOR).unwrap();
-    let config = cts::Config::from_toml(&text).unwrap();
+    let mut config = cts::Config::from_toml(&format!("insecure = true\n{text}")).unwrap();
+    config.insecure = false;
+    config.tls =
+        Some(integration_tests::pki::pki().tls(&integration_tests::pki::cts("cts-broken")));
     let err = match cts::build(config).await {
         Ok(_) => panic!("a CTS with an unusable store must not start"),
         Err(e) => format!("{e:#}"),

@@ -231,12 +231,11 @@ async fn do_checkpoint_of_an_unknown_or_finished_job_is_refused() {
 #[tokio::test]
 async fn sequence_numbers_are_gapless_under_concurrent_registrations() {
     let gcs = TestGcs::start().await;
-    gcs.setup_cts("cts-a", "node-a", "http://127.0.0.1:1/cts")
-        .await;
+    gcs.setup_cts("cts-a", "node-a", UNREACHABLE_CTS).await;
     gcs.register_job("job-1", "cts-a").await;
     let n = 40;
     let calls = (0..n).map(|i| {
-        let soap = gcs.soap.clone();
+        let soap = gcs.soap_as(&pki::cts("cts-a"));
         async move {
             soap.call::<RegisterCheckpointOp>(&RegisterCheckpoint {
                 checkpoint: checkpoint_record(&format!("ck-{i}"), "job-1", "cts-a"),
@@ -255,8 +254,7 @@ async fn sequence_numbers_are_gapless_under_concurrent_registrations() {
 #[tokio::test]
 async fn checkpoint_registration_is_idempotent_and_refuses_clashes() {
     let gcs = TestGcs::start().await;
-    gcs.setup_cts("cts-a", "node-a", "http://127.0.0.1:1/cts")
-        .await;
+    gcs.setup_cts("cts-a", "node-a", UNREACHABLE_CTS).await;
     gcs.register_job("job-1", "cts-a").await;
     gcs.register_job("job-2", "cts-a").await;
     let r = checkpoint_record("ck-1", "job-1", "cts-a");
@@ -281,7 +279,7 @@ async fn checkpoint_registration_is_idempotent_and_refuses_clashes() {
         (Registration::Unchanged, Some(1))
     );
     let mut other = r.clone();
-    other.image_name = "somewhere-else".into();
+    other.image_name = "https://127.0.0.1:1/images/somewhere-else".into();
     let err = gcs
         .call::<RegisterCheckpointOp>(RegisterCheckpoint { checkpoint: other })
         .await
@@ -290,7 +288,9 @@ async fn checkpoint_registration_is_idempotent_and_refuses_clashes() {
     let mut stolen = r.clone();
     stolen.gid = "job-2".into();
     let err = gcs
-        .call::<RegisterCheckpointOp>(RegisterCheckpoint { checkpoint: stolen })
+        .call::<RegisterCheckpointOp>(RegisterCheckpoint {
+            checkpoint: signed(stolen),
+        })
         .await
         .unwrap_err();
     assert_eq!(err.kind, FaultKind::Conflict);
@@ -317,8 +317,7 @@ async fn checkpoint_registration_is_idempotent_and_refuses_clashes() {
 #[tokio::test]
 async fn recovery_info_names_the_wrapper_parameters_and_candidates() {
     let gcs = TestGcs::start().await;
-    gcs.setup_cts("cts-a", "node-a", "http://127.0.0.1:1/cts")
-        .await;
+    gcs.setup_cts("cts-a", "node-a", UNREACHABLE_CTS).await;
     gcs.call::<RegisterCtsInstanceOp>(RegisterCtsInstance {
         instance: instance("cts-b", "criu", "node-b", "http://127.0.0.1:2/cts"),
     })
@@ -409,7 +408,7 @@ async fn recovery_info_respects_same_resource_and_latest_only_types() {
     .unwrap();
     for (name, res) in [("l-a", "node-a"), ("l-a2", "node-a"), ("l-b", "node-b")] {
         gcs.call::<RegisterCtsInstanceOp>(RegisterCtsInstance {
-            instance: instance(name, "criu-local", res, "http://127.0.0.1:9/x"),
+            instance: instance(name, "criu-local", res, UNREACHABLE_CTS),
         })
         .await
         .unwrap();
@@ -418,9 +417,11 @@ async fn recovery_info_respects_same_resource_and_latest_only_types() {
     for id in ["ck-1", "ck-2"] {
         let mut r = checkpoint_record(id, "job-1", "l-a");
         r.cts_type = "criu-local".into();
-        gcs.call::<RegisterCheckpointOp>(RegisterCheckpoint { checkpoint: r })
-            .await
-            .unwrap();
+        gcs.call::<RegisterCheckpointOp>(RegisterCheckpoint {
+            checkpoint: signed(r),
+        })
+        .await
+        .unwrap();
     }
     let info = gcs
         .call::<GetRecoveryInfoOp>(GetRecoveryInfo {

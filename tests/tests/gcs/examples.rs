@@ -27,7 +27,7 @@ use gca_protocol::wsrf;
 use gca_protocol::xml::{self, Element, Node, XML_NS};
 use integration_tests::consumer::Consumer;
 use integration_tests::cts::{TestCts, TestJob, APP_DRIVER};
-use integration_tests::{http, run_python, TestGcs, APP_DESCRIPTOR};
+use integration_tests::{http_as, pki, run_python, signed, TestGcs, APP_DESCRIPTOR};
 
 const DOC_PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/soap-operations.md");
 const REGENERATE: &str = "GCA_UPDATE_DOCS=1 scripts/test -E 'test(soap_operations)'";
@@ -123,6 +123,7 @@ fn gcs_operation(op: &str) -> Option<(Caller, &'static str)> {
         "DoCheckpoint" => (Caller::Broker, "Checkpoints the job with this GID now: the GCS forwards the request to the CTS in charge of the job and answers with the checkpoint record, including the sequence number it assigned. `Stop` = `true` stops the job after the checkpoint (migration)."),
         "FindCTS" => (Caller::Broker, "Where can a job run checkpointably: the CTS instances matching every criterion given (type, checkpointer class, core service, resource, core-service properties, heard from within so many seconds), each with its wrappers and parameter patterns to submit the job with, in instance name order."),
         "GetCheckpoints" => (Caller::Broker, "Every checkpoint record of a job, in sequence order."),
+        "AuthorizeRecovery" => (Caller::Broker, "Lets a CTS instance take a job over by a recovery although the job may still run elsewhere (a clone of it, or a migration the broker drives). Without it, a recovery registration moves a job only when the job failed, was stopped for migration or its CTS is lost. The grant is used up by that recovery, or expires (`recovery_grant_secs`)."),
         "GetRecoveryInfo" => (Caller::Broker, "How and where to recover a job from an image (`latest` or a checkpoint ID): the checkpoint, the CTS type that must restore it, and each candidate instance with the recovery wrapper's parameters expanded for it (`{CHECKPOINT_DIR}` is left for the CTS)."),
         "GetJob" => (Caller::Broker, "One job: its state, the CTS in charge, its latest checkpoint, how it ended."),
         "ListJobs" => (Caller::Broker, "Jobs, optionally by `State` and `CTSInstance`, in GID order, paged with `After` (the last GID seen) and `Limit`."),
@@ -136,7 +137,7 @@ fn gcs_operation(op: &str) -> Option<(Caller, &'static str)> {
         "RegisterJob" => (Caller::Cts, "A CTS takes charge of a GID, when the execute wrapper registers the job there; with `Recovery` = `true` (and `FromCheckpoint`, `State`) when a recovery wrapper restores it, which moves the job to that CTS."),
         "RegisterCheckpoint" => (Caller::Cts, "A CTS records a checkpoint it took (on request, periodic, or by the job itself); the GCS assigns the next sequence number. The same record again is `unchanged`."),
         "JobFinished" => (Caller::Cts, "The CTS in charge reports that the job exited, with its exit status or signal. Exit status 0 ends the job: its retention policy applies to its images. A job that failed keeps them for recovery (and gets a termination time, `failed_job_lifetime_secs`, unless it has one)."),
-        "SetRetention" => (Caller::Broker, "The job owner's retention policy: what is kept of the job's images when it ends (exit status 0, or its resource destroyed). `Keep` `none` (the default: delete them), `last` (the newest `KeepLast`) or `all`, moved to `KeepIn`, a directory of the job's owner on the resource holding each image. On a job that has ended, it applies at once to the images still stored."),
+        "SetRetention" => (Caller::Admin, "The job owner's retention policy: what is kept of the job's images when it ends (exit status 0, or its resource destroyed). `Keep` `none` (the default: delete them), `last` (the newest `KeepLast`) or `all`, moved to `KeepIn`, a directory of the job's owner on the resource holding each image. On a job that has ended, it applies at once to the images still stored."),
         _ => return None,
     })
 }
@@ -231,6 +232,13 @@ impl Recorder {
         about: &str,
         req: Request<'_>,
     ) -> Result<Element, Fault> {
+        // Each request with the identity of who calls it (see the policy in ARCHITECTURE.md).
+        let caller = match (section, gcs_operation(op).map(|c| c.0)) {
+            (Section::Cts, _) => pki::GCS.to_string(),
+            (_, Some(Caller::Cts)) => pki::cts(&cts_named_in(req.body)),
+            (_, Some(Caller::Admin)) | (Section::Rl, _) => pki::ADMIN.to_string(),
+            _ => pki::BROKER.to_string(),
+        };
         self.next_message += 1;
         let message_id = format!("urn:uuid:00000000-0000-0000-0000-{:012}", self.next_message);
         let text = envelope(
@@ -249,7 +257,7 @@ impl Recorder {
         } else {
             "text/xml; charset=utf-8".to_string()
         };
-        let mut post = http()
+        let mut post = http_as(&caller)
             .post(req.url)
             .header("content-type", content_type)
             .body(text.clone());
@@ -303,6 +311,19 @@ impl Recorder {
         )
         .await
     }
+}
+
+/// The CTS a CTS-facing request speaks for: its instance name, CTS name or CTS instance.
+fn cts_named_in(body: &str) -> String {
+    ["<gca:Name>", "<gca:CTSName>", "<gca:CTSInstance>"]
+        .iter()
+        .find_map(|tag| {
+            let start = body.find(tag)? + tag.len();
+            let end = start + body[start..].find('<')?;
+            Some(body[start..end].trim().to_string())
+        })
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| panic!("no CTS named in {body}"))
 }
 
 /// Removes the indentation common to all non-blank lines, and blank lines at both ends.
@@ -396,6 +417,7 @@ fn envelope(
 ///   other than the one the examples report for cts-b: `cts-a-20261122T120000Z-…N` and
 ///   `sha256:0…N`, likewise numbered.
 /// - The real job's PID, in `gca:LocalID`: `12345`.
+/// - An image signature's certificate and value (`gca:Signature`): a short description.
 struct Normalizer {
     start: DateTime<Utc>,
     base: DateTime<Utc>,
@@ -422,6 +444,22 @@ impl Normalizer {
     /// A text value, attribute value or whole message.
     fn text(&mut self, s: &str) -> String {
         let mut s = s.to_string();
+        // Inside each gca:Signature of a whole message.
+        let mut from = 0;
+        while let Some(at) = s[from..].find("<gca:Signature>").map(|i| i + from) {
+            for name in ["Certificate", "Value"] {
+                let end = s[at..].find("</gca:Signature>").map_or(s.len(), |i| i + at);
+                let (open, close) = (format!("<gca:{name}>"), format!("</gca:{name}>"));
+                let part = &s[at..end];
+                if let (Some(a), Some(b)) = (part.find(&open), part.find(&close)) {
+                    if a < b {
+                        let shown = signature_shown(name).unwrap_or_default();
+                        s.replace_range(at + a + open.len()..at + b, shown);
+                    }
+                }
+            }
+            from = at + 1;
+        }
         for (from, to) in &self.hosts {
             s = s.replace(from.as_str(), to);
         }
@@ -500,6 +538,16 @@ impl Normalizer {
 
     /// A parsed message: every text and attribute value.
     fn tree(&mut self, el: &mut Element) {
+        if el.is(ns::GCA, "Signature") {
+            for c in el.children.iter_mut() {
+                if let Node::Element(e) = c {
+                    if let Some(shown) = signature_shown(&e.name) {
+                        e.children = vec![Node::Text(shown.to_string())];
+                    }
+                }
+            }
+            return;
+        }
         let local_id = el.is(ns::GCA, "LocalID");
         for a in &mut el.attrs {
             a.value = self.text(&a.value);
@@ -511,6 +559,16 @@ impl Normalizer {
                 Node::Element(e) => self.tree(e),
             }
         }
+    }
+}
+
+/// What the document shows for the parts of an image signature that differ from run to run
+/// (each run's test CA issues new keys).
+fn signature_shown(element: &str) -> Option<&'static str> {
+    match element {
+        "Certificate" => Some("MIIB…(the signing CTS's certificate, base64 DER)…"),
+        "Value" => Some("MEUC…(the signature, base64)…"),
+        _ => None,
     }
 }
 
@@ -1126,6 +1184,21 @@ async fn soap_operations_reference_is_generated_from_real_exchanges() {
     assert_eq!(text_of(&r, "Outcome"), "created");
     let taken_at = (Utc::now() - chrono::Duration::minutes(5))
         .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    // What cts-b signs with its key: the image's identity and owner.
+    let signature = signed(gca_protocol::messages::CheckpointRecord {
+        id: CTS_B_IMAGE.into(),
+        gid: "job-43".into(),
+        cts_name: "cts-b".into(),
+        cts_type: "app-level".into(),
+        digest: Some(CTS_B_DIGEST.into()),
+        owner: Some(gca_protocol::messages::ImageOwner {
+            uid: 1000,
+            gid: 1000,
+        }),
+        ..integration_tests::checkpoint_record(CTS_B_IMAGE, "job-43", "cts-b")
+    })
+    .signature
+    .expect("signed");
     let r = rec
         .gcs(
             &gcs,
@@ -1145,8 +1218,20 @@ async fn soap_operations_reference_is_generated_from_real_exchanges() {
                     <gca:Digest>{CTS_B_DIGEST}</gca:Digest>
                     <gca:Origin>periodic</gca:Origin>
                     <gca:JobStopped>false</gca:JobStopped>
+                    <gca:Owner>
+                      <gca:UID>1000</gca:UID>
+                      <gca:GroupID>1000</gca:GroupID>
+                    </gca:Owner>
+                    <gca:Signature>
+                      <gca:Algorithm>{alg}</gca:Algorithm>
+                      <gca:Certificate>{cert}</gca:Certificate>
+                      <gca:Value>{value}</gca:Value>
+                    </gca:Signature>
                   </gca:Checkpoint>
-                </gca:RegisterCheckpoint>"#
+                </gca:RegisterCheckpoint>"#,
+                alg = signature.algorithm,
+                cert = signature.certificate,
+                value = signature.value,
             ),
         )
         .await
@@ -1287,6 +1372,19 @@ async fn soap_operations_reference_is_generated_from_real_exchanges() {
         .await
         .expect("GetRecoveryInfo");
     assert_eq!(r.children_named(ns::GCA, "Candidate").count(), 2);
+    let r = rec
+        .gcs(
+            &gcs,
+            "AuthorizeRecovery",
+            r#"
+            <gca:AuthorizeRecovery>
+              <gca:GID>job-42</gca:GID>
+              <gca:CTSInstance>cts-b</gca:CTSInstance>
+            </gca:AuthorizeRecovery>"#,
+        )
+        .await
+        .expect("AuthorizeRecovery");
+    assert_eq!(text_of(&r, "CTSInstance"), "cts-b");
     let r = rec
         .gcs(
             &gcs,
@@ -1748,7 +1846,10 @@ async fn soap_operations_reference_is_generated_from_real_exchanges() {
     validate(&rec.examples).await;
 
     let port = |url: &str| {
-        let rest = url.strip_prefix("http://").expect("an http URL");
+        let rest = url
+            .strip_prefix("https://")
+            .or_else(|| url.strip_prefix("http://"))
+            .expect("an http(s) URL");
         rest.split('/').next().unwrap().to_string()
     };
     let mut norm = Normalizer::new(

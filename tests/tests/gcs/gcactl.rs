@@ -15,8 +15,14 @@ fn gcactl_path() -> std::path::PathBuf {
     path
 }
 
+/// gcactl as the test admin (its certificate from GCA_CA, GCA_CERT, GCA_KEY).
 async fn gcactl(gcs_url: &str, args: &[&str]) -> (i32, String, String) {
+    gcactl_as(pki::ADMIN, gcs_url, args).await
+}
+
+async fn gcactl_as(id: &str, gcs_url: &str, args: &[&str]) -> (i32, String, String) {
     let out = tokio::process::Command::new(gcactl_path())
+        .envs(pki::pki().env(id))
         .arg("--gcs")
         .arg(gcs_url)
         .args(args)
@@ -140,8 +146,7 @@ async fn subscriptions_over_json_and_gcactl_show_their_backlog() {
         "{}",
         sub.address
     );
-    gcs.setup_cts("cts-a", "node-a", "http://127.0.0.1:9/cts")
-        .await;
+    gcs.setup_cts("cts-a", "node-a", UNREACHABLE_CTS).await;
     let got = consumer.wait_for(1, Duration::from_secs(10)).await;
     assert_eq!(got[0].topic_name(), "CTSRegistered");
 
@@ -211,8 +216,7 @@ async fn subscriptions_over_json_and_gcactl_show_their_backlog() {
 #[tokio::test]
 async fn retention_is_set_and_shown_by_gcactl() {
     let gcs = TestGcs::start().await;
-    gcs.setup_cts("cts-a", "node-a", "http://127.0.0.1:9/cts")
-        .await;
+    gcs.setup_cts("cts-a", "node-a", UNREACHABLE_CTS).await;
     gcs.register_job("job-1", "cts-a").await;
 
     let (code, out, err) = gcactl(&gcs.url, &["job", "show", "job-1"]).await;

@@ -105,8 +105,7 @@ async fn settle(consumer: &Consumer, n: usize) {
 #[tokio::test]
 async fn checkpoint_taken_reaches_subscribers_with_and_without_a_gid_filter() {
     let gcs = TestGcs::start_with(fast).await;
-    gcs.setup_cts("cts-a", "node-a", "http://node-a:8090/cts")
-        .await;
+    gcs.setup_cts("cts-a", "node-a", UNREACHABLE_CTS).await;
     let all = Consumer::start().await;
     let one = Consumer::start().await;
     let sub_all = subscribe(
@@ -171,8 +170,7 @@ async fn job_and_cts_events_reach_a_subscriber_of_every_topic() {
     let gcs = TestGcs::start_with(fast).await;
     let consumer = Consumer::start().await;
     subscribe(&gcs, &consumer, "").await;
-    gcs.setup_cts("cts-a", "node-a", "http://node-a:8090/cts")
-        .await;
+    gcs.setup_cts("cts-a", "node-a", UNREACHABLE_CTS).await;
     gcs.register_job("job-1", "cts-a").await;
     checkpoint(&gcs, "ck-1", "job-1").await;
     gcs.call::<RegisterCtsInstanceOp>(RegisterCtsInstance {
@@ -180,7 +178,8 @@ async fn job_and_cts_events_reach_a_subscriber_of_every_topic() {
     })
     .await
     .unwrap();
-    // Recovery on cts-b: recovering, then running (one JobRecovered).
+    // Recovery on cts-b (asked for by a broker): recovering, then running (one JobRecovered).
+    gcs.authorize_recovery("job-1", "cts-b").await;
     for state in [JobState::Recovering, JobState::Running] {
         gcs.call::<RegisterJobOp>(RegisterJob {
             gid: "job-1".into(),
@@ -227,8 +226,7 @@ async fn job_and_cts_events_reach_a_subscriber_of_every_topic() {
 #[tokio::test]
 async fn destroying_a_job_resource_is_job_finished() {
     let gcs = TestGcs::start_with(fast).await;
-    gcs.setup_cts("cts-a", "node-a", "http://node-a:8090/cts")
-        .await;
+    gcs.setup_cts("cts-a", "node-a", UNREACHABLE_CTS).await;
     gcs.register_job("job-1", "cts-a").await;
     let consumer = Consumer::start().await;
     // Subscribing on the job resource filters by its GID.
@@ -273,8 +271,7 @@ async fn a_cts_not_heard_from_is_lost_once_per_loss() {
         &topic_filter(wsn::SIMPLE_DIALECT, "gca:CTSLost"),
     )
     .await;
-    gcs.setup_cts("cts-a", "node-a", "http://node-a:8090/cts")
-        .await;
+    gcs.setup_cts("cts-a", "node-a", UNREACHABLE_CTS).await;
     let got = consumer.wait_for(1, WAIT).await;
     assert_eq!(got[0].topic_name(), "CTSLost");
     assert!(got[0].message.is(ns::GCA, "CTSLostEvent"));
@@ -293,8 +290,7 @@ async fn a_cts_not_heard_from_is_lost_once_per_loss() {
 #[tokio::test]
 async fn a_failing_consumer_gets_the_notification_on_a_retry() {
     let gcs = TestGcs::start_with(fast).await;
-    gcs.setup_cts("cts-a", "node-a", "http://node-a:8090/cts")
-        .await;
+    gcs.setup_cts("cts-a", "node-a", UNREACHABLE_CTS).await;
     let consumer = Consumer::start().await;
     consumer.fail(3);
     subscribe(
@@ -332,8 +328,7 @@ async fn a_consumer_that_never_answers_is_given_up_after_the_attempts() {
         c.notify_max_attempts = 3;
     })
     .await;
-    gcs.setup_cts("cts-a", "node-a", "http://node-a:8090/cts")
-        .await;
+    gcs.setup_cts("cts-a", "node-a", UNREACHABLE_CTS).await;
     let consumer = Consumer::start().await;
     consumer.fail(usize::MAX);
     subscribe(&gcs, &consumer, "").await;
@@ -353,8 +348,7 @@ async fn a_consumer_that_never_answers_is_given_up_after_the_attempts() {
 #[tokio::test]
 async fn renew_unsubscribe_and_expiry() {
     let gcs = TestGcs::start_with(fast).await;
-    gcs.setup_cts("cts-a", "node-a", "http://node-a:8090/cts")
-        .await;
+    gcs.setup_cts("cts-a", "node-a", UNREACHABLE_CTS).await;
     let consumer = Consumer::start().await;
     let resp = subscribe_raw(
         &gcs,
@@ -467,8 +461,7 @@ async fn notifications_queued_while_the_consumer_is_down_survive_a_gcs_restart()
         c.notify_retry_base_millis = 60_000;
     })
     .await;
-    a.setup_cts("cts-a", "node-a", "http://node-a:8090/cts")
-        .await;
+    a.setup_cts("cts-a", "node-a", UNREACHABLE_CTS).await;
     let consumer = Consumer::start().await;
     consumer.fail(1);
     subscribe(
@@ -522,8 +515,7 @@ fn a_url_of(n: &Notification) -> String {
 async fn two_replicas_deliver_each_notification_exactly_once() {
     let a = TestGcs::start_with(fast).await;
     let b = TestGcs::start_on(&a.database_url, fast).await;
-    a.setup_cts("cts-a", "node-a", "http://node-a:8090/cts")
-        .await;
+    a.setup_cts("cts-a", "node-a", UNREACHABLE_CTS).await;
     a.register_job("job-1", "cts-a").await;
     let consumer = Consumer::start().await;
     subscribe(
@@ -631,8 +623,7 @@ async fn the_gcs_document_advertises_its_topics() {
 #[tokio::test]
 async fn the_oasis_schemas_accept_every_notification_message_and_fault() {
     let gcs = TestGcs::start_with(fast).await;
-    gcs.setup_cts("cts-a", "node-a", "http://node-a:8090/cts")
-        .await;
+    gcs.setup_cts("cts-a", "node-a", UNREACHABLE_CTS).await;
     gcs.register_job("job-1", "cts-a").await;
     let endpoint = gcs.endpoint();
     let stdout = run_python("wsn_check.py", &["--url", &endpoint, "--gid", "job-1"]).await;

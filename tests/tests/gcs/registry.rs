@@ -177,13 +177,11 @@ async fn invalid_descriptor_names_the_line_over_soap_and_json() {
 #[tokio::test]
 async fn instances_register_idempotently_and_update_their_address() {
     let gcs = TestGcs::start().await;
-    let i = gcs
-        .setup_cts("cts-a", "node-a", "http://127.0.0.1:1/cts")
-        .await;
+    let i = gcs.setup_cts("cts-a", "node-a", UNREACHABLE_CTS).await;
     assert!(i.registered_at.is_some() && i.last_seen.is_some());
     let same = gcs
         .call::<RegisterCtsInstanceOp>(RegisterCtsInstance {
-            instance: instance("cts-a", "criu", "node-a", "http://127.0.0.1:1/cts"),
+            instance: instance("cts-a", "criu", "node-a", UNREACHABLE_CTS),
         })
         .await
         .unwrap();
@@ -228,8 +226,7 @@ async fn instances_register_idempotently_and_update_their_address() {
 #[tokio::test]
 async fn find_cts_matches_every_criterion() {
     let gcs = TestGcs::start().await;
-    gcs.setup_cts("cts-a", "node-a", "http://127.0.0.1:1/cts")
-        .await;
+    gcs.setup_cts("cts-a", "node-a", UNREACHABLE_CTS).await;
     gcs.call::<RegisterCtsInstanceOp>(RegisterCtsInstance {
         instance: instance("cts-b", "criu", "node-b", "http://127.0.0.1:2/cts"),
     })
@@ -326,8 +323,7 @@ async fn find_cts_matches_every_criterion() {
 #[tokio::test]
 async fn unregistering_refuses_what_is_still_in_use() {
     let gcs = TestGcs::start().await;
-    gcs.setup_cts("cts-a", "node-a", "http://127.0.0.1:1/cts")
-        .await;
+    gcs.setup_cts("cts-a", "node-a", UNREACHABLE_CTS).await;
     gcs.register_job("job-1", "cts-a").await;
     let err = gcs
         .call::<UnregisterCtsOp>(UnregisterCts {
@@ -389,8 +385,7 @@ async fn unregistering_refuses_what_is_still_in_use() {
 #[tokio::test]
 async fn jobs_register_move_on_recovery_and_finish() {
     let gcs = TestGcs::start().await;
-    gcs.setup_cts("cts-a", "node-a", "http://127.0.0.1:1/cts")
-        .await;
+    gcs.setup_cts("cts-a", "node-a", UNREACHABLE_CTS).await;
     gcs.call::<RegisterCtsInstanceOp>(RegisterCtsInstance {
         instance: instance("cts-b", "criu", "node-b", "http://127.0.0.1:2/cts"),
     })
@@ -419,6 +414,24 @@ async fn jobs_register_move_on_recovery_and_finish() {
         .unwrap_err();
     assert_eq!(err.kind, FaultKind::Conflict);
     assert!(err.message.contains("Recovery=true"), "{}", err.message);
+
+    // A running job is not taken over by a recovery registration of another CTS...
+    let err = gcs
+        .call::<RegisterJobOp>(reg("cts-b", "", true, Some(JobState::Recovering)))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.kind, err.code.as_deref()),
+        (FaultKind::AccessDenied, Some("recovery-not-authorized"))
+    );
+    assert_eq!(
+        integration_tests::cts::gcs_job(&gcs, "job-1")
+            .await
+            .cts_instance,
+        "cts-a"
+    );
+    // ...unless a broker asked for it.
+    gcs.authorize_recovery("job-1", "cts-b").await;
 
     // Recovery on B: recovering, then running; counted once.
     let r = gcs
@@ -502,8 +515,7 @@ async fn jobs_register_move_on_recovery_and_finish() {
 #[tokio::test]
 async fn list_jobs_pages_by_gid() {
     let gcs = TestGcs::start().await;
-    gcs.setup_cts("cts-a", "node-a", "http://127.0.0.1:1/cts")
-        .await;
+    gcs.setup_cts("cts-a", "node-a", UNREACHABLE_CTS).await;
     for i in 0..7 {
         gcs.register_job(&format!("job-{i}"), "cts-a").await;
     }

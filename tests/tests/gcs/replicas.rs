@@ -49,15 +49,17 @@ async fn two_replicas_share_routing_bookkeeping_and_numbering() {
     let template = &via_a;
     let calls = (0..30).map(|i| {
         let soap = if i % 2 == 0 {
-            a.soap.clone()
+            a.soap_as(&pki::cts("cts-a"))
         } else {
-            b.soap.clone()
+            b.soap_as(&pki::cts("cts-a"))
         };
         async move {
             let mut r = template.clone();
             r.id = format!("ck-{i}");
             r.sequence = None;
             r.registered_at = None;
+            r.image_name = format!("{}/ck-{i}", r.image_name.rsplit_once('/').unwrap().0);
+            let r = signed(r);
             soap.call::<RegisterCheckpointOp>(&RegisterCheckpoint { checkpoint: r })
                 .await
                 .unwrap()

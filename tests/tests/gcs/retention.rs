@@ -15,7 +15,6 @@ use axum::Json;
 use gca_protocol::fault::FaultKind;
 use gca_protocol::messages::*;
 use gca_protocol::ops::*;
-use gca_protocol::transport;
 use integration_tests::cts::eventually;
 use integration_tests::*;
 use serde_json::{json, Value};
@@ -44,18 +43,13 @@ struct ImageStore {
 impl ImageStore {
     async fn start() -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
+        let url = format!("https://{}", listener.local_addr().unwrap());
         let state = StoreState::default();
         let app = axum::Router::new()
             .route("/images/{id}", delete(store_delete))
             .route("/images/{id}/export", post(store_export))
             .with_state(state.clone());
-        tokio::spawn(transport::serve(
-            listener,
-            None,
-            app,
-            std::future::pending(),
-        ));
+        serve_tls(listener, &pki::cts("cts-a"), app, std::future::pending());
         ImageStore { url, state }
     }
 
@@ -166,11 +160,11 @@ async fn checkpoints(gcs: &TestGcs, store: &ImageStore, gid: &str, n: usize) -> 
 
 /// A record of CTS `cts-a` whose image is at `image_name` (the in-test image store).
 fn record(id: &str, gid: &str, image_name: &str) -> CheckpointRecord {
-    CheckpointRecord {
+    signed(CheckpointRecord {
         image_name: image_name.into(),
         digest: Some(format!("sha256:{}", "cd".repeat(32))),
         ..checkpoint_record(id, gid, "cts-a")
-    }
+    })
 }
 
 async fn finish(gcs: &TestGcs, gid: &str, exit_status: Option<i32>, signal: Option<i32>) -> Job {
@@ -454,14 +448,31 @@ async fn unreachable_cts_is_retried_and_a_refusal_leaves_the_image_until_the_pol
     assert_eq!(after[0].image_error, None);
 
     // A CTS that never answers: given up after the attempts, the image stays where it was.
-    register_job(&gcs, "job-5", None).await;
-    let gone = "job-5-ck-1";
-    gcs.call::<RegisterCheckpointOp>(RegisterCheckpoint {
-        checkpoint: record(gone, "job-5", "http://127.0.0.1:9/images/job-5-ck-1"),
+    gcs.call::<RegisterCtsInstanceOp>(RegisterCtsInstance {
+        instance: instance(
+            "cts-gone",
+            "criu",
+            "node-gone",
+            "https://127.0.0.1:9/wsrf/services/CheckpointTranslationService",
+        ),
     })
     .await
     .unwrap();
-    finish(&gcs, "job-5", Some(0), None).await;
+    gcs.register_job("job-5", "cts-gone").await;
+    let gone = "job-5-ck-1";
+    gcs.call::<RegisterCheckpointOp>(RegisterCheckpoint {
+        checkpoint: checkpoint_record_at(gone, "job-5", "cts-gone", "https://127.0.0.1:9"),
+    })
+    .await
+    .unwrap();
+    gcs.call::<JobFinishedOp>(JobFinished {
+        gid: "job-5".into(),
+        cts_instance: "cts-gone".into(),
+        exit_status: Some(0),
+        signal: None,
+    })
+    .await
+    .unwrap();
     let after = settled(&gcs, "job-5").await;
     assert_eq!(states(&after), vec![ImageState::Failed]);
     assert!(

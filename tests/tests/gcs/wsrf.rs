@@ -78,8 +78,7 @@ fn texts(el: &Element, ns_uri: &str, name: &str) -> Vec<String> {
 /// A GCS with one CTS instance, job `job-1` and two checkpoints of it.
 async fn setup() -> TestGcs {
     let gcs = TestGcs::start().await;
-    gcs.setup_cts("cts-a", "node-a", "http://127.0.0.1:1/cts")
-        .await;
+    gcs.setup_cts("cts-a", "node-a", UNREACHABLE_CTS).await;
     gcs.register_job("job-1", "cts-a").await;
     for id in ["ck-1", "ck-2"] {
         gcs.call::<RegisterCheckpointOp>(RegisterCheckpoint {
@@ -676,7 +675,7 @@ async fn the_gcs_serves_a_service_group_view_of_its_cts_instances() {
         format!("{}/instances/cts-a", gcs.endpoint())
     );
     let member = wsrf::Epr::from_element(e.child(SG, "MemberServiceEPR").unwrap()).unwrap();
-    assert_eq!(member.address, "http://127.0.0.1:1/cts");
+    assert_eq!(member.address, UNREACHABLE_CTS);
     let content = e.child(SG, "Content").unwrap();
     let inst = content.child(ns::GCA, "CTSInstanceEntry").unwrap();
     assert_eq!(
@@ -692,7 +691,7 @@ async fn the_gcs_serves_a_service_group_view_of_its_cts_instances() {
     )
     .await
     .unwrap();
-    assert_eq!(texts(&resp, ns::WSA, "Address"), ["http://127.0.0.1:1/cts"]);
+    assert_eq!(texts(&resp, ns::WSA, "Address"), [UNREACHABLE_CTS]);
     let rule = get_property(&gcs.endpoint(), "", "wsrf-sg:MembershipContentRule")
         .await
         .unwrap();
