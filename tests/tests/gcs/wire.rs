@@ -175,27 +175,6 @@ async fn descriptor_xsd_and_rust_checker_agree_on_the_examples() {
     assert!(stdout.contains(" 0 failed"), "{stdout}");
 }
 
-/// A toolkit's list of what it fetched (`loaded`): the WSDL at `wsdl`, and every schema it
-/// imports, the OASIS and W3C ones included, from the service at `root` and nowhere else.
-pub fn assert_loaded_from(loaded: &serde_json::Value, root: &str, wsdl: &str) {
-    let loaded: Vec<String> = serde_json::from_value(loaded.clone()).unwrap();
-    assert_eq!(loaded.first().map(String::as_str), Some(wsdl), "{loaded:?}");
-    for url in &loaded {
-        assert!(url.starts_with(root), "{url} is not at {root}: {loaded:?}");
-    }
-    for file in [
-        "gca.xsd",
-        "cts-descriptor.xsd",
-        "bf-2.xsd",
-        "r-2.xsd",
-        "wsaddressing10.xsd",
-        "xml.xsd",
-    ] {
-        let url = format!("{root}/wsrf/schemas/{file}");
-        assert!(loaded.contains(&url), "{url} was not loaded: {loaded:?}");
-    }
-}
-
 /// The CTS serves its WSDL and every schema it imports too: zeep loads it with nothing but
 /// its address and decodes the CTS's typed fault, over SOAP 1.1 and 1.2.
 #[tokio::test]
