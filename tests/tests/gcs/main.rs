@@ -2,6 +2,7 @@
 //! real HTTP, SOAP and JSON clients.
 
 mod checkpoints;
+mod compose;
 mod examples;
 mod faults;
 mod gcactl;
