@@ -345,7 +345,7 @@ mod tests {
 
     #[test]
     fn environment_overrides_and_clear_errors() {
-        let text = "name = \"a\"\nresource = \"r\"\nexecution_manager = \"em\"\ngcs_url = \"http://gcs:8080\"\ndescriptor = \"d.xml\"\nstate_dir = \"/tmp/x\"\n[driver]\nkind = \"application\"\n";
+        let text = "name = \"a\"\nresource = \"r\"\nexecution_manager = \"em\"\ngcs_url = \"http://gcs:8080\"\ndescriptor = \"d.xml\"\nstate_dir = \"/tmp/x\"\ninsecure = true\n[driver]\nkind = \"application\"\n";
         let mut cfg = Config::from_toml(text).unwrap();
         assert_eq!(
             cfg.gcs_endpoint(),

@@ -39,6 +39,9 @@ pub struct Config {
     pub public_url: Option<String>,
     /// PostgreSQL server to use. Unset: a private cluster under `data_dir`.
     pub database_url: Option<Secret>,
+    /// A file holding the database URL (a secret kept out of the environment and the command
+    /// line, e.g. a Docker secret); read at start when `database_url` is unset.
+    pub database_url_file: Option<PathBuf>,
     /// Directory for the private PostgreSQL cluster.
     pub data_dir: Option<PathBuf>,
     pub db_max_connections: u32,
@@ -98,6 +101,7 @@ impl Default for Config {
             listen: "127.0.0.1:8080".parse().expect("valid address"),
             public_url: None,
             database_url: None,
+            database_url_file: None,
             data_dir: None,
             db_max_connections: 16,
             max_body_bytes: 1024 * 1024,
@@ -132,6 +136,20 @@ impl Config {
                 "no [tls] configured: the GCS serves mutual TLS only. Give it the site CA and its certificate ([tls] ca/cert/key, or GCS_TLS_CA, GCS_TLS_CERT, GCS_TLS_KEY; make them with `gcactl pki init` and `gcactl pki issue --role gcs`), or set insecure = true (GCS_INSECURE=true) for plain HTTP without authentication"
             ),
             _ => Ok(()),
+        }
+    }
+
+    /// The database URL: `database_url`, else the contents of `database_url_file`.
+    pub fn database_url(&self) -> anyhow::Result<Option<Secret>> {
+        match (&self.database_url, &self.database_url_file) {
+            (Some(url), _) => Ok(Some(url.clone())),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path).with_context(|| {
+                    format!("cannot read the database URL file {}", path.display())
+                })?;
+                Ok(Some(Secret::new(text.trim())))
+            }
+            (None, None) => Ok(None),
         }
     }
 
@@ -171,6 +189,9 @@ impl Config {
         }
         if let Some(v) = var("GCS_DATABASE_URL").or_else(|| var("DATABASE_URL")) {
             self.database_url = Some(Secret::new(v));
+        }
+        if let Some(v) = var("GCS_DATABASE_URL_FILE") {
+            self.database_url_file = Some(PathBuf::from(v));
         }
         if let Some(v) = var("GCS_DATA_DIR") {
             self.data_dir = Some(PathBuf::from(v));

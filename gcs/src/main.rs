@@ -79,7 +79,7 @@ async fn real_main() -> anyhow::Result<()> {
     init_tracing(config.log_format);
 
     let mut embedded = None;
-    let url = match (&config.database_url, &config.data_dir) {
+    let url = match (&config.database_url()?, &config.data_dir) {
         (Some(url), _) => url.expose().to_string(),
         (None, Some(dir)) => {
             let pg = EmbeddedPostgres::start(dir).await?;

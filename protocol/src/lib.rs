@@ -20,6 +20,7 @@ pub mod messages;
 pub mod ns;
 pub mod ops;
 pub mod placeholders;
+pub mod request_log;
 pub mod schemas;
 pub mod server;
 pub mod signature;

@@ -13,6 +13,8 @@ use crate::fault::{ErrorBody, Fault, FaultKind};
 use crate::messages::XmlContent;
 use crate::ns;
 use crate::ops::Operation;
+use crate::request_log::FaultOutcome;
+use crate::schemas;
 use crate::soap::{self, SoapRequest, SoapVersion};
 use crate::xml::Element;
 
@@ -55,16 +57,55 @@ pub fn fault_response(version: SoapVersion, fault: &Fault, relates_to: Option<&s
         FaultKind::PayloadTooLarge => 413,
         kind => version.fault_status(kind),
     };
-    if fault.kind == FaultKind::Internal || !fault.kind.is_sender_fault() {
-        tracing::warn!(fault.kind = ?fault.kind, fault.message = %fault.message, "SOAP fault");
-    } else {
-        tracing::debug!(fault.kind = ?fault.kind, fault.message = %fault.message, "SOAP fault");
-    }
-    xml_response(
-        status,
-        version.content_type(ns::FAULT_ACTION),
-        soap::fault_envelope(version, fault, relates_to),
+    with_outcome(
+        xml_response(
+            status,
+            version.content_type(ns::FAULT_ACTION),
+            soap::fault_envelope(version, fault, relates_to),
+        ),
+        fault,
     )
+}
+
+/// Marks a response as carrying `fault`, for the request log ([`trace_layer`]): SOAP 1.1 sends
+/// every fault with status 500, so the status alone cannot tell a refused request from a
+/// server failure.
+fn with_outcome(mut response: Response, fault: &Fault) -> Response {
+    response.extensions_mut().insert(FaultOutcome::of(fault));
+    response
+}
+
+/// `GET /wsrf/schemas/{file}` (and `GET {service}?wsdl`): an embedded schema or WSDL file with
+/// `base` as the service's root URL (its imports point at the copies served there), or 404
+/// naming the files there are.
+pub fn schema_response(file: &str, base: &str) -> Response {
+    match schemas::file(file) {
+        Some(text) => xml_response(
+            200,
+            "text/xml; charset=utf-8".into(),
+            schemas::rewrite(text, base),
+        ),
+        None => (
+            http::StatusCode::NOT_FOUND,
+            format!(
+                "no schema named {file:?}; available: {}\n",
+                schemas::FILES
+                    .iter()
+                    .map(|(n, _)| *n)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )
+            .into_response(),
+    }
+}
+
+/// The root URL a request reached us at (`{scheme}://{Host}`), when its Host header is usable.
+pub fn request_base(headers: &HeaderMap, tls: bool) -> Option<String> {
+    let host = header(headers, http::header::HOST.as_str())
+        .filter(|h| !h.is_empty() && h.chars().all(|c| c.is_ascii_graphic()))?;
+    let scheme = if tls { "https" } else { "http" };
+    Some(format!("{scheme}://{host}"))
 }
 
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -176,6 +217,9 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = http::StatusCode::from_u16(self.0.http_status())
             .unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
-        (status, Json(ErrorBody { error: self.0 })).into_response()
+        let outcome = FaultOutcome::of(&self.0);
+        let mut response = (status, Json(ErrorBody { error: self.0 })).into_response();
+        response.extensions_mut().insert(outcome);
+        response
     }
 }

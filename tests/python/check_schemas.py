@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """Checks the published GCA schemas and WSDL (schemas/) offline.
 
-    python3 tests/python/check_schemas.py [--oasis DIR] [--instances PATH ...] [--require-tools]
+    python3 tests/python/check_schemas.py [--instances PATH ...] [--require-tools]
 
 1. gca.xsd and cts-descriptor.xsd compile (lxml/libxml2; also xmlschema and xmllint when
-   installed), with the OASIS imports served from local copies (--oasis, default
-   ../shared/oasis next to the repository root).
+   installed) from schemas/ alone, with no network: every import names a file of schemas/
+   (the OASIS WSRF/WSN and W3C schemas are copies there, schemas/README.md).
 2. Every schemas/examples/*.xml is a valid CTS descriptor and every
    schemas/examples/invalid/*.xml is not (each against both schemas).
 3. gca.xsd declares the request and response element of every operation of
@@ -177,11 +177,11 @@ def response_action(gca: str, port: str, op: str) -> str:
 # Schemas and examples
 
 
-def check_compile(rep: Report, oasis: Path) -> dict:
+def check_compile(rep: Report) -> dict:
     schemas = {}
     for name in ("cts-descriptor.xsd", "gca.xsd"):
         try:
-            schemas[name] = gca_schemas.load_schema(SCHEMAS_DIR / name, oasis)
+            schemas[name] = gca_schemas.load_schema(SCHEMAS_DIR / name)
             rep.ok(f"{name} compiles (lxml)")
         except (etree.XMLSchemaParseError, etree.XMLSyntaxError, OSError) as e:
             rep.fail(f"{name} compiles (lxml)", str(e))
@@ -285,24 +285,21 @@ def check_declarations(rep: Report, contract: dict, schemas: dict) -> None:
         rep.check(f"fault element {prefix}:{name} is a WS-BaseFault", problems)
 
 
-def check_with_xmlschema(rep: Report, oasis: Path, valid: list[Path], invalid: list[Path]) -> None:
-    name = "xmlschema: both schemas compile and agree on the examples"
+def check_with_xmlschema(rep: Report, valid: list[Path], invalid: list[Path]) -> None:
+    name = "xmlschema: both schemas compile from schemas/ alone (sandbox) and agree on the examples"
     try:
         import xmlschema  # type: ignore
     except ImportError:
         rep.skip(name, "xmlschema is not installed")
         return
 
-    def mapper(url: str) -> str:
-        p = gca_schemas.local_copy(url, oasis)
-        return p.as_uri() if p else url
-
     problems = []
     for sname in ("cts-descriptor.xsd", "gca.xsd"):
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                s = xmlschema.XMLSchema10(str(SCHEMAS_DIR / sname), uri_mapper=mapper)
+                # allow="sandbox": only files under the schema's own directory, no network.
+                s = xmlschema.XMLSchema10(str(SCHEMAS_DIR / sname), allow="sandbox")
             problems.extend(f"{sname}: {w.message}" for w in caught)
         except Exception as e:  # xmlschema raises several exception types
             problems.append(f"{sname}: {e}".splitlines()[0])
@@ -316,28 +313,17 @@ def check_with_xmlschema(rep: Report, oasis: Path, valid: list[Path], invalid: l
     rep.check(name, problems)
 
 
-def check_with_xmllint(rep: Report, oasis: Path, valid: list[Path], invalid: list[Path]) -> None:
-    name = "xmllint --schema gca.xsd: examples valid, invalid ones rejected"
+def check_with_xmllint(rep: Report, valid: list[Path], invalid: list[Path]) -> None:
+    name = "xmllint --nonet --schema gca.xsd (no catalog): examples valid, invalid ones rejected"
     exe = shutil.which("xmllint")
     if not exe:
         rep.skip(name, "xmllint is not installed (apt-get install libxml2-utils)")
         return
-    schemas_uri = (oasis / "schemas").as_uri() + "/"
-    schema_uri = (oasis / "schema").as_uri() + "/"
-    catalog = f"""<?xml version="1.0"?>
-<catalog xmlns="urn:oasis:names:tc:entity:xmlns:xml:catalog">
-  <rewriteURI uriStartString="http://docs.oasis-open.org/wsrf/" rewritePrefix="{schemas_uri}"/>
-  <rewriteURI uriStartString="http://docs.oasis-open.org/schema/" rewritePrefix="{schema_uri}"/>
-  <rewriteURI uriStartString="http://docs.oasis-open.org/wsn/" rewritePrefix="{schemas_uri}"/>
-  <rewriteSystem systemIdStartString="http://docs.oasis-open.org/wsn/" rewritePrefix="{schemas_uri}"/>
-  <rewriteSystem systemIdStartString="http://docs.oasis-open.org/wsrf/" rewritePrefix="{schemas_uri}"/>
-  <rewriteSystem systemIdStartString="http://docs.oasis-open.org/schema/" rewritePrefix="{schema_uri}"/>
-</catalog>
-"""
     problems = []
     with tempfile.TemporaryDirectory() as tmp:
+        # An empty catalog, so that no system catalog can stand in for a missing file.
         cat = Path(tmp) / "catalog.xml"
-        cat.write_text(catalog)
+        cat.write_text('<?xml version="1.0"?>\n<catalog xmlns="urn:oasis:names:tc:entity:xmlns:xml:catalog"/>\n')
         env = dict(os.environ, XML_CATALOG_FILES=str(cat))
         base = [exe, "--nonet", "--noout", "--schema", str(SCHEMAS_DIR / "gca.xsd")]
         if valid:
@@ -556,21 +542,24 @@ def check_wsdl_static(rep: Report, contract: dict, wsdl_name: str) -> None:
     rep.check(f"{label}: service {port} has SOAP 1.1 and 1.2 ports at {address}", problems)
 
 
-def check_rewritable(rep: Report) -> None:
-    """The server rewrites relative schemaLocation="..." (double quotes) when serving."""
+def check_self_contained(rep: Report) -> None:
+    """Every import and include of every file of schemas/ (inline WSDL schemas too) names another
+    file of schemas/ by a relative location, which the services rewrite to their served copy."""
     problems = []
-    for p in sorted(SCHEMAS_DIR.glob("*.xsd")) + sorted(SCHEMAS_DIR.glob("*.wsdl")):
-        text = p.read_text(encoding="utf-8")
-        for m in re.finditer(r"schemaLocation\s*=\s*[\"']", text):
-            if m.group(0) != 'schemaLocation="':
-                problems.append(f"{p.name}: write schemaLocation=\"...\" (double quotes, no spaces), "
-                                f"not {m.group(0)!r}")
-        for loc in re.findall(r'schemaLocation="([^"]*)"', text):
-            if "://" not in loc and not (SCHEMAS_DIR / loc).is_file():
-                problems.append(f"{p.name}: relative schemaLocation {loc!r} is not a file of schemas/")
-            if "://" in loc and gca_schemas.local_copy(loc) is None and loc.startswith("http://docs.oasis-open.org/"):
-                problems.append(f"{p.name}: {loc} has no local OASIS copy")
-    rep.check("schemaLocations are double-quoted and resolvable (schemas/ or OASIS)", problems)
+    files = sorted(SCHEMAS_DIR.glob("*.xsd")) + sorted(SCHEMAS_DIR.glob("*.wsdl"))
+    for p in files:
+        root = etree.parse(str(p), gca_schemas.make_parser()).getroot()
+        for el in root.iter(f"{{{XSD_NS}}}import", f"{{{XSD_NS}}}include", f"{{{XSD_NS}}}redefine"):
+            loc = el.get("schemaLocation")
+            if loc is None:
+                if el.tag.endswith("import") and el.get("namespace") == GCA_NS:
+                    problems.append(f"{p.name}: imports urn:gca:v1 without a schemaLocation")
+                continue
+            if "://" in loc or loc.startswith("/") or "/" in loc:
+                problems.append(f"{p.name}: schemaLocation {loc!r} is not a file of schemas/")
+            elif not (SCHEMAS_DIR / loc).is_file():
+                problems.append(f"{p.name}: schemaLocation {loc!r} does not exist in schemas/")
+    rep.check(f"every import of the {len(files)} files of schemas/ names a file of schemas/", problems)
 
 
 # ------------------------------------------------------------------------------------------
@@ -620,7 +609,7 @@ def sample_requests(client) -> dict:
     }
 
 
-def check_zeep(rep: Report, contract: dict, oasis: Path, wsdl_name: str, gca_schema) -> None:
+def check_zeep(rep: Report, contract: dict, wsdl_name: str, gca_schema) -> None:
     label = f"{wsdl_name} (zeep)"
     try:
         import zeep  # type: ignore
@@ -636,8 +625,7 @@ def check_zeep(rep: Report, contract: dict, oasis: Path, wsdl_name: str, gca_sch
         # using it: count its warnings as failures.
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            client = zeep.Client(str(SCHEMAS_DIR / wsdl_name),
-                                 transport=gca_schemas.zeep_transport(oasis, timeout=20))
+            client = gca_schemas.zeep_file_client(SCHEMAS_DIR / wsdl_name)
     except Exception as e:  # zeep raises many exception types while loading
         rep.fail(f"{label} loads", f"{type(e).__name__}: {e}")
         return
@@ -718,9 +706,6 @@ def check_zeep(rep: Report, contract: dict, oasis: Path, wsdl_name: str, gca_sch
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--oasis", metavar="DIR",
-                    help="directory of the OASIS schema copies (default: $GCA_OASIS_DIR or "
-                         "../shared/oasis next to the repository root)")
     ap.add_argument("--instances", metavar="PATH", action="append", default=[],
                     help="also validate these XML files (or *.xml in these directories) "
                          "against gca.xsd; repeatable")
@@ -731,14 +716,6 @@ def main(argv=None) -> int:
 
     rep = Report()
     rep.require_tools = args.require_tools
-    oasis = gca_schemas.oasis_dir(args.oasis)
-    gca_schemas.set_oasis_dir(oasis)
-
-    required = [oasis / "schemas" / "bf-2.xsd", oasis / "schemas" / "r-2.xsd",
-                oasis / "schema" / "wsaddressing10" / "wsaddressing10.xsd"]
-    missing = [str(p) for p in required if not p.is_file()]
-    if rep.check(f"OASIS schema copies found in {oasis}", [f"missing {', '.join(missing)}"] if missing else []):
-        pass
 
     try:
         contract = read_contract(REPO_ROOT)
@@ -754,17 +731,17 @@ def main(argv=None) -> int:
         rep.check("ops.rs: GCS_OPERATIONS lists the GCS operations! block in order",
                   [] if gl == ol else [f"GCS_OPERATIONS {gl} vs operations! {ol}"])
 
-    schemas = check_compile(rep, oasis)
+    schemas = check_compile(rep)
     valid, invalid = check_examples(rep, schemas)
-    check_with_xmlschema(rep, oasis, valid, invalid)
-    check_with_xmllint(rep, oasis, valid, invalid)
-    check_rewritable(rep)
+    check_with_xmlschema(rep, valid, invalid)
+    check_with_xmllint(rep, valid, invalid)
+    check_self_contained(rep)
     if contract is not None:
         check_declarations(rep, contract, schemas)
         for wsdl_name in SERVICES:
             check_wsdl_static(rep, contract, wsdl_name)
         for wsdl_name in SERVICES:
-            check_zeep(rep, contract, oasis, wsdl_name, schemas.get("gca.xsd"))
+            check_zeep(rep, contract, wsdl_name, schemas.get("gca.xsd"))
     if args.instances:
         if "gca.xsd" in schemas:
             check_instances(rep, schemas["gca.xsd"], args.instances)

@@ -1,23 +1,23 @@
-"""Loading the GCA schemas and WSDL offline, for the Python tests.
+"""The GCA schemas and WSDL for the Python tests, offline.
 
-gca.xsd imports the OASIS WS-BaseFaults and WS-Resource schemas by their official URLs
-(http://docs.oasis-open.org/wsrf/bf-2.xsd and r-2.xsd), and bf-2.xsd in turn imports the
-WS-Addressing 1.0 schema and xml.xsd. Tests run without network access, so this module maps
-those URLs to local copies of the unmodified OASIS files:
+Everything the contract imports is in the repository's schemas/ directory (GCA's own files and
+copies of the OASIS WSRF 1.2 / WSN 1.3 and W3C schemas, schemas/README.md), every import is a
+relative location there, and the services serve the same files under /wsrf/schemas/ with the
+imports pointing at the served copies. So nothing here maps official URLs to anything: a schema
+either resolves inside schemas/ (files) or at the service (HTTP), and any other access fails.
 
-    DIR/schemas/{bf-2,r-2,rp-2,rl-2,b-2,t-1,xml}.xsd
-    DIR/schema/wsaddressing10/wsaddressing10.xsd
+    load_schema(path)     an lxml.etree.XMLSchema of a file of schemas/, compiled without network
+    gca_schema()          schemas/gca.xsd, compiled
+    descriptor_schema()   schemas/cts-descriptor.xsd, compiled
+    zeep_client(wsdl)     a zeep Client for a served WSDL whose transport reaches the WSDL's
+                          own origin (scheme, host, port) and nothing else: no other host, no
+                          local file; client.transport.loaded lists what it fetched
+    zeep_file_client(p)   a zeep Client for a WSDL file of schemas/, allowed to read schemas/
+                          and nothing else
+    add_tls_arguments(ap) --ca, --cert, --key for a script's argparse parser; pass the parsed
+                          values to zeep_client(..., ca=, cert=, key=)
 
-where DIR is, in order: the argument given to the functions below, the GCA_OASIS_DIR
-environment variable, or ../shared/oasis next to the repository root.
-
-    oasis_dir()        the directory of the local copies
-    local_copy(url)    the local file for an official URL, or None
-    make_parser()      an lxml parser that resolves the official URLs to the local copies
-    load_schema(path)  an lxml.etree.XMLSchema compiled with that parser
-    zeep_transport()   a zeep Transport that serves the official URLs from the local copies
-
-Only lxml is required; zeep is imported by zeep_transport() alone.
+Only lxml is required; zeep is imported by the zeep functions alone.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Optional, Union
+from urllib.parse import urlsplit
 
 from lxml import etree
 
@@ -32,7 +33,7 @@ PathLike = Union[str, os.PathLike]
 
 #: The repository root (this file is tests/python/gca_schemas.py).
 REPO_ROOT = Path(__file__).resolve().parents[2]
-#: The published schemas and WSDL.
+#: The published schemas and WSDL, with the standards' schemas they import.
 SCHEMAS_DIR = REPO_ROOT / "schemas"
 
 GCA_NS = "urn:gca:v1"
@@ -41,110 +42,50 @@ WSDL_NS = "http://schemas.xmlsoap.org/wsdl/"
 WSRF_BF_NS = "http://docs.oasis-open.org/wsrf/bf-2"
 WSRF_R_NS = "http://docs.oasis-open.org/wsrf/r-2"
 
-_OASIS_WSRF = "http://docs.oasis-open.org/wsrf/"
-_OASIS_WSN = "http://docs.oasis-open.org/wsn/"
-# bf-2.xsd (and b-2.xsd) import "../schema/wsaddressing10/wsaddressing10.xsd"; relative to
-# their official location that is this URL.
-_OASIS_WSA = "http://docs.oasis-open.org/schema/wsaddressing10/wsaddressing10.xsd"
-# Other names the WS-Addressing 1.0 and xml: schemas are commonly imported by.
-_WSA_ALIASES = (
-    "http://www.w3.org/2006/03/addressing/ws-addr.xsd",
-    "http://www.w3.org/2005/08/addressing/ws-addr.xsd",
-    "https://www.w3.org/2006/03/addressing/ws-addr.xsd",
-)
-_XML_ALIASES = (
-    "http://www.w3.org/2001/xml.xsd",
-    "https://www.w3.org/2001/xml.xsd",
-)
 
-_oasis_override: Optional[Path] = None
+class NetworkRefused(RuntimeError):
+    """A schema or request would have left the allowed origin (or read a local file)."""
 
 
-def set_oasis_dir(path: Optional[PathLike]) -> None:
-    """Sets the default directory of the OASIS copies for this process (None: back to the
-    environment variable or ../shared/oasis)."""
-    global _oasis_override
-    _oasis_override = Path(path).resolve() if path is not None else None
-
-
-def oasis_dir(path: Optional[PathLike] = None) -> Path:
-    """The directory holding the local copies of the OASIS schemas."""
-    if path is not None:
-        return Path(path).resolve()
-    if _oasis_override is not None:
-        return _oasis_override
-    env = os.environ.get("GCA_OASIS_DIR")
-    if env:
-        return Path(env).resolve()
-    return (REPO_ROOT.parent / "shared" / "oasis").resolve()
-
-
-def local_copy(url: str, oasis: Optional[PathLike] = None) -> Optional[Path]:
-    """The local file standing for an official schema URL, or None if the URL is not one of
-    the OASIS / W3C schemas this module knows (or the local copy is missing)."""
-    if not url:
-        return None
-    base = oasis_dir(oasis)
-    u = url.split("#", 1)[0].split("?", 1)[0]
-    if u.startswith("https://"):
-        u = "http://" + u[len("https://"):]
-    candidate: Optional[Path] = None
-    if u == _OASIS_WSA or u in _WSA_ALIASES:
-        candidate = base / "schema" / "wsaddressing10" / "wsaddressing10.xsd"
-    elif u in _XML_ALIASES:
-        candidate = base / "schemas" / "xml.xsd"
-    else:
-        for prefix in (_OASIS_WSRF, _OASIS_WSN):
-            name = u[len(prefix):] if u.startswith(prefix) else ""
-            if name.endswith(".xsd") and "/" not in name:
-                candidate = base / "schemas" / name
-    if candidate is not None and candidate.is_file():
-        return candidate
-    return None
-
-
-class OasisResolver(etree.Resolver):
-    """An lxml resolver serving the official OASIS / W3C schema URLs from local copies.
-
-    The document is handed over with its official URL as base URL, so that the relative
-    imports inside it resolve to official URLs too (and come back here)."""
-
-    def __init__(self, oasis: Optional[PathLike] = None):
-        super().__init__()
-        self.oasis = oasis_dir(oasis)
-
-    def resolve(self, system_url, public_id, context):
-        path = local_copy(system_url or "", self.oasis)
-        if path is None:
-            return None
-        return self.resolve_string(path.read_bytes(), context, base_url=system_url)
-
-
-def make_parser(oasis: Optional[PathLike] = None, **kwargs) -> etree.XMLParser:
-    """An lxml parser that resolves the OASIS URLs to the local copies and never uses the
-    network. Extra keyword arguments go to lxml.etree.XMLParser."""
+def make_parser(**kwargs) -> etree.XMLParser:
+    """An lxml parser that never uses the network (imports resolve as files only). Extra
+    keyword arguments go to lxml.etree.XMLParser."""
     kwargs.setdefault("no_network", True)
     kwargs.setdefault("resolve_entities", False)
-    parser = etree.XMLParser(**kwargs)
-    parser.resolvers.add(OasisResolver(oasis))
-    return parser
+    return etree.XMLParser(**kwargs)
 
 
-def load_schema(path: PathLike, oasis: Optional[PathLike] = None) -> etree.XMLSchema:
-    """Compiles an XSD file (e.g. schemas/gca.xsd) with its imports served locally.
-    Raises lxml.etree.XMLSchemaParseError when the schema is not valid."""
-    doc = etree.parse(str(path), make_parser(oasis))
+def load_schema(path: PathLike) -> etree.XMLSchema:
+    """Compiles an XSD file (e.g. schemas/gca.xsd) with its imports read from its directory.
+    Raises lxml.etree.XMLSchemaParseError when the schema is not valid or an import is missing."""
+    doc = etree.parse(str(path), make_parser())
     return etree.XMLSchema(doc)
 
 
-def gca_schema(oasis: Optional[PathLike] = None) -> etree.XMLSchema:
+def gca_schema() -> etree.XMLSchema:
     """schemas/gca.xsd, compiled."""
-    return load_schema(SCHEMAS_DIR / "gca.xsd", oasis)
+    return load_schema(SCHEMAS_DIR / "gca.xsd")
 
 
-def descriptor_schema(oasis: Optional[PathLike] = None) -> etree.XMLSchema:
+def descriptor_schema() -> etree.XMLSchema:
     """schemas/cts-descriptor.xsd, compiled."""
-    return load_schema(SCHEMAS_DIR / "cts-descriptor.xsd", oasis)
+    return load_schema(SCHEMAS_DIR / "cts-descriptor.xsd")
+
+
+def origin(url: str) -> tuple[str, str, int]:
+    """(scheme, host, port) of an http(s) URL."""
+    u = urlsplit(url)
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise NetworkRefused(f"not an http(s) URL: {url!r}")
+    return (u.scheme, u.hostname.lower(), u.port or (443 if u.scheme == "https" else 80))
+
+
+def add_tls_arguments(ap) -> None:
+    """Adds --ca (CA bundle to verify the service with), --cert and --key (client certificate
+    and key, PEM) to an argparse parser."""
+    ap.add_argument("--ca", help="CA certificates (PEM) to verify an https service with")
+    ap.add_argument("--cert", help="client certificate (PEM), for services that require one")
+    ap.add_argument("--key", help="the client certificate's private key (PEM)")
 
 
 def tls_files():
@@ -154,59 +95,95 @@ def tls_files():
     return get("GCA_CA"), get("GCA_CERT"), get("GCA_KEY")
 
 
-def ssl_context():
-    """An ssl.SSLContext trusting GCA_CA and presenting GCA_CERT/GCA_KEY (for urllib)."""
+def ssl_context(ca: Optional[str] = None, cert: Optional[str] = None,
+                key: Optional[str] = None):
+    """An ssl.SSLContext trusting `ca` and presenting `cert`/`key` (each defaulting to
+    GCA_CA, GCA_CERT, GCA_KEY), for urllib."""
     import ssl
 
-    ca, cert, key = tls_files()
+    env = tls_files()
+    ca, cert, key = ca or env[0], cert or env[1], key or env[2]
     ctx = ssl.create_default_context(cafile=ca) if ca else ssl.create_default_context()
-    if cert and key:
+    if cert:
         ctx.load_cert_chain(cert, key)
     return ctx
 
 
-def tls_session():
-    """A requests Session trusting GCA_CA and presenting GCA_CERT/GCA_KEY (for zeep)."""
+def _session(allowed: set, ca: Optional[str], cert: Optional[str], key: Optional[str]):
     import requests
 
-    ca, cert, key = tls_files()
-    session = requests.Session()
+    env = tls_files()
+    ca, cert, key = ca or env[0], cert or env[1], key or env[2]
+
+    class OriginSession(requests.Session):
+        """A requests session that refuses every URL outside `allowed` (before connecting)."""
+
+        def request(self, method, url, *args, **kwargs):
+            if origin(url) not in allowed:
+                raise NetworkRefused(f"{method} {url}: only {sorted(allowed)} may be reached")
+            return super().request(method, url, *args, **kwargs)
+
+    s = OriginSession()
     if ca:
         # Else REQUESTS_CA_BUNDLE and the like would replace it.
-        session.trust_env = False
-        session.verify = ca
-    if cert and key:
-        session.cert = (cert, key)
-    return session
+        s.trust_env = False
+        s.verify = ca
+    if cert:
+        s.cert = (cert, key) if key else cert
+    return s
 
 
-def zeep_transport(oasis: Optional[PathLike] = None, **kwargs):
-    """A zeep Transport whose load(url) serves the OASIS URLs from the local copies (and
-    everything else as zeep's own Transport does: files, then HTTP). Extra keyword arguments
-    go to zeep.Transport. Requires zeep."""
+def zeep_transport(wsdl: Optional[str] = None, files: Optional[PathLike] = None,
+                   ca: Optional[str] = None, cert: Optional[str] = None,
+                   key: Optional[str] = None, **kwargs):
+    """A zeep Transport that reaches only the origin of `wsdl` (an http(s) URL) over HTTP and
+    reads only files under `files` (a directory), and records every URL or file it loaded in
+    `.loaded`. Extra keyword arguments go to zeep.Transport."""
     from zeep.transports import Transport
 
-    base = oasis_dir(oasis)
+    allowed = {origin(wsdl)} if wsdl and "://" in wsdl else set()
+    root = Path(files).resolve() if files is not None else None
 
-    class OasisTransport(Transport):
-        """zeep Transport serving the official OASIS / W3C schema URLs from local copies."""
-
-        oasis = base
+    class OfflineTransport(Transport):
+        def __init__(self, **kw):
+            super().__init__(session=_session(allowed, ca, cert, key), **kw)
+            self.loaded: list[str] = []
 
         def load(self, url):
-            path = local_copy(url, self.oasis)
-            if path is not None:
-                return path.read_bytes()
-            return super().load(url)
+            if not url:
+                raise NetworkRefused("empty location")
+            if "://" in url and not url.startswith("file://"):
+                if origin(url) not in allowed:
+                    self._refuse(url)
+                self.loaded.append(url)
+                return super().load(url)
+            path = Path(url[len("file://"):] if url.startswith("file://") else url).resolve()
+            if root is None or not path.is_relative_to(root):
+                self._refuse(url)
+            self.loaded.append(str(path))
+            return path.read_bytes()
 
-    kwargs.setdefault("session", tls_session())
-    return OasisTransport(**kwargs)
+        def _refuse(self, url):
+            where = f"{sorted(allowed)}" + (f" and files under {root}" if root else "")
+            raise NetworkRefused(f"refused to load {url!r}: only {where} may be read")
+
+    return OfflineTransport(**kwargs)
 
 
-def zeep_client(wsdl: PathLike, oasis: Optional[PathLike] = None, **kwargs):
-    """A zeep Client for a WSDL file or URL, loading the OASIS schemas locally.
+def zeep_client(wsdl: str, ca: Optional[str] = None, cert: Optional[str] = None,
+                key: Optional[str] = None, **kwargs):
+    """A zeep Client for a served WSDL (`...?wsdl`), reaching nothing but the WSDL's origin.
     Keyword arguments go to zeep.Client (transport is set here unless given)."""
     import zeep
 
-    kwargs.setdefault("transport", zeep_transport(oasis))
-    return zeep.Client(str(wsdl), **kwargs)
+    kwargs.setdefault("transport", zeep_transport(wsdl, ca=ca, cert=cert, key=key, timeout=30))
+    return zeep.Client(wsdl, **kwargs)
+
+
+def zeep_file_client(path: PathLike, **kwargs):
+    """A zeep Client for a WSDL file of schemas/, reading nothing outside schemas/ and using no
+    network. Keyword arguments go to zeep.Client."""
+    import zeep
+
+    kwargs.setdefault("transport", zeep_transport(files=SCHEMAS_DIR, timeout=20))
+    return zeep.Client(str(path), **kwargs)

@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """The broker's scenario through zeep, a generic SOAP client, from the WSDL the GCS serves.
 
-    zeep_broker.py --wsdl URL --gid GID [--cts-type TYPE]
+    zeep_broker.py --wsdl URL --gid GID [--cts-type TYPE] [--ca PEM] [--cert PEM --key PEM]
 
-Calls FindCTS, DoCheckpoint (twice, once over SOAP 1.2), GetCheckpoints and DoCheckpoint for an
-unknown GID; validates every response body and fault detail against schemas/gca.xsd; prints
-one JSON object with what it saw. Exits non-zero on any failure.
+Loads the WSDL and every schema it imports from the service alone (the transport refuses any
+other host and every local file: what it fetched is in "loaded"), then calls FindCTS,
+DoCheckpoint (twice, once over SOAP 1.2), GetCheckpoints and DoCheckpoint for an unknown GID;
+validates every response body and fault detail against schemas/gca.xsd; prints one JSON object
+with what it saw. Exits non-zero on any failure.
 """
 
 from __future__ import annotations
@@ -66,11 +68,13 @@ def main() -> int:
     ap.add_argument("--wsdl", required=True)
     ap.add_argument("--gid", required=True)
     ap.add_argument("--cts-type", default="criu")
+    gca_schemas.add_tls_arguments(ap)
     args = ap.parse_args()
 
     validator = Validate(gca_schemas.gca_schema())
-    client = gca_schemas.zeep_client(args.wsdl, plugins=[validator])
-    out: dict = {}
+    client = gca_schemas.zeep_client(args.wsdl, ca=args.ca, cert=args.cert, key=args.key,
+                                     plugins=[validator])
+    out: dict = {"loaded": list(client.transport.loaded)}
 
     found = client.service.FindCTS(CTSType=args.cts_type)
     offers = found if isinstance(found, list) else (found or [])

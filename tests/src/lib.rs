@@ -598,3 +598,70 @@ pub async fn run_python_as<S: AsRef<std::ffi::OsStr>>(
     );
     stdout
 }
+
+/// A toolkit's list of what it fetched (`loaded`): the WSDL at `wsdl`, and every schema it
+/// imports, the OASIS and W3C ones included, from the service at `root` and nowhere else.
+pub fn assert_loaded_from(loaded: &serde_json::Value, root: &str, wsdl: &str) {
+    let loaded: Vec<String> = serde_json::from_value(loaded.clone()).unwrap();
+    assert_eq!(loaded.first().map(String::as_str), Some(wsdl), "{loaded:?}");
+    for url in &loaded {
+        assert!(url.starts_with(root), "{url} is not at {root}: {loaded:?}");
+    }
+    for file in [
+        "gca.xsd",
+        "cts-descriptor.xsd",
+        "bf-2.xsd",
+        "r-2.xsd",
+        "wsaddressing10.xsd",
+        "xml.xsd",
+    ] {
+        let url = format!("{root}/wsrf/schemas/{file}");
+        assert!(loaded.contains(&url), "{url} was not loaded: {loaded:?}");
+    }
+}
+
+/// The `node` that runs the JavaScript SOAP tests: `GCA_NODE`, else `node`.
+pub fn node() -> String {
+    std::env::var("GCA_NODE").unwrap_or_else(|_| "node".to_string())
+}
+
+/// Runs `tests/js/{script}` (node-soap, installed into tests/js/node_modules by
+/// scripts/install-deps) with `args` and returns its standard output; a failure panics with
+/// both outputs.
+pub async fn run_node<S: AsRef<std::ffi::OsStr>>(script: &str, args: &[S]) -> String {
+    run_node_as(pki::ADMIN, script, args).await
+}
+
+/// [`run_node`] presenting `id`'s certificate (`--ca`, `--cert`, `--key`).
+pub async fn run_node_as<S: AsRef<std::ffi::OsStr>>(id: &str, script: &str, args: &[S]) -> String {
+    let files = pki::pki().cert(id);
+    let tls = [
+        "--ca".into(),
+        pki::pki().ca().into_os_string(),
+        "--cert".into(),
+        files.cert.into_os_string(),
+        "--key".into(),
+        files.key.into_os_string(),
+    ];
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/js");
+    assert!(
+        std::path::Path::new(dir)
+            .join("node_modules/soap/package.json")
+            .exists(),
+        "{dir}/node_modules has no soap package: run scripts/install-deps"
+    );
+    let out = tokio::process::Command::new(node())
+        .arg(format!("{dir}/{script}"))
+        .args(args)
+        .args(tls)
+        .output()
+        .await
+        .expect("run node (scripts/install-deps installs nodejs and tests/js/node_modules)");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{script} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}

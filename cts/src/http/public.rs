@@ -1,5 +1,5 @@
 //! The public router: `POST /wsrf/services/CheckpointTranslationService` (SOAP 1.1/1.2,
-//! `?wsdl`), `/images/...` (the image store, for other CTSes and recovery wrappers), the JSON
+//! `?wsdl`), the schemas it imports (`/wsrf/schemas/{file}`), `/images/...` (the image store, for other CTSes and recovery wrappers), the JSON
 //! API under `/api/v1` and `/healthz`.
 
 use axum::body::Body;
@@ -13,11 +13,10 @@ use gca_protocol::messages::{CheckpointRecord, DoCheckpoint};
 use gca_protocol::ns;
 use gca_protocol::ops::{CtsDoCheckpointOp, CTS_OPERATIONS};
 use gca_protocol::schemas;
-use gca_protocol::server::{self, xml_response, ApiError};
+use gca_protocol::server::{self, ApiError};
 use gca_protocol::soap::SoapRequest;
 use gca_protocol::xml::Element;
 use serde::Deserialize;
-use tower_http::trace::TraceLayer;
 
 use crate::local::{LocalInfo, LocalJob};
 use crate::service::{Cts, Status};
@@ -26,6 +25,7 @@ pub fn router(cts: Cts) -> Router {
     let images = super::images::routes().with_state(cts.store().clone());
     Router::new()
         .route(ns::CTS_SERVICE_PATH, post(soap_endpoint).get(wsdl))
+        .route(&format!("{}/{{file}}", schemas::PATH), get(schema))
         .route("/api/v1/status", get(status))
         .route("/api/v1/local", get(local))
         .route("/api/v1/jobs", get(jobs))
@@ -35,7 +35,7 @@ pub fn router(cts: Cts) -> Router {
         .with_state(cts)
         .nest("/images", images)
         .layer(axum::extract::DefaultBodyLimit::disable())
-        .layer(TraceLayer::new_for_http())
+        .layer(gca_protocol::request_log::trace_layer())
 }
 
 async fn soap_endpoint(State(cts): State<Cts>, headers: HeaderMap, body: Body) -> Response {
@@ -62,16 +62,19 @@ fn unsupported(req: &SoapRequest) -> Fault {
     server::unsupported("Checkpoint Translation Service", CTS_OPERATIONS, req)
 }
 
-async fn wsdl(State(cts): State<Cts>, RawQuery(query): RawQuery) -> Response {
+/// The root URL clients reach us at: the configured public URL, else the request's Host.
+fn base(cts: &Cts, headers: &HeaderMap) -> String {
+    let config = cts.config();
+    match &config.public_url {
+        Some(_) => config.public_url(),
+        None => server::request_base(headers, config.tls.is_some())
+            .unwrap_or_else(|| config.public_url()),
+    }
+}
+
+async fn wsdl(State(cts): State<Cts>, headers: HeaderMap, RawQuery(query): RawQuery) -> Response {
     match query.as_deref().map(str::to_ascii_lowercase).as_deref() {
-        Some("wsdl") => xml_response(
-            200,
-            "text/xml; charset=utf-8".into(),
-            schemas::rewrite(
-                schemas::file("cts.wsdl").unwrap_or_default(),
-                &cts.config().public_url(),
-            ),
-        ),
+        Some("wsdl") => server::schema_response("cts.wsdl", &base(&cts, &headers)),
         _ => (
             http::StatusCode::METHOD_NOT_ALLOWED,
             [(http::header::ALLOW, "POST")],
@@ -79,6 +82,11 @@ async fn wsdl(State(cts): State<Cts>, RawQuery(query): RawQuery) -> Response {
         )
             .into_response(),
     }
+}
+
+/// `GET /wsrf/schemas/{file}`: what the WSDL imports.
+async fn schema(State(cts): State<Cts>, headers: HeaderMap, Path(file): Path<String>) -> Response {
+    server::schema_response(&file, &base(&cts, &headers))
 }
 
 async fn status(State(cts): State<Cts>) -> Json<Status> {

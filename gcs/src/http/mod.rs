@@ -6,7 +6,6 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use tower_http::trace::TraceLayer;
 
 use crate::service::{Ctx, Gcs};
 use gca_protocol::identity::Caller;
@@ -23,11 +22,14 @@ pub fn router(gcs: Gcs) -> Router {
             &format!("{GCS_PATH}/{{kind}}/{{id}}"),
             post(soap::resource_endpoint).get(soap::resource_get),
         )
-        .route("/wsrf/schemas/{file}", get(soap::schema))
+        .route(
+            &format!("{}/{{file}}", gca_protocol::schemas::PATH),
+            get(soap::schema),
+        )
         .nest("/api/v1", json::routes())
         .route("/healthz", get(health))
         .layer(axum::extract::DefaultBodyLimit::disable())
-        .layer(TraceLayer::new_for_http())
+        .layer(gca_protocol::request_log::trace_layer())
         .with_state(gcs)
 }
 

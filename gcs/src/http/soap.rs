@@ -9,8 +9,7 @@ use gca_protocol::fault::Fault;
 use gca_protocol::messages::ListRequest;
 use gca_protocol::ns;
 use gca_protocol::ops;
-use gca_protocol::schemas;
-use gca_protocol::server::{self, xml_response};
+use gca_protocol::server;
 use gca_protocol::soap::SoapRequest;
 use gca_protocol::wsrf::{self, ResourceRef};
 use gca_protocol::xml::Element;
@@ -168,12 +167,7 @@ pub async fn wsdl(
 ) -> Response {
     match query.as_deref().map(str::to_ascii_lowercase).as_deref() {
         Some("wsdl") => {
-            let base = ctx(&gcs, &headers, Caller::Anonymous).gcs_url;
-            xml_response(
-                200,
-                "text/xml; charset=utf-8".into(),
-                schemas::rewrite(schemas::file("gcs.wsdl").unwrap_or_default(), &base),
-            )
+            server::schema_response("gcs.wsdl", &ctx(&gcs, &headers, Caller::Anonymous).gcs_url)
         }
         _ => (
             http::StatusCode::METHOD_NOT_ALLOWED,
@@ -190,26 +184,5 @@ pub async fn schema(
     headers: HeaderMap,
     Path(file): Path<String>,
 ) -> Response {
-    match schemas::file(&file) {
-        Some(text) => {
-            let base = ctx(&gcs, &headers, Caller::Anonymous).gcs_url;
-            xml_response(
-                200,
-                "text/xml; charset=utf-8".into(),
-                schemas::rewrite(text, &base),
-            )
-        }
-        None => (
-            http::StatusCode::NOT_FOUND,
-            format!(
-                "no schema named {file:?}; available: {}\n",
-                schemas::FILES
-                    .iter()
-                    .map(|(n, _)| *n)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        )
-            .into_response(),
-    }
+    server::schema_response(&file, &ctx(&gcs, &headers, Caller::Anonymous).gcs_url)
 }

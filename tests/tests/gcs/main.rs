@@ -2,9 +2,11 @@
 //! real HTTP, SOAP and JSON clients.
 
 mod checkpoints;
+mod compose;
 mod examples;
 mod faults;
 mod gcactl;
+mod node_soap;
 mod notifications;
 mod registry;
 mod replicas;

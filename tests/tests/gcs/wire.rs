@@ -45,9 +45,31 @@ async fn the_wsdl_and_schemas_are_served_with_this_servers_address() {
         "relative includes are made absolute"
     );
     assert!(
-        xsd.contains("http://docs.oasis-open.org/wsrf/bf-2.xsd"),
-        "official imports are kept"
+        xsd.contains(&format!(
+            "schemaLocation=\"{}/wsrf/schemas/bf-2.xsd\"",
+            gcs.url
+        )),
+        "the OASIS imports point at the copies served here"
     );
+    // Every file is served, and every import of every file points at a file served here.
+    for (name, _) in gca_protocol::schemas::FILES {
+        let resp = http()
+            .get(format!("{}/wsrf/schemas/{name}", gcs.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200, "{name}");
+        let text = resp.text().await.unwrap();
+        for loc in schema_locations(&text) {
+            let file = loc
+                .strip_prefix(&format!("{}/wsrf/schemas/", gcs.url))
+                .unwrap_or_else(|| panic!("{name} imports {loc}, not a file served here"));
+            assert!(
+                gca_protocol::schemas::file(file).is_some(),
+                "{name} imports {loc}, which is not served"
+            );
+        }
+    }
     assert_eq!(
         http()
             .get(format!("{}/wsrf/schemas/nope.xsd", gcs.url))
@@ -70,6 +92,23 @@ async fn the_wsdl_and_schemas_are_served_with_this_servers_address() {
     );
 }
 
+/// The `schemaLocation` of every XSD import and include in a schema or WSDL document.
+fn schema_locations(text: &str) -> Vec<String> {
+    fn walk(el: &gca_protocol::xml::Element, out: &mut Vec<String>) {
+        if el.ns.as_deref() == Some("http://www.w3.org/2001/XMLSchema")
+            && matches!(el.name.as_str(), "import" | "include")
+        {
+            if let Some(loc) = el.attr("", "schemaLocation") {
+                out.push(loc.to_string());
+            }
+        }
+        el.elements().for_each(|c| walk(c, out));
+    }
+    let mut out = Vec::new();
+    walk(&gca_protocol::xml::parse(text).unwrap(), &mut out);
+    out
+}
+
 #[tokio::test]
 async fn zeep_runs_the_broker_scenario_from_the_served_wsdl() {
     let gcs = TestGcs::start().await;
@@ -80,6 +119,7 @@ async fn zeep_runs_the_broker_scenario_from_the_served_wsdl() {
     let wsdl = format!("{}?wsdl", gcs.endpoint());
     let stdout = run_python("zeep_broker.py", &["--wsdl", &wsdl, "--gid", "job-7"]).await;
     let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_loaded_from(&v["loaded"], &gcs.url, &wsdl);
     assert_eq!(v["find"], serde_json::json!(["cts-a"]));
     assert_eq!(v["execute_wrapper"], "gca-exec");
     assert_eq!(v["checkpoint"]["sequence"], 1);
@@ -133,4 +173,31 @@ async fn descriptor_xsd_and_rust_checker_agree_on_the_examples() {
     assert!(checked >= 6, "only {checked} examples found");
     let stdout = run_python::<&str>("check_schemas.py", &[]).await;
     assert!(stdout.contains(" 0 failed"), "{stdout}");
+}
+
+/// The CTS serves its WSDL and every schema it imports too: zeep loads it with nothing but
+/// its address and decodes the CTS's typed fault, over SOAP 1.1 and 1.2.
+#[tokio::test]
+async fn zeep_loads_the_cts_wsdl_from_the_cts_alone_and_decodes_its_faults() {
+    use integration_tests::cts::{TestCts, APP_DRIVER};
+    let gcs = TestGcs::start().await;
+    let cts = TestCts::registered(&gcs, "cts-app", "app-level", APP_DRIVER, "").await;
+    let wsdl = format!("{}{}?wsdl", cts.url, gca_protocol::ns::CTS_SERVICE_PATH);
+    let stdout = run_python("zeep_cts.py", &["--wsdl", &wsdl, "--gid", "no-such-gid"]).await;
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_loaded_from(&v["loaded"], &cts.url, &wsdl);
+    for version in ["soap11", "soap12"] {
+        assert_eq!(
+            v[version]["fault"], "{http://docs.oasis-open.org/wsrf/r-2}ResourceUnknownFault",
+            "{v}"
+        );
+        assert!(
+            v[version]["message"]
+                .as_str()
+                .unwrap()
+                .contains("no-such-gid"),
+            "{v}"
+        );
+    }
+    assert_eq!(v["schema_errors"], serde_json::json!([]), "{v}");
 }
