@@ -76,6 +76,24 @@ impl Op {
         Op::ListSubscriptions,
     ];
 
+    /// The GCA operation a SOAP body element names (its local name in `urn:gca:v1`).
+    pub fn of_gca_element(name: &str) -> Option<Op> {
+        Op::ALL
+            .into_iter()
+            .filter(|op| {
+                !matches!(
+                    op,
+                    Op::ReadProperties
+                        | Op::Lifetime
+                        | Op::Subscribe
+                        | Op::GetCurrentMessage
+                        | Op::ManageSubscription
+                        | Op::ListSubscriptions
+                )
+            })
+            .find(|op| op.name() == name)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Op::DoCheckpoint => "DoCheckpoint",

@@ -110,6 +110,10 @@ async fn dispatch(
         Some(ns::GCA) => {}
         _ => return Err(unsupported(req)),
     }
+    // Refused before the request is even read.
+    if let Some(op) = crate::policy::Op::of_gca_element(&req.body.name) {
+        crate::policy::authorize(&ctx.caller, op)?;
+    }
     match req.body.name.as_str() {
         "DoCheckpoint" => call::<DoCheckpointOp, _, _, _>(req, |r| gcs.do_checkpoint(ctx, r)).await,
         "FindCTS" => call::<FindCtsOp, _, _, _>(req, |r| gcs.find_cts(ctx, r)).await,

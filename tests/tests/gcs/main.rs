@@ -1,6 +1,7 @@
 //! Integration tests of the Grid Checkpoint Service: real servers on port 0, real PostgreSQL,
 //! real HTTP, SOAP and JSON clients.
 
+mod authorization;
 mod checkpoints;
 mod compose;
 mod examples;
