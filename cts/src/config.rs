@@ -10,9 +10,7 @@ use gca_protocol::messages::CtsType;
 use gca_protocol::transport::{ClientTls, ServerTls};
 use serde::Deserialize;
 
-use crate::driver::app::AppConfig;
-use crate::driver::command::CommandConfig;
-use crate::driver::criu::CriuConfig;
+pub use gca_protocol::driver_config::DriverConfig;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -120,16 +118,6 @@ impl Default for CheckpointConfig {
             internal_poll_ms: 1000,
         }
     }
-}
-
-/// The core checkpointer this CTS drives.
-/// Serialized for local callers: the recovery wrapper builds the same driver (`LocalInfo`).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(tag = "kind", rename_all = "lowercase")]
-pub enum DriverConfig {
-    Criu(CriuConfig),
-    Application(AppConfig),
-    Command(CommandConfig),
 }
 
 fn default_listen() -> SocketAddr {

@@ -36,10 +36,10 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use gca_protocol::fault::{Fault, FaultKind};
+use gca_protocol::images::{ExportRequest, Exported};
 use gca_protocol::messages::check_keep_in;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, RenameFlags};
 use rustix::io::Errno;
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::store::{
@@ -59,39 +59,6 @@ const DIR_MODE: u32 = 0o700;
 /// How deep the removal of a partial copy goes (the copy itself is at most
 /// [`MAX_PATH_DEPTH`] deep; anything deeper was put there by someone else).
 const MAX_REMOVE_DEPTH: usize = MAX_PATH_DEPTH + 8;
-
-/// The body of `POST /images/{id}/export`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ExportRequest {
-    /// The owner's directory: absolute and normalized (the check of a retention policy's
-    /// `KeepIn`); it must exist, must not be a symbolic link and must belong to the owner.
-    pub dir: String,
-    /// The digest the caller recorded for the image (`sha256:<hex>`): a stored image with
-    /// another one is not exported. Needed to recognize an export that is done already when
-    /// the image is no longer in the store.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub digest: Option<String>,
-    /// Delete the image from the store once it is exported.
-    #[serde(default)]
-    pub remove: bool,
-}
-
-/// The answer to a successful export.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Exported {
-    pub id: String,
-    /// `DIR/ID`, where the image now is.
-    pub path: String,
-    /// Number of files (without `manifest.json`).
-    pub files: usize,
-    /// Their total size.
-    pub bytes: u64,
-    /// The export was done already (by an earlier call); nothing was copied now.
-    pub already: bool,
-    /// The image is no longer in this store (removed now, or before).
-    pub removed: bool,
-}
 
 /// Why an export failed. Nothing is left in the owner's directory in any of these cases
 /// (except, for [`ExportError::Io`] after the copy, the finished export itself: see its

@@ -12,8 +12,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use gca_protocol::client::SoapClient;
+use gca_protocol::cts_api::LinkStatus;
 use gca_protocol::fault::{Fault, FaultKind};
 use gca_protocol::messages::*;
 use gca_protocol::ops::{
@@ -51,22 +52,6 @@ pub enum Delivered {
     Job(JobRegistered),
     Checkpoint(CheckpointRegistered),
     Finished(JobInfo),
-}
-
-/// What the CTS knows about its GCS, for status and health.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LinkStatus {
-    pub endpoint: String,
-    /// The GCS has our instance registration and answered the last call.
-    pub connected: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_contact: Option<DateTime<Utc>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_error: Option<String>,
-    /// Items waiting for delivery.
-    pub pending: usize,
-    /// Items the GCS refused (kept under `outbox/rejected/` for an operator).
-    pub rejected: u64,
 }
 
 type Waiter = oneshot::Sender<Result<Delivered, Fault>>;

@@ -14,7 +14,6 @@
 //!   owner's directory (a retention policy's "keep");
 //! - [`gcs_link`]: registration at the GCS and the outbox of records for it;
 //! - [`http`]: the public router (SOAP, images, status) and the local one (UNIX socket);
-//! - [`local`]: the local API's messages and its client (used by the wrappers);
 //! - [`config`], [`error`], [`proc`].
 
 use std::future::Future;
@@ -32,7 +31,6 @@ pub mod export;
 pub mod fetch;
 pub mod gcs_link;
 pub mod http;
-pub mod local;
 pub mod proc;
 pub mod service;
 pub mod store;
@@ -40,8 +38,8 @@ pub mod store;
 pub use config::Config;
 pub use service::Cts;
 
-use config::DriverConfig;
 use driver::CoreCheckpointer;
+use gca_protocol::driver_config::DriverConfig;
 
 /// The core checkpointer the configuration names.
 pub fn make_driver(cfg: &DriverConfig) -> anyhow::Result<Arc<dyn CoreCheckpointer>> {

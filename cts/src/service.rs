@@ -18,12 +18,13 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::driver::{CheckpointRequest, CoreCheckpointer, JobHandle};
 use crate::error::{Error, Result};
-use crate::gcs_link::{write_atomically, Delivered, GcsLink, LinkStatus, OutboxItem};
-use crate::local::{
-    FetchImage, FetchedImage, GcsDelivery, LocalExit, LocalInfo, LocalJob, RegisterLocalJob,
-};
+use crate::gcs_link::{write_atomically, Delivered, GcsLink, OutboxItem};
 use crate::proc;
 use crate::store::{ImageMeta, ImageStore};
+use gca_protocol::cts_api::{Load, Status};
+use gca_protocol::local::{
+    FetchImage, FetchedImage, GcsDelivery, LocalExit, LocalInfo, LocalJob, RegisterLocalJob,
+};
 
 /// Who is calling the local API (from `SO_PEERCRED`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,28 +152,6 @@ impl Job {
             restoring: self.restoring,
         }
     }
-}
-
-/// Load figures for status and FindCTS-style placement.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Load {
-    pub jobs: usize,
-    pub checkpoints_in_flight: u64,
-    pub checkpoints_taken: u64,
-    pub store_bytes: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub store_max_bytes: Option<u64>,
-}
-
-/// `GET /api/v1/status`: the instance, its type's fields, its driver, its GCS link and load.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Status {
-    pub instance: CtsInstance,
-    pub descriptor: CtsType,
-    pub driver: String,
-    pub driver_check: String,
-    pub gcs: LinkStatus,
-    pub load: Load,
 }
 
 const MAX_GID_LEN: usize = 256;
@@ -1451,7 +1430,7 @@ fn prepare_checkpoint_dir(dir: &Path, uid: u32) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::local::LocalRecovery;
+    use gca_protocol::local::LocalRecovery;
 
     fn req(retention: Option<Retention>) -> RegisterLocalJob {
         RegisterLocalJob {

@@ -30,6 +30,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
+use gca_protocol::images::ImageSummary;
 use gca_protocol::{Fault, FaultKind};
 use rustix::io::Errno;
 use serde::{Deserialize, Serialize};
@@ -346,15 +347,6 @@ impl Manifest {
             gid: self.meta.gid.clone(),
         }
     }
-}
-
-/// One line of [`ImageStore::list`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ImageSummary {
-    pub id: String,
-    pub total_bytes: u64,
-    pub created_at: DateTime<Utc>,
-    pub gid: String,
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -22,10 +22,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use cts::local::FetchImage;
 use cts::store::{ImageMeta, ImageStore, Manifest};
 use futures::StreamExt;
 use gca_protocol::client::SoapClient;
+use gca_protocol::local::FetchImage;
 use gca_protocol::messages::*;
 use gca_protocol::ops::{
     CtsDoCheckpointOp, DoCheckpointOp, RegisterCheckpointOp, RegisterCtsInstanceOp, RegisterJobOp,
@@ -1148,7 +1148,7 @@ async fn bench_criu(opts: Options) -> Vec<Row> {
     job.wait_for_values(3).await;
     let criu = cts::driver::criu::find_criu();
     // The options the CTS's driver passes (cts/src/driver/criu.rs), from its configuration.
-    let cfg = cts::driver::criu::CriuConfig::default();
+    let cfg = gca_protocol::driver_config::CriuConfig::default();
     let scratch = cts.dir.path().join("direct-dumps");
     std::fs::create_dir_all(&scratch).expect("scratch directory");
     let per_rep = if opts.quick { 1 } else { 5 };

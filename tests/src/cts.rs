@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use cts::local::{LocalClient, LocalJob, RegisterLocalJob};
 use gca_protocol::client::{JsonClient, SoapClient};
+use gca_protocol::local::{LocalClient, LocalJob, RegisterLocalJob};
 use gca_protocol::messages::*;
 use tokio::sync::oneshot;
 

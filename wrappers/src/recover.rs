@@ -20,8 +20,8 @@ use std::ffi::OsString;
 use std::time::Duration;
 
 use cts::driver::{RestoreRequest, Restored};
-use cts::local::{FetchImage, LocalExit, LocalJob, LocalRecovery, RegisterLocalJob};
 use gca_protocol::client::SoapClient;
+use gca_protocol::local::{FetchImage, LocalExit, LocalJob, LocalRecovery, RegisterLocalJob};
 use gca_protocol::messages::{GetRecoveryInfo, RecoveryInfo};
 use gca_protocol::ops::GetRecoveryInfoOp;
 use gca_protocol::placeholders::{self, Values};

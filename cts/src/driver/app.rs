@@ -84,11 +84,11 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use gca_protocol::driver_config::AppConfig;
 use gca_protocol::FaultKind;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use rustix::io::Errno;
 use rustix::process::Signal;
-use serde::Deserialize;
 
 use super::{
     CheckpointOutcome, CheckpointRequest, CoreCheckpointer, DriverError, JobHandle, RestoreRequest,
@@ -106,25 +106,6 @@ pub const MANIFEST: &str = "manifest.json";
 
 /// How deep a checkpoint's directories may nest.
 const MAX_DEPTH: usize = 64;
-
-/// Configuration of the application-level driver (its section of the CTS configuration).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AppConfig {
-    /// The signal that asks a job to checkpoint itself: `SIGUSR1`, `USR2`, `10`, ...
-    pub signal: String,
-    /// How often to look for the marker while waiting for a requested checkpoint.
-    pub poll_interval_ms: u64,
-}
-
-impl Default for AppConfig {
-    fn default() -> Self {
-        Self {
-            signal: "SIGUSR1".to_string(),
-            poll_interval_ms: 100,
-        }
-    }
-}
 
 /// The application-level core checkpointer: the job is its own checkpointer.
 #[derive(Debug)]

@@ -21,15 +21,14 @@
 //! `GCS_URL`, `CHECKPOINT_DIR`), templates get `{PID}` (checkpoint only: the job's root
 //! process) and `{IMAGE_DIR}`.
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
+use gca_protocol::driver_config::CommandConfig;
 use gca_protocol::placeholders::{self, Segment, Values};
-use serde::Deserialize;
 use tokio::io::AsyncReadExt;
 use tokio::time::Instant;
 
@@ -38,34 +37,6 @@ use super::{
     Restored,
 };
 use crate::proc;
-
-/// How the command driver is configured (the `[driver]` table of a CTS of kind `command`).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct CommandConfig {
-    /// Takes a checkpoint of the running job into `{IMAGE_DIR}` and leaves it running.
-    pub checkpoint: Vec<String>,
-    /// Takes a checkpoint and stops the job (migration). Without it the driver runs
-    /// `checkpoint` and reports the job as still running, and the CTS stops it.
-    #[serde(default)]
-    pub checkpoint_and_stop: Option<Vec<String>>,
-    /// Restores the job from `{IMAGE_DIR}` and returns once it runs again; it must write the
-    /// restored job's PID into `restore_pid_file`.
-    #[serde(default)]
-    pub restore: Option<Vec<String>>,
-    /// Where `restore` writes the PID of the restored job (a template).
-    #[serde(default)]
-    pub restore_pid_file: Option<String>,
-    /// A self-check run at CTS start-up (exit status 0 = usable); no placeholders.
-    #[serde(default)]
-    pub check: Option<Vec<String>>,
-    /// Extra environment variables for every command; the values are templates.
-    #[serde(default)]
-    pub env: BTreeMap<String, String>,
-    /// An upper bound on each command, on top of the CTS's own timeout for the operation.
-    #[serde(default)]
-    pub timeout_secs: Option<u64>,
-}
 
 /// The [`CoreCheckpointer`] for [`CommandConfig`].
 #[derive(Debug, Clone)]
@@ -735,6 +706,7 @@ mod tests {
     use super::*;
     use crate::driver::criu::test_support::*;
     use gca_protocol::FaultKind;
+    use std::collections::BTreeMap;
 
     const T: Duration = Duration::from_secs(8);
 

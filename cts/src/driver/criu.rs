@@ -19,8 +19,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use gca_protocol::driver_config::CriuConfig;
 use gca_protocol::FaultKind;
-use serde::Deserialize;
 use tokio::time::Instant;
 
 use super::command::{
@@ -37,41 +37,6 @@ pub const DEFAULT_PATH: &str = "/usr/local/sbin/criu";
 pub const ENV_VAR: &str = "GCA_CRIU";
 /// The oldest CRIU that works on current kernels.
 pub const MIN_VERSION: (u32, u32) = (4, 1);
-
-/// How the CRIU driver is configured (the `[driver]` table of a CTS of kind `criu`).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct CriuConfig {
-    /// The `criu` binary. Default: `$GCA_CRIU`, else `criu` on `PATH`, else [`DEFAULT_PATH`].
-    pub path: Option<PathBuf>,
-    /// Appended to every `criu dump`.
-    pub extra_dump_args: Vec<String>,
-    /// Appended to every `criu restore`.
-    pub extra_restore_args: Vec<String>,
-    /// `--shell-job`: the job is attached to a terminal or session outside its own tree.
-    pub shell_job: bool,
-    /// `--tcp-established`: checkpoint established TCP connections (and restore them).
-    pub tcp_established: bool,
-    /// `--file-locks`: checkpoint file locks (without it, a job holding a lock cannot be
-    /// dumped).
-    pub file_locks: bool,
-    /// CRIU's log level, 0 (none) to 4 (debug).
-    pub log_level: u8,
-}
-
-impl Default for CriuConfig {
-    fn default() -> Self {
-        Self {
-            path: None,
-            extra_dump_args: Vec::new(),
-            extra_restore_args: Vec::new(),
-            shell_job: false,
-            tcp_established: false,
-            file_locks: true,
-            log_level: 4,
-        }
-    }
-}
 
 /// The CRIU [`CoreCheckpointer`].
 #[derive(Debug, Clone)]

@@ -32,16 +32,14 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use gca_protocol::fault::ErrorBody;
+use gca_protocol::images::{Deleted, ExportRequest, DIGEST_HEADER};
 use gca_protocol::{Fault, FaultKind};
-use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio_util::io::ReaderStream;
 
-use crate::export::{export_image, ExportError, ExportRequest};
+use crate::export::{export_image, ExportError};
 use crate::store::{ImageStore, Manifest, StoreError};
 
-/// The header carrying an image's manifest digest.
-pub const DIGEST_HEADER: &str = "x-gca-digest";
 const STREAM_CHUNK: usize = 64 * 1024;
 
 /// The routes, relative to where the CTS nests them (`/images`).
@@ -55,13 +53,6 @@ pub fn routes() -> Router<ImageStore> {
 
 /// The largest export request body read.
 const MAX_EXPORT_BODY: usize = 64 * 1024;
-
-/// The answer to `DELETE /{id}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Deleted {
-    pub id: String,
-    pub freed_bytes: u64,
-}
 
 /// A fault as an HTTP answer: the fault's status (or an explicit one) and an `ErrorBody`.
 #[derive(Debug)]
@@ -406,7 +397,7 @@ pub(crate) mod tests {
         let http = crate::http::images::tests::client();
 
         // List.
-        let list: Vec<crate::store::ImageSummary> =
+        let list: Vec<gca_protocol::images::ImageSummary> =
             http.get(&base).send().await.unwrap().json().await.unwrap();
         assert_eq!(list.len(), 1);
         assert_eq!(list[0].id, "img-1");
@@ -565,14 +556,15 @@ pub(crate) mod tests {
         assert_eq!(res.status(), S::NOT_FOUND);
         let res = http.delete(format!("{base}/img-1")).send().await.unwrap();
         assert_eq!(res.status(), S::NOT_FOUND);
-        let list: Vec<crate::store::ImageSummary> =
+        let list: Vec<gca_protocol::images::ImageSummary> =
             http.get(&base).send().await.unwrap().json().await.unwrap();
         assert!(list.is_empty());
     }
 
     #[tokio::test]
     async fn export_answers_with_statuses_and_json_errors() {
-        use crate::export::{Exported, OWNER_GID_KEY, OWNER_UID_KEY};
+        use crate::export::{OWNER_GID_KEY, OWNER_UID_KEY};
+        use gca_protocol::images::Exported;
         use std::os::unix::fs::MetadataExt;
         assert!(
             rustix::process::geteuid().is_root(),

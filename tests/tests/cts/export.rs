@@ -3,8 +3,8 @@
 //! owner's directory through its `image_name` (`POST {image_name}/export`), as the GCS does
 //! when a job that keeps its images ends.
 
-use cts::local::RegisterLocalJob;
 use gca_protocol::fault::{ErrorBody, FaultKind};
+use gca_protocol::local::RegisterLocalJob;
 use gca_protocol::messages::*;
 use gca_protocol::ops::DoCheckpointOp;
 use integration_tests::cts::*;

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use cts::local::FetchImage;
+use gca_protocol::local::FetchImage;
 use gca_protocol::messages::*;
 use gca_protocol::ops::{DoCheckpointOp, SetRetentionOp};
 use integration_tests::cts::*;
