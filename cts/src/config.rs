@@ -216,7 +216,7 @@ impl Config {
         if self.checkpoint.timeout_secs == 0 {
             bail!("checkpoint.timeout_secs must be at least 1");
         }
-        if crate::proc::parse_signal(&self.checkpoint.stop_signal).is_none() {
+        if gca_drivers::proc::parse_signal(&self.checkpoint.stop_signal).is_none() {
             bail!(
                 "checkpoint.stop_signal {:?} is not a signal name (e.g. SIGTERM)",
                 self.checkpoint.stop_signal
@@ -292,7 +292,8 @@ mod tests {
             let cfg = Config::load(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
             cfg.load_descriptor()
                 .unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
-            crate::make_driver(&cfg.driver).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+            gca_drivers::make_driver(&cfg.driver)
+                .unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
             seen += 1;
         }
         assert_eq!(seen, 3);

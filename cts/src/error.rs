@@ -2,8 +2,8 @@
 
 use gca_protocol::fault::{Fault, FaultKind};
 
-use crate::driver::DriverError;
 use crate::store::StoreError;
+use gca_drivers::DriverError;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 

@@ -16,11 +16,10 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::driver::{CheckpointRequest, CoreCheckpointer, JobHandle};
 use crate::error::{Error, Result};
 use crate::gcs_link::{write_atomically, Delivered, GcsLink, OutboxItem};
-use crate::proc;
 use crate::store::{ImageMeta, ImageStore};
+use gca_drivers::{proc, CheckpointRequest, CoreCheckpointer, DriverError, JobHandle};
 use gca_protocol::cts_api::{Load, Status};
 use gca_protocol::local::{
     FetchImage, FetchedImage, GcsDelivery, LocalExit, LocalInfo, LocalJob, RegisterLocalJob,
@@ -1026,7 +1025,7 @@ impl Cts {
             Ok(Ok(o)) => o,
             Ok(Err(e)) => return Err(Error::Driver(self.keep_failure_logs(&id, &staging.dir, e))),
             Err(_) => {
-                return Err(Error::Driver(crate::driver::DriverError::timeout(format!(
+                return Err(Error::Driver(DriverError::timeout(format!(
                     "the {} checkpoint of job {:?} did not finish within {timeout:?}",
                     self.inner.driver.kind(),
                     job.gid
@@ -1073,12 +1072,7 @@ impl Cts {
     /// The staging directory of a failed checkpoint is removed; its logs (CRIU's `dump.log`,
     /// a command's `command.log`) are kept under `<state_dir>/failed/<image id>/` for the
     /// operator, and the error points there.
-    fn keep_failure_logs(
-        &self,
-        id: &str,
-        staging: &Path,
-        mut e: crate::driver::DriverError,
-    ) -> crate::driver::DriverError {
+    fn keep_failure_logs(&self, id: &str, staging: &Path, mut e: DriverError) -> DriverError {
         let keep = self.inner.config.state_dir.join("failed").join(id);
         let Ok(entries) = std::fs::read_dir(staging) else {
             return e;

@@ -503,13 +503,13 @@ impl Machine {
         let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .map(|s| s.trim().to_string())
             .unwrap_or_default();
-        let criu = tokio::process::Command::new(cts::driver::criu::find_criu())
+        let criu = tokio::process::Command::new(gca_drivers::criu::find_criu())
             .arg("--version")
             .output()
             .await
             .ok()
             .and_then(|o| {
-                cts::driver::criu::parse_version(&String::from_utf8_lossy(&o.stdout)).map(|v| {
+                gca_drivers::criu::parse_version(&String::from_utf8_lossy(&o.stdout)).map(|v| {
                     format!(
                         "CRIU {}",
                         v.iter().map(u32::to_string).collect::<Vec<_>>().join(".")
@@ -1146,7 +1146,7 @@ async fn bench_criu(opts: Options) -> Vec<Row> {
     let job = TestJob::counter(cts.dir.path());
     cts.register(gid, job.pid).await;
     job.wait_for_values(3).await;
-    let criu = cts::driver::criu::find_criu();
+    let criu = gca_drivers::criu::find_criu();
     // The options the CTS's driver passes (cts/src/driver/criu.rs), from its configuration.
     let cfg = gca_protocol::driver_config::CriuConfig::default();
     let scratch = cts.dir.path().join("direct-dumps");

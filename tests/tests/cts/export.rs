@@ -105,8 +105,8 @@ async fn images_name_their_owner_and_are_exported_through_their_image_name() {
         .unwrap();
     let extra = &manifest["meta"]["extra"];
     let (uid, gid) = (
-        cts::proc::uid(job.pid).unwrap(),
-        cts::proc::gid(job.pid).unwrap(),
+        gca_drivers::proc::uid(job.pid).unwrap(),
+        gca_drivers::proc::gid(job.pid).unwrap(),
     );
     assert_eq!(extra["uid"], uid.to_string(), "{manifest}");
     assert_eq!(extra["gid"], gid.to_string(), "{manifest}");

@@ -87,7 +87,7 @@ async fn a_template_with_an_unknown_placeholder_stops_the_cts_at_start() {
     let cfg = gca_protocol::driver_config::DriverConfig::Command(
         toml::from_str("checkpoint = [\"dump\", \"{PDI}\"]").unwrap(),
     );
-    let err = match cts::make_driver(&cfg) {
+    let err = match gca_drivers::make_driver(&cfg) {
         Ok(_) => panic!("a typo in a template must be caught at start"),
         Err(e) => format!("{e:#}"),
     };
