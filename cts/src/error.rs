@@ -2,8 +2,8 @@
 
 use gca_protocol::fault::{Fault, FaultKind};
 
-use crate::store::StoreError;
 use gca_drivers::DriverError;
+use gca_store::Error as StoreError;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 

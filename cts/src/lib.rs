@@ -8,9 +8,8 @@
 //! Layout, in reading order:
 //! - [`service`]: jobs, checkpoints, periodic and internal checkpoints, exits;
 //! - the core checkpointer drivers are the `gca-drivers` crate;
-//! - [`store`]: the image store (manifests, atomic commits), [`fetch`], which copies an
-//!   image from another CTS and checks its digest, and [`export`], which copies one into its
-//!   owner's directory (a retention policy's "keep");
+//! - the image store (manifests, atomic commits, fetch, export, its HTTP endpoints) is the
+//!   `gca-store` crate;
 //! - [`gcs_link`]: registration at the GCS and the outbox of records for it;
 //! - [`http`]: the public router (SOAP, images, status) and the local one (UNIX socket);
 //! - [`config`], [`error`].
@@ -24,12 +23,9 @@ use tokio::net::{TcpListener, UnixListener};
 
 pub mod config;
 pub mod error;
-pub mod export;
-pub mod fetch;
 pub mod gcs_link;
 pub mod http;
 pub mod service;
-pub mod store;
 
 pub use config::Config;
 pub use service::Cts;

@@ -18,12 +18,12 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::gcs_link::{write_atomically, Delivered, GcsLink, OutboxItem};
-use crate::store::{ImageMeta, ImageStore};
 use gca_drivers::{proc, CheckpointRequest, CoreCheckpointer, DriverError, JobHandle};
 use gca_protocol::cts_api::{Load, Status};
 use gca_protocol::local::{
     FetchImage, FetchedImage, GcsDelivery, LocalExit, LocalInfo, LocalJob, RegisterLocalJob,
 };
+use gca_store::{ImageId, ImageMeta, ImageStore, Staging};
 
 /// Who is calling the local API (from `SO_PEERCRED`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -574,9 +574,12 @@ impl Cts {
     /// being kept, images whose deletion failed, and images of jobs being restored here stay.
     /// Returns how many images were removed.
     pub async fn reconcile_store(&self) -> Result<usize> {
-        let mut by_job: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut by_job: BTreeMap<String, Vec<ImageId>> = BTreeMap::new();
         for image in self.inner.store.list().await? {
-            by_job.entry(image.gid).or_default().push(image.id);
+            let Ok(id) = ImageId::parse(&image.id) else {
+                continue;
+            };
+            by_job.entry(image.gid).or_default().push(id);
         }
         let mut removed = 0;
         for (gid, ids) in by_job {
@@ -594,12 +597,15 @@ impl Cts {
                 Err(f) => return Err(Error::Fault(f)),
             };
             for id in ids {
-                let gone = records.iter().find(|r| r.id == id).is_some_and(|r| {
-                    matches!(
-                        r.image_state,
-                        ImageState::Deleted | ImageState::Deleting | ImageState::Kept
-                    )
-                });
+                let gone = records
+                    .iter()
+                    .find(|r| id == r.id.as_str())
+                    .is_some_and(|r| {
+                        matches!(
+                            r.image_state,
+                            ImageState::Deleted | ImageState::Deleting | ImageState::Kept
+                        )
+                    });
                 if !gone {
                     continue;
                 }
@@ -608,7 +614,7 @@ impl Cts {
                         removed += 1;
                         tracing::info!(%gid, checkpoint.id = %id, freed_bytes = bytes, "image removed: the GCS records it deleted or kept");
                     }
-                    Err(crate::store::StoreError::NotFound(_)) => {}
+                    Err(gca_store::Error::NotFound(_)) => {}
                     Err(e) => {
                         tracing::warn!(%gid, checkpoint.id = %id, error = %e, "cannot remove an image the GCS records deleted or kept")
                     }
@@ -669,8 +675,8 @@ impl Cts {
     /// in place when it is here already, else copied from the CTS that took it. Either way
     /// its digest must be the one the GCS recorded.
     pub async fn fetch_image(&self, req: FetchImage) -> Result<FetchedImage> {
-        let id = req.checkpoint_id.as_str();
-        crate::store::validate_id(id)?;
+        let image = ImageId::parse(&req.checkpoint_id)?;
+        let id = image.as_str();
         let record = self.recorded_checkpoint(&req.gid, id).await?;
         if let (Some(want), Some(have)) = (&req.digest, &record.digest) {
             if !want.trim().eq_ignore_ascii_case(have) {
@@ -695,13 +701,13 @@ impl Cts {
                 _ => Ok(()),
             }
         };
-        let fetched = match store.image_dir(id).await {
+        let fetched = match store.image_dir(&image).await {
             Ok(_) => {
-                store.verify(id).await?;
-                check_digest(&store.digest(id).await?)?;
+                store.verify(&image).await?;
+                check_digest(&store.digest(&image).await?)?;
                 false
             }
-            Err(crate::store::StoreError::NotFound(_)) => {
+            Err(gca_store::Error::NotFound(_)) => {
                 let source = record.image_name.trim_end_matches('/');
                 let base = source
                     .strip_suffix(&format!("/{id}"))
@@ -711,15 +717,14 @@ impl Cts {
                             "cannot fetch image {id} from {source:?}: expected the record's image name, http(s)://<cts>/images/{id}"
                         ))
                     })?;
-                crate::fetch::fetch_image(
+                gca_store::fetch::fetch_image(
                     &self.inner.http,
                     base,
-                    id,
+                    &image,
                     record.digest.as_deref(),
                     store,
                 )
-                .await
-                .map_err(|e| Error::Fault(e.into()))?;
+                .await?;
                 tracing::info!(checkpoint.id = %id, source = %source, "image fetched for a recovery");
                 true
             }
@@ -727,8 +732,8 @@ impl Cts {
         };
         Ok(FetchedImage {
             checkpoint_id: id.to_string(),
-            image_dir: store.image_dir(id).await?,
-            digest: store.digest(id).await?,
+            image_dir: store.image_dir(&image).await?,
+            digest: store.digest(&image).await?,
             fetched,
         })
     }
@@ -940,8 +945,8 @@ impl Cts {
     async fn commit_image(
         &self,
         job: &Arc<Job>,
-        staging: crate::store::Staging,
-        id: &str,
+        staging: Staging,
+        id: &ImageId,
         taken_at: DateTime<Utc>,
         origin: Origin,
         stop: bool,
@@ -989,22 +994,22 @@ impl Cts {
         })
     }
 
-    fn new_image_id(&self) -> String {
+    fn new_image_id(&self) -> Result<ImageId> {
         let rand = uuid::Uuid::new_v4().simple().to_string();
-        format!(
+        Ok(ImageId::parse(&format!(
             "{}-{}-{}",
             self.inner.instance.name,
             Utc::now().format("%Y%m%dT%H%M%SZ"),
             &rand[..12]
-        )
+        ))?)
     }
 
     async fn take(&self, job: &Arc<Job>, origin: Origin, stop: bool) -> Result<CheckpointRecord> {
-        let id = self.new_image_id();
+        let id = self.new_image_id()?;
         let staging = self.inner.store.stage(&id).await?;
         let values = self
             .job_values(job)
-            .set("IMAGE_ID", id.clone())
+            .set("IMAGE_ID", id.to_string())
             .set("IMAGE_DIR", staging.dir.display().to_string());
         let handle = self.handle(job);
         let timeout = self.inner.config.checkpoint_timeout();
@@ -1136,8 +1141,11 @@ impl Cts {
         if job.stopping.load(Ordering::SeqCst) {
             return;
         }
-        let id = self.new_image_id();
-        let staging = match self.inner.store.stage(&id).await {
+        let staging = match self.new_image_id() {
+            Ok(id) => self.inner.store.stage(&id).await.map_err(Error::from),
+            Err(e) => Err(e),
+        };
+        let staging = match staging {
             Ok(s) => s,
             Err(e) => {
                 tracing::debug!(gid = %job.gid, error = %e, "cannot stage an internal checkpoint");
@@ -1154,7 +1162,7 @@ impl Cts {
         {
             Ok(false) => {}
             Ok(true) => {
-                if let Err(e) = self.register_collected(job, staging, id, taken_at).await {
+                if let Err(e) = self.register_collected(job, staging, taken_at).await {
                     tracing::warn!(gid = %job.gid, error = %e, "could not store a checkpoint the job took on its own");
                 }
             }
@@ -1167,10 +1175,10 @@ impl Cts {
     async fn register_collected(
         &self,
         job: &Arc<Job>,
-        staging: crate::store::Staging,
-        id: String,
+        staging: Staging,
         taken_at: DateTime<Utc>,
     ) -> Result<()> {
+        let id = staging.id().clone();
         self.inner.in_flight.fetch_add(1, Ordering::SeqCst);
         let result = async {
             let record = self
@@ -1365,8 +1373,14 @@ fn check_retention(req: &RegisterLocalJob) -> Result<()> {
 fn owner_extra(job: &Job) -> Vec<(String, String)> {
     match (job.uid, job.owner_gid) {
         (uid, Some(gid)) if uid != u32::MAX => vec![
-            (crate::export::OWNER_UID_KEY.to_string(), uid.to_string()),
-            (crate::export::OWNER_GID_KEY.to_string(), gid.to_string()),
+            (
+                gca_store::export::OWNER_UID_KEY.to_string(),
+                uid.to_string(),
+            ),
+            (
+                gca_store::export::OWNER_GID_KEY.to_string(),
+                gid.to_string(),
+            ),
         ],
         _ => {
             tracing::warn!(gid = %job.gid, pid = job.pid, "the job's owner is unknown; its images cannot be exported to the owner's directory");

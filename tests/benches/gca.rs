@@ -22,7 +22,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use cts::store::{ImageMeta, ImageStore, Manifest};
 use futures::StreamExt;
 use gca_protocol::client::SoapClient;
 use gca_protocol::local::FetchImage;
@@ -30,6 +29,7 @@ use gca_protocol::messages::*;
 use gca_protocol::ops::{
     CtsDoCheckpointOp, DoCheckpointOp, RegisterCheckpointOp, RegisterCtsInstanceOp, RegisterJobOp,
 };
+use gca_store::{ImageId, ImageMeta, ImageStore, Manifest};
 use integration_tests::cts::{register_type, TestCts, TestJob, APP_DRIVER, CRIU_DRIVER};
 use integration_tests::{db, instance, TestGcs};
 use serde::Serialize;
@@ -870,7 +870,8 @@ async fn bench_fetch(opts: Options) -> Vec<Row> {
     let id = "bench-src-20260101T000000Z-0123456789ab";
     let total = opts.image_mib << 20;
     let manifest = make_image(src.cts.store(), id, total).await;
-    let digest = src.cts.store().digest(id).await.expect("digest");
+    let image = ImageId::parse(id).expect("an image ID");
+    let digest = src.cts.store().digest(&image).await.expect("digest");
     let src_dir = src.image_dir(id);
     let images_url = format!("{}/images", src.url);
     let source = format!("{images_url}/{id}");
@@ -924,9 +925,10 @@ async fn bench_fetch(opts: Options) -> Vec<Row> {
         &images_url,
         &scratch,
         &http,
+        &image,
     );
     let s = interleaved(&opts, "fetch", 4, |v| {
-        let (dst, manifest, digest, src_dir, images_url, scratch, http) = refs;
+        let (dst, manifest, digest, src_dir, images_url, scratch, http, image) = refs;
         async move {
             let dest = scratch.join(format!("copy-{}", uuid::Uuid::new_v4().simple()));
             let start = Instant::now();
@@ -953,7 +955,7 @@ async fn bench_fetch(opts: Options) -> Vec<Row> {
             if v == 0 {
                 dst.cts
                     .store()
-                    .delete(id)
+                    .delete(image)
                     .await
                     .expect("delete the fetched copy");
             } else {
@@ -1011,7 +1013,10 @@ async fn bench_fetch(opts: Options) -> Vec<Row> {
 /// Commits an image of `total` bytes of pseudo-random data into `store`, laid out like a CRIU
 /// dump: one large pages file and a dozen small ones.
 async fn make_image(store: &ImageStore, id: &str, total: u64) -> Manifest {
-    let staging = store.stage(id).await.expect("stage the image");
+    let staging = store
+        .stage(&ImageId::parse(id).expect("an image ID"))
+        .await
+        .expect("stage the image");
     let dir = staging.dir.clone();
     tokio::task::spawn_blocking(move || {
         use std::io::Write;
@@ -1123,7 +1128,7 @@ async fn http_download(
 
 async fn local_copy(src: &Path, manifest: &Manifest, dest: &Path) {
     let (src, dest) = (src.to_path_buf(), dest.to_path_buf());
-    let files: Vec<String> = manifest.files.iter().map(|f| f.path.clone()).collect();
+    let files: Vec<String> = manifest.files.iter().map(|f| f.path.to_string()).collect();
     tokio::task::spawn_blocking(move || {
         std::fs::create_dir_all(&dest)?;
         for f in files {
@@ -1185,7 +1190,7 @@ async fn bench_criu(opts: Options) -> Vec<Row> {
                     cts_bytes.store(r.size_bytes.unwrap_or(0) as u64, Ordering::Relaxed);
                     cts.cts
                         .store()
-                        .delete(&r.id)
+                        .delete(&ImageId::parse(&r.id).expect("an image ID"))
                         .await
                         .expect("delete the image");
                 } else {

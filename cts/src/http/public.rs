@@ -23,7 +23,7 @@ use tower_http::trace::TraceLayer;
 use crate::service::Cts;
 
 pub fn router(cts: Cts) -> Router {
-    let images = super::images::routes().with_state(cts.store().clone());
+    let images = gca_store::http::routes().with_state(cts.store().clone());
     Router::new()
         .route(ns::CTS_SERVICE_PATH, post(soap_endpoint).get(wsdl))
         .route("/api/v1/status", get(status))

@@ -129,7 +129,7 @@ async fn images_name_their_owner_and_are_exported_through_their_image_name() {
     assert_eq!(done["removed"], true);
     assert_eq!(done["bytes"].as_i64(), record.size_bytes);
     let exported = std::fs::read(target.join("manifest.json")).unwrap();
-    assert_eq!(cts::store::Manifest::digest_of(&exported), digest);
+    assert_eq!(gca_store::Manifest::digest_of(&exported), digest);
     assert!(target.join("pstree.img").is_file());
     assert!(
         !cts.image_dir(&record.id).exists(),
