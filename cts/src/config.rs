@@ -10,9 +10,7 @@ use gca_protocol::messages::CtsType;
 use gca_protocol::transport::TlsConfig;
 use serde::Deserialize;
 
-use crate::driver::app::AppConfig;
-use crate::driver::command::CommandConfig;
-use crate::driver::criu::CriuConfig;
+pub use gca_protocol::driver_config::DriverConfig;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -122,16 +120,6 @@ impl Default for CheckpointConfig {
             internal_poll_ms: 1000,
         }
     }
-}
-
-/// The core checkpointer this CTS drives.
-/// Serialized for local callers: the recovery wrapper builds the same driver (`LocalInfo`).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(tag = "kind", rename_all = "lowercase")]
-pub enum DriverConfig {
-    Criu(CriuConfig),
-    Application(AppConfig),
-    Command(CommandConfig),
 }
 
 fn default_listen() -> SocketAddr {
@@ -261,7 +249,7 @@ impl Config {
         if self.checkpoint.timeout_secs == 0 {
             bail!("checkpoint.timeout_secs must be at least 1");
         }
-        if crate::proc::parse_signal(&self.checkpoint.stop_signal).is_none() {
+        if gca_drivers::proc::parse_signal(&self.checkpoint.stop_signal).is_none() {
             bail!(
                 "checkpoint.stop_signal {:?} is not a signal name (e.g. SIGTERM)",
                 self.checkpoint.stop_signal
@@ -337,7 +325,8 @@ mod tests {
             let cfg = Config::load(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
             cfg.load_descriptor()
                 .unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
-            crate::make_driver(&cfg.driver).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+            gca_drivers::make_driver(&cfg.driver)
+                .unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
             seen += 1;
         }
         assert_eq!(seen, 3);

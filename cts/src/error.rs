@@ -1,9 +1,11 @@
-//! The CTS error type, and the one place it becomes a wire fault.
+//! The CTS's one error type, and the one place it becomes a wire fault. The drivers' and the
+//! image store's errors keep their own mapping (`gca_drivers::DriverError`, `gca_store::Error`),
+//! each defined once in its crate.
 
 use gca_protocol::fault::{Fault, FaultKind};
 
-use crate::driver::DriverError;
-use crate::store::StoreError;
+use gca_drivers::DriverError;
+use gca_store::Error as StoreError;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -18,6 +20,9 @@ pub enum Error {
     /// The image store failed.
     #[error("{0}")]
     Store(#[from] StoreError),
+    /// The outbox of records for the GCS could not be written.
+    #[error("{0}")]
+    Outbox(String),
     #[error("{0:#}")]
     Internal(#[from] anyhow::Error),
 }
@@ -43,6 +48,9 @@ impl Error {
             Error::Fault(f) => f,
             Error::Driver(e) => e.into(),
             Error::Store(e) => e.into(),
+            Error::Outbox(m) => {
+                Fault::new(FaultKind::OperationFailed, m).with_code("outbox-unwritable")
+            }
             Error::Internal(e) => {
                 tracing::error!(error = format!("{e:#}"), "internal error");
                 Fault::internal()

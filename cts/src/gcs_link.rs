@@ -9,19 +9,23 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use gca_protocol::client::SoapClient;
+use gca_protocol::cts_api::LinkStatus;
 use gca_protocol::fault::{Fault, FaultKind};
 use gca_protocol::messages::*;
 use gca_protocol::ops::{
     JobFinishedOp, RegisterCheckpointOp, RegisterCtsInstanceOp, RegisterJobOp,
 };
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, Notify};
 use tokio_util::sync::CancellationToken;
+
+use crate::error::Error;
 
 /// One message for the GCS.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,22 +55,6 @@ pub enum Delivered {
     Job(JobRegistered),
     Checkpoint(CheckpointRegistered),
     Finished(JobInfo),
-}
-
-/// What the CTS knows about its GCS, for status and health.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LinkStatus {
-    pub endpoint: String,
-    /// The GCS has our instance registration and answered the last call.
-    pub connected: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_contact: Option<DateTime<Utc>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_error: Option<String>,
-    /// Items waiting for delivery.
-    pub pending: usize,
-    /// Items the GCS refused (kept under `outbox/rejected/` for an operator).
-    pub rejected: u64,
 }
 
 type Waiter = oneshot::Sender<Result<Delivered, Fault>>;
@@ -163,18 +151,19 @@ impl GcsLink {
     }
 
     pub fn status(&self) -> LinkStatus {
-        let mut s = self.inner.status.lock().expect("status lock").clone();
-        s.pending = self.inner.queue.lock().expect("queue lock").items.len();
+        let mut s = self.inner.status.lock().clone();
+        s.pending = self.inner.queue.lock().items.len();
         s
     }
 
     /// Queues `item` (written to disk before this returns) and waits up to `wait` for the
     /// GCS's answer. `Ok(None)`: not delivered yet; it will be when the GCS is reachable.
+    /// `Err(Error::Fault)`: the GCS refused it; `Err(Error::Outbox)`: it could not be queued.
     pub async fn send(&self, item: OutboxItem, wait: Duration) -> Result<Option<Delivered>, Error> {
         let rx = self.enqueue(item)?;
         match tokio::time::timeout(wait, rx).await {
             Ok(Ok(Ok(d))) => Ok(Some(d)),
-            Ok(Ok(Err(f))) => Err(Error::Refused(f)),
+            Ok(Ok(Err(f))) => Err(Error::Fault(f)),
             Ok(Err(_)) | Err(_) => Ok(None),
         }
     }
@@ -190,15 +179,15 @@ impl GcsLink {
     ) -> Result<oneshot::Receiver<Result<Delivered, Fault>>, Error> {
         let (tx, rx) = oneshot::channel();
         {
-            let mut q = self.inner.queue.lock().expect("queue lock");
+            let mut q = self.inner.queue.lock();
             let seq = q.next;
             let path = self.inner.dir.join(format!("{seq:020}.json"));
             write_atomically(
                 &path,
-                &serde_json::to_vec_pretty(&item).map_err(|e| Error::Io(e.to_string()))?,
+                &serde_json::to_vec_pretty(&item).map_err(|e| Error::Outbox(e.to_string()))?,
             )
             .map_err(|e| {
-                Error::Io(format!(
+                Error::Outbox(format!(
                     "cannot write {} to the outbox {}: {e}",
                     item.describe(),
                     self.inner.dir.display()
@@ -285,7 +274,7 @@ impl GcsLink {
     async fn deliver_all(&self) -> Result<(), Fault> {
         loop {
             let Some((seq, item)) = ({
-                let q = self.inner.queue.lock().expect("queue lock");
+                let q = self.inner.queue.lock();
                 q.items.iter().next().map(|(s, i)| (*s, i.clone()))
             }) else {
                 return Ok(());
@@ -316,12 +305,12 @@ impl GcsLink {
                             .join("rejected")
                             .join(format!("{seq:020}.json")),
                     );
-                    self.inner.status.lock().expect("status lock").rejected += 1;
+                    self.inner.status.lock().rejected += 1;
                     Err(f)
                 }
             };
             let waiter = {
-                let mut q = self.inner.queue.lock().expect("queue lock");
+                let mut q = self.inner.queue.lock();
                 q.items.remove(&seq);
                 q.waiters.remove(&seq)
             };
@@ -343,37 +332,16 @@ impl GcsLink {
     }
 
     fn contacted(&self) {
-        let mut s = self.inner.status.lock().expect("status lock");
+        let mut s = self.inner.status.lock();
         s.connected = true;
         s.last_contact = Some(Utc::now());
         s.last_error = None;
     }
 
     fn failed(&self, f: &Fault) {
-        let mut s = self.inner.status.lock().expect("status lock");
+        let mut s = self.inner.status.lock();
         s.connected = false;
         s.last_error = Some(f.message.clone());
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// The GCS answered with a fault.
-    #[error("{}", .0.message)]
-    Refused(Fault),
-    /// The outbox could not be written.
-    #[error("{0}")]
-    Io(String),
-}
-
-impl From<Error> for Fault {
-    fn from(e: Error) -> Fault {
-        match e {
-            Error::Refused(f) => f,
-            Error::Io(m) => {
-                Fault::new(FaultKind::OperationFailed, m).with_code("outbox-unwritable")
-            }
-        }
     }
 }
 

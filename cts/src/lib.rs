@@ -7,55 +7,33 @@
 //!
 //! Layout, in reading order:
 //! - [`service`]: jobs, checkpoints, periodic and internal checkpoints, exits;
-//! - [`driver`]: the [`driver::CoreCheckpointer`] trait and its implementations (CRIU,
-//!   application-level, command templates);
-//! - [`store`]: the image store (manifests, atomic commits), [`fetch`], which copies an
-//!   image from another CTS and checks its digest, and [`export`], which copies one into its
-//!   owner's directory (a retention policy's "keep");
+//! - the core checkpointer drivers are the `gca-drivers` crate;
+//! - the image store (manifests, atomic commits, fetch, export, its HTTP endpoints) is the
+//!   `gca-store` crate;
 //! - [`gcs_link`]: registration at the GCS and the outbox of records for it;
 //! - [`http`]: the public router (SOAP, images, status) and the local one (UNIX socket);
-//! - [`local`]: the local API's messages and its client (used by the wrappers);
-//! - [`config`], [`error`], [`proc`].
+//! - [`config`], [`error`].
 
 use std::future::Future;
 use std::path::Path;
-use std::sync::Arc;
 
 use anyhow::Context;
 use gca_protocol::transport;
 use tokio::net::{TcpListener, UnixListener};
 
 pub mod config;
-pub mod driver;
 pub mod error;
-pub mod export;
-pub mod fetch;
 pub mod gcs_link;
 pub mod http;
-pub mod local;
-pub mod proc;
 pub mod service;
-pub mod store;
 
 pub use config::Config;
 pub use service::Cts;
 
-use config::DriverConfig;
-use driver::CoreCheckpointer;
-
-/// The core checkpointer the configuration names.
-pub fn make_driver(cfg: &DriverConfig) -> anyhow::Result<Arc<dyn CoreCheckpointer>> {
-    Ok(match cfg {
-        DriverConfig::Criu(c) => Arc::new(driver::criu::Criu::new(c.clone())?),
-        DriverConfig::Application(c) => Arc::new(driver::app::AppLevel::new(c.clone())?),
-        DriverConfig::Command(c) => Arc::new(driver::command::CommandDriver::new(c.clone())?),
-    })
-}
-
 /// Builds the service from its configuration (driver, descriptor, HTTP client).
 pub async fn build(config: Config) -> anyhow::Result<Cts> {
     let cts_type = config.load_descriptor()?;
-    let driver = make_driver(&config.driver)?;
+    let driver = gca_drivers::make_driver(&config.driver)?;
     let tls = match &config.tls {
         Some(tls) => {
             let me = tls.own_identity().context("the CTS's certificate")?;

@@ -19,8 +19,9 @@
 
 use std::time::Duration;
 
+use gca_protocol::fault::ErrorBody;
+use gca_protocol::images::{ExportRequest, Exported};
 use gca_protocol::messages::{ImageState, JobInfo, SetRetention};
-use serde::{Deserialize, Serialize};
 
 use crate::db::{self, DueImageTask, ImageAction};
 use crate::error::{Error, Result};
@@ -29,21 +30,6 @@ use crate::service::{Ctx, Gcs};
 
 /// How many tasks one claim takes.
 const BATCH: i64 = 8;
-
-/// The body of `POST {image}/export` on a CTS.
-#[derive(Debug, Serialize)]
-struct ExportRequest<'a> {
-    dir: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    digest: Option<&'a str>,
-    remove: bool,
-}
-
-/// The CTS's answer to an export.
-#[derive(Debug, Deserialize)]
-struct Exported {
-    path: String,
-}
 
 /// Why a call to a CTS failed: worth retrying, or not.
 #[derive(Debug)]
@@ -220,8 +206,8 @@ impl Gcs {
             .post(&url)
             .timeout(self.config.cts_timeout())
             .json(&ExportRequest {
-                dir,
-                digest: task.digest.as_deref(),
+                dir: dir.to_string(),
+                digest: task.digest.clone(),
                 remove: true,
             })
             .send()
@@ -253,15 +239,9 @@ fn image_url(task: &DueImageTask) -> std::result::Result<reqwest::Url, TaskError
 /// A CTS's error answer: server-side trouble (5xx, 429) is retried, a refusal (4xx) is not.
 async fn classify(status: reqwest::StatusCode, what: &str, resp: reqwest::Response) -> TaskError {
     let body = resp.text().await.unwrap_or_default();
-    let detail = serde_json::from_str::<serde_json::Value>(&body)
-        .ok()
-        .and_then(|v| {
-            v.pointer("/error/message")
-                .or_else(|| v.pointer("/message"))
-                .or_else(|| v.get("error"))
-                .and_then(|m| m.as_str().map(str::to_string))
-        })
-        .unwrap_or_else(|| body.chars().take(300).collect());
+    let detail = serde_json::from_str::<ErrorBody>(&body)
+        .map(|b| b.error.message)
+        .unwrap_or_else(|_| body.chars().take(300).collect());
     let message = format!("{what}: HTTP {status}: {detail}");
     if status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS {
         TaskError::Retry(message)

@@ -10,12 +10,20 @@
 //!   two wire forms: JSON and XML);
 //! - [`descriptor`]: CTS descriptor parsing and validation;
 //! - [`placeholders`]: the one implementation of `{GID}`-style parameter patterns;
-//! - [`transport`] and [`client`]: HTTP(S) listeners and clients on rustls.
+//! - [`transport`] and [`client`]: HTTP(S) listeners and clients on rustls;
+//! - the CTS's own interfaces: [`local`] (the wrapper↔CTS API on its UNIX socket, with its
+//!   client), [`images`] (the image endpoints other CTSes and the GCS call), [`cts_api`] (its
+//!   status and JSON API) and [`driver_config`] (the core checkpointer configuration the
+//!   local API hands the recovery wrapper).
 
 pub mod client;
+pub mod cts_api;
 pub mod descriptor;
+pub mod driver_config;
 pub mod fault;
 pub mod identity;
+pub mod images;
+pub mod local;
 pub mod messages;
 pub mod ns;
 pub mod ops;

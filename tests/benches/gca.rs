@@ -22,14 +22,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use cts::local::FetchImage;
-use cts::store::{ImageMeta, ImageStore, Manifest};
 use futures::StreamExt;
 use gca_protocol::client::SoapClient;
+use gca_protocol::local::FetchImage;
 use gca_protocol::messages::*;
 use gca_protocol::ops::{
     CtsDoCheckpointOp, DoCheckpointOp, RegisterCheckpointOp, RegisterCtsInstanceOp, RegisterJobOp,
 };
+use gca_store::{ImageId, ImageMeta, ImageStore, Manifest};
 use integration_tests::cts::{register_type, TestCts, TestJob, APP_DRIVER, CRIU_DRIVER};
 use integration_tests::{db, instance, TestGcs};
 use serde::Serialize;
@@ -503,13 +503,13 @@ impl Machine {
         let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .map(|s| s.trim().to_string())
             .unwrap_or_default();
-        let criu = tokio::process::Command::new(cts::driver::criu::find_criu())
+        let criu = tokio::process::Command::new(gca_drivers::criu::find_criu())
             .arg("--version")
             .output()
             .await
             .ok()
             .and_then(|o| {
-                cts::driver::criu::parse_version(&String::from_utf8_lossy(&o.stdout)).map(|v| {
+                gca_drivers::criu::parse_version(&String::from_utf8_lossy(&o.stdout)).map(|v| {
                     format!(
                         "CRIU {}",
                         v.iter().map(u32::to_string).collect::<Vec<_>>().join(".")
@@ -880,7 +880,8 @@ async fn bench_fetch(opts: Options) -> Vec<Row> {
     let id = "bench-src-20260101T000000Z-0123456789ab";
     let total = opts.image_mib << 20;
     let manifest = make_image(src.cts.store(), id, total).await;
-    let digest = src.cts.store().digest(id).await.expect("digest");
+    let image = ImageId::parse(id).expect("an image ID");
+    let digest = src.cts.store().digest(&image).await.expect("digest");
     let src_dir = src.image_dir(id);
     let images_url = format!("{}/images", src.url);
     let source = format!("{images_url}/{id}");
@@ -936,9 +937,10 @@ async fn bench_fetch(opts: Options) -> Vec<Row> {
         &images_url,
         &scratch,
         &http,
+        &image,
     );
     let s = interleaved(&opts, "fetch", 4, |v| {
-        let (dst, manifest, digest, src_dir, images_url, scratch, http) = refs;
+        let (dst, manifest, digest, src_dir, images_url, scratch, http, image) = refs;
         async move {
             let dest = scratch.join(format!("copy-{}", uuid::Uuid::new_v4().simple()));
             let start = Instant::now();
@@ -965,7 +967,7 @@ async fn bench_fetch(opts: Options) -> Vec<Row> {
             if v == 0 {
                 dst.cts
                     .store()
-                    .delete(id)
+                    .delete(image)
                     .await
                     .expect("delete the fetched copy");
             } else {
@@ -1023,7 +1025,10 @@ async fn bench_fetch(opts: Options) -> Vec<Row> {
 /// Commits an image of `total` bytes of pseudo-random data into `store`, laid out like a CRIU
 /// dump: one large pages file and a dozen small ones.
 async fn make_image(store: &ImageStore, id: &str, total: u64) -> Manifest {
-    let staging = store.stage(id).await.expect("stage the image");
+    let staging = store
+        .stage(&ImageId::parse(id).expect("an image ID"))
+        .await
+        .expect("stage the image");
     let dir = staging.dir.clone();
     tokio::task::spawn_blocking(move || {
         use std::io::Write;
@@ -1135,7 +1140,7 @@ async fn http_download(
 
 async fn local_copy(src: &Path, manifest: &Manifest, dest: &Path) {
     let (src, dest) = (src.to_path_buf(), dest.to_path_buf());
-    let files: Vec<String> = manifest.files.iter().map(|f| f.path.clone()).collect();
+    let files: Vec<String> = manifest.files.iter().map(|f| f.path.to_string()).collect();
     tokio::task::spawn_blocking(move || {
         std::fs::create_dir_all(&dest)?;
         for f in files {
@@ -1158,9 +1163,9 @@ async fn bench_criu(opts: Options) -> Vec<Row> {
     let job = TestJob::counter(cts.dir.path());
     cts.register(gid, job.pid).await;
     job.wait_for_values(3).await;
-    let criu = cts::driver::criu::find_criu();
+    let criu = gca_drivers::criu::find_criu();
     // The options the CTS's driver passes (cts/src/driver/criu.rs), from its configuration.
-    let cfg = cts::driver::criu::CriuConfig::default();
+    let cfg = gca_protocol::driver_config::CriuConfig::default();
     let scratch = cts.dir.path().join("direct-dumps");
     std::fs::create_dir_all(&scratch).expect("scratch directory");
     let per_rep = if opts.quick { 1 } else { 5 };
@@ -1197,7 +1202,7 @@ async fn bench_criu(opts: Options) -> Vec<Row> {
                     cts_bytes.store(r.size_bytes.unwrap_or(0) as u64, Ordering::Relaxed);
                     cts.cts
                         .store()
-                        .delete(&r.id)
+                        .delete(&ImageId::parse(&r.id).expect("an image ID"))
                         .await
                         .expect("delete the image");
                 } else {

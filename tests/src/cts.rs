@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use cts::local::{LocalClient, LocalJob, RegisterLocalJob};
 use gca_protocol::client::{JsonClient, SoapClient};
+use gca_protocol::local::{LocalClient, LocalJob, RegisterLocalJob};
 use gca_protocol::messages::*;
 use tokio::sync::oneshot;
 
@@ -329,7 +329,7 @@ impl TestJob {
         let pid = child.id() as i32;
         // Wait until the process runs bash (setsid has executed it).
         for _ in 0..200 {
-            if cts::proc::stat(pid).is_some_and(|s| s.comm == "bash") {
+            if gca_drivers::proc::stat(pid).is_some_and(|s| s.comm == "bash") {
                 break;
             }
             std::thread::sleep(Duration::from_millis(5));
@@ -352,7 +352,7 @@ impl TestJob {
 
     /// Whether the process is still running (a zombie does not count).
     pub fn running(&self) -> bool {
-        cts::proc::stat(self.pid).is_some_and(|s| s.state != 'Z')
+        gca_drivers::proc::stat(self.pid).is_some_and(|s| s.state != 'Z')
     }
 
     /// Waits until the job has written at least `n` numbers.

@@ -121,7 +121,7 @@ impl Wrapper {
     }
 
     pub fn running(&self) -> bool {
-        cts::proc::stat(self.pid).is_some_and(|s| s.state != 'Z')
+        gca_drivers::proc::stat(self.pid).is_some_and(|s| s.state != 'Z')
     }
 }
 

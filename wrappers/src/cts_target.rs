@@ -7,8 +7,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use cts::local::{LocalClient, LocalInfo};
 use gca_protocol::client::JsonClient;
+use gca_protocol::local::{LocalClient, LocalInfo};
 use gca_protocol::transport;
 
 use crate::exit::{Class, Failure};

@@ -3,7 +3,7 @@
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 
-use cts::local::RegisterLocalJob;
+use gca_protocol::local::RegisterLocalJob;
 use gca_protocol::messages::Retention;
 
 use crate::cli::ExecArgs;
@@ -90,7 +90,7 @@ pub fn run(args: ExecArgs) -> i32 {
 async fn register(
     args: &ExecArgs,
     retention: Option<Retention>,
-) -> Result<cts::local::LocalJob, Failure> {
+) -> Result<gca_protocol::local::LocalJob, Failure> {
     let cts = cts_target::connect(&args.cts).await?;
     cts.client
         .register(&RegisterLocalJob {

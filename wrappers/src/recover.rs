@@ -9,7 +9,7 @@
 //!    state `recovering`); the CTS hands out the checkpoint directory and environment. A
 //!    retention policy given on the command line (`--keep-last`/`--keep-all`, `--keep-in`)
 //!    goes with both registrations and replaces the job's at the GCS.
-//! 4. Restore through the same core checkpointer the CTS drives (`cts::make_driver`), in this
+//! 4. Restore through the same core checkpointer the CTS drives (`gca_drivers::make_driver`), in this
 //!    process: a CRIU-restored job is our child; an application-level job is started by us
 //!    with the type's recovery job parameters. A failed restore withdraws step 3.
 //! 5. Register the running job (state `running`; the GCS counts the recovery once).
@@ -19,9 +19,9 @@
 use std::ffi::OsString;
 use std::time::Duration;
 
-use cts::driver::{RestoreRequest, Restored};
-use cts::local::{FetchImage, LocalExit, LocalJob, LocalRecovery, RegisterLocalJob};
+use gca_drivers::{RestoreRequest, Restored};
 use gca_protocol::client::SoapClient;
+use gca_protocol::local::{FetchImage, LocalExit, LocalJob, LocalRecovery, RegisterLocalJob};
 use gca_protocol::messages::{GetRecoveryInfo, RecoveryInfo};
 use gca_protocol::ops::GetRecoveryInfoOp;
 use gca_protocol::placeholders::{self, Values};
@@ -276,7 +276,7 @@ async fn restore(
             ),
         ));
     };
-    let driver = cts::make_driver(driver_config).map_err(|e| {
+    let driver = gca_drivers::make_driver(driver_config).map_err(|e| {
         Failure::new(
             Class::Internal,
             format!(

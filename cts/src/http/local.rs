@@ -1,4 +1,4 @@
-//! The local router, served on the UNIX socket only (see [`crate::local`]). Every handler
+//! The local router, served on the UNIX socket only (see [`gca_protocol::local`]). Every handler
 //! knows the caller's credentials from `SO_PEERCRED`.
 
 use axum::body::Body;
@@ -13,8 +13,10 @@ use gca_protocol::server::{self, ApiError};
 use serde::de::DeserializeOwned;
 use tokio::net::UnixListener;
 
-use crate::local::{FetchImage, FetchedImage, LocalExit, LocalInfo, LocalJob, RegisterLocalJob};
 use crate::service::{Caller, Cts};
+use gca_protocol::local::{
+    FetchImage, FetchedImage, LocalExit, LocalInfo, LocalJob, RegisterLocalJob,
+};
 
 /// The peer of a UNIX socket connection.
 #[derive(Debug, Clone, Copy)]

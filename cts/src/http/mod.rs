@@ -3,6 +3,5 @@
 //!   resources fetch, status and health;
 //! - [`local`]: the job registration API, served only on the local UNIX socket.
 
-pub mod images;
 pub mod local;
 pub mod public;

@@ -8,7 +8,9 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use gca_protocol::cts_api::{CheckpointBody, Status};
 use gca_protocol::fault::Fault;
+use gca_protocol::local::{LocalInfo, LocalJob};
 use gca_protocol::messages::{CheckpointRecord, DoCheckpoint};
 use gca_protocol::ns;
 use gca_protocol::ops::{CtsDoCheckpointOp, CTS_OPERATIONS};
@@ -16,13 +18,11 @@ use gca_protocol::schemas;
 use gca_protocol::server::{self, ApiError};
 use gca_protocol::soap::SoapRequest;
 use gca_protocol::xml::Element;
-use serde::Deserialize;
 
-use crate::local::{LocalInfo, LocalJob};
-use crate::service::{Cts, Status};
+use crate::service::Cts;
 
 pub fn router(cts: Cts) -> Router {
-    let images = super::images::routes().with_state(cts.store().clone());
+    let images = gca_store::http::routes().with_state(cts.store().clone());
     Router::new()
         .route(ns::CTS_SERVICE_PATH, post(soap_endpoint).get(wsdl))
         .route(&format!("{}/{{file}}", schemas::PATH), get(schema))
@@ -106,13 +106,6 @@ async fn jobs(State(cts): State<Cts>) -> Json<Vec<LocalJob>> {
 
 async fn job(State(cts): State<Cts>, Path(gid): Path<String>) -> Result<Json<LocalJob>, ApiError> {
     Ok(Json(cts.get_job(&gid)?))
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CheckpointBody {
-    #[serde(default)]
-    stop: bool,
 }
 
 /// `POST /api/v1/jobs/{gid}/checkpoint` `{"stop": false}`: the same as the SOAP operation.

@@ -17,7 +17,7 @@ async fn do_checkpoint_through_the_gcs_dumps_the_job_and_keeps_it_running() {
     job.wait_for_values(3).await;
     let local = cts.register("gid-criu-1", job.pid).await;
     assert_eq!(local.pid, job.pid);
-    assert_eq!(local.gcs, cts::local::GcsDelivery::Registered);
+    assert_eq!(local.gcs, gca_protocol::local::GcsDelivery::Registered);
     let at_gcs = gcs_job(&gcs, "gid-criu-1").await;
     assert_eq!(at_gcs.cts_instance, "cts-a");
     assert_eq!(
@@ -159,7 +159,7 @@ async fn periodic_checkpoints_are_registered_as_internal() {
     let job = TestJob::counter(cts.dir.path());
     let local = cts
         .local
-        .register(&cts::local::RegisterLocalJob {
+        .register(&gca_protocol::local::RegisterLocalJob {
             gid: "gid-periodic".into(),
             pid: job.pid,
             periodic_interval_secs: Some(1),

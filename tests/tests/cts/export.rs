@@ -3,8 +3,8 @@
 //! owner's directory through its `image_name` (`POST {image_name}/export`), as the GCS does
 //! when a job that keeps its images ends.
 
-use cts::local::RegisterLocalJob;
 use gca_protocol::fault::{ErrorBody, FaultKind};
+use gca_protocol::local::RegisterLocalJob;
 use gca_protocol::messages::*;
 use gca_protocol::ops::DoCheckpointOp;
 use integration_tests::cts::*;
@@ -105,8 +105,8 @@ async fn images_name_their_owner_and_are_exported_through_their_image_name() {
         .unwrap();
     let extra = &manifest["meta"]["extra"];
     let (uid, gid) = (
-        cts::proc::uid(job.pid).unwrap(),
-        cts::proc::gid(job.pid).unwrap(),
+        gca_drivers::proc::uid(job.pid).unwrap(),
+        gca_drivers::proc::gid(job.pid).unwrap(),
     );
     assert_eq!(extra["uid"], uid.to_string(), "{manifest}");
     assert_eq!(extra["gid"], gid.to_string(), "{manifest}");
@@ -129,7 +129,7 @@ async fn images_name_their_owner_and_are_exported_through_their_image_name() {
     assert_eq!(done["removed"], true);
     assert_eq!(done["bytes"].as_i64(), record.size_bytes);
     let exported = std::fs::read(target.join("manifest.json")).unwrap();
-    assert_eq!(cts::store::Manifest::digest_of(&exported), digest);
+    assert_eq!(gca_store::Manifest::digest_of(&exported), digest);
     assert!(target.join("pstree.img").is_file());
     assert!(
         !cts.image_dir(&record.id).exists(),

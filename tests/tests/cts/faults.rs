@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
-use cts::local::RegisterLocalJob;
 use cts::service::Caller;
 use gca_protocol::fault::FaultKind;
+use gca_protocol::local::RegisterLocalJob;
 use gca_protocol::messages::*;
 use gca_protocol::ops::{CtsDoCheckpointOp, DoCheckpointOp, RegisterJobOp};
 use integration_tests::cts::*;
@@ -262,7 +262,7 @@ async fn a_job_that_exits_is_reported_finished_with_its_status() {
 /// nothing behind, and the job stays `recovering` at the GCS (it can be recovered again).
 #[tokio::test]
 async fn a_restarted_cts_keeps_a_recovery_that_is_still_restoring() {
-    use cts::local::LocalRecovery;
+    use gca_protocol::local::LocalRecovery;
     let gcs = TestGcs::start().await;
     let gcs_url = gcs.url.clone();
     let cts = TestCts::registered(&gcs, "cts-rr", "app-level", APP_DRIVER, "").await;

@@ -32,7 +32,7 @@ async fn records_taken_while_the_gcs_is_down_are_delivered_when_it_is_back() {
     assert!(cts.image_dir(&record.id).join("manifest.json").is_file());
     // A job registered meanwhile is accepted; its registration waits too.
     let pending = cts.register("gid-while-down", early.pid).await;
-    assert_eq!(pending.gcs, cts::local::GcsDelivery::Pending);
+    assert_eq!(pending.gcs, gca_protocol::local::GcsDelivery::Pending);
     let status = cts.cts.link().status();
     assert!(!status.connected);
     assert_eq!(status.pending, 2);

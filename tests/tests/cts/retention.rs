@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use cts::local::FetchImage;
+use gca_protocol::local::FetchImage;
 use gca_protocol::messages::*;
 use gca_protocol::ops::{DoCheckpointOp, SetRetentionOp};
 use integration_tests::cts::*;
@@ -176,7 +176,7 @@ async fn the_owner_keeps_the_newest_images_in_their_directory() {
         assert!(state.trim().parse::<u64>().is_ok(), "{state:?}");
         let manifest = std::fs::read(kept.join("manifest.json")).unwrap();
         assert_eq!(
-            Some(cts::store::Manifest::digest_of(&manifest)),
+            Some(gca_store::Manifest::digest_of(&manifest)),
             r.digest,
             "the kept image is the one the GCS recorded"
         );

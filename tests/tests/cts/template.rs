@@ -84,10 +84,10 @@ async fn a_failing_command_is_a_fault_with_its_output() {
 
 #[tokio::test]
 async fn a_template_with_an_unknown_placeholder_stops_the_cts_at_start() {
-    let cfg = cts::config::DriverConfig::Command(
+    let cfg = gca_protocol::driver_config::DriverConfig::Command(
         toml::from_str("checkpoint = [\"dump\", \"{PDI}\"]").unwrap(),
     );
-    let err = match cts::make_driver(&cfg) {
+    let err = match gca_drivers::make_driver(&cfg) {
         Ok(_) => panic!("a typo in a template must be caught at start"),
         Err(e) => format!("{e:#}"),
     };

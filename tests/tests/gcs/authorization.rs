@@ -520,12 +520,12 @@ async fn subscriptions_are_managed_by_their_creator_and_admins_only() {
             .map(|s| s.id)
             .collect::<Vec<_>>()
     };
-    assert_eq!(list(Broker).await, [mine.id.clone()]);
+    assert_eq!(list(Broker).await, vec![mine.id.clone()]);
     assert!(
         list(OtherBroker).await.is_empty(),
         "brokers see only their own"
     );
-    assert_eq!(list(Admin).await, [mine.id.clone()]);
+    assert_eq!(list(Admin).await, vec![mine.id.clone()]);
     let renew = |who: Who| {
         let sub = mine.address.clone();
         async move {

@@ -12,7 +12,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{delete, post};
 use axum::Json;
-use gca_protocol::fault::FaultKind;
+use gca_protocol::fault::{ErrorBody, Fault, FaultKind};
 use gca_protocol::messages::*;
 use gca_protocol::ops::*;
 use integration_tests::cts::eventually;
@@ -72,9 +72,13 @@ impl ImageStore {
 
 fn scripted_failure(state: &StoreState) -> Option<(StatusCode, Json<Value>)> {
     let (status, message) = state.failures.lock().unwrap().pop_front()?;
+    // The error body a real CTS sends (`gca_store::http`).
+    let body = ErrorBody {
+        error: Fault::new(FaultKind::OperationFailed, message).with_code("scripted"),
+    };
     Some((
         StatusCode::from_u16(status).unwrap(),
-        Json(json!({"error": {"kind": "Scripted", "message": message}})),
+        Json(serde_json::to_value(body).unwrap()),
     ))
 }
 

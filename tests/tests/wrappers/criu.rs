@@ -97,7 +97,7 @@ async fn exec_checkpoint_stop_and_recover_on_the_same_resource() {
     wait_values(&log, stopped_at + 5).await;
     // Same PID, a child of the wrapper; the counter went on where it stopped: no restart
     // from 1, no number lost or written twice.
-    let stat = cts::proc::stat(pid).expect("the restored job runs");
+    let stat = gca_drivers::proc::stat(pid).expect("the restored job runs");
     assert_eq!(
         stat.ppid, rec.pid,
         "the restored job is the wrapper's child"
@@ -115,7 +115,10 @@ async fn exec_checkpoint_stop_and_recover_on_the_same_resource() {
     rec.signal("TERM");
     let status = rec.wait(T).await;
     assert_eq!(status.signal(), Some(15), "stderr: {}", rec.stderr_text());
-    assert!(cts::proc::stat(pid).is_none(), "the job is gone and reaped");
+    assert!(
+        gca_drivers::proc::stat(pid).is_none(),
+        "the job is gone and reaped"
+    );
     eventually(T, "the GCS records the job finished", || async {
         let j = gcs_job(&gcs, gid).await;
         j.state == JobState::Finished && j.signal == Some(15)

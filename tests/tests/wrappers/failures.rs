@@ -56,7 +56,7 @@ async fn a_tampered_image_is_refused_before_anything_is_restored() {
         assert!(err.starts_with("gca-recover: "), "{err}");
         assert!(err.contains(&record.id), "{err}");
         assert!(
-            cts::proc::stat(pid).is_none(),
+            gca_drivers::proc::stat(pid).is_none(),
             "nothing was restored on {name}"
         );
         assert!(cts.local.job(gid).await.is_err());
@@ -172,7 +172,7 @@ async fn a_missing_file_the_job_had_open_is_an_environment_failure() {
     );
     // CRIU's half-made task, if any, is gone (it was the wrapper's child; init reaps it).
     eventually(T, "nothing restored is left running", || async {
-        cts::proc::stat(pid).is_none_or(|s| s.state == 'Z')
+        gca_drivers::proc::stat(pid).is_none_or(|s| s.state == 'Z')
     })
     .await;
     // The job can be recovered once the file is back.

@@ -3,7 +3,7 @@
 //!
 //! | request | answer |
 //! |---|---|
-//! | `GET /` | JSON list of [`ImageSummary`](crate::store::ImageSummary) |
+//! | `GET /` | JSON list of [`ImageSummary`](gca_protocol::images::ImageSummary) |
 //! | `GET /{id}` | the `manifest.json` bytes as stored; `X-GCA-Digest` and `ETag` = its digest |
 //! | `GET`/`HEAD /{id}/files/{*path}` | a file, streamed; one `Range` (`a-b`, `a-`, `-n`) → 206; `If-Range` |
 //! | `DELETE /{id}` | `{"id": .., "freed_bytes": ..}` |
@@ -17,10 +17,10 @@
 //! match the manifest, or another I/O error (the message names the path); 507 no space or
 //! quota left. Nothing is left in the directory after an error.
 //!
-//! Every ID and path goes through [`validate_id`](crate::store::validate_id) /
-//! [`validate_rel_path`](crate::store::validate_rel_path) (inside the store) before it reaches
-//! the disk, and only files the manifest lists are served. Errors are JSON
-//! [`ErrorBody`]s with the fault's status.
+//! Every ID and path is parsed into an [`ImageId`] / [`RelPath`] before it reaches the store,
+//! and only files the manifest lists are served. The requests and answers are
+//! `gca_protocol::images`; errors are JSON `ErrorBody`s with the status
+//! [`Error::http_status`] gives.
 
 use std::io::SeekFrom;
 
@@ -31,17 +31,16 @@ use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use gca_protocol::fault::ErrorBody;
-use gca_protocol::{Fault, FaultKind};
-use serde::{Deserialize, Serialize};
+use gca_protocol::images::{Deleted, ExportRequest, DIGEST_HEADER};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio_util::io::ReaderStream;
 
-use crate::export::{export_image, ExportError, ExportRequest};
-use crate::store::{ImageStore, Manifest, StoreError};
+use crate::error::Error;
+use crate::export::export_image;
+use crate::manifest::Manifest;
+use crate::names::{ImageId, RelPath};
+use crate::store::ImageStore;
 
-/// The header carrying an image's manifest digest.
-pub const DIGEST_HEADER: &str = "x-gca-digest";
 const STREAM_CHUNK: usize = 64 * 1024;
 
 /// The routes, relative to where the CTS nests them (`/images`).
@@ -56,65 +55,13 @@ pub fn routes() -> Router<ImageStore> {
 /// The largest export request body read.
 const MAX_EXPORT_BODY: usize = 64 * 1024;
 
-/// The answer to `DELETE /{id}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Deleted {
-    pub id: String,
-    pub freed_bytes: u64,
-}
-
-/// A fault as an HTTP answer: the fault's status (or an explicit one) and an `ErrorBody`.
-#[derive(Debug)]
-pub struct ApiError {
-    status: StatusCode,
-    fault: Fault,
-    headers: HeaderMap,
-}
-
-impl From<Fault> for ApiError {
-    fn from(fault: Fault) -> Self {
-        let status = StatusCode::from_u16(fault.kind.http_status())
-            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        ApiError {
-            status,
-            fault,
-            headers: HeaderMap::new(),
-        }
-    }
-}
-
-impl From<StoreError> for ApiError {
-    fn from(e: StoreError) -> Self {
-        Fault::from(e).into()
-    }
-}
-
-impl From<ExportError> for ApiError {
-    fn from(e: ExportError) -> Self {
-        let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        ApiError {
-            status,
-            fault: e.into(),
-            headers: HeaderMap::new(),
-        }
-    }
-}
-
-impl From<PathRejection> for ApiError {
+impl From<PathRejection> for Error {
     fn from(e: PathRejection) -> Self {
-        Fault::new(FaultKind::InvalidMessage, format!("bad image URL: {e}")).into()
+        Error::BadRequest(format!("bad image URL: {e}"))
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let mut res = (self.status, Json(ErrorBody { error: self.fault })).into_response();
-        res.headers_mut().extend(self.headers);
-        res
-    }
-}
-
-type ApiResult = Result<Response, ApiError>;
+type ApiResult = Result<Response, Error>;
 
 async fn list(State(store): State<ImageStore>) -> ApiResult {
     Ok(Json(store.list().await?).into_response())
@@ -125,7 +72,7 @@ async fn manifest(
     id: Result<Path<String>, PathRejection>,
 ) -> ApiResult {
     let Path(id) = id?;
-    let bytes = store.manifest_bytes(&id).await?;
+    let bytes = store.manifest_bytes(&ImageId::parse(&id)?).await?;
     let digest = Manifest::digest_of(&bytes);
     let mut res = Response::new(Body::from(bytes));
     let h = res.headers_mut();
@@ -143,7 +90,7 @@ async fn delete(
     id: Result<Path<String>, PathRejection>,
 ) -> ApiResult {
     let Path(id) = id?;
-    let freed_bytes = store.delete(&id).await?;
+    let freed_bytes = store.delete(&ImageId::parse(&id)?).await?;
     tracing::info!(image = %id, freed_bytes, "image deleted");
     Ok(Json(Deleted { id, freed_bytes }).into_response())
 }
@@ -157,25 +104,24 @@ async fn export(
     let bytes = axum::body::to_bytes(body, MAX_EXPORT_BODY)
         .await
         .map_err(|e| {
-            Fault::new(
-                FaultKind::InvalidMessage,
-                format!("cannot read the export request (at most {MAX_EXPORT_BODY} bytes): {e}"),
-            )
+            Error::BadRequest(format!(
+                "cannot read the export request (at most {MAX_EXPORT_BODY} bytes): {e}"
+            ))
         })?;
     let req: ExportRequest = serde_json::from_slice(&bytes).map_err(|e| {
-        Fault::new(
-            FaultKind::InvalidMessage,
-            format!(
-                "invalid export request: {e}; expected {{\"dir\": \"/absolute/dir\", \"digest\": \"sha256:...\", \"remove\": true}}"
-            ),
-        )
-        .with_code("invalid-export")
+        Error::ExportInvalid(format!(
+            "invalid export request: {e}; expected {{\"dir\": \"/absolute/dir\", \"digest\": \"sha256:...\", \"remove\": true}}"
+        ))
     })?;
-    match export_image(&store, &id, &req).await {
+    let result = match ImageId::parse(&id) {
+        Ok(image) => export_image(&store, &image, &req).await,
+        Err(e) => Err(Error::ExportInvalid(e.to_string())),
+    };
+    match result {
         Ok(done) => Ok(Json(done).into_response()),
         Err(e) => {
-            tracing::warn!(image = %id, dir = %req.dir, status = e.status(), error = %e, "image export failed");
-            Err(e.into())
+            tracing::warn!(image = %id, dir = %req.dir, status = e.http_status(), error = %e, "image export failed");
+            Err(e)
         }
     }
 }
@@ -187,35 +133,35 @@ async fn file(
     path: Result<Path<(String, String)>, PathRejection>,
 ) -> ApiResult {
     let Path((id, rel)) = path?;
-    let (disk_path, entry) = store.file(&id, &rel).await?;
+    let (disk_path, entry) = store
+        .file(&ImageId::parse(&id)?, &RelPath::parse(&rel)?)
+        .await?;
     let mut f = match tokio::fs::File::open(&disk_path).await {
         Ok(f) => f,
         // Deleted between reading the manifest and opening the file.
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(StoreError::NotFound(format!("no image {id} in this store")).into())
+            return Err(Error::NotFound(format!("no image {id} in this store")))
         }
         Err(e) => {
-            return Err(StoreError::Io {
+            return Err(Error::Io {
                 context: format!("cannot open file {rel} of image {id}"),
                 source: e,
-            }
-            .into())
+            })
         }
     };
     let len = f
         .metadata()
         .await
-        .map_err(|e| StoreError::Io {
+        .map_err(|e| Error::Io {
             context: format!("cannot read file {rel} of image {id}"),
             source: e,
         })?
         .len();
     if len != entry.size {
-        return Err(StoreError::Corrupt(format!(
+        return Err(Error::Corrupt(format!(
             "file {rel} of image {id} has {len} bytes, its manifest says {}",
             entry.size
-        ))
-        .into());
+        )));
     }
     let etag = format!("\"{}\"", entry.sha256);
 
@@ -230,17 +176,10 @@ async fn file(
         RangeSpec::Full => (StatusCode::OK, 0, len),
         RangeSpec::Partial(a, b) => (StatusCode::PARTIAL_CONTENT, a, b - a + 1),
         RangeSpec::Unsatisfiable => {
-            let mut err = ApiError::from(
-                Fault::new(
-                    FaultKind::InvalidMessage,
-                    format!("range not satisfiable: file {rel} of image {id} has {len} bytes"),
-                )
-                .with_code("range-not-satisfiable"),
-            );
-            err.status = StatusCode::RANGE_NOT_SATISFIABLE;
-            err.headers
-                .insert(header::CONTENT_RANGE, hv(&format!("bytes */{len}")));
-            return Err(err);
+            return Err(Error::RangeNotSatisfiable {
+                message: format!("range not satisfiable: file {rel} of image {id} has {len} bytes"),
+                len,
+            });
         }
     };
 
@@ -250,7 +189,7 @@ async fn file(
         if start > 0 {
             f.seek(SeekFrom::Start(start))
                 .await
-                .map_err(|e| StoreError::Io {
+                .map_err(|e| Error::Io {
                     context: format!("cannot read file {rel} of image {id}"),
                     source: e,
                 })?;
@@ -350,7 +289,9 @@ pub fn parse_range(header: &str, len: u64) -> RangeSpec {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::store::tests::put;
+    use crate::store::tests::{id, put, rel};
+    use gca_protocol::fault::{ErrorBody, Fault};
+    use gca_protocol::FaultKind;
     use reqwest::StatusCode as S;
     use sha2::{Digest, Sha256};
 
@@ -403,10 +344,10 @@ pub(crate) mod tests {
         )
         .await;
         let base = serve(store.clone()).await;
-        let http = crate::http::images::tests::client();
+        let http = crate::http::tests::client();
 
         // List.
-        let list: Vec<crate::store::ImageSummary> =
+        let list: Vec<gca_protocol::images::ImageSummary> =
             http.get(&base).send().await.unwrap().json().await.unwrap();
         assert_eq!(list.len(), 1);
         assert_eq!(list[0].id, "img-1");
@@ -418,9 +359,9 @@ pub(crate) mod tests {
         let digest = res.headers()[DIGEST_HEADER].to_str().unwrap().to_string();
         assert_eq!(res.headers()["etag"], format!("\"{digest}\"").as_str());
         let bytes = res.bytes().await.unwrap();
-        assert_eq!(bytes, store.manifest_bytes("img-1").await.unwrap());
+        assert_eq!(bytes, store.manifest_bytes(&id("img-1")).await.unwrap());
         assert_eq!(digest, Manifest::digest_of(&bytes));
-        assert_eq!(digest, store.digest("img-1").await.unwrap());
+        assert_eq!(digest, store.digest(&id("img-1")).await.unwrap());
 
         // Whole file.
         let url = format!("{base}/img-1/files/pages-1.img");
@@ -565,14 +506,15 @@ pub(crate) mod tests {
         assert_eq!(res.status(), S::NOT_FOUND);
         let res = http.delete(format!("{base}/img-1")).send().await.unwrap();
         assert_eq!(res.status(), S::NOT_FOUND);
-        let list: Vec<crate::store::ImageSummary> =
+        let list: Vec<gca_protocol::images::ImageSummary> =
             http.get(&base).send().await.unwrap().json().await.unwrap();
         assert!(list.is_empty());
     }
 
     #[tokio::test]
     async fn export_answers_with_statuses_and_json_errors() {
-        use crate::export::{Exported, OWNER_GID_KEY, OWNER_UID_KEY};
+        use crate::export::{OWNER_GID_KEY, OWNER_UID_KEY};
+        use gca_protocol::images::Exported;
         use std::os::unix::fs::MetadataExt;
         assert!(
             rustix::process::geteuid().is_root(),
@@ -583,7 +525,7 @@ pub(crate) mod tests {
         let commit = |id: &'static str, owner: bool| {
             let store = store.clone();
             async move {
-                let s = store.stage(id).await.unwrap();
+                let s = store.stage(&self::id(id)).await.unwrap();
                 std::fs::write(s.dir.join("pages.img"), b"pages").unwrap();
                 let mut meta = crate::store::tests::meta("job-9");
                 if owner {
@@ -600,7 +542,7 @@ pub(crate) mod tests {
         std::fs::create_dir(&keep).unwrap();
         std::os::unix::fs::chown(&keep, Some(1000), Some(1000)).unwrap();
         let dir = keep.display().to_string();
-        let digest = store.digest("img-1").await.unwrap();
+        let digest = store.digest(&id("img-1")).await.unwrap();
         let base = serve(store.clone()).await;
         let http = client();
         let export = |id: &str, body: serde_json::Value| {
@@ -680,6 +622,13 @@ pub(crate) mod tests {
                 "export-dir-refused",
             ),
             (
+                "..%2Fimg-2",
+                serde_json::json!({"dir": dir}),
+                S::BAD_REQUEST,
+                FaultKind::InvalidMessage,
+                "invalid-export",
+            ),
+            (
                 "nope",
                 serde_json::json!({"dir": dir}),
                 S::NOT_FOUND,
@@ -732,7 +681,10 @@ pub(crate) mod tests {
         );
 
         // A corrupt stored file: 500 with the reason, nothing left in the directory.
-        let p = store.file_path("img-2", "pages.img").await.unwrap();
+        let p = store
+            .file_path(&id("img-2"), &rel("pages.img"))
+            .await
+            .unwrap();
         std::fs::write(p, b"PAGES").unwrap();
         let res = export("img-2", serde_json::json!({"dir": dir}))
             .await

@@ -21,51 +21,22 @@
 //! `GCS_URL`, `CHECKPOINT_DIR`), templates get `{PID}` (checkpoint only: the job's root
 //! process) and `{IMAGE_DIR}`.
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
+use gca_protocol::driver_config::CommandConfig;
 use gca_protocol::placeholders::{self, Segment, Values};
-use serde::Deserialize;
-use tokio::io::AsyncReadExt;
 use tokio::time::Instant;
 
-use super::{
-    CheckpointOutcome, CheckpointRequest, CoreCheckpointer, DriverError, JobHandle, RestoreRequest,
-    Restored,
+use crate::runner::{
+    describe_status, last_line, read_pid_file, run, said_suffix, shell_words, RunError, RunOutput,
+    OUTPUT_TAIL,
 };
-use crate::proc;
-
-/// How the command driver is configured (the `[driver]` table of a CTS of kind `command`).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct CommandConfig {
-    /// Takes a checkpoint of the running job into `{IMAGE_DIR}` and leaves it running.
-    pub checkpoint: Vec<String>,
-    /// Takes a checkpoint and stops the job (migration). Without it the driver runs
-    /// `checkpoint` and reports the job as still running, and the CTS stops it.
-    #[serde(default)]
-    pub checkpoint_and_stop: Option<Vec<String>>,
-    /// Restores the job from `{IMAGE_DIR}` and returns once it runs again; it must write the
-    /// restored job's PID into `restore_pid_file`.
-    #[serde(default)]
-    pub restore: Option<Vec<String>>,
-    /// Where `restore` writes the PID of the restored job (a template).
-    #[serde(default)]
-    pub restore_pid_file: Option<String>,
-    /// A self-check run at CTS start-up (exit status 0 = usable); no placeholders.
-    #[serde(default)]
-    pub check: Option<Vec<String>>,
-    /// Extra environment variables for every command; the values are templates.
-    #[serde(default)]
-    pub env: BTreeMap<String, String>,
-    /// An upper bound on each command, on top of the CTS's own timeout for the operation.
-    #[serde(default)]
-    pub timeout_secs: Option<u64>,
-}
+use crate::{
+    live_job, proc, CheckpointOutcome, CheckpointRequest, CoreCheckpointer, DriverError,
+    RestoreRequest, Restored,
+};
 
 /// The [`CoreCheckpointer`] for [`CommandConfig`].
 #[derive(Debug, Clone)]
@@ -75,8 +46,6 @@ pub struct CommandDriver {
 
 /// How long a `check` command may run.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(30);
-/// How much of each output stream is kept.
-pub(crate) const OUTPUT_TAIL: usize = 4096;
 
 impl CommandDriver {
     /// Checks every template (known placeholders, balanced braces, no empty program, no
@@ -455,252 +424,6 @@ fn fill_missing(mut values: Values, defaults: &[(&str, String)]) -> Values {
     values
 }
 
-/// Reads a PID written by a core checkpointer (`criu --pidfile`, a script's `echo $! >`).
-pub(crate) fn read_pid_file(path: &Path) -> Result<i32, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("its PID file {} cannot be read: {e}", path.display()))?;
-    text.trim()
-        .parse::<i32>()
-        .ok()
-        .filter(|p| *p > 0)
-        .ok_or_else(|| {
-            format!(
-                "its PID file {} does not hold a PID: {:?}",
-                path.display(),
-                text.chars().take(40).collect::<String>()
-            )
-        })
-}
-
-// ---------------------------------------------------------------------------------------------
-// Shared with the CRIU driver: is the job still there, and running a command with a bound
-// ---------------------------------------------------------------------------------------------
-
-/// The job's process, if it still runs (not a zombie) and, when the CTS holds a pidfd for it,
-/// is still the process that pidfd refers to (the PID was not reused).
-pub(crate) fn live_job(job: &JobHandle) -> Option<proc::Stat> {
-    let st = proc::stat(job.pid)?;
-    if st.state == 'Z' || st.state == 'X' {
-        return None;
-    }
-    if let Some(fd) = &job.pidfd {
-        if pidfd_target(fd).is_some_and(|p| p != job.pid) {
-            return None;
-        }
-    }
-    Some(st)
-}
-
-/// The PID a pidfd refers to, from `/proc/self/fdinfo` (`Pid: -1` once the process is gone);
-/// `None` when the kernel does not say.
-fn pidfd_target(fd: &OwnedFd) -> Option<i32> {
-    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).ok()?;
-    info.lines()
-        .find_map(|l| l.strip_prefix("Pid:"))
-        .and_then(|v| v.trim().parse().ok())
-}
-
-/// What a command printed (the last [`OUTPUT_TAIL`] bytes of each stream) and how it ended.
-#[derive(Debug, Clone)]
-pub(crate) struct RunOutput {
-    pub status: ExitStatus,
-    pub stdout: String,
-    pub stderr: String,
-}
-
-/// What was printed before a command timed out.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Partial {
-    pub stdout: String,
-    pub stderr: String,
-}
-
-#[derive(Debug)]
-pub(crate) enum RunError {
-    Spawn(std::io::Error),
-    /// The command ran past its bound and was killed (with its process group, if it had one).
-    Timeout(Partial),
-}
-
-trait Said {
-    fn streams(&self) -> (&str, &str);
-}
-impl Said for RunOutput {
-    fn streams(&self) -> (&str, &str) {
-        (&self.stdout, &self.stderr)
-    }
-}
-impl Said for Partial {
-    fn streams(&self) -> (&str, &str) {
-        (&self.stdout, &self.stderr)
-    }
-}
-
-/// `": <last lines of stderr (or stdout)>"`, or nothing when the command printed nothing.
-fn said_suffix(out: &impl Said) -> String {
-    let (stdout, stderr) = out.streams();
-    let lines = last_lines(stderr, 5).or_else(|| last_lines(stdout, 5));
-    match lines {
-        Some(l) => format!(": {l}"),
-        None => String::new(),
-    }
-}
-
-/// The last `n` non-empty lines of `text`, joined with " | ".
-pub(crate) fn last_lines(text: &str, n: usize) -> Option<String> {
-    let lines: Vec<&str> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect();
-    if lines.is_empty() {
-        return None;
-    }
-    Some(lines[lines.len().saturating_sub(n)..].join(" | "))
-}
-
-fn last_line(text: &str) -> Option<String> {
-    last_lines(text, 1)
-}
-
-/// "exit status 3", "killed by signal 9".
-pub(crate) fn describe_status(status: ExitStatus) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    match (status.code(), status.signal()) {
-        (Some(c), _) => format!("exit status {c}"),
-        (None, Some(s)) => format!("killed by signal {s}"),
-        (None, None) => status.to_string(),
-    }
-}
-
-/// Quotes argv for messages and logs.
-pub(crate) fn shell_words(argv: &[String]) -> String {
-    argv.iter()
-        .map(|a| {
-            if !a.is_empty()
-                && a.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%{}".contains(c))
-            {
-                a.clone()
-            } else {
-                format!("'{}'", a.replace('\'', r"'\''"))
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-/// The last `limit` bytes of a stream.
-#[derive(Debug)]
-struct Tail {
-    buf: Vec<u8>,
-    limit: usize,
-    dropped: bool,
-}
-
-impl Tail {
-    fn new(limit: usize) -> Self {
-        Self {
-            buf: Vec::new(),
-            limit,
-            dropped: false,
-        }
-    }
-    fn push(&mut self, bytes: &[u8]) {
-        self.buf.extend_from_slice(bytes);
-        if self.buf.len() > self.limit {
-            let cut = self.buf.len() - self.limit;
-            self.buf.drain(..cut);
-            self.dropped = true;
-        }
-    }
-    fn text(&self) -> String {
-        let text = String::from_utf8_lossy(&self.buf);
-        if self.dropped {
-            // Start at a line boundary when some output was dropped.
-            let rest = text.split_once('\n').map_or(&*text, |(_, r)| r);
-            format!("[...]\n{rest}")
-        } else {
-            text.into_owned()
-        }
-    }
-}
-
-/// How long to keep reading output after the command exited: a process it left in the
-/// background may hold the pipes open for good.
-const DRAIN_GRACE: Duration = Duration::from_millis(300);
-
-/// Runs `cmd` (stdin from /dev/null, stdout and stderr captured) for at most `timeout`; on
-/// timeout kills it (and, with `own_group`, the process group it leads) and reaps it.
-pub(crate) async fn run(
-    mut cmd: tokio::process::Command,
-    timeout: Duration,
-    own_group: bool,
-) -> Result<RunOutput, RunError> {
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    if own_group {
-        cmd.process_group(0);
-    }
-    let mut child = cmd.spawn().map_err(RunError::Spawn)?;
-    let pid = child.id().and_then(|p| i32::try_from(p).ok());
-    let mut stdout = child.stdout.take();
-    let mut stderr = child.stderr.take();
-    let (mut out_tail, mut err_tail) = (Tail::new(OUTPUT_TAIL), Tail::new(OUTPUT_TAIL));
-    let (mut out_buf, mut err_buf) = ([0u8; 4096], [0u8; 4096]);
-    let deadline = Instant::now() + timeout;
-    let mut status: Option<ExitStatus> = None;
-    let mut until = deadline;
-    loop {
-        if status.is_some() && stdout.is_none() && stderr.is_none() {
-            break;
-        }
-        tokio::select! {
-            r = async { stdout.as_mut().unwrap().read(&mut out_buf).await }, if stdout.is_some() => {
-                match r {
-                    Ok(n) if n > 0 => out_tail.push(&out_buf[..n]),
-                    _ => stdout = None,
-                }
-            }
-            r = async { stderr.as_mut().unwrap().read(&mut err_buf).await }, if stderr.is_some() => {
-                match r {
-                    Ok(n) if n > 0 => err_tail.push(&err_buf[..n]),
-                    _ => stderr = None,
-                }
-            }
-            s = child.wait(), if status.is_none() => {
-                match s {
-                    Ok(s) => {
-                        status = Some(s);
-                        until = Instant::now() + DRAIN_GRACE;
-                    }
-                    Err(e) => return Err(RunError::Spawn(e)),
-                }
-            }
-            _ = tokio::time::sleep_until(until) => {
-                if status.is_some() {
-                    break; // exited; something else holds its output open
-                }
-                if let (true, Some(pid)) = (own_group, pid.and_then(rustix::process::Pid::from_raw)) {
-                    let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
-                }
-                let _ = child.kill().await;
-                return Err(RunError::Timeout(Partial {
-                    stdout: out_tail.text(),
-                    stderr: err_tail.text(),
-                }));
-            }
-        }
-    }
-    Ok(RunOutput {
-        status: status.expect("the loop ends only after the command exited"),
-        stdout: out_tail.text(),
-        stderr: err_tail.text(),
-    })
-}
-
 fn save_command_log(path: &Path, shown: &str, result: &Result<RunOutput, RunError>) {
     let mut log = format!("$ {shown}\n");
     let (how, stdout, stderr) = match result {
@@ -733,8 +456,10 @@ fn save_command_log(path: &Path, shown: &str, result: &Result<RunOutput, RunErro
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::driver::criu::test_support::*;
+    use crate::test_support::*;
+    use crate::JobHandle;
     use gca_protocol::FaultKind;
+    use std::collections::BTreeMap;
 
     const T: Duration = Duration::from_secs(8);
 
@@ -1135,7 +860,7 @@ mod tests {
         job.reap();
         // Unlike the CRIU driver, the command driver does not know the image's PIDs: wait
         // until the job's children (reaped by init) are gone too.
-        for pid in crate::driver::criu::image_pids(&img2).unwrap() {
+        for pid in crate::criu::image_pids(&img2).unwrap() {
             assert!(proc::wait_pid_free(pid, Duration::from_secs(5)).await);
         }
 

@@ -35,17 +35,16 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
-use gca_protocol::fault::{Fault, FaultKind};
+use gca_protocol::images::{ExportRequest, Exported};
 use gca_protocol::messages::check_keep_in;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, RenameFlags};
 use rustix::io::Errno;
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::store::{
-    is_out_of_space, validate_id, ImageStore, Manifest, StoreError, MANIFEST_FILE,
-    MAX_MANIFEST_BYTES, MAX_PATH_DEPTH,
-};
+use crate::error::Error;
+use crate::manifest::{Manifest, MANIFEST_FILE, MAX_MANIFEST_BYTES};
+use crate::names::{ImageId, MAX_PATH_DEPTH};
+use crate::store::{is_out_of_space, ImageStore};
 
 /// The key of `meta.extra` holding the numeric UID of the job's owner.
 pub const OWNER_UID_KEY: &str = "uid";
@@ -60,150 +59,26 @@ const DIR_MODE: u32 = 0o700;
 /// [`MAX_PATH_DEPTH`] deep; anything deeper was put there by someone else).
 const MAX_REMOVE_DEPTH: usize = MAX_PATH_DEPTH + 8;
 
-/// The body of `POST /images/{id}/export`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ExportRequest {
-    /// The owner's directory: absolute and normalized (the check of a retention policy's
-    /// `KeepIn`); it must exist, must not be a symbolic link and must belong to the owner.
-    pub dir: String,
-    /// The digest the caller recorded for the image (`sha256:<hex>`): a stored image with
-    /// another one is not exported. Needed to recognize an export that is done already when
-    /// the image is no longer in the store.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub digest: Option<String>,
-    /// Delete the image from the store once it is exported.
-    #[serde(default)]
-    pub remove: bool,
-}
-
-/// The answer to a successful export.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Exported {
-    pub id: String,
-    /// `DIR/ID`, where the image now is.
-    pub path: String,
-    /// Number of files (without `manifest.json`).
-    pub files: usize,
-    /// Their total size.
-    pub bytes: u64,
-    /// The export was done already (by an earlier call); nothing was copied now.
-    pub already: bool,
-    /// The image is no longer in this store (removed now, or before).
-    pub removed: bool,
-}
-
-/// Why an export failed. Nothing is left in the owner's directory in any of these cases
-/// (except, for [`ExportError::Io`] after the copy, the finished export itself: see its
-/// message).
-#[derive(Debug, thiserror::Error)]
-pub enum ExportError {
-    /// 400: a bad image ID, directory or digest in the request.
-    #[error("{0}")]
-    Invalid(String),
-    /// 404: no such image in the store (and no finished export with the given digest).
-    #[error("{0}")]
-    UnknownImage(String),
-    /// 409: the image's manifest does not name its owner.
-    #[error("{0}")]
-    NoOwner(String),
-    /// 409: the stored image has another digest than the one given.
-    #[error("{0}")]
-    DigestMismatch(String),
-    /// 409: the directory does not exist (the owner must create it).
-    #[error("{0}")]
-    DirMissing(String),
-    /// 409: `DIR/ID` exists and is not this image.
-    #[error("{0}")]
-    TargetExists(String),
-    /// 403: the directory is a symbolic link, not a directory, or not the owner's.
-    #[error("{0}")]
-    DirRefused(String),
-    /// 500: a stored file does not match the manifest.
-    #[error("{0}")]
-    Corrupt(String),
-    /// 507: no space (or quota) left in the directory's file system.
-    #[error("{0}")]
-    NoSpace(String),
-    /// 500: another I/O error; the message names the path and the OS error.
-    #[error("{0}")]
-    Io(String),
-}
-
-impl ExportError {
-    /// The HTTP status of this error.
-    pub fn status(&self) -> u16 {
-        match self {
-            ExportError::Invalid(_) => 400,
-            ExportError::DirRefused(_) => 403,
-            ExportError::UnknownImage(_) => 404,
-            ExportError::NoOwner(_)
-            | ExportError::DigestMismatch(_)
-            | ExportError::DirMissing(_)
-            | ExportError::TargetExists(_) => 409,
-            ExportError::Corrupt(_) | ExportError::Io(_) => 500,
-            ExportError::NoSpace(_) => 507,
-        }
-    }
-
-    /// The machine-readable code of the fault.
-    pub fn code(&self) -> &'static str {
-        match self {
-            ExportError::Invalid(_) => "invalid-export",
-            ExportError::UnknownImage(_) => "unknown-image",
-            ExportError::NoOwner(_) => "image-owner-unknown",
-            ExportError::DigestMismatch(_) => "digest-mismatch",
-            ExportError::DirMissing(_) => "export-dir-missing",
-            ExportError::TargetExists(_) => "export-target-exists",
-            ExportError::DirRefused(_) => "export-dir-refused",
-            ExportError::Corrupt(_) => "image-corrupt",
-            ExportError::NoSpace(_) => "no-space",
-            ExportError::Io(_) => "export-failed",
-        }
-    }
-
-    fn kind(&self) -> FaultKind {
-        match self {
-            ExportError::Invalid(_) => FaultKind::InvalidMessage,
-            ExportError::UnknownImage(_) => FaultKind::ResourceUnknown,
-            ExportError::NoOwner(_)
-            | ExportError::DigestMismatch(_)
-            | ExportError::DirMissing(_)
-            | ExportError::TargetExists(_) => FaultKind::Conflict,
-            ExportError::DirRefused(_) => FaultKind::AccessDenied,
-            ExportError::Corrupt(_) | ExportError::NoSpace(_) | ExportError::Io(_) => {
-                FaultKind::OperationFailed
-            }
-        }
-    }
-}
-
-impl From<ExportError> for Fault {
-    fn from(e: ExportError) -> Fault {
-        let (kind, code) = (e.kind(), e.code());
-        Fault::new(kind, e.to_string()).with_code(code)
-    }
-}
+// Why an export fails: the `Export*`, `NoOwner`, `DigestDiffers`, `Dir*`, `TargetExists` and
+// `NoSpace` variants of [`Error`] (and `NotFound`). Nothing is left in the owner's directory
+// in any of these cases (except, for [`Error::ExportFailed`] after the copy, the finished
+// export itself: see its message).
 
 /// Exports image `id` of `store` as `req` asks (see the module documentation).
 pub async fn export_image(
     store: &ImageStore,
-    id: &str,
+    id: &ImageId,
     req: &ExportRequest,
-) -> Result<Exported, ExportError> {
-    validate_id(id).map_err(|e| ExportError::Invalid(e.to_string()))?;
+) -> Result<Exported, Error> {
     check_keep_in(&req.dir).map_err(|m| {
-        ExportError::Invalid(format!(
+        Error::ExportInvalid(format!(
             "cannot export image {id}: bad directory {:?}: {m}",
             req.dir
         ))
     })?;
     let digest = req.digest.as_deref().map(normalize_digest).transpose()?;
     let dir = req.dir.trim_end_matches('/').to_string();
-    let image_path = store.image_path(id).map_err(|e| match e {
-        StoreError::InvalidId(m) => ExportError::Invalid(m),
-        other => ExportError::Io(other.to_string()),
-    })?;
+    let image_path = store.image_path(id);
     let job = Job {
         id: id.to_string(),
         dir,
@@ -212,12 +87,12 @@ pub async fn export_image(
     };
     let mut exported = tokio::task::spawn_blocking(move || job.run(&image_path))
         .await
-        .map_err(|e| ExportError::Io(format!("the export of image {id} failed: {e}")))??;
+        .map_err(|e| Error::ExportFailed(format!("the export of image {id} failed: {e}")))??;
     if req.remove && !exported.removed {
         match store.delete(id).await {
-            Ok(_) | Err(StoreError::NotFound(_)) => exported.removed = true,
+            Ok(_) | Err(Error::NotFound(_)) => exported.removed = true,
             Err(e) => {
-                return Err(ExportError::Io(format!(
+                return Err(Error::ExportFailed(format!(
                     "image {id} was exported to {}, but it could not be removed from the \
                      store: {e}; the export is complete, retry it to remove the image",
                     exported.path
@@ -229,7 +104,7 @@ pub async fn export_image(
 }
 
 /// `sha256:<64 hex>`, lower-cased.
-fn normalize_digest(d: &str) -> Result<String, ExportError> {
+fn normalize_digest(d: &str) -> Result<String, Error> {
     let d = d.trim().to_ascii_lowercase();
     let ok = d
         .strip_prefix("sha256:")
@@ -237,7 +112,7 @@ fn normalize_digest(d: &str) -> Result<String, ExportError> {
     if ok {
         Ok(d)
     } else {
-        Err(ExportError::Invalid(format!(
+        Err(Error::ExportInvalid(format!(
             "bad digest {d:?}: expected sha256: and 64 hexadecimal digits"
         )))
     }
@@ -306,25 +181,25 @@ impl Job {
         format!("{}/{}", self.dir, self.id)
     }
 
-    /// An I/O error at `path`: [`ExportError::NoSpace`] for ENOSPC/EDQUOT, else
-    /// [`ExportError::Io`] naming the path and the OS error.
-    fn io_err(&self, what: &str, path: &str, e: impl Into<io::Error>) -> ExportError {
+    /// An I/O error at `path`: [`Error::NoSpace`] for ENOSPC/EDQUOT, else
+    /// [`Error::ExportFailed`] naming the path and the OS error.
+    fn io_err(&self, what: &str, path: &str, e: impl Into<io::Error>) -> Error {
         let e: io::Error = e.into();
         if is_out_of_space(&e) {
-            ExportError::NoSpace(format!(
+            Error::NoSpace(format!(
                 "no space left to export image {} into {}: {what} {path}: {e}; the partial \
                  copy was removed: free space (or quota) for the job's owner and retry",
                 self.id, self.dir
             ))
         } else {
-            ExportError::Io(format!(
+            Error::ExportFailed(format!(
                 "cannot export image {} into {}: {what} {path}: {e}",
                 self.id, self.dir
             ))
         }
     }
 
-    fn run(&self, image_path: &std::path::Path) -> Result<Exported, ExportError> {
+    fn run(&self, image_path: &std::path::Path) -> Result<Exported, Error> {
         let id = &self.id;
         // 1. The image, through one descriptor.
         let src = match rustix::fs::openat(
@@ -348,7 +223,7 @@ impl Job {
             // Deleted since we opened it.
             Err(e) if e.kind() == io::ErrorKind::NotFound => return self.gone(),
             Err(e) if e.kind() == io::ErrorKind::InvalidData => {
-                return Err(ExportError::Corrupt(format!(
+                return Err(Error::ExportCorrupt(format!(
                     "image {id} in the store: {e}"
                 )))
             }
@@ -361,9 +236,9 @@ impl Job {
             }
         };
         let manifest = Manifest::parse(&bytes)
-            .map_err(|e| ExportError::Corrupt(format!("image {id} in the store: {e}")))?;
-        if manifest.id != *id {
-            return Err(ExportError::Corrupt(format!(
+            .map_err(|e| Error::ExportCorrupt(format!("image {id} in the store: {e}")))?;
+        if manifest.id != id.as_str() {
+            return Err(Error::ExportCorrupt(format!(
                 "the manifest of image {id} in the store names image {}",
                 manifest.id
             )));
@@ -371,7 +246,7 @@ impl Job {
         let stored = Manifest::digest_of(&bytes);
         if let Some(want) = &self.digest {
             if *want != stored {
-                return Err(ExportError::DigestMismatch(format!(
+                return Err(Error::DigestDiffers(format!(
                     "image {id} in this store has digest {stored}, not {want}: refusing to \
                      export a different image"
                 )));
@@ -456,10 +331,10 @@ impl Job {
         target: Target,
         expected: &str,
         manifest: &Manifest,
-    ) -> Result<Exported, ExportError> {
+    ) -> Result<Exported, Error> {
         let target_path = self.target();
         match target {
-            Target::Absent => Err(ExportError::Io(format!(
+            Target::Absent => Err(Error::ExportFailed(format!(
                 "cannot export image {}: {target_path} appeared and disappeared during the \
                  export; retry",
                 self.id
@@ -467,13 +342,13 @@ impl Job {
             Target::Image(bytes) if Manifest::digest_of(&bytes) == expected => {
                 Ok(self.exported(manifest, true, false))
             }
-            Target::Image(bytes) => Err(ExportError::TargetExists(format!(
+            Target::Image(bytes) => Err(Error::TargetExists(format!(
                 "cannot export image {} (digest {expected}): {target_path} exists already with \
                  another image (digest {}); move it away or choose another directory",
                 self.id,
                 Manifest::digest_of(&bytes)
             ))),
-            Target::Other(why) => Err(ExportError::TargetExists(format!(
+            Target::Other(why) => Err(Error::TargetExists(format!(
                 "cannot export image {}: {target_path} exists already and {why}; move it away \
                  or choose another directory",
                 self.id
@@ -483,18 +358,17 @@ impl Job {
 
     /// The image is not in the store: an export done before, with the digest the caller
     /// gives, is the answer; anything else is unknown.
-    fn gone(&self) -> Result<Exported, ExportError> {
+    fn gone(&self) -> Result<Exported, Error> {
         let id = &self.id;
         let Some(want) = &self.digest else {
-            return Err(ExportError::UnknownImage(format!(
+            return Err(Error::NotFound(format!(
                 "no image {id} in this store (give its digest to confirm an earlier export \
                  to {})",
                 self.target()
             )));
         };
-        let unknown = |why: String| {
-            ExportError::UnknownImage(format!("no image {id} in this store, and {why}"))
-        };
+        let unknown =
+            |why: String| Error::NotFound(format!("no image {id} in this store, and {why}"));
         let dir = match open_dir_at(rustix::fs::CWD, &self.dir) {
             Ok(fd) => fd,
             Err(e) => {
@@ -508,7 +382,7 @@ impl Job {
         match self.existing(dir.as_fd())? {
             Target::Image(bytes) if Manifest::digest_of(&bytes) == *want => {
                 let m = Manifest::parse(&bytes).map_err(|e| {
-                    ExportError::Corrupt(format!("the export in {}: {e}", self.target()))
+                    Error::ExportCorrupt(format!("the export in {}: {e}", self.target()))
                 })?;
                 Ok(self.exported(&m, true, true))
             }
@@ -524,12 +398,12 @@ impl Job {
 
     /// Opens `DIR` without following a symbolic link at its end and checks it belongs to
     /// the owner.
-    fn open_owner_dir(&self, owner: Owner) -> Result<OwnedFd, ExportError> {
+    fn open_owner_dir(&self, owner: Owner) -> Result<OwnedFd, Error> {
         let (id, dir) = (&self.id, &self.dir);
         let fd = match open_dir_at(rustix::fs::CWD, dir) {
             Ok(fd) => fd,
             Err(Errno::NOENT) => {
-                return Err(ExportError::DirMissing(format!(
+                return Err(Error::DirMissing(format!(
                     "cannot export image {id}: directory {dir} does not exist; the job's owner \
                      (uid {}) must create it first (mkdir -p {dir}) and own it",
                     owner.uid
@@ -540,7 +414,7 @@ impl Job {
             Err(Errno::LOOP) | Err(Errno::NOTDIR) => {
                 let is_link = rustix::fs::statat(rustix::fs::CWD, dir, AtFlags::SYMLINK_NOFOLLOW)
                     .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Symlink);
-                return Err(ExportError::DirRefused(if is_link {
+                return Err(Error::DirRefused(if is_link {
                     format!(
                         "cannot export image {id} into {dir}: it is a symbolic link; name the \
                          directory it points to"
@@ -556,13 +430,13 @@ impl Job {
         };
         let st = rustix::fs::fstat(&fd).map_err(|e| self.io_err("reading", dir, e))?;
         if self.inside_store(&st) {
-            return Err(ExportError::DirRefused(format!(
+            return Err(Error::DirRefused(format!(
                 "cannot export image {id} into {dir}: it is inside the CTS's image store {}",
                 self.store_root.display()
             )));
         }
         if st.st_uid != owner.uid {
-            return Err(ExportError::DirRefused(format!(
+            return Err(Error::DirRefused(format!(
                 "cannot export image {id} into {dir}: the directory belongs to uid {}, not to \
                  the job's owner uid {}",
                 st.st_uid, owner.uid
@@ -588,7 +462,7 @@ impl Job {
     }
 
     /// What `DIR/ID` is, looked at through `dir` without following links.
-    fn existing(&self, dir: BorrowedFd<'_>) -> Result<Target, ExportError> {
+    fn existing(&self, dir: BorrowedFd<'_>) -> Result<Target, Error> {
         let target = self.target();
         let st = match rustix::fs::statat(dir, self.id.as_str(), AtFlags::SYMLINK_NOFOLLOW) {
             Ok(st) => st,
@@ -632,7 +506,7 @@ impl Job {
         owner: Owner,
         manifest: &Manifest,
         manifest_bytes: &[u8],
-    ) -> Result<(), ExportError> {
+    ) -> Result<(), Error> {
         let id = &self.id;
         let shown = |rel: &str| {
             if rel.is_empty() {
@@ -657,7 +531,7 @@ impl Job {
             let mut input = match open_file_at(src, &entry.path) {
                 Ok(f) => f,
                 Err(Errno::NOENT) => {
-                    return Err(ExportError::UnknownImage(format!(
+                    return Err(Error::NotFound(format!(
                         "image {id} was deleted from this store during its export (file {} is \
                          gone); nothing was exported",
                         entry.path
@@ -715,7 +589,7 @@ impl Job {
                 } else {
                     format!("has sha256 {sha}, its manifest says {}", entry.sha256)
                 };
-                return Err(ExportError::Corrupt(format!(
+                return Err(Error::ExportCorrupt(format!(
                     "image {id} in this store is corrupt: file {} {what}; nothing was exported",
                     entry.path
                 )));
@@ -752,7 +626,7 @@ impl Job {
         rel: &str,
         owner: Owner,
         shown: &dyn Fn(&str) -> String,
-    ) -> Result<(), ExportError> {
+    ) -> Result<(), Error> {
         if dirs.contains_key(rel) {
             return Ok(());
         }
@@ -780,7 +654,7 @@ impl Job {
 }
 
 /// The owner recorded in an image's manifest.
-fn owner_of(m: &Manifest) -> Result<Owner, ExportError> {
+fn owner_of(m: &Manifest) -> Result<Owner, Error> {
     let get = |key: &str| {
         m.meta
             .extra
@@ -789,7 +663,7 @@ fn owner_of(m: &Manifest) -> Result<Owner, ExportError> {
     };
     match (get(OWNER_UID_KEY), get(OWNER_GID_KEY)) {
         (Some(uid), Some(gid)) => Ok(Owner { uid, gid }),
-        _ => Err(ExportError::NoOwner(format!(
+        _ => Err(Error::NoOwner(format!(
             "image {} does not name its owner (its manifest has no numeric meta.extra.{} and \
              {}; it was taken by a CTS that did not record them): it cannot be exported to an \
              owner's directory; copy it by hand (GET /images/{}) if it must be kept",
@@ -900,7 +774,9 @@ mod tests {
     use chrono::Utc;
 
     use super::*;
-    use crate::store::ImageMeta;
+    use crate::manifest::ImageMeta;
+    use crate::store::tests::{id, rel};
+    use gca_protocol::Fault;
 
     const UID: u32 = 4321;
     const GID: u32 = 4322;
@@ -934,7 +810,7 @@ mod tests {
     ];
 
     async fn put(store: &ImageStore, id: &str, owner: Option<(u32, u32)>) -> Manifest {
-        let s = store.stage(id).await.unwrap();
+        let s = store.stage(&self::id(id)).await.unwrap();
         for (p, data) in FILES {
             let path = s.dir.join(p);
             fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -982,15 +858,15 @@ mod tests {
         v
     }
 
-    fn status_and_message(e: ExportError) -> (u16, String) {
-        (e.status(), e.to_string())
+    fn status_and_message(e: Error) -> (u16, String) {
+        (e.http_status(), e.to_string())
     }
 
     #[tokio::test]
     async fn exports_a_copy_owned_by_the_owner_with_the_same_digest() {
         let s = setup().await;
-        let stored = s.store.manifest_bytes("img-1").await.unwrap();
-        let done = export_image(&s.store, "img-1", &req(&s.keep))
+        let stored = s.store.manifest_bytes(&id("img-1")).await.unwrap();
+        let done = export_image(&s.store, &id("img-1"), &req(&s.keep))
             .await
             .unwrap();
         let target = s.keep.join("img-1");
@@ -1013,7 +889,7 @@ mod tests {
         assert_eq!(exported, stored, "manifest.json is byte-identical");
         assert_eq!(
             Manifest::digest_of(&exported),
-            s.store.digest("img-1").await.unwrap()
+            s.store.digest(&id("img-1")).await.unwrap()
         );
         // Everything belongs to the owner: directories 0700, files 0600.
         for rel in ["", "sub", "sub/dir"] {
@@ -1036,12 +912,12 @@ mod tests {
         // Only the files the manifest lists.
         assert_eq!(entries(&target), [MANIFEST_FILE, "pages-1.img", "sub"]);
         // The store keeps the image (no `remove`).
-        s.store.verify("img-1").await.unwrap();
+        s.store.verify(&id("img-1")).await.unwrap();
 
         // A trailing slash names the same directory.
         let mut again = req(&s.keep);
         again.dir.push('/');
-        let done = export_image(&s.store, "img-1", &again).await.unwrap();
+        let done = export_image(&s.store, &id("img-1"), &again).await.unwrap();
         assert!(done.already);
         assert_eq!(done.path, target.display().to_string());
     }
@@ -1049,8 +925,8 @@ mod tests {
     #[tokio::test]
     async fn a_second_call_is_already_done_and_a_different_target_is_refused() {
         let s = setup().await;
-        let digest = s.store.digest("img-1").await.unwrap();
-        let first = export_image(&s.store, "img-1", &req(&s.keep))
+        let digest = s.store.digest(&id("img-1")).await.unwrap();
+        let first = export_image(&s.store, &id("img-1"), &req(&s.keep))
             .await
             .unwrap();
         assert!(!first.already);
@@ -1065,7 +941,7 @@ mod tests {
         ] {
             let mut r = req(&s.keep);
             r.digest = d;
-            let again = export_image(&s.store, "img-1", &r).await.unwrap();
+            let again = export_image(&s.store, &id("img-1"), &r).await.unwrap();
             assert!(again.already, "{again:?}");
             assert!(!again.removed);
             assert_eq!((again.files, again.bytes), (first.files, first.bytes));
@@ -1086,7 +962,7 @@ mod tests {
         fs::create_dir(&other).unwrap();
         fs::write(other.join(MANIFEST_FILE), b"{\"not\": \"this image\"}\n").unwrap();
         let (status, msg) = status_and_message(
-            export_image(&s.store, "img-2", &req(&s.keep))
+            export_image(&s.store, &id("img-2"), &req(&s.keep))
                 .await
                 .unwrap_err(),
         );
@@ -1100,17 +976,17 @@ mod tests {
         // A file, or a directory without a manifest: refused too.
         fs::remove_dir_all(&other).unwrap();
         fs::write(&other, b"x").unwrap();
-        let e = export_image(&s.store, "img-2", &req(&s.keep))
+        let e = export_image(&s.store, &id("img-2"), &req(&s.keep))
             .await
             .unwrap_err();
-        assert!(matches!(e, ExportError::TargetExists(_)), "{e}");
+        assert!(matches!(e, Error::TargetExists(_)), "{e}");
         assert!(e.to_string().contains("is not a directory"), "{e}");
         fs::remove_file(&other).unwrap();
         fs::create_dir(&other).unwrap();
-        let e = export_image(&s.store, "img-2", &req(&s.keep))
+        let e = export_image(&s.store, &id("img-2"), &req(&s.keep))
             .await
             .unwrap_err();
-        assert!(matches!(e, ExportError::TargetExists(_)), "{e}");
+        assert!(matches!(e, Error::TargetExists(_)), "{e}");
         assert!(
             e.to_string().contains("has no readable manifest.json"),
             "{e}"
@@ -1123,7 +999,7 @@ mod tests {
     async fn a_directory_of_another_user_is_refused() {
         let s = setup().await;
         chown(&s.keep, 65534);
-        let e = export_image(&s.store, "img-1", &req(&s.keep))
+        let e = export_image(&s.store, &id("img-1"), &req(&s.keep))
             .await
             .unwrap_err();
         let (status, msg) = status_and_message(e);
@@ -1139,7 +1015,7 @@ mod tests {
         assert!(entries(&s.keep).is_empty());
         // Root's own directory is no exception.
         chown(&s.keep, 0);
-        let e = export_image(&s.store, "img-1", &req(&s.keep))
+        let e = export_image(&s.store, &id("img-1"), &req(&s.keep))
             .await
             .unwrap_err();
         assert!(e.to_string().contains("belongs to uid 0, not"), "{e}");
@@ -1153,7 +1029,7 @@ mod tests {
         let link = s.tmp.path().join("home/alice/link");
         std::os::unix::fs::symlink(&s.keep, &link).unwrap();
         let (status, msg) = status_and_message(
-            export_image(&s.store, "img-1", &req(&link))
+            export_image(&s.store, &id("img-1"), &req(&link))
                 .await
                 .unwrap_err(),
         );
@@ -1166,7 +1042,7 @@ mod tests {
         fs::write(&file, b"x").unwrap();
         chown(&file, UID);
         let (status, msg) = status_and_message(
-            export_image(&s.store, "img-1", &req(&file))
+            export_image(&s.store, &id("img-1"), &req(&file))
                 .await
                 .unwrap_err(),
         );
@@ -1190,27 +1066,25 @@ mod tests {
         ] {
             let mut r = req(&dir);
             r.remove = true;
-            let e = export_image(&s.store, "root-img", &r).await.unwrap_err();
-            assert!(
-                matches!(e, ExportError::DirRefused(_)),
-                "{}: {e}",
-                dir.display()
-            );
+            let e = export_image(&s.store, &id("root-img"), &r)
+                .await
+                .unwrap_err();
+            assert!(matches!(e, Error::DirRefused(_)), "{}: {e}", dir.display());
             assert!(
                 e.to_string().contains("inside the CTS's image store"),
                 "{e}"
             );
         }
         // Through a parent that is a link to it: the same directory, refused too.
-        let e = export_image(&s.store, "root-img", &req(&link.join("images")))
+        let e = export_image(&s.store, &id("root-img"), &req(&link.join("images")))
             .await
             .unwrap_err();
         assert!(
             e.to_string().contains("inside the CTS's image store"),
             "{e}"
         );
-        s.store.verify("root-img").await.unwrap();
-        s.store.verify("img-1").await.unwrap();
+        s.store.verify(&id("root-img")).await.unwrap();
+        s.store.verify(&id("img-1")).await.unwrap();
     }
 
     #[test]
@@ -1259,21 +1133,21 @@ mod tests {
                 digest: None,
                 remove: true,
             };
-            let e = export_image(&s.store, "img-1", &r).await.unwrap_err();
-            assert!(matches!(e, ExportError::Invalid(_)), "{dir:?}: {e}");
-            assert_eq!(e.status(), 400);
+            let e = export_image(&s.store, &id("img-1"), &r).await.unwrap_err();
+            assert!(matches!(e, Error::ExportInvalid(_)), "{dir:?}: {e}");
+            assert_eq!(e.http_status(), 400);
             assert!(e.to_string().contains("bad directory"), "{e}");
         }
         let mut r = req(&s.keep);
         r.digest = Some("md5:abc".into());
-        let e = export_image(&s.store, "img-1", &r).await.unwrap_err();
-        assert_eq!(e.status(), 400, "{e}");
-        let e = export_image(&s.store, "../img-1", &req(&s.keep))
-            .await
-            .unwrap_err();
-        assert_eq!(e.status(), 400, "{e}");
+        let e = export_image(&s.store, &id("img-1"), &r).await.unwrap_err();
+        assert_eq!(e.http_status(), 400, "{e}");
+        // An escaping image ID cannot be named (the endpoint answers 400 invalid-export:
+        // `http::tests::export_answers_with_statuses_and_json_errors`).
+        let e = ImageId::parse("../img-1").unwrap_err();
+        assert_eq!(e.http_status(), 400, "{e}");
         assert!(entries(&s.keep).is_empty());
-        s.store.verify("img-1").await.unwrap();
+        s.store.verify(&id("img-1")).await.unwrap();
     }
 
     #[tokio::test]
@@ -1282,55 +1156,55 @@ mod tests {
         let mut r = req(&s.keep);
         r.digest = Some(format!("sha256:{}", "0".repeat(64)));
         r.remove = true;
-        let e = export_image(&s.store, "img-1", &r).await.unwrap_err();
-        assert!(matches!(e, ExportError::DigestMismatch(_)), "{e}");
-        assert_eq!(e.status(), 409);
+        let e = export_image(&s.store, &id("img-1"), &r).await.unwrap_err();
+        assert!(matches!(e, Error::DigestDiffers(_)), "{e}");
+        assert_eq!(e.http_status(), 409);
         assert!(e
             .to_string()
-            .contains(&s.store.digest("img-1").await.unwrap()));
+            .contains(&s.store.digest(&id("img-1")).await.unwrap()));
         assert!(entries(&s.keep).is_empty());
-        s.store.verify("img-1").await.unwrap();
+        s.store.verify(&id("img-1")).await.unwrap();
 
         put(&s.store, "no-owner", None).await;
-        let e = export_image(&s.store, "no-owner", &req(&s.keep))
+        let e = export_image(&s.store, &id("no-owner"), &req(&s.keep))
             .await
             .unwrap_err();
-        assert!(matches!(e, ExportError::NoOwner(_)), "{e}");
-        assert_eq!(e.status(), 409);
+        assert!(matches!(e, Error::NoOwner(_)), "{e}");
+        assert_eq!(e.http_status(), 409);
         assert!(e.to_string().contains("does not name its owner"), "{e}");
         assert!(entries(&s.keep).is_empty());
 
         let missing = s.keep.join("not-yet");
-        let e = export_image(&s.store, "img-1", &req(&missing))
+        let e = export_image(&s.store, &id("img-1"), &req(&missing))
             .await
             .unwrap_err();
-        assert!(matches!(e, ExportError::DirMissing(_)), "{e}");
-        assert_eq!(e.status(), 409);
+        assert!(matches!(e, Error::DirMissing(_)), "{e}");
+        assert_eq!(e.http_status(), 409);
         assert!(e.to_string().contains("does not exist"), "{e}");
         assert!(e.to_string().contains("create it first"), "{e}");
         assert!(!missing.exists());
 
-        let e = export_image(&s.store, "nope", &req(&s.keep))
+        let e = export_image(&s.store, &id("nope"), &req(&s.keep))
             .await
             .unwrap_err();
-        assert!(matches!(e, ExportError::UnknownImage(_)), "{e}");
-        assert_eq!(e.status(), 404);
+        assert!(matches!(e, Error::NotFound(_)), "{e}");
+        assert_eq!(e.http_status(), 404);
     }
 
     #[tokio::test]
     async fn remove_deletes_from_the_store_and_a_retry_is_already_done() {
         let s = setup().await;
-        let digest = s.store.digest("img-1").await.unwrap();
+        let digest = s.store.digest(&id("img-1")).await.unwrap();
         let used = s.store.usage();
         let mut r = req(&s.keep);
         r.digest = Some(digest.clone());
         r.remove = true;
-        let done = export_image(&s.store, "img-1", &r).await.unwrap();
+        let done = export_image(&s.store, &id("img-1"), &r).await.unwrap();
         assert!(!done.already);
         assert!(done.removed);
         assert!(matches!(
-            s.store.manifest("img-1").await,
-            Err(StoreError::NotFound(_))
+            s.store.manifest(&id("img-1")).await,
+            Err(Error::NotFound(_))
         ));
         assert_eq!(s.store.usage(), used - 14);
         assert_eq!(
@@ -1339,7 +1213,7 @@ mod tests {
         );
 
         // The answer was lost; the GCS asks again: done already.
-        let again = export_image(&s.store, "img-1", &r).await.unwrap();
+        let again = export_image(&s.store, &id("img-1"), &r).await.unwrap();
         assert_eq!(
             again,
             Exported {
@@ -1349,25 +1223,27 @@ mod tests {
         );
         // Without `remove` too: the image is gone from the store either way.
         r.remove = false;
-        let again = export_image(&s.store, "img-1", &r).await.unwrap();
+        let again = export_image(&s.store, &id("img-1"), &r).await.unwrap();
         assert!(again.already && again.removed);
 
         // Without a digest, or with another one, it cannot be confirmed: unknown.
-        let e = export_image(&s.store, "img-1", &req(&s.keep))
+        let e = export_image(&s.store, &id("img-1"), &req(&s.keep))
             .await
             .unwrap_err();
-        assert_eq!(e.status(), 404, "{e}");
+        assert_eq!(e.http_status(), 404, "{e}");
         let mut other = req(&s.keep);
         other.digest = Some(format!("sha256:{}", "1".repeat(64)));
-        let e = export_image(&s.store, "img-1", &other).await.unwrap_err();
-        assert_eq!(e.status(), 404, "{e}");
+        let e = export_image(&s.store, &id("img-1"), &other)
+            .await
+            .unwrap_err();
+        assert_eq!(e.http_status(), 404, "{e}");
         assert!(e.to_string().contains("holds another image"), "{e}");
         let mut elsewhere = req(&s.tmp.path().join("home"));
         elsewhere.digest = Some(digest);
-        let e = export_image(&s.store, "img-1", &elsewhere)
+        let e = export_image(&s.store, &id("img-1"), &elsewhere)
             .await
             .unwrap_err();
-        assert_eq!(e.status(), 404, "{e}");
+        assert_eq!(e.http_status(), 404, "{e}");
         assert!(e.to_string().contains("does not exist"), "{e}");
     }
 
@@ -1376,14 +1252,14 @@ mod tests {
         let s = setup().await;
         let path = s
             .store
-            .file_path("img-1", "sub/dir/core-7.img")
+            .file_path(&id("img-1"), &rel("sub/dir/core-7.img"))
             .await
             .unwrap();
         fs::write(&path, b"CORE").unwrap();
         let mut r = req(&s.keep);
         r.remove = true;
         let (status, msg) =
-            status_and_message(export_image(&s.store, "img-1", &r).await.unwrap_err());
+            status_and_message(export_image(&s.store, &id("img-1"), &r).await.unwrap_err());
         assert_eq!(status, 500, "{msg}");
         assert!(
             msg.contains(
@@ -1393,17 +1269,17 @@ mod tests {
         );
         assert!(entries(&s.keep).is_empty(), "the partial copy is removed");
         // Not removed from the store: the caller decides.
-        assert!(s.store.manifest("img-1").await.is_ok());
+        assert!(s.store.manifest(&id("img-1")).await.is_ok());
 
         // A truncated or grown file too.
         fs::write(&path, b"co").unwrap();
-        let e = export_image(&s.store, "img-1", &r).await.unwrap_err();
+        let e = export_image(&s.store, &id("img-1"), &r).await.unwrap_err();
         assert!(
             e.to_string().contains("has 2 bytes, its manifest says 4"),
             "{e}"
         );
         fs::write(&path, vec![b'x'; 3 << 20]).unwrap();
-        let e = export_image(&s.store, "img-1", &r).await.unwrap_err();
+        let e = export_image(&s.store, &id("img-1"), &r).await.unwrap_err();
         assert!(e.to_string().contains("has more than"), "{e}");
         assert!(entries(&s.keep).is_empty());
     }
@@ -1412,16 +1288,17 @@ mod tests {
     async fn concurrent_exports_of_one_image_both_succeed_once() {
         let s = setup().await;
         let r = req(&s.keep);
+        let img = id("img-1");
         let (a, b) = tokio::join!(
-            export_image(&s.store, "img-1", &r),
-            export_image(&s.store, "img-1", &r)
+            export_image(&s.store, &img, &r),
+            export_image(&s.store, &img, &r)
         );
         let (a, b) = (a.unwrap(), b.unwrap());
         assert!(!(a.already && b.already), "{a:?} {b:?}");
         assert_eq!(entries(&s.keep), ["img-1"], "no partial copy left");
         assert_eq!(
             fs::read(s.keep.join("img-1").join(MANIFEST_FILE)).unwrap(),
-            s.store.manifest_bytes("img-1").await.unwrap()
+            s.store.manifest_bytes(&id("img-1")).await.unwrap()
         );
     }
 
@@ -1435,13 +1312,13 @@ mod tests {
         };
         for errno in [Errno::NOSPC, Errno::DQUOT] {
             let e = job.io_err("writing", "/home/alice/ckpt/x", errno);
-            assert!(matches!(e, ExportError::NoSpace(_)), "{e}");
-            assert_eq!(e.status(), 507);
+            assert!(matches!(e, Error::NoSpace(_)), "{e}");
+            assert_eq!(e.http_status(), 507);
             let f: Fault = e.into();
             assert_eq!(f.code.as_deref(), Some("no-space"));
         }
         let e = job.io_err("creating", "/home/alice/ckpt/.x", Errno::ACCESS);
-        assert_eq!(e.status(), 500);
+        assert_eq!(e.http_status(), 500);
         assert_eq!(
             e.to_string(),
             format!(
@@ -1478,19 +1355,19 @@ mod tests {
         }
         let _unmount = Unmount(small.clone());
         chown(&small, UID);
-        let st = s.store.stage("big").await.unwrap();
+        let st = s.store.stage(&id("big")).await.unwrap();
         fs::write(st.dir.join("pages.img"), vec![7u8; 256 << 10]).unwrap();
         st.commit(meta(Some((UID, GID)))).await.unwrap();
-        let e = export_image(&s.store, "big", &req(&small))
+        let e = export_image(&s.store, &id("big"), &req(&small))
             .await
             .unwrap_err();
-        assert!(matches!(e, ExportError::NoSpace(_)), "{e}");
-        assert_eq!(e.status(), 507);
+        assert!(matches!(e, Error::NoSpace(_)), "{e}");
+        assert_eq!(e.http_status(), 507);
         assert!(
             e.to_string().contains("no space left to export image big"),
             "{e}"
         );
         assert!(entries(&small).is_empty(), "the partial copy is removed");
-        assert!(s.store.manifest("big").await.is_ok());
+        assert!(s.store.manifest(&id("big")).await.is_ok());
     }
 }

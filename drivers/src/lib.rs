@@ -1,3 +1,5 @@
+//! # gca-drivers — the core checkpointer drivers
+//!
 //! Core checkpointer drivers (paper 3.3): one trait, [`CoreCheckpointer`], and one
 //! implementation per kind of core service:
 //!
@@ -7,21 +9,43 @@
 //! - [`command`]: any checkpointer with a command line (BLCR, DMTCP, a site's script),
 //!   configured as command templates with placeholders.
 //!
+//! What drivers share, so that no driver imports from another: [`runner`] (running a
+//! program with a bound and describing how it ended), [`proc`] (pidfds, `/proc` facts,
+//! signals) and [`error`] (the one error type, [`DriverError`]). Their configuration is
+//! plain data in [`gca_protocol::driver_config`]; [`make_driver`] builds the driver it names.
+//!
 //! A driver only moves bytes between a process and a directory. Naming images, storing them
 //! atomically, sequence numbers, locking and registration at the GCS belong to the CTS
-//! (`crate::service`), so every driver gets them the same way.
+//! (`cts::checkpoint`), so every driver gets them the same way. Both the CTS (checkpoints)
+//! and the recovery wrapper (restores, in its own process) use this crate.
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use gca_protocol::driver_config::DriverConfig;
 use gca_protocol::placeholders::Values;
-use gca_protocol::{Fault, FaultKind};
 
 pub mod app;
 pub mod command;
 pub mod criu;
+pub mod error;
+pub mod proc;
+pub mod runner;
+#[cfg(test)]
+mod test_support;
+
+pub use error::DriverError;
+
+/// The core checkpointer the configuration names, checked (templates, log level, ...).
+pub fn make_driver(cfg: &DriverConfig) -> Result<Arc<dyn CoreCheckpointer>, DriverError> {
+    Ok(match cfg {
+        DriverConfig::Criu(c) => Arc::new(criu::Criu::new(c.clone())?),
+        DriverConfig::Application(c) => Arc::new(app::AppLevel::new(c.clone())?),
+        DriverConfig::Command(c) => Arc::new(command::CommandDriver::new(c.clone())?),
+    })
+}
 
 /// A registered job as a driver sees it.
 #[derive(Debug, Clone)]
@@ -35,6 +59,21 @@ pub struct JobHandle {
     /// The per-job checkpoint directory (`{CHECKPOINT_DIR}`), created by the CTS, owned by
     /// the job's user. Application-level jobs write their images here.
     pub checkpoint_dir: PathBuf,
+}
+
+/// The job's process, if it still runs (not a zombie) and, when the CTS holds a pidfd for it,
+/// is still the process that pidfd refers to (the PID was not reused).
+pub(crate) fn live_job(job: &JobHandle) -> Option<proc::Stat> {
+    let st = proc::stat(job.pid)?;
+    if st.state == 'Z' || st.state == 'X' {
+        return None;
+    }
+    if let Some(fd) = &job.pidfd {
+        if proc::pidfd_pid(fd).is_some_and(|p| p != job.pid) {
+            return None;
+        }
+    }
+    Some(st)
 }
 
 /// One checkpoint to take.
@@ -85,52 +124,6 @@ pub enum Restored {
     /// The image is in place (in `checkpoint_dir`); the wrapper now starts the job itself with
     /// the CTS type's recovery job parameters (application-level checkpointing).
     StartJob,
-}
-
-/// A driver failure: a fault kind, a short machine-readable code and a message that says
-/// what went wrong and, where the core checkpointer said why, its reason.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{message}")]
-pub struct DriverError {
-    pub kind: FaultKind,
-    pub code: &'static str,
-    pub message: String,
-}
-
-impl DriverError {
-    pub fn new(kind: FaultKind, code: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            kind,
-            code,
-            message: message.into(),
-        }
-    }
-    /// The job's process is gone (exited, killed, never existed).
-    pub fn job_gone(message: impl Into<String>) -> Self {
-        Self::new(FaultKind::ResourceUnknown, "job-gone", message)
-    }
-    /// The core checkpointer ran and refused or failed.
-    pub fn failed(message: impl Into<String>) -> Self {
-        Self::new(FaultKind::OperationFailed, "checkpointer-failed", message)
-    }
-    /// The core checkpointer did not finish in time.
-    pub fn timeout(message: impl Into<String>) -> Self {
-        Self::new(FaultKind::OperationFailed, "checkpointer-timeout", message)
-    }
-    /// The driver is misconfigured or the core checkpointer is missing.
-    pub fn unavailable(message: impl Into<String>) -> Self {
-        Self::new(
-            FaultKind::ServiceUnavailable,
-            "checkpointer-unavailable",
-            message,
-        )
-    }
-}
-
-impl From<DriverError> for Fault {
-    fn from(e: DriverError) -> Fault {
-        Fault::new(e.kind, e.message).with_code(e.code)
-    }
 }
 
 /// A core checkpointer, as the CTS drives it.

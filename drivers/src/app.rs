@@ -79,22 +79,21 @@
 
 use std::ffi::{CStr, CString, OsStr};
 use std::fs::File;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use gca_protocol::driver_config::AppConfig;
 use gca_protocol::FaultKind;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use rustix::io::Errno;
 use rustix::process::Signal;
-use serde::Deserialize;
 
-use super::{
-    CheckpointOutcome, CheckpointRequest, CoreCheckpointer, DriverError, JobHandle, RestoreRequest,
-    Restored,
+use crate::{
+    proc, CheckpointOutcome, CheckpointRequest, CoreCheckpointer, DriverError, JobHandle,
+    RestoreRequest, Restored,
 };
-use crate::proc;
 
 /// The environment variable that names the job's checkpoint directory.
 pub const ENV_CHECKPOINT_DIR: &str = "GCA_CHECKPOINT_DIR";
@@ -106,25 +105,6 @@ pub const MANIFEST: &str = "manifest.json";
 
 /// How deep a checkpoint's directories may nest.
 const MAX_DEPTH: usize = 64;
-
-/// Configuration of the application-level driver (its section of the CTS configuration).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AppConfig {
-    /// The signal that asks a job to checkpoint itself: `SIGUSR1`, `USR2`, `10`, ...
-    pub signal: String,
-    /// How often to look for the marker while waiting for a requested checkpoint.
-    pub poll_interval_ms: u64,
-}
-
-impl Default for AppConfig {
-    fn default() -> Self {
-        Self {
-            signal: "SIGUSR1".to_string(),
-            poll_interval_ms: 100,
-        }
-    }
-}
 
 /// The application-level core checkpointer: the job is its own checkpointer.
 #[derive(Debug)]
@@ -209,20 +189,11 @@ impl<'a> Watched<'a> {
             return false;
         }
         // The pidfd says which process it refers to: -1 once that one has been reaped.
-        match self.job.pidfd.as_deref().and_then(pidfd_pid) {
+        match self.job.pidfd.as_deref().and_then(proc::pidfd_pid) {
             Some(pid) => pid == self.job.pid,
             None => true,
         }
     }
-}
-
-/// The PID a pidfd refers to (`/proc/self/fdinfo`, Linux >= 5.4), `-1` once the process has
-/// been reaped; `None` when the kernel does not say.
-fn pidfd_pid(fd: &OwnedFd) -> Option<i32> {
-    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).ok()?;
-    info.lines()
-        .find_map(|l| l.strip_prefix("Pid:"))
-        .and_then(|v| v.trim().parse().ok())
 }
 
 fn marker_exists(dir: &Path) -> bool {

@@ -11,8 +11,8 @@
 //!
 //! Rules the code keeps:
 //!
-//! - An image ID or a file path inside an image reaches the file system only after
-//!   [`validate_id`] / [`validate_rel_path`] accepted it.
+//! - An image ID or a file path inside an image reaches the file system only as an
+//!   [`ImageId`] / [`RelPath`], which only their `parse` makes.
 //! - An image appears in `images/` only by one `rename` of a complete, fsynced staging
 //!   directory that already holds its `manifest.json`; so no half-written image is ever listed
 //!   or served. Leftovers in `staging/` (a crash, a failed checkpoint) are removed at
@@ -27,109 +27,23 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use chrono::{DateTime, Utc};
-use gca_protocol::{Fault, FaultKind};
+use gca_protocol::images::ImageSummary;
+use parking_lot::Mutex;
 use rustix::io::Errno;
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-/// The name of the manifest inside an image directory (reserved: a checkpointer cannot write a
-/// file of that name at the top of an image).
-pub const MANIFEST_FILE: &str = "manifest.json";
-/// The manifest format this code writes and reads.
-pub const MANIFEST_FORMAT: u32 = 1;
-/// The longest image ID.
-pub const MAX_ID_LEN: usize = 128;
-/// The deepest file path inside an image (number of components).
-pub const MAX_PATH_DEPTH: usize = 8;
-const MAX_COMPONENT_LEN: usize = 255;
-const MAX_REL_PATH_LEN: usize = 1024;
-/// Manifests larger than this are refused (a manifest lists files, it is never this big).
-pub const MAX_MANIFEST_BYTES: u64 = 16 << 20;
+use crate::error::Error;
+use crate::manifest::{FileEntry, Manifest, MANIFEST_FILE, MAX_MANIFEST_BYTES};
+use crate::names::{shown, valid_component, ImageId, RelPath, MAX_PATH_DEPTH};
+use crate::staging::Staging;
+
 /// A new image is refused when the file system holding the store has less free space.
 const MIN_FREE_BYTES: u64 = 1 << 20;
 const HASH_BUF: usize = 1 << 20;
 const TRASH_PREFIX: &str = ".trash.";
 const PROBE_PREFIX: &str = ".probe-";
-
-// ---------------------------------------------------------------------------------------------
-// Errors
-
-/// What went wrong in the store. Every message names the image and, where it matters, the
-/// store, and says what to do.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// No image with that ID (or no such file in it).
-    #[error("{0}")]
-    NotFound(String),
-    /// An image with that ID exists already.
-    #[error("{0}")]
-    Conflict(String),
-    /// The ID or file path is not one the store accepts.
-    #[error("{0}")]
-    InvalidId(String),
-    /// The quota or the file system is full.
-    #[error("{0}")]
-    StoreFull(String),
-    /// The store cannot be written (read-only, permissions, not a directory, ...).
-    #[error("{0}")]
-    Unwritable(String),
-    /// The image's contents do not match its manifest, or the manifest is unreadable.
-    #[error("{0}")]
-    Corrupt(String),
-    /// The image holds something the store does not keep (a symlink, a device, a name that
-    /// cannot be served).
-    #[error("{0}")]
-    Unsupported(String),
-    /// An unexpected I/O error while reading the store.
-    #[error("{context}: {source}")]
-    Io {
-        context: String,
-        #[source]
-        source: io::Error,
-    },
-}
-
-impl StoreError {
-    fn io(context: impl Into<String>, source: io::Error) -> Self {
-        StoreError::Io {
-            context: context.into(),
-            source,
-        }
-    }
-}
-
-impl From<StoreError> for Fault {
-    fn from(e: StoreError) -> Fault {
-        match e {
-            StoreError::NotFound(m) => {
-                Fault::new(FaultKind::ResourceUnknown, m).with_code("unknown-image")
-            }
-            StoreError::InvalidId(m) => {
-                Fault::new(FaultKind::InvalidMessage, m).with_code("invalid-image-id")
-            }
-            StoreError::Conflict(m) => Fault::new(FaultKind::Conflict, m).with_code("image-exists"),
-            StoreError::StoreFull(m) => {
-                Fault::new(FaultKind::OperationFailed, m).with_code("store-full")
-            }
-            StoreError::Unwritable(m) => {
-                Fault::new(FaultKind::OperationFailed, m).with_code("store-unwritable")
-            }
-            StoreError::Corrupt(m) => {
-                Fault::new(FaultKind::OperationFailed, m).with_code("image-corrupt")
-            }
-            StoreError::Unsupported(m) => {
-                Fault::new(FaultKind::OperationFailed, m).with_code("image-unsupported")
-            }
-            e @ StoreError::Io { .. } => {
-                tracing::error!(error = %e, "image store I/O error");
-                Fault::internal()
-            }
-        }
-    }
-}
 
 /// Whether an I/O error means "no space left" (ENOSPC) or "quota exceeded" (EDQUOT).
 pub fn is_out_of_space(e: &io::Error) -> bool {
@@ -139,226 +53,22 @@ pub fn is_out_of_space(e: &io::Error) -> bool {
     )
 }
 
-/// An I/O error while writing image `id` into the store at `root`: [`StoreError::StoreFull`]
-/// for ENOSPC/EDQUOT, [`StoreError::Unwritable`] otherwise.
-pub fn write_err(root: &Path, id: &str, e: io::Error) -> StoreError {
+/// An I/O error while writing image `id` into the store at `root`: [`Error::StoreFull`]
+/// for ENOSPC/EDQUOT, [`Error::Unwritable`] otherwise.
+pub fn write_err(root: &Path, id: &str, e: io::Error) -> Error {
     if is_out_of_space(&e) {
-        StoreError::StoreFull(format!(
+        Error::StoreFull(format!(
             "image store {} is full: cannot write image {id}: {e}; delete old images or give \
              the store more space",
             root.display()
         ))
     } else {
-        StoreError::Unwritable(format!(
+        Error::Unwritable(format!(
             "cannot write image {id} in store {}: {e}",
             root.display()
         ))
     }
 }
-
-fn shown(s: &str) -> String {
-    let mut out: String = s.chars().take(64).collect();
-    if out.len() < s.len() {
-        out.push_str("...");
-    }
-    format!("{out:?}")
-}
-
-// ---------------------------------------------------------------------------------------------
-// Names
-
-/// Checks an image ID: 1 to 128 characters of `A-Z a-z 0-9 . _ -`, not starting with `.`.
-/// This is the check every ID passes before it becomes part of a path.
-pub fn validate_id(id: &str) -> Result<(), StoreError> {
-    let ok = !id.is_empty()
-        && id.len() <= MAX_ID_LEN
-        && !id.starts_with('.')
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(StoreError::InvalidId(format!(
-            "invalid image ID {}: an image ID has 1 to {MAX_ID_LEN} characters among A-Z a-z \
-             0-9 . _ - and does not start with '.'",
-            shown(id)
-        )))
-    }
-}
-
-fn valid_component(c: &str) -> bool {
-    !c.is_empty()
-        && c != "."
-        && c != ".."
-        && c.len() <= MAX_COMPONENT_LEN
-        && c.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'+'))
-}
-
-/// Checks the path of a file inside an image: relative, `/`-separated, at most 8 components,
-/// each made of `A-Z a-z 0-9 . _ + -` and neither empty nor `.` nor `..`.
-pub fn validate_rel_path(rel: &str) -> Result<(), StoreError> {
-    let ok = !rel.is_empty()
-        && rel.len() <= MAX_REL_PATH_LEN
-        && rel.split('/').count() <= MAX_PATH_DEPTH
-        && rel.split('/').all(valid_component);
-    if ok {
-        Ok(())
-    } else {
-        Err(StoreError::InvalidId(format!(
-            "invalid file path {} in an image: a path is relative, has at most \
-             {MAX_PATH_DEPTH} '/'-separated components of A-Z a-z 0-9 . _ + - and no empty, \
-             '.' or '..' component",
-            shown(rel)
-        )))
-    }
-}
-
-fn is_sha256_hex(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-}
-
-// ---------------------------------------------------------------------------------------------
-// Manifest
-
-/// What the CTS records about an image when it commits it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ImageMeta {
-    /// The job the image belongs to.
-    pub gid: String,
-    pub created_at: DateTime<Utc>,
-    /// The driver that wrote it (`criu`, `application`, `command`).
-    pub driver: String,
-    /// Where it was taken (the CTS instance name or resource).
-    pub origin: String,
-    #[serde(default)]
-    pub extra: BTreeMap<String, String>,
-}
-
-/// One file of an image.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FileEntry {
-    /// Relative, `/`-separated, valid for [`validate_rel_path`].
-    pub path: String,
-    pub size: u64,
-    /// Lower-case hex SHA-256 of the contents.
-    pub sha256: String,
-}
-
-/// The `manifest.json` of an image.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Manifest {
-    /// [`MANIFEST_FORMAT`].
-    pub format: u32,
-    pub id: String,
-    pub meta: ImageMeta,
-    /// Sorted by path.
-    pub files: Vec<FileEntry>,
-    /// The sum of the files' sizes.
-    pub total_bytes: u64,
-}
-
-impl Manifest {
-    /// `sha256:<hex>` of the exact bytes of a `manifest.json`.
-    pub fn digest_of(bytes: &[u8]) -> String {
-        format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
-    }
-
-    /// The bytes this code stores for a manifest it wrote: pretty JSON and a newline.
-    pub fn to_bytes(&self) -> Vec<u8> {
-        let mut bytes = serde_json::to_vec_pretty(self).expect("a manifest serializes");
-        bytes.push(b'\n');
-        bytes
-    }
-
-    /// Reads and checks a manifest: format, ID, file paths (valid, unique, no file inside
-    /// another), hashes, total.
-    pub fn parse(bytes: &[u8]) -> Result<Manifest, StoreError> {
-        let m: Manifest = serde_json::from_slice(bytes)
-            .map_err(|e| StoreError::Corrupt(format!("unreadable image manifest: {e}")))?;
-        m.check()?;
-        Ok(m)
-    }
-
-    fn check(&self) -> Result<(), StoreError> {
-        let bad = |what: String| {
-            Err(StoreError::Corrupt(format!(
-                "bad manifest for image {}: {what}",
-                shown(&self.id)
-            )))
-        };
-        if self.format != MANIFEST_FORMAT {
-            return bad(format!(
-                "format {} (this CTS reads format {MANIFEST_FORMAT})",
-                self.format
-            ));
-        }
-        if let Err(e) = validate_id(&self.id) {
-            return bad(e.to_string());
-        }
-        let mut paths = BTreeSet::new();
-        let mut total: u64 = 0;
-        for f in &self.files {
-            if let Err(e) = validate_rel_path(&f.path) {
-                return bad(e.to_string());
-            }
-            if f.path == MANIFEST_FILE {
-                return bad(format!("it lists a file named {MANIFEST_FILE}"));
-            }
-            if !is_sha256_hex(&f.sha256) {
-                return bad(format!("file {} has no valid sha256", f.path));
-            }
-            if !paths.insert(f.path.as_str()) {
-                return bad(format!("file {} is listed twice", f.path));
-            }
-            total = match total.checked_add(f.size) {
-                Some(t) => t,
-                None => return bad("the file sizes overflow".into()),
-            };
-        }
-        for p in &paths {
-            let mut prefix = String::new();
-            for c in p.split('/') {
-                if !prefix.is_empty() && paths.contains(prefix.as_str()) {
-                    return bad(format!("{prefix} is both a file and a directory"));
-                }
-                if !prefix.is_empty() {
-                    prefix.push('/');
-                }
-                prefix.push_str(c);
-            }
-        }
-        if total != self.total_bytes {
-            return bad(format!(
-                "total_bytes is {} but the files add up to {total}",
-                self.total_bytes
-            ));
-        }
-        Ok(())
-    }
-
-    pub fn summary(&self) -> ImageSummary {
-        ImageSummary {
-            id: self.id.clone(),
-            total_bytes: self.total_bytes,
-            created_at: self.meta.created_at,
-            gid: self.meta.gid.clone(),
-        }
-    }
-}
-
-/// One line of [`ImageStore::list`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ImageSummary {
-    pub id: String,
-    pub total_bytes: u64,
-    pub created_at: DateTime<Utc>,
-    pub gid: String,
-}
-
-// ---------------------------------------------------------------------------------------------
-// The store
 
 /// The image store of one CTS. Cheap to clone (an `Arc` inside).
 #[derive(Clone, Debug)]
@@ -380,21 +90,21 @@ struct Inner {
     _lock: File,
 }
 
-async fn blocking<T, F>(f: F) -> Result<T, StoreError>
+pub(crate) async fn blocking<T, F>(f: F) -> Result<T, Error>
 where
-    F: FnOnce() -> Result<T, StoreError> + Send + 'static,
+    F: FnOnce() -> Result<T, Error> + Send + 'static,
     T: Send + 'static,
 {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| StoreError::io("image store task failed", io::Error::other(e)))?
+        .map_err(|e| Error::io("image store task failed", io::Error::other(e)))?
 }
 
-fn fsync_dir(dir: &Path) -> io::Result<()> {
+pub(crate) fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-fn remove_any(path: &Path) -> io::Result<()> {
+pub(crate) fn remove_any(path: &Path) -> io::Result<()> {
     match fs::symlink_metadata(path) {
         Ok(m) if m.is_dir() => fs::remove_dir_all(path),
         Ok(_) => fs::remove_file(path),
@@ -403,7 +113,7 @@ fn remove_any(path: &Path) -> io::Result<()> {
     }
 }
 
-fn read_capped(path: &Path, cap: u64) -> io::Result<Vec<u8>> {
+pub(crate) fn read_capped(path: &Path, cap: u64) -> io::Result<Vec<u8>> {
     let f = File::open(path)?;
     let mut buf = Vec::new();
     f.take(cap + 1).read_to_end(&mut buf)?;
@@ -416,7 +126,7 @@ fn read_capped(path: &Path, cap: u64) -> io::Result<Vec<u8>> {
     Ok(buf)
 }
 
-fn random_suffix() -> String {
+pub(crate) fn random_suffix() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }
 
@@ -426,9 +136,9 @@ impl ImageStore {
     /// Takes an exclusive lock on `root/.lock` (one process owns a store), removes what an
     /// earlier run left in `staging/`, checks that the store can be written and sums the
     /// committed images' sizes.
-    pub fn open(root: &Path, max_bytes: Option<u64>) -> Result<Self, StoreError> {
+    pub fn open(root: &Path, max_bytes: Option<u64>) -> Result<Self, Error> {
         let unwritable = |e: io::Error| {
-            StoreError::Unwritable(format!(
+            Error::Unwritable(format!(
                 "image store {} is not writable: {e}",
                 root.display()
             ))
@@ -448,7 +158,7 @@ impl ImageStore {
         match rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
             Ok(()) => {}
             Err(Errno::WOULDBLOCK) => {
-                return Err(StoreError::Unwritable(format!(
+                return Err(Error::Unwritable(format!(
                     "image store {} is in use by another process (or opened twice): its lock \
                      {} is held",
                     root.display(),
@@ -489,7 +199,7 @@ impl ImageStore {
             if let Err(e) = write() {
                 let _ = fs::remove_file(&probe);
                 return Err(if is_out_of_space(&e) {
-                    StoreError::StoreFull(format!("image store {} is full: {e}", root.display()))
+                    Error::StoreFull(format!("image store {} is full: {e}", root.display()))
                 } else {
                     unwritable(e)
                 });
@@ -525,15 +235,12 @@ impl ImageStore {
         self.inner.usage.load(Ordering::SeqCst)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.inner
-            .commit_lock
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> parking_lot::MutexGuard<'_, ()> {
+        self.inner.commit_lock.lock()
     }
 
-    fn full(&self, id: &str, what: String) -> StoreError {
-        StoreError::StoreFull(format!(
+    fn full(&self, id: &str, what: String) -> Error {
+        Error::StoreFull(format!(
             "image store {} is full: cannot store image {id}: {what}; delete old images or \
              raise the quota",
             self.inner.root.display()
@@ -541,7 +248,7 @@ impl ImageStore {
     }
 
     /// Checks quota and free space for a new image of `expected` bytes (0: unknown).
-    fn check_space(&self, id: &str, expected: u64) -> Result<(), StoreError> {
+    fn check_space(&self, id: &str, expected: u64) -> Result<(), Error> {
         let used = self.usage();
         if let Some(max) = self.inner.max_bytes {
             if used >= max || used.saturating_add(expected) > max {
@@ -565,7 +272,7 @@ impl ImageStore {
 
     /// Starts a new image: checks the ID, that no image has it, quota and free space, and
     /// creates an empty staging directory for the driver to write into.
-    pub async fn stage(&self, id: &str) -> Result<Staging, StoreError> {
+    pub async fn stage(&self, id: &ImageId) -> Result<Staging, Error> {
         self.stage_expecting(id, 0).await
     }
 
@@ -573,16 +280,16 @@ impl ImageStore {
     /// when it cannot fit.
     pub async fn stage_expecting(
         &self,
-        id: &str,
+        id: &ImageId,
         expected_bytes: u64,
-    ) -> Result<Staging, StoreError> {
-        validate_id(id)?;
+    ) -> Result<Staging, Error> {
+        let image = id.clone();
         let store = self.clone();
         let id = id.to_string();
         blocking(move || {
             let target = store.inner.images.join(&id);
             if fs::symlink_metadata(&target).is_ok() {
-                return Err(StoreError::Conflict(format!(
+                return Err(Error::Conflict(format!(
                     "image {id} exists already in this store"
                 )));
             }
@@ -592,63 +299,55 @@ impl ImageStore {
                 .staging
                 .join(format!("{id}.{}", random_suffix()));
             fs::create_dir(&dir).map_err(|e| write_err(&store.inner.root, &id, e))?;
-            Ok(Staging {
-                dir,
-                id,
-                store,
-                armed: true,
-            })
+            Ok(Staging::new(dir, image, store))
         })
         .await
     }
 
     /// Where a committed image with this ID is (or would be) on disk, without looking: for
     /// code that opens it itself (e.g. [`crate::export`], through a directory descriptor).
-    pub fn image_path(&self, id: &str) -> Result<PathBuf, StoreError> {
-        validate_id(id)?;
-        Ok(self.inner.images.join(id))
+    pub fn image_path(&self, id: &ImageId) -> PathBuf {
+        self.inner.images.join(id)
     }
 
     /// The directory of a committed image.
-    pub async fn image_dir(&self, id: &str) -> Result<PathBuf, StoreError> {
-        validate_id(id)?;
+    pub async fn image_dir(&self, id: &ImageId) -> Result<PathBuf, Error> {
         let dir = self.inner.images.join(id);
         match tokio::fs::metadata(&dir).await {
             Ok(m) if m.is_dir() => Ok(dir),
-            Ok(_) => Err(not_found(id)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(not_found(id)),
-            Err(e) => Err(StoreError::io(format!("cannot read image {id}"), e)),
+            Ok(_) => Err(not_found(id.as_str())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(not_found(id.as_str())),
+            Err(e) => Err(Error::io(format!("cannot read image {id}"), e)),
         }
     }
 
     /// The `manifest.json` of an image, as stored.
-    pub async fn manifest_bytes(&self, id: &str) -> Result<Vec<u8>, StoreError> {
-        validate_id(id)?;
+    pub async fn manifest_bytes(&self, id: &ImageId) -> Result<Vec<u8>, Error> {
         let store = self.clone();
         let id = id.to_string();
         blocking(move || store.manifest_bytes_sync(&id)).await
     }
 
-    fn manifest_bytes_sync(&self, id: &str) -> Result<Vec<u8>, StoreError> {
+    fn manifest_bytes_sync(&self, id: &str) -> Result<Vec<u8>, Error> {
         let path = self.inner.images.join(id).join(MANIFEST_FILE);
         match read_capped(&path, MAX_MANIFEST_BYTES) {
             Ok(b) => Ok(b),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Err(not_found(id)),
-            Err(e) if e.kind() == io::ErrorKind::InvalidData => Err(StoreError::Corrupt(format!(
-                "the manifest of image {id} is {e}"
-            ))),
-            Err(e) => Err(StoreError::io(
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                Err(Error::Corrupt(format!("the manifest of image {id} is {e}")))
+            }
+            Err(e) => Err(Error::io(
                 format!("cannot read the manifest of image {id}"),
                 e,
             )),
         }
     }
 
-    fn manifest_sync(&self, id: &str) -> Result<(Vec<u8>, Manifest), StoreError> {
+    fn manifest_sync(&self, id: &str) -> Result<(Vec<u8>, Manifest), Error> {
         let bytes = self.manifest_bytes_sync(id)?;
         let m = Manifest::parse(&bytes)?;
         if m.id != id {
-            return Err(StoreError::Corrupt(format!(
+            return Err(Error::Corrupt(format!(
                 "the manifest of image {id} names image {}",
                 m.id
             )));
@@ -657,65 +356,63 @@ impl ImageStore {
     }
 
     /// The parsed manifest of an image.
-    pub async fn manifest(&self, id: &str) -> Result<Manifest, StoreError> {
-        validate_id(id)?;
+    pub async fn manifest(&self, id: &ImageId) -> Result<Manifest, Error> {
         let store = self.clone();
         let id = id.to_string();
         blocking(move || store.manifest_sync(&id).map(|(_, m)| m)).await
     }
 
     /// The digest (`sha256:<hex>`) of an image's `manifest.json`.
-    pub async fn digest(&self, id: &str) -> Result<String, StoreError> {
+    pub async fn digest(&self, id: &ImageId) -> Result<String, Error> {
         Ok(Manifest::digest_of(&self.manifest_bytes(id).await?))
     }
 
     /// A file of an image as the manifest lists it, and where it is on disk. Only files the
     /// manifest lists are found.
-    pub async fn file(&self, id: &str, rel: &str) -> Result<(PathBuf, FileEntry), StoreError> {
-        validate_id(id)?;
-        validate_rel_path(rel)?;
+    pub async fn file(&self, id: &ImageId, rel: &RelPath) -> Result<(PathBuf, FileEntry), Error> {
+        let rel = rel.as_str();
         let m = self.manifest(id).await?;
         let entry = m
             .files
             .into_iter()
             .find(|f| f.path == rel)
-            .ok_or_else(|| StoreError::NotFound(format!("image {id} has no file {rel}")))?;
+            .ok_or_else(|| Error::NotFound(format!("image {id} has no file {rel}")))?;
         let path = self.inner.images.join(id).join(&entry.path);
         Ok((path, entry))
     }
 
     /// Where a file of an image is on disk (see [`ImageStore::file`]).
-    pub async fn file_path(&self, id: &str, rel: &str) -> Result<PathBuf, StoreError> {
+    pub async fn file_path(&self, id: &ImageId, rel: &RelPath) -> Result<PathBuf, Error> {
         Ok(self.file(id, rel).await?.0)
     }
 
     /// The committed images, oldest first. Directories whose manifest cannot be read are
     /// left out (and logged).
-    pub async fn list(&self) -> Result<Vec<ImageSummary>, StoreError> {
+    pub async fn list(&self) -> Result<Vec<ImageSummary>, Error> {
         let store = self.clone();
         blocking(move || store.list_sync()).await
     }
 
-    fn list_sync(&self) -> Result<Vec<ImageSummary>, StoreError> {
+    fn list_sync(&self) -> Result<Vec<ImageSummary>, Error> {
         let rd = fs::read_dir(&self.inner.images).map_err(|e| {
-            StoreError::io(
+            Error::io(
                 format!("cannot list image store {}", self.inner.root.display()),
                 e,
             )
         })?;
         let mut out = Vec::new();
         for entry in rd {
-            let entry = entry.map_err(|e| StoreError::io("cannot list images", e))?;
+            let entry = entry.map_err(|e| Error::io("cannot list images", e))?;
             let name = entry.file_name();
             let Some(id) = name.to_str() else { continue };
-            if validate_id(id).is_err() {
+            let Ok(id) = ImageId::parse(id) else {
                 continue;
-            }
-            match self.manifest_sync(id) {
+            };
+            match self.manifest_sync(id.as_str()) {
                 Ok((_, m)) => out.push(m.summary()),
                 // Deleted while we listed.
-                Err(StoreError::NotFound(_)) => {}
-                Err(e) => tracing::warn!(image = id, error = %e, "skipping unreadable image"),
+                Err(Error::NotFound(_)) => {}
+                Err(e) => tracing::warn!(image = %id, error = %e, "skipping unreadable image"),
             }
         }
         out.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
@@ -724,8 +421,7 @@ impl ImageStore {
 
     /// Deletes an image; returns the bytes freed. The image leaves `images/` in one rename
     /// before its files are removed, so nobody sees it half deleted.
-    pub async fn delete(&self, id: &str) -> Result<u64, StoreError> {
-        validate_id(id)?;
+    pub async fn delete(&self, id: &ImageId) -> Result<u64, Error> {
         let store = self.clone();
         let id = id.to_string();
         blocking(move || {
@@ -739,7 +435,7 @@ impl ImageStore {
                     Ok(()) => {}
                     Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(not_found(&id)),
                     Err(e) => {
-                        return Err(StoreError::Unwritable(format!(
+                        return Err(Error::Unwritable(format!(
                             "cannot delete image {id} from store {}: {e}",
                             inner.root.display()
                         )))
@@ -771,8 +467,7 @@ impl ImageStore {
 
     /// Re-hashes every file of an image and compares with its manifest (exact set of files,
     /// sizes, SHA-256). Returns the manifest when everything matches.
-    pub async fn verify(&self, id: &str) -> Result<Manifest, StoreError> {
-        validate_id(id)?;
+    pub async fn verify(&self, id: &ImageId) -> Result<Manifest, Error> {
         let store = self.clone();
         let id = id.to_string();
         blocking(move || {
@@ -787,7 +482,7 @@ impl ImageStore {
 
     /// The last step of a commit, under the commit lock: quota with the final size, the
     /// rename into `images/`, the usage counter.
-    fn finalize(&self, dir: &Path, id: &str, total: u64) -> Result<(), StoreError> {
+    pub(crate) fn finalize(&self, dir: &Path, id: &str, total: u64) -> Result<(), Error> {
         let inner = &self.inner;
         let _guard = self.lock();
         if let Some(max) = inner.max_bytes {
@@ -800,7 +495,7 @@ impl ImageStore {
             }
         }
         let target = inner.images.join(id);
-        let exists = || StoreError::Conflict(format!("image {id} exists already in this store"));
+        let exists = || Error::Conflict(format!("image {id} exists already in this store"));
         match rustix::fs::renameat_with(
             rustix::fs::CWD,
             dir,
@@ -828,18 +523,17 @@ impl ImageStore {
     }
 }
 
-fn not_found(id: &str) -> StoreError {
-    StoreError::NotFound(format!("no image {id} in this store"))
+fn not_found(id: &str) -> Error {
+    Error::NotFound(format!("no image {id} in this store"))
 }
 
 /// Walks an image directory: regular files and directories only. Returns the files, sorted,
 /// with sizes and SHA-256; with `sync`, fsyncs every file and directory on the way. The
 /// top-level `manifest.json` is skipped when `sync` is false (verifying a committed image)
 /// and refused otherwise (it is reserved).
-fn scan_dir(dir: &Path, id: &str, sync: bool) -> Result<Vec<FileEntry>, StoreError> {
-    let read_err = |p: &Path, e: io::Error| {
-        StoreError::io(format!("cannot read {} of image {id}", p.display()), e)
-    };
+pub(crate) fn scan_dir(dir: &Path, id: &str, sync: bool) -> Result<Vec<FileEntry>, Error> {
+    let read_err =
+        |p: &Path, e: io::Error| Error::io(format!("cannot read {} of image {id}", p.display()), e);
     let mut files = Vec::new();
     let mut buf = vec![0u8; HASH_BUF];
     // (directory on disk, its path inside the image, depth)
@@ -850,7 +544,7 @@ fn scan_dir(dir: &Path, id: &str, sync: bool) -> Result<Vec<FileEntry>, StoreErr
             let path = entry.path();
             let name = entry.file_name();
             let name = name.to_str().ok_or_else(|| {
-                StoreError::Unsupported(format!(
+                Error::Unsupported(format!(
                     "image {id} has a file whose name is not UTF-8 ({}): the store cannot \
                      serve it",
                     path.display()
@@ -863,7 +557,7 @@ fn scan_dir(dir: &Path, id: &str, sync: bool) -> Result<Vec<FileEntry>, StoreErr
             };
             if prefix.is_empty() && name == MANIFEST_FILE {
                 if sync {
-                    return Err(StoreError::Unsupported(format!(
+                    return Err(Error::Unsupported(format!(
                         "image {id} has a file named {MANIFEST_FILE} at its top: that name is \
                          reserved for the store's manifest"
                     )));
@@ -871,10 +565,10 @@ fn scan_dir(dir: &Path, id: &str, sync: bool) -> Result<Vec<FileEntry>, StoreErr
                 continue;
             }
             if !valid_component(name) || depth + 1 > MAX_PATH_DEPTH {
-                return Err(StoreError::Unsupported(format!(
+                return Err(Error::Unsupported(format!(
                     "image {id} has a file the store cannot serve: {}: {}",
                     shown(&rel),
-                    validate_rel_path(&rel)
+                    RelPath::parse(&rel)
                         .err()
                         .map(|e| e.to_string())
                         .unwrap_or_else(|| format!("deeper than {MAX_PATH_DEPTH} levels"))
@@ -888,7 +582,7 @@ fn scan_dir(dir: &Path, id: &str, sync: bool) -> Result<Vec<FileEntry>, StoreErr
                 let (size, sha256) =
                     hash_file(&path, &mut buf, sync).map_err(|e| read_err(&path, e))?;
                 files.push(FileEntry {
-                    path: rel,
+                    path: RelPath::parse(&rel)?,
                     size,
                     sha256,
                 });
@@ -898,7 +592,7 @@ fn scan_dir(dir: &Path, id: &str, sync: bool) -> Result<Vec<FileEntry>, StoreErr
                 } else {
                     "a special file (device, FIFO or socket)"
                 };
-                return Err(StoreError::Unsupported(format!(
+                return Err(Error::Unsupported(format!(
                     "image {id} has {what} at {rel}: an image holds regular files and \
                      directories only"
                 )));
@@ -933,8 +627,12 @@ fn hash_file(path: &Path, buf: &mut [u8], sync: bool) -> io::Result<(u64, String
 }
 
 /// Compares the files found on disk with the manifest's list (both sorted by path).
-fn compare_files(id: &str, listed: &[FileEntry], found: &[FileEntry]) -> Result<(), StoreError> {
-    let corrupt = |what: String| Err(StoreError::Corrupt(format!("image {id}: {what}")));
+pub(crate) fn compare_files(
+    id: &str,
+    listed: &[FileEntry],
+    found: &[FileEntry],
+) -> Result<(), Error> {
+    let corrupt = |what: String| Err(Error::Corrupt(format!("image {id}: {what}")));
     let found_by_path: BTreeMap<&str, &FileEntry> =
         found.iter().map(|f| (f.path.as_str(), f)).collect();
     for want in listed {
@@ -964,7 +662,7 @@ fn compare_files(id: &str, listed: &[FileEntry], found: &[FileEntry]) -> Result<
     Ok(())
 }
 
-fn write_manifest(dir: &Path, bytes: &[u8]) -> io::Result<()> {
+pub(crate) fn write_manifest(dir: &Path, bytes: &[u8]) -> io::Result<()> {
     let mut f = OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -975,122 +673,23 @@ fn write_manifest(dir: &Path, bytes: &[u8]) -> io::Result<()> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Staging
-
-/// An image being written. Write its files into [`Staging::dir`], then
-/// [`commit`](Staging::commit) it. Dropped without a commit, its directory is removed.
-#[derive(Debug)]
-pub struct Staging {
-    /// An empty directory (when created) on the store's file system.
-    pub dir: PathBuf,
-    id: String,
-    store: ImageStore,
-    /// Remove `dir` on drop.
-    armed: bool,
-}
-
-impl Staging {
-    pub fn id(&self) -> &str {
-        &self.id
-    }
-
-    /// Hashes the files written into the staging directory, writes the manifest and moves
-    /// the image into the store. On any error the staging directory is removed.
-    pub async fn commit(self, meta: ImageMeta) -> Result<Manifest, StoreError> {
-        self.finish(move |dir, id| {
-            let files = scan_dir(dir, id, true)?;
-            let manifest = Manifest {
-                format: MANIFEST_FORMAT,
-                id: id.to_string(),
-                meta,
-                total_bytes: files.iter().map(|f| f.size).sum(),
-                files,
-            };
-            Ok((manifest.to_bytes(), manifest))
-        })
-        .await
-    }
-
-    /// Commits with a manifest made elsewhere (a fetched image), keeping its bytes exactly so
-    /// that its digest is the same on both sides. The files in the staging directory must be
-    /// exactly the ones it lists, with the same sizes and SHA-256.
-    pub async fn commit_with_manifest(
-        self,
-        manifest_bytes: Vec<u8>,
-    ) -> Result<Manifest, StoreError> {
-        self.finish(move |dir, id| {
-            let manifest = Manifest::parse(&manifest_bytes)?;
-            if manifest.id != id {
-                return Err(StoreError::Corrupt(format!(
-                    "the manifest for image {id} names image {}",
-                    manifest.id
-                )));
-            }
-            let found = scan_dir(dir, id, true)?;
-            compare_files(id, &manifest.files, &found)?;
-            Ok((manifest_bytes, manifest))
-        })
-        .await
-    }
-
-    /// Removes the staging directory now (rather than in the background on drop).
-    pub async fn discard(mut self) {
-        self.armed = false;
-        let dir = self.dir.clone();
-        let _ = tokio::task::spawn_blocking(move || remove_any(&dir)).await;
-    }
-
-    async fn finish<F>(mut self, build: F) -> Result<Manifest, StoreError>
-    where
-        F: FnOnce(&Path, &str) -> Result<(Vec<u8>, Manifest), StoreError> + Send + 'static,
-    {
-        // From here the blocking task owns the directory: it removes it on failure, even if
-        // this future is dropped.
-        self.armed = false;
-        let dir = self.dir.clone();
-        let id = self.id.clone();
-        let store = self.store.clone();
-        blocking(move || {
-            let result = (|| {
-                let (bytes, manifest) = build(&dir, &id)?;
-                write_manifest(&dir, &bytes).map_err(|e| write_err(&store.inner.root, &id, e))?;
-                store.finalize(&dir, &id, manifest.total_bytes)?;
-                Ok(manifest)
-            })();
-            if result.is_err() {
-                if let Err(e) = remove_any(&dir) {
-                    tracing::warn!(path = %dir.display(), error = %e,
-                        "cannot remove a failed image's staging directory");
-                }
-            }
-            result
-        })
-        .await
-    }
-}
-
-impl Drop for Staging {
-    fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        let dir = std::mem::take(&mut self.dir);
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => {
-                rt.spawn_blocking(move || remove_any(&dir));
-            }
-            Err(_) => {
-                let _ = remove_any(&dir);
-            }
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::manifest::{FileEntry, ImageMeta};
+    use chrono::Utc;
+    use gca_protocol::{Fault, FaultKind};
+
+    /// An image ID for a test.
+    pub(crate) fn id(s: &str) -> ImageId {
+        ImageId::parse(s).unwrap()
+    }
+
+    /// A file path for a test.
+    pub(crate) fn rel(s: &str) -> RelPath {
+        RelPath::parse(s).unwrap()
+    }
 
     pub(crate) fn meta(gid: &str) -> ImageMeta {
         ImageMeta {
@@ -1104,7 +703,7 @@ pub(crate) mod tests {
 
     /// Commits an image with the given files (path, contents).
     pub(crate) async fn put(store: &ImageStore, id: &str, files: &[(&str, &[u8])]) -> Manifest {
-        let s = store.stage(id).await.unwrap();
+        let s = store.stage(&self::id(id)).await.unwrap();
         for (p, data) in files {
             let path = s.dir.join(p);
             fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -1139,16 +738,20 @@ pub(crate) mod tests {
         assert_eq!(paths, ["pages-1.img", "sub/dir/core-7.img"]);
         assert_eq!(m.files[0].sha256, hex::encode(Sha256::digest(b"hello")));
 
-        let bytes = store.manifest_bytes("img-1").await.unwrap();
+        let bytes = store.manifest_bytes(&id("img-1")).await.unwrap();
         assert_eq!(Manifest::parse(&bytes).unwrap(), m);
         assert_eq!(bytes, m.to_bytes());
         assert_eq!(
-            store.digest("img-1").await.unwrap(),
+            store.digest(&id("img-1")).await.unwrap(),
             Manifest::digest_of(&bytes)
         );
-        assert!(store.digest("img-1").await.unwrap().starts_with("sha256:"));
-        assert_eq!(store.manifest("img-1").await.unwrap(), m);
-        assert_eq!(store.verify("img-1").await.unwrap(), m);
+        assert!(store
+            .digest(&id("img-1"))
+            .await
+            .unwrap()
+            .starts_with("sha256:"));
+        assert_eq!(store.manifest(&id("img-1")).await.unwrap(), m);
+        assert_eq!(store.verify(&id("img-1")).await.unwrap(), m);
         assert_eq!(store.usage(), 11);
         let list = store.list().await.unwrap();
         assert_eq!(list.len(), 1);
@@ -1156,20 +759,20 @@ pub(crate) mod tests {
         assert_eq!(list[0].gid, "job-1");
         assert_eq!(list[0].total_bytes, 11);
         let p = store
-            .file_path("img-1", "sub/dir/core-7.img")
+            .file_path(&id("img-1"), &rel("sub/dir/core-7.img"))
             .await
             .unwrap();
         assert_eq!(fs::read(p).unwrap(), b"world!");
         assert!(matches!(
-            store.file("img-1", "manifest.json").await,
-            Err(StoreError::NotFound(_))
+            store.file(&id("img-1"), &rel("manifest.json")).await,
+            Err(Error::NotFound(_))
         ));
         assert!(entries(&tmp.path().join("staging")).is_empty());
 
         // Same ID again: conflict, up front.
         assert!(matches!(
-            store.stage("img-1").await,
-            Err(StoreError::Conflict(_))
+            store.stage(&id("img-1")).await,
+            Err(Error::Conflict(_))
         ));
 
         // Usage is recomputed at the next open.
@@ -1182,59 +785,22 @@ pub(crate) mod tests {
     async fn two_commits_racing_for_one_id() {
         let tmp = tempfile::tempdir().unwrap();
         let store = ImageStore::open(tmp.path(), None).unwrap();
-        let a = store.stage("same").await.unwrap();
-        let b = store.stage("same").await.unwrap();
+        let a = store.stage(&id("same")).await.unwrap();
+        let b = store.stage(&id("same")).await.unwrap();
         fs::write(a.dir.join("f"), b"a").unwrap();
         fs::write(b.dir.join("f"), b"bb").unwrap();
         a.commit(meta("j")).await.unwrap();
-        assert!(matches!(
-            b.commit(meta("j")).await,
-            Err(StoreError::Conflict(_))
-        ));
+        assert!(matches!(b.commit(meta("j")).await, Err(Error::Conflict(_))));
         assert_eq!(store.usage(), 1);
-        assert_eq!(store.verify("same").await.unwrap().total_bytes, 1);
+        assert_eq!(store.verify(&id("same")).await.unwrap().total_bytes, 1);
         assert!(entries(&tmp.path().join("staging")).is_empty());
     }
 
+    /// The store only takes parsed names ([`ImageId`], [`RelPath`]: their own tests are in
+    /// `names`), so no name can reach outside it: an escaping ID or path is refused by its
+    /// parse, before anything touches the disk.
     #[tokio::test]
     async fn invalid_ids_are_refused_before_touching_the_disk() {
-        for bad in [
-            "../x",
-            "a/b",
-            "",
-            ".hidden",
-            ".",
-            "..",
-            "a\0b",
-            "a b",
-            "é",
-            &"x".repeat(200),
-        ] {
-            assert!(
-                matches!(validate_id(bad), Err(StoreError::InvalidId(_))),
-                "{bad:?}"
-            );
-        }
-        for good in ["a", "img-1.2_3", &"x".repeat(128), "A.b..c"] {
-            validate_id(good).unwrap();
-        }
-        for bad in [
-            "",
-            "/etc/passwd",
-            "../x",
-            "a/../b",
-            "a//b",
-            "a/./b",
-            "a/",
-            "a\\b",
-            "a/b/c/d/e/f/g/h/i",
-        ] {
-            assert!(validate_rel_path(bad).is_err(), "{bad:?}");
-        }
-        for good in ["a", "x/y.img", "c++/.hidden", "a/b/c/d/e/f/g/h"] {
-            validate_rel_path(good).unwrap();
-        }
-
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path().join("store");
         let store = ImageStore::open(&root, None).unwrap();
@@ -1249,40 +815,30 @@ pub(crate) mod tests {
             ".hidden",
             &"y".repeat(200),
         ] {
-            assert!(matches!(
-                store.stage(bad).await,
-                Err(StoreError::InvalidId(_))
-            ));
-            assert!(matches!(
-                store.manifest(bad).await,
-                Err(StoreError::InvalidId(_))
-            ));
-            assert!(matches!(
-                store.image_dir(bad).await,
-                Err(StoreError::InvalidId(_))
-            ));
-            assert!(matches!(
-                store.delete(bad).await,
-                Err(StoreError::InvalidId(_))
-            ));
-            assert!(matches!(
-                store.verify(bad).await,
-                Err(StoreError::InvalidId(_))
-            ));
-            assert!(matches!(
-                store.file(bad, "x").await,
-                Err(StoreError::InvalidId(_))
-            ));
+            assert!(
+                matches!(ImageId::parse(bad), Err(Error::InvalidId(_))),
+                "{bad:?}"
+            );
         }
         put(&store, "ok", &[("f", b"1")]).await;
         assert!(matches!(
-            store.file("ok", "../../../victim/manifest.json").await,
-            Err(StoreError::InvalidId(_))
+            RelPath::parse("../../../victim/manifest.json"),
+            Err(Error::InvalidId(_))
         ));
         assert!(tmp.path().join("victim/manifest.json").exists());
         assert!(entries(&root.join("staging")).is_empty());
         assert_eq!(entries(&root.join("images")), ["ok"]);
-        let f: Fault = validate_id("../x").unwrap_err().into();
+        // A directory in images/ whose name is no image ID is not listed.
+        fs::create_dir(root.join("images/.odd")).unwrap();
+        let ids: Vec<_> = store
+            .list()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|s| s.id)
+            .collect();
+        assert_eq!(ids, ["ok"]);
+        let f: Fault = ImageId::parse("../x").unwrap_err().into();
         assert_eq!(f.kind, FaultKind::InvalidMessage);
     }
 
@@ -1290,14 +846,14 @@ pub(crate) mod tests {
     async fn a_dropped_staging_leaves_nothing() {
         let tmp = tempfile::tempdir().unwrap();
         let store = ImageStore::open(tmp.path(), None).unwrap();
-        let s = store.stage("never").await.unwrap();
+        let s = store.stage(&id("never")).await.unwrap();
         fs::write(s.dir.join("half-written"), b"....").unwrap();
         let dir = s.dir.clone();
         drop(s);
         assert!(store.list().await.unwrap().is_empty());
         assert!(matches!(
-            store.manifest("never").await,
-            Err(StoreError::NotFound(_))
+            store.manifest(&id("never")).await,
+            Err(Error::NotFound(_))
         ));
         for _ in 0..100 {
             if !dir.exists() {
@@ -1307,7 +863,7 @@ pub(crate) mod tests {
         }
         assert!(!dir.exists());
 
-        let s = store.stage("never").await.unwrap();
+        let s = store.stage(&id("never")).await.unwrap();
         let dir = s.dir.clone();
         s.discard().await;
         assert!(!dir.exists());
@@ -1342,10 +898,10 @@ pub(crate) mod tests {
     async fn quota_exceeded_is_store_full_and_leaves_nothing() {
         let tmp = tempfile::tempdir().unwrap();
         let store = ImageStore::open(tmp.path(), Some(1000)).unwrap();
-        let s = store.stage("big").await.unwrap();
+        let s = store.stage(&id("big")).await.unwrap();
         fs::write(s.dir.join("pages.img"), vec![7u8; 2000]).unwrap();
         let e = s.commit(meta("j")).await.unwrap_err();
-        assert!(matches!(e, StoreError::StoreFull(_)), "{e}");
+        assert!(matches!(e, Error::StoreFull(_)), "{e}");
         assert!(e.to_string().contains(&tmp.path().display().to_string()));
         let f: Fault = e.into();
         assert_eq!(f.kind, FaultKind::OperationFailed);
@@ -1359,15 +915,15 @@ pub(crate) mod tests {
         put(&store, "fits", &[("a", &[1u8; 1000])]).await;
         assert_eq!(store.usage(), 1000);
         assert!(matches!(
-            store.stage("more").await,
-            Err(StoreError::StoreFull(_))
+            store.stage(&id("more")).await,
+            Err(Error::StoreFull(_))
         ));
         assert!(entries(&tmp.path().join("staging")).is_empty());
         // A fetch knows its size up front.
-        store.delete("fits").await.unwrap();
+        store.delete(&id("fits")).await.unwrap();
         assert!(matches!(
-            store.stage_expecting("more", 1001).await,
-            Err(StoreError::StoreFull(_))
+            store.stage_expecting(&id("more"), 1001).await,
+            Err(Error::StoreFull(_))
         ));
     }
 
@@ -1378,7 +934,7 @@ pub(crate) mod tests {
         fs::create_dir(&root).unwrap();
         fs::write(root.join("images"), b"not a directory").unwrap();
         let e = ImageStore::open(&root, None).unwrap_err();
-        assert!(matches!(e, StoreError::Unwritable(_)), "{e:?}");
+        assert!(matches!(e, Error::Unwritable(_)), "{e:?}");
         assert!(
             e.to_string()
                 .starts_with(&format!("image store {} is not writable:", root.display())),
@@ -1391,7 +947,7 @@ pub(crate) mod tests {
         fs::write(&file_root, b"x").unwrap();
         assert!(matches!(
             ImageStore::open(&file_root, None),
-            Err(StoreError::Unwritable(_))
+            Err(Error::Unwritable(_))
         ));
     }
 
@@ -1399,25 +955,25 @@ pub(crate) mod tests {
     async fn symlinks_and_reserved_names_are_refused() {
         let tmp = tempfile::tempdir().unwrap();
         let store = ImageStore::open(tmp.path(), None).unwrap();
-        let s = store.stage("link").await.unwrap();
+        let s = store.stage(&id("link")).await.unwrap();
         fs::write(s.dir.join("real"), b"x").unwrap();
         std::os::unix::fs::symlink("/etc/passwd", s.dir.join("evil")).unwrap();
         let e = s.commit(meta("j")).await.unwrap_err();
-        assert!(matches!(e, StoreError::Unsupported(_)), "{e}");
+        assert!(matches!(e, Error::Unsupported(_)), "{e}");
         assert!(e.to_string().contains("symbolic link"), "{e}");
 
-        let s = store.stage("reserved").await.unwrap();
+        let s = store.stage(&id("reserved")).await.unwrap();
         fs::write(s.dir.join(MANIFEST_FILE), b"{}").unwrap();
         assert!(matches!(
             s.commit(meta("j")).await,
-            Err(StoreError::Unsupported(_))
+            Err(Error::Unsupported(_))
         ));
 
-        let s = store.stage("badname").await.unwrap();
+        let s = store.stage(&id("badname")).await.unwrap();
         fs::write(s.dir.join("has space"), b"x").unwrap();
         assert!(matches!(
             s.commit(meta("j")).await,
-            Err(StoreError::Unsupported(_))
+            Err(Error::Unsupported(_))
         ));
         assert!(store.list().await.unwrap().is_empty());
         assert!(entries(&tmp.path().join("staging")).is_empty());
@@ -1431,27 +987,27 @@ pub(crate) mod tests {
         put(&store, "b", &[("g", &[2u8; 50])]).await;
         assert_eq!(store.usage(), 150);
 
-        let p = store.file_path("b", "g").await.unwrap();
+        let p = store.file_path(&id("b"), &rel("g")).await.unwrap();
         let mut data = fs::read(&p).unwrap();
         data[10] ^= 1;
         fs::write(&p, data).unwrap();
-        let e = store.verify("b").await.unwrap_err();
-        assert!(matches!(e, StoreError::Corrupt(_)), "{e}");
-        fs::write(store.image_dir("a").await.unwrap().join("extra"), b"x").unwrap();
+        let e = store.verify(&id("b")).await.unwrap_err();
+        assert!(matches!(e, Error::Corrupt(_)), "{e}");
+        fs::write(store.image_dir(&id("a")).await.unwrap().join("extra"), b"x").unwrap();
         assert!(matches!(
-            store.verify("a").await,
-            Err(StoreError::Corrupt(_))
+            store.verify(&id("a")).await,
+            Err(Error::Corrupt(_))
         ));
 
-        assert_eq!(store.delete("a").await.unwrap(), 100);
+        assert_eq!(store.delete(&id("a")).await.unwrap(), 100);
         assert_eq!(store.usage(), 50);
         assert!(matches!(
-            store.delete("a").await,
-            Err(StoreError::NotFound(_))
+            store.delete(&id("a")).await,
+            Err(Error::NotFound(_))
         ));
         assert!(matches!(
-            store.image_dir("a").await,
-            Err(StoreError::NotFound(_))
+            store.image_dir(&id("a")).await,
+            Err(Error::NotFound(_))
         ));
         let ids: Vec<_> = store
             .list()
@@ -1462,7 +1018,7 @@ pub(crate) mod tests {
             .collect();
         assert_eq!(ids, ["b"]);
         assert!(entries(&tmp.path().join("staging")).is_empty());
-        let f: Fault = store.delete("a").await.unwrap_err().into();
+        let f: Fault = store.delete(&id("a")).await.unwrap_err().into();
         assert_eq!(f.kind, FaultKind::ResourceUnknown);
         assert_eq!(f.code.as_deref(), Some("unknown-image"));
     }
@@ -1473,32 +1029,32 @@ pub(crate) mod tests {
         let store = ImageStore::open(tmp.path(), None).unwrap();
         let src = put(&store, "src", &[("d/f", b"abc")]).await;
         let mut m = src.clone();
-        m.id = "copy".into();
+        m.id = id("copy");
         // Not the bytes this code would write: they must be kept as they are.
         let bytes = serde_json::to_vec(&m).unwrap();
 
-        let s = store.stage("copy").await.unwrap();
+        let s = store.stage(&id("copy")).await.unwrap();
         fs::create_dir(s.dir.join("d")).unwrap();
         fs::write(s.dir.join("d/f"), b"abd").unwrap();
         assert!(matches!(
             s.commit_with_manifest(bytes.clone()).await,
-            Err(StoreError::Corrupt(_))
+            Err(Error::Corrupt(_))
         ));
-        let s = store.stage("copy").await.unwrap();
+        let s = store.stage(&id("copy")).await.unwrap();
         fs::create_dir(s.dir.join("d")).unwrap();
         fs::write(s.dir.join("d/f"), b"abc").unwrap();
         fs::write(s.dir.join("d/g"), b"").unwrap();
         assert!(matches!(
             s.commit_with_manifest(bytes.clone()).await,
-            Err(StoreError::Corrupt(_))
+            Err(Error::Corrupt(_))
         ));
-        let s = store.stage("copy").await.unwrap();
+        let s = store.stage(&id("copy")).await.unwrap();
         fs::create_dir(s.dir.join("d")).unwrap();
         fs::write(s.dir.join("d/f"), b"abc").unwrap();
         assert_eq!(s.commit_with_manifest(bytes.clone()).await.unwrap(), m);
-        assert_eq!(store.manifest_bytes("copy").await.unwrap(), bytes);
+        assert_eq!(store.manifest_bytes(&id("copy")).await.unwrap(), bytes);
         assert_eq!(
-            store.digest("copy").await.unwrap(),
+            store.digest(&id("copy")).await.unwrap(),
             Manifest::digest_of(&bytes)
         );
         assert_eq!(store.usage(), 6);
@@ -1508,45 +1064,44 @@ pub(crate) mod tests {
     fn bad_manifests_are_refused() {
         let good = Manifest {
             format: 1,
-            id: "x".into(),
+            id: id("x"),
             meta: meta("j"),
             files: vec![FileEntry {
-                path: "a".into(),
+                path: rel("a"),
                 size: 1,
                 sha256: "0".repeat(64),
             }],
             total_bytes: 1,
         };
-        Manifest::parse(&good.to_bytes()).unwrap();
-        let mut cases = Vec::new();
-        let mut m = good.clone();
-        m.format = 2;
-        cases.push(m);
-        let mut m = good.clone();
-        m.total_bytes = 2;
-        cases.push(m);
-        let mut m = good.clone();
-        m.files[0].path = "../a".into();
-        cases.push(m);
-        let mut m = good.clone();
-        m.files[0].sha256 = "xyz".into();
-        cases.push(m);
-        let mut m = good.clone();
-        m.id = "../id".into();
-        cases.push(m);
-        let mut m = good.clone();
-        m.files.push(m.files[0].clone());
-        m.total_bytes = 2;
-        cases.push(m);
-        let mut m = good.clone();
-        m.files.push(FileEntry {
-            path: "a/b".into(),
-            size: 0,
-            sha256: "1".repeat(64),
-        });
-        cases.push(m);
-        for m in cases {
-            assert!(Manifest::parse(&m.to_bytes()).is_err(), "{m:?}");
+        assert_eq!(Manifest::parse(&good.to_bytes()).unwrap(), good);
+        // Manifests as another CTS could send them: the JSON, changed.
+        let good = serde_json::to_value(&good).unwrap();
+        let entry_a = good["files"][0].clone();
+        type Change<'a> = Box<dyn Fn(&mut serde_json::Value) + 'a>;
+        let changes: Vec<Change<'_>> = vec![
+            Box::new(|m| m["format"] = 2.into()),
+            Box::new(|m| m["total_bytes"] = 2.into()),
+            Box::new(|m| m["files"][0]["path"] = "../a".into()),
+            Box::new(|m| m["files"][0]["sha256"] = "xyz".into()),
+            Box::new(|m| m["id"] = "../id".into()),
+            Box::new(|m| {
+                m["files"].as_array_mut().unwrap().push(entry_a.clone());
+                m["total_bytes"] = 2.into();
+            }),
+            Box::new(|m| {
+                m["files"].as_array_mut().unwrap().push(serde_json::json!({
+                    "path": "a/b", "size": 0, "sha256": "1".repeat(64)
+                }))
+            }),
+        ];
+        for change in changes {
+            let mut m = good.clone();
+            change(&mut m);
+            let bytes = serde_json::to_vec_pretty(&m).unwrap();
+            assert!(
+                matches!(Manifest::parse(&bytes), Err(Error::Corrupt(_))),
+                "{m}"
+            );
         }
         assert!(Manifest::parse(b"not json").is_err());
     }

@@ -5,7 +5,7 @@
 //! a pidfd from registration on: a PID that was reused by another process is never mistaken
 //! for the job.
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::time::Duration;
 
 use rustix::process::{Pid, PidfdFlags, Signal};
@@ -120,6 +120,15 @@ pub fn is_alive(pid: i32, start_time: u64) -> bool {
 pub fn pidfd(pid: i32) -> Option<OwnedFd> {
     let pid = Pid::from_raw(pid)?;
     rustix::process::pidfd_open(pid, PidfdFlags::NONBLOCK).ok()
+}
+
+/// The PID a pidfd refers to (`/proc/self/fdinfo`, Linux >= 5.4), `-1` once the process has
+/// been reaped; `None` when the kernel does not say.
+pub fn pidfd_pid(fd: &OwnedFd) -> Option<i32> {
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).ok()?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("Pid:"))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// Signal numbers by name: `SIGUSR1`, `USR1`, `usr1` or `10`.

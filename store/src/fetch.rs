@@ -12,14 +12,14 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use gca_protocol::fault::ErrorBody;
-use gca_protocol::{Fault, FaultKind};
 use reqwest::{header, StatusCode};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt, BufWriter};
 
-use crate::store::{
-    validate_id, write_err, FileEntry, ImageStore, Manifest, StoreError, MAX_MANIFEST_BYTES,
-};
+use crate::error::Error;
+use crate::manifest::{FileEntry, Manifest, MAX_MANIFEST_BYTES};
+use crate::names::ImageId;
+use crate::store::{write_err, ImageStore};
 
 const WRITE_BUF: usize = 1 << 20;
 const MAX_ERROR_BODY: u64 = 64 * 1024;
@@ -47,57 +47,14 @@ impl Default for FetchOptions {
     }
 }
 
-/// Why a fetch failed. Nothing is committed in any of these cases.
-#[derive(Debug, thiserror::Error)]
-pub enum FetchError {
-    /// The source CTS could not be reached or kept failing (transport errors, 5xx).
-    #[error("{0}")]
-    Unreachable(String),
-    /// The source has no such image.
-    #[error("{0}")]
-    NotFound(String),
-    /// The source refused the request (another 4xx).
-    #[error("{message}")]
-    Remote { status: u16, message: String },
-    /// The manifest's digest is not the one the GCS recorded.
-    #[error("{0}")]
-    DigestMismatch(String),
-    /// A file's size or SHA-256 does not match the manifest, or the manifest is unreadable.
-    #[error("{0}")]
-    Corrupt(String),
-    /// The local store refused (full, unwritable, an image with that ID but another digest).
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
-
-impl From<FetchError> for Fault {
-    fn from(e: FetchError) -> Fault {
-        match e {
-            FetchError::Unreachable(m) => {
-                Fault::new(FaultKind::ServiceUnavailable, m).with_code("unreachable")
-            }
-            FetchError::NotFound(m) => {
-                Fault::new(FaultKind::ResourceUnknown, m).with_code("unknown-image")
-            }
-            FetchError::Remote { message, .. } => {
-                Fault::new(FaultKind::OperationFailed, message).with_code("image-fetch-failed")
-            }
-            FetchError::DigestMismatch(m) | FetchError::Corrupt(m) => {
-                Fault::new(FaultKind::OperationFailed, m).with_code("image-corrupt")
-            }
-            FetchError::Store(e) => e.into(),
-        }
-    }
-}
-
 /// [`fetch_image_with`] with the default [`FetchOptions`].
 pub async fn fetch_image(
     http: &reqwest::Client,
     base_url: &str,
-    id: &str,
+    id: &ImageId,
     expected_digest: Option<&str>,
     store: &ImageStore,
-) -> Result<Manifest, FetchError> {
+) -> Result<Manifest, Error> {
     fetch_image_with(
         http,
         base_url,
@@ -118,12 +75,11 @@ pub async fn fetch_image(
 pub async fn fetch_image_with(
     http: &reqwest::Client,
     base_url: &str,
-    id: &str,
+    id: &ImageId,
     expected_digest: Option<&str>,
     store: &ImageStore,
     opts: &FetchOptions,
-) -> Result<Manifest, FetchError> {
-    validate_id(id)?;
+) -> Result<Manifest, Error> {
     let ctx = Ctx {
         http,
         base: base_url.trim_end_matches('/'),
@@ -136,7 +92,7 @@ pub async fn fetch_image_with(
     let digest = Manifest::digest_of(&bytes);
     if let Some(expected) = expected_digest {
         if !expected.trim().eq_ignore_ascii_case(&digest) {
-            return Err(FetchError::DigestMismatch(format!(
+            return Err(Error::DigestMismatch(format!(
                 "image {id} from {} has digest {digest}, the GCS recorded {}: refusing a \
                  corrupt or tampered image",
                 ctx.base,
@@ -145,15 +101,15 @@ pub async fn fetch_image_with(
         }
     }
     let manifest = Manifest::parse(&bytes)
-        .map_err(|e| FetchError::Corrupt(format!("image {id} from {}: {e}", ctx.base)))?;
-    if manifest.id != id {
-        return Err(FetchError::Corrupt(format!(
+        .map_err(|e| Error::Corrupt(format!("image {id} from {}: {e}", ctx.base)))?;
+    if manifest.id != *id {
+        return Err(Error::Corrupt(format!(
             "{} answered the manifest of image {} when asked for image {id}",
             ctx.base, manifest.id
         )));
     }
     if let Some(m) = local_copy(store, id, &digest).await? {
-        tracing::info!(image = id, %digest, "image already in the local store");
+        tracing::info!(image = %id, %digest, "image already in the local store");
         return Ok(m);
     }
 
@@ -168,46 +124,44 @@ pub async fn fetch_image_with(
     }
     match staging.commit_with_manifest(bytes).await {
         Ok(m) => {
-            tracing::info!(image = id, %digest, bytes = m.total_bytes, from = ctx.base,
+            tracing::info!(image = %id, %digest, bytes = m.total_bytes, from = ctx.base,
                 "image fetched");
             Ok(m)
         }
         // Fetched concurrently by someone else: fine if it is the same image.
-        Err(StoreError::Conflict(msg)) => match local_copy(store, id, &digest).await? {
+        Err(Error::Conflict(msg)) => match local_copy(store, id, &digest).await? {
             Some(m) => Ok(m),
-            None => Err(StoreError::Conflict(msg).into()),
+            None => Err(Error::Conflict(msg)),
         },
-        Err(StoreError::Corrupt(msg)) => Err(FetchError::Corrupt(msg)),
-        Err(e) => Err(e.into()),
+        Err(e) => Err(e),
     }
 }
 
 /// The local image `id` if it has `digest`; a conflict if it has another one.
 async fn local_copy(
     store: &ImageStore,
-    id: &str,
+    id: &ImageId,
     digest: &str,
-) -> Result<Option<Manifest>, FetchError> {
+) -> Result<Option<Manifest>, Error> {
     match store.digest(id).await {
         Ok(d) if d == digest => Ok(Some(store.manifest(id).await?)),
-        Ok(d) => Err(StoreError::Conflict(format!(
+        Ok(d) => Err(Error::Conflict(format!(
             "image {id} is in the local store already with digest {d}, not {digest}: delete \
              it first"
-        ))
-        .into()),
-        Err(StoreError::NotFound(_)) => Ok(None),
-        Err(e) => Err(e.into()),
+        ))),
+        Err(Error::NotFound(_)) => Ok(None),
+        Err(e) => Err(e),
     }
 }
 
 /// One failed attempt: try again, or give up now.
 enum Attempt {
     Retry(String),
-    Fatal(FetchError),
+    Fatal(Error),
 }
 
-impl From<FetchError> for Attempt {
-    fn from(e: FetchError) -> Self {
+impl From<Error> for Attempt {
+    fn from(e: Error) -> Self {
         Attempt::Fatal(e)
     }
 }
@@ -230,14 +184,14 @@ fn describe(e: &dyn std::error::Error) -> String {
 struct Ctx<'a> {
     http: &'a reqwest::Client,
     base: &'a str,
-    id: &'a str,
+    id: &'a ImageId,
     store: &'a ImageStore,
     opts: &'a FetchOptions,
 }
 
 impl Ctx<'_> {
-    fn write_error(&self, e: std::io::Error) -> FetchError {
-        FetchError::Store(write_err(self.store.root(), self.id, e))
+    fn write_error(&self, e: std::io::Error) -> Error {
+        write_err(self.store.root(), self.id.as_str(), e)
     }
 
     async fn backoff(&self, failures: u32, what: &str, msg: &str) {
@@ -247,7 +201,7 @@ impl Ctx<'_> {
             .saturating_mul(1 << failures.saturating_sub(1).min(16))
             .min(MAX_BACKOFF);
         tracing::warn!(
-            image = self.id,
+            image = %self.id,
             what,
             error = msg,
             ?wait,
@@ -267,21 +221,21 @@ impl Ctx<'_> {
             .unwrap_or_else(|_| String::from_utf8_lossy(&body).trim().to_string());
         let message = format!("{url} answered {status}: {detail}");
         if status == StatusCode::NOT_FOUND {
-            Attempt::Fatal(FetchError::NotFound(format!(
+            Attempt::Fatal(Error::NotFound(format!(
                 "the CTS at {} has no image {} ({message})",
                 self.base, self.id
             )))
         } else if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
             Attempt::Retry(message)
         } else {
-            Attempt::Fatal(FetchError::Remote {
+            Attempt::Fatal(Error::FetchRefused {
                 status: status.as_u16(),
                 message: format!("cannot fetch image {}: {message}", self.id),
             })
         }
     }
 
-    async fn get_manifest(&self) -> Result<Vec<u8>, FetchError> {
+    async fn get_manifest(&self) -> Result<Vec<u8>, Error> {
         let url = format!("{}/{}", self.base, self.id);
         let mut failures = 0;
         loop {
@@ -296,7 +250,7 @@ impl Ctx<'_> {
                     return Err(self.refused(&url, res).await);
                 }
                 if res.content_length().is_some_and(|l| l > MAX_MANIFEST_BYTES) {
-                    return Err(Attempt::Fatal(FetchError::Corrupt(format!(
+                    return Err(Attempt::Fatal(Error::Corrupt(format!(
                         "the manifest of image {} at {url} is larger than {MAX_MANIFEST_BYTES} \
                          bytes",
                         self.id
@@ -305,7 +259,7 @@ impl Ctx<'_> {
                 read_body(res, MAX_MANIFEST_BYTES, self.opts.stall_timeout)
                     .await
                     .map_err(|e| match e {
-                        BodyError::TooLarge => Attempt::Fatal(FetchError::Corrupt(format!(
+                        BodyError::TooLarge => Attempt::Fatal(Error::Corrupt(format!(
                             "the manifest of image {} at {url} is larger than \
                              {MAX_MANIFEST_BYTES} bytes",
                             self.id
@@ -319,7 +273,7 @@ impl Ctx<'_> {
                 Err(Attempt::Retry(msg)) => {
                     failures += 1;
                     if failures >= self.opts.attempts {
-                        return Err(FetchError::Unreachable(format!(
+                        return Err(Error::Unreachable(format!(
                             "cannot fetch the manifest of image {} from {url} ({failures} \
                              attempts): {msg}",
                             self.id
@@ -333,7 +287,7 @@ impl Ctx<'_> {
 
     /// Downloads one file to `dest`, resuming from what is there already, and checks its
     /// size and SHA-256.
-    async fn download_file(&self, entry: &FileEntry, dest: &Path) -> Result<(), FetchError> {
+    async fn download_file(&self, entry: &FileEntry, dest: &Path) -> Result<(), Error> {
         let url = format!("{}/{}/files/{}", self.base, self.id, entry.path);
         if let Some(parent) = dest.parent() {
             tokio::fs::create_dir_all(parent)
@@ -365,7 +319,7 @@ impl Ctx<'_> {
                 .await
                 .map_err(|e| self.write_error(e))?;
             resumed_from_disk = true;
-            tracing::info!(image = self.id, file = %entry.path, have, "resuming a partial file");
+            tracing::info!(image = %self.id, file = %entry.path, have, "resuming a partial file");
         }
         let mut out = BufWriter::with_capacity(WRITE_BUF, file);
 
@@ -381,7 +335,7 @@ impl Ctx<'_> {
                     Err(Attempt::Retry(msg)) => {
                         failures += 1;
                         if failures >= self.opts.attempts {
-                            return Err(FetchError::Unreachable(format!(
+                            return Err(Error::Unreachable(format!(
                                 "cannot download file {} of image {} from {url} ({failures} \
                                  attempts, {have} of {} bytes received): {msg}",
                                 entry.path, self.id, entry.size
@@ -398,7 +352,7 @@ impl Ctx<'_> {
                 return Ok(());
             }
             if resumed_from_disk {
-                tracing::warn!(image = self.id, file = %entry.path,
+                tracing::warn!(image = %self.id, file = %entry.path,
                     "the partial file did not match; downloading it again");
                 resumed_from_disk = false;
                 restart(&mut out, &mut hasher, &mut have)
@@ -406,7 +360,7 @@ impl Ctx<'_> {
                     .map_err(|e| self.write_error(e))?;
                 continue;
             }
-            return Err(FetchError::Corrupt(format!(
+            return Err(Error::Corrupt(format!(
                 "file {} of image {} from {url} has sha256 {got}, its manifest says {}: \
                  refusing a corrupt or tampered image",
                 entry.path, self.id, entry.sha256
@@ -453,7 +407,7 @@ impl Ctx<'_> {
                 return Err(Attempt::Retry(format!("{url} refused to resume")));
             }
             s if s.is_success() => {
-                return Err(Attempt::Fatal(FetchError::Remote {
+                return Err(Attempt::Fatal(Error::FetchRefused {
                     status: s.as_u16(),
                     message: format!("{url} answered {s} to a file request"),
                 }))
@@ -463,7 +417,7 @@ impl Ctx<'_> {
         let remaining = entry.size - *have;
         if let Some(len) = res.content_length() {
             if len != remaining {
-                return Err(Attempt::Fatal(FetchError::Corrupt(format!(
+                return Err(Attempt::Fatal(Error::Corrupt(format!(
                     "{url} sends {len} bytes where {remaining} were expected: file {} of image \
                      {} does not match its manifest ({} bytes)",
                     entry.path, self.id, entry.size
@@ -486,7 +440,7 @@ impl Ctx<'_> {
                 Some(Ok(chunk)) => chunk,
             };
             if *have + chunk.len() as u64 > entry.size {
-                return Err(Attempt::Fatal(FetchError::Corrupt(format!(
+                return Err(Attempt::Fatal(Error::Corrupt(format!(
                     "{url} sends more than the {} bytes the manifest of image {} lists for \
                      file {}",
                     entry.size, self.id, entry.path
@@ -497,7 +451,7 @@ impl Ctx<'_> {
             *have += chunk.len() as u64;
         }
         if *have != entry.size {
-            return Err(Attempt::Fatal(FetchError::Corrupt(format!(
+            return Err(Attempt::Fatal(Error::Corrupt(format!(
                 "{url} ended after {have} bytes: file {} of image {} has {} bytes in its \
                  manifest",
                 entry.path, self.id, entry.size
@@ -588,12 +542,13 @@ async fn read_body(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::http::images;
-    use crate::store::tests::put;
+    use crate::http as images;
+    use crate::store::tests::{id, put, rel};
     use axum::extract::{Request, State};
     use axum::middleware::Next;
     use axum::response::Response;
     use axum::Router;
+    use gca_protocol::{Fault, FaultKind};
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
 
@@ -703,7 +658,7 @@ mod tests {
             ],
         )
         .await;
-        let digest = src.digest("ckpt-1").await.unwrap();
+        let digest = src.digest(&id("ckpt-1")).await.unwrap();
         let tracker = Arc::new(tracker);
         let base = serve_tracked(src.clone(), tracker.clone()).await;
         Setup {
@@ -736,18 +691,22 @@ mod tests {
     #[tokio::test]
     async fn fetch_copies_an_image_with_the_same_digest() {
         let s = setup(Tracker::default(), None).await;
-        let http = crate::http::images::tests::client();
-        let m = fetch_image(&http, &s.base, "ckpt-1", Some(&s.digest), &s.dst)
+        let http = crate::http::tests::client();
+        let m = fetch_image(&http, &s.base, &id("ckpt-1"), Some(&s.digest), &s.dst)
             .await
             .unwrap();
-        assert_eq!(m, s.src.manifest("ckpt-1").await.unwrap());
-        assert_eq!(s.dst.digest("ckpt-1").await.unwrap(), s.digest);
+        assert_eq!(m, s.src.manifest(&id("ckpt-1")).await.unwrap());
+        assert_eq!(s.dst.digest(&id("ckpt-1")).await.unwrap(), s.digest);
         assert_eq!(
-            s.dst.manifest_bytes("ckpt-1").await.unwrap(),
-            s.src.manifest_bytes("ckpt-1").await.unwrap()
+            s.dst.manifest_bytes(&id("ckpt-1")).await.unwrap(),
+            s.src.manifest_bytes(&id("ckpt-1")).await.unwrap()
         );
-        s.dst.verify("ckpt-1").await.unwrap();
-        let p = s.dst.file_path("ckpt-1", "pages-1.img").await.unwrap();
+        s.dst.verify(&id("ckpt-1")).await.unwrap();
+        let p = s
+            .dst
+            .file_path(&id("ckpt-1"), &rel("pages-1.img"))
+            .await
+            .unwrap();
         assert!(std::fs::read(p).unwrap() == s.big);
         assert_eq!(s.dst.usage(), BIG as u64 + 7);
         assert!(staging_is_empty(&s.dst_root));
@@ -756,7 +715,7 @@ mod tests {
 
         // Already here: no download at all.
         let before = s.tracker.requests().len();
-        let again = fetch_image(&http, &s.base, "ckpt-1", Some(&s.digest), &s.dst)
+        let again = fetch_image(&http, &s.base, &id("ckpt-1"), Some(&s.digest), &s.dst)
             .await
             .unwrap();
         assert_eq!(again, m);
@@ -768,16 +727,27 @@ mod tests {
     #[tokio::test]
     async fn a_tampered_file_is_refused_and_nothing_is_committed() {
         let s = setup(Tracker::default(), None).await;
-        let p = s.src.file_path("ckpt-1", "pages-1.img").await.unwrap();
+        let p = s
+            .src
+            .file_path(&id("ckpt-1"), &rel("pages-1.img"))
+            .await
+            .unwrap();
         let mut data = std::fs::read(&p).unwrap();
         data[BIG / 2] ^= 0xff;
         std::fs::write(&p, data).unwrap();
 
-        let http = crate::http::images::tests::client();
-        let e = fetch_image_with(&http, &s.base, "ckpt-1", Some(&s.digest), &s.dst, &quick())
-            .await
-            .unwrap_err();
-        assert!(matches!(e, FetchError::Corrupt(_)), "{e}");
+        let http = crate::http::tests::client();
+        let e = fetch_image_with(
+            &http,
+            &s.base,
+            &id("ckpt-1"),
+            Some(&s.digest),
+            &s.dst,
+            &quick(),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(e, Error::Corrupt(_)), "{e}");
         assert!(e.to_string().contains("pages-1.img"), "{e}");
         let f: Fault = e.into();
         assert_eq!(f.kind, FaultKind::OperationFailed);
@@ -790,12 +760,12 @@ mod tests {
     #[tokio::test]
     async fn a_wrong_digest_is_refused_before_any_download() {
         let s = setup(Tracker::default(), None).await;
-        let http = crate::http::images::tests::client();
+        let http = crate::http::tests::client();
         let wrong = format!("sha256:{}", "0".repeat(64));
-        let e = fetch_image(&http, &s.base, "ckpt-1", Some(&wrong), &s.dst)
+        let e = fetch_image(&http, &s.base, &id("ckpt-1"), Some(&wrong), &s.dst)
             .await
             .unwrap_err();
-        assert!(matches!(e, FetchError::DigestMismatch(_)), "{e}");
+        assert!(matches!(e, Error::DigestMismatch(_)), "{e}");
         let msg = e.to_string();
         assert!(msg.contains(&s.digest) && msg.contains(&wrong), "{msg}");
         assert!(
@@ -819,13 +789,20 @@ mod tests {
             None,
         )
         .await;
-        let http = crate::http::images::tests::client();
-        let m = fetch_image_with(&http, &s.base, "ckpt-1", Some(&s.digest), &s.dst, &quick())
-            .await
-            .unwrap();
+        let http = crate::http::tests::client();
+        let m = fetch_image_with(
+            &http,
+            &s.base,
+            &id("ckpt-1"),
+            Some(&s.digest),
+            &s.dst,
+            &quick(),
+        )
+        .await
+        .unwrap();
         assert_eq!(m.id, "ckpt-1");
-        assert_eq!(s.dst.digest("ckpt-1").await.unwrap(), s.digest);
-        s.dst.verify("ckpt-1").await.unwrap();
+        assert_eq!(s.dst.digest(&id("ckpt-1")).await.unwrap(), s.digest);
+        s.dst.verify(&id("ckpt-1")).await.unwrap();
 
         let pages: Vec<_> = s
             .tracker
@@ -852,20 +829,20 @@ mod tests {
     #[tokio::test]
     async fn a_partial_file_in_staging_is_resumed_or_redone() {
         let s = setup(Tracker::default(), None).await;
-        let http = crate::http::images::tests::client();
+        let http = crate::http::tests::client();
         let opts = quick();
         let ctx = Ctx {
             http: &http,
             base: &s.base,
-            id: "ckpt-1",
+            id: &id("ckpt-1"),
             store: &s.dst,
             opts: &opts,
         };
-        let m = s.src.manifest("ckpt-1").await.unwrap();
+        let m = s.src.manifest(&id("ckpt-1")).await.unwrap();
         let entry = m.files.iter().find(|f| f.path == "pages-1.img").unwrap();
 
         // A good prefix: one ranged request.
-        let staging = s.dst.stage("ckpt-1").await.unwrap();
+        let staging = s.dst.stage(&id("ckpt-1")).await.unwrap();
         let dest = staging.dir.join("pages-1.img");
         std::fs::write(&dest, &s.big[..1_000_000]).unwrap();
         ctx.download_file(entry, &dest).await.unwrap();
@@ -902,39 +879,39 @@ mod tests {
         std::fs::create_dir_all(staging.dir.join("fs/root")).unwrap();
         std::fs::write(staging.dir.join("fs/root/c++.log"), b"log").unwrap();
         staging
-            .commit_with_manifest(s.src.manifest_bytes("ckpt-1").await.unwrap())
+            .commit_with_manifest(s.src.manifest_bytes(&id("ckpt-1")).await.unwrap())
             .await
             .unwrap();
-        assert_eq!(s.dst.digest("ckpt-1").await.unwrap(), s.digest);
+        assert_eq!(s.dst.digest(&id("ckpt-1")).await.unwrap(), s.digest);
     }
 
     #[tokio::test]
     async fn unknown_images_unreachable_sources_and_full_stores() {
         let s = setup(Tracker::default(), Some(1 << 20)).await;
-        let http = crate::http::images::tests::client();
+        let http = crate::http::tests::client();
 
-        let e = fetch_image_with(&http, &s.base, "nope", None, &s.dst, &quick())
+        let e = fetch_image_with(&http, &s.base, &id("nope"), None, &s.dst, &quick())
             .await
             .unwrap_err();
-        assert!(matches!(e, FetchError::NotFound(_)), "{e}");
+        assert!(matches!(e, Error::NotFound(_)), "{e}");
         assert_eq!(Fault::from(e).kind, FaultKind::ResourceUnknown);
 
-        let e = fetch_image_with(&http, &s.base, "../x", None, &s.dst, &quick())
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(e, FetchError::Store(StoreError::InvalidId(_))),
-            "{e}"
-        );
+        // An ID that could leave the store cannot even be named.
+        let e = ImageId::parse("../x").unwrap_err();
+        assert!(matches!(e, Error::InvalidId(_)), "{e}");
 
         // The image (8 MB) does not fit the 1 MB quota: refused before any file request.
-        let e = fetch_image_with(&http, &s.base, "ckpt-1", Some(&s.digest), &s.dst, &quick())
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(e, FetchError::Store(StoreError::StoreFull(_))),
-            "{e}"
-        );
+        let e = fetch_image_with(
+            &http,
+            &s.base,
+            &id("ckpt-1"),
+            Some(&s.digest),
+            &s.dst,
+            &quick(),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(e, Error::StoreFull(_)), "{e}");
         assert!(s.tracker.file_requests().is_empty());
         assert!(staging_is_empty(&s.dst_root));
 
@@ -945,14 +922,14 @@ mod tests {
         let e = fetch_image_with(
             &http,
             &format!("http://127.0.0.1:{port}/images/"),
-            "ckpt-1",
+            &id("ckpt-1"),
             None,
             &s.dst,
             &quick(),
         )
         .await
         .unwrap_err();
-        assert!(matches!(e, FetchError::Unreachable(_)), "{e}");
+        assert!(matches!(e, Error::Unreachable(_)), "{e}");
         assert!(e.to_string().contains("3 attempts"), "{e}");
         assert_eq!(Fault::from(e).kind, FaultKind::ServiceUnavailable);
     }

@@ -3,18 +3,21 @@
 //! caller's credentials (`SO_PEERCRED`), so a job can neither register a GID on another
 //! resource nor claim a process of another user.
 //!
-//! Also here: [`LocalClient`], the client the wrappers and tests use.
+//! Also here: [`LocalClient`], the client the wrappers and tests use. The CTS serves this API
+//! (`cts::http::local`); the wrappers use it without linking the CTS.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use gca_protocol::fault::{ErrorBody, Fault, FaultKind};
-use gca_protocol::messages::{JobState, Property, Retention};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+
+use crate::driver_config::DriverConfig;
+use crate::fault::{ErrorBody, Fault, FaultKind};
+use crate::messages::{JobState, Property, Retention};
 
 /// `POST /v1/jobs`: a wrapper registering GID ↔ local process.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,7 +33,7 @@ pub struct RegisterLocalJob {
     pub recovery: Option<LocalRecovery>,
     /// The owner's retention policy (what is kept of the job's images when it ends, and
     /// where), passed on to the GCS in `RegisterJob`. Checked with
-    /// [`Retention::validate`](gca_protocol::messages::Retention::validate): an invalid one
+    /// [`Retention::validate`](crate::messages::Retention::validate): an invalid one
     /// refuses the registration (400, code `invalid-retention`). `None` leaves the policy the
     /// GCS has for the job (the default, delete all, for a new job); a recovery may change it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -131,9 +134,10 @@ pub struct LocalInfo {
     #[serde(default)]
     pub gcs_url: String,
     /// The driver configuration, so that the recovery wrapper builds the same core
-    /// checkpointer (`cts::make_driver`) and restores in its own process. Only on the socket.
+    /// checkpointer (`gca_drivers::make_driver`) and restores in its own process. Only on the
+    /// socket.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub driver_config: Option<crate::config::DriverConfig>,
+    pub driver_config: Option<DriverConfig>,
     /// The CTS type's recovery job parameters (patterns), appended to the job's arguments
     /// when the wrapper starts a job itself (`Restored::StartJob`).
     #[serde(default)]
@@ -175,7 +179,7 @@ impl LocalClient {
     }
 
     pub async fn job(&self, gid: &str) -> Result<LocalJob, Fault> {
-        let path = format!("/v1/jobs/{}", gca_protocol::client::path_segment(gid));
+        let path = format!("/v1/jobs/{}", crate::client::path_segment(gid));
         self.request::<(), _>("GET", &path, None).await
     }
 
@@ -184,14 +188,14 @@ impl LocalClient {
     }
 
     pub async fn exited(&self, gid: &str, exit: &LocalExit) -> Result<LocalJob, Fault> {
-        let path = format!("/v1/jobs/{}/exit", gca_protocol::client::path_segment(gid));
+        let path = format!("/v1/jobs/{}/exit", crate::client::path_segment(gid));
         self.request("POST", &path, Some(exit)).await
     }
 
     /// Withdraws a recovery registration made with `restoring: true` (the restore failed);
     /// the GCS keeps the job in state `recovering`, so it can be recovered again.
     pub async fn abandon(&self, gid: &str) -> Result<LocalJob, Fault> {
-        let path = format!("/v1/jobs/{}", gca_protocol::client::path_segment(gid));
+        let path = format!("/v1/jobs/{}", crate::client::path_segment(gid));
         self.request::<(), _>("DELETE", &path, None).await
     }
 

@@ -1,0 +1,427 @@
+//! One checkpoint (paper 5.2 steps 4-9): the job's lock, a staging directory, the driver,
+//! the commit into the store, the record through the outbox; and collecting a checkpoint the
+//! job took on its own (paper 3.3, internal).
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use gca_drivers::{proc, CheckpointRequest, DriverError};
+use gca_protocol::fault::Fault;
+use gca_protocol::messages::{
+    fmt_time, CheckpointRecord, DoCheckpoint, Origin, RegisterCheckpoint,
+};
+use gca_store::{ImageId, ImageMeta, Staging};
+
+use super::jobs::Job;
+use super::Cts;
+use crate::error::{Error, Result};
+use crate::gcs_link::{Delivered, OutboxItem};
+
+impl Cts {
+    /// doCheckpoint from the GCS (paper 5.2 steps 4-9).
+    pub async fn do_checkpoint(&self, req: DoCheckpoint) -> Result<CheckpointRecord> {
+        if !self.inner.cts_type.core_service.external_checkpoints {
+            return Err(Error::conflict(format!(
+                "CTS type {:?} does not accept checkpoint requests; its jobs are checkpointed internally",
+                self.inner.cts_type.name
+            )));
+        }
+        let job = self.job(&req.gid)?;
+        let stop = req.stop || self.inner.config.checkpoint.stop_after;
+        let wait = Duration::from_secs(self.inner.config.checkpoint.busy_wait_secs);
+        let guard = match job.lock.try_lock() {
+            Ok(g) => g,
+            Err(_) => {
+                let busy = job.busy_since();
+                match tokio::time::timeout(wait, job.lock.lock()).await {
+                    Ok(g) => g,
+                    Err(_) => {
+                        let what = busy
+                            .map(|(o, t)| format!(" ({o}, started {})", fmt_time(&t)))
+                            .unwrap_or_default();
+                        return Err(Error::Fault(
+                            Fault::conflict(format!(
+                                "a checkpoint of job {:?} is already in progress{what}; retry when it has completed",
+                                req.gid
+                            ))
+                            .with_code("checkpoint-in-progress"),
+                        ));
+                    }
+                }
+            }
+        };
+        let record = self
+            .fresh_checkpoint_locked(&job, Origin::External, stop)
+            .await;
+        drop(guard);
+        record
+    }
+
+    /// A checkpoint the job took on its own comes first (so sequence numbers follow time),
+    /// then the requested one; the caller holds `job.lock`.
+    pub(super) async fn fresh_checkpoint_locked(
+        &self,
+        job: &Arc<Job>,
+        origin: Origin,
+        stop: bool,
+    ) -> Result<CheckpointRecord> {
+        self.collect_internal_locked(job).await;
+        match self.checkpoint_locked(job, origin, stop).await {
+            // The job finished one of its own in between: collect it and ask again, once.
+            Err(Error::Driver(e)) if e.code == "internal-checkpoint-pending" => {
+                self.collect_internal_locked(job).await;
+                self.checkpoint_locked(job, origin, stop).await
+            }
+            other => other,
+        }
+    }
+
+    /// Takes one checkpoint; the caller holds `job.lock`.
+    pub(super) async fn checkpoint_locked(
+        &self,
+        job: &Arc<Job>,
+        origin: Origin,
+        stop: bool,
+    ) -> Result<CheckpointRecord> {
+        if job.restoring {
+            return Err(Error::conflict(format!(
+                "job {:?} is being recovered; checkpoint it once it runs again",
+                job.gid
+            )));
+        }
+        if job.stopping() {
+            return Err(Error::conflict(format!(
+                "job {:?} was stopped after its last checkpoint; recover it to checkpoint it again",
+                job.gid
+            )));
+        }
+        if !proc::is_alive(job.pid, job.start_time) {
+            return Err(Error::Fault(
+                Fault::resource_unknown(format!(
+                    "job {:?} (process {}) is no longer running; nothing was checkpointed",
+                    job.gid, job.pid
+                ))
+                .with_code("job-gone"),
+            ));
+        }
+        self.inner.in_flight.fetch_add(1, Ordering::SeqCst);
+        job.set_busy(Some((origin, Utc::now())));
+        let result = self.take(job, origin, stop).await;
+        job.set_busy(None);
+        self.inner.in_flight.fetch_sub(1, Ordering::SeqCst);
+        match &result {
+            Ok(r) => {
+                tracing::info!(gid = %job.gid, checkpoint.id = %r.id, checkpoint.sequence = ?r.sequence, origin = %origin, stopped = r.job_stopped, "checkpoint taken")
+            }
+            Err(e) => {
+                tracing::warn!(gid = %job.gid, origin = %origin, error = %e, "checkpoint failed")
+            }
+        }
+        result
+    }
+
+    /// Moves a written image into the store (manifest, atomic rename) and makes its record
+    /// (without a sequence number: the GCS assigns it); counts it for the job.
+    pub(super) async fn commit_image(
+        &self,
+        job: &Arc<Job>,
+        staging: Staging,
+        id: &ImageId,
+        taken_at: DateTime<Utc>,
+        origin: Origin,
+        stop: bool,
+    ) -> Result<CheckpointRecord> {
+        let manifest = staging
+            .commit(ImageMeta {
+                gid: job.gid.clone(),
+                created_at: taken_at,
+                driver: self.inner.driver.kind().to_string(),
+                origin: origin.to_string(),
+                extra: [
+                    ("cts".to_string(), self.inner.instance.name.clone()),
+                    ("cts_type".to_string(), self.inner.cts_type.name.clone()),
+                    ("pid".to_string(), job.pid.to_string()),
+                    ("job_stopped".to_string(), stop.to_string()),
+                ]
+                .into_iter()
+                .chain(owner_extra(job))
+                .collect(),
+            })
+            .await?;
+        let digest = self.inner.store.digest(id).await?;
+        job.checkpointed(id);
+        self.inner.checkpoints_taken.fetch_add(1, Ordering::SeqCst);
+        self.save_job(job);
+        let owner = match (job.uid, job.owner_gid) {
+            (uid, Some(gid)) if uid != u32::MAX => {
+                Some(gca_protocol::messages::ImageOwner { uid, gid })
+            }
+            _ => None,
+        };
+        let mut record = CheckpointRecord {
+            id: id.to_string(),
+            gid: job.gid.clone(),
+            sequence: None,
+            cts_name: self.inner.instance.name.clone(),
+            cts_type: self.inner.cts_type.name.clone(),
+            taken_at,
+            image_name: format!("{}/images/{id}", self.inner.config.public_url()),
+            execution_manager: self.inner.instance.execution_manager.clone(),
+            size_bytes: Some(manifest.total_bytes as i64),
+            digest: Some(digest),
+            parent: None,
+            origin,
+            job_stopped: stop,
+            registered_at: None,
+            image_state: Default::default(),
+            kept_in: None,
+            image_error: None,
+            owner,
+            signature: None,
+        };
+        if let Some(signer) = &self.inner.signer {
+            let facts = gca_protocol::signature::SignedFacts::of(&record).ok_or_else(|| {
+                Error::Fault(Fault::new(
+                    gca_protocol::FaultKind::OperationFailed,
+                    format!(
+                        "image {id} of job {:?} cannot be signed: the job's owner is unknown",
+                        job.gid
+                    ),
+                ))
+            })?;
+            record.signature = Some(signer.sign(&facts).map_err(|e| {
+                Error::Fault(Fault::new(
+                    gca_protocol::FaultKind::Internal,
+                    format!("signing image {id}: {e:#}"),
+                ))
+            })?);
+        }
+        Ok(record)
+    }
+
+    pub(super) fn new_image_id(&self) -> Result<ImageId> {
+        let rand = uuid::Uuid::new_v4().simple().to_string();
+        Ok(ImageId::parse(&format!(
+            "{}-{}-{}",
+            self.inner.instance.name,
+            Utc::now().format("%Y%m%dT%H%M%SZ"),
+            &rand[..12]
+        ))?)
+    }
+
+    pub(super) async fn take(
+        &self,
+        job: &Arc<Job>,
+        origin: Origin,
+        stop: bool,
+    ) -> Result<CheckpointRecord> {
+        let id = self.new_image_id()?;
+        let staging = self.inner.store.stage(&id).await?;
+        let values = self
+            .job_values(job)
+            .set("IMAGE_ID", id.to_string())
+            .set("IMAGE_DIR", staging.dir.display().to_string());
+        let handle = self.handle(job);
+        let timeout = self.inner.config.checkpoint_timeout();
+        let taken_at = Utc::now();
+        let outcome = match tokio::time::timeout(
+            timeout + Duration::from_secs(5),
+            self.inner.driver.checkpoint(CheckpointRequest {
+                job: &handle,
+                image_id: &id,
+                image_dir: &staging.dir,
+                leave_running: !stop,
+                values: &values,
+                timeout,
+            }),
+        )
+        .await
+        {
+            Ok(Ok(o)) => o,
+            Ok(Err(e)) => return Err(Error::Driver(self.keep_failure_logs(&id, &staging.dir, e))),
+            Err(_) => {
+                return Err(Error::Driver(DriverError::timeout(format!(
+                    "the {} checkpoint of job {:?} did not finish within {timeout:?}",
+                    self.inner.driver.kind(),
+                    job.gid
+                ))))
+            }
+        };
+        if stop {
+            job.set_stopping();
+            if !outcome.stopped {
+                self.stop_job(job).await;
+            }
+        }
+        let record = self
+            .commit_image(job, staging, &id, taken_at, origin, stop)
+            .await
+            .inspect_err(|e| {
+                if stop {
+                    tracing::error!(gid = %job.gid, error = %e, "job stopped but its image could not be stored");
+                }
+            })?;
+        let item = OutboxItem::RegisterCheckpoint(Box::new(RegisterCheckpoint {
+            checkpoint: record.clone(),
+        }));
+        match self.inner.link.send(item, self.gcs_wait()).await {
+            Ok(Some(Delivered::Checkpoint(r))) => Ok(r.checkpoint),
+            Ok(_) => {
+                tracing::warn!(gid = %job.gid, checkpoint.id = %id, "GCS unreachable; checkpoint kept and its record queued");
+                Ok(record)
+            }
+            Err(e) => {
+                // The image is stored; the record is set aside in the outbox for an operator.
+                let f: Fault = e.into();
+                Err(Error::Fault(Fault {
+                    message: format!(
+                        "checkpoint {id:?} of job {:?} was taken and stored, but the GCS refused its record: {}",
+                        job.gid, f.message
+                    ),
+                    ..f
+                }))
+            }
+        }
+    }
+
+    /// The staging directory of a failed checkpoint is removed; its logs (CRIU's `dump.log`,
+    /// a command's `command.log`) are kept under `<state_dir>/failed/<image id>/` for the
+    /// operator, and the error points there.
+    pub(super) fn keep_failure_logs(
+        &self,
+        id: &str,
+        staging: &Path,
+        mut e: DriverError,
+    ) -> DriverError {
+        let keep = self.inner.config.state_dir.join("failed").join(id);
+        let Ok(entries) = std::fs::read_dir(staging) else {
+            return e;
+        };
+        let mut kept = false;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let is_log = name.to_string_lossy().ends_with(".log");
+            if is_log
+                && entry.file_type().is_ok_and(|t| t.is_file())
+                && std::fs::create_dir_all(&keep).is_ok()
+                && std::fs::copy(entry.path(), keep.join(&name)).is_ok()
+            {
+                kept = true;
+            }
+        }
+        if kept {
+            let staged = staging.display().to_string();
+            e.message = if e.message.contains(&staged) {
+                e.message.replace(&staged, &keep.display().to_string())
+            } else {
+                format!("{} (logs kept in {})", e.message, keep.display())
+            };
+        }
+        e
+    }
+
+    /// Stops a job after a checkpoint: the configured signal, then SIGKILL after the grace.
+    pub(super) async fn stop_job(&self, job: &Job) {
+        let c = &self.inner.config.checkpoint;
+        let sig = proc::parse_signal(&c.stop_signal).unwrap_or(rustix::process::Signal::TERM);
+        let fd = job.pidfd.as_deref();
+        if proc::send_signal(job.pid, fd, sig).is_err() {
+            return;
+        }
+        if !proc::wait_gone(
+            job.pid,
+            job.start_time,
+            Duration::from_secs(c.stop_grace_secs),
+        )
+        .await
+        {
+            tracing::warn!(gid = %job.gid, pid = job.pid, "job ignored {}; killing it", c.stop_signal);
+            let _ = proc::send_signal(job.pid, fd, rustix::process::Signal::KILL);
+            proc::wait_gone(job.pid, job.start_time, Duration::from_secs(5)).await;
+        }
+    }
+
+    /// Collects a checkpoint the job took on its own, if one is ready; the caller holds
+    /// `job.lock`. Failures are logged: nothing else depends on them.
+    pub(super) async fn collect_internal_locked(&self, job: &Arc<Job>) {
+        if job.stopping() {
+            return;
+        }
+        let staging = match self.new_image_id() {
+            Ok(id) => self.inner.store.stage(&id).await.map_err(Error::from),
+            Err(e) => Err(e),
+        };
+        let staging = match staging {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(gid = %job.gid, error = %e, "cannot stage an internal checkpoint");
+                return;
+            }
+        };
+        let handle = self.handle(job);
+        let taken_at = Utc::now();
+        match self
+            .inner
+            .driver
+            .collect_internal(&handle, &staging.dir)
+            .await
+        {
+            Ok(false) => {}
+            Ok(true) => {
+                if let Err(e) = self.register_collected(job, staging, taken_at).await {
+                    tracing::warn!(gid = %job.gid, error = %e, "could not store a checkpoint the job took on its own");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(gid = %job.gid, error = %e.message, "could not collect a checkpoint the job took on its own")
+            }
+        }
+    }
+
+    pub(super) async fn register_collected(
+        &self,
+        job: &Arc<Job>,
+        staging: Staging,
+        taken_at: DateTime<Utc>,
+    ) -> Result<()> {
+        let id = staging.id().clone();
+        self.inner.in_flight.fetch_add(1, Ordering::SeqCst);
+        let result = async {
+            let record = self
+                .commit_image(job, staging, &id, taken_at, Origin::Job, false)
+                .await?;
+            tracing::info!(gid = %job.gid, checkpoint.id = %id, "checkpoint taken by the job itself");
+            self.inner
+                .link
+                .enqueue_nowait(OutboxItem::RegisterCheckpoint(Box::new(RegisterCheckpoint { checkpoint: record })))
+        }
+        .await;
+        self.inner.in_flight.fetch_sub(1, Ordering::SeqCst);
+        result
+    }
+}
+
+/// `uid` and `gid` (the owner's numeric user and group, not the job's GID, which is
+/// `meta.gid`) for an image's `meta.extra`: the owner an image is exported for
+/// (`POST /images/{id}/export`). Left out when the CTS could not read them.
+fn owner_extra(job: &Job) -> Vec<(String, String)> {
+    match (job.uid, job.owner_gid) {
+        (uid, Some(gid)) if uid != u32::MAX => vec![
+            (
+                gca_store::export::OWNER_UID_KEY.to_string(),
+                uid.to_string(),
+            ),
+            (
+                gca_store::export::OWNER_GID_KEY.to_string(),
+                gid.to_string(),
+            ),
+        ],
+        _ => {
+            tracing::warn!(gid = %job.gid, pid = job.pid, "the job's owner is unknown; its images cannot be exported to the owner's directory");
+            Vec::new()
+        }
+    }
+}

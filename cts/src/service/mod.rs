@@ -1,0 +1,229 @@
+//! The CTS service: the one [`Cts`] object the HTTP layer (`crate::http`) calls, which only
+//! translates between the wire and these methods. Its methods are split by concern:
+//!
+//! - [`jobs`]: the registry of the jobs running here and its persistence (`state_dir/jobs`),
+//!   each job's mutable state under one lock;
+//! - [`registration`]: local registration by the wrappers (paper 3.4.1), recovery
+//!   registrations and their withdrawal, exits reported by a wrapper;
+//! - [`checkpoint`]: one checkpoint (doCheckpoint, paper 5.2), and collecting one the job
+//!   took on its own;
+//! - [`watch`]: per-job background work: the exit watcher, periodic checkpoints, polling for
+//!   internal checkpoints;
+//! - [`recovery`]: getting a checkpoint's image into this store for a recovery, verified
+//!   against the GCS's record;
+//! - [`reconcile`]: removing images the GCS records as deleted or kept.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use gca_drivers::CoreCheckpointer;
+use gca_protocol::cts_api::{Load, Status};
+use gca_protocol::local::LocalInfo;
+use gca_protocol::messages::{CtsInstance, CtsType};
+use gca_protocol::placeholders::Values;
+use gca_store::ImageStore;
+use parking_lot::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::gcs_link::GcsLink;
+
+mod checkpoint;
+mod jobs;
+mod reconcile;
+mod recovery;
+mod registration;
+mod watch;
+
+use jobs::Job;
+pub use registration::Caller;
+
+/// The service; cheap to clone.
+#[derive(Clone)]
+pub struct Cts {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: Config,
+    cts_type: CtsType,
+    instance: CtsInstance,
+    driver: Arc<dyn CoreCheckpointer>,
+    driver_check: String,
+    store: ImageStore,
+    link: GcsLink,
+    /// For fetching images from other CTSes.
+    http: reqwest::Client,
+    /// Signs the images this CTS takes (`None` in insecure mode).
+    signer: Option<gca_protocol::signature::Signer>,
+    /// The jobs running here, by GID (see [`jobs`]).
+    jobs: Mutex<HashMap<String, Arc<Job>>>,
+    in_flight: AtomicU64,
+    checkpoints_taken: AtomicU64,
+    cancel: CancellationToken,
+}
+
+impl Cts {
+    /// Builds the service: checks the driver, opens the store and the outbox, reloads the
+    /// jobs of a previous run that still run. Background work starts with [`Cts::start`].
+    pub async fn new(
+        config: Config,
+        cts_type: CtsType,
+        driver: Arc<dyn CoreCheckpointer>,
+        http: reqwest::Client,
+    ) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let driver_check = driver.self_check().await.map_err(|e| {
+            anyhow::anyhow!(
+                "the {} core checkpointer is not usable: {}",
+                driver.kind(),
+                e.message
+            )
+        })?;
+        for dir in [
+            config.state_dir.join("jobs"),
+            config.state_dir.join("checkpoint"),
+        ] {
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let max = (config.store.max_bytes > 0).then_some(config.store.max_bytes);
+        let store =
+            ImageStore::open(&config.store_dir(), max).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let instance = CtsInstance {
+            name: config.name.clone(),
+            cts_type: cts_type.name.clone(),
+            url: format!(
+                "{}{}",
+                config.public_url(),
+                gca_protocol::ns::CTS_SERVICE_PATH
+            ),
+            execution_manager: config.execution_manager.clone(),
+            resource: config.resource.clone(),
+            registered_at: None,
+            last_seen: None,
+        };
+        let signer = match &config.tls {
+            Some(tls) => Some(
+                gca_protocol::signature::Signer::from_tls(tls)
+                    .map_err(|e| anyhow::anyhow!("the CTS's signing key (its TLS key): {e:#}"))?,
+            ),
+            None => None,
+        };
+        let client = gca_protocol::client::SoapClient::new(http.clone(), config.gcs_endpoint());
+        let link = GcsLink::open(
+            client,
+            instance.clone(),
+            &config.state_dir.join("outbox"),
+            Duration::from_secs(config.heartbeat_secs),
+        )?;
+        let cts = Cts {
+            inner: Arc::new(Inner {
+                config,
+                cts_type,
+                instance,
+                driver,
+                driver_check,
+                store,
+                link,
+                http,
+                signer,
+                jobs: Mutex::new(HashMap::new()),
+                in_flight: AtomicU64::new(0),
+                checkpoints_taken: AtomicU64::new(0),
+                cancel: CancellationToken::new(),
+            }),
+        };
+        cts.reload_jobs();
+        Ok(cts)
+    }
+
+    /// Starts the GCS link, the store's reconciliation and the per-job watchers; they stop on
+    /// [`Cts::shutdown`].
+    pub fn start(&self) {
+        tokio::spawn(self.inner.link.clone().run(self.inner.cancel.child_token()));
+        self.spawn_reconciler();
+        let jobs: Vec<Arc<Job>> = self.jobs().values().cloned().collect();
+        for job in jobs {
+            self.spawn_job_tasks(job);
+        }
+    }
+
+    pub fn shutdown(&self) {
+        self.inner.cancel.cancel();
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    pub fn store(&self) -> &ImageStore {
+        &self.inner.store
+    }
+
+    pub fn instance(&self) -> &CtsInstance {
+        &self.inner.instance
+    }
+
+    pub fn link(&self) -> &GcsLink {
+        &self.inner.link
+    }
+
+    pub fn status(&self) -> Status {
+        Status {
+            instance: self.inner.instance.clone(),
+            descriptor: self.inner.cts_type.clone(),
+            driver: self.inner.driver.kind().to_string(),
+            driver_check: self.inner.driver_check.clone(),
+            gcs: self.inner.link.status(),
+            load: Load {
+                jobs: self.jobs().len(),
+                checkpoints_in_flight: self.inner.in_flight.load(Ordering::Relaxed),
+                checkpoints_taken: self.inner.checkpoints_taken.load(Ordering::Relaxed),
+                store_bytes: self.inner.store.usage(),
+                store_max_bytes: (self.inner.config.store.max_bytes > 0)
+                    .then_some(self.inner.config.store.max_bytes),
+            },
+        }
+    }
+
+    pub fn local_info(&self) -> LocalInfo {
+        LocalInfo {
+            name: self.inner.instance.name.clone(),
+            cts_type: self.inner.cts_type.name.clone(),
+            resource: self.inner.instance.resource.clone(),
+            url: self.inner.instance.url.clone(),
+            socket: self.inner.config.local_socket(),
+            driver: self.inner.driver.kind().to_string(),
+            gcs_url: self.inner.config.gcs_url.clone(),
+            driver_config: Some(self.inner.config.driver.clone()),
+            recovery_job_parameters: self.inner.cts_type.recovery_job_parameters.clone(),
+        }
+    }
+
+    fn base_values(&self) -> Values {
+        let i = &self.inner.instance;
+        Values::new()
+            .set("CTS_URL", i.url.clone())
+            .set("CTS_NAME", i.name.clone())
+            .set("CTS_TYPE", i.cts_type.clone())
+            .set("RESOURCE", i.resource.clone())
+            .set("EXECUTION_MANAGER", i.execution_manager.clone())
+            .set(
+                "GCS_URL",
+                self.inner.config.gcs_url.trim_end_matches('/').to_string(),
+            )
+    }
+
+    fn job_values(&self, job: &Job) -> Values {
+        self.base_values()
+            .set("GID", job.gid.clone())
+            .set("CHECKPOINT_DIR", job.checkpoint_dir.display().to_string())
+            .set("PID", job.pid.to_string())
+    }
+
+    fn gcs_wait(&self) -> Duration {
+        Duration::from_secs(self.inner.config.gcs_wait_secs)
+    }
+}

@@ -1,0 +1,360 @@
+//! Local registration (paper 3.4.1): a wrapper registers GID ↔ PID over the UNIX socket
+//! (credentials checked against the process it claims), the CTS tells the GCS it is in charge
+//! of the GID; recovery registrations in two steps and their withdrawal; how a job ended, as
+//! its parent wrapper reports it.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use gca_drivers::proc;
+use gca_protocol::fault::Fault;
+use gca_protocol::local::{GcsDelivery, LocalExit, LocalJob, RegisterLocalJob};
+use gca_protocol::messages::{JobState, Property, RegisterJob};
+use gca_protocol::placeholders::{self, Values};
+
+use super::jobs::{check_gid, job_key, Job, SavedJob};
+use super::Cts;
+use crate::error::{Error, Result};
+use crate::gcs_link::OutboxItem;
+
+/// Who is calling the local API (from `SO_PEERCRED`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller {
+    pub pid: Option<i32>,
+    pub uid: u32,
+}
+
+impl Cts {
+    /// A wrapper registers GID ↔ PID (paper 3.4.1); the CTS then tells the GCS it is in
+    /// charge of the GID. Idempotent for the same GID and process.
+    pub async fn register_job(&self, req: RegisterLocalJob, caller: Caller) -> Result<LocalJob> {
+        check_gid(&req.gid)?;
+        let Some(stat) = proc::stat(req.pid).filter(|s| s.state != 'Z') else {
+            return Err(Error::unknown(format!(
+                "no process with PID {} runs on this resource; a wrapper registers its own PID before it executes the job",
+                req.pid
+            )));
+        };
+        let uid = proc::uid(req.pid).unwrap_or(u32::MAX);
+        let owner_gid = proc::gid(req.pid).or_else(|| proc::passwd_gid(uid));
+        if caller.uid != 0 && caller.uid != uid {
+            return Err(Error::denied(format!(
+                "process {} belongs to user {uid}, not to the caller (user {}); a job can only register its own processes",
+                req.pid, caller.uid
+            )));
+        }
+        check_retention(&req)?;
+        let restoring = req.recovery.as_ref().is_some_and(|r| r.restoring);
+        let periodic = if restoring {
+            None
+        } else {
+            self.periodic_for(req.periodic_interval_secs)?
+        };
+        // The second step of a recovery takes over the first one's directory and environment
+        // (the restored image may be in the directory already).
+        let mut taken_over: Option<Arc<Job>> = None;
+        if let Some(existing) = self.jobs().get(&req.gid).cloned() {
+            if existing.pid == req.pid && existing.start_time == stat.start_time {
+                return Ok(self.view(&existing));
+            }
+            if existing.restoring && req.recovery.is_some() && !restoring {
+                if caller.uid != 0 && caller.uid != existing.uid {
+                    return Err(Error::denied(format!(
+                        "job {:?} is being recovered by user {}, not by the caller (user {})",
+                        req.gid, existing.uid, caller.uid
+                    )));
+                }
+                taken_over = Some(existing);
+            } else if proc::is_alive(existing.pid, existing.start_time) {
+                return Err(Error::conflict(format!(
+                    "GID {:?} is already registered here for process {}, which still runs",
+                    req.gid, existing.pid
+                )));
+            }
+        }
+        if let Some(other) = self
+            .jobs()
+            .values()
+            .find(|j| j.pid == req.pid && j.start_time == stat.start_time && j.gid != req.gid)
+        {
+            return Err(Error::conflict(format!(
+                "process {} is already registered as job {:?}",
+                req.pid, other.gid
+            )));
+        }
+        let key = job_key(&req.gid);
+        let checkpoint_dir = self.inner.config.state_dir.join("checkpoint").join(&key);
+        if taken_over.is_none() {
+            prepare_checkpoint_dir(&checkpoint_dir, uid).map_err(|e| {
+                anyhow::anyhow!(
+                    "creating the checkpoint directory {}: {e}",
+                    checkpoint_dir.display()
+                )
+            })?;
+        }
+        let values = self
+            .base_values()
+            .set("GID", req.gid.clone())
+            .set("CHECKPOINT_DIR", checkpoint_dir.display().to_string());
+        let environment = match &taken_over {
+            Some(t) => t.environment.clone(),
+            None => self.environment_for(&values)?,
+        };
+        // Tell the GCS first: a conflict there (the GID runs elsewhere) refuses the job here.
+        let item = OutboxItem::RegisterJob(gcs_registration(&req, &self.inner.instance.name));
+        let gcs = match self.inner.link.send(item, self.gcs_wait()).await {
+            Ok(Some(_)) => GcsDelivery::Registered,
+            Ok(None) => {
+                tracing::warn!(gid = %req.gid, "GCS unreachable; job accepted, its registration is queued");
+                GcsDelivery::Pending
+            }
+            Err(e) => {
+                let f: Fault = e.into();
+                return Err(Error::Fault(Fault {
+                    message: format!("the GCS refused job {:?}: {}", req.gid, f.message),
+                    ..f
+                }));
+            }
+        };
+        let job = Arc::new(Job::new(
+            SavedJob {
+                gid: req.gid.clone(),
+                pid: req.pid,
+                start_time: stat.start_time,
+                uid,
+                owner_gid,
+                checkpoint_dir,
+                environment,
+                periodic_interval_secs: periodic.map(|d| d.as_secs()),
+                registered_at: Utc::now(),
+                checkpoints: 0,
+                last_checkpoint: None,
+                restoring,
+            },
+            gcs,
+            self.inner.cancel.child_token(),
+        ));
+        if let Some(old) = self.jobs().insert(req.gid.clone(), job.clone()) {
+            old.cancel.cancel();
+        }
+        self.save_job(&job);
+        tracing::info!(gid = %job.gid, pid = job.pid, periodic_secs = ?job.periodic.map(|d| d.as_secs()), gcs = ?gcs, recovery = ?req.recovery, retention = ?req.retention, "job registered");
+        self.spawn_job_tasks(job.clone());
+        Ok(self.view(&job))
+    }
+
+    pub(super) fn environment_for(&self, values: &Values) -> anyhow::Result<Vec<Property>> {
+        self.inner
+            .cts_type
+            .environment
+            .iter()
+            .map(|p| {
+                placeholders::expand_partial(&p.value, values)
+                    .map(|value| Property {
+                        name: p.name.clone(),
+                        value,
+                    })
+                    .map_err(|e| anyhow::anyhow!("the descriptor's environment {}: {e}", p.name))
+            })
+            .collect()
+    }
+
+    /// Withdraws a recovery registration whose restore failed (`DELETE /v1/jobs/{gid}`). The
+    /// GCS is not told: the job stays `recovering` there and can be recovered again.
+    pub fn abandon_recovery(&self, gid: &str, caller: Caller) -> Result<LocalJob> {
+        let job = self.job(gid)?;
+        if !job.restoring {
+            return Err(Error::conflict(format!(
+                "job {gid:?} is not being recovered here; only a recovery registration that is still restoring can be withdrawn"
+            )));
+        }
+        if caller.uid != 0 && caller.uid != job.uid {
+            return Err(Error::denied(format!(
+                "job {gid:?} belongs to user {}, not to the caller (user {})",
+                job.uid, caller.uid
+            )));
+        }
+        self.forget(&job);
+        tracing::info!(gid = %gid, "recovery withdrawn by its wrapper");
+        Ok(self.view(&job))
+    }
+
+    pub(super) fn periodic_for(&self, asked: Option<u64>) -> Result<Option<Duration>> {
+        let c = &self.inner.config.checkpoint;
+        let secs = asked.unwrap_or(c.periodic_interval_secs);
+        if secs == 0 {
+            return Ok(None);
+        }
+        if !self.inner.cts_type.core_service.internal_checkpoints {
+            return Err(Error::invalid(format!(
+                "CTS type {:?} does not take internal checkpoints, so it cannot checkpoint jobs periodically",
+                self.inner.cts_type.name
+            )));
+        }
+        if secs < c.min_periodic_interval_secs {
+            return Err(Error::invalid(format!(
+                "a periodic checkpoint interval of {secs} s is shorter than this CTS allows ({} s)",
+                c.min_periodic_interval_secs
+            )));
+        }
+        Ok(Some(Duration::from_secs(secs)))
+    }
+
+    /// A wrapper that is the job's parent (the recovery wrapper) reports how the job ended.
+    pub async fn report_exit(
+        &self,
+        gid: &str,
+        exit: LocalExit,
+        caller: Caller,
+    ) -> Result<LocalJob> {
+        let job = self.job(gid)?;
+        if caller.uid != 0 && caller.uid != job.uid {
+            return Err(Error::denied(format!(
+                "job {gid:?} belongs to user {}, not to the caller (user {})",
+                job.uid, caller.uid
+            )));
+        }
+        let view = self.view(&job);
+        self.job_exited(&job, Some(exit)).await;
+        Ok(view)
+    }
+}
+
+/// The RegisterJob a local registration becomes at the GCS.
+fn gcs_registration(req: &RegisterLocalJob, cts_instance: &str) -> RegisterJob {
+    RegisterJob {
+        gid: req.gid.clone(),
+        cts_instance: cts_instance.to_string(),
+        local_id: Some(req.pid.to_string()),
+        recovery: req.recovery.is_some(),
+        from_checkpoint: req
+            .recovery
+            .as_ref()
+            .and_then(|r| r.from_checkpoint.clone()),
+        state: req.recovery.as_ref().map(|r| {
+            if r.restoring {
+                JobState::Recovering
+            } else {
+                JobState::Running
+            }
+        }),
+        retention: req.retention.clone(),
+    }
+}
+
+/// A retention policy given at registration must be complete and consistent
+/// ([`Retention::validate`]); the GCS is not asked otherwise.
+fn check_retention(req: &RegisterLocalJob) -> Result<()> {
+    match &req.retention {
+        Some(r) => r.validate().map_err(|m| {
+            Error::Fault(
+                Fault::invalid(format!(
+                    "invalid retention policy for job {:?}: {m}",
+                    req.gid
+                ))
+                .with_code("invalid-retention"),
+            )
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Creates the per-job checkpoint directory, empty, owned by the job's user.
+fn prepare_checkpoint_dir(dir: &Path, uid: u32) -> std::io::Result<()> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir)?;
+    }
+    std::fs::create_dir_all(dir)?;
+    if rustix::process::getuid().is_root() && uid != 0 {
+        let owner = rustix::fs::Uid::from_raw(uid);
+        rustix::fs::chown(dir, Some(owner), None).map_err(std::io::Error::from)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gca_protocol::local::LocalRecovery;
+    use gca_protocol::messages::{Keep, Retention, XmlContent};
+
+    fn req(retention: Option<Retention>) -> RegisterLocalJob {
+        RegisterLocalJob {
+            gid: "job-1".into(),
+            pid: 4242,
+            periodic_interval_secs: None,
+            recovery: None,
+            retention,
+        }
+    }
+
+    #[test]
+    fn the_retention_policy_goes_to_the_gcs_as_given() {
+        let r = req(Some(Retention::last(2, "/home/alice/ckpt")));
+        check_retention(&r).unwrap();
+        let sent = gcs_registration(&r, "cts-a");
+        assert_eq!(sent.retention, Some(Retention::last(2, "/home/alice/ckpt")));
+        assert_eq!(sent.cts_instance, "cts-a");
+        assert_eq!(sent.local_id.as_deref(), Some("4242"));
+        assert!(!sent.recovery);
+        assert_eq!(sent.state, None);
+
+        // None stays None (the GCS keeps the job's policy, or its default for a new job).
+        assert_eq!(gcs_registration(&req(None), "cts-a").retention, None);
+
+        // A recovery may change it.
+        let mut r = req(Some(Retention::all("/scratch/alice")));
+        r.recovery = Some(LocalRecovery {
+            from_checkpoint: Some("ck-1".into()),
+            restoring: true,
+        });
+        let sent = gcs_registration(&r, "cts-b");
+        assert!(sent.recovery);
+        assert_eq!(sent.state, Some(JobState::Recovering));
+        assert_eq!(sent.retention, Some(Retention::all("/scratch/alice")));
+        // And it travels in the SOAP form too.
+        let el = sent.to_element("RegisterJob");
+        assert_eq!(RegisterJob::read_children(&el).unwrap(), sent);
+    }
+
+    #[test]
+    fn a_bad_retention_policy_is_refused_with_the_reason() {
+        let cases = [
+            (Retention::last(0, "/d"), "KeepLast must be between 1"),
+            (Retention::all("relative/dir"), "absolute path"),
+            (Retention::all("/a/../b"), "normalized"),
+            (
+                Retention {
+                    keep: Keep::Last,
+                    keep_last: Some(3),
+                    keep_in: None,
+                },
+                "needs KeepIn",
+            ),
+            (
+                Retention {
+                    keep: Keep::None,
+                    keep_last: None,
+                    keep_in: Some("/d".into()),
+                },
+                "KeepIn only goes with",
+            ),
+        ];
+        for (r, want) in cases {
+            let f: Fault = check_retention(&req(Some(r.clone()))).unwrap_err().into();
+            assert_eq!(f.kind, gca_protocol::FaultKind::InvalidMessage, "{r:?}");
+            assert_eq!(f.code.as_deref(), Some("invalid-retention"));
+            assert!(
+                f.message
+                    .starts_with("invalid retention policy for job \"job-1\": "),
+                "{}",
+                f.message
+            );
+            assert!(f.message.contains(want), "{r:?}: {}", f.message);
+        }
+        check_retention(&req(None)).unwrap();
+        check_retention(&req(Some(Retention::default()))).unwrap();
+    }
+}

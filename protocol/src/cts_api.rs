@@ -1,0 +1,56 @@
+//! The CTS's own JSON API on its public port (`/api/v1`): status, and a checkpoint request
+//! in JSON. (Its jobs are listed there as [`LocalJob`](crate::local::LocalJob)s, and
+//! `/api/v1/local` answers a [`LocalInfo`](crate::local::LocalInfo) without the driver
+//! configuration.)
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::messages::{CtsInstance, CtsType};
+
+/// Load figures for status and FindCTS-style placement.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Load {
+    pub jobs: usize,
+    pub checkpoints_in_flight: u64,
+    pub checkpoints_taken: u64,
+    pub store_bytes: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_max_bytes: Option<u64>,
+}
+
+/// `GET /api/v1/status`: the instance, its type's fields, its driver, its GCS link and load.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub instance: CtsInstance,
+    pub descriptor: CtsType,
+    pub driver: String,
+    pub driver_check: String,
+    pub gcs: LinkStatus,
+    pub load: Load,
+}
+
+/// What the CTS knows about its GCS, for status and health.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkStatus {
+    pub endpoint: String,
+    /// The GCS has our instance registration and answered the last call.
+    pub connected: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_contact: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Items waiting for delivery.
+    pub pending: usize,
+    /// Items the GCS refused (kept under `outbox/rejected/` for an operator).
+    pub rejected: u64,
+}
+
+/// The body of `POST /api/v1/jobs/{gid}/checkpoint` (`{"stop": false}`; an empty body is
+/// the default): the same as the SOAP `DoCheckpoint` on the job.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointBody {
+    #[serde(default)]
+    pub stop: bool,
+}
