@@ -18,3 +18,8 @@ create table recovery_grants (
     expires_at timestamptz not null,
     primary key (gid, cts_instance)
 );
+
+-- What a job was before a recovery moved it (routing, state, how it ended, its termination
+-- time), kept while the recovery is `recovering`, so that a recovery its CTS abandons
+-- (AbandonRecovery: the image was refused, the restore failed) puts the job back as it was.
+alter table jobs add column before_recovery jsonb;

@@ -470,7 +470,15 @@ pub async fn route_job(
         "update jobs set cts_instance = $2, cts_type = $3, local_id = $4, state = $5,
             recoveries = recoveries + $6, exit_status = null, signal = null, updated_at = now(),
             termination_time = case when termination_on_failure then null else termination_time end,
-            termination_on_failure = false
+            termination_on_failure = false,
+            before_recovery = case
+                when $5 <> 'recovering' then null
+                when $6 = 1 then jsonb_build_object(
+                    'cts_instance', cts_instance, 'cts_type', cts_type, 'local_id', local_id,
+                    'state', state, 'exit_status', exit_status, 'signal', signal,
+                    'termination_time', termination_time,
+                    'termination_on_failure', termination_on_failure)
+                else before_recovery end
          where gid = $1",
     )
     .bind(gid)
@@ -482,6 +490,34 @@ pub async fn route_job(
     .execute(db)
     .await?;
     Ok(())
+}
+
+/// Puts a job whose recovery was abandoned back as it was before the recovery moved it
+/// (`before_recovery`), without counting the recovery; false when there is nothing to put
+/// back (not recovering on `cts`, or moved before the column existed).
+pub async fn revert_recovery(db: impl PgExecutor<'_>, gid: &str, cts: &str) -> Result<bool> {
+    Ok(sqlx::query(
+        "update jobs set
+            cts_instance = before_recovery->>'cts_instance',
+            cts_type = before_recovery->>'cts_type',
+            local_id = before_recovery->>'local_id',
+            state = before_recovery->>'state',
+            exit_status = (before_recovery->>'exit_status')::int,
+            signal = (before_recovery->>'signal')::int,
+            termination_time = (before_recovery->>'termination_time')::timestamptz,
+            termination_on_failure = (before_recovery->>'termination_on_failure')::boolean,
+            recoveries = greatest(recoveries - 1, 0),
+            before_recovery = null,
+            updated_at = now()
+         where gid = $1 and cts_instance = $2 and state = 'recovering'
+           and before_recovery is not null",
+    )
+    .bind(gid)
+    .bind(cts)
+    .execute(db)
+    .await?
+    .rows_affected()
+        == 1)
 }
 
 pub async fn finish_job(

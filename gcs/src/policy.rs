@@ -35,6 +35,7 @@ pub enum Op {
     RegisterJob,
     RegisterCheckpoint,
     JobFinished,
+    AbandonRecovery,
     /// WS-ResourceProperties on the GCS, a job, a checkpoint or a CTS instance.
     ReadProperties,
     /// WS-ResourceLifetime on a job: SetTerminationTime, Destroy.
@@ -49,7 +50,7 @@ pub enum Op {
 use Role::{Admin, Broker, Cts, User};
 
 impl Op {
-    pub const ALL: [Op; 24] = [
+    pub const ALL: [Op; 25] = [
         Op::DoCheckpoint,
         Op::FindCts,
         Op::GetCheckpoints,
@@ -68,6 +69,7 @@ impl Op {
         Op::RegisterJob,
         Op::RegisterCheckpoint,
         Op::JobFinished,
+        Op::AbandonRecovery,
         Op::ReadProperties,
         Op::Lifetime,
         Op::Subscribe,
@@ -114,6 +116,7 @@ impl Op {
             Op::RegisterJob => "RegisterJob",
             Op::RegisterCheckpoint => "RegisterCheckpoint",
             Op::JobFinished => "JobFinished",
+            Op::AbandonRecovery => "AbandonRecovery",
             Op::ReadProperties => "WS-ResourceProperties",
             Op::Lifetime => "WS-ResourceLifetime",
             Op::Subscribe => "Subscribe",
@@ -139,9 +142,11 @@ impl Op {
             | Op::RegisterDescriptor
             | Op::UnregisterCts
             | Op::Lifetime => &[Admin],
-            Op::RegisterInstance | Op::RegisterJob | Op::RegisterCheckpoint | Op::JobFinished => {
-                &[Cts]
-            }
+            Op::RegisterInstance
+            | Op::RegisterJob
+            | Op::RegisterCheckpoint
+            | Op::JobFinished
+            | Op::AbandonRecovery => &[Cts],
             Op::Subscribe
             | Op::GetCurrentMessage
             | Op::ManageSubscription

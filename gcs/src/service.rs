@@ -1046,6 +1046,29 @@ impl Gcs {
         })
     }
 
+    /// abandonRecovery: the CTS a job is being recovered on gives the recovery up; the job goes
+    /// back to the CTS, state and end it had before the recovery moved it.
+    pub async fn abandon_recovery(&self, ctx: &Ctx, req: AbandonRecovery) -> Result<JobInfo> {
+        policy::authorize(&ctx.caller, Op::AbandonRecovery)?;
+        policy::acting_as(&ctx.caller, Op::AbandonRecovery, &req.cts_instance)?;
+        check_id("GID", &req.gid)?;
+        let mut tx = self.db.begin().await?;
+        let job = db::lock_job(&mut *tx, &req.gid).await?.ok_or_else(|| {
+            Error::unknown(format!("no job with GID {:?} is registered", req.gid))
+        })?;
+        if !db::revert_recovery(&mut *tx, &req.gid, &req.cts_instance).await? {
+            return Err(Error::conflict(format!(
+                "job {:?} is {} on CTS {:?}, not being recovered on {:?}: there is no recovery of it to abandon",
+                req.gid, job.state, job.cts_instance, req.cts_instance
+            )));
+        }
+        tx.commit().await?;
+        self.heard_from(&req.cts_instance).await;
+        let job = self.job(&req.gid).await?;
+        tracing::info!(gid = %job.gid, cts.name = %req.cts_instance, back_to = %job.cts_instance, state = %job.state, "recovery abandoned");
+        Ok(JobInfo { job })
+    }
+
     /// Records that a CTS was heard from, after the request that proved it (outside its
     /// transaction, see [`db::touch_instance`]). Best effort: failing to record it does not
     /// fail that request.

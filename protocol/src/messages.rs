@@ -1188,6 +1188,28 @@ impl XmlContent for AuthorizeRecovery {
     }
 }
 
+/// AbandonRecovery: the CTS a job is being recovered on gives the recovery up (the image was
+/// refused, the restore failed): the GCS puts the job back as it was before the recovery
+/// moved it (its CTS, state and how it ended), and does not count the recovery.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AbandonRecovery {
+    pub gid: String,
+    pub cts_instance: String,
+}
+
+impl XmlContent for AbandonRecovery {
+    fn write_children(&self, el: &mut Element) {
+        push(el, "GID", &self.gid);
+        push(el, "CTSInstance", &self.cts_instance);
+    }
+    fn read_children(el: &Element) -> Result<Self, XmlError> {
+        Ok(Self {
+            gid: el.req_text(GCA, "GID")?,
+            cts_instance: el.req_text(GCA, "CTSInstance")?,
+        })
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecoveryAuthorized {
     pub gid: String,

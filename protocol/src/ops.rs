@@ -62,6 +62,7 @@ pub const GCS_OPERATIONS: &[&str] = &[
     "RegisterJob",
     "RegisterCheckpoint",
     "JobFinished",
+    "AbandonRecovery",
 ];
 
 operations! { ns::GCS_PORT_TYPE;
@@ -91,6 +92,8 @@ operations! { ns::GCS_PORT_TYPE;
     RegisterJobOp = "RegisterJob": RegisterJob => JobRegistered;
     RegisterCheckpointOp = "RegisterCheckpoint": RegisterCheckpoint => CheckpointRegistered;
     JobFinishedOp = "JobFinished": JobFinished => JobInfo;
+    /// A CTS gives up a recovery it registered: the job goes back to how it was.
+    AbandonRecoveryOp = "AbandonRecovery": AbandonRecovery => JobInfo;
 }
 
 /// Names of every CTS operation, in WSDL order.

@@ -29,6 +29,7 @@ pub fn routes() -> Router<Gcs> {
         .route("/jobs/{gid}/recovery-grants", post(authorize_recovery))
         .route("/jobs/{gid}/retention", put(set_retention))
         .route("/jobs/{gid}/finished", post(job_finished))
+        .route("/jobs/{gid}/abandon-recovery", post(abandon_recovery))
         .route("/checkpoints", post(register_checkpoint))
         .route("/find-cts", post(find_cts))
         .route("/classes", get(list_classes).post(register_class))
@@ -226,6 +227,11 @@ async fn register_job(r: Req, b: Body) -> ApiResult<JobRegistered> {
 async fn job_finished(r: Req, Path(gid): Path<String>, b: Body) -> ApiResult<JobInfo> {
     let req: JobFinished = r.body(b, &[("gid", &gid)]).await?;
     Ok(Json(r.gcs.job_finished(&r.ctx, req).await?))
+}
+
+async fn abandon_recovery(r: Req, Path(gid): Path<String>, b: Body) -> ApiResult<JobInfo> {
+    let req: AbandonRecovery = r.body(b, &[("gid", &gid)]).await?;
+    Ok(Json(r.gcs.abandon_recovery(&r.ctx, req).await?))
 }
 
 async fn register_checkpoint(r: Req, b: Body) -> ApiResult<CheckpointRegistered> {

@@ -155,6 +155,9 @@ async fn dispatch(
             call::<RegisterCheckpointOp, _, _, _>(req, |r| gcs.register_checkpoint(ctx, r)).await
         }
         "JobFinished" => call::<JobFinishedOp, _, _, _>(req, |r| gcs.job_finished(ctx, r)).await,
+        "AbandonRecovery" => {
+            call::<AbandonRecoveryOp, _, _, _>(req, |r| gcs.abandon_recovery(ctx, r)).await
+        }
         _ => Err(unsupported(req)),
     }
 }
