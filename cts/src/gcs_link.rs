@@ -18,7 +18,7 @@ use gca_protocol::cts_api::LinkStatus;
 use gca_protocol::fault::{Fault, FaultKind};
 use gca_protocol::messages::*;
 use gca_protocol::ops::{
-    JobFinishedOp, RegisterCheckpointOp, RegisterCtsInstanceOp, RegisterJobOp,
+    AbandonRecoveryOp, JobFinishedOp, RegisterCheckpointOp, RegisterCtsInstanceOp, RegisterJobOp,
 };
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -34,6 +34,7 @@ pub enum OutboxItem {
     RegisterJob(RegisterJob),
     RegisterCheckpoint(Box<RegisterCheckpoint>),
     JobFinished(JobFinished),
+    AbandonRecovery(AbandonRecovery),
 }
 
 impl OutboxItem {
@@ -45,6 +46,7 @@ impl OutboxItem {
                 r.checkpoint.id, r.checkpoint.gid
             ),
             OutboxItem::JobFinished(r) => format!("exit of job {:?}", r.gid),
+            OutboxItem::AbandonRecovery(r) => format!("abandoned recovery of job {:?}", r.gid),
         }
     }
 }
@@ -328,6 +330,9 @@ impl GcsLink {
                 Delivered::Checkpoint(c.call::<RegisterCheckpointOp>(r.as_ref()).await?)
             }
             OutboxItem::JobFinished(r) => Delivered::Finished(c.call::<JobFinishedOp>(r).await?),
+            OutboxItem::AbandonRecovery(r) => {
+                Delivered::Finished(c.call::<AbandonRecoveryOp>(r).await?)
+            }
         })
     }
 

@@ -25,6 +25,7 @@ pub mod config;
 pub mod error;
 pub mod gcs_link;
 pub mod http;
+pub mod policy;
 pub mod service;
 
 pub use config::Config;

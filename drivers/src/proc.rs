@@ -77,6 +77,115 @@ fn parse_status_id(text: &str, field: &str) -> Option<u32> {
         .and_then(|v| v.parse().ok())
 }
 
+/// Who a process is, as far as privileges go (`/proc/PID/status` and the ownership of
+/// `/proc/PID`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// Real, effective, saved and filesystem UIDs.
+    pub uids: [u32; 4],
+    /// Real, effective, saved and filesystem GIDs.
+    pub gids: [u32; 4],
+    /// Effective capabilities (`CapEff`), a bit mask.
+    pub cap_eff: u64,
+    /// The process may be dumped by its own user: the kernel gives a process that is not
+    /// (after a setuid or setgid exec, or `prctl(PR_SET_DUMPABLE, 0)`) a `/proc/PID` owned by
+    /// root, so this is whether `/proc/PID` belongs to its real UID.
+    pub dumpable: bool,
+}
+
+impl Credentials {
+    /// Every UID and GID is the user's `uid`/`gid` (nothing setuid, setgid or changed).
+    pub fn all_are(&self, uid: u32) -> bool {
+        self.uids.iter().all(|u| *u == uid) && self.gids.iter().all(|g| *g == self.gids[0])
+    }
+}
+
+/// The credentials of a process; `None` when it is gone.
+pub fn credentials(pid: i32) -> Option<Credentials> {
+    use std::os::unix::fs::MetadataExt;
+    if pid <= 0 {
+        return None;
+    }
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let owner = std::fs::metadata(format!("/proc/{pid}")).ok()?.uid();
+    let mut c = parse_credentials(&text)?;
+    c.dumpable = owner == c.uids[0];
+    Some(c)
+}
+
+fn parse_credentials(text: &str) -> Option<Credentials> {
+    let four = |field: &str| -> Option<[u32; 4]> {
+        let v: Vec<u32> = text
+            .lines()
+            .find_map(|l| l.strip_prefix(field))?
+            .split_whitespace()
+            .map(|x| x.parse().ok())
+            .collect::<Option<_>>()?;
+        v.try_into().ok()
+    };
+    let cap_eff = text
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())?;
+    Some(Credentials {
+        uids: four("Uid:")?,
+        gids: four("Gid:")?,
+        cap_eff,
+        dumpable: true,
+    })
+}
+
+/// The live descendants of `pid` (children, their children, ...), from `/proc`.
+pub fn descendants(pid: i32) -> Vec<i32> {
+    let mut all: Vec<(i32, i32)> = Vec::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            if let Some(p) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) {
+                if let Some(s) = stat(p) {
+                    all.push((p, s.ppid));
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    let mut frontier = vec![pid];
+    while let Some(parent) = frontier.pop() {
+        for &(p, pp) in &all {
+            if pp == parent && p != pid && !out.contains(&p) {
+                out.push(p);
+                frontier.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// Why the process tree rooted at `pid` may not be checkpointed on behalf of user `uid` (a
+/// non-root local caller): a process of it runs with another user's IDs, with setuid or
+/// setgid IDs, with capabilities, or is not dumpable. `None` when every process is plainly
+/// the user's. The root CTS dumps whatever CRIU is pointed at, and the image is then the
+/// user's: a privileged process must never get into it.
+pub fn foreign_process(pid: i32, uid: u32) -> Option<String> {
+    for p in std::iter::once(pid).chain(descendants(pid)) {
+        let Some(c) = credentials(p) else { continue };
+        let what = if !c.all_are(uid) {
+            format!(
+                "runs with UIDs {:?} and GIDs {:?}, not only user {uid}'s (setuid, setgid or another user's)",
+                c.uids, c.gids
+            )
+        } else if c.cap_eff != 0 {
+            format!("has capabilities (CapEff {:016x})", c.cap_eff)
+        } else if !c.dumpable {
+            "is not dumpable (a setuid or setgid program, or PR_SET_DUMPABLE 0)".to_string()
+        } else {
+            continue;
+        };
+        let name = stat(p).map(|s| s.comm).unwrap_or_default();
+        return Some(format!("process {p} ({name}) {what}"));
+    }
+    None
+}
+
 /// The primary group of user `uid` in `/etc/passwd` (local accounts only; the job's own
 /// process, [`gid`], is the better source while it runs).
 pub fn passwd_gid(uid: u32) -> Option<u32> {
@@ -215,6 +324,36 @@ pub fn decode_wait_status(status: i32) -> (Option<i32>, Option<i32>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_are_read_from_status() {
+        let text = "Name:\tx\nUid:\t1000\t0\t0\t1000\nGid:\t100\t100\t100\t100\nCapEff:\t0000000000000000\n";
+        let c = parse_credentials(text).unwrap();
+        assert_eq!(c.uids, [1000, 0, 0, 1000]);
+        assert!(
+            !c.all_are(1000),
+            "a setuid process is not plainly the user's"
+        );
+        assert_eq!(c.cap_eff, 0);
+        let me = credentials(std::process::id() as i32).unwrap();
+        assert!(me.dumpable);
+        assert!(me.all_are(me.uids[0]));
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let found = descendants(std::process::id() as i32).contains(&(child.id() as i32));
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(found, "a child is a descendant");
+        // Root's processes have capabilities: only a root caller may register them.
+        let foreign = foreign_process(std::process::id() as i32, me.uids[0]);
+        if me.uids[0] == 0 {
+            assert!(foreign.is_some_and(|f| f.contains("capabilities")));
+        } else {
+            assert_eq!(foreign, None);
+        }
+    }
 
     #[test]
     fn parses_stat_with_odd_comm() {

@@ -153,6 +153,30 @@ pub struct LocalClient {
 
 const MAX_LOCAL_RESPONSE: usize = 4 * 1024 * 1024;
 
+/// The process behind a local socket must be root's (the CTS) or the caller's own: anything
+/// else is another user's program posing as the CTS, whose answers (the driver configuration
+/// a recovery restores with, the checkpoint directory) must not be trusted.
+fn check_server(stream: &tokio::net::UnixStream, endpoint: &str) -> Result<(), Fault> {
+    use std::os::unix::fs::MetadataExt;
+    let server = stream
+        .peer_cred()
+        .map_err(|e| {
+            Fault::new(
+                FaultKind::ServiceUnavailable,
+                format!("{endpoint}: cannot read the server's credentials: {e}"),
+            )
+        })?
+        .uid();
+    let me = std::fs::metadata("/proc/self").map(|m| m.uid()).ok();
+    if server == 0 || Some(server) == me {
+        return Ok(());
+    }
+    Err(Fault::denied(format!(
+        "{endpoint} is served by user {server}, neither root nor this user: refusing to talk to it (a CTS runs as root)"
+    ))
+    .with_code("untrusted-socket"))
+}
+
 impl LocalClient {
     pub fn new(socket: impl Into<PathBuf>) -> Self {
         Self {
@@ -203,6 +227,36 @@ impl LocalClient {
         self.request("POST", "/v1/images/fetch", Some(req)).await
     }
 
+    /// How job `gid` can be recovered from `image` (`latest` or a checkpoint ID): the CTS
+    /// asks its GCS on the caller's behalf, and answers only the owner of the job's images.
+    pub async fn recovery_info(
+        &self,
+        gid: &str,
+        image: &str,
+    ) -> Result<crate::messages::RecoveryInfo, Fault> {
+        let path = format!(
+            "/v1/jobs/{}/recovery?image={}",
+            crate::client::path_segment(gid),
+            crate::client::path_segment(image)
+        );
+        self.request::<(), _>("GET", &path, None).await
+    }
+
+    /// A checkpoint of the caller's own job now (and, with `stop`, stop it afterwards).
+    pub async fn checkpoint(
+        &self,
+        gid: &str,
+        stop: bool,
+    ) -> Result<crate::messages::CheckpointRecord, Fault> {
+        let path = format!("/v1/jobs/{}/checkpoint", crate::client::path_segment(gid));
+        self.request(
+            "POST",
+            &path,
+            Some(&crate::cts_api::CheckpointBody { stop }),
+        )
+        .await
+    }
+
     async fn request<B: Serialize, T: DeserializeOwned>(
         &self,
         method: &str,
@@ -237,6 +291,7 @@ impl LocalClient {
                     "cannot connect to {endpoint}: {e}; is the CTS of this resource running?"
                 ))
             })?;
+        check_server(&stream, endpoint)?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| unavailable(format!("cannot talk HTTP to {endpoint}: {e}")))?;

@@ -140,7 +140,9 @@ impl TestCts {
         TestCts {
             cts: service,
             name: setup.name.to_string(),
-            json: JsonClient::new(crate::http(), url.clone()),
+            // The GCS's identity: what the CTS's JSON API serves (checkpoints, status) is
+            // the GCS's to ask for.
+            json: JsonClient::new(crate::http_as(crate::pki::GCS), url.clone()),
             url,
             soap,
             local: LocalClient::new(local_socket),

@@ -51,6 +51,8 @@ impl Wrapper {
         let child = Command::new("setsid")
             .arg(binary(bin))
             .args(args)
+            // The site CA, to check the CTS's certificate when given its https URL.
+            .env(gca_protocol::transport::ENV_CA, crate::pki::pki().ca())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&stderr).unwrap())

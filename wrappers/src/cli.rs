@@ -47,6 +47,29 @@ pub struct ExecArgs {
     pub retention: RetentionArgs,
 }
 
+/// gca-checkpoint: a job's owner checkpoints their own job through the CTS of this resource
+/// (e.g. from a job script before the resource manager's time limit, or a Grid Engine
+/// checkpointing environment), with no certificate: the CTS knows the caller by the local
+/// socket and checkpoints only the caller's own jobs (root: any). Prints the checkpoint's ID
+/// and sequence number.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "gca-checkpoint",
+    version,
+    after_help = "Exit codes: 0 checkpointed; 64 usage; 65 refused (not your job, unknown GID, busy); 75 the CTS is unreachable"
+)]
+pub struct CheckpointArgs {
+    /// The job's global identifier (GID).
+    #[arg(long)]
+    pub gid: String,
+    /// The CTS of this resource: its URL, its SOAP endpoint, or unix:/path/to/cts.sock.
+    #[arg(long, value_parser = CtsTarget::parse)]
+    pub cts: CtsTarget,
+    /// Stop the job after the checkpoint (it is to be recovered elsewhere).
+    #[arg(long)]
+    pub stop: bool,
+}
+
 /// gca-recover: the recovery-job-wrapper (GCA paper 3.4.2, 5.3).
 ///
 /// Finds the job's checkpoint through the GCS, gets the image into this resource's CTS store
@@ -65,9 +88,6 @@ pub struct RecoverArgs {
     /// The CTS of this resource: its URL, its SOAP endpoint, or unix:/path/to/cts.sock.
     #[arg(long, value_parser = CtsTarget::parse)]
     pub cts: CtsTarget,
-    /// The GCS (root URL or SOAP endpoint); default: the one this CTS reports to.
-    #[arg(long, env = "GCA_GCS_URL")]
-    pub gcs: Option<String>,
     /// Checkpoint the recovered job periodically, every SECS seconds.
     #[arg(long, value_name = "SECS")]
     pub periodic: Option<u64>,

@@ -2,7 +2,10 @@
 //!
 //! Accepted: `unix:/path/to/cts.sock` (the socket itself), or the CTS's root URL or SOAP
 //! endpoint (`http(s)://host:port[/wsrf/services/CheckpointTranslationService]`, what the
-//! descriptor's `{CTS_URL}` expands to), from which the wrapper GETs `{root}/api/v1/local`.
+//! descriptor's `{CTS_URL}` expands to), from which the wrapper GETs `{root}/api/v1/local`
+//! (over https it checks the CTS's certificate against the site CA in `GCA_CA`; it needs no
+//! certificate of its own). Either way the socket must be served by root (the CTS) or by the
+//! caller itself (`gca_protocol::local`), so another user cannot pose as the CTS.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -58,7 +61,22 @@ pub async fn connect(target: &CtsTarget) -> Result<Cts, Failure> {
     let socket = match target {
         CtsTarget::Socket(p) => p.clone(),
         CtsTarget::Url(root) => {
+            let tls = transport::ClientTls {
+                cert: None,
+                key: None,
+                ..transport::ClientTls::from_env()
+            };
+            if root.starts_with("https://") && tls.ca.is_none() {
+                return Err(Failure::new(
+                    Class::Usage,
+                    format!(
+                        "the CTS at {root} speaks https: set {} to the site CA certificate, or give --cts unix:/path/to/cts.sock",
+                        transport::ENV_CA
+                    ),
+                ));
+            }
             let http = transport::http_client(&transport::ClientSettings {
+                tls,
                 request_timeout: Duration::from_secs(15),
                 ..Default::default()
             })

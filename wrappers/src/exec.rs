@@ -72,6 +72,19 @@ pub fn run(args: ExecArgs) -> i32 {
             return f.code();
         }
     }
+    // A setuid or setgid program started under gca-exec runs without its privileges: the root
+    // CTS must never dump a privileged process into an image its user owns (the CTS also
+    // refuses such a process before each checkpoint).
+    if let Err(e) = rustix::thread::set_no_new_privs(true) {
+        warn(
+            "gca-exec",
+            &format!(
+                "cannot set no_new_privs ({e}); job {:?} is not started",
+                args.gid
+            ),
+        );
+        return exit::NOT_EXECUTABLE;
+    }
     let err = cmd.exec();
     let code = match err.kind() {
         std::io::ErrorKind::NotFound => exit::NOT_FOUND,

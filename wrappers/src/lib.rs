@@ -9,11 +9,15 @@
 //!   job's routing here, restores the job as its own child, forwards signals to it and ends
 //!   like it.
 //!
+//! - `gca-checkpoint --gid GID --cts URL [--stop]` ([`checkpoint`]): the job's owner
+//!   checkpoints their own job through the local socket (no certificate needed).
+//!
 //! The binaries are thin; the logic is here: [`cli`] (clap), [`cts_target`] (`--cts`),
 //! [`exit`] (failure classes and exit codes), [`signals`] (forwarding, waiting, ending like
 //! the job). Placeholders are expanded with `gca_protocol::placeholders`, the code the GCS
 //! uses.
 
+pub mod checkpoint;
 pub mod cli;
 pub mod cts_target;
 pub mod exec;

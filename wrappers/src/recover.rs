@@ -1,14 +1,21 @@
 //! gca-recover: the recovery flow (paper 5.3 steps 9-12).
 //!
-//! 1. Ask the CTS about itself (type, driver configuration, GCS) and the GCS about the
-//!    checkpoint (`GetRecoveryInfo`: `latest` or an ID), and check this CTS can recover it.
-//! 2. Have the CTS get the image into its store (`POST /v1/images/fetch`): fetched from the
-//!    CTS that took it, or checked in place, against the digest the GCS recorded. A corrupt
-//!    or tampered image stops here, before anything is registered or restored.
-//! 3. Register the recovery at the CTS with `restoring: true` (the GCS routes the GID here,
-//!    state `recovering`); the CTS hands out the checkpoint directory and environment. A
+//! The wrapper talks to its CTS only, over the local socket; the CTS asks the GCS on its
+//! behalf and answers only the owner of the job's images (root: anyone).
+//!
+//! 1. Ask the CTS about itself (type, driver configuration) and about the checkpoint
+//!    (`GET /v1/jobs/{gid}/recovery`: the GCS's `GetRecoveryInfo`, `latest` or an ID, whose
+//!    signature the CTS checked), and check this CTS can recover it.
+//! 2. Register the recovery at the CTS with `restoring: true`: the GCS routes the GID here,
+//!    state `recovering` (if the job may move: it failed, was stopped, its CTS is lost, or a
+//!    broker authorized it); the CTS hands out the checkpoint directory and environment. A
 //!    retention policy given on the command line (`--keep-last`/`--keep-all`, `--keep-in`)
 //!    goes with both registrations and replaces the job's at the GCS.
+//! 3. Have the CTS get the image into its store (`POST /v1/images/fetch`): fetched from the
+//!    CTS that took it (which lets us read it because the GCS now records the recovery
+//!    here), or checked in place, against the digest and signature the GCS recorded. A
+//!    corrupt or tampered image stops here, before anything is restored (the registration
+//!    is withdrawn).
 //! 4. Restore through the same core checkpointer the CTS drives (`gca_drivers::make_driver`), in this
 //!    process: a CRIU-restored job is our child; an application-level job is started by us
 //!    with the type's recovery job parameters. A failed restore withdraws step 3.
@@ -20,12 +27,9 @@ use std::ffi::OsString;
 use std::time::Duration;
 
 use gca_drivers::{RestoreRequest, Restored};
-use gca_protocol::client::SoapClient;
 use gca_protocol::local::{FetchImage, LocalExit, LocalJob, LocalRecovery, RegisterLocalJob};
-use gca_protocol::messages::{GetRecoveryInfo, RecoveryInfo};
-use gca_protocol::ops::GetRecoveryInfoOp;
+use gca_protocol::messages::RecoveryInfo;
 use gca_protocol::placeholders::{self, Values};
-use gca_protocol::transport;
 
 use crate::cli::RecoverArgs;
 use crate::cts_target::{self, Cts};
@@ -60,7 +64,7 @@ pub async fn run(args: RecoverArgs) -> Failure {
         Ok(c) => c,
         Err(f) => return f,
     };
-    let (info, image_dir) = match locate(&args, &cts).await {
+    let info = match locate(&args, &cts).await {
         Ok(x) => x,
         Err(f) => return f,
     };
@@ -92,7 +96,11 @@ pub async fn run(args: RecoverArgs) -> Failure {
             )
         }
     };
-    let pid = match restore(&args, &cts, &info, &image_dir, &registered).await {
+    let restored = match fetch(&args, &cts, &info).await {
+        Ok(image_dir) => restore(&args, &cts, &info, &image_dir, &registered).await,
+        Err(f) => Err(f),
+    };
+    let pid = match restored {
         Ok(pid) => pid,
         Err(f) => {
             if let Err(e) = cts.client.abandon(&args.gid).await {
@@ -169,36 +177,18 @@ pub async fn run(args: RecoverArgs) -> Failure {
     signals::end_like(ended)
 }
 
-/// Steps 1 and 2: the checkpoint from the GCS, and its verified image in the local store.
-async fn locate(
-    args: &RecoverArgs,
-    cts: &Cts,
-) -> Result<(RecoveryInfo, std::path::PathBuf), Failure> {
-    let gcs_url = args
-        .gcs
-        .clone()
-        .filter(|u| !u.trim().is_empty())
-        .unwrap_or_else(|| cts.info.gcs_url.clone());
-    if gcs_url.trim().is_empty() {
-        return Err(Failure::new(
-            Class::Usage,
-            "no GCS known: CTS does not name one; give --gcs URL or set GCA_GCS_URL",
-        ));
-    }
-    let http = transport::http_client(&transport::ClientSettings::default())
-        .map_err(|e| Failure::new(Class::Internal, format!("HTTP client: {e:#}")))?;
-    let gcs = SoapClient::new(http, gcs_endpoint(&gcs_url));
-    let info = gcs
-        .call::<GetRecoveryInfoOp>(&GetRecoveryInfo {
-            gid: args.gid.clone(),
-            image: args.image.clone(),
-        })
+/// Step 1: the checkpoint, as the CTS has the GCS describe it, and whether this CTS can
+/// recover it.
+async fn locate(args: &RecoverArgs, cts: &Cts) -> Result<RecoveryInfo, Failure> {
+    let info = cts
+        .client
+        .recovery_info(&args.gid, &args.image)
         .await
         .map_err(|f| {
             Failure::fault(
                 format!(
-                    "the GCS at {gcs_url} cannot say how to recover job {:?} from image {:?}",
-                    args.gid, args.image
+                    "CTS {:?} cannot say how to recover job {:?} from image {:?}",
+                    cts.info.name, args.gid, args.image
                 ),
                 &f,
             )
@@ -223,6 +213,15 @@ async fn locate(
             ),
         ));
     }
+    Ok(info)
+}
+
+/// Step 3: the verified image in the local store.
+async fn fetch(
+    args: &RecoverArgs,
+    cts: &Cts,
+    info: &RecoveryInfo,
+) -> Result<std::path::PathBuf, Failure> {
     let fetched = cts
         .client
         .clone()
@@ -246,16 +245,7 @@ async fn locate(
             }
             failure
         })?;
-    Ok((info, fetched.image_dir))
-}
-
-/// The SOAP endpoint of a GCS given its root URL or its endpoint.
-fn gcs_endpoint(url: &str) -> String {
-    let url = url.trim_end_matches('/');
-    match reqwest::Url::parse(url) {
-        Ok(u) if u.path() != "/" && !u.path().is_empty() => url.to_string(),
-        _ => format!("{url}{}", gca_protocol::ns::GCS_SERVICE_PATH),
-    }
+    Ok(fetched.image_dir)
 }
 
 /// Steps 4: restore with the CTS's core checkpointer; returns the running job's PID, a child

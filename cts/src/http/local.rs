@@ -3,34 +3,36 @@
 
 use axum::body::Body;
 use axum::extract::connect_info::{ConnectInfo, Connected};
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::routing::{get, post};
 use axum::serve::IncomingStream;
 use axum::{Json, Router};
+use gca_protocol::cts_api::CheckpointBody;
 use gca_protocol::fault::Fault;
+use gca_protocol::messages::{CheckpointRecord, DoCheckpoint, RecoveryInfo, LATEST};
 use gca_protocol::server::{self, ApiError};
 use serde::de::DeserializeOwned;
 use tokio::net::UnixListener;
 
-use crate::service::{Caller, Cts};
+use crate::service::{Cts, LocalCaller};
 use gca_protocol::local::{
     FetchImage, FetchedImage, LocalExit, LocalInfo, LocalJob, RegisterLocalJob,
 };
 
 /// The peer of a UNIX socket connection.
 #[derive(Debug, Clone, Copy)]
-pub struct UdsPeer(pub Caller);
+pub struct UdsPeer(pub LocalCaller);
 
 impl Connected<IncomingStream<'_, UnixListener>> for UdsPeer {
     fn connect_info(stream: IncomingStream<'_, UnixListener>) -> Self {
         let caller = match stream.io().peer_cred() {
-            Ok(c) => Caller {
+            Ok(c) => LocalCaller {
                 pid: c.pid(),
                 uid: c.uid(),
             },
             // Unknown credentials are nobody's: such a caller can register nothing.
-            Err(_) => Caller {
+            Err(_) => LocalCaller {
                 pid: None,
                 uid: u32::MAX,
             },
@@ -46,6 +48,8 @@ pub fn router(cts: Cts) -> Router {
         .route("/v1/jobs/{gid}", get(job).delete(abandon))
         .route("/v1/images/fetch", post(fetch_image))
         .route("/v1/jobs/{gid}/exit", post(exit))
+        .route("/v1/jobs/{gid}/recovery", get(recovery_info))
+        .route("/v1/jobs/{gid}/checkpoint", post(checkpoint))
         .with_state(cts)
 }
 
@@ -63,12 +67,57 @@ async fn info(State(cts): State<Cts>) -> Json<LocalInfo> {
     Json(cts.local_info())
 }
 
-async fn jobs(State(cts): State<Cts>) -> Json<Vec<LocalJob>> {
-    Json(cts.list_jobs())
+/// A user sees their own jobs (their environments are in them); root all.
+async fn jobs(
+    State(cts): State<Cts>,
+    ConnectInfo(UdsPeer(caller)): ConnectInfo<UdsPeer>,
+) -> Json<Vec<LocalJob>> {
+    Json(cts.list_jobs((caller.uid != 0).then_some(caller.uid)))
 }
 
-async fn job(State(cts): State<Cts>, Path(gid): Path<String>) -> Result<Json<LocalJob>, ApiError> {
-    Ok(Json(cts.get_job(&gid)?))
+async fn job(
+    State(cts): State<Cts>,
+    ConnectInfo(UdsPeer(caller)): ConnectInfo<UdsPeer>,
+    Path(gid): Path<String>,
+) -> Result<Json<LocalJob>, ApiError> {
+    Ok(Json(cts.get_own_job(&gid, caller)?))
+}
+
+#[derive(serde::Deserialize)]
+struct ImageQuery {
+    image: Option<String>,
+}
+
+/// `GET /v1/jobs/{gid}/recovery?image=latest`: how the caller's job can be recovered.
+async fn recovery_info(
+    State(cts): State<Cts>,
+    ConnectInfo(UdsPeer(caller)): ConnectInfo<UdsPeer>,
+    Path(gid): Path<String>,
+    Query(q): Query<ImageQuery>,
+) -> Result<Json<RecoveryInfo>, ApiError> {
+    let image = q.image.unwrap_or_else(|| LATEST.to_string());
+    Ok(Json(cts.recovery_info(&gid, &image, caller).await?))
+}
+
+/// `POST /v1/jobs/{gid}/checkpoint` `{"stop": false}`: the caller's own job, now.
+async fn checkpoint(
+    State(cts): State<Cts>,
+    ConnectInfo(UdsPeer(caller)): ConnectInfo<UdsPeer>,
+    Path(gid): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<CheckpointRecord>, ApiError> {
+    let req: CheckpointBody = json_body(&cts, &headers, body).await?;
+    Ok(Json(
+        cts.checkpoint_own(
+            DoCheckpoint {
+                gid,
+                stop: req.stop,
+            },
+            caller,
+        )
+        .await?,
+    ))
 }
 
 async fn register(
@@ -91,11 +140,12 @@ async fn abandon(
 
 async fn fetch_image(
     State(cts): State<Cts>,
+    ConnectInfo(UdsPeer(caller)): ConnectInfo<UdsPeer>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<FetchedImage>, ApiError> {
     let req: FetchImage = json_body(&cts, &headers, body).await?;
-    Ok(Json(cts.fetch_image(req).await?))
+    Ok(Json(cts.fetch_image(req, caller).await?))
 }
 
 async fn exit(

@@ -19,10 +19,17 @@ use gca_protocol::server::{self, ApiError};
 use gca_protocol::soap::SoapRequest;
 use gca_protocol::xml::Element;
 
+use crate::policy::{self, PublicOp};
 use crate::service::Cts;
+use gca_protocol::identity::Caller;
 
 pub fn router(cts: Cts) -> Router {
-    let images = gca_store::http::routes().with_state(cts.store().clone());
+    let images = gca_store::http::routes()
+        .with_state(cts.store().clone())
+        .layer(axum::middleware::from_fn_with_state(
+            cts.clone(),
+            policy::images_guard,
+        ));
     Router::new()
         .route(ns::CTS_SERVICE_PATH, post(soap_endpoint).get(wsdl))
         .route(&format!("{}/{{file}}", schemas::PATH), get(schema))
@@ -38,18 +45,28 @@ pub fn router(cts: Cts) -> Router {
         .layer(gca_protocol::request_log::trace_layer())
 }
 
-async fn soap_endpoint(State(cts): State<Cts>, headers: HeaderMap, body: Body) -> Response {
+async fn soap_endpoint(
+    State(cts): State<Cts>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let limit = cts.config().max_body_bytes;
     server::soap_endpoint(&headers, body, limit, |req| async move {
-        dispatch(&cts, &req).await
+        dispatch(&cts, &caller, &req).await
     })
     .await
 }
 
-async fn dispatch(cts: &Cts, req: &SoapRequest) -> Result<(String, Element), Fault> {
+async fn dispatch(
+    cts: &Cts,
+    caller: &Caller,
+    req: &SoapRequest,
+) -> Result<(String, Element), Fault> {
     if req.body.ns.as_deref() != Some(ns::GCA) {
         return Err(unsupported(req));
     }
+    policy::authorize(caller, PublicOp::DoCheckpoint)?;
     match req.body.name.as_str() {
         "DoCheckpoint" => {
             server::soap_call::<CtsDoCheckpointOp, _, _, _>(req, |r| cts.do_checkpoint(r)).await
@@ -89,8 +106,9 @@ async fn schema(State(cts): State<Cts>, headers: HeaderMap, Path(file): Path<Str
     server::schema_response(&file, &base(&cts, &headers))
 }
 
-async fn status(State(cts): State<Cts>) -> Json<Status> {
-    Json(cts.status())
+async fn status(State(cts): State<Cts>, caller: Caller) -> Result<Json<Status>, ApiError> {
+    policy::authorize(&caller, PublicOp::ReadStatus)?;
+    Ok(Json(cts.status()))
 }
 
 /// Where the local registration socket is: wrappers given the CTS's URL find it here.
@@ -100,21 +118,29 @@ async fn local(State(cts): State<Cts>) -> Json<LocalInfo> {
     Json(info)
 }
 
-async fn jobs(State(cts): State<Cts>) -> Json<Vec<LocalJob>> {
-    Json(cts.list_jobs())
+async fn jobs(State(cts): State<Cts>, caller: Caller) -> Result<Json<Vec<LocalJob>>, ApiError> {
+    policy::authorize(&caller, PublicOp::ReadStatus)?;
+    Ok(Json(cts.list_jobs(None)))
 }
 
-async fn job(State(cts): State<Cts>, Path(gid): Path<String>) -> Result<Json<LocalJob>, ApiError> {
+async fn job(
+    State(cts): State<Cts>,
+    caller: Caller,
+    Path(gid): Path<String>,
+) -> Result<Json<LocalJob>, ApiError> {
+    policy::authorize(&caller, PublicOp::ReadStatus)?;
     Ok(Json(cts.get_job(&gid)?))
 }
 
 /// `POST /api/v1/jobs/{gid}/checkpoint` `{"stop": false}`: the same as the SOAP operation.
 async fn checkpoint(
     State(cts): State<Cts>,
+    caller: Caller,
     Path(gid): Path<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<CheckpointRecord>, ApiError> {
+    policy::authorize(&caller, PublicOp::DoCheckpoint)?;
     let bytes = server::read_body(&headers, body, cts.config().max_body_bytes).await?;
     let req: CheckpointBody = if bytes.iter().all(u8::is_ascii_whitespace) {
         CheckpointBody::default()

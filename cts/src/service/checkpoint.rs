@@ -16,12 +16,24 @@ use gca_protocol::messages::{
 use gca_store::{ImageId, ImageMeta, Staging};
 
 use super::jobs::Job;
-use super::Cts;
+use super::{Cts, LocalCaller};
 use crate::error::{Error, Result};
 use crate::gcs_link::{Delivered, OutboxItem};
 
 impl Cts {
     /// doCheckpoint from the GCS (paper 5.2 steps 4-9).
+    /// A job's owner asks for a checkpoint of it on the local socket (e.g. before the resource
+    /// manager's time limit): the same as the GCS's request.
+    pub async fn checkpoint_own(
+        &self,
+        req: DoCheckpoint,
+        caller: LocalCaller,
+    ) -> Result<CheckpointRecord> {
+        let job = self.job(&req.gid)?;
+        crate::policy::owner_may(&caller, job.uid, &format!("job {:?}", job.gid))?;
+        self.do_checkpoint(req).await
+    }
+
     pub async fn do_checkpoint(&self, req: DoCheckpoint) -> Result<CheckpointRecord> {
         if !self.inner.cts_type.core_service.external_checkpoints {
             return Err(Error::conflict(format!(
@@ -218,6 +230,9 @@ impl Cts {
         origin: Origin,
         stop: bool,
     ) -> Result<CheckpointRecord> {
+        // Checked before every dump: a job may have started a setuid program since it was
+        // registered.
+        crate::policy::plainly_theirs(job.uid, job.pid, &format!("job {:?}", job.gid))?;
         let id = self.new_image_id()?;
         let staging = self.inner.store.stage(&id).await?;
         let values = self

@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use gca_drivers::{proc, JobHandle};
 use gca_protocol::fault::Fault;
 use gca_protocol::local::{GcsDelivery, LocalJob};
-use gca_protocol::messages::{JobFinished, JobState, Origin, Property};
+use gca_protocol::messages::{AbandonRecovery, JobFinished, JobState, Origin, Property};
 use parking_lot::{Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -230,8 +230,14 @@ impl Cts {
         }
     }
 
-    pub fn list_jobs(&self) -> Vec<LocalJob> {
-        let jobs: Vec<Arc<Job>> = self.jobs().values().cloned().collect();
+    /// The jobs running here; `owner` limits them to one local user's.
+    pub fn list_jobs(&self, owner: Option<u32>) -> Vec<LocalJob> {
+        let jobs: Vec<Arc<Job>> = self
+            .jobs()
+            .values()
+            .filter(|j| owner.is_none_or(|uid| j.uid == uid))
+            .cloned()
+            .collect();
         let mut out: Vec<LocalJob> = jobs.iter().map(|j| self.view(j)).collect();
         out.sort_by(|a, b| a.gid.cmp(&b.gid));
         out
@@ -239,6 +245,13 @@ impl Cts {
 
     pub fn get_job(&self, gid: &str) -> Result<LocalJob> {
         let job = self.job(gid)?;
+        Ok(self.view(&job))
+    }
+
+    /// A job as its owner (or root) asks for it on the local socket.
+    pub fn get_own_job(&self, gid: &str, caller: super::LocalCaller) -> Result<LocalJob> {
+        let job = self.job(gid)?;
+        crate::policy::owner_may(&caller, job.uid, &format!("job {gid:?}"))?;
         Ok(self.view(&job))
     }
 
@@ -299,11 +312,18 @@ impl Cts {
                 }
             };
             if saved.restoring && !proc::is_alive(saved.pid, saved.start_time) {
-                // Its recovery wrapper died before the job ran: nothing finished (the GCS
-                // keeps the job `recovering`, so it can be recovered again).
+                // Its recovery wrapper died before the job ran: nothing finished; the GCS
+                // puts the job back as it was, so it can be recovered again.
                 tracing::info!(gid = %saved.gid, pid = saved.pid, "recovery of a previous run was abandoned; registration dropped");
                 let _ = std::fs::remove_file(&path);
                 let _ = std::fs::remove_dir_all(&saved.checkpoint_dir);
+                let _ =
+                    self.inner
+                        .link
+                        .enqueue_nowait(OutboxItem::AbandonRecovery(AbandonRecovery {
+                            gid: saved.gid,
+                            cts_instance: self.inner.instance.name.clone(),
+                        }));
                 continue;
             }
             if !proc::is_alive(saved.pid, saved.start_time) {

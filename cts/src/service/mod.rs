@@ -38,7 +38,7 @@ mod registration;
 mod watch;
 
 use jobs::Job;
-pub use registration::Caller;
+pub use registration::LocalCaller;
 
 /// The service; cheap to clone.
 #[derive(Clone)]
@@ -58,6 +58,10 @@ struct Inner {
     http: reqwest::Client,
     /// Signs the images this CTS takes (`None` in insecure mode).
     signer: Option<gca_protocol::signature::Signer>,
+    /// Checks the signatures of images this CTS recovers from (`None` in insecure mode).
+    verifier: Option<gca_protocol::signature::Verifier>,
+    /// Peers the GCS confirmed may read an image of ours (see [`crate::policy`]), and when.
+    peer_grants: Mutex<HashMap<(String, String), std::time::Instant>>,
     /// The jobs running here, by GID (see [`jobs`]).
     jobs: Mutex<HashMap<String, Arc<Job>>>,
     in_flight: AtomicU64,
@@ -104,13 +108,16 @@ impl Cts {
             registered_at: None,
             last_seen: None,
         };
-        let signer = match &config.tls {
-            Some(tls) => Some(
-                gca_protocol::signature::Signer::from_tls(tls)
-                    .map_err(|e| anyhow::anyhow!("the CTS's signing key (its TLS key): {e:#}"))?,
-            ),
-            None => None,
-        };
+        let (signer, verifier) =
+            match &config.tls {
+                Some(tls) => (
+                    Some(gca_protocol::signature::Signer::from_tls(tls).map_err(|e| {
+                        anyhow::anyhow!("the CTS's signing key (its TLS key): {e:#}")
+                    })?),
+                    Some(gca_protocol::signature::Verifier::from_tls(tls)?),
+                ),
+                None => (None, None),
+            };
         let client = gca_protocol::client::SoapClient::new(http.clone(), config.gcs_endpoint());
         let link = GcsLink::open(
             client,
@@ -129,6 +136,8 @@ impl Cts {
                 link,
                 http,
                 signer,
+                verifier,
+                peer_grants: Mutex::new(HashMap::new()),
                 jobs: Mutex::new(HashMap::new()),
                 in_flight: AtomicU64::new(0),
                 checkpoints_taken: AtomicU64::new(0),
@@ -168,6 +177,18 @@ impl Cts {
 
     pub fn link(&self) -> &GcsLink {
         &self.inner.link
+    }
+
+    pub(crate) fn peer_grants(
+        &self,
+    ) -> parking_lot::MutexGuard<'_, HashMap<(String, String), std::time::Instant>> {
+        self.inner.peer_grants.lock()
+    }
+
+    /// The job an image of this store belongs to (its manifest's `gid`).
+    pub(crate) async fn gid_of_image(&self, image: &str) -> Option<String> {
+        let id = gca_store::ImageId::parse(image).ok()?;
+        Some(self.inner.store.manifest(&id).await.ok()?.meta.gid)
     }
 
     pub fn status(&self) -> Status {

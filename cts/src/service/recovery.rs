@@ -3,13 +3,101 @@
 
 use gca_protocol::fault::Fault;
 use gca_protocol::local::{FetchImage, FetchedImage};
-use gca_protocol::messages::{CheckpointRecord, GidRequest, ImageState};
+use gca_protocol::messages::{
+    CheckpointRecord, GetRecoveryInfo, GidRequest, ImageOwner, ImageState, RecoveryInfo,
+};
 use gca_store::ImageId;
 
-use super::Cts;
+use super::{Cts, LocalCaller};
 use crate::error::{Error, Result};
+use crate::policy::owner_may;
 
 impl Cts {
+    /// Whose image a record is: the owner the taking CTS signed (checked against the site
+    /// CA, so neither a forged record nor a fetched manifest can name another). Without TLS
+    /// (insecure mode) the record's word is taken.
+    pub(super) fn verified_owner(&self, r: &CheckpointRecord) -> Result<Option<ImageOwner>> {
+        match &self.inner.verifier {
+            Some(v) => {
+                v.verify_record(r).map_err(|e| {
+                    Error::Fault(
+                        Fault::new(
+                            gca_protocol::FaultKind::AccessDenied,
+                            format!(
+                                "checkpoint {} of job {:?} cannot be trusted: {e}; nothing was fetched or restored",
+                                r.id, r.gid
+                            ),
+                        )
+                        .with_code("bad-signature"),
+                    )
+                })?;
+                Ok(r.owner)
+            }
+            None => Ok(r.owner),
+        }
+    }
+
+    /// The caller may recover from `r`: it is their image (root: anyone's).
+    fn may_recover(&self, caller: &LocalCaller, r: &CheckpointRecord) -> Result<()> {
+        let what = format!("checkpoint {} of job {:?}", r.id, r.gid);
+        match self.verified_owner(r)? {
+            Some(owner) => owner_may(caller, owner.uid, &what),
+            None if caller.uid == 0 => Ok(()),
+            None => Err(Error::denied(format!(
+                "{what} names no owner; only root may recover it"
+            ))),
+        }
+    }
+
+    /// `GET /v1/jobs/{gid}/recovery`: how the caller's job can be recovered from `image`
+    /// (`latest` or an ID): the GCS's answer, for the owner of the image only.
+    pub async fn recovery_info(
+        &self,
+        gid: &str,
+        image: &str,
+        caller: LocalCaller,
+    ) -> Result<RecoveryInfo> {
+        let info = self
+            .inner
+            .link
+            .query::<gca_protocol::ops::GetRecoveryInfoOp>(&GetRecoveryInfo {
+                gid: gid.to_string(),
+                image: image.to_string(),
+            })
+            .await
+            .map_err(|f| {
+                Error::Fault(Fault {
+                    message: format!(
+                        "the GCS cannot say how to recover job {gid:?} from image {image:?}: {}",
+                        f.message
+                    ),
+                    ..f
+                })
+            })?;
+        self.may_recover(&caller, &info.checkpoint)?;
+        Ok(info)
+    }
+
+    /// A recovery registration of `gid` by `caller`: from `checkpoint` (the latest when
+    /// none is named), which must be the caller's.
+    pub(super) async fn check_recovery_owner(
+        &self,
+        gid: &str,
+        checkpoint: Option<&str>,
+        caller: &LocalCaller,
+    ) -> Result<()> {
+        if caller.uid == 0 {
+            return Ok(());
+        }
+        let Some(id) = checkpoint else {
+            return Err(Error::invalid(format!(
+                "a recovery of job {gid:?} by user {} names the checkpoint it restores (from_checkpoint)",
+                caller.uid
+            )));
+        };
+        let record = self.recorded_checkpoint(gid, id).await?;
+        self.may_recover(caller, &record)
+    }
     /// The GCS's record of checkpoint `id` of job `gid`, whose image must still be stored.
     pub(super) async fn recorded_checkpoint(
         &self,
@@ -64,10 +152,11 @@ impl Cts {
     /// `POST /v1/images/fetch`: the image of a checkpoint, verified, in this store: checked
     /// in place when it is here already, else copied from the CTS that took it. Either way
     /// its digest must be the one the GCS recorded.
-    pub async fn fetch_image(&self, req: FetchImage) -> Result<FetchedImage> {
+    pub async fn fetch_image(&self, req: FetchImage, caller: LocalCaller) -> Result<FetchedImage> {
         let image = ImageId::parse(&req.checkpoint_id)?;
         let id = image.as_str();
         let record = self.recorded_checkpoint(&req.gid, id).await?;
+        self.may_recover(&caller, &record)?;
         if let (Some(want), Some(have)) = (&req.digest, &record.digest) {
             if !want.trim().eq_ignore_ascii_case(have) {
                 return Err(Error::conflict(format!(
@@ -120,6 +209,27 @@ impl Cts {
             }
             Err(e) => return Err(e.into()),
         };
+        // The manifest (covered by the digest, which the signature covers) names the owner the
+        // export to the owner's directory goes by: it must be the signed one.
+        if let Some(owner) = record.owner {
+            let meta = store.manifest(&image).await?.meta;
+            let named = (
+                meta.extra.get(gca_store::export::OWNER_UID_KEY).cloned(),
+                meta.extra.get(gca_store::export::OWNER_GID_KEY).cloned(),
+            );
+            if named != (Some(owner.uid.to_string()), Some(owner.gid.to_string())) {
+                return Err(Error::Fault(
+                    Fault::new(
+                        gca_protocol::FaultKind::OperationFailed,
+                        format!(
+                            "image {id}'s manifest names owner {:?}, its signed record {owner}: refusing it",
+                            named
+                        ),
+                    )
+                    .with_code("image-corrupt"),
+                ));
+            }
+        }
         Ok(FetchedImage {
             checkpoint_id: id.to_string(),
             image_dir: store.image_dir(&image).await?,

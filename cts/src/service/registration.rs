@@ -11,7 +11,7 @@ use chrono::Utc;
 use gca_drivers::proc;
 use gca_protocol::fault::Fault;
 use gca_protocol::local::{GcsDelivery, LocalExit, LocalJob, RegisterLocalJob};
-use gca_protocol::messages::{JobState, Property, RegisterJob};
+use gca_protocol::messages::{AbandonRecovery, JobState, Property, RegisterJob};
 use gca_protocol::placeholders::{self, Values};
 
 use super::jobs::{check_gid, job_key, Job, SavedJob};
@@ -19,9 +19,9 @@ use super::Cts;
 use crate::error::{Error, Result};
 use crate::gcs_link::OutboxItem;
 
-/// Who is calling the local API (from `SO_PEERCRED`).
+/// Who is calling the local API (from `SO_PEERCRED`): a local user and their process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Caller {
+pub struct LocalCaller {
     pub pid: Option<i32>,
     pub uid: u32,
 }
@@ -29,7 +29,11 @@ pub struct Caller {
 impl Cts {
     /// A wrapper registers GID ↔ PID (paper 3.4.1); the CTS then tells the GCS it is in
     /// charge of the GID. Idempotent for the same GID and process.
-    pub async fn register_job(&self, req: RegisterLocalJob, caller: Caller) -> Result<LocalJob> {
+    pub async fn register_job(
+        &self,
+        req: RegisterLocalJob,
+        caller: LocalCaller,
+    ) -> Result<LocalJob> {
         check_gid(&req.gid)?;
         let Some(stat) = proc::stat(req.pid).filter(|s| s.state != 'Z') else {
             return Err(Error::unknown(format!(
@@ -45,6 +49,8 @@ impl Cts {
                 req.pid, caller.uid
             )));
         }
+        crate::policy::caller_starts(&caller, req.pid)?;
+        crate::policy::plainly_theirs(caller.uid, req.pid, &format!("job {:?}", req.gid))?;
         check_retention(&req)?;
         let restoring = req.recovery.as_ref().is_some_and(|r| r.restoring);
         let periodic = if restoring {
@@ -83,6 +89,10 @@ impl Cts {
                 "process {} is already registered as job {:?}",
                 req.pid, other.gid
             )));
+        }
+        if let (Some(r), None) = (&req.recovery, &taken_over) {
+            self.check_recovery_owner(&req.gid, r.from_checkpoint.as_deref(), &caller)
+                .await?;
         }
         let key = job_key(&req.gid);
         let checkpoint_dir = self.inner.config.state_dir.join("checkpoint").join(&key);
@@ -161,9 +171,10 @@ impl Cts {
             .collect()
     }
 
-    /// Withdraws a recovery registration whose restore failed (`DELETE /v1/jobs/{gid}`). The
-    /// GCS is not told: the job stays `recovering` there and can be recovered again.
-    pub fn abandon_recovery(&self, gid: &str, caller: Caller) -> Result<LocalJob> {
+    /// Withdraws a recovery registration whose image was refused or whose restore failed
+    /// (`DELETE /v1/jobs/{gid}`): the GCS puts the job back as it was before the recovery
+    /// moved it (AbandonRecovery, through the ordered outbox), so it can be recovered again.
+    pub fn abandon_recovery(&self, gid: &str, caller: LocalCaller) -> Result<LocalJob> {
         let job = self.job(gid)?;
         if !job.restoring {
             return Err(Error::conflict(format!(
@@ -177,6 +188,16 @@ impl Cts {
             )));
         }
         self.forget(&job);
+        if let Err(e) =
+            self.inner
+                .link
+                .enqueue_nowait(OutboxItem::AbandonRecovery(AbandonRecovery {
+                    gid: gid.to_string(),
+                    cts_instance: self.inner.instance.name.clone(),
+                }))
+        {
+            tracing::error!(gid = %gid, error = %e, "cannot queue the abandoned recovery for the GCS");
+        }
         tracing::info!(gid = %gid, "recovery withdrawn by its wrapper");
         Ok(self.view(&job))
     }
@@ -207,7 +228,7 @@ impl Cts {
         &self,
         gid: &str,
         exit: LocalExit,
-        caller: Caller,
+        caller: LocalCaller,
     ) -> Result<LocalJob> {
         let job = self.job(gid)?;
         if caller.uid != 0 && caller.uid != job.uid {

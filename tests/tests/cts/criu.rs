@@ -135,7 +135,7 @@ async fn checkpoint_and_stop_for_migration() {
     eventually(
         Duration::from_secs(5),
         "the CTS forgets the stopped job",
-        || async { cts.cts.list_jobs().is_empty() },
+        || async { cts.cts.list_jobs(None).is_empty() },
     )
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -94,7 +94,8 @@ async fn images_name_their_owner_and_are_exported_through_their_image_name() {
     let digest = record.digest.clone().expect("a digest");
 
     // The manifest names the job's owner: the real UID and GID of its process.
-    let http = integration_tests::http();
+    // As the GCS: the only caller of a CTS's image export (and reader of its manifests).
+    let http = integration_tests::http_as(integration_tests::pki::GCS);
     let manifest: serde_json::Value = http
         .get(&record.image_name)
         .send()

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use cts::service::Caller;
+use cts::service::LocalCaller as Caller;
 use gca_protocol::fault::FaultKind;
 use gca_protocol::local::RegisterLocalJob;
 use gca_protocol::messages::*;
@@ -336,10 +336,21 @@ async fn a_restarted_cts_keeps_a_recovery_that_is_still_restoring() {
         || async { gcs_job(&gcs, "gid-rr").await.state == JobState::Running },
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The abandoned recovery: the GCS has the job back as it was (it failed here), and the
+    // recovery that never ran is not counted.
+    eventually(
+        Duration::from_secs(10),
+        "the GCS puts the abandoned job back",
+        || async { gcs_job(&gcs, "gid-rr-gone").await.state == JobState::Finished },
+    )
+    .await;
+    let back = gcs_job(&gcs, "gid-rr-gone").await;
     assert_eq!(
-        gcs_job(&gcs, "gid-rr-gone").await.state,
-        JobState::Recovering,
-        "an abandoned recovery is no finish"
+        (
+            back.cts_instance.as_str(),
+            back.recoveries,
+            back.exit_status
+        ),
+        ("cts-rr", 0, None)
     );
 }

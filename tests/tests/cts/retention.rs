@@ -203,6 +203,20 @@ async fn copies_fetched_for_a_recovery_go_when_the_job_ends() {
     // The job's node fails; a recovery on B gets the image there (and then fails too).
     signal(&job, "KILL");
     settled(&gcs, "gid-copy").await;
+    let wrapper = integration_tests::cts::TestJob::script(b.dir.path(), "sleep 60", &[]);
+    b.local
+        .register(&gca_protocol::local::RegisterLocalJob {
+            gid: "gid-copy".into(),
+            pid: wrapper.pid,
+            periodic_interval_secs: None,
+            recovery: Some(gca_protocol::local::LocalRecovery {
+                from_checkpoint: Some(id.clone()),
+                restoring: true,
+            }),
+            retention: None,
+        })
+        .await
+        .expect("the recovery registered on B");
     let fetched = b
         .local
         .fetch_image(&FetchImage {
@@ -213,6 +227,10 @@ async fn copies_fetched_for_a_recovery_go_when_the_job_ends() {
         .await
         .unwrap();
     assert!(fetched.fetched && b.image_dir(id).exists());
+    b.local
+        .abandon("gid-copy")
+        .await
+        .expect("the recovery withdrawn");
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(
         b.image_dir(id).exists(),

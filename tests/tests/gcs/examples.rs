@@ -136,6 +136,7 @@ fn gcs_operation(op: &str) -> Option<(Caller, &'static str)> {
         "RegisterCTSInstance" => (Caller::Cts, "A CTS announces itself: at start, every `heartbeat_secs` (its heartbeat), and when the GCS is back after being unreachable. Equal registrations are `unchanged`; a new address is `updated`; another type is a conflict."),
         "RegisterJob" => (Caller::Cts, "A CTS takes charge of a GID, when the execute wrapper registers the job there; with `Recovery` = `true` (and `FromCheckpoint`, `State`) when a recovery wrapper restores it, which moves the job to that CTS."),
         "RegisterCheckpoint" => (Caller::Cts, "A CTS records a checkpoint it took (on request, periodic, or by the job itself); the GCS assigns the next sequence number. The same record again is `unchanged`."),
+        "AbandonRecovery" => (Caller::Cts, "The CTS a job is being recovered on gives the recovery up (it refused the image, or the restore failed): the job goes back to the CTS, state and end it had before the recovery moved it, and the recovery is not counted. Only that CTS, only while the job is `recovering` there."),
         "JobFinished" => (Caller::Cts, "The CTS in charge reports that the job exited, with its exit status or signal. Exit status 0 ends the job: its retention policy applies to its images. A job that failed keeps them for recovery (and gets a termination time, `failed_job_lifetime_secs`, unless it has one)."),
         "SetRetention" => (Caller::Admin, "The job owner's retention policy: what is kept of the job's images when it ends (exit status 0, or its resource destroyed). `Keep` `none` (the default: delete them), `last` (the newest `KeepLast`) or `all`, moved to `KeepIn`, a directory of the job's owner on the resource holding each image. On a job that has ended, it applies at once to the images still stored."),
         _ => return None,
@@ -1385,6 +1386,38 @@ async fn soap_operations_reference_is_generated_from_real_exchanges() {
         .await
         .expect("AuthorizeRecovery");
     assert_eq!(text_of(&r, "CTSInstance"), "cts-b");
+    // cts-b starts that recovery, then gives it up (say, the image fails its check there).
+    let r = rec
+        .gcs(
+            &gcs,
+            "RegisterJob",
+            r#"
+            <gca:RegisterJob>
+              <gca:GID>job-42</gca:GID>
+              <gca:CTSInstance>cts-b</gca:CTSInstance>
+              <gca:LocalID>7790</gca:LocalID>
+              <gca:Recovery>true</gca:Recovery>
+              <gca:State>recovering</gca:State>
+            </gca:RegisterJob>"#,
+        )
+        .await
+        .expect("RegisterJob (recovery)");
+    assert_eq!(text_of(&r, "Outcome"), "updated");
+    let r = rec
+        .gcs(
+            &gcs,
+            "AbandonRecovery",
+            r#"
+            <gca:AbandonRecovery>
+              <gca:GID>job-42</gca:GID>
+              <gca:CTSInstance>cts-b</gca:CTSInstance>
+            </gca:AbandonRecovery>"#,
+        )
+        .await
+        .expect("AbandonRecovery");
+    let j = r.child(ns::GCA, "Job").expect("Job");
+    assert_eq!(text_of(j, "CTSInstance"), "cts-a");
+    assert_eq!(text_of(j, "State"), "running");
     let r = rec
         .gcs(
             &gcs,

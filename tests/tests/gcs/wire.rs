@@ -183,7 +183,13 @@ async fn zeep_loads_the_cts_wsdl_from_the_cts_alone_and_decodes_its_faults() {
     let gcs = TestGcs::start().await;
     let cts = TestCts::registered(&gcs, "cts-app", "app-level", APP_DRIVER, "").await;
     let wsdl = format!("{}{}?wsdl", cts.url, gca_protocol::ns::CTS_SERVICE_PATH);
-    let stdout = run_python("zeep_cts.py", &["--wsdl", &wsdl, "--gid", "no-such-gid"]).await;
+    // As the GCS, the only caller of a CTS's DoCheckpoint.
+    let stdout = run_python_as(
+        pki::GCS,
+        "zeep_cts.py",
+        &["--wsdl", &wsdl, "--gid", "no-such-gid"],
+    )
+    .await;
     let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     assert_loaded_from(&v["loaded"], &cts.url, &wsdl);
     for version in ["soap11", "soap12"] {

@@ -80,7 +80,7 @@ async fn submit_checkpoint_stop_resubmit_recover_and_scancel() {
     assert_ne!(state, "RUNNING");
     let at_stop = values(&log);
     eventually(WAIT, "the CTS lets the stopped job go", || async {
-        cts.cts.list_jobs().is_empty()
+        cts.cts.list_jobs(None).is_empty()
     })
     .await;
 
