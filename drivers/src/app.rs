@@ -65,8 +65,11 @@
 //!   the directory's owner when it runs as root, and returns [`Restored::StartJob`].
 //!
 //! The image holds the job's files under their own names plus the marker, as `.gca-complete`.
-//! Files are moved with `rename` (copied, then removed, across filesystems; copies keep their
-//! permission bits, plus owner read and write, without set-ID bits). The driver walks
+//! Files are copied into the image (then removed from the checkpoint directory), never
+//! renamed: a renamed file would stay the job's inode, which its owner could still change
+//! (through a hard link or an open descriptor) after the CTS hashed it. Copies are root's,
+//! keep their permission bits (plus owner read and write, without set-ID bits or group and
+//! other write), in the store's directories that only root can reach. The driver walks
 //! the directory through file descriptors opened with `O_NOFOLLOW`, creates the image's
 //! directories itself, moves files one by one and checks each one again where it landed, in
 //! the image directory the job cannot reach: a job that swaps a file for a link while the CTS
@@ -507,23 +510,13 @@ fn walk(
     Ok(())
 }
 
-/// Moves one regular file by name from `src` into `dst`, then checks what arrived: the job
-/// could have swapped the name for a link between our check and the rename, but it cannot
-/// reach `dst`.
+/// Moves one regular file by name from `src` into `dst`: a copy (a new inode of the CTS's,
+/// which the job cannot reach), then the original removed. `copy_file` opens the source
+/// without following a link and checks it is a regular file.
 fn move_file(src: &OwnedFd, name: &CStr, dst: &OwnedFd, path: &Path) -> WalkResult {
-    match rustix::fs::renameat(src, name, dst, name) {
-        Ok(()) => {
-            let st = rustix::fs::statat(dst, name, AtFlags::SYMLINK_NOFOLLOW)
-                .map_err(|e| io_err(format!("stat moved `{}`", path.display()), e))?;
-            check_takeable(&st, path)
-        }
-        Err(Errno::XDEV) => {
-            copy_file(src, name, dst, path)?;
-            rustix::fs::unlinkat(src, name, AtFlags::empty())
-                .map_err(|e| io_err(format!("remove `{}` after copying it", path.display()), e))
-        }
-        Err(e) => Err(io_err(format!("move `{}`", path.display()), e)),
-    }
+    copy_file(src, name, dst, path)?;
+    rustix::fs::unlinkat(src, name, AtFlags::empty())
+        .map_err(|e| io_err(format!("remove `{}` after copying it", path.display()), e))
 }
 
 /// Copies one regular file by name from `src` into `dst` (which must not have it), without
@@ -549,7 +542,7 @@ fn copy_file(src: &OwnedFd, name: &CStr, dst: &OwnedFd, path: &Path) -> WalkResu
         dst,
         name,
         OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::from_raw_mode((st.st_mode & 0o777) | 0o600),
+        Mode::from_raw_mode((st.st_mode & 0o755) | 0o600),
     )
     .map_err(|e| io_err(format!("create `{}`", path.display()), e))?;
     let mut input = File::from(input);

@@ -299,6 +299,7 @@ impl Ctx<'_> {
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(0o600)
             .open(dest)
             .await
             .map_err(|e| self.write_error(e))?;

@@ -25,6 +25,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -145,9 +146,11 @@ impl ImageStore {
         };
         let images = root.join("images");
         let staging = root.join("staging");
-        fs::create_dir_all(root).map_err(unwritable)?;
-        fs::create_dir_all(&images).map_err(unwritable)?;
-        fs::create_dir_all(&staging).map_err(unwritable)?;
+        // Only the CTS reaches images (memory dumps, the job's files): 0700 all the way.
+        for dir in [root, &images, &staging] {
+            fs::create_dir_all(dir).map_err(unwritable)?;
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(unwritable)?;
+        }
 
         let lock = OpenOptions::new()
             .create(true)
