@@ -1010,6 +1010,37 @@ mod tests {
         assert!(!driver().collect_internal(&job, &image).await.unwrap());
     }
 
+    /// The job's file arrives in the image as a new inode of the CTS's: writing to the
+    /// original through a descriptor the job kept open, after the collection, changes
+    /// nothing in the image.
+    #[tokio::test]
+    async fn files_are_copied_into_the_image_never_renamed() {
+        use std::io::Write;
+        use std::os::unix::fs::MetadataExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let (ckpt, image) = (tmp.path().join("ckpt"), tmp.path().join("image"));
+        std::fs::create_dir(&ckpt).unwrap();
+        std::fs::create_dir(&image).unwrap();
+        std::fs::write(ckpt.join("state"), "41").unwrap();
+        let mut kept = std::fs::OpenOptions::new()
+            .append(true)
+            .open(ckpt.join("state"))
+            .unwrap();
+        let original = kept.metadata().unwrap().ino();
+        std::fs::write(ckpt.join(MARKER), "").unwrap();
+        let job = JobHandle {
+            gid: "gid-copy".into(),
+            pid: std::process::id() as i32,
+            pidfd: None,
+            checkpoint_dir: ckpt.clone(),
+        };
+        assert!(driver().collect_internal(&job, &image).await.unwrap());
+        let copy = std::fs::metadata(image.join("state")).unwrap();
+        assert_ne!(copy.ino(), original, "a copy, not the job's inode");
+        kept.write_all(b"666").unwrap();
+        assert_eq!(std::fs::read_to_string(image.join("state")).unwrap(), "41");
+    }
+
     #[tokio::test]
     async fn links_and_special_files_are_refused() {
         type Plant = fn(&Path, &Path);

@@ -3,6 +3,7 @@
 //! command-template drivers.
 
 mod app;
+mod authorization;
 mod criu;
 mod export;
 mod faults;

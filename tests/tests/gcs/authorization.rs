@@ -259,6 +259,16 @@ fn cases() -> Vec<Case> {
             )),
         },
         Case {
+            name: "AbandonRecovery",
+            allowed: &[Cts],
+            soap: gca(&format!("<gca:AbandonRecovery {ns}><gca:GID>job-1</gca:GID><gca:CTSInstance>cts-a</gca:CTSInstance></gca:AbandonRecovery>")),
+            json: Some((
+                "POST",
+                "/api/v1/jobs/job-1/abandon-recovery".into(),
+                Some(serde_json::json!({"cts_instance": "cts-a"})),
+            )),
+        },
+        Case {
             name: "GetResourcePropertyDocument",
             allowed: BROKERS,
             soap: Some((
@@ -581,4 +591,123 @@ async fn discovery_needs_no_certificate() {
         let r = anon.get(&path).send().await.unwrap();
         assert_eq!(r.status(), 200, "{path}");
     }
+}
+
+/// What a CTS may register as a record, even as itself: only for a job it is in charge of,
+/// with its own type, an image under its own registered address, a digest, and its own
+/// valid signature over the record (a record signed by another CTS, or changed after it was
+/// signed, is refused): so no client can make a forged record `latest`.
+#[tokio::test]
+async fn a_cts_registers_only_records_it_took_and_signed() {
+    let gcs = fixture().await;
+    gcs.register_job("job-b", "cts-b").await;
+    let as_a = |r: CheckpointRecord| async {
+        gcs.call_as::<RegisterCheckpointOp>("cts:cts-a", RegisterCheckpoint { checkpoint: r })
+            .await
+    };
+    let refused = |r: Result<CheckpointRegistered, gca_protocol::Fault>, why: &str| {
+        let f = r.expect_err(why);
+        assert_eq!(f.kind, FaultKind::AccessDenied, "{why}: {f:?}");
+        f
+    };
+    let before = snapshot(&gcs).await;
+    // Of a job in another CTS's charge.
+    refused(
+        as_a(checkpoint_record("f-1", "job-b", "cts-a")).await,
+        "another CTS's job",
+    );
+    // An image somewhere else than cts-a's address.
+    let mut r = checkpoint_record("f-2", "job-1", "cts-a");
+    r.image_name = "https://attacker.example.org/images/f-2".into();
+    refused(as_a(signed(r)).await, "an image elsewhere");
+    // No digest.
+    let mut r = checkpoint_record("f-3", "job-1", "cts-a");
+    r.digest = None;
+    r.signature = None;
+    refused(as_a(r).await, "no digest");
+    // Changed after it was signed (another digest: another image).
+    let mut r = checkpoint_record("f-4", "job-1", "cts-a");
+    r.digest = Some(format!("sha256:{}", "ee".repeat(32)));
+    let f = refused(as_a(r).await, "a tampered record");
+    assert_eq!(f.code.as_deref(), Some("bad-signature"));
+    // Signed by another CTS's key.
+    let mut r = checkpoint_record("f-5", "job-1", "cts-a");
+    r.signature = signed(CheckpointRecord {
+        cts_name: "cts-b".into(),
+        ..r.clone()
+    })
+    .signature;
+    refused(as_a(r).await, "cts-b's signature");
+    // Unsigned.
+    let mut r = checkpoint_record("f-6", "job-1", "cts-a");
+    r.signature = None;
+    refused(as_a(r).await, "no signature");
+    assert_eq!(snapshot(&gcs).await, before, "nothing was registered");
+    as_a(checkpoint_record("ok-1", "job-1", "cts-a"))
+        .await
+        .expect("its own, signed record");
+}
+
+/// The attacks of a network peer on the registry, as CTS `cts-evil` with a certificate of
+/// its own: it cannot re-register cts-a at its address, nor take job-1 over.
+#[tokio::test]
+async fn a_rogue_cts_cannot_redirect_an_instance_or_take_a_running_job() {
+    let gcs = fixture().await;
+    let before = snapshot(&gcs).await;
+    let f = gcs
+        .call_as::<RegisterCtsInstanceOp>(
+            "cts:cts-evil",
+            RegisterCtsInstance {
+                instance: instance("cts-a", "criu", "node-evil", "https://evil.example.org/cts"),
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(f.kind, FaultKind::AccessDenied, "{f:?}");
+    assert!(f.message.contains("cts:cts-evil"), "{}", f.message);
+    assert_eq!(snapshot(&gcs).await, before);
+    // Its own instance: fine. Moving a running job to it: refused.
+    gcs.call_as::<RegisterCtsInstanceOp>(
+        "cts:cts-evil",
+        RegisterCtsInstance {
+            instance: instance("cts-evil", "criu", "node-evil", UNREACHABLE_CTS),
+        },
+    )
+    .await
+    .unwrap();
+    let f = gcs
+        .call_as::<RegisterJobOp>(
+            "cts:cts-evil",
+            RegisterJob {
+                gid: "job-1".into(),
+                cts_instance: "cts-evil".into(),
+                local_id: Some("1".into()),
+                recovery: true,
+                from_checkpoint: Some("ck-1".into()),
+                state: Some(JobState::Running),
+                retention: None,
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(f.code.as_deref(), Some("recovery-not-authorized"), "{f:?}");
+    let job = gcs
+        .call::<GetJobOp>(GidRequest {
+            gid: "job-1".into(),
+        })
+        .await
+        .unwrap()
+        .job;
+    assert_eq!((job.cts_instance.as_str(), job.recoveries), ("cts-a", 0));
+    // FindCTS still hands brokers cts-a's own address.
+    let offers = gcs
+        .call::<FindCtsOp>(FindCts {
+            cts_type: Some("criu".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .offers;
+    let a = offers.iter().find(|o| o.instance.name == "cts-a").unwrap();
+    assert_eq!(a.instance.url, UNREACHABLE_CTS);
 }
