@@ -41,11 +41,11 @@ async fn submit_checkpoint_stop_resubmit_recover_and_scancel() {
     std::fs::create_dir(&keep).unwrap();
     let mut submit = Submit::new("gca-exec", dir.path());
     submit.extra.push(format!(
-        "--export=ALL,GID=gid-slurm,CTS_URL=unix:{},GCA_GCS_URL={},GCA_EXEC={},GCA_RECOVER={},KEEP_LAST=1,KEEP_IN={}",
+        "--export=ALL,GID=gid-slurm,CTS_URL=unix:{},GCA_EXEC={},GCA_RECOVER={},GCA_CHECKPOINT={},KEEP_LAST=1,KEEP_IN={}",
         cts.local.socket().display(),
-        gcs.url,
         binary("gca-exec").display(),
         binary("gca-recover").display(),
+        binary("gca-checkpoint").display(),
         keep.display(),
     ));
     let job_args = vec!["bash".to_string(), script.display().to_string()];
@@ -66,6 +66,15 @@ async fn submit_checkpoint_stop_resubmit_recover_and_scancel() {
         Retention::last(1, keep.display().to_string()),
         "KEEP_LAST/KEEP_IN of execute.sbatch reach the GCS"
     );
+
+    // The time limit nears (what `--signal=B:USR1@120` sends; here by hand): the batch shell
+    // has its CTS checkpoint the user's job (gca-checkpoint, over the local socket).
+    blocking(move || slurm::signal(first, "USR1", true)).await;
+    eventually(WAIT, "gca-checkpoint checkpoints the job", || async {
+        gcs_checkpoints(&gcs, "gid-slurm").await.len() == 1
+    })
+    .await;
+    assert!(cts.local.job("gid-slurm").await.is_ok(), "the job runs on");
 
     // Checkpoint through the GCS and stop the job (migration); the Slurm job ends.
     let record = gcs
@@ -129,6 +138,7 @@ async fn submit_checkpoint_stop_resubmit_recover_and_scancel() {
     // Ended by a signal with status 3, not 0: its image stays, for a recovery.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let records = gcs_checkpoints(&gcs, "gid-slurm").await;
-    assert_eq!(records[0].image_state, ImageState::Stored);
+    assert_eq!(records.len(), 2);
+    assert_eq!(records[1].image_state, ImageState::Stored);
     assert!(cts.image_dir(&record.id).exists());
 }
