@@ -26,5 +26,6 @@ pub mod transport;
 pub mod wsn;
 pub mod wsrf;
 pub mod xml;
+pub mod xpath;
 
 pub use fault::{Fault, FaultKind};

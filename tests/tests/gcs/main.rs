@@ -5,6 +5,7 @@ mod checkpoints;
 mod examples;
 mod faults;
 mod gcactl;
+mod hostile;
 mod notifications;
 mod registry;
 mod replicas;

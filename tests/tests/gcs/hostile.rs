@@ -1,0 +1,116 @@
+//! Hostile input sent to a running GCS (issue 15, docs/reliability.md): each must get a clear,
+//! typed refusal, and the GCS must go on serving everyone else.
+
+use std::time::{Duration, Instant};
+
+use gca_protocol::fault::{Fault, FaultKind};
+use gca_protocol::messages::*;
+use gca_protocol::ns;
+use gca_protocol::ops::*;
+use gca_protocol::wsrf::{self, XPATH_DIALECT};
+use gca_protocol::xml::{self, Element};
+use integration_tests::*;
+
+/// A GCS with one CTS instance, job `job-1` and two checkpoints of it.
+async fn setup() -> TestGcs {
+    let gcs = TestGcs::start().await;
+    gcs.setup_cts("cts-a", "node-a", "http://127.0.0.1:1/cts")
+        .await;
+    gcs.register_job("job-1", "cts-a").await;
+    for id in ["ck-1", "ck-2"] {
+        gcs.call::<RegisterCheckpointOp>(RegisterCheckpoint {
+            checkpoint: checkpoint_record(id, "job-1", "cts-a"),
+        })
+        .await
+        .unwrap();
+    }
+    gcs
+}
+
+/// Posts a SOAP 1.1 envelope around `body` (prefixes `gca`, `wsrf-rp`, `wsrf-rl`, `xsi`).
+async fn soap(url: &str, action: &str, body: &str) -> (u16, Result<Element, Fault>) {
+    let envelope = format!(
+        "<?xml version=\"1.0\"?>\n<s:Envelope xmlns:s=\"{}\" xmlns:wsa=\"{}\" xmlns:gca=\"urn:gca:v1\" xmlns:wsrf-rp=\"{}\" xmlns:wsrf-rl=\"{}\" xmlns:xsi=\"{}\">\n<s:Header><wsa:Action>{action}</wsa:Action><wsa:MessageID>urn:uuid:{}</wsa:MessageID></s:Header>\n<s:Body>{body}</s:Body>\n</s:Envelope>",
+        ns::SOAP11,
+        ns::WSA,
+        ns::WSRF_RP,
+        ns::WSRF_RL,
+        ns::XSI,
+        uuid::Uuid::new_v4()
+    );
+    let (status, text) = post_raw(url, "text/xml; charset=utf-8", None, envelope).await;
+    (status, gca_protocol::soap::parse_response(&text))
+}
+
+async fn query(url: &str, expr: &str) -> Result<Element, Fault> {
+    soap(
+        url,
+        &wsrf::rp_request_action("QueryResourceProperties"),
+        &format!(
+            "<wsrf-rp:QueryResourceProperties><wsrf-rp:QueryExpression Dialect=\"{XPATH_DIALECT}\">{}</wsrf-rp:QueryExpression></wsrf-rp:QueryResourceProperties>",
+            xml::escape(expr)
+        ),
+    )
+    .await
+    .1
+}
+
+/// The GCS still answers: a registry call and a WS-RP call.
+async fn still_serving(gcs: &TestGcs) {
+    let job = gcs
+        .call::<GetJobOp>(GidRequest {
+            gid: "job-1".into(),
+        })
+        .await
+        .expect("the GCS answers after the hostile request");
+    assert_eq!(job.job.gid, "job-1");
+    let r = query(&gcs.endpoint(), "string(//gca:CTSInstanceEntry/gca:Name)")
+        .await
+        .expect("queries still work");
+    assert_eq!(r.elements().next().unwrap().text().trim(), "cts-a");
+}
+
+#[tokio::test]
+async fn xpath_nested_100k_deep_is_refused_and_the_gcs_lives() {
+    let gcs = setup().await;
+    // ~200 KB: this overflowed sxd-xpath's recursive parser and aborted the whole GCS.
+    let expr = format!("{}1{}", "(".repeat(100_000), ")".repeat(100_000));
+    let f = query(&gcs.endpoint(), &expr).await.unwrap_err();
+    assert_eq!(f.kind, FaultKind::InvalidQueryExpression, "{f}");
+    assert!(f.message.contains("at most 4096"), "{f}");
+    let expr = format!("{}1{}", "(".repeat(1000), ")".repeat(1000));
+    let f = query(&gcs.endpoint(), &expr).await.unwrap_err();
+    assert_eq!(f.kind, FaultKind::InvalidQueryExpression, "{f}");
+    assert!(f.message.contains("nest deeper than 32 levels"), "{f}");
+    still_serving(&gcs).await;
+}
+
+#[tokio::test]
+async fn runaway_xpath_queries_stop_at_the_deadline_while_others_are_served() {
+    let gcs = setup().await;
+    let started = Instant::now();
+    let runaway = {
+        let url = gcs.endpoint();
+        tokio::spawn(async move { query(&url, "//*[count(//*[count(//*[count(//*)])])]").await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The runaway runs on its own thread: the GCS answers meanwhile, at once.
+    let t = Instant::now();
+    gcs.call::<GetJobOp>(GidRequest {
+        gid: "job-1".into(),
+    })
+    .await
+    .unwrap();
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    let f = runaway.await.unwrap().unwrap_err();
+    assert_eq!(f.kind, FaultKind::QueryEvaluationError, "{f}");
+    assert!(f.message.contains("ran longer than the limit of 5s"), "{f}");
+    assert!(
+        started.elapsed() < Duration::from_secs(9),
+        "{:?}",
+        started.elapsed()
+    );
+    // Stopped at the deadline (it calls functions), so its slot is free again soon.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    still_serving(&gcs).await;
+}
