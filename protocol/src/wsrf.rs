@@ -469,11 +469,7 @@ impl RpRequest {
 /// ones (gca, wsrf-rp, wsrf-rl, wsrf-sg, wsa) where the request did not bind them (zeep sends
 /// expressions without declaring prefixes).
 fn query_namespaces(scope: &Scope) -> Vec<(String, String)> {
-    let mut out: Vec<(String, String)> = scope
-        .iter()
-        .filter(|(p, _)| !p.is_empty())
-        .map(|(p, u)| (p.clone(), u.clone()))
-        .collect();
+    let mut out: Vec<(String, String)> = scope.iter().filter(|(p, _)| !p.is_empty()).collect();
     for (p, u) in WELL_KNOWN_PREFIXES {
         if !out.iter().any(|(q, _)| q == p) {
             out.push((p.to_string(), u.to_string()));

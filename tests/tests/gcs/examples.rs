@@ -644,7 +644,7 @@ fn write_pretty(
     depth: usize,
 ) {
     let indent = "  ".repeat(depth);
-    let scope = &*el.scope;
+    let scope = &el.scope.to_map();
     let tag = match &el.ns {
         Some(uri) => format!("{}{}", prefix_of(scope, uri, false), el.name),
         None => el.name.clone(),

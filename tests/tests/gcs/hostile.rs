@@ -114,3 +114,58 @@ async fn runaway_xpath_queries_stop_at_the_deadline_while_others_are_served() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     still_serving(&gcs).await;
 }
+
+#[tokio::test]
+async fn xml_bombs_under_the_body_limit_are_refused_and_the_gcs_lives() {
+    let gcs = setup().await;
+    let action = wsrf::rp_request_action("GetResourcePropertyDocument");
+    // 10,000 attributes: quick-xml's duplicate check compares each with all before it.
+    let attrs: String = (0..10_000).map(|i| format!(" a{i}=\"v\"")).collect();
+    // Namespace declarations on 40,000 elements under 63 others: each used to copy them all.
+    let decls: String = (0..63)
+        .map(|i| format!(" xmlns:p{i}=\"urn:{}:{i}\"", "u".repeat(100)))
+        .collect();
+    let scoped = format!(
+        "<gca:Pad{decls}>{}</gca:Pad>",
+        "<c xmlns:x=\"u\"/>".repeat(40_000)
+    );
+    for (what, body, kind, expected) in [
+        (
+            "attributes",
+            format!("<wsrf-rp:GetResourcePropertyDocument{attrs}/>"),
+            FaultKind::InvalidMessage,
+            "more than 64 attributes",
+        ),
+        // Read in linear memory now, and refused for what it is.
+        (
+            "scopes",
+            scoped,
+            FaultKind::ActionNotSupported,
+            "no operation for <{urn:gca:v1}Pad>",
+        ),
+        (
+            "elements",
+            format!("<gca:Pad>{}</gca:Pad>", "<c/>".repeat(60_000)),
+            FaultKind::InvalidMessage,
+            "more than 50000 elements",
+        ),
+        (
+            "text",
+            format!("<gca:Pad>{}</gca:Pad>", "x".repeat(600_000)),
+            FaultKind::InvalidMessage,
+            "text of more than 524288 bytes",
+        ),
+    ] {
+        let started = Instant::now();
+        let (_, r) = soap(&gcs.endpoint(), &action, &body).await;
+        let f = r.unwrap_err();
+        assert_eq!(f.kind, kind, "{what}: {f}");
+        assert!(f.message.contains(expected), "{what}: {f}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{what}: {:?}",
+            started.elapsed()
+        );
+    }
+    still_serving(&gcs).await;
+}
