@@ -232,13 +232,11 @@ impl Gcs {
         }
         let termination = match termination {
             Some(t) => t,
-            None => Some(
-                now + chrono::Duration::seconds(
-                    self.config
-                        .subscription_default_lifetime_secs
-                        .min(i64::MAX as u64) as i64,
-                ),
-            ),
+            // A default lifetime past what can be represented is none.
+            None => i64::try_from(self.config.subscription_default_lifetime_secs)
+                .ok()
+                .and_then(chrono::Duration::try_seconds)
+                .and_then(|d| gca_protocol::wsrf::after(now, d)),
         };
         let row = db::SubscriptionRow {
             id: uuid::Uuid::new_v4().to_string(),
@@ -291,7 +289,9 @@ impl Gcs {
             None => None,
             Some(0) => Some(None),
             Some(s) => Some(Some(
-                now + chrono::Duration::seconds(s.min(100 * 365 * 24 * 3600) as i64),
+                chrono::Duration::try_seconds(s.min(100 * 365 * 24 * 3600) as i64)
+                    .and_then(|d| gca_protocol::wsrf::after(now, d))
+                    .ok_or_else(|| Error::invalid("lifetime_secs is too large"))?,
             )),
         };
         let consumer = Epr {

@@ -650,12 +650,23 @@ impl RlRequest {
             let text = d.text();
             let dur = parse_duration(text.trim())
                 .ok_or_else(|| unable(format!("RequestedLifetimeDuration {text:?} is not a supported xsd:duration (use PnDTnHnMnS)")))?;
-            return Ok(RlRequest::SetTerminationTime(Some(now + dur)));
+            let at = after(now, dur).ok_or_else(|| {
+                unable(format!(
+                    "RequestedLifetimeDuration {text:?} ends past the latest time the service can represent; ask for less, or for no termination (xsi:nil)"
+                ))
+            })?;
+            return Ok(RlRequest::SetTerminationTime(Some(at)));
         }
         Err(Fault::invalid(
             "<SetTerminationTime> needs <RequestedTerminationTime> or <RequestedLifetimeDuration>",
         ))
     }
+}
+
+/// `now + duration`, or None when the result is not representable (chrono panics on `+`
+/// beyond year ±262,143: every date arithmetic on input goes through here).
+pub fn after(now: DateTime<Utc>, duration: Duration) -> Option<DateTime<Utc>> {
+    now.checked_add_signed(duration)
 }
 
 /// Parses the day-time subset of `xsd:duration` (`[-]PnDTnHnMn.nS`; years and months are
@@ -780,6 +791,22 @@ mod tests {
             ResourceRef::Service
         );
         assert!(ResourceRef::from_request(&none, Some(("nope", "x")), None).is_err());
+    }
+
+    #[test]
+    fn durations_past_the_representable_are_refused_not_panics() {
+        let now = Utc::now();
+        for d in ["P100000000D", "-P100000000D", "P106751991167D"] {
+            let body = crate::xml::parse(&format!(
+                "<r:SetTerminationTime xmlns:r=\"{}\"><r:RequestedLifetimeDuration>{d}</r:RequestedLifetimeDuration></r:SetTerminationTime>",
+                ns::WSRF_RL
+            ))
+            .unwrap();
+            let f = RlRequest::read(&body, None, now).unwrap_err();
+            assert_eq!(f.kind, FaultKind::UnableToSetTerminationTime, "{d}: {f}");
+            assert!(f.message.contains("latest time"), "{d}: {f}");
+        }
+        assert_eq!(after(now, Duration::days(1)), Some(now + Duration::days(1)));
     }
 
     #[test]

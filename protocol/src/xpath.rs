@@ -200,7 +200,10 @@ pub async fn evaluate(
     limits: &QueryLimits,
     slots: &Arc<tokio::sync::Semaphore>,
 ) -> Result<Vec<Node>, Fault> {
-    let deadline = Instant::now() + limits.timeout;
+    let now = Instant::now();
+    let deadline = now
+        .checked_add(limits.timeout)
+        .unwrap_or(now + Duration::from_secs(3600));
     check_expression(expression)?;
     let permit = match tokio::time::timeout(
         limits.queue_timeout.min(limits.timeout),

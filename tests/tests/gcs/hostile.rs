@@ -169,3 +169,54 @@ async fn xml_bombs_under_the_body_limit_are_refused_and_the_gcs_lives() {
     }
     still_serving(&gcs).await;
 }
+
+#[tokio::test]
+async fn durations_past_the_representable_are_typed_faults_not_panics() {
+    let gcs = setup().await;
+    let job = format!("{}/jobs/job-1", gcs.endpoint());
+    // `now + P100000000D` panicked in chrono: the client got an empty reply.
+    let (_, r) = soap(
+        &job,
+        wsrf::RL_SET_TERMINATION_TIME_REQUEST,
+        "<wsrf-rl:SetTerminationTime><wsrf-rl:RequestedLifetimeDuration>P100000000D</wsrf-rl:RequestedLifetimeDuration></wsrf-rl:SetTerminationTime>",
+    )
+    .await;
+    let f = r.unwrap_err();
+    assert_eq!(f.kind, FaultKind::UnableToSetTerminationTime, "{f}");
+    assert!(f.message.contains("latest time"), "{f}");
+
+    let consumer = "<wsnt:ConsumerReference><wsa:Address>http://consumer.example/n</wsa:Address></wsnt:ConsumerReference>";
+    let (_, r) = soap(
+        &gcs.endpoint(),
+        gca_protocol::wsn::SUBSCRIBE_REQUEST,
+        &format!("<wsnt:Subscribe xmlns:wsnt=\"{}\">{consumer}<wsnt:InitialTerminationTime>P100000000D</wsnt:InitialTerminationTime></wsnt:Subscribe>", ns::WSNT),
+    )
+    .await;
+    let f = r.unwrap_err();
+    assert_eq!(f.kind, FaultKind::UnacceptableInitialTerminationTime, "{f}");
+
+    // Renew reaches the parser once the subscription exists.
+    let (_, r) = soap(
+        &gcs.endpoint(),
+        gca_protocol::wsn::SUBSCRIBE_REQUEST,
+        &format!(
+            "<wsnt:Subscribe xmlns:wsnt=\"{}\">{consumer}</wsnt:Subscribe>",
+            ns::WSNT
+        ),
+    )
+    .await;
+    let resp = r.expect("subscribed");
+    let address = resp
+        .child(ns::WSNT, "SubscriptionReference")
+        .and_then(|e| e.opt_text(ns::WSA, "Address"))
+        .expect("a subscription address");
+    let (_, r) = soap(
+        &address,
+        gca_protocol::wsn::RENEW_REQUEST,
+        &format!("<wsnt:Renew xmlns:wsnt=\"{}\"><wsnt:TerminationTime>P100000000D</wsnt:TerminationTime></wsnt:Renew>", ns::WSNT),
+    )
+    .await;
+    let f = r.unwrap_err();
+    assert_eq!(f.kind, FaultKind::UnacceptableTerminationTime, "{f}");
+    still_serving(&gcs).await;
+}
