@@ -19,6 +19,7 @@
 
 use std::time::Duration;
 
+use gca_protocol::client::read_body;
 use gca_protocol::messages::{GidRequest, ImageState, JobInfo, SetRetention};
 use serde::{Deserialize, Serialize};
 
@@ -29,6 +30,9 @@ use crate::service::Gcs;
 
 /// How many tasks one claim takes.
 const BATCH: i64 = 8;
+
+/// Most of a CTS's answer the runner reads (its answers are a few hundred bytes of JSON).
+const MAX_ANSWER_BYTES: usize = 64 * 1024;
 
 /// The body of `POST {image}/export` on a CTS.
 #[derive(Debug, Serialize)]
@@ -224,9 +228,10 @@ impl Gcs {
             .map_err(|e| TaskError::Retry(format!("POST {url} failed: {e}")))?;
         let status = resp.status();
         if status.is_success() {
-            return resp
-                .json::<Exported>()
+            let body = read_body(resp, MAX_ANSWER_BYTES)
                 .await
+                .map_err(|e| TaskError::Retry(format!("POST {url}: unreadable answer: {e}")))?;
+            return serde_json::from_slice::<Exported>(&body)
                 .map(|e| e.path)
                 .map_err(|e| TaskError::Retry(format!("POST {url}: unreadable answer: {e}")));
         }
@@ -247,7 +252,10 @@ fn image_url(task: &DueImageTask) -> std::result::Result<reqwest::Url, TaskError
 
 /// A CTS's error answer: server-side trouble (5xx, 429) is retried, a refusal (4xx) is not.
 async fn classify(status: reqwest::StatusCode, what: &str, resp: reqwest::Response) -> TaskError {
-    let body = resp.text().await.unwrap_or_default();
+    let body = read_body(resp, MAX_ANSWER_BYTES)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
     let detail = serde_json::from_str::<serde_json::Value>(&body)
         .ok()
         .and_then(|v| {

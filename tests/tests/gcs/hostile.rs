@@ -1,7 +1,11 @@
 //! Hostile input sent to a running GCS (issue 15, docs/reliability.md): each must get a clear,
 //! typed refusal, and the GCS must go on serving everyone else.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use gca_protocol::fault::{Fault, FaultKind};
 use gca_protocol::messages::*;
@@ -9,6 +13,7 @@ use gca_protocol::ns;
 use gca_protocol::ops::*;
 use gca_protocol::wsrf::{self, XPATH_DIALECT};
 use gca_protocol::xml::{self, Element};
+use integration_tests::cts::eventually;
 use integration_tests::*;
 
 /// A GCS with one CTS instance, job `job-1` and two checkpoints of it.
@@ -219,4 +224,92 @@ async fn durations_past_the_representable_are_typed_faults_not_panics() {
     let f = r.unwrap_err();
     assert_eq!(f.kind, FaultKind::UnacceptableTerminationTime, "{f}");
     still_serving(&gcs).await;
+}
+
+/// A server on 127.0.0.1 that answers each request with `status` and an endless chunked
+/// body; counts the bytes it managed to send before the client hung up.
+async fn endless_answers(status: &'static str) -> (String, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let written = Arc::new(AtomicUsize::new(0));
+    let counter = written.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 16 * 1024];
+                let _ = s.read(&mut buf).await;
+                let head = format!("HTTP/1.1 {status}\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n");
+                if s.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                let chunk = format!("{:x}\r\n{}\r\n", 64 * 1024, "x".repeat(64 * 1024));
+                while s.write_all(chunk.as_bytes()).await.is_ok() {
+                    counter.fetch_add(64 * 1024, Ordering::SeqCst);
+                }
+            });
+        }
+    });
+    (url, written)
+}
+
+#[tokio::test]
+async fn an_endless_answer_from_a_cts_is_cut_off_by_the_retention_runner() {
+    let gcs = TestGcs::start_with(|c| {
+        c.image_task_retry_base_millis = 60_000;
+        c.notify_poll_millis = 50;
+    })
+    .await;
+    gcs.setup_cts("cts-a", "node-a", "http://127.0.0.1:1/cts")
+        .await;
+    gcs.register_job("job-1", "cts-a").await;
+    let (evil, written) = endless_answers("500 Internal Server Error").await;
+    gcs.call::<RegisterCheckpointOp>(RegisterCheckpoint {
+        checkpoint: CheckpointRecord {
+            image_name: format!("{evil}/images/ck-1"),
+            ..checkpoint_record("ck-1", "job-1", "cts-a")
+        },
+    })
+    .await
+    .unwrap();
+    // Exit status 0: the job has ended, its image is to be deleted (DELETE {image}).
+    gcs.call::<JobFinishedOp>(JobFinished {
+        gid: "job-1".into(),
+        cts_instance: "cts-a".into(),
+        exit_status: Some(0),
+        signal: None,
+    })
+    .await
+    .unwrap();
+    // The runner used to read the whole error answer (for up to cts_timeout_secs, 60 s).
+    eventually(
+        Duration::from_secs(15),
+        "the failed DELETE is recorded",
+        || async {
+            gcs.call::<GetCheckpointsOp>(GidRequest {
+                gid: "job-1".into(),
+            })
+            .await
+            .unwrap()
+            .checkpoints[0]
+                .image_error
+                .as_deref()
+                .is_some_and(|e| e.contains("HTTP 500"))
+        },
+    )
+    .await;
+    let sent = written.load(Ordering::SeqCst);
+    assert!(sent < 8 * 1024 * 1024, "the CTS could send {sent} bytes");
+    still_serving_job(&gcs).await;
+}
+
+async fn still_serving_job(gcs: &TestGcs) {
+    gcs.call::<GetJobOp>(GidRequest {
+        gid: "job-1".into(),
+    })
+    .await
+    .expect("the GCS answers");
 }
