@@ -10,11 +10,13 @@
 //!   two wire forms: JSON and XML);
 //! - [`descriptor`]: CTS descriptor parsing and validation;
 //! - [`placeholders`]: the one implementation of `{GID}`-style parameter patterns;
+//! - [`ids`]: what a GID or checkpoint ID may be made of (one rule for every edge);
 //! - [`transport`] and [`client`]: HTTP(S) listeners and clients on rustls.
 
 pub mod client;
 pub mod descriptor;
 pub mod fault;
+pub mod ids;
 pub mod messages;
 pub mod ns;
 pub mod ops;
