@@ -99,6 +99,10 @@ impl Gcs {
         match (body.name.as_str(), resource) {
             ("Subscribe", ResourceRef::Service | ResourceRef::Resource(ResourceKind::Job, _)) => {
                 let mut req = Subscribe::read(body, action, now)?;
+                if let Some(g) = &req.gid {
+                    gca_protocol::ids::check("GID", g)
+                        .map_err(|e| Error::kind(FaultKind::InvalidFilter, e.to_string()))?;
+                }
                 if let ResourceRef::Resource(_, gid) = resource {
                     // Subscribing on a job resource: only that job's events.
                     if req.gid.as_ref().is_some_and(|g| g != gid) {
@@ -280,9 +284,7 @@ impl Gcs {
             })
             .collect::<Result<Vec<_>>>()?;
         if let Some(g) = &req.gid {
-            if g.is_empty() {
-                return Err(Error::invalid("gid must not be empty"));
-            }
+            gca_protocol::ids::check("GID", g).map_err(|e| Error::invalid(e.to_string()))?;
         }
         let now = Utc::now();
         let termination = match req.lifetime_secs {

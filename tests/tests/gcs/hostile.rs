@@ -313,3 +313,56 @@ async fn still_serving_job(gcs: &TestGcs) {
     .await
     .expect("the GCS answers");
 }
+
+#[tokio::test]
+async fn gids_and_ids_that_could_inject_are_refused_saying_what_is_allowed() {
+    let gcs = setup().await;
+    for gid in [
+        "x; rm -rf /",
+        "-rf",
+        "$(id)",
+        "../../etc",
+        "a b",
+        ".hidden",
+        "%2e%2e",
+    ] {
+        let f = gcs
+            .call::<RegisterJobOp>(RegisterJob {
+                gid: gid.into(),
+                cts_instance: "cts-a".into(),
+                local_id: None,
+                recovery: false,
+                from_checkpoint: None,
+                state: None,
+                retention: None,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(f.kind, FaultKind::InvalidMessage, "{gid}: {f}");
+        assert!(f.message.contains("A-Z a-z 0-9 . _ : @ + -"), "{gid}: {f}");
+    }
+    let f = gcs
+        .call::<RegisterCheckpointOp>(RegisterCheckpoint {
+            checkpoint: checkpoint_record("-ck", "job-1", "cts-a"),
+        })
+        .await
+        .unwrap_err();
+    assert!(f.message.contains("would read as an option"), "{f}");
+    // The JSON API and subscription filters follow the same rule.
+    let f = gcs
+        .json
+        .get::<serde_json::Value>("/api/v1/jobs/a%20b")
+        .await
+        .unwrap_err();
+    assert_eq!(f.kind, FaultKind::InvalidMessage, "{f}");
+    let f = gcs
+        .json
+        .post::<_, serde_json::Value>(
+            "/api/v1/subscriptions",
+            &serde_json::json!({"consumer": "http://consumer.example/n", "gid": "a;b"}),
+        )
+        .await
+        .unwrap_err();
+    assert!(f.message.contains("A-Z a-z 0-9"), "{f}");
+    still_serving(&gcs).await;
+}
