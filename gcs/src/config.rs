@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use gca_protocol::transport::{ClientTls, ServerTls};
+use gca_protocol::transport::{ClientTls, ServeLimits, ServerTls};
 use serde::Deserialize;
 
 /// A secret string: never printed by `Debug`.
@@ -79,6 +79,10 @@ pub struct Config {
     pub image_task_retry_base_millis: u64,
     /// ...up to this.
     pub image_task_retry_max_secs: u64,
+    /// Bounds on client connections (`[connections]`: header_read_timeout_secs,
+    /// idle_timeout_secs, request_timeout_secs, max_connections); keep request_timeout_secs
+    /// above cts_timeout_secs, which a DoCheckpoint may wait for.
+    pub connections: ServeLimits,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -112,6 +116,7 @@ impl Default for Config {
             image_task_max_attempts: 12,
             image_task_retry_base_millis: 2000,
             image_task_retry_max_secs: 600,
+            connections: ServeLimits::default(),
         }
     }
 }
@@ -178,6 +183,18 @@ impl Config {
         if let Some(v) = var("GCS_IMAGE_TASK_MAX_ATTEMPTS") {
             self.image_task_max_attempts = parse("GCS_IMAGE_TASK_MAX_ATTEMPTS", v)?;
         }
+        if let Some(v) = var("GCS_HEADER_READ_TIMEOUT_SECS") {
+            self.connections.header_read_timeout_secs = parse("GCS_HEADER_READ_TIMEOUT_SECS", v)?;
+        }
+        if let Some(v) = var("GCS_IDLE_TIMEOUT_SECS") {
+            self.connections.idle_timeout_secs = parse("GCS_IDLE_TIMEOUT_SECS", v)?;
+        }
+        if let Some(v) = var("GCS_REQUEST_TIMEOUT_SECS") {
+            self.connections.request_timeout_secs = parse("GCS_REQUEST_TIMEOUT_SECS", v)?;
+        }
+        if let Some(v) = var("GCS_MAX_CONNECTIONS") {
+            self.connections.max_connections = parse("GCS_MAX_CONNECTIONS", v)?;
+        }
         if let Some(v) = var("GCS_LOG_FORMAT") {
             self.log_format = match v.as_str() {
                 "text" => LogFormat::Text,
@@ -212,5 +229,15 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("GCS_LISTEN"));
         assert!(toml::from_str::<Config>("bogus = 1").is_err());
+        let c: Config =
+            toml::from_str("[connections]\nmax_connections = 7\nheader_read_timeout_secs = 3\n")
+                .unwrap();
+        assert_eq!(c.connections.max_connections, 7);
+        assert_eq!(c.connections.header_read_timeout_secs, 3);
+        assert_eq!(
+            c.connections.idle_timeout_secs, 60,
+            "the others keep their defaults"
+        );
+        assert!(toml::from_str::<Config>("[connections]\nmax_conns = 7\n").is_err());
     }
 }
