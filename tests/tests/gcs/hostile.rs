@@ -366,3 +366,41 @@ async fn gids_and_ids_that_could_inject_are_refused_saying_what_is_allowed() {
     assert!(f.message.contains("A-Z a-z 0-9"), "{f}");
     still_serving(&gcs).await;
 }
+
+#[tokio::test]
+async fn slowloris_connections_are_cut_off_and_the_gcs_serves_others() {
+    let gcs = TestGcs::start_with(|c| {
+        c.connections.header_read_timeout_secs = 1;
+        c.connections.idle_timeout_secs = 2;
+    })
+    .await;
+    gcs.setup_cts("cts-a", "node-a", "http://127.0.0.1:1/cts")
+        .await;
+    gcs.register_job("job-1", "cts-a").await;
+    // Without a timer hyper's header timeout was off: these sockets stayed open for ever.
+    let mut slow = Vec::new();
+    for _ in 0..100 {
+        let mut s = tokio::net::TcpStream::connect(gcs.addr).await.unwrap();
+        s.write_all(b"POST /wsrf/services/GridCheckpointService HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            .await
+            .unwrap();
+        slow.push(s);
+    }
+    let t = Instant::now();
+    still_serving_job(&gcs).await;
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    for s in &mut slow {
+        let mut buf = [0u8; 512];
+        let closed = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "a slowloris connection is still open");
+    }
+    still_serving(&gcs).await;
+}
