@@ -171,7 +171,9 @@ pub struct ServeLimits {
     pub idle_timeout_secs: u64,
     /// A request must be answered (its body read and the response started) within this many
     /// seconds; after that it gets a `ServiceUnavailable` fault (`request-timeout`). A
-    /// response body already streaming is not cut: `idle_timeout_secs` watches it.
+    /// response body already streaming is not cut: `idle_timeout_secs` watches it. The
+    /// default (10 min) is above the CTS's default checkpoint timeout (5 min), which a
+    /// DoCheckpoint on a CTS may take.
     pub request_timeout_secs: u64,
     /// Connections served at once; beyond it the listener stops accepting (new clients wait
     /// in the kernel's backlog) until one closes, so descriptors cannot run out.
@@ -183,7 +185,7 @@ impl Default for ServeLimits {
         Self {
             header_read_timeout_secs: 10,
             idle_timeout_secs: 60,
-            request_timeout_secs: 300,
+            request_timeout_secs: 600,
             max_connections: 512,
         }
     }
