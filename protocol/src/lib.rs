@@ -15,6 +15,7 @@
 
 pub mod client;
 pub mod descriptor;
+pub mod destinations;
 pub mod fault;
 pub mod ids;
 pub mod messages;
