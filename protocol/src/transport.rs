@@ -150,6 +150,9 @@ pub fn http_client(settings: &ClientSettings) -> anyhow::Result<reqwest::Client>
     };
     reqwest::Client::builder()
         .use_preconfigured_tls(tls)
+        // A redirect would send the request (and a client certificate) wherever the peer
+        // says: services call exactly the URL they were given (SSRF, issue 15).
+        .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(settings.connect_timeout)
         .timeout(settings.request_timeout)
         .pool_idle_timeout(Duration::from_secs(30))
