@@ -83,6 +83,10 @@ pub struct Config {
     /// idle_timeout_secs, request_timeout_secs, max_connections); keep request_timeout_secs
     /// above cts_timeout_secs, which a DoCheckpoint may wait for.
     pub connections: ServeLimits,
+    /// Whether subscription consumers may be at loopback, link-local, private or other
+    /// internal addresses (by IP, `localhost` or a name resolving there). Off: the GCS would
+    /// otherwise POST into its own network for anyone who subscribes (SSRF).
+    pub allow_private_consumers: bool,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -117,6 +121,7 @@ impl Default for Config {
             image_task_retry_base_millis: 2000,
             image_task_retry_max_secs: 600,
             connections: ServeLimits::default(),
+            allow_private_consumers: false,
         }
     }
 }
@@ -194,6 +199,13 @@ impl Config {
         }
         if let Some(v) = var("GCS_MAX_CONNECTIONS") {
             self.connections.max_connections = parse("GCS_MAX_CONNECTIONS", v)?;
+        }
+        if let Some(v) = var("GCS_ALLOW_PRIVATE_CONSUMERS") {
+            self.allow_private_consumers = match v.as_str() {
+                "true" | "1" | "yes" => true,
+                "false" | "0" | "no" => false,
+                _ => anyhow::bail!("GCS_ALLOW_PRIVATE_CONSUMERS must be true or false, not {v:?}"),
+            };
         }
         if let Some(v) = var("GCS_LOG_FORMAT") {
             self.log_format = match v.as_str() {
