@@ -12,6 +12,7 @@
 use std::time::Duration;
 
 use chrono::Utc;
+use gca_protocol::destinations;
 use gca_protocol::fault::{Fault, FaultKind};
 use gca_protocol::messages::{NewSubscription, SubscriptionInfo, SubscriptionList};
 use gca_protocol::ns;
@@ -24,6 +25,9 @@ use sqlx::PgExecutor;
 use crate::db;
 use crate::error::{Error, Result};
 use crate::service::Gcs;
+
+/// What to tell a subscriber whose consumer is internal.
+const PRIVATE_CONSUMERS: &str = "this GCS delivers only to consumers on public addresses (a site whose consumers are internal sets allow_private_consumers, GCS_ALLOW_PRIVATE_CONSUMERS=true)";
 
 /// How many notifications one claim takes.
 const BATCH: i64 = 16;
@@ -234,6 +238,16 @@ impl Gcs {
                 ),
             ));
         }
+        if !self.config.allow_private_consumers {
+            if let Ok(url) = reqwest::Url::parse(&address) {
+                destinations::check_url_host(&url).map_err(|why| {
+                    Error::kind(
+                        FaultKind::SubscribeCreationFailed,
+                        format!("the consumer address {address:?} is refused: {why}; {PRIVATE_CONSUMERS}"),
+                    )
+                })?;
+            }
+        }
         let termination = match termination {
             Some(t) => t,
             // A default lifetime past what can be represented is none.
@@ -429,6 +443,13 @@ impl Gcs {
             &consumer.reference_parameters,
             body,
         );
+        if !self.config.allow_private_consumers {
+            let url = reqwest::Url::parse(&n.consumer_address)
+                .map_err(|e| format!("the consumer address is not a URL: {e}"))?;
+            destinations::check_url(&url).await.map_err(|why| {
+                format!("the consumer address is refused: {why}; {PRIVATE_CONSUMERS}")
+            })?;
+        }
         let resp = self
             .http
             .post(&n.consumer_address)

@@ -251,21 +251,35 @@ fn image_url(task: &DueImageTask) -> std::result::Result<reqwest::Url, TaskError
 }
 
 /// A CTS's error answer: server-side trouble (5xx, 429) is retried, a refusal (4xx) is not.
+/// What is stored (and shown to anyone who reads the record) is the status and, when the
+/// answer is a GCA fault, its kind and code: never the answer's text, which would let anyone
+/// who names an image URL read what an internal service answers (SSRF). The text is logged.
 async fn classify(status: reqwest::StatusCode, what: &str, resp: reqwest::Response) -> TaskError {
     let body = read_body(resp, MAX_ANSWER_BYTES)
         .await
         .map(|b| String::from_utf8_lossy(&b).into_owned())
         .unwrap_or_default();
-    let detail = serde_json::from_str::<serde_json::Value>(&body)
-        .ok()
-        .and_then(|v| {
-            v.pointer("/error/message")
-                .or_else(|| v.pointer("/message"))
-                .or_else(|| v.get("error"))
-                .and_then(|m| m.as_str().map(str::to_string))
-        })
-        .unwrap_or_else(|| body.chars().take(300).collect());
-    let message = format!("{what}: HTTP {status}: {detail}");
+    let json = serde_json::from_str::<serde_json::Value>(&body).ok();
+    let token = |pointer: &str| {
+        json.as_ref()
+            .and_then(|v| v.pointer(pointer))
+            .and_then(|v| v.as_str())
+            .filter(|t| {
+                !t.is_empty()
+                    && t.len() <= 64
+                    && t.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
+            })
+            .map(str::to_string)
+    };
+    let fault = match (token("/error/kind"), token("/error/code")) {
+        (Some(k), Some(c)) => format!(" ({k}, {c})"),
+        (Some(k), None) => format!(" ({k})"),
+        _ => String::new(),
+    };
+    let detail: String = body.chars().take(300).collect();
+    tracing::warn!(%status, call = %what, answer = %detail, "a CTS refused an image task");
+    let message = format!("{what}: HTTP {status}{fault}; the CTS's answer is in the GCS log");
     if status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS {
         TaskError::Retry(message)
     } else {
