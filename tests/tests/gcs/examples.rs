@@ -940,6 +940,7 @@ schemas it imports, and fails when this file no longer matches what the services
 // The session
 
 fn fast(c: &mut gcs::Config) {
+    c.allow_private_consumers = true;
     c.notify_poll_millis = 100;
     c.notify_retry_base_millis = 100;
     c.notify_retry_max_secs = 1;

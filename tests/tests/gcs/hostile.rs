@@ -404,3 +404,165 @@ async fn slowloris_connections_are_cut_off_and_the_gcs_serves_others() {
     }
     still_serving(&gcs).await;
 }
+
+async fn subscribe_json(gcs: &TestGcs, consumer: &str) -> Result<SubscriptionInfo, Fault> {
+    gcs.json
+        .post(
+            "/api/v1/subscriptions",
+            &NewSubscription {
+                consumer: consumer.into(),
+                topics: vec!["CheckpointTaken".into()],
+                gid: None,
+                lifetime_secs: None,
+            },
+        )
+        .await
+}
+
+async fn last_errors(gcs: &TestGcs) -> Vec<String> {
+    sqlx::query_scalar::<_, Option<String>>("select last_error from notifications order by id")
+        .fetch_all(&gcs.pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+#[tokio::test]
+async fn consumers_at_internal_addresses_are_refused_unless_the_site_allows_them() {
+    let gcs = setup().await;
+    for consumer in [
+        "http://127.0.0.1:9/n",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://10.0.0.5/n",
+        "http://[::1]:8080/n",
+        "http://[::ffff:127.0.0.1]/n",
+        "http://localhost:8080/n",
+        "http://2130706433/n",
+    ] {
+        let f = subscribe_json(&gcs, consumer).await.unwrap_err();
+        assert_eq!(
+            f.kind,
+            FaultKind::SubscribeCreationFailed,
+            "{consumer}: {f}"
+        );
+        assert!(
+            f.message.contains("allow_private_consumers"),
+            "{consumer}: {f}"
+        );
+        let (_, r) = soap(
+            &gcs.endpoint(),
+            gca_protocol::wsn::SUBSCRIBE_REQUEST,
+            &format!("<wsnt:Subscribe xmlns:wsnt=\"{}\"><wsnt:ConsumerReference><wsa:Address>{}</wsa:Address></wsnt:ConsumerReference></wsnt:Subscribe>", ns::WSNT, xml::escape(consumer)),
+        )
+        .await;
+        assert_eq!(
+            r.unwrap_err().kind,
+            FaultKind::SubscribeCreationFailed,
+            "{consumer}"
+        );
+    }
+    // A public name is accepted (it is checked again, resolved, at delivery).
+    subscribe_json(&gcs, "https://consumer.example.org/n")
+        .await
+        .unwrap();
+
+    let allowing = TestGcs::start_with(|c| c.allow_private_consumers = true).await;
+    subscribe_json(&allowing, "http://127.0.0.1:9/n")
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_replica_that_refuses_internal_consumers_does_not_deliver_to_one() {
+    let consumer = integration_tests::consumer::Consumer::start().await;
+    let fast = |c: &mut gcs::Config| {
+        c.notify_poll_millis = 50;
+        c.notify_retry_base_millis = 50;
+        c.notify_retry_max_secs = 1;
+    };
+    // Subscribed while internal consumers were allowed...
+    let a = TestGcs::start_with(|c| {
+        fast(c);
+        c.allow_private_consumers = true;
+    })
+    .await;
+    subscribe_json(&a, &consumer.url).await.unwrap();
+    let url = a.database_url.clone();
+    a.shutdown().await;
+    // ...then the site turned it off: the address is checked again at delivery.
+    let b = TestGcs::start_on(&url, fast).await;
+    b.setup_cts("cts-a", "node-a", "http://127.0.0.1:1/cts")
+        .await;
+    b.register_job("job-1", "cts-a").await;
+    b.call::<RegisterCheckpointOp>(RegisterCheckpoint {
+        checkpoint: checkpoint_record("ck-1", "job-1", "cts-a"),
+    })
+    .await
+    .unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the refusal is recorded",
+        || async {
+            last_errors(&b)
+                .await
+                .iter()
+                .any(|e| e.contains("is refused"))
+        },
+    )
+    .await;
+    assert!(
+        consumer.received().is_empty(),
+        "nothing reached the consumer"
+    );
+}
+
+#[tokio::test]
+async fn redirects_are_not_followed() {
+    let target = integration_tests::consumer::Consumer::start().await;
+    // A consumer that sends the GCS on to another address (307 keeps the method and body).
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let redirector = format!("http://{}/n", listener.local_addr().unwrap());
+    let to = target.url.clone();
+    let app = axum::Router::new().route(
+        "/n",
+        axum::routing::post(move || {
+            let to = to.clone();
+            async move { axum::response::Redirect::temporary(&to) }
+        }),
+    );
+    tokio::spawn(gca_protocol::transport::serve(
+        listener,
+        None,
+        app,
+        std::future::pending(),
+    ));
+    let gcs = TestGcs::start_with(|c| {
+        c.allow_private_consumers = true;
+        c.notify_poll_millis = 50;
+        c.notify_retry_base_millis = 60_000;
+    })
+    .await;
+    gcs.setup_cts("cts-a", "node-a", "http://127.0.0.1:1/cts")
+        .await;
+    gcs.register_job("job-1", "cts-a").await;
+    subscribe_json(&gcs, &redirector).await.unwrap();
+    gcs.call::<RegisterCheckpointOp>(RegisterCheckpoint {
+        checkpoint: checkpoint_record("ck-1", "job-1", "cts-a"),
+    })
+    .await
+    .unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the redirect is a failure",
+        || async {
+            last_errors(&gcs)
+                .await
+                .iter()
+                .any(|e| e.contains("HTTP 307"))
+        },
+    )
+    .await;
+    assert!(target.received().is_empty(), "the redirect was followed");
+}

@@ -17,7 +17,9 @@ use integration_tests::*;
 
 const WAIT: Duration = Duration::from_secs(15);
 
+/// Fast retries, and loopback consumers allowed (the test consumers listen on 127.0.0.1).
 fn fast(c: &mut gcs::Config) {
+    c.allow_private_consumers = true;
     c.notify_poll_millis = 100;
     c.notify_retry_base_millis = 100;
     c.notify_retry_max_secs = 1;
