@@ -66,6 +66,8 @@ pub struct Config {
     pub notify_max_attempts: u32,
     /// Bound on one Notify POST, in seconds.
     pub notify_timeout_secs: u64,
+    /// Deliveries (one per subscription) running at once in one replica.
+    pub notify_concurrency: usize,
     /// The termination time of a subscription whose Subscribe names none, in seconds from then.
     pub subscription_default_lifetime_secs: u64,
     /// A job that fails (non-zero exit status, a signal, an unknown status) keeps its images
@@ -115,6 +117,7 @@ impl Default for Config {
             notify_retry_max_secs: 300,
             notify_max_attempts: 10,
             notify_timeout_secs: 10,
+            notify_concurrency: 16,
             subscription_default_lifetime_secs: 24 * 3600,
             failed_job_lifetime_secs: 7 * 24 * 3600,
             image_task_max_attempts: 12,
