@@ -601,9 +601,13 @@ pub fn parse_with(src: &str, limits: &Limits) -> Result<Element, XmlError> {
                 ));
             }
         };
-        // The event starts after any leading whitespace that quick-xml skipped.
-        let start =
-            pos + src[pos.min(src.len())..].len() - src[pos.min(src.len())..].trim_start().len();
+        // The event starts after any leading whitespace that quick-xml skipped. (Bytes, not
+        // str slicing: a position may fall inside a character, e.g. a byte order mark.)
+        let start = pos
+            + src.as_bytes()[pos.min(src.len())..]
+                .iter()
+                .take_while(|b| b.is_ascii_whitespace())
+                .count();
         match event {
             Event::Start(ref e) | Event::Empty(ref e) => {
                 let empty = matches!(event, Event::Empty(_));
@@ -628,7 +632,7 @@ pub fn parse_with(src: &str, limits: &Limits) -> Result<Element, XmlError> {
                 }
                 let line = lines.line(start);
                 let ns = match resolved {
-                    ResolveResult::Bound(ns) => Some(utf8(ns.as_ref(), line)?),
+                    ResolveResult::Bound(ns) => Some(namespace(ns.as_ref(), line)?),
                     ResolveResult::Unbound => None,
                     ResolveResult::Unknown(p) => {
                         return Err(XmlError::new(
@@ -640,7 +644,7 @@ pub fn parse_with(src: &str, limits: &Limits) -> Result<Element, XmlError> {
                         ))
                     }
                 };
-                let name = utf8(e.local_name().as_ref(), line)?;
+                let name = xml_name(utf8(e.local_name().as_ref(), line)?, line)?;
                 let parent_scope = scopes.last().cloned().unwrap_or_default();
                 let mut declared = Vec::new();
                 let mut attrs = Vec::new();
@@ -663,7 +667,7 @@ pub fn parse_with(src: &str, limits: &Limits) -> Result<Element, XmlError> {
                         let prefix = if key == b"xmlns" {
                             String::new()
                         } else {
-                            utf8(&key[6..], line)?
+                            xml_name(utf8(&key[6..], line)?, line)?
                         };
                         let value = a.unescape_value().map_err(|err| {
                             XmlError::new(Some(line), format!("bad namespace value: {err}"))
@@ -684,7 +688,7 @@ pub fn parse_with(src: &str, limits: &Limits) -> Result<Element, XmlError> {
                     }
                     let (ans, alocal) = reader.resolve_attribute(a.key);
                     let ans = match ans {
-                        ResolveResult::Bound(ns) => Some(utf8(ns.as_ref(), line)?),
+                        ResolveResult::Bound(ns) => Some(namespace(ns.as_ref(), line)?),
                         ResolveResult::Unbound => None,
                         ResolveResult::Unknown(p) => {
                             return Err(XmlError::new(
@@ -701,7 +705,7 @@ pub fn parse_with(src: &str, limits: &Limits) -> Result<Element, XmlError> {
                     })?;
                     attrs.push(Attribute {
                         ns: ans,
-                        name: utf8(alocal.as_ref(), line)?,
+                        name: xml_name(utf8(alocal.as_ref(), line)?, line)?,
                         value: value.into_owned(),
                     });
                 }
@@ -821,6 +825,30 @@ fn push_text(
     }
 }
 
+/// A local name or prefix, checked (quick-xml reads `<></>` as an element without a name).
+fn xml_name(name: String, line: usize) -> Result<String, XmlError> {
+    let mut chars = name.chars();
+    let ok = chars.next().is_some_and(|c| c.is_alphabetic() || c == '_')
+        && chars.all(|c| c.is_alphanumeric() || matches!(c, '_' | '-' | '.' | '\u{b7}'));
+    if ok {
+        Ok(name)
+    } else {
+        Err(XmlError::new(
+            Some(line),
+            format!("{name:?} is not an XML name"),
+        ))
+    }
+}
+
+/// A namespace URI as quick-xml resolves it: the declaration's raw value, which may hold
+/// references (`&amp;`); unescaped like the value kept in the scope, so both agree.
+fn namespace(b: &[u8], line: usize) -> Result<String, XmlError> {
+    let raw = utf8(b, line)?;
+    quick_xml::escape::unescape(&raw)
+        .map(|u| u.into_owned())
+        .map_err(|e| XmlError::new(Some(line), format!("bad namespace value: {e}")))
+}
+
 fn utf8(b: &[u8], line: usize) -> Result<String, XmlError> {
     String::from_utf8(b.to_vec()).map_err(|_| XmlError::new(Some(line), "name is not valid UTF-8"))
 }
@@ -913,6 +941,41 @@ mod tests {
         assert_eq!(last.scope.get("p127"), None);
         assert_eq!(last.scope.to_map().len(), 128);
         assert!(grown < 64 * 1024 * 1024, "parsing took {} MB", grown >> 20);
+    }
+
+    #[test]
+    fn namespace_uris_with_references_resolve_like_their_declaration() {
+        // Found by the xml fuzz target: the element's namespace kept the raw "&gt;".
+        let doc = "<p:a xmlns:p=\"urn:x&gt;y&amp;z\"><p:b>p:c</p:b></p:a>";
+        let root = parse(doc).unwrap();
+        assert_eq!(root.ns.as_deref(), Some("urn:x>y&z"));
+        let b = root.elements().next().unwrap();
+        assert_eq!(
+            b.resolve_qname("p:c"),
+            Some((Some("urn:x>y&z".to_string()), "c".to_string()))
+        );
+        let again = parse(&root.to_xml()).unwrap();
+        assert_eq!(again.qname(), root.qname());
+        assert_eq!(again.elements().next().unwrap().qname(), b.qname());
+    }
+
+    #[test]
+    fn a_byte_order_mark_before_bad_markup_is_an_error_not_a_panic() {
+        // Found by the xml fuzz target: slicing the source inside the BOM panicked.
+        for doc in ["\u{feff}<>x", "\u{feff}<a>\u{e9}</b>", "\u{feff}<a/>"] {
+            let _ = parse(doc);
+        }
+        assert!(parse("\u{feff}<>x").is_err());
+        // Also found by it: quick-xml reads names it should not.
+        for doc in [
+            "<></>",
+            "<a =\"1\"/>",
+            "<1a/>",
+            "<a xmlns:=\"u\"/>",
+            "<a b\"c=\"1\"/>",
+        ] {
+            assert!(parse(doc).is_err(), "{doc}");
+        }
     }
 
     #[test]
