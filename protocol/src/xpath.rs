@@ -160,6 +160,19 @@ pub fn check_expression(expression: &str) -> Result<(), Fault> {
     Ok(())
 }
 
+/// Checks an expression ([`check_expression`]) and parses it with the XPath engine, without
+/// evaluating it: what the service does before a query is evaluated (and what the fuzz
+/// target `wsrp_requests` drives, since anything the check lets through reaches the engine's
+/// recursive parser).
+pub fn compile(expression: &str) -> Result<(), Fault> {
+    check_expression(expression)?;
+    Factory::new()
+        .build(expression)
+        .map_err(|e| invalid(expression, e))?
+        .ok_or_else(|| invalid(expression, "it is empty"))?;
+    Ok(())
+}
+
 /// The process-wide cap on concurrent evaluations, sized by the first caller's limits.
 fn slots(limits: &QueryLimits) -> Arc<tokio::sync::Semaphore> {
     static SLOTS: OnceLock<Arc<tokio::sync::Semaphore>> = OnceLock::new();
