@@ -672,7 +672,14 @@ pub fn parse_with(src: &str, limits: &Limits) -> Result<Element, XmlError> {
                         let value = a.unescape_value().map_err(|err| {
                             XmlError::new(Some(line), format!("bad namespace value: {err}"))
                         })?;
-                        declared.push((prefix, value.into_owned()));
+                        let value = value.into_owned();
+                        if value == XMLNS_NS || (value == XML_NS) != (prefix == "xml") {
+                            return Err(XmlError::new(
+                                Some(line),
+                                format!("the namespace declaration of {prefix:?} as {value:?} is reserved"),
+                            ));
+                        }
+                        declared.push((prefix, value));
                         if parent_scope.declarations() + declared.len()
                             > limits.max_namespaces_in_scope
                         {
@@ -842,11 +849,21 @@ fn xml_name(name: String, line: usize) -> Result<String, XmlError> {
 
 /// A namespace URI as quick-xml resolves it: the declaration's raw value, which may hold
 /// references (`&amp;`); unescaped like the value kept in the scope, so both agree.
+/// Names may not be in it (it is the namespace of `xmlns` declarations themselves).
+const XMLNS_NS: &str = "http://www.w3.org/2000/xmlns/";
+
 fn namespace(b: &[u8], line: usize) -> Result<String, XmlError> {
     let raw = utf8(b, line)?;
-    quick_xml::escape::unescape(&raw)
+    let ns = quick_xml::escape::unescape(&raw)
         .map(|u| u.into_owned())
-        .map_err(|e| XmlError::new(Some(line), format!("bad namespace value: {e}")))
+        .map_err(|e| XmlError::new(Some(line), format!("bad namespace value: {e}")))?;
+    if ns == XMLNS_NS {
+        return Err(XmlError::new(
+            Some(line),
+            "the xmlns prefix and namespace are reserved for namespace declarations",
+        ));
+    }
+    Ok(ns)
 }
 
 fn utf8(b: &[u8], line: usize) -> Result<String, XmlError> {
