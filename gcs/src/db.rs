@@ -25,6 +25,16 @@ pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<PgPool> 
         .context("cannot connect to PostgreSQL (check DATABASE_URL / database_url)")
 }
 
+/// A pool that connects when first used (the database may not be up yet).
+pub fn connect_lazy(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
+    use anyhow::Context;
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(std::time::Duration::from_secs(5))
+        .connect_lazy(url)
+        .context("invalid PostgreSQL URL (check DATABASE_URL / database_url)")
+}
+
 fn bad_row(what: &str, e: impl std::fmt::Display) -> Error {
     Error::Internal(anyhow::anyhow!("corrupt {what} row: {e}"))
 }

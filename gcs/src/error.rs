@@ -54,11 +54,23 @@ impl Error {
     }
 }
 
-fn is_unavailable(e: &sqlx::Error) -> bool {
-    matches!(
-        e,
-        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_)
-    )
+/// The database is down, restarting, or out of connections (not a fault of the request):
+/// no connection, a broken one, or PostgreSQL's SQLSTATE classes 08 (connection exception),
+/// 57 (operator intervention: `admin_shutdown`, `cannot_connect_now` during a restart) and 53
+/// (insufficient resources: too many connections, disk full).
+pub fn is_unavailable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|c| c.starts_with("08") || c.starts_with("57") || c.starts_with("53")),
+        sqlx::Error::Protocol(m) => m.contains("connection") || m.contains("closed"),
+        _ => false,
+    }
 }
 
 /// The name of the constraint a database error violated, if any.

@@ -77,6 +77,7 @@ impl Gcs {
             Some(tls) => gca_protocol::identity::Authenticator::with_rules(tls.identity.clone()),
             None => gca_protocol::identity::Authenticator::insecure(),
         };
+        let (ready_tx, ready_rx) = tokio::sync::watch::channel(true);
         Ok(Gcs {
             db,
             http,
@@ -86,7 +87,43 @@ impl Gcs {
             config: Arc::new(config),
             wake: Arc::new(tokio::sync::Notify::new()),
             image_wake: Arc::new(tokio::sync::Notify::new()),
+            ready: ready_rx,
+            ready_tx: Arc::new(ready_tx),
         })
+    }
+
+    /// The same on a pool whose database may be down or not yet migrated (`gcs serve`):
+    /// [`run`] then applies the migrations as soon as the database answers, retrying, and
+    /// meanwhile answers every request with `ServiceUnavailable` instead of not starting.
+    pub fn unmigrated(self) -> Self {
+        let _ = self.ready_tx.send(false);
+        self
+    }
+
+    /// Waits until the database is migrated.
+    pub async fn wait_ready(&self) {
+        let mut rx = self.ready.clone();
+        let _ = rx.wait_for(|r| *r).await;
+    }
+}
+
+/// Applies the migrations until they succeed (the database may be down, restarting or not
+/// created yet), then marks the service ready.
+async fn migrate_until_ready(gcs: Gcs) {
+    let mut delay = std::time::Duration::from_millis(500);
+    loop {
+        match MIGRATOR.run(&gcs.db).await {
+            Ok(()) => {
+                tracing::info!("database reachable and migrated; serving");
+                let _ = gcs.ready_tx.send(true);
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?delay, "the database is not reachable yet; answering ServiceUnavailable meanwhile");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(2));
+            }
+        }
     }
 }
 
@@ -110,6 +147,7 @@ pub async fn run(
         tracing::warn!("insecure = true: serving plain HTTP, and every caller may do everything; never run this on a network others can reach");
     }
     tracing::info!(addr = %listener.local_addr()?, tls = tls.is_some(), "GCS listening");
+    let migrator = (!*gcs.ready.borrow()).then(|| tokio::spawn(migrate_until_ready(gcs.clone())));
     let sweeper = tokio::spawn(sweep(gcs.clone()));
     let notifier = tokio::spawn(notify::run(gcs.clone()));
     let images = tokio::spawn(retention::run(gcs.clone()));
@@ -118,12 +156,16 @@ pub async fn run(
     sweeper.abort();
     notifier.abort();
     images.abort();
+    if let Some(m) = migrator {
+        m.abort();
+    }
     result
 }
 
 /// Destroys job resources whose WS-RL termination time passed, every
 /// [`wsrf::SWEEP_INTERVAL`] (requests to such a job also destroy it on the spot).
 async fn sweep(gcs: Gcs) {
+    gcs.wait_ready().await;
     let mut tick = tokio::time::interval(wsrf::SWEEP_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

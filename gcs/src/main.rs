@@ -105,19 +105,22 @@ async fn real_main() -> anyhow::Result<()> {
 }
 
 async fn serve(url: &str, config: Config, command: Option<Command>) -> anyhow::Result<()> {
-    let pool = gcs::db::connect(url, config.db_max_connections).await?;
-    gcs::MIGRATOR
-        .run(&pool)
-        .await
-        .context("applying database migrations")?;
     if matches!(command, Some(Command::Migrate)) {
+        let pool = gcs::db::connect(url, config.db_max_connections).await?;
+        gcs::MIGRATOR
+            .run(&pool)
+            .await
+            .context("applying database migrations")?;
         println!("migrations applied");
         return Ok(());
     }
+    // The database may be down at start (or restarting): the GCS serves anyway, answers
+    // ServiceUnavailable and an unhealthy /healthz until it can migrate, then connects.
+    let pool = gcs::db::connect_lazy(url, config.db_max_connections)?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let gcs = gcs::Gcs::new(pool.clone(), config)?;
+    let gcs = gcs::Gcs::new(pool.clone(), config)?.unmigrated();
     gcs::run(listener, gcs, shutdown_signal()).await?;
     pool.close().await;
     Ok(())

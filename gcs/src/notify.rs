@@ -591,6 +591,7 @@ impl Gcs {
 /// rows queued by other replicas, retries coming due and lost CTSes. At most
 /// `notify_concurrency` deliveries run at once.
 pub async fn run(gcs: Gcs) {
+    gcs.wait_ready().await;
     let poll = Duration::from_millis(gcs.config.notify_poll_millis.max(10));
     let slots = Arc::new(Semaphore::new(gcs.config.notify_concurrency.max(1)));
     loop {

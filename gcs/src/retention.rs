@@ -276,6 +276,7 @@ async fn classify(status: reqwest::StatusCode, what: &str, resp: reqwest::Respon
 /// The image task runner of one replica: runs when woken by a commit of this replica, and
 /// every `notify_poll_millis` for tasks queued by other replicas and retries coming due.
 pub async fn run(gcs: Gcs) {
+    gcs.wait_ready().await;
     let poll = Duration::from_millis(gcs.config.notify_poll_millis.max(10));
     loop {
         tokio::select! {

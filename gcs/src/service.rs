@@ -38,6 +38,10 @@ pub struct Gcs {
     pub wake: Arc<tokio::sync::Notify>,
     /// Wakes this replica's image task runner after a commit (see [`crate::retention`]).
     pub image_wake: Arc<tokio::sync::Notify>,
+    /// The database is reachable and migrated (see [`Gcs::unmigrated`]): until then requests
+    /// get `ServiceUnavailable` and `/healthz` says why.
+    pub ready: tokio::sync::watch::Receiver<bool>,
+    pub(crate) ready_tx: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 /// Per-request context the service needs from the transport.

@@ -52,6 +52,24 @@ pub async fn fresh_database_url() -> String {
     with_database(&maintenance, &name)
 }
 
+/// Creates the database a URL from [`fresh_database_url`] names (after [`drop_database`]).
+pub async fn create_database(url: &str) {
+    let name = url
+        .parse::<PgConnectOptions>()
+        .ok()
+        .and_then(|o| o.get_database().map(str::to_string))
+        .filter(|n| n.starts_with(DATABASE_PREFIX))
+        .unwrap_or_else(|| panic!("{url} does not name a {DATABASE_PREFIX}* database"));
+    let mut conn = PgConnection::connect(&maintenance_url().await)
+        .await
+        .expect("the test PostgreSQL server");
+    sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+        .execute(&mut conn)
+        .await
+        .expect("CREATE DATABASE");
+    let _ = conn.close().await;
+}
+
 /// Drops a database made by [`fresh_database_url`] (best effort: failures are only printed;
 /// connections still open to it are terminated). Never drops a database not named `gca_test_*`.
 pub async fn drop_database(url: &str) {

@@ -143,6 +143,15 @@ impl TestGcs {
         Self::start_listening(listener, database_url, |_| {}).await
     }
 
+    /// A GCS started as `gcs serve` starts it: on a database that may not exist or answer
+    /// yet, which it migrates as soon as it can.
+    pub async fn start_unmigrated(database_url: &str) -> Self {
+        init_tracing();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let pool = gcs::db::connect_lazy(database_url, 8).expect("a valid database URL");
+        Self::serve(listener, pool, database_url, |_| {}, false)
+    }
+
     async fn start_listening(
         listener: tokio::net::TcpListener,
         database_url: &str,
@@ -152,6 +161,16 @@ impl TestGcs {
             .await
             .expect("connect to the test database");
         gcs::MIGRATOR.run(&pool).await.expect("migrations");
+        Self::serve(listener, pool, database_url, configure, true)
+    }
+
+    fn serve(
+        listener: tokio::net::TcpListener,
+        pool: sqlx::PgPool,
+        database_url: &str,
+        configure: impl FnOnce(&mut gcs::Config),
+        migrated: bool,
+    ) -> Self {
         let mut config = gcs::Config {
             tls: Some(pki::pki().tls(pki::GCS)),
             ..Default::default()
@@ -164,7 +183,10 @@ impl TestGcs {
             "http"
         };
         let url = format!("{scheme}://{addr}");
-        let service = gcs::Gcs::new(pool.clone(), config).unwrap();
+        let mut service = gcs::Gcs::new(pool.clone(), config).unwrap();
+        if !migrated {
+            service = service.unmigrated();
+        }
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(gcs::run(listener, service, async move {
             let _ = rx.await;

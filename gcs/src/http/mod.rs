@@ -28,16 +28,54 @@ pub fn router(gcs: Gcs) -> Router {
         )
         .nest("/api/v1", json::routes())
         .route("/healthz", get(health))
+        .layer(axum::middleware::from_fn_with_state(
+            gcs.clone(),
+            ready_guard,
+        ))
         .layer(axum::extract::DefaultBodyLimit::disable())
         .layer(gca_protocol::request_log::trace_layer())
         .with_state(gcs)
 }
 
 async fn health(State(gcs): State<Gcs>) -> Response {
+    if !*gcs.ready.borrow() {
+        return ApiError(not_ready()).into_response();
+    }
     match crate::db::ping(&gcs.db).await {
         Ok(()) => Json(serde_json::json!({"status": "ok"})).into_response(),
         Err(e) => ApiError(e.into_fault()).into_response(),
     }
+}
+
+fn not_ready() -> gca_protocol::Fault {
+    gca_protocol::Fault::new(
+        gca_protocol::FaultKind::ServiceUnavailable,
+        "the GCS's database is not reachable yet (or not migrated); the GCS connects as soon as it is: retry later",
+    )
+    .with_code("database-unavailable")
+}
+
+/// Until the database is migrated, the operations answer `ServiceUnavailable` (discovery —
+/// WSDL, schemas, health — still answers).
+async fn ready_guard(
+    State(gcs): State<Gcs>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let ready = *gcs.ready.borrow();
+    let json = req.uri().path().starts_with("/api/v1");
+    if !ready && (json || req.method() == http::Method::POST) {
+        let fault = not_ready();
+        if json {
+            return ApiError(fault).into_response();
+        }
+        return gca_protocol::server::fault_response(
+            gca_protocol::soap::SoapVersion::Soap11,
+            &fault,
+            None,
+        );
+    }
+    next.run(req).await
 }
 
 /// The request's context: who calls (see [`crate::policy`]), and the root URL clients reach

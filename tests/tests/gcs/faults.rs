@@ -4,6 +4,7 @@ use gca_protocol::fault::FaultKind;
 use gca_protocol::ns;
 use gca_protocol::ops::{DoCheckpointOp, Operation};
 use integration_tests::*;
+use std::time::Duration;
 
 fn fault_detail(body: &str) -> gca_protocol::Fault {
     gca_protocol::soap::parse_response(body).expect_err("a SOAP fault")
@@ -225,4 +226,53 @@ async fn the_database_going_away_is_reported_as_unavailable() {
         .await
         .unwrap_err();
     assert_eq!(err.kind, FaultKind::ServiceUnavailable);
+}
+
+#[tokio::test]
+async fn a_gcs_started_before_its_database_serves_once_the_database_is_there() {
+    // A database that does not exist yet: the GCS must start, say why it cannot serve, and
+    // migrate and serve by itself once the database appears (no restart).
+    let url = db::fresh_database_url().await;
+    db::drop_database(&url).await;
+    let gcs = TestGcs::start_unmigrated(&url).await;
+    let health = |gcs: &TestGcs| {
+        let u = format!("{}/healthz", gcs.url);
+        async move { http().get(u).send().await.unwrap() }
+    };
+    let resp = health(&gcs).await;
+    assert_eq!(resp.status().as_u16(), 503);
+    assert!(resp.text().await.unwrap().contains("database"));
+    let err = gcs
+        .call::<gca_protocol::ops::ListClassesOp>(gca_protocol::messages::ListRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, FaultKind::ServiceUnavailable, "{err:?}");
+    assert_eq!(err.code.as_deref(), Some("database-unavailable"));
+    // Discovery still answers while the database is away.
+    let wsdl = http()
+        .get(format!("{}?wsdl", gcs.endpoint()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wsdl.status().as_u16(), 200);
+
+    db::create_database(&url).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while health(&gcs).await.status().as_u16() != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the GCS did not pick up its database"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    gcs.call::<gca_protocol::ops::ListClassesOp>(gca_protocol::messages::ListRequest {})
+        .await
+        .expect("served once migrated");
+    let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
+        .fetch_one(&gcs.pool)
+        .await
+        .unwrap();
+    assert_eq!(applied as usize, gcs::MIGRATOR.iter().count());
+    gcs.shutdown().await;
+    db::drop_database(&url).await;
 }
