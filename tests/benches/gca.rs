@@ -936,6 +936,8 @@ async fn bench_tls(opts: Options) -> Vec<Row> {
 
     // Registration throughput: clients registering records of their jobs over SOAP, as CTSes
     // do (connections reused, as the CTS's client does).
+    // Record IDs are unique across every measurement (one database).
+    let next = Arc::new(AtomicU64::new(0));
     for clients in [1usize, 8] {
         let mut jobs = Vec::new();
         for (k, sys) in systems.iter().enumerate() {
@@ -947,7 +949,6 @@ async fn bench_tls(opts: Options) -> Vec<Row> {
             }
             jobs.push(mine);
         }
-        let next = Arc::new(AtomicU64::new(0));
         let window = opts.window();
         let label = format!("tls register, {clients} client(s)");
         let s = interleaved(&opts, &label, 2, |v| {
