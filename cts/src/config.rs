@@ -59,6 +59,10 @@ pub struct Config {
     /// Plain HTTP, no identities, unsigned images (development only; warned at start).
     #[serde(default)]
     pub insecure: bool,
+    /// Bounds on connections, the public port's and the local socket's (`[connections]`:
+    /// header_read_timeout_secs, idle_timeout_secs, request_timeout_secs, max_connections).
+    #[serde(default)]
+    pub connections: gca_protocol::transport::ServeLimits,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -111,24 +111,28 @@ pub async fn run(
     let (tx, rx) = tokio::sync::watch::channel(false);
     let mut rx2 = rx.clone();
     let local_router = http::local::router(cts.clone());
+    let limits = cts.config().connections.clone();
+    let local_limits = limits.clone();
     let local_task = tokio::spawn(async move {
-        axum::serve(
+        transport::serve_unix(
             local,
-            local_router.into_make_service_with_connect_info::<http::local::UdsPeer>(),
+            local_router,
+            async move {
+                let _ = rx2.wait_for(|v| *v).await;
+            },
+            &local_limits,
         )
-        .with_graceful_shutdown(async move {
-            let _ = rx2.wait_for(|v| *v).await;
-        })
         .await
     });
     let mut rx1 = rx;
-    let public = transport::serve(
+    let public = transport::serve_with(
         listener,
         tls,
         authenticator.layer(http::public::router(cts.clone())),
         async move {
             let _ = rx1.wait_for(|v| *v).await;
         },
+        &limits,
     );
     tokio::pin!(public);
     tokio::pin!(shutdown);

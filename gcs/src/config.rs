@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use gca_protocol::transport::TlsConfig;
+use gca_protocol::transport::{ServeLimits, TlsConfig};
 use serde::Deserialize;
 
 /// A secret string: never printed by `Debug`.
@@ -71,6 +71,8 @@ pub struct Config {
     pub notify_max_attempts: u32,
     /// Bound on one Notify POST, in seconds.
     pub notify_timeout_secs: u64,
+    /// Deliveries (one per subscription) running at once in one replica.
+    pub notify_concurrency: usize,
     /// The termination time of a subscription whose Subscribe names none, in seconds from then.
     pub subscription_default_lifetime_secs: u64,
     /// A job that fails (non-zero exit status, a signal, an unknown status) keeps its images
@@ -86,6 +88,14 @@ pub struct Config {
     pub image_task_retry_max_secs: u64,
     /// How long a broker's AuthorizeRecovery lets the CTS it names take the job over.
     pub recovery_grant_secs: u64,
+    /// Bounds on client connections (`[connections]`: header_read_timeout_secs,
+    /// idle_timeout_secs, request_timeout_secs, max_connections); keep request_timeout_secs
+    /// above cts_timeout_secs, which a DoCheckpoint may wait for.
+    pub connections: ServeLimits,
+    /// Whether subscription consumers may be at loopback, link-local, private or other
+    /// internal addresses (by IP, `localhost` or a name resolving there). Off: the GCS would
+    /// otherwise POST into its own network for anyone who subscribes (SSRF).
+    pub allow_private_consumers: bool,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -115,12 +125,15 @@ impl Default for Config {
             notify_retry_max_secs: 300,
             notify_max_attempts: 10,
             notify_timeout_secs: 10,
+            notify_concurrency: 16,
             subscription_default_lifetime_secs: 24 * 3600,
             failed_job_lifetime_secs: 7 * 24 * 3600,
             image_task_max_attempts: 12,
             image_task_retry_base_millis: 2000,
             image_task_retry_max_secs: 600,
             recovery_grant_secs: 3600,
+            connections: ServeLimits::default(),
+            allow_private_consumers: false,
         }
     }
 }
@@ -242,6 +255,25 @@ impl Config {
         if let Some(v) = var("GCS_INSECURE") {
             self.insecure = parse("GCS_INSECURE", v)?;
         }
+        if let Some(v) = var("GCS_HEADER_READ_TIMEOUT_SECS") {
+            self.connections.header_read_timeout_secs = parse("GCS_HEADER_READ_TIMEOUT_SECS", v)?;
+        }
+        if let Some(v) = var("GCS_IDLE_TIMEOUT_SECS") {
+            self.connections.idle_timeout_secs = parse("GCS_IDLE_TIMEOUT_SECS", v)?;
+        }
+        if let Some(v) = var("GCS_REQUEST_TIMEOUT_SECS") {
+            self.connections.request_timeout_secs = parse("GCS_REQUEST_TIMEOUT_SECS", v)?;
+        }
+        if let Some(v) = var("GCS_MAX_CONNECTIONS") {
+            self.connections.max_connections = parse("GCS_MAX_CONNECTIONS", v)?;
+        }
+        if let Some(v) = var("GCS_ALLOW_PRIVATE_CONSUMERS") {
+            self.allow_private_consumers = match v.as_str() {
+                "true" | "1" | "yes" => true,
+                "false" | "0" | "no" => false,
+                _ => anyhow::bail!("GCS_ALLOW_PRIVATE_CONSUMERS must be true or false, not {v:?}"),
+            };
+        }
         if let Some(v) = var("GCS_LOG_FORMAT") {
             self.log_format = match v.as_str() {
                 "text" => LogFormat::Text,
@@ -276,5 +308,15 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("GCS_LISTEN"));
         assert!(toml::from_str::<Config>("bogus = 1").is_err());
+        let c: Config =
+            toml::from_str("[connections]\nmax_connections = 7\nheader_read_timeout_secs = 3\n")
+                .unwrap();
+        assert_eq!(c.connections.max_connections, 7);
+        assert_eq!(c.connections.header_read_timeout_secs, 3);
+        assert_eq!(
+            c.connections.idle_timeout_secs, 60,
+            "the others keep their defaults"
+        );
+        assert!(toml::from_str::<Config>("[connections]\nmax_conns = 7\n").is_err());
     }
 }

@@ -938,56 +938,83 @@ pub struct DueNotification {
     pub producer_address: String,
 }
 
-/// Claims up to `limit` due notifications of live subscriptions, oldest first. The rows stay
-/// locked until `tx` ends; other replicas skip them (`skip locked`), so a notification is
-/// delivered by one replica at a time.
+/// Claims, for `lease` until `lease_for` from now, up to `limit` due notifications that are
+/// each the first undelivered one of their live subscription (of `subscription` only, when
+/// given), oldest first. A notification waiting for a retry or claimed by anyone holds back
+/// the later ones of its subscription, so each subscription is delivered in order and by one
+/// claimer at a time; no lock outlives this statement.
 pub async fn claim_due_notifications(
-    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    db: impl PgExecutor<'_>,
     limit: i64,
+    lease: uuid::Uuid,
+    lease_for: std::time::Duration,
+    subscription: Option<&str>,
 ) -> Result<Vec<DueNotification>> {
     Ok(sqlx::query_as::<_, DueNotification>(
-        "select n.id, n.topic, n.message, n.attempts, s.id as subscription_id,
-            s.consumer_address, s.consumer_reference, s.topic_dialect, s.producer_address
-         from notifications n join subscriptions s on s.id = n.subscription_id
-         where n.failed_at is null and n.next_attempt_at <= now()
-           and (s.termination_time is null or s.termination_time > now())
-           -- Per subscription in order: not while an earlier one waits for its retry.
-           and not exists (
-               select 1 from notifications e
-               where e.subscription_id = n.subscription_id and e.id < n.id
-                 and e.failed_at is null and e.next_attempt_at > now())
-         order by n.id
-         limit $1
-         for update of n skip locked",
+        "with claimed as (
+             select n.id from notifications n join subscriptions s on s.id = n.subscription_id
+             where n.failed_at is null and n.next_attempt_at <= now()
+               and (n.leased_until is null or n.leased_until <= now())
+               and (s.termination_time is null or s.termination_time > now())
+               and ($4::text is null or n.subscription_id = $4)
+               -- The first undelivered notification of its subscription.
+               and not exists (
+                   select 1 from notifications e
+                   where e.subscription_id = n.subscription_id and e.id < n.id
+                     and e.failed_at is null)
+             order by n.id
+             limit $1
+             for update of n skip locked)
+         update notifications n set lease = $2, leased_until = now() + make_interval(secs => $3)
+         from claimed c, subscriptions s
+         where n.id = c.id and s.id = n.subscription_id
+         returning n.id, n.topic, n.message, n.attempts, s.id as subscription_id,
+             s.consumer_address, s.consumer_reference, s.topic_dialect, s.producer_address",
     )
     .bind(limit)
-    .fetch_all(&mut **tx)
+    .bind(lease)
+    .bind(lease_for.as_secs_f64())
+    .bind(subscription)
+    .fetch_all(db)
     .await?)
 }
 
-pub async fn delete_notification(db: impl PgExecutor<'_>, id: i64) -> Result<()> {
-    sqlx::query("delete from notifications where id = $1")
-        .bind(id)
-        .execute(db)
-        .await?;
-    Ok(())
+/// A delivered notification is deleted, if `lease` still holds it (else another claimer has
+/// it now, and may send it again: at least once). False when it was not ours any more.
+pub async fn delete_notification(
+    db: impl PgExecutor<'_>,
+    id: i64,
+    lease: uuid::Uuid,
+) -> Result<bool> {
+    Ok(
+        sqlx::query("delete from notifications where id = $1 and lease = $2")
+            .bind(id)
+            .bind(lease)
+            .execute(db)
+            .await?
+            .rows_affected()
+            == 1,
+    )
 }
 
-/// Records a failed attempt: retry after `retry_in`, or give up (`failed`).
+/// Records a failed attempt under `lease`: retry after `retry_in`, or give up (`failed`).
 pub async fn notification_failed(
     db: impl PgExecutor<'_>,
     id: i64,
+    lease: uuid::Uuid,
     error: &str,
     retry_in: std::time::Duration,
     failed: bool,
 ) -> Result<()> {
     sqlx::query(
-        "update notifications set attempts = attempts + 1, last_error = $2,
-            next_attempt_at = now() + make_interval(secs => $3),
-            failed_at = case when $4 then now() else null end
-         where id = $1",
+        "update notifications set attempts = attempts + 1, last_error = $3,
+            next_attempt_at = now() + make_interval(secs => $4),
+            failed_at = case when $5 then now() else null end,
+            lease = null, leased_until = null
+         where id = $1 and lease = $2",
     )
     .bind(id)
+    .bind(lease)
     .bind(error)
     .bind(retry_in.as_secs_f64())
     .bind(failed)

@@ -113,7 +113,8 @@ pub async fn run(
     let sweeper = tokio::spawn(sweep(gcs.clone()));
     let notifier = tokio::spawn(notify::run(gcs.clone()));
     let images = tokio::spawn(retention::run(gcs.clone()));
-    let result = transport::serve(listener, tls, app(gcs), shutdown).await;
+    let limits = gcs.config.connections.clone();
+    let result = transport::serve_with(listener, tls, app(gcs), shutdown, &limits).await;
     sweeper.abort();
     notifier.abort();
     images.abort();

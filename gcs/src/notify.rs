@@ -4,14 +4,19 @@
 //!
 //! Events are queued in the `notifications` table in the transaction of the change that causes
 //! them ([`emit`]), one row per matching subscription (a transactional outbox). Every replica
-//! runs [`run`]: it claims due rows with `for update skip locked`, POSTs a `wsnt:Notify` to the
-//! consumer while holding the row lock, and deletes the row on a 2xx in the same transaction,
-//! or schedules a retry with exponential backoff; so two replicas never deliver one row, and a
-//! row survives restarts until it is delivered, given up, or its subscription ends.
+//! runs [`run`]: it claims the first due row of each subscription for a lease (one short
+//! statement, `for update skip locked`), POSTs a `wsnt:Notify` to each consumer in its own
+//! task, with no transaction open, and then deletes the row on a 2xx, or schedules a retry
+//! with exponential backoff, if its lease still holds the row. So a slow consumer delays only
+//! its own notifications, a subscription's notifications go out in order, two replicas never
+//! deliver one row while a lease holds, and a row survives restarts until it is delivered,
+//! given up, or its subscription ends.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
+use gca_protocol::destinations;
 use gca_protocol::fault::{Fault, FaultKind};
 use gca_protocol::messages::{NewSubscription, SubscriptionInfo, SubscriptionList};
 use gca_protocol::ns;
@@ -20,14 +25,15 @@ use gca_protocol::wsn::{self, ManagerRequest, Subscribe, Topic};
 use gca_protocol::wsrf::{self, Epr, ResourceKind, ResourceRef};
 use gca_protocol::xml::{self, Element};
 use sqlx::PgExecutor;
+use tokio::sync::Semaphore;
 
 use crate::db;
 use crate::error::{Error, Result};
 use crate::policy::{self, Op};
 use crate::service::{Ctx, Gcs};
 
-/// How many notifications one claim takes.
-const BATCH: i64 = 16;
+/// What to tell a subscriber whose consumer is internal.
+const PRIVATE_CONSUMERS: &str = "this GCS delivers only to consumers on public addresses (a site whose consumers are internal sets allow_private_consumers, GCS_ALLOW_PRIVATE_CONSUMERS=true)";
 
 /// Queues `message` (a `gca:{topic}` element) for every subscription it matches, in the
 /// caller's transaction.
@@ -107,6 +113,10 @@ impl Gcs {
         match (body.name.as_str(), resource) {
             ("Subscribe", ResourceRef::Service | ResourceRef::Resource(ResourceKind::Job, _)) => {
                 let mut req = Subscribe::read(body, action, now)?;
+                if let Some(g) = &req.gid {
+                    gca_protocol::ids::check("GID", g)
+                        .map_err(|e| Error::kind(FaultKind::InvalidFilter, e.to_string()))?;
+                }
                 if let ResourceRef::Resource(_, gid) = resource {
                     // Subscribing on a job resource: only that job's events.
                     if req.gid.as_ref().is_some_and(|g| g != gid) {
@@ -250,15 +260,23 @@ impl Gcs {
                 ),
             ));
         }
+        if !self.config.allow_private_consumers {
+            if let Ok(url) = reqwest::Url::parse(&address) {
+                destinations::check_url_host(&url).map_err(|why| {
+                    Error::kind(
+                        FaultKind::SubscribeCreationFailed,
+                        format!("the consumer address {address:?} is refused: {why}; {PRIVATE_CONSUMERS}"),
+                    )
+                })?;
+            }
+        }
         let termination = match termination {
             Some(t) => t,
-            None => Some(
-                now + chrono::Duration::seconds(
-                    self.config
-                        .subscription_default_lifetime_secs
-                        .min(i64::MAX as u64) as i64,
-                ),
-            ),
+            // A default lifetime past what can be represented is none.
+            None => i64::try_from(self.config.subscription_default_lifetime_secs)
+                .ok()
+                .and_then(chrono::Duration::try_seconds)
+                .and_then(|d| gca_protocol::wsrf::after(now, d)),
         };
         let row = db::SubscriptionRow {
             id: uuid::Uuid::new_v4().to_string(),
@@ -305,16 +323,16 @@ impl Gcs {
             })
             .collect::<Result<Vec<_>>>()?;
         if let Some(g) = &req.gid {
-            if g.is_empty() {
-                return Err(Error::invalid("gid must not be empty"));
-            }
+            gca_protocol::ids::check("GID", g).map_err(|e| Error::invalid(e.to_string()))?;
         }
         let now = Utc::now();
         let termination = match req.lifetime_secs {
             None => None,
             Some(0) => Some(None),
             Some(s) => Some(Some(
-                now + chrono::Duration::seconds(s.min(100 * 365 * 24 * 3600) as i64),
+                chrono::Duration::try_seconds(s.min(100 * 365 * 24 * 3600) as i64)
+                    .and_then(|d| gca_protocol::wsrf::after(now, d))
+                    .ok_or_else(|| Error::invalid("lifetime_secs is too large"))?,
             )),
         };
         let consumer = Epr {
@@ -390,55 +408,99 @@ impl Gcs {
         Ok(())
     }
 
-    /// Delivers every due notification this replica can claim; returns how many were
-    /// delivered.
-    pub async fn deliver_due(&self) -> Result<usize> {
-        let mut delivered = 0;
-        loop {
-            let mut tx = self.db.begin().await?;
-            let due = db::claim_due_notifications(&mut tx, BATCH).await?;
-            let claimed = due.len();
-            // Once a consumer fails, its later notifications in the batch wait too (order).
-            let mut failed: Vec<(String, Duration)> = Vec::new();
-            for n in due {
-                if let Some((_, wait)) = failed.iter().find(|(s, _)| *s == n.subscription_id) {
-                    db::notification_failed(
-                        &mut *tx,
-                        n.id,
-                        "an earlier notification to this consumer failed",
-                        *wait,
-                        false,
-                    )
-                    .await?;
-                    continue;
-                }
-                match self.send_notify(&n).await {
-                    Ok(()) => {
-                        db::delete_notification(&mut *tx, n.id).await?;
-                        delivered += 1;
-                        tracing::debug!(notification = n.id, subscription = %n.subscription_id, topic = %n.topic, "notification delivered");
-                    }
-                    Err(why) => {
-                        let attempts = u32::try_from(n.attempts).unwrap_or(0) + 1;
-                        let give_up = attempts >= self.config.notify_max_attempts.max(1);
-                        let wait = backoff(
-                            attempts,
-                            Duration::from_millis(self.config.notify_retry_base_millis.max(1)),
-                            Duration::from_secs(self.config.notify_retry_max_secs.max(1)),
-                        );
-                        db::notification_failed(&mut *tx, n.id, &why, wait, give_up).await?;
-                        if give_up {
-                            tracing::error!(notification = n.id, subscription = %n.subscription_id, consumer = %n.consumer_address, attempts, error = %why, "notification given up");
-                        } else {
-                            tracing::warn!(notification = n.id, subscription = %n.subscription_id, consumer = %n.consumer_address, attempts, retry_in = ?wait, error = %why, "notification not delivered; will retry");
-                        }
-                        failed.push((n.subscription_id.clone(), wait));
-                    }
+    /// How long a claim holds a notification: its POST's bound plus room to record the
+    /// outcome. A replica that dies mid-POST leaves the notification to others after this.
+    fn notify_lease(&self) -> Duration {
+        Duration::from_secs(self.config.notify_timeout_secs.max(1)) + Duration::from_secs(30)
+    }
+
+    /// Claims the first due notification of as many subscriptions as there are free delivery
+    /// slots, and starts one delivery per subscription (each holding a slot): consumers are
+    /// delivered independently, so a slow one delays only its own notifications. Returns how
+    /// many deliveries started.
+    pub async fn dispatch_due(&self, slots: &Arc<Semaphore>) -> Result<usize> {
+        let free = slots.available_permits();
+        if free == 0 {
+            return Ok(0);
+        }
+        let lease = uuid::Uuid::new_v4();
+        let due =
+            db::claim_due_notifications(&self.db, free as i64, lease, self.notify_lease(), None)
+                .await?;
+        let started = due.len();
+        for n in due {
+            // Only this loop takes slots, so the ones counted above are still free.
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                break;
+            };
+            let gcs = self.clone();
+            tokio::spawn(async move {
+                gcs.deliver_subscription(n, lease).await;
+                drop(permit);
+                // A slot is free: there may be more to claim.
+                gcs.wake_deliverer();
+            });
+        }
+        Ok(started)
+    }
+
+    /// Delivers `first`, then the later notifications of its subscription while they are due,
+    /// one at a time and in order; stops at the first failure (the rest waits for its retry).
+    async fn deliver_subscription(&self, first: db::DueNotification, lease: uuid::Uuid) {
+        let mut next = Some(first);
+        while let Some(n) = next.take() {
+            match self.deliver_one(&n, lease).await {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(e) => {
+                    tracing::warn!(notification = n.id, subscription = %n.subscription_id, error = %e, "recording a delivery failed");
+                    return;
                 }
             }
-            tx.commit().await?;
-            if claimed < BATCH as usize {
-                return Ok(delivered);
+            next = match db::claim_due_notifications(
+                &self.db,
+                1,
+                lease,
+                self.notify_lease(),
+                Some(&n.subscription_id),
+            )
+            .await
+            {
+                Ok(v) => v.into_iter().next(),
+                Err(e) => {
+                    tracing::warn!(subscription = %n.subscription_id, error = %e, "claiming the next notification failed");
+                    None
+                }
+            };
+        }
+    }
+
+    /// One POST and its outcome (outside any transaction); true when it was delivered.
+    async fn deliver_one(&self, n: &db::DueNotification, lease: uuid::Uuid) -> Result<bool> {
+        match self.send_notify(n).await {
+            Ok(()) => {
+                if db::delete_notification(&self.db, n.id, lease).await? {
+                    tracing::debug!(notification = n.id, subscription = %n.subscription_id, topic = %n.topic, "notification delivered");
+                } else {
+                    tracing::warn!(notification = n.id, subscription = %n.subscription_id, "notification delivered after its lease ran out; it may be delivered again");
+                }
+                Ok(true)
+            }
+            Err(why) => {
+                let attempts = u32::try_from(n.attempts).unwrap_or(0) + 1;
+                let give_up = attempts >= self.config.notify_max_attempts.max(1);
+                let wait = backoff(
+                    attempts,
+                    Duration::from_millis(self.config.notify_retry_base_millis.max(1)),
+                    Duration::from_secs(self.config.notify_retry_max_secs.max(1)),
+                );
+                db::notification_failed(&self.db, n.id, lease, &why, wait, give_up).await?;
+                if give_up {
+                    tracing::error!(notification = n.id, subscription = %n.subscription_id, consumer = %n.consumer_address, attempts, error = %why, "notification given up");
+                } else {
+                    tracing::warn!(notification = n.id, subscription = %n.subscription_id, consumer = %n.consumer_address, attempts, retry_in = ?wait, error = %why, "notification not delivered; will retry");
+                }
+                Ok(false)
             }
         }
     }
@@ -470,6 +532,13 @@ impl Gcs {
             &consumer.reference_parameters,
             body,
         );
+        if !self.config.allow_private_consumers {
+            let url = reqwest::Url::parse(&n.consumer_address)
+                .map_err(|e| format!("the consumer address is not a URL: {e}"))?;
+            destinations::check_url(&url).await.map_err(|why| {
+                format!("the consumer address is refused: {why}; {PRIVATE_CONSUMERS}")
+            })?;
+        }
         let resp = self
             .consumers
             .post(&n.consumer_address)
@@ -517,11 +586,13 @@ impl Gcs {
     }
 }
 
-/// The notification task of one replica: sweeps and delivers whenever woken by a commit of
-/// this replica, and every `notify_poll_millis` for rows queued by other replicas, retries
-/// coming due and lost CTSes.
+/// The notification task of one replica: sweeps and starts deliveries whenever woken (by a
+/// commit of this replica, or a delivery that finished), and every `notify_poll_millis` for
+/// rows queued by other replicas, retries coming due and lost CTSes. At most
+/// `notify_concurrency` deliveries run at once.
 pub async fn run(gcs: Gcs) {
     let poll = Duration::from_millis(gcs.config.notify_poll_millis.max(10));
+    let slots = Arc::new(Semaphore::new(gcs.config.notify_concurrency.max(1)));
     loop {
         tokio::select! {
             _ = gcs.wake.notified() => {}
@@ -530,7 +601,7 @@ pub async fn run(gcs: Gcs) {
         if let Err(e) = gcs.notification_sweep().await {
             tracing::warn!(error = %e, "notification sweep failed");
         }
-        if let Err(e) = gcs.deliver_due().await {
+        if let Err(e) = gcs.dispatch_due(&slots).await {
             tracing::warn!(error = %e, "delivering notifications failed");
         }
     }

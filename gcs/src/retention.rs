@@ -19,6 +19,7 @@
 
 use std::time::Duration;
 
+use gca_protocol::client::read_body;
 use gca_protocol::fault::ErrorBody;
 use gca_protocol::images::{ExportRequest, Exported};
 use gca_protocol::messages::{ImageState, JobInfo, SetRetention};
@@ -30,6 +31,9 @@ use crate::service::{Ctx, Gcs};
 
 /// How many tasks one claim takes.
 const BATCH: i64 = 8;
+
+/// Most of a CTS's answer the runner reads (its answers are a few hundred bytes of JSON).
+const MAX_ANSWER_BYTES: usize = 64 * 1024;
 
 /// Why a call to a CTS failed: worth retrying, or not.
 #[derive(Debug)]
@@ -215,9 +219,10 @@ impl Gcs {
             .map_err(|e| TaskError::Retry(format!("POST {url} failed: {e}")))?;
         let status = resp.status();
         if status.is_success() {
-            return resp
-                .json::<Exported>()
+            let body = read_body(resp, MAX_ANSWER_BYTES)
                 .await
+                .map_err(|e| TaskError::Retry(format!("POST {url}: unreadable answer: {e}")))?;
+            return serde_json::from_slice::<Exported>(&body)
                 .map(|e| e.path)
                 .map_err(|e| TaskError::Retry(format!("POST {url}: unreadable answer: {e}")));
         }
@@ -237,12 +242,30 @@ fn image_url(task: &DueImageTask) -> std::result::Result<reqwest::Url, TaskError
 }
 
 /// A CTS's error answer: server-side trouble (5xx, 429) is retried, a refusal (4xx) is not.
+/// What is stored (and shown to anyone who reads the record) is the status and, when the
+/// answer is a GCA fault, its kind and code: never the answer's text, which would let anyone
+/// who names an image URL read what an internal service answers (SSRF). The text is logged.
 async fn classify(status: reqwest::StatusCode, what: &str, resp: reqwest::Response) -> TaskError {
-    let body = resp.text().await.unwrap_or_default();
-    let detail = serde_json::from_str::<ErrorBody>(&body)
-        .map(|b| b.error.message)
-        .unwrap_or_else(|_| body.chars().take(300).collect());
-    let message = format!("{what}: HTTP {status}: {detail}");
+    let body = read_body(resp, MAX_ANSWER_BYTES)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    // What the caller may see: the fault's kind and code, never the CTS's text (which an
+    // image name pointing elsewhere would let anyone read back through GetCheckpoints).
+    let fault = match serde_json::from_str::<ErrorBody>(&body) {
+        Ok(b) => match b.error.code.filter(|c| {
+            c.len() <= 64
+                && c.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
+        }) {
+            Some(code) => format!(" ({}, {code})", b.error.kind.as_str()),
+            None => format!(" ({})", b.error.kind.as_str()),
+        },
+        Err(_) => String::new(),
+    };
+    let detail: String = body.chars().take(300).collect();
+    tracing::warn!(%status, call = %what, answer = %detail, "a CTS refused an image task");
+    let message = format!("{what}: HTTP {status}{fault}; the CTS's answer is in the GCS log");
     if status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS {
         TaskError::Retry(message)
     } else {

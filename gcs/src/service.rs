@@ -49,7 +49,6 @@ pub struct Ctx {
     pub caller: Caller,
 }
 
-const MAX_ID_LEN: usize = 256;
 const MAX_LIST: i64 = 1000;
 const DEFAULT_LIST: i64 = 100;
 
@@ -64,14 +63,10 @@ fn check_name(what: &str, value: &str) -> Result<()> {
     }
 }
 
-/// GIDs and checkpoint IDs: chosen by brokers and CTSes, so anything printable, bounded.
+/// GIDs and checkpoint IDs: chosen by brokers and CTSes, restricted to the one rule of
+/// [`gca_protocol::ids`] (they reach command templates run as root).
 fn check_id(what: &str, value: &str) -> Result<()> {
-    if value.is_empty() || value.len() > MAX_ID_LEN || value.chars().any(|c| c.is_control()) {
-        return Err(Error::invalid(format!(
-            "{what} must be 1-{MAX_ID_LEN} printable characters, got {value:?}"
-        )));
-    }
-    Ok(())
+    gca_protocol::ids::check(what, value).map_err(|e| Error::invalid(e.to_string()))
 }
 
 /// The fault for recovering from a checkpoint whose image is no longer in a CTS's store.
@@ -163,8 +158,10 @@ fn values_for(instance: &CtsInstance, ctx: &Ctx) -> Values {
 }
 
 fn expand(patterns: &[String], values: &Values) -> Result<Vec<String>> {
-    placeholders::expand_all_partial(patterns, values)
-        .map_err(|e| Error::Internal(anyhow::anyhow!("stored descriptor has a bad pattern: {e}")))
+    placeholders::expand_all_partial(patterns, values).map_err(|e| match e {
+        placeholders::PatternError::BadValue { .. } => Error::invalid(e.to_string()),
+        e => Error::Internal(anyhow::anyhow!("stored descriptor has a bad pattern: {e}")),
+    })
 }
 
 fn expand_env(env: &[Property], values: &Values) -> Result<Vec<Property>> {

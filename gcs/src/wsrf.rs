@@ -165,7 +165,7 @@ impl Gcs {
         // An unknown resource is reported before anything wrong with the request.
         let doc = self.property_document(resource, service_address).await?;
         let req = RpRequest::read(body, action, properties_of(resource))?;
-        Ok(wsrf::answer(&req, &doc)?)
+        Ok(wsrf::answer(&req, &doc).await?)
     }
 
     /// The resource property document of a resource (ResourceUnknown when there is none).

@@ -16,7 +16,7 @@ use crate::soap::{self, SoapVersion};
 use crate::xml::Element;
 
 /// Limit on response bodies we read into memory.
-const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
+pub const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
 
 fn transport_fault(endpoint: &str, e: &reqwest::Error) -> Fault {
     if e.is_timeout() {
@@ -50,28 +50,44 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     msg
 }
 
+/// Why a bounded read of a response body failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("the answer is larger than {0} bytes")]
+    TooLarge(usize),
+    #[error(transparent)]
+    Transport(#[from] reqwest::Error),
+}
+
+/// Reads a response body of at most `limit` bytes, checking as it streams: a declared length
+/// over the limit is refused before reading, and a chunked body as soon as it passes it (the
+/// connection is dropped then, so the peer cannot make us buffer more).
+pub async fn read_body(mut resp: reqwest::Response, limit: usize) -> Result<Vec<u8>, BodyError> {
+    if resp.content_length().is_some_and(|l| l > limit as u64) {
+        return Err(BodyError::TooLarge(limit));
+    }
+    let mut out = Vec::new();
+    while let Some(chunk) = resp.chunk().await? {
+        if out.len() + chunk.len() > limit {
+            return Err(BodyError::TooLarge(limit));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}
+
 async fn read_limited(endpoint: &str, resp: reqwest::Response) -> Result<(u16, String), Fault> {
     let status = resp.status().as_u16();
-    if resp
-        .content_length()
-        .is_some_and(|l| l as usize > MAX_RESPONSE_BYTES)
-    {
-        return Err(Fault::new(
-            FaultKind::OperationFailed,
-            format!("{endpoint} answered with more than {MAX_RESPONSE_BYTES} bytes"),
-        ));
-    }
-    let bytes = resp
-        .bytes()
+    let bytes = read_body(resp, MAX_RESPONSE_BYTES)
         .await
-        .map_err(|e| transport_fault(endpoint, &e))?;
-    if bytes.len() > MAX_RESPONSE_BYTES {
-        return Err(Fault::new(
-            FaultKind::OperationFailed,
-            format!("{endpoint} answered with more than {MAX_RESPONSE_BYTES} bytes"),
-        ));
-    }
-    let text = String::from_utf8(bytes.to_vec()).map_err(|_| {
+        .map_err(|e| match e {
+            BodyError::TooLarge(_) => Fault::new(
+                FaultKind::OperationFailed,
+                format!("{endpoint} answered with more than {MAX_RESPONSE_BYTES} bytes"),
+            ),
+            BodyError::Transport(e) => transport_fault(endpoint, &e),
+        })?;
+    let text = String::from_utf8(bytes).map_err(|_| {
         Fault::new(
             FaultKind::OperationFailed,
             format!("{endpoint} answered with non-UTF-8 text"),
@@ -266,4 +282,57 @@ pub fn path_segment(s: &str) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A server that answers every request with an endless chunked body; counts what it
+    /// managed to write before the client went away.
+    async fn endless() -> (String, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let written = Arc::new(AtomicUsize::new(0));
+        let counter = written.clone();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n";
+            if s.write_all(head.as_bytes()).await.is_err() {
+                return;
+            }
+            let chunk = format!("{:x}\r\n{}\r\n", 64 * 1024, "x".repeat(64 * 1024));
+            while s.write_all(chunk.as_bytes()).await.is_ok() {
+                counter.fetch_add(64 * 1024, Ordering::SeqCst);
+            }
+        });
+        (url, written)
+    }
+
+    #[tokio::test]
+    async fn an_endless_chunked_answer_is_cut_off_at_the_limit() {
+        let (url, written) = endless().await;
+        let http = crate::transport::http_client(&Default::default()).unwrap();
+        let client = JsonClient::new(http, url);
+        let f = tokio::time::timeout(
+            Duration::from_secs(20),
+            client.get::<serde_json::Value>("/x"),
+        )
+        .await
+        .expect("the read stops at the limit instead of buffering on")
+        .unwrap_err();
+        assert_eq!(f.kind, FaultKind::OperationFailed);
+        assert!(f.message.contains("more than 16777216 bytes"), "{f}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let sent = written.load(Ordering::SeqCst);
+        assert!(
+            sent < MAX_RESPONSE_BYTES + 8 * 1024 * 1024,
+            "the server could write {sent} bytes"
+        );
+    }
 }

@@ -10,6 +10,7 @@
 //!   two wire forms: JSON and XML);
 //! - [`descriptor`]: CTS descriptor parsing and validation;
 //! - [`placeholders`]: the one implementation of `{GID}`-style parameter patterns;
+//! - [`ids`]: what a GID or checkpoint ID may be made of (one rule for every edge);
 //! - [`transport`] and [`client`]: HTTP(S) listeners and clients on rustls;
 //! - the CTS's own interfaces: [`local`] (the wrapper↔CTS API on its UNIX socket, with its
 //!   client), [`images`] (the image endpoints other CTSes and the GCS call), [`cts_api`] (its
@@ -19,9 +20,11 @@
 pub mod client;
 pub mod cts_api;
 pub mod descriptor;
+pub mod destinations;
 pub mod driver_config;
 pub mod fault;
 pub mod identity;
+pub mod ids;
 pub mod images;
 pub mod local;
 pub mod messages;
@@ -37,5 +40,6 @@ pub mod transport;
 pub mod wsn;
 pub mod wsrf;
 pub mod xml;
+pub mod xpath;
 
 pub use fault::{Fault, FaultKind};

@@ -4,6 +4,10 @@
 //! parameters), by brokers through `gcactl`, and by the wrappers. `{{` and `}}` stand for
 //! literal braces. Only the names in [`KNOWN`] are accepted, so a typo in a descriptor is
 //! caught when it is registered, not when a job is submitted.
+//!
+//! Expanded text may become an argument of a command run as root, so values are checked
+//! as they are filled in: `{GID}` and `{IMAGE_ID}` must be IDs ([`crate::ids`]), and no value
+//! may begin the expanded text with `-` (it would read as an option).
 
 use std::collections::BTreeMap;
 
@@ -57,6 +61,25 @@ pub enum PatternError {
     Unknown(String),
     #[error("no value for placeholder {{{0}}}")]
     Missing(String),
+    #[error("the value of {{{name}}} is refused: {why}")]
+    BadValue { name: String, why: String },
+}
+
+/// Checks a value as it is filled in; `at_start`: it begins the expanded text.
+fn check_value(name: &str, value: &str, at_start: bool) -> Result<(), PatternError> {
+    let bad = |why: String| PatternError::BadValue {
+        name: name.to_string(),
+        why,
+    };
+    if matches!(name, "GID" | "IMAGE_ID") {
+        crate::ids::check(name, value).map_err(|e| bad(e.to_string()))?;
+    }
+    if at_start && value.starts_with('-') {
+        return Err(bad(format!(
+            "{value:?} would begin the argument with '-' and read as an option"
+        )));
+    }
+    Ok(())
 }
 
 fn known_list() -> String {
@@ -140,7 +163,11 @@ pub fn expand(pattern: &str, values: &Values) -> Result<String, PatternError> {
         match seg {
             Segment::Literal(l) => out.push_str(&l),
             Segment::Placeholder(p) => {
-                out.push_str(values.get(&p).ok_or(PatternError::Missing(p))?)
+                let v = values
+                    .get(&p)
+                    .ok_or_else(|| PatternError::Missing(p.clone()))?;
+                check_value(&p, v, out.is_empty())?;
+                out.push_str(v);
             }
         }
     }
@@ -156,7 +183,10 @@ pub fn expand_partial(pattern: &str, values: &Values) -> Result<String, PatternE
         match seg {
             Segment::Literal(l) => out.push_str(&escape_literal(&l)),
             Segment::Placeholder(p) => match values.get(&p) {
-                Some(v) => out.push_str(&escape_literal(v)),
+                Some(v) => {
+                    check_value(&p, v, out.is_empty())?;
+                    out.push_str(&escape_literal(v));
+                }
                 None => {
                     out.push('{');
                     out.push_str(&p);
@@ -187,10 +217,10 @@ mod tests {
 
     #[test]
     fn expands_known_placeholders_and_escapes() {
-        let v = Values::new().set("GID", "job-1").set("IMAGE_ID", "ck{7}");
+        let v = Values::new().set("GID", "job-1").set("CTS_NAME", "ck{7}");
         assert_eq!(expand("--gid={GID}", &v).unwrap(), "--gid=job-1");
         assert_eq!(
-            expand("{{literal}} {IMAGE_ID}", &v).unwrap(),
+            expand("{{literal}} {CTS_NAME}", &v).unwrap(),
             "{literal} ck{7}"
         );
         assert_eq!(expand("plain", &v).unwrap(), "plain");
@@ -210,11 +240,47 @@ mod tests {
     }
 
     #[test]
+    fn values_that_could_inject_are_refused() {
+        for gid in [
+            "a b",
+            "x;reboot",
+            "$(id)",
+            "../../etc/passwd",
+            "-rf",
+            "--all",
+        ] {
+            let v = Values::new().set("GID", gid);
+            for pattern in ["{GID}", "--job={GID}", "/ck/{GID}.img"] {
+                let e = expand(pattern, &v).unwrap_err();
+                assert!(
+                    matches!(e, PatternError::BadValue { .. }),
+                    "{gid:?} in {pattern}: {e}"
+                );
+                assert!(e.to_string().contains("A-Z a-z 0-9"), "{e}");
+                assert!(expand_partial(pattern, &v).is_err());
+            }
+        }
+        let v = Values::new()
+            .set("IMAGE_ID", "-x")
+            .set("CHECKPOINT_DIR", "-/ck");
+        assert!(expand("{IMAGE_ID}", &v).is_err());
+        // Any value that would begin an argument with '-' reads as an option.
+        let e = expand("{CHECKPOINT_DIR}/x", &v).unwrap_err();
+        assert!(e.to_string().contains("read as an option"), "{e}");
+        assert_eq!(expand("--dir={CHECKPOINT_DIR}", &v).unwrap(), "--dir=-/ck");
+        let v = Values::new().set("GID", "slurm:42@c-1");
+        assert_eq!(expand("--gid={GID}", &v).unwrap(), "--gid=slurm:42@c-1");
+    }
+
+    #[test]
     fn partial_expansion_can_be_finished_later() {
-        let first = Values::new().set("GID", "g{1}");
+        let first = Values::new().set("GID", "g-1");
         let partial = expand_partial("--gid={GID} --dir={CHECKPOINT_DIR} {{x}}", &first).unwrap();
-        assert_eq!(partial, "--gid=g{{1}} --dir={CHECKPOINT_DIR} {{x}}");
+        assert_eq!(partial, "--gid=g-1 --dir={CHECKPOINT_DIR} {{x}}");
         let done = expand(&partial, &Values::new().set("CHECKPOINT_DIR", "/ck")).unwrap();
-        assert_eq!(done, "--gid=g{1} --dir=/ck {x}");
+        assert_eq!(done, "--gid=g-1 --dir=/ck {x}");
+        let braces = Values::new().set("CTS_NAME", "n{1}");
+        let partial = expand_partial("{CTS_NAME}", &braces).unwrap();
+        assert_eq!(expand(&partial, &Values::new()).unwrap(), "n{1}");
     }
 }

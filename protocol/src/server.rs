@@ -134,14 +134,7 @@ where
         Ok(b) => b,
         Err(f) => return fault_response(guessed, &f, None),
     };
-    let Ok(text) = std::str::from_utf8(&bytes) else {
-        return fault_response(
-            guessed,
-            &Fault::invalid("the request body is not UTF-8"),
-            None,
-        );
-    };
-    let req = match soap::parse_request(text, content_type, header(headers, "soapaction")) {
+    let req = match parse_body(bytes, guessed, content_type, header(headers, "soapaction")).await {
         Ok(r) => r,
         Err(e) => return fault_response(e.version, &e.fault, None),
     };
@@ -155,6 +148,43 @@ where
         ),
         Err(f) => fault_response(version, &f, relates_to.as_deref()),
     }
+}
+
+/// Bodies up to this size are parsed on the async worker; larger ones on a blocking thread,
+/// so that a few large requests cannot hold up every connection of the service.
+pub const PARSE_INLINE_BYTES: usize = 16 * 1024;
+
+async fn parse_body(
+    bytes: Bytes,
+    guessed: SoapVersion,
+    content_type: Option<&str>,
+    soap_action: Option<&str>,
+) -> Result<SoapRequest, soap::SoapReadError> {
+    let parse = move |bytes: &[u8], ct: Option<&str>, sa: Option<&str>| {
+        let text = std::str::from_utf8(bytes).map_err(|_| soap::SoapReadError {
+            version: guessed,
+            fault: Fault::invalid("the request body is not UTF-8"),
+        })?;
+        soap::parse_request(text, ct, sa)
+    };
+    if bytes.len() <= PARSE_INLINE_BYTES {
+        return parse(&bytes, content_type, soap_action);
+    }
+    let (ct, sa) = (
+        content_type.map(str::to_string),
+        soap_action.map(str::to_string),
+    );
+    tokio::task::spawn_blocking(move || parse(&bytes, ct.as_deref(), sa.as_deref()))
+        .await
+        .unwrap_or_else(|e| {
+            Err(soap::SoapReadError {
+                version: guessed,
+                fault: Fault::new(
+                    FaultKind::Internal,
+                    format!("parsing the request failed: {e}"),
+                ),
+            })
+        })
 }
 
 /// One operation of a dispatch table: checks the action against the body, reads the request,

@@ -318,7 +318,7 @@ pub fn request_envelope(
 
 /// Reads a response envelope: the body's payload element, or the fault it carries.
 pub fn parse_response(text: &str) -> Result<Element, Fault> {
-    let root = xml::parse(text).map_err(|e| {
+    let root = xml::parse_with(text, &xml::Limits::response()).map_err(|e| {
         Fault::new(
             FaultKind::OperationFailed,
             format!("the peer answered with malformed XML: {e}"),

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder as ConnBuilder;
 use hyper_util::server::graceful::GracefulShutdown;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -209,6 +209,9 @@ pub fn http_client(settings: &ClientSettings) -> anyhow::Result<reqwest::Client>
     };
     reqwest::Client::builder()
         .use_preconfigured_tls(tls)
+        // A redirect would send the request (and a client certificate) wherever the peer
+        // says: services call exactly the URL they were given (SSRF, issue 15).
+        .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(settings.connect_timeout)
         .timeout(settings.request_timeout)
         .pool_idle_timeout(Duration::from_secs(30))
@@ -216,23 +219,227 @@ pub fn http_client(settings: &ClientSettings) -> anyhow::Result<reqwest::Client>
         .context("building the HTTP client")
 }
 
+/// Bounds every listener keeps on its connections (slowloris, idle sockets, stalled
+/// requests, file descriptors). Configured per service (`[connections]` in the GCS config).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServeLimits {
+    /// A client must send a request's complete headers within this many seconds of the
+    /// connection becoming ready for one (after the TLS handshake, or after the previous
+    /// response): a slowloris client is cut off.
+    pub header_read_timeout_secs: u64,
+    /// A connection with no request in progress and no bytes moving for this many seconds is
+    /// closed (keep-alive idle, a client that stopped reading a response).
+    pub idle_timeout_secs: u64,
+    /// A request must be answered (its body read and the response started) within this many
+    /// seconds; after that it gets a `ServiceUnavailable` fault (`request-timeout`). A
+    /// response body already streaming is not cut: `idle_timeout_secs` watches it. The
+    /// default (10 min) is above the CTS's default checkpoint timeout (5 min), which a
+    /// DoCheckpoint on a CTS may take.
+    pub request_timeout_secs: u64,
+    /// Connections served at once; beyond it the listener stops accepting (new clients wait
+    /// in the kernel's backlog) until one closes, so descriptors cannot run out.
+    pub max_connections: usize,
+}
+
+impl Default for ServeLimits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout_secs: 10,
+            idle_timeout_secs: 60,
+            request_timeout_secs: 600,
+            max_connections: 512,
+        }
+    }
+}
+
+impl ServeLimits {
+    fn header_read_timeout(&self) -> Duration {
+        Duration::from_secs(self.header_read_timeout_secs.max(1))
+    }
+    fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout_secs.max(1))
+    }
+    fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_secs.max(1))
+    }
+}
+
+/// The credentials of the peer of a UNIX socket connection (`SO_PEERCRED`, taken when the
+/// connection is accepted). Handlers get it as an extension and as
+/// `ConnectInfo<UnixPeer>`; unknown credentials are `uid = gid = u32::MAX`, nobody's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnixPeer {
+    pub pid: Option<i32>,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl UnixPeer {
+    fn of(stream: &tokio::net::UnixStream) -> Self {
+        match stream.peer_cred() {
+            Ok(c) => UnixPeer {
+                pid: c.pid(),
+                uid: c.uid(),
+                gid: c.gid(),
+            },
+            Err(_) => UnixPeer {
+                pid: None,
+                uid: u32::MAX,
+                gid: u32::MAX,
+            },
+        }
+    }
+}
+
 /// Serves `router` on `listener` (TLS when `tls` is set) until `shutdown` resolves, then
-/// stops accepting and waits up to `drain` for requests in flight.
+/// stops accepting and waits up to 10 s for requests in flight; with [`ServeLimits::default`].
 pub async fn serve(
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
     router: axum::Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let drain = Duration::from_secs(10);
+    serve_with(listener, tls, router, shutdown, &ServeLimits::default()).await
+}
+
+/// [`serve`] with the given limits.
+pub async fn serve_with(
+    listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    router: axum::Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    limits: &ServeLimits,
+) -> anyhow::Result<()> {
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    let limits = limits.clone();
+    accept_loop(
+        shutdown,
+        &limits,
+        || listener.accept(),
+        move |stream: tokio::net::TcpStream, peer: SocketAddr, conn: Connection| {
+            let acceptor = acceptor.clone();
+            async move {
+                let _ = stream.set_nodelay(true);
+                let mut extensions = http::Extensions::new();
+                extensions.insert(axum::extract::ConnectInfo(peer));
+                match acceptor {
+                    None => conn.serve(stream, router_service(extensions)).await,
+                    Some(acceptor) => {
+                        let tls = match tokio::time::timeout(
+                            Duration::from_secs(10),
+                            acceptor.accept(stream),
+                        )
+                        .await
+                        {
+                            Ok(Ok(s)) => s,
+                            Ok(Err(e)) => {
+                                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!(%peer, "TLS handshake timed out");
+                                return;
+                            }
+                        };
+                        if let Some(c) = tls.get_ref().1.peer_certificates().and_then(|c| c.first())
+                        {
+                            extensions.insert(PeerIdentity {
+                                certificate: c.clone().into_owned(),
+                            });
+                        }
+                        conn.serve(tls, router_service(extensions)).await
+                    }
+                }
+            }
+        },
+        router,
+    )
+    .await;
+    drop(listener);
+    Ok(())
+}
+
+/// Serves `router` on a UNIX socket with the same limits as [`serve_with`]; each request
+/// carries the peer's credentials ([`UnixPeer`]).
+pub async fn serve_unix(
+    listener: tokio::net::UnixListener,
+    router: axum::Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    limits: &ServeLimits,
+) -> anyhow::Result<()> {
+    let limits = limits.clone();
+    accept_loop(
+        shutdown,
+        &limits,
+        || listener.accept(),
+        |stream: tokio::net::UnixStream, _addr, conn: Connection| async move {
+            let peer = UnixPeer::of(&stream);
+            let mut extensions = http::Extensions::new();
+            extensions.insert(peer);
+            extensions.insert(axum::extract::ConnectInfo(peer));
+            conn.serve(stream, router_service(extensions)).await
+        },
+        router,
+    )
+    .await;
+    drop(listener);
+    Ok(())
+}
+
+/// How long a shut-down listener waits for requests in flight.
+const DRAIN: Duration = Duration::from_secs(10);
+
+/// Accepts connections (at most `max_connections` at once) until `shutdown`, handing each to
+/// `handle` on its own task, then drains.
+async fn accept_loop<S, A, AFut, Addr, H, HFut>(
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    limits: &ServeLimits,
+    mut accept: A,
+    handle: H,
+    router: axum::Router,
+) where
+    A: FnMut() -> AFut,
+    AFut: Future<Output = std::io::Result<(S, Addr)>>,
+    H: Fn(S, Addr, Connection) -> HFut,
+    HFut: Future<Output = ()> + Send + 'static,
+{
     let graceful = GracefulShutdown::new();
-    let builder = ConnBuilder::new(TokioExecutor::new());
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let mut builder = ConnBuilder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout());
+    let mut full_logged = false;
     tokio::pin!(shutdown);
     loop {
-        let (stream, peer) = tokio::select! {
+        // A slot first: at the cap, clients wait in the backlog instead of taking descriptors.
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(p) => {
+                full_logged = false;
+                p
+            }
+            Err(_) => {
+                if !full_logged {
+                    tracing::warn!(
+                        max_connections = limits.max_connections,
+                        "connection limit reached; new connections wait"
+                    );
+                    full_logged = true;
+                }
+                tokio::select! {
+                    _ = &mut shutdown => break,
+                    p = slots.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => break,
+                    },
+                }
+            }
+        };
+        let (stream, addr) = tokio::select! {
             _ = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
+            accepted = accept() => match accepted {
                 Ok(x) => x,
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
@@ -242,86 +449,240 @@ pub async fn serve(
                 }
             },
         };
-        let _ = stream.set_nodelay(true);
-        let router = router.clone();
-        let builder = builder.clone();
-        let watcher = graceful.watcher();
-        let acceptor = acceptor.clone();
-        tokio::spawn(async move {
-            match acceptor {
-                None => {
-                    let conn = builder.serve_connection_with_upgrades(
-                        TokioIo::new(stream),
-                        service(router, peer, None),
-                    );
-                    let _ = watcher.watch(conn.into_owned()).await;
-                }
-                Some(acceptor) => {
-                    let tls = match tokio::time::timeout(
-                        Duration::from_secs(10),
-                        acceptor.accept(stream),
-                    )
-                    .await
-                    {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
-                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::debug!(%peer, "TLS handshake timed out");
-                            return;
-                        }
-                    };
-                    let identity = tls
-                        .get_ref()
-                        .1
-                        .peer_certificates()
-                        .and_then(|c| c.first())
-                        .map(|c| PeerIdentity {
-                            certificate: c.clone().into_owned(),
-                        });
-                    let conn = builder.serve_connection_with_upgrades(
-                        TokioIo::new(tls),
-                        service(router, peer, identity),
-                    );
-                    let _ = watcher.watch(conn.into_owned()).await;
-                }
-            }
-        });
+        let conn = Connection {
+            builder: builder.clone(),
+            watcher: graceful.watcher(),
+            router: router.clone(),
+            limits: limits.clone(),
+            _permit: permit,
+        };
+        tokio::spawn(handle(stream, addr, conn));
     }
-    drop(listener);
-    if tokio::time::timeout(drain, graceful.shutdown())
+    if tokio::time::timeout(DRAIN, graceful.shutdown())
         .await
         .is_err()
     {
-        tracing::warn!("requests still in flight after {drain:?}; closing them");
+        tracing::warn!("requests still in flight after {DRAIN:?}; closing them");
     }
-    Ok(())
 }
 
-fn service(
+/// What one accepted connection is served with; holds its connection slot.
+struct Connection {
+    builder: ConnBuilder<TokioExecutor>,
+    watcher: hyper_util::server::graceful::Watcher,
     router: axum::Router,
-    peer: SocketAddr,
-    identity: Option<PeerIdentity>,
-) -> hyper_util::service::TowerToHyperService<
-    impl tower::Service<
-            http::Request<hyper::body::Incoming>,
-            Response = axum::response::Response,
-            Error = std::convert::Infallible,
-            Future = impl Send,
-        > + Clone,
-> {
-    let svc = tower::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
-        let router = router.clone();
-        req.extensions_mut()
-            .insert(axum::extract::ConnectInfo(peer));
-        if let Some(id) = &identity {
-            req.extensions_mut().insert(id.clone());
+    limits: ServeLimits,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Connection {
+    /// Serves HTTP on `io` until the client is done, a timeout fires or the server drains.
+    async fn serve<IO>(self, io: IO, service: RouterService)
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let activity = Arc::new(Activity::new());
+        let io = Tracked {
+            inner: io,
+            activity: activity.clone(),
+        };
+        let svc = service.bind(self.router, activity.clone(), self.limits.request_timeout());
+        let conn = self
+            .builder
+            .serve_connection_with_upgrades(TokioIo::new(io), svc);
+        let conn = self.watcher.watch(conn.into_owned());
+        let idle = self.limits.idle_timeout();
+        tokio::select! {
+            _ = conn => {}
+            _ = activity.idle_for(idle) => {
+                tracing::debug!(idle = ?idle, "closing an idle connection");
+            }
         }
-        async move { router.oneshot(req.map(axum::body::Body::new)).await }
-    });
-    hyper_util::service::TowerToHyperService::new(svc)
+    }
+}
+
+/// When bytes last moved on a connection, and how many requests are being handled on it.
+struct Activity {
+    start: std::time::Instant,
+    last_millis: std::sync::atomic::AtomicU64,
+    in_flight: std::sync::atomic::AtomicUsize,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            start: std::time::Instant::now(),
+            last_millis: std::sync::atomic::AtomicU64::new(0),
+            in_flight: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let now = self.start.elapsed().as_millis() as u64;
+        self.last_millis
+            .store(now, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Resolves once no request is in progress and nothing moved for `idle`.
+    async fn idle_for(&self, idle: Duration) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let tick = (idle / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
+        loop {
+            tokio::time::sleep(tick).await;
+            let quiet = self
+                .start
+                .elapsed()
+                .saturating_sub(Duration::from_millis(self.last_millis.load(Relaxed)));
+            if self.in_flight.load(Relaxed) == 0 && quiet >= idle {
+                return;
+            }
+        }
+    }
+}
+
+/// Marks a request in progress on its connection until dropped.
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn new(a: Arc<Activity>) -> Self {
+        a.in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        InFlight(a)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// A stream that records when bytes move.
+struct Tracked<IO> {
+    inner: IO,
+    activity: Arc<Activity>,
+}
+
+impl<IO: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Tracked<IO> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.touch();
+        }
+        r
+    }
+}
+
+impl<IO: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Tracked<IO> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(r, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(r, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// The per-connection facts every request of it carries (peer address or credentials, the
+/// client certificate).
+struct RouterService {
+    extensions: http::Extensions,
+}
+
+fn router_service(extensions: http::Extensions) -> RouterService {
+    RouterService { extensions }
+}
+
+impl RouterService {
+    fn bind(
+        self,
+        router: axum::Router,
+        activity: Arc<Activity>,
+        request_timeout: Duration,
+    ) -> hyper_util::service::TowerToHyperService<
+        impl tower::Service<
+                http::Request<hyper::body::Incoming>,
+                Response = axum::response::Response,
+                Error = std::convert::Infallible,
+                Future = impl Send,
+            > + Clone,
+    > {
+        let extensions = self.extensions;
+        let svc = tower::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+            let router = router.clone();
+            req.extensions_mut().extend(extensions.clone());
+            let in_flight = InFlight::new(activity.clone());
+            async move {
+                let answer = router.oneshot(req.map(axum::body::Body::new));
+                let response = match tokio::time::timeout(request_timeout, answer).await {
+                    Ok(r) => r,
+                    Err(_) => Ok(request_timed_out(request_timeout)),
+                };
+                drop(in_flight);
+                response
+            }
+        });
+        hyper_util::service::TowerToHyperService::new(svc)
+    }
+}
+
+fn request_timed_out(limit: Duration) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let fault = crate::fault::Fault::new(
+        crate::fault::FaultKind::ServiceUnavailable,
+        format!(
+            "the request was not answered within the limit of {}s (request_timeout_secs)",
+            limit.as_secs()
+        ),
+    )
+    .with_code("request-timeout");
+    (
+        http::StatusCode::SERVICE_UNAVAILABLE,
+        axum::Json(crate::fault::ErrorBody { error: fault }),
+    )
+        .into_response()
 }
 
 #[cfg(test)]
@@ -504,6 +865,173 @@ mod tests {
         });
         assert_eq!(tls.ca.as_deref(), Some(Path::new("/etc/gca/ca.pem")));
         assert_eq!(tls.cert, None);
+    }
+
+    fn test_router() -> axum::Router {
+        axum::Router::new()
+            .route("/ok", axum::routing::get(|| async { "ok" }))
+            .route(
+                "/slow",
+                axum::routing::get(|| async {
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                    "late"
+                }),
+            )
+            .route(
+                "/peer",
+                axum::routing::get(|peer: axum::Extension<UnixPeer>| async move {
+                    format!("uid={} pid={}", peer.uid, peer.pid.unwrap_or(-1))
+                }),
+            )
+    }
+
+    fn short_limits() -> ServeLimits {
+        ServeLimits {
+            header_read_timeout_secs: 1,
+            idle_timeout_secs: 2,
+            request_timeout_secs: 1,
+            max_connections: 64,
+        }
+    }
+
+    async fn start_plain(limits: ServeLimits) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            serve_with(
+                listener,
+                None,
+                test_router(),
+                std::future::pending(),
+                &limits,
+            )
+            .await
+        });
+        addr
+    }
+
+    /// Reads until the server closes the connection; false if it is still open after `within`.
+    async fn closed_within<S: tokio::io::AsyncRead + Unpin>(s: &mut S, within: Duration) -> bool {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 1024];
+        tokio::time::timeout(within, async {
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+        .is_ok()
+    }
+
+    async fn get_ok(url: &str) -> String {
+        let client = http_client(&ClientSettings::default()).unwrap();
+        client.get(url).send().await.unwrap().text().await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn slowloris_clients_are_cut_off_while_others_are_served() {
+        use tokio::io::AsyncWriteExt;
+        let addr = start_plain(short_limits()).await;
+        // Headers that never end, and a connection that never sends anything.
+        let mut slow = Vec::new();
+        for i in 0..20 {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            if i % 2 == 0 {
+                s.write_all(b"GET /ok HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+                    .await
+                    .unwrap();
+            }
+            slow.push(s);
+        }
+        assert_eq!(get_ok(&format!("http://{addr}/ok")).await, "ok");
+        for s in &mut slow {
+            assert!(
+                closed_within(s, Duration::from_secs(5)).await,
+                "a client that does not finish its headers is cut off"
+            );
+        }
+        // A kept-alive connection that goes quiet is closed too.
+        let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+        idle.write_all(b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(closed_within(&mut idle, Duration::from_secs(6)).await);
+        assert_eq!(get_ok(&format!("http://{addr}/ok")).await, "ok");
+    }
+
+    #[tokio::test]
+    async fn a_request_not_answered_in_time_gets_a_fault() {
+        let addr = start_plain(short_limits()).await;
+        let client = http_client(&ClientSettings::default()).unwrap();
+        let started = std::time::Instant::now();
+        let resp = client
+            .get(format!("http://{addr}/slow"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 503);
+        let body: crate::fault::ErrorBody = resp.json().await.unwrap();
+        assert_eq!(body.error.code.as_deref(), Some("request-timeout"));
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn the_connection_cap_makes_clients_wait_not_fail() {
+        let addr = start_plain(ServeLimits {
+            max_connections: 2,
+            ..short_limits()
+        })
+        .await;
+        let _a = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let _b = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Both slots are taken until the silent clients are cut off (header timeout, 1 s).
+        let started = std::time::Instant::now();
+        assert_eq!(get_ok(&format!("http://{addr}/ok")).await, "ok");
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(700) && waited < Duration::from_secs(5),
+            "{waited:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn unix_sockets_get_the_same_limits_and_the_peer_credentials() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        tokio::spawn(async move {
+            serve_unix(
+                listener,
+                test_router(),
+                std::future::pending(),
+                &short_limits(),
+            )
+            .await
+        });
+        let mut slow = tokio::net::UnixStream::connect(&path).await.unwrap();
+        slow.write_all(b"GET /peer HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        let mut ok = tokio::net::UnixStream::connect(&path).await.unwrap();
+        ok.write_all(b"GET /peer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        ok.read_to_string(&mut answer).await.unwrap();
+        let uid = std::fs::metadata("/proc/self").map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            m.uid()
+        });
+        assert!(
+            answer.contains(&format!("uid={} pid={}", uid.unwrap(), std::process::id())),
+            "{answer}"
+        );
+        assert!(closed_within(&mut slow, Duration::from_secs(5)).await);
     }
 
     #[test]

@@ -219,9 +219,11 @@ pub fn read_time(el: &Element, now: DateTime<Utc>) -> Result<Option<DateTime<Utc
     let text = el.text();
     let t = text.trim();
     if t.starts_with('P') || t.starts_with("-P") {
-        return wsrf::parse_duration(t)
-            .map(|d| Some(now + d))
-            .ok_or_else(|| format!("{t:?} is not a supported xsd:duration (use PnDTnHnMnS)"));
+        let d = wsrf::parse_duration(t)
+            .ok_or_else(|| format!("{t:?} is not a supported xsd:duration (use PnDTnHnMnS)"))?;
+        return wsrf::after(now, d).map(Some).ok_or_else(|| {
+            format!("{t:?} ends past the latest time the GCS can represent; ask for less")
+        });
     }
     DateTime::parse_from_rfc3339(t)
         .map(|d| Some(d.with_timezone(&Utc)))
@@ -446,6 +448,27 @@ mod tests {
             ns::WSNT
         ))
         .unwrap()
+    }
+
+    #[test]
+    fn huge_durations_are_unacceptable_times_not_panics() {
+        let now = Utc::now();
+        let renew = crate::xml::parse(&format!(
+            "<wsnt:Renew xmlns:wsnt=\"{}\"><wsnt:TerminationTime>P100000000D</wsnt:TerminationTime></wsnt:Renew>",
+            ns::WSNT
+        ))
+        .unwrap();
+        let f = ManagerRequest::read(&renew, None, now).unwrap_err();
+        assert_eq!(f.kind, FaultKind::UnacceptableTerminationTime, "{f}");
+        assert!(f.message.contains("latest time"), "{f}");
+        let subscribe = crate::xml::parse(&format!(
+            "<wsnt:Subscribe xmlns:wsnt=\"{}\" xmlns:wsa=\"{}\"><wsnt:ConsumerReference><wsa:Address>http://c.example/n</wsa:Address></wsnt:ConsumerReference><wsnt:InitialTerminationTime>P100000000D</wsnt:InitialTerminationTime></wsnt:Subscribe>",
+            ns::WSNT,
+            ns::WSA
+        ))
+        .unwrap();
+        let f = Subscribe::read(&subscribe, None, now).unwrap_err();
+        assert_eq!(f.kind, FaultKind::UnacceptableInitialTerminationTime, "{f}");
     }
 
     #[test]

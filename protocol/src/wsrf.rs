@@ -455,6 +455,7 @@ impl RpRequest {
                         "the XPath query expression is empty",
                     ));
                 }
+                crate::xpath::check_expression(&expression)?;
                 Ok(RpRequest::Query {
                     expression,
                     namespaces: query_namespaces(&qe.scope),
@@ -468,11 +469,7 @@ impl RpRequest {
 /// ones (gca, wsrf-rp, wsrf-rl, wsrf-sg, wsa) where the request did not bind them (zeep sends
 /// expressions without declaring prefixes).
 fn query_namespaces(scope: &Scope) -> Vec<(String, String)> {
-    let mut out: Vec<(String, String)> = scope
-        .iter()
-        .filter(|(p, _)| !p.is_empty())
-        .map(|(p, u)| (p.clone(), u.clone()))
-        .collect();
+    let mut out: Vec<(String, String)> = scope.iter().filter(|(p, _)| !p.is_empty()).collect();
     for (p, u) in WELL_KNOWN_PREFIXES {
         if !out.iter().any(|(q, _)| q == p) {
             out.push((p.to_string(), u.to_string()));
@@ -562,7 +559,8 @@ pub fn resolve_property(
 }
 
 /// The answer to a WS-RP request on an RP document: (response action, response element).
-pub fn answer(req: &RpRequest, document: &Element) -> Result<(String, Element), Fault> {
+/// Queries are evaluated off the async workers, bounded ([`crate::xpath`]).
+pub async fn answer(req: &RpRequest, document: &Element) -> Result<(String, Element), Fault> {
     let op = req.operation();
     let response = Element::new(ns::WSRF_RP, &format!("{op}Response"));
     let response = match req {
@@ -581,193 +579,14 @@ pub fn answer(req: &RpRequest, document: &Element) -> Result<(String, Element), 
             namespaces,
         } => {
             let mut response = response;
-            response.children = query(document, expression, namespaces)?;
+            response.children = query(document, expression, namespaces).await?;
             response
         }
     };
     Ok((rp_response_action(op), response))
 }
 
-/// Evaluates an XPath 1.0 expression on an RP document, with the document node as context
-/// (so `/gca:X/gca:Y` and `//gca:Y` both work). Node-set results are returned as copies of the
-/// selected elements in document order. Everything else comes wrapped in a
-/// `gca:QueryResult`, because the rp-2 schema wants at least one element in the response: a
-/// boolean, number or string result (`Type="boolean|number|string"`, its XPath string value),
-/// each selected attribute or text node (`Type="text"`), and an empty node-set
-/// (`Type="empty"`, no content).
-pub fn query(
-    document: &Element,
-    expression: &str,
-    namespaces: &[(String, String)],
-) -> Result<Vec<Node>, Fault> {
-    use sxd_xpath::{nodeset, Context, Factory, Value};
-    let xpath = Factory::new()
-        .build(expression)
-        .map_err(|e| {
-            Fault::new(
-                FaultKind::InvalidQueryExpression,
-                format!("invalid XPath 1.0 expression {expression:?}: {e}"),
-            )
-        })?
-        .ok_or_else(|| {
-            Fault::new(
-                FaultKind::InvalidQueryExpression,
-                "the XPath query expression is empty",
-            )
-        })?;
-    if let Some(prefix) = qname_prefixes(expression)
-        .into_iter()
-        .find(|p| !namespaces.iter().any(|(q, _)| q == p))
-    {
-        return Err(Fault::new(
-            FaultKind::QueryEvaluationError,
-            format!("evaluating {expression:?} failed: the prefix {prefix:?} is not bound to a namespace"),
-        ));
-    }
-    let package = sxd_document::Package::new();
-    let doc = package.as_document();
-    let root = to_sxd(&doc, document);
-    doc.root().append_child(root);
-    let mut ctx = Context::new();
-    for (p, u) in namespaces {
-        ctx.set_namespace(p, u);
-    }
-    let failed = |why: String| {
-        Fault::new(
-            FaultKind::QueryEvaluationError,
-            format!("evaluating {expression:?} failed: {why}"),
-        )
-    };
-    // sxd-xpath panics on a few conditions instead of returning errors; contain them.
-    let value = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        xpath.evaluate(&ctx, doc.root())
-    }))
-    .map_err(|_| failed("the XPath engine could not evaluate it".into()))?
-    .map_err(|e| failed(e.to_string()))?;
-    let result = |kind: &str, text: Option<String>| {
-        let el = Element::new(ns::GCA, QUERY_RESULT).with_attr("", "Type", kind);
-        Node::Element(match text {
-            Some(t) => el.with_text(t),
-            None => el,
-        })
-    };
-    Ok(match value {
-        Value::Nodeset(set) if set.size() == 0 => vec![result("empty", None)],
-        Value::Nodeset(set) => set
-            .document_order()
-            .into_iter()
-            .map(|n| match n {
-                nodeset::Node::Element(e) => Node::Element(from_sxd(e)),
-                nodeset::Node::Root(_) => Node::Element(document.clone()),
-                other => result("text", Some(other.string_value())),
-            })
-            .collect(),
-        Value::Boolean(b) => vec![result("boolean", Some(b.to_string()))],
-        Value::Number(n) => vec![result("number", Some(xpath_number(n)))],
-        Value::String(s) => vec![result("string", Some(s))],
-    })
-}
-
-/// The element that carries a query result which is not an element.
-pub const QUERY_RESULT: &str = "QueryResult";
-
-/// The prefixes of the QNames in an XPath expression (outside string literals; `axis::` is
-/// not a prefix).
-fn qname_prefixes(expr: &str) -> Vec<String> {
-    let chars: Vec<char> = expr.chars().collect();
-    let is_name = |c: char| c.is_alphanumeric() || matches!(c, '_' | '-' | '.');
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < chars.len() {
-        let c = chars[i];
-        if c == '\'' || c == '"' {
-            i += 1;
-            while i < chars.len() && chars[i] != c {
-                i += 1;
-            }
-            i += 1;
-            continue;
-        }
-        if c.is_alphabetic() || c == '_' {
-            let start = i;
-            while i < chars.len() && is_name(chars[i]) {
-                i += 1;
-            }
-            let preceded_by_var = start > 0 && chars[start - 1] == '$';
-            if i + 1 < chars.len()
-                && chars[i] == ':'
-                && chars[i + 1] != ':'
-                && (chars[i + 1].is_alphabetic() || chars[i + 1] == '_' || chars[i + 1] == '*')
-                && !preceded_by_var
-            {
-                out.push(chars[start..i].iter().collect());
-            }
-            continue;
-        }
-        if c.is_ascii_digit() {
-            while i < chars.len() && (chars[i].is_ascii_digit() || chars[i] == '.') {
-                i += 1;
-            }
-            continue;
-        }
-        i += 1;
-    }
-    out
-}
-
-/// The XPath 1.0 string value of a number (`string()` rules: integers without `.0`).
-fn xpath_number(n: f64) -> String {
-    if n.is_nan() {
-        "NaN".into()
-    } else if n.is_infinite() {
-        if n > 0.0 { "Infinity" } else { "-Infinity" }.into()
-    } else if n.fract() == 0.0 && n.abs() < 1e15 {
-        format!("{}", n as i64)
-    } else {
-        format!("{n}")
-    }
-}
-
-fn to_sxd<'d>(
-    doc: &sxd_document::dom::Document<'d>,
-    el: &Element,
-) -> sxd_document::dom::Element<'d> {
-    let out = doc.create_element(sxd_document::QName::with_namespace_uri(
-        el.ns.as_deref(),
-        &el.name,
-    ));
-    for a in &el.attrs {
-        out.set_attribute_value(
-            sxd_document::QName::with_namespace_uri(a.ns.as_deref(), &a.name),
-            &a.value,
-        );
-    }
-    for c in &el.children {
-        match c {
-            Node::Element(e) => out.append_child(to_sxd(doc, e)),
-            Node::Text(t) => out.append_child(doc.create_text(t)),
-        }
-    }
-    out
-}
-
-fn from_sxd(el: sxd_document::dom::Element<'_>) -> Element {
-    use sxd_document::dom::ChildOfElement;
-    let name = el.name();
-    let mut out = Element::new(name.namespace_uri().unwrap_or(""), name.local_part());
-    for a in el.attributes() {
-        let n = a.name();
-        out = out.with_attr(n.namespace_uri().unwrap_or(""), n.local_part(), a.value());
-    }
-    for c in el.children() {
-        match c {
-            ChildOfElement::Element(e) => out.push_child(from_sxd(e)),
-            ChildOfElement::Text(t) => out.children.push(Node::Text(t.text().to_string())),
-            _ => {}
-        }
-    }
-    out
-}
+pub use crate::xpath::{query, QUERY_RESULT};
 
 // ------------------------------------------------------------------------------------------
 // WS-ResourceLifetime
@@ -831,12 +650,23 @@ impl RlRequest {
             let text = d.text();
             let dur = parse_duration(text.trim())
                 .ok_or_else(|| unable(format!("RequestedLifetimeDuration {text:?} is not a supported xsd:duration (use PnDTnHnMnS)")))?;
-            return Ok(RlRequest::SetTerminationTime(Some(now + dur)));
+            let at = after(now, dur).ok_or_else(|| {
+                unable(format!(
+                    "RequestedLifetimeDuration {text:?} ends past the latest time the service can represent; ask for less, or for no termination (xsi:nil)"
+                ))
+            })?;
+            return Ok(RlRequest::SetTerminationTime(Some(at)));
         }
         Err(Fault::invalid(
             "<SetTerminationTime> needs <RequestedTerminationTime> or <RequestedLifetimeDuration>",
         ))
     }
+}
+
+/// `now + duration`, or None when the result is not representable (chrono panics on `+`
+/// beyond year ±262,143: every date arithmetic on input goes through here).
+pub fn after(now: DateTime<Utc>, duration: Duration) -> Option<DateTime<Utc>> {
+    now.checked_add_signed(duration)
 }
 
 /// Parses the day-time subset of `xsd:duration` (`[-]PnDTnHnMn.nS`; years and months are
@@ -964,6 +794,22 @@ mod tests {
     }
 
     #[test]
+    fn durations_past_the_representable_are_refused_not_panics() {
+        let now = Utc::now();
+        for d in ["P100000000D", "-P100000000D", "P106751991167D"] {
+            let body = crate::xml::parse(&format!(
+                "<r:SetTerminationTime xmlns:r=\"{}\"><r:RequestedLifetimeDuration>{d}</r:RequestedLifetimeDuration></r:SetTerminationTime>",
+                ns::WSRF_RL
+            ))
+            .unwrap();
+            let f = RlRequest::read(&body, None, now).unwrap_err();
+            assert_eq!(f.kind, FaultKind::UnableToSetTerminationTime, "{d}: {f}");
+            assert!(f.message.contains("latest time"), "{d}: {f}");
+        }
+        assert_eq!(after(now, Duration::days(1)), Some(now + Duration::days(1)));
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("PT2H"), Some(Duration::hours(2)));
         assert_eq!(
@@ -976,14 +822,14 @@ mod tests {
         assert_eq!(parse_duration("P"), None);
     }
 
-    #[test]
-    fn queries_and_qnames() {
+    #[tokio::test]
+    async fn queries_and_qnames() {
         let doc = crate::xml::parse(
             "<g:Doc xmlns:g=\"urn:gca:v1\"><g:N>1</g:N><g:N>2</g:N><g:S a=\"x\">s</g:S></g:Doc>",
         )
         .unwrap();
         let ns = query_namespaces(&Scope::default());
-        let r = query(&doc, "/gca:Doc/gca:N[. > 1]", &ns).unwrap();
+        let r = query(&doc, "/gca:Doc/gca:N[. > 1]", &ns).await.unwrap();
         assert_eq!(r.len(), 1);
         let result = |kind: &str, text: &str| {
             let el = Element::new(ns::GCA, QUERY_RESULT).with_attr("", "Type", kind);
@@ -994,17 +840,23 @@ mod tests {
             })]
         };
         assert_eq!(
-            query(&doc, "count(//gca:N)", &ns).unwrap(),
+            query(&doc, "count(//gca:N)", &ns).await.unwrap(),
             result("number", "2")
         );
-        assert_eq!(query(&doc, "//gca:S/@a", &ns).unwrap(), result("text", "x"));
-        assert_eq!(query(&doc, "//gca:Z", &ns).unwrap(), result("empty", ""));
         assert_eq!(
-            query(&doc, "//gca:N[", &ns).unwrap_err().kind,
+            query(&doc, "//gca:S/@a", &ns).await.unwrap(),
+            result("text", "x")
+        );
+        assert_eq!(
+            query(&doc, "//gca:Z", &ns).await.unwrap(),
+            result("empty", "")
+        );
+        assert_eq!(
+            query(&doc, "//gca:N[", &ns).await.unwrap_err().kind,
             FaultKind::InvalidQueryExpression
         );
         assert_eq!(
-            query(&doc, "//nope:N", &ns).unwrap_err().kind,
+            query(&doc, "//nope:N", &ns).await.unwrap_err().kind,
             FaultKind::QueryEvaluationError
         );
         let declared: &[PropertyName] = &[(ns::GCA, "N"), (ns::WSRF_RL, "CurrentTime")];

@@ -8,6 +8,11 @@
 //! Why a tree and not serde: quick-xml's serde support matches on prefixed names and cannot
 //! tell `gca:Name` from `other:Name`; SOAP peers pick their own prefixes, so every lookup here
 //! is by (namespace URI, local name).
+//!
+//! Input comes from the network, so parsing is bounded ([`Limits`]): nesting depth, elements,
+//! attributes per element, namespace declarations per element and in scope, and the text of
+//! one node. Each element's namespace scope shares its parent's ([`Scope`]), so memory stays
+//! linear in the input however many elements declare namespaces.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -19,6 +24,47 @@ use quick_xml::NsReader;
 
 /// Deepest nesting accepted from the network; real messages stay far below.
 pub const MAX_DEPTH: usize = 64;
+
+/// Bounds on one parse. [`Limits::default`] is for requests (bodies of at most 1 MiB);
+/// [`Limits::response`] for the larger answers a client reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Deepest nesting of elements.
+    pub max_depth: usize,
+    /// Most elements in the document.
+    pub max_elements: usize,
+    /// Most attributes on one element, namespace declarations included (quick-xml's check for
+    /// duplicate attributes costs the square of their number).
+    pub max_attributes: usize,
+    /// Most namespace declarations in scope at any element (each name is resolved against
+    /// them).
+    pub max_namespaces_in_scope: usize,
+    /// Longest text of one element (or of the whole CDATA and text run), in bytes.
+    pub max_text_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_depth: MAX_DEPTH,
+            max_elements: 50_000,
+            max_attributes: 64,
+            max_namespaces_in_scope: 128,
+            max_text_bytes: 512 * 1024,
+        }
+    }
+}
+
+impl Limits {
+    /// For answers read by clients (up to 16 MiB).
+    pub fn response() -> Self {
+        Self {
+            max_elements: 2_000_000,
+            max_text_bytes: 16 * 1024 * 1024,
+            ..Self::default()
+        }
+    }
+}
 
 /// A parse or shape error, with the 1-based source line when it is known.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -59,8 +105,89 @@ pub enum Node {
     Text(String),
 }
 
-/// Prefix → namespace URI bindings in scope at an element ("" is the default namespace).
-pub type Scope = Arc<BTreeMap<String, String>>;
+/// The prefix → namespace URI bindings in scope at an element ("" is the default namespace):
+/// the element's own declarations and a shared reference to its parent's scope, so a
+/// declaring element costs its own declarations only, never a copy of everything in scope.
+#[derive(Clone, Default)]
+pub struct Scope(Option<Arc<Frame>>);
+
+struct Frame {
+    bindings: Vec<(String, String)>,
+    parent: Scope,
+    /// Declarations in this frame and its ancestors.
+    total: usize,
+}
+
+impl Scope {
+    /// A scope with `bindings` declared inside `self` (later ones win).
+    pub fn with(&self, bindings: Vec<(String, String)>) -> Scope {
+        if bindings.is_empty() {
+            return self.clone();
+        }
+        let total = self.declarations() + bindings.len();
+        Scope(Some(Arc::new(Frame {
+            bindings,
+            parent: self.clone(),
+            total,
+        })))
+    }
+
+    /// Declarations in scope, shadowed ones included.
+    pub fn declarations(&self) -> usize {
+        self.0.as_ref().map_or(0, |f| f.total)
+    }
+
+    /// The namespace URI bound to `prefix`.
+    pub fn get(&self, prefix: &str) -> Option<&str> {
+        let mut cur = self.0.as_deref();
+        while let Some(f) = cur {
+            if let Some((_, u)) = f.bindings.iter().rev().find(|(p, _)| p == prefix) {
+                return Some(u);
+            }
+            cur = f.parent.0.as_deref();
+        }
+        None
+    }
+
+    /// The bindings in effect, by prefix.
+    pub fn to_map(&self) -> BTreeMap<String, String> {
+        let mut frames = Vec::new();
+        let mut cur = self.0.as_deref();
+        while let Some(f) = cur {
+            frames.push(f);
+            cur = f.parent.0.as_deref();
+        }
+        let mut out = BTreeMap::new();
+        for f in frames.into_iter().rev() {
+            for (p, u) in &f.bindings {
+                out.insert(p.clone(), u.clone());
+            }
+        }
+        out
+    }
+
+    /// The bindings in effect, in prefix order.
+    pub fn iter(&self) -> impl Iterator<Item = (String, String)> {
+        self.to_map().into_iter()
+    }
+}
+
+impl PartialEq for Scope {
+    fn eq(&self, other: &Self) -> bool {
+        match (&self.0, &other.0) {
+            (Some(a), Some(b)) if Arc::ptr_eq(a, b) => true,
+            _ => self.to_map() == other.to_map(),
+        }
+    }
+}
+
+impl Eq for Scope {}
+
+impl std::fmt::Debug for Scope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map().entries(self.to_map()).finish()
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Element {
@@ -268,8 +395,8 @@ impl Element {
             Some((prefix, local)) => self
                 .scope
                 .get(prefix)
-                .map(|ns| (Some(ns.clone()), local.to_string())),
-            None => Some((self.scope.get("").cloned(), value.to_string())),
+                .map(|ns| (Some(ns.to_string()), local.to_string())),
+            None => Some((self.scope.get("").map(str::to_string), value.to_string())),
         }
     }
 
@@ -438,12 +565,17 @@ impl LineIndex<'_> {
     }
 }
 
-/// Parses a document and returns its root element.
+/// Parses a document within [`Limits::default`] and returns its root element.
 ///
 /// DOCTYPE declarations are refused (no entity tricks), as is nesting deeper than
 /// [`MAX_DEPTH`]. Comments and processing instructions are dropped; whitespace-only text
 /// between elements is dropped too.
 pub fn parse(src: &str) -> Result<Element, XmlError> {
+    parse_with(src, &Limits::default())
+}
+
+/// Parses a document within `limits`; the error of a document beyond them names the limit.
+pub fn parse_with(src: &str, limits: &Limits) -> Result<Element, XmlError> {
     let mut reader = NsReader::from_str(src);
     reader.config_mut().check_end_names = true;
     reader.config_mut().expand_empty_elements = false;
@@ -455,6 +587,7 @@ pub fn parse(src: &str) -> Result<Element, XmlError> {
     let mut stack: Vec<Element> = Vec::new();
     let mut scopes: Vec<Scope> = vec![Scope::default()];
     let mut root: Option<Element> = None;
+    let mut elements = 0usize;
 
     loop {
         let pos = reader.buffer_position() as usize;
@@ -468,9 +601,13 @@ pub fn parse(src: &str) -> Result<Element, XmlError> {
                 ));
             }
         };
-        // The event starts after any leading whitespace that quick-xml skipped.
-        let start =
-            pos + src[pos.min(src.len())..].len() - src[pos.min(src.len())..].trim_start().len();
+        // The event starts after any leading whitespace that quick-xml skipped. (Bytes, not
+        // str slicing: a position may fall inside a character, e.g. a byte order mark.)
+        let start = pos
+            + src.as_bytes()[pos.min(src.len())..]
+                .iter()
+                .take_while(|b| b.is_ascii_whitespace())
+                .count();
         match event {
             Event::Start(ref e) | Event::Empty(ref e) => {
                 let empty = matches!(event, Event::Empty(_));
@@ -480,15 +617,22 @@ pub fn parse(src: &str) -> Result<Element, XmlError> {
                         "content after the document element",
                     ));
                 }
-                if stack.len() >= MAX_DEPTH {
+                if stack.len() >= limits.max_depth {
                     return Err(XmlError::new(
                         Some(lines.line(start)),
-                        format!("elements nested deeper than {MAX_DEPTH} levels"),
+                        format!("elements nested deeper than {} levels", limits.max_depth),
+                    ));
+                }
+                elements += 1;
+                if elements > limits.max_elements {
+                    return Err(XmlError::new(
+                        Some(lines.line(start)),
+                        format!("more than {} elements", limits.max_elements),
                     ));
                 }
                 let line = lines.line(start);
                 let ns = match resolved {
-                    ResolveResult::Bound(ns) => Some(utf8(ns.as_ref(), line)?),
+                    ResolveResult::Bound(ns) => Some(namespace(ns.as_ref(), line)?),
                     ResolveResult::Unbound => None,
                     ResolveResult::Unknown(p) => {
                         return Err(XmlError::new(
@@ -500,10 +644,21 @@ pub fn parse(src: &str) -> Result<Element, XmlError> {
                         ))
                     }
                 };
-                let name = utf8(e.local_name().as_ref(), line)?;
-                let mut scope = scopes.last().cloned().unwrap_or_default();
+                let name = xml_name(utf8(e.local_name().as_ref(), line)?, line)?;
+                let parent_scope = scopes.last().cloned().unwrap_or_default();
+                let mut declared = Vec::new();
                 let mut attrs = Vec::new();
-                for a in e.attributes() {
+                for (i, a) in e.attributes().enumerate() {
+                    // Counted before quick-xml compares the next one with all before it.
+                    if i >= limits.max_attributes {
+                        return Err(XmlError::new(
+                            Some(line),
+                            format!(
+                                "<{name}> has more than {} attributes (namespace declarations included)",
+                                limits.max_attributes
+                            ),
+                        ));
+                    }
                     let a = a.map_err(|err| {
                         XmlError::new(Some(line), format!("malformed attribute: {err}"))
                     })?;
@@ -512,17 +667,35 @@ pub fn parse(src: &str) -> Result<Element, XmlError> {
                         let prefix = if key == b"xmlns" {
                             String::new()
                         } else {
-                            utf8(&key[6..], line)?
+                            xml_name(utf8(&key[6..], line)?, line)?
                         };
                         let value = a.unescape_value().map_err(|err| {
                             XmlError::new(Some(line), format!("bad namespace value: {err}"))
                         })?;
-                        Arc::make_mut(&mut scope).insert(prefix, value.into_owned());
+                        let value = value.into_owned();
+                        if value == XMLNS_NS || (value == XML_NS) != (prefix == "xml") {
+                            return Err(XmlError::new(
+                                Some(line),
+                                format!("the namespace declaration of {prefix:?} as {value:?} is reserved"),
+                            ));
+                        }
+                        declared.push((prefix, value));
+                        if parent_scope.declarations() + declared.len()
+                            > limits.max_namespaces_in_scope
+                        {
+                            return Err(XmlError::new(
+                                Some(line),
+                                format!(
+                                    "more than {} namespace declarations in scope at <{name}>",
+                                    limits.max_namespaces_in_scope
+                                ),
+                            ));
+                        }
                         continue;
                     }
                     let (ans, alocal) = reader.resolve_attribute(a.key);
                     let ans = match ans {
-                        ResolveResult::Bound(ns) => Some(utf8(ns.as_ref(), line)?),
+                        ResolveResult::Bound(ns) => Some(namespace(ns.as_ref(), line)?),
                         ResolveResult::Unbound => None,
                         ResolveResult::Unknown(p) => {
                             return Err(XmlError::new(
@@ -539,10 +712,11 @@ pub fn parse(src: &str) -> Result<Element, XmlError> {
                     })?;
                     attrs.push(Attribute {
                         ns: ans,
-                        name: utf8(alocal.as_ref(), line)?,
+                        name: xml_name(utf8(alocal.as_ref(), line)?, line)?,
                         value: value.into_owned(),
                     });
                 }
+                let scope = parent_scope.with(declared);
                 let el = Element {
                     ns,
                     name,
@@ -575,12 +749,14 @@ pub fn parse(src: &str) -> Result<Element, XmlError> {
                 let text = t.unescape().map_err(|e| {
                     XmlError::new(Some(lines.line(start)), format!("bad text: {e}"))
                 })?;
-                push_text(&mut stack, &root, text.as_ref(), || lines.line(start))?;
+                push_text(&mut stack, &root, text.as_ref(), limits, || {
+                    lines.line(start)
+                })?;
             }
             Event::CData(t) => {
                 let text = String::from_utf8(t.into_inner().into_owned())
                     .map_err(|_| XmlError::new(Some(lines.line(start)), "CDATA is not UTF-8"))?;
-                push_text(&mut stack, &root, &text, || lines.line(start))?;
+                push_text(&mut stack, &root, &text, limits, || lines.line(start))?;
             }
             Event::DocType(_) => {
                 return Err(XmlError::new(
@@ -616,6 +792,7 @@ fn push_text(
     stack: &mut [Element],
     root: &Option<Element>,
     text: &str,
+    limits: &Limits,
     line: impl FnOnce() -> usize,
 ) -> Result<(), XmlError> {
     match stack.last_mut() {
@@ -623,6 +800,19 @@ fn push_text(
             // Whitespace between elements carries no meaning in any message we read.
             if text.trim().is_empty() && parent.elements().next().is_some() {
                 return Ok(());
+            }
+            let held = match parent.children.last() {
+                Some(Node::Text(prev)) => prev.len(),
+                _ => 0,
+            };
+            if held + text.len() > limits.max_text_bytes {
+                return Err(XmlError::new(
+                    Some(line()),
+                    format!(
+                        "<{}> holds a text of more than {} bytes",
+                        parent.name, limits.max_text_bytes
+                    ),
+                ));
             }
             match parent.children.last_mut() {
                 Some(Node::Text(prev)) => prev.push_str(text),
@@ -640,6 +830,40 @@ fn push_text(
             },
         )),
     }
+}
+
+/// A local name or prefix, checked (quick-xml reads `<></>` as an element without a name).
+fn xml_name(name: String, line: usize) -> Result<String, XmlError> {
+    let mut chars = name.chars();
+    let ok = chars.next().is_some_and(|c| c.is_alphabetic() || c == '_')
+        && chars.all(|c| c.is_alphanumeric() || matches!(c, '_' | '-' | '.' | '\u{b7}'));
+    if ok {
+        Ok(name)
+    } else {
+        Err(XmlError::new(
+            Some(line),
+            format!("{name:?} is not an XML name"),
+        ))
+    }
+}
+
+/// A namespace URI as quick-xml resolves it: the declaration's raw value, which may hold
+/// references (`&amp;`); unescaped like the value kept in the scope, so both agree.
+/// Names may not be in it (it is the namespace of `xmlns` declarations themselves).
+const XMLNS_NS: &str = "http://www.w3.org/2000/xmlns/";
+
+fn namespace(b: &[u8], line: usize) -> Result<String, XmlError> {
+    let raw = utf8(b, line)?;
+    let ns = quick_xml::escape::unescape(&raw)
+        .map(|u| u.into_owned())
+        .map_err(|e| XmlError::new(Some(line), format!("bad namespace value: {e}")))?;
+    if ns == XMLNS_NS {
+        return Err(XmlError::new(
+            Some(line),
+            "the xmlns prefix and namespace are reserved for namespace declarations",
+        ));
+    }
+    Ok(ns)
 }
 
 fn utf8(b: &[u8], line: usize) -> Result<String, XmlError> {
@@ -693,6 +917,119 @@ mod tests {
         assert!(err.message.contains("DOCTYPE"), "{err}");
         let deep = "<a>".repeat(MAX_DEPTH + 1) + &"</a>".repeat(MAX_DEPTH + 1);
         assert!(parse(&deep).unwrap_err().message.contains("nested"));
+    }
+
+    /// Resident memory of this process, in bytes.
+    fn rss() -> usize {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let kb: usize = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap();
+        kb * 1024
+    }
+
+    #[test]
+    fn namespace_scopes_are_shared_not_copied() {
+        // 127 namespaces on the root and its child, then 40,000 grandchildren that each
+        // declare one more: every one used to copy the 127 bindings above it (~0.6 GB for
+        // this 0.7 MB document).
+        let uri = |i: usize| format!("urn:{}:{i}", "u".repeat(100));
+        let decls = |range: std::ops::Range<usize>| -> String {
+            range
+                .map(|i| format!(" xmlns:p{i}=\"{}\"", uri(i)))
+                .collect()
+        };
+        let mut doc = format!("<r{}><s{}>", decls(0..63), decls(63..127));
+        for _ in 0..40_000 {
+            doc.push_str("<c xmlns:x=\"u\"/>");
+        }
+        doc.push_str("</s></r>");
+        assert!(doc.len() < 1024 * 1024);
+        let before = rss();
+        let root = parse(&doc).unwrap();
+        let grown = rss().saturating_sub(before);
+        let s = root.elements().next().unwrap();
+        assert_eq!(s.elements().count(), 40_000);
+        let last = s.elements().last().unwrap();
+        assert_eq!(last.scope.get("x"), Some("u"));
+        assert_eq!(last.scope.get("p126"), Some(uri(126).as_str()));
+        assert_eq!(last.scope.get("p127"), None);
+        assert_eq!(last.scope.to_map().len(), 128);
+        assert!(grown < 64 * 1024 * 1024, "parsing took {} MB", grown >> 20);
+    }
+
+    #[test]
+    fn namespace_uris_with_references_resolve_like_their_declaration() {
+        // Found by the xml fuzz target: the element's namespace kept the raw "&gt;".
+        let doc = "<p:a xmlns:p=\"urn:x&gt;y&amp;z\"><p:b>p:c</p:b></p:a>";
+        let root = parse(doc).unwrap();
+        assert_eq!(root.ns.as_deref(), Some("urn:x>y&z"));
+        let b = root.elements().next().unwrap();
+        assert_eq!(
+            b.resolve_qname("p:c"),
+            Some((Some("urn:x>y&z".to_string()), "c".to_string()))
+        );
+        let again = parse(&root.to_xml()).unwrap();
+        assert_eq!(again.qname(), root.qname());
+        assert_eq!(again.elements().next().unwrap().qname(), b.qname());
+    }
+
+    #[test]
+    fn a_byte_order_mark_before_bad_markup_is_an_error_not_a_panic() {
+        // Found by the xml fuzz target: slicing the source inside the BOM panicked.
+        for doc in ["\u{feff}<>x", "\u{feff}<a>\u{e9}</b>", "\u{feff}<a/>"] {
+            let _ = parse(doc);
+        }
+        assert!(parse("\u{feff}<>x").is_err());
+        // Also found by it: quick-xml reads names it should not.
+        for doc in [
+            "<></>",
+            "<a =\"1\"/>",
+            "<1a/>",
+            "<a xmlns:=\"u\"/>",
+            "<a b\"c=\"1\"/>",
+        ] {
+            assert!(parse(doc).is_err(), "{doc}");
+        }
+    }
+
+    #[test]
+    fn counts_are_bounded() {
+        let attrs: String = (0..10_000).map(|i| format!(" a{i}=\"v\"")).collect();
+        let err = parse(&format!("<a{attrs}/>")).unwrap_err();
+        assert!(err.message.contains("more than 64 attributes"), "{err}");
+        let decls: String = (0..200)
+            .map(|i| format!(" xmlns:p{i}=\"urn:{i}\""))
+            .collect();
+        let err = parse(&format!("<a>{}<b{decls}/></a>", "<c/>")).unwrap_err();
+        assert!(err.message.contains("more than 64 attributes"), "{err}");
+        let decls: String = (0..60)
+            .map(|i| format!(" xmlns:p{i}=\"urn:{i}\""))
+            .collect();
+        let nested = format!("<a{decls}><b{decls}><c{decls}/></b></a>");
+        let err = parse(&nested).unwrap_err();
+        assert!(
+            err.message
+                .contains("more than 128 namespace declarations in scope at <c>"),
+            "{err}"
+        );
+        let many = format!("<a>{}</a>", "<b/>".repeat(60_000));
+        let err = parse(&many).unwrap_err();
+        assert!(err.message.contains("more than 50000 elements"), "{err}");
+        assert!(parse_with(&many, &Limits::response()).is_ok());
+        let long = format!("<a>{}&amp;{}</a>", "x".repeat(300_000), "y".repeat(300_000));
+        let err = parse(&long).unwrap_err();
+        assert!(
+            err.message.contains("text of more than 524288 bytes"),
+            "{err}"
+        );
+        let cdata = format!("<a><![CDATA[{}]]></a>", "x".repeat(600_000));
+        assert!(parse(&cdata).is_err());
+        // At the limits, all is well.
+        let attrs: String = (0..64).map(|i| format!(" a{i}=\"v\"")).collect();
+        assert_eq!(parse(&format!("<a{attrs}/>")).unwrap().attrs.len(), 64);
     }
 
     #[test]

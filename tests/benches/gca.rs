@@ -47,6 +47,11 @@ const BENCHES: &[(&str, &str)] = &[
         "DoCheckpoint through the GCS vs sent to the CTS directly (application-level job)",
     ),
     (
+        "tls",
+        "the cost of mutual TLS and signed records: RegisterCheckpoint throughput and \
+         DoCheckpoint latency vs the same system in insecure mode",
+    ),
+    (
         "fetch",
         "verified image fetch between two CTSes vs a plain HTTP download, a one-pass verified \
          download and a local copy",
@@ -195,6 +200,7 @@ async fn main() -> ExitCode {
         let result = match name.as_str() {
             "register" => tokio::spawn(bench_register(o)).await,
             "routing" => tokio::spawn(bench_routing(o)).await,
+            "tls" => tokio::spawn(bench_tls(o)).await,
             "fetch" => tokio::spawn(bench_fetch(o)).await,
             "criu" => tokio::spawn(bench_criu(o)).await,
             other => unreachable!("unknown benchmark {other}"),
@@ -601,7 +607,8 @@ enum Via {
 }
 
 struct RegisterCtx {
-    soap: SoapClient,
+    /// The GCS's SOAP endpoint (each CTS calls it with its own certificate).
+    endpoint: String,
     service: gcs::Gcs,
     pool: sqlx::PgPool,
     next_id: AtomicU64,
@@ -615,8 +622,15 @@ async fn bench_register(opts: Options) -> Vec<Row> {
     register_type(&gcs, "criu").await;
     // All the variants share the server's pool (8 connections, as the harness opens it).
     let ctx = Arc::new(RegisterCtx {
-        soap: gcs.soap.clone(),
-        service: gcs::Gcs::new(gcs.pool.clone(), gcs::Config::default()).expect("GCS service"),
+        endpoint: gcs.endpoint(),
+        service: gcs::Gcs::new(
+            gcs.pool.clone(),
+            gcs::Config {
+                tls: Some(integration_tests::pki::pki().tls(integration_tests::pki::GCS)),
+                ..Default::default()
+            },
+        )
+        .expect("GCS service"),
         pool: gcs.pool.clone(),
         next_id: AtomicU64::new(0),
     });
@@ -763,8 +777,11 @@ async fn register_once(ctx: &RegisterCtx, via: Via, gid: &str, cts: &str) {
     });
     match via {
         Via::Soap => {
-            let r = ctx
-                .soap
+            let soap = SoapClient::new(
+                integration_tests::http_as(&integration_tests::pki::cts(cts)),
+                ctx.endpoint.clone(),
+            );
+            let r = soap
                 .call::<RegisterCheckpointOp>(&RegisterCheckpoint { checkpoint: record })
                 .await
                 .expect("RegisterCheckpoint over SOAP");
@@ -866,6 +883,180 @@ async fn bench_routing(opts: Options) -> Vec<Row> {
     }];
     drop(job);
     drop(cts);
+    finish(gcs).await;
+    rows
+}
+
+// ---------------------------------------------------------------------------------------------
+// tls: what mutual TLS and signed records cost, against the same system without them
+
+/// A GCS and an application-level CTS with one running job: with mutual TLS (the default) or
+/// in insecure mode (plain HTTP, no identities, unsigned records).
+struct System {
+    gcs: TestGcs,
+    cts: TestCts,
+    job: TestJob,
+    gid: String,
+}
+
+async fn system(insecure: bool, database_url: &str) -> System {
+    let gcs = if insecure {
+        TestGcs::start_on(database_url, |c| {
+            c.tls = None;
+            c.insecure = true;
+        })
+        .await
+    } else {
+        TestGcs::start_on(database_url, |_| {}).await
+    };
+    let (name, gid) = if insecure {
+        ("bench-plain", "bench-tls-plain")
+    } else {
+        ("bench-mtls", "bench-tls-mtls")
+    };
+    let extra = if insecure { "insecure = true" } else { "" };
+    let cts = TestCts::registered(&gcs, name, "app-level", APP_DRIVER_FAST_POLL, extra).await;
+    let job = TestJob::app_counter(cts.dir.path(), &[]);
+    job.start(&cts.register(gid, job.pid).await);
+    job.wait_for_values(2).await;
+    System {
+        gcs,
+        cts,
+        job,
+        gid: gid.to_string(),
+    }
+}
+
+async fn bench_tls(opts: Options) -> Vec<Row> {
+    let database_url = integration_tests::db::fresh_database_url().await;
+    let secure = system(false, &database_url).await;
+    let plain = system(true, &database_url).await;
+    let systems = [&secure, &plain];
+    let mut rows = Vec::new();
+
+    // Registration throughput: clients registering records of their jobs over SOAP, as CTSes
+    // do (connections reused, as the CTS's client does).
+    for clients in [1usize, 8] {
+        let mut jobs = Vec::new();
+        for (k, sys) in systems.iter().enumerate() {
+            let mut mine = Vec::new();
+            for c in 0..clients {
+                let gid = format!("bench-tls-reg-{k}-{clients}-{c}");
+                sys.gcs.register_job(&gid, &sys.cts.name).await;
+                mine.push(gid);
+            }
+            jobs.push(mine);
+        }
+        let next = Arc::new(AtomicU64::new(0));
+        let window = opts.window();
+        let label = format!("tls register, {clients} client(s)");
+        let s = interleaved(&opts, &label, 2, |v| {
+            let sys = systems[v];
+            let gids = jobs[v].clone();
+            let next = next.clone();
+            let soap = SoapClient::new(
+                integration_tests::http_as(&integration_tests::pki::cts(&sys.cts.name)),
+                sys.gcs.endpoint(),
+            );
+            let base = sys.cts.url.clone();
+            let cts_name = sys.cts.name.clone();
+            let signed = v == 0;
+            async move {
+                let start = Instant::now();
+                let deadline = start + window;
+                let tasks: Vec<_> = gids
+                    .into_iter()
+                    .map(|gid| {
+                        let (soap, next, base, cts_name) =
+                            (soap.clone(), next.clone(), base.clone(), cts_name.clone());
+                        tokio::spawn(async move {
+                            let mut n = 0u64;
+                            while Instant::now() < deadline {
+                                let id =
+                                    format!("bench-tls-{}", next.fetch_add(1, Ordering::Relaxed));
+                                let mut r = integration_tests::checkpoint_record_at(
+                                    &id, &gid, &cts_name, &base,
+                                );
+                                r.cts_type = "app-level".into();
+                                let r = if signed {
+                                    integration_tests::signed(r)
+                                } else {
+                                    CheckpointRecord {
+                                        signature: None,
+                                        ..r
+                                    }
+                                };
+                                soap.call::<RegisterCheckpointOp>(&RegisterCheckpoint {
+                                    checkpoint: r,
+                                })
+                                .await
+                                .expect("RegisterCheckpoint");
+                                n += 1;
+                            }
+                            n
+                        })
+                    })
+                    .collect();
+                let mut ops = 0;
+                for t in tasks {
+                    ops += t.await.expect("a client");
+                }
+                start.elapsed().as_secs_f64() / ops as f64
+            }
+        })
+        .await;
+        rows.push(Row {
+            bench: "tls",
+            measurement: format!(
+                "RegisterCheckpoint over SOAP with mutual TLS and a verified record signature, {clients} client(s)"
+            ),
+            baseline: "the same over plain HTTP to a GCS in insecure mode (no identities, no signature)".into(),
+            unit: Unit::OpsPerSec,
+            subject: s[0].clone(),
+            base: s[1].clone(),
+            note: "target: at most 1.15× the time per registration".into(),
+        });
+    }
+
+    // DoCheckpoint latency through the GCS (broker → GCS → CTS → GCS), one call at a time.
+    let per_rep = if opts.quick { 5 } else { 20 };
+    let s = interleaved(&opts, "tls routing", 2, |v| {
+        let sys = systems[v];
+        async move {
+            let req = DoCheckpoint {
+                gid: sys.gid.clone(),
+                stop: false,
+            };
+            let start = Instant::now();
+            for _ in 0..per_rep {
+                let r = sys
+                    .gcs
+                    .call::<DoCheckpointOp>(req.clone())
+                    .await
+                    .expect("DoCheckpoint");
+                assert!(r.sequence.is_some());
+            }
+            start.elapsed().as_secs_f64() / per_rep as f64
+        }
+    })
+    .await;
+    for sys in systems {
+        assert!(sys.job.running(), "the job survived its checkpoints");
+    }
+    rows.push(Row {
+        bench: "tls",
+        measurement: "DoCheckpoint through the GCS to the CTS with mutual TLS on both hops, the image signed and its record verified (application-level job)".into(),
+        baseline: "the same system in insecure mode (plain HTTP, unsigned)".into(),
+        unit: Unit::Millis,
+        subject: s[0].clone(),
+        base: s[1].clone(),
+        note: format!("{per_rep} calls per repetition; target: at most 1.15×"),
+    });
+    let System { gcs, cts, job, .. } = plain;
+    drop((job, cts));
+    gcs.shutdown().await;
+    let System { gcs, cts, job, .. } = secure;
+    drop((job, cts));
     finish(gcs).await;
     rows
 }

@@ -2,42 +2,45 @@
 //! knows the caller's credentials from `SO_PEERCRED`.
 
 use axum::body::Body;
-use axum::extract::connect_info::{ConnectInfo, Connected};
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::routing::{get, post};
-use axum::serve::IncomingStream;
 use axum::{Json, Router};
 use gca_protocol::cts_api::CheckpointBody;
 use gca_protocol::fault::Fault;
 use gca_protocol::messages::{CheckpointRecord, DoCheckpoint, RecoveryInfo, LATEST};
 use gca_protocol::server::{self, ApiError};
+use gca_protocol::transport::UnixPeer;
 use serde::de::DeserializeOwned;
-use tokio::net::UnixListener;
 
 use crate::service::{Cts, LocalCaller};
 use gca_protocol::local::{
     FetchImage, FetchedImage, LocalExit, LocalInfo, LocalJob, RegisterLocalJob,
 };
 
-/// The peer of a UNIX socket connection.
+/// The local user calling, from the `SO_PEERCRED` that `transport::serve_unix` read when the
+/// connection was accepted; unknown credentials are nobody's (such a caller can register
+/// nothing).
 #[derive(Debug, Clone, Copy)]
 pub struct UdsPeer(pub LocalCaller);
 
-impl Connected<IncomingStream<'_, UnixListener>> for UdsPeer {
-    fn connect_info(stream: IncomingStream<'_, UnixListener>) -> Self {
-        let caller = match stream.io().peer_cred() {
-            Ok(c) => LocalCaller {
-                pid: c.pid(),
-                uid: c.uid(),
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for UdsPeer {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(UdsPeer(match parts.extensions.get::<UnixPeer>() {
+            Some(p) => LocalCaller {
+                pid: p.pid,
+                uid: p.uid,
             },
-            // Unknown credentials are nobody's: such a caller can register nothing.
-            Err(_) => LocalCaller {
+            None => LocalCaller {
                 pid: None,
                 uid: u32::MAX,
             },
-        };
-        UdsPeer(caller)
+        }))
     }
 }
 
@@ -69,16 +72,13 @@ async fn info(State(cts): State<Cts>) -> Json<LocalInfo> {
 }
 
 /// A user sees their own jobs (their environments are in them); root all.
-async fn jobs(
-    State(cts): State<Cts>,
-    ConnectInfo(UdsPeer(caller)): ConnectInfo<UdsPeer>,
-) -> Json<Vec<LocalJob>> {
+async fn jobs(State(cts): State<Cts>, UdsPeer(caller): UdsPeer) -> Json<Vec<LocalJob>> {
     Json(cts.list_jobs((caller.uid != 0).then_some(caller.uid)))
 }
 
 async fn job(
     State(cts): State<Cts>,
-    ConnectInfo(UdsPeer(caller)): ConnectInfo<UdsPeer>,
+    UdsPeer(caller): UdsPeer,
     Path(gid): Path<String>,
 ) -> Result<Json<LocalJob>, ApiError> {
     Ok(Json(cts.get_own_job(&gid, caller)?))
@@ -92,7 +92,7 @@ struct ImageQuery {
 /// `GET /v1/jobs/{gid}/recovery?image=latest`: how the caller's job can be recovered.
 async fn recovery_info(
     State(cts): State<Cts>,
-    ConnectInfo(UdsPeer(caller)): ConnectInfo<UdsPeer>,
+    UdsPeer(caller): UdsPeer,
     Path(gid): Path<String>,
     Query(q): Query<ImageQuery>,
 ) -> Result<Json<RecoveryInfo>, ApiError> {
@@ -104,7 +104,7 @@ async fn recovery_info(
 /// newest first.
 async fn recoverable_checkpoints(
     State(cts): State<Cts>,
-    ConnectInfo(UdsPeer(caller)): ConnectInfo<UdsPeer>,
+    UdsPeer(caller): UdsPeer,
     Path(gid): Path<String>,
 ) -> Result<Json<Vec<CheckpointRecord>>, ApiError> {
     Ok(Json(cts.recoverable_checkpoints(&gid, caller).await?))
@@ -113,7 +113,7 @@ async fn recoverable_checkpoints(
 /// `POST /v1/jobs/{gid}/checkpoint` `{"stop": false}`: the caller's own job, now.
 async fn checkpoint(
     State(cts): State<Cts>,
-    ConnectInfo(UdsPeer(caller)): ConnectInfo<UdsPeer>,
+    UdsPeer(caller): UdsPeer,
     Path(gid): Path<String>,
     headers: HeaderMap,
     body: Body,
@@ -133,7 +133,7 @@ async fn checkpoint(
 
 async fn register(
     State(cts): State<Cts>,
-    ConnectInfo(UdsPeer(caller)): ConnectInfo<UdsPeer>,
+    UdsPeer(caller): UdsPeer,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<LocalJob>, ApiError> {
@@ -143,7 +143,7 @@ async fn register(
 
 async fn abandon(
     State(cts): State<Cts>,
-    ConnectInfo(UdsPeer(caller)): ConnectInfo<UdsPeer>,
+    UdsPeer(caller): UdsPeer,
     Path(gid): Path<String>,
 ) -> Result<Json<LocalJob>, ApiError> {
     Ok(Json(cts.abandon_recovery(&gid, caller)?))
@@ -151,7 +151,7 @@ async fn abandon(
 
 async fn fetch_image(
     State(cts): State<Cts>,
-    ConnectInfo(UdsPeer(caller)): ConnectInfo<UdsPeer>,
+    UdsPeer(caller): UdsPeer,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<FetchedImage>, ApiError> {
@@ -161,7 +161,7 @@ async fn fetch_image(
 
 async fn exit(
     State(cts): State<Cts>,
-    ConnectInfo(UdsPeer(caller)): ConnectInfo<UdsPeer>,
+    UdsPeer(caller): UdsPeer,
     Path(gid): Path<String>,
     headers: HeaderMap,
     body: Body,

@@ -162,15 +162,8 @@ impl Job {
     }
 }
 
-const MAX_GID_LEN: usize = 256;
-
 pub(super) fn check_gid(gid: &str) -> Result<()> {
-    if gid.is_empty() || gid.len() > MAX_GID_LEN || gid.chars().any(|c| c.is_control()) {
-        return Err(Error::invalid(format!(
-            "a GID must be 1-{MAX_GID_LEN} printable characters, got {gid:?}"
-        )));
-    }
-    Ok(())
+    gca_protocol::ids::check("GID", gid).map_err(|e| Error::invalid(e.to_string()))
 }
 
 /// A file-name-safe key for a GID (GIDs are chosen by brokers and may hold any character).

@@ -72,6 +72,15 @@ impl Who {
 
 use Who::*;
 
+/// An endpoint: what it is, method, path, body, who may call it.
+type Case = (
+    &'static str,
+    &'static str,
+    String,
+    Option<String>,
+    &'static [Who],
+);
+
 /// A CTS with a running application-level job and one checkpoint of it.
 struct Fixture {
     gcs: TestGcs,
@@ -123,11 +132,9 @@ async fn every_public_endpoint_of_the_cts_is_allowed_or_refused_by_the_matrix() 
     let f = fixture().await;
     let id = f.record.id.clone();
     let url = f.cts.url.clone();
-    let soap = format!(
-        "<s:Envelope xmlns:s=\"http://schemas.xmlsoap.org/soap/envelope/\"><s:Body><gca:DoCheckpoint xmlns:gca=\"urn:gca:v1\"><gca:GID>gid-auth</gca:GID><gca:Stop>true</gca:Stop></gca:DoCheckpoint></s:Body></s:Envelope>"
-    );
+    let soap = "<s:Envelope xmlns:s=\"http://schemas.xmlsoap.org/soap/envelope/\"><s:Body><gca:DoCheckpoint xmlns:gca=\"urn:gca:v1\"><gca:GID>gid-auth</gca:GID><gca:Stop>true</gca:Stop></gca:DoCheckpoint></s:Body></s:Envelope>".to_string();
     // (what, method, path, body, who may); the writes last, the refused callers first.
-    let cases: Vec<(&str, &str, String, Option<String>, &[Who])> = vec![
+    let cases: Vec<Case> = vec![
         (
             "status",
             "GET",

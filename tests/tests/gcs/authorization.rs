@@ -420,7 +420,8 @@ async fn json_call(
 }
 
 async fn fixture() -> TestGcs {
-    let gcs = TestGcs::start().await;
+    // Its test consumers listen on loopback.
+    let gcs = TestGcs::start_with(|c| c.allow_private_consumers = true).await;
     gcs.setup_cts("cts-a", "node-a", UNREACHABLE_CTS).await;
     for (name, node) in [("cts-b", "node-b"), ("cts-spare", "node-s")] {
         gcs.call::<RegisterCtsInstanceOp>(RegisterCtsInstance {

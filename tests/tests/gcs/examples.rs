@@ -703,7 +703,7 @@ fn write_pretty(
     depth: usize,
 ) {
     let indent = "  ".repeat(depth);
-    let scope = &*el.scope;
+    let scope = &el.scope.to_map();
     let tag = match &el.ns {
         Some(uri) => format!("{}{}", prefix_of(scope, uri, false), el.name),
         None => el.name.clone(),
@@ -999,6 +999,7 @@ schemas it imports, and fails when this file no longer matches what the services
 // The session
 
 fn fast(c: &mut gcs::Config) {
+    c.allow_private_consumers = true;
     c.notify_poll_millis = 100;
     c.notify_retry_base_millis = 100;
     c.notify_retry_max_secs = 1;

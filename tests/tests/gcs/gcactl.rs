@@ -117,6 +117,7 @@ async fn subscriptions_over_json_and_gcactl_show_their_backlog() {
     use std::time::Duration;
 
     let gcs = TestGcs::start_with(|c| {
+        c.allow_private_consumers = true;
         c.notify_poll_millis = 50;
         c.notify_retry_base_millis = 20;
         c.notify_retry_max_secs = 1;

@@ -7,6 +7,7 @@ mod compose;
 mod examples;
 mod faults;
 mod gcactl;
+mod hostile;
 mod node_soap;
 mod notifications;
 mod registry;

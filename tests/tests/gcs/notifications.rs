@@ -17,7 +17,9 @@ use integration_tests::*;
 
 const WAIT: Duration = Duration::from_secs(15);
 
+/// Fast retries, and loopback consumers allowed (the test consumers listen on 127.0.0.1).
 fn fast(c: &mut gcs::Config) {
+    c.allow_private_consumers = true;
     c.notify_poll_millis = 100;
     c.notify_retry_base_millis = 100;
     c.notify_retry_max_secs = 1;
@@ -315,10 +317,11 @@ async fn a_failing_consumer_gets_the_notification_on_a_retry() {
         consumer.requests.load(std::sync::atomic::Ordering::SeqCst),
         5
     );
-    assert_eq!(
-        gcs::db::notification_counts(&gcs.pool).await.unwrap(),
-        (0, 0)
-    );
+    // The row goes once the consumer's answer is back, a moment after it received the Notify.
+    integration_tests::cts::eventually(Duration::from_secs(5), "the outbox is empty", || async {
+        gcs::db::notification_counts(&gcs.pool).await.unwrap() == (0, 0)
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -540,6 +543,64 @@ async fn two_replicas_deliver_each_notification_exactly_once() {
     }
     assert_eq!(by_id.len(), 30);
     assert!(by_id.values().all(|&c| c == 1));
+}
+
+/// A consumer that accepts connections and never answers (nor reads).
+async fn tarpit() -> (String, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/consumer", listener.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            held.push(s);
+        }
+    });
+    (url, task)
+}
+
+#[tokio::test]
+async fn a_tarpit_consumer_does_not_delay_another_consumers_notifications() {
+    let gcs = TestGcs::start_with(|c| {
+        fast(c);
+        c.notify_timeout_secs = 20;
+    })
+    .await;
+    gcs.setup_cts("cts-a", "node-a", UNREACHABLE_CTS).await;
+    gcs.register_job("job-1", "cts-a").await;
+    // The tarpit subscribes first, so its notifications are queued (and were claimed) first:
+    // the one sequential deliverer used to wait out its 20 s timeout before anyone else.
+    let (slow, _tarpit) = tarpit().await;
+    let filter = topic_filter(wsn::SIMPLE_DIALECT, "gca:CheckpointTaken");
+    subscribe_raw(&gcs, &slow, &filter, "")
+        .await
+        .expect("Subscribe");
+    let consumer = Consumer::start().await;
+    subscribe(&gcs, &consumer, &filter).await;
+    for i in 1..=3 {
+        let started = std::time::Instant::now();
+        checkpoint(&gcs, &format!("ck-{i}"), "job-1").await;
+        let got = consumer.wait_for(i, Duration::from_secs(5)).await;
+        assert_eq!(got.len(), i, "notification {i} is late");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    // In order, while the tarpit's first notification is still in flight.
+    let got: Vec<String> = consumer
+        .notifications()
+        .iter()
+        .map(|n| text(&n.message, "CheckpointID"))
+        .collect();
+    assert_eq!(got, ["ck-1", "ck-2", "ck-3"]);
+    let leased: i64 = sqlx::query_scalar(
+        "select count(*) from notifications where leased_until > now() and attempts = 0",
+    )
+    .fetch_one(&gcs.pool)
+    .await
+    .unwrap();
+    assert_eq!(leased, 1, "only the tarpit's first notification is out");
 }
 
 #[tokio::test]

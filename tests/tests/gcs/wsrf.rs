@@ -261,15 +261,15 @@ async fn a_resource_is_found_by_reference_parameter_address_query_or_wsa_to() {
         "{text}"
     );
 
-    // A GID that needs percent-encoding, by its EPR address.
-    gcs.register_job("odd gid/%41+x", "cts-a").await;
-    let odd = get_property(&job_url(&gcs, "odd gid/%41+x"), "", "gca:GID")
+    // A GID that needs percent-encoding (":", "@", "+"), by its EPR address.
+    gcs.register_job("odd:gid@A+x", "cts-a").await;
+    let odd = get_property(&job_url(&gcs, "odd:gid@A+x"), "", "gca:GID")
         .await
         .unwrap();
-    assert_eq!(texts(&odd, ns::GCA, "GID"), ["odd gid/%41+x"]);
-    let to = format!("<wsa:To>{}</wsa:To>", job_url(&gcs, "odd gid/%41+x"));
+    assert_eq!(texts(&odd, ns::GCA, "GID"), ["odd:gid@A+x"]);
+    let to = format!("<wsa:To>{}</wsa:To>", job_url(&gcs, "odd:gid@A+x"));
     let odd = get_property(&gcs.endpoint(), &to, "gca:GID").await.unwrap();
-    assert_eq!(texts(&odd, ns::GCA, "GID"), ["odd gid/%41+x"]);
+    assert_eq!(texts(&odd, ns::GCA, "GID"), ["odd:gid@A+x"]);
 
     // SOAP 1.2 to the job's address.
     let (status, text) = post(
