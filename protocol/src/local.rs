@@ -242,6 +242,17 @@ impl LocalClient {
         self.request::<(), _>("GET", &path, None).await
     }
 
+    /// The checkpoints of job `gid` the caller could recover from: the GCS's records whose
+    /// image is still stored and belongs to the caller (root: any), newest first. Empty when
+    /// the job has none; `unknown-gid` when the GCS has no such job.
+    pub async fn recoverable_checkpoints(
+        &self,
+        gid: &str,
+    ) -> Result<Vec<crate::messages::CheckpointRecord>, Fault> {
+        let path = format!("/v1/jobs/{}/checkpoints", crate::client::path_segment(gid));
+        self.request::<(), _>("GET", &path, None).await
+    }
+
     /// A checkpoint of the caller's own job now (and, with `stop`, stop it afterwards).
     pub async fn checkpoint(
         &self,

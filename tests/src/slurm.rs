@@ -243,6 +243,48 @@ pub fn signal(id: JobId, sig: &str, batch: bool) {
     run("scancel", a);
 }
 
+/// How many times the job was requeued (`Restarts`).
+pub fn restarts(id: JobId) -> u32 {
+    job_info(id)
+        .get("Restarts")
+        .and_then(|r| r.parse().ok())
+        .unwrap_or_else(|| panic!("scontrol show job {id} has no Restarts"))
+}
+
+/// `scontrol requeue ID`: Slurm kills the job (SIGTERM, then SIGKILL after KillWait) and puts
+/// it back in the queue.
+pub fn requeue(id: JobId) {
+    run("scontrol", ["requeue", &id.to_string()]);
+}
+
+/// Waits until the job runs again after its `restarts`-th requeue. Slurm makes a requeued
+/// job eligible only `cred_expire` (120 s) later; this moves its start to now
+/// (`scontrol update StartTime=now`, as an operator may) whenever it is pending.
+pub fn wait_requeued_running(id: JobId, restarts: u32, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let info = job_info(id);
+        let state = info.get("JobState").cloned().unwrap_or_default();
+        let n: u32 = info
+            .get("Restarts")
+            .and_then(|r| r.parse().ok())
+            .unwrap_or_default();
+        if n >= restarts && state == "RUNNING" {
+            return;
+        }
+        if state == "PENDING" {
+            let _ = Command::new("scontrol")
+                .args(["update", &format!("JobId={id}"), "StartTime=now"])
+                .env("SLURM_CONF", conf())
+                .output();
+        }
+        if Instant::now() >= deadline {
+            panic!("job {id} is not running after requeue {restarts} within {timeout:?}: {info:?}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Polls until `path` exists and contains `needle`; returns its contents.
 pub fn wait_file_contains(path: &Path, needle: &str, timeout: Duration) -> String {
     let deadline = Instant::now() + timeout;

@@ -17,7 +17,7 @@ use crate::exit;
 #[command(
     name = "gca-exec",
     version,
-    after_help = "Exit codes: the job's own once it runs (gca-exec becomes the job). Before:\n   64  usage\n   65  registration refused (permanent)\n   75  CTS or GCS unreachable (temporary; or use --run-uncheckpointable)\n  126  the job program is not executable\n  127  the job program was not found"
+    after_help = "Exit codes: the job's own once it runs (gca-exec becomes the job; with --recover-if-checkpointed a recovered job's wrapper ends like it). Before:\n   64  usage\n   65  registration refused, or (recovering) no checkpoint usable (permanent)\n   70  internal failure\n   72  (recovering) the resource lacks something the job needs\n   75  CTS or GCS unreachable (temporary; or use --run-uncheckpointable)\n  126  the job program is not executable\n  127  the job program was not found"
 )]
 pub struct ExecArgs {
     /// The job's global identifier (GID), assigned by the broker.
@@ -40,11 +40,44 @@ pub struct ExecArgs {
     /// controlling terminal.
     #[arg(long)]
     pub keep_session: bool,
+    /// The self-recovering mode, for resource managers that requeue or restart jobs: if the
+    /// GCS has a checkpoint of GID whose image this user can recover, recover the job from
+    /// the latest usable one (as gca-recover does: stay resident, forward signals, end like
+    /// the job; an image that turns out corrupt or gone is skipped for the one before it);
+    /// if the GID is new, execute the job; if the GID is known but was never checkpointed,
+    /// execute it again from the beginning. The same command line serves the first start
+    /// and every restart.
+    #[arg(long)]
+    pub recover_if_checkpointed: bool,
+    /// With --recover-if-checkpointed: bound on a restore, in seconds (as gca-recover
+    /// --timeout).
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = 120,
+        requires = "recover_if_checkpointed"
+    )]
+    pub restore_timeout: u64,
     /// The job and its arguments, after `--`.
     #[arg(last = true, required = true, value_name = "JOB")]
     pub job: Vec<OsString>,
     #[command(flatten)]
     pub retention: RetentionArgs,
+}
+
+impl ExecArgs {
+    /// The gca-recover command line the self-recovering mode recovers with.
+    pub fn recover_args(&self) -> RecoverArgs {
+        RecoverArgs {
+            gid: self.gid.clone(),
+            image: gca_protocol::messages::LATEST.to_string(),
+            cts: self.cts.clone(),
+            periodic: self.periodic,
+            timeout: self.restore_timeout,
+            job: self.job.clone(),
+            retention: self.retention.clone(),
+        }
+    }
 }
 
 /// gca-checkpoint: a job's owner checkpoints their own job through the CTS of this resource
@@ -247,6 +280,28 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!(a.retention.retention(), Ok(Some(Retention::all("/d"))));
+    }
+
+    #[test]
+    fn the_self_recovering_mode_recovers_with_the_execute_command_line() {
+        let a = exec_with(&[
+            "--recover-if-checkpointed",
+            "--restore-timeout",
+            "30",
+            "--periodic",
+            "600",
+        ])
+        .unwrap();
+        assert!(a.recover_if_checkpointed);
+        let r = a.recover_args();
+        assert_eq!((r.gid.as_str(), r.image.as_str()), ("g", "latest"));
+        assert_eq!((r.timeout, r.periodic), (30, Some(600)));
+        assert_eq!(r.job, os(&["true"]));
+        assert_eq!(exec_with(&[]).unwrap().restore_timeout, 120);
+        assert!(
+            exec_with(&["--restore-timeout", "30"]).is_err(),
+            "--restore-timeout needs --recover-if-checkpointed"
+        );
     }
 
     #[test]

@@ -9,6 +9,10 @@
 //!   job's routing here, restores the job as its own child, forwards signals to it and ends
 //!   like it.
 //!
+//! - `gca-exec --recover-if-checkpointed ...` ([`resume`]): the self-recovering mode, one
+//!   command line for the first start and every restart by the resource manager: recovers
+//!   the job from its latest usable checkpoint if it has one, else executes it.
+//!
 //! - `gca-checkpoint --gid GID --cts URL [--stop]` ([`checkpoint`]): the job's owner
 //!   checkpoints their own job through the local socket (no certificate needed).
 //!
@@ -23,6 +27,7 @@ pub mod cts_target;
 pub mod exec;
 pub mod exit;
 pub mod recover;
+pub mod resume;
 pub mod signals;
 
 /// `<wrapper>: <message>` on stderr.

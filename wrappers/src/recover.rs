@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use gca_drivers::{RestoreRequest, Restored};
 use gca_protocol::local::{FetchImage, LocalExit, LocalJob, LocalRecovery, RegisterLocalJob};
-use gca_protocol::messages::RecoveryInfo;
+use gca_protocol::messages::{RecoveryInfo, Retention};
 use gca_protocol::placeholders::{self, Values};
 
 use crate::cli::RecoverArgs;
@@ -64,57 +64,145 @@ pub async fn run(args: RecoverArgs) -> Failure {
         Ok(c) => c,
         Err(f) => return f,
     };
-    let info = match locate(&args, &cts).await {
-        Ok(x) => x,
-        Err(f) => return f,
-    };
-    let checkpoint = &info.checkpoint;
-    let recovery = |restoring| LocalRecovery {
-        from_checkpoint: Some(checkpoint.id.clone()),
-        restoring,
-    };
+    recover_first_usable(
+        &args,
+        &cts,
+        forwarder,
+        retention,
+        std::slice::from_ref(&args.image),
+    )
+    .await
+}
+
+/// Recovers the job from the first of `images` (IDs or `latest`, best first) that is usable:
+/// an image that turns out to be unusable (corrupt, tampered, gone, not recoverable by this
+/// CTS) is given up (its recovery registration withdrawn) and the next one tried; any other
+/// failure (a refused registration, an unreachable CTS, a failed restore) ends the attempt.
+/// Returns only when no job runs (the failure; the first image's when none was usable); once
+/// the job runs, this process ends like the job.
+pub async fn recover_first_usable(
+    args: &RecoverArgs,
+    cts: &Cts,
+    forwarder: Forwarder,
+    retention: Option<Retention>,
+    images: &[String],
+) -> Failure {
+    let mut first_failure: Option<Failure> = None;
+    for (n, image) in images.iter().enumerate() {
+        let more = n + 1 < images.len();
+        let attempt = match locate(args, cts, image).await {
+            Ok(info) => match restore_from(args, cts, &info, &retention).await {
+                Ok(pid) => return supervise(args, cts, forwarder, &info, retention, pid).await,
+                Err(a) => a,
+            },
+            Err(f) if f.class == Class::Permanent => Attempt::ImageUnusable(f),
+            Err(f) => Attempt::Failed(f),
+        };
+        match attempt {
+            Attempt::ImageUnusable(f) if more => {
+                warn(
+                    "gca-recover",
+                    &format!("{}; trying the job's previous checkpoint", f.message),
+                );
+                first_failure.get_or_insert(f);
+            }
+            Attempt::ImageUnusable(f) | Attempt::Failed(f) => {
+                return match first_failure {
+                    Some(mut first) if n > 0 => {
+                        first.message.push_str(&format!(
+                            "; none of the job's {} checkpoints could be used (the oldest: {})",
+                            n + 1,
+                            f.message
+                        ));
+                        first
+                    }
+                    _ => f,
+                }
+            }
+        }
+    }
+    first_failure.unwrap_or_else(|| {
+        Failure::new(
+            Class::Permanent,
+            format!("job {:?} has no checkpoint to recover from", args.gid),
+        )
+    })
+}
+
+/// Why a recovery from one image did not get the job running.
+enum Attempt {
+    /// The image cannot be used (nothing was restored): an older one may be.
+    ImageUnusable(Failure),
+    /// Anything else: trying another image would not help now.
+    Failed(Failure),
+}
+
+/// Steps 2-4 for one checkpoint: registered as restoring, the image fetched and verified,
+/// the job restored; returns its PID. On failure the registration is withdrawn.
+async fn restore_from(
+    args: &RecoverArgs,
+    cts: &Cts,
+    info: &RecoveryInfo,
+    retention: &Option<Retention>,
+) -> Result<i32, Attempt> {
     let me = std::process::id() as i32;
-    let registered = match cts
+    let registered = cts
         .client
         .register(&RegisterLocalJob {
             gid: args.gid.clone(),
             pid: me,
             periodic_interval_secs: None,
-            recovery: Some(recovery(true)),
+            recovery: Some(recovery_of(info, true)),
             retention: retention.clone(),
         })
         .await
-    {
-        Ok(j) => j,
-        Err(f) => {
-            return Failure::fault(
+        .map_err(|f| {
+            Attempt::Failed(Failure::fault(
                 format!(
                     "CTS {:?} refused to take over job {:?}",
                     cts.info.name, args.gid
                 ),
                 &f,
-            )
+            ))
+        })?;
+    let restored = match fetch(args, cts, info).await {
+        Ok(image_dir) => restore(args, cts, info, &image_dir, &registered)
+            .await
+            .map_err(Attempt::Failed),
+        Err(f) if f.class == Class::Permanent => Err(Attempt::ImageUnusable(f)),
+        Err(f) => Err(Attempt::Failed(f)),
+    };
+    if restored.is_err() {
+        if let Err(e) = cts.client.abandon(&args.gid).await {
+            warn(
+                "gca-recover",
+                &format!(
+                    "could not withdraw the recovery registration: {}",
+                    e.message
+                ),
+            );
         }
-    };
-    let restored = match fetch(&args, &cts, &info).await {
-        Ok(image_dir) => restore(&args, &cts, &info, &image_dir, &registered).await,
-        Err(f) => Err(f),
-    };
-    let pid = match restored {
-        Ok(pid) => pid,
-        Err(f) => {
-            if let Err(e) = cts.client.abandon(&args.gid).await {
-                warn(
-                    "gca-recover",
-                    &format!(
-                        "could not withdraw the recovery registration: {}",
-                        e.message
-                    ),
-                );
-            }
-            return f;
-        }
-    };
+    }
+    restored
+}
+
+fn recovery_of(info: &RecoveryInfo, restoring: bool) -> LocalRecovery {
+    LocalRecovery {
+        from_checkpoint: Some(info.checkpoint.id.clone()),
+        restoring,
+    }
+}
+
+/// Steps 5-6: the running job registered, its signals forwarded, its end reported; ends
+/// this process like the job (returns only on an internal failure).
+async fn supervise(
+    args: &RecoverArgs,
+    cts: &Cts,
+    forwarder: Forwarder,
+    info: &RecoveryInfo,
+    retention: Option<Retention>,
+    pid: i32,
+) -> Failure {
     let forwarding = forwarder.start(pid);
     if let Err(f) = cts
         .client
@@ -122,7 +210,7 @@ pub async fn run(args: RecoverArgs) -> Failure {
             gid: args.gid.clone(),
             pid,
             periodic_interval_secs: args.periodic,
-            recovery: Some(recovery(false)),
+            recovery: Some(recovery_of(info, false)),
             retention,
         })
         .await
@@ -135,13 +223,14 @@ pub async fn run(args: RecoverArgs) -> Failure {
             ),
         );
     }
+    let gid = args.gid.clone();
     let ended = match tokio::task::spawn_blocking(move || signals::wait_ended(pid)).await {
         Ok(Ok(e)) => e,
         Ok(Err(e)) => {
             forwarding.stop();
             return Failure::new(
                 Class::Internal,
-                format!("cannot wait for job {:?} (PID {pid}): {e}", args.gid),
+                format!("cannot wait for job {gid:?} (PID {pid}): {e}"),
             );
         }
         Err(e) => {
@@ -177,18 +266,18 @@ pub async fn run(args: RecoverArgs) -> Failure {
     signals::end_like(ended)
 }
 
-/// Step 1: the checkpoint, as the CTS has the GCS describe it, and whether this CTS can
-/// recover it.
-async fn locate(args: &RecoverArgs, cts: &Cts) -> Result<RecoveryInfo, Failure> {
+/// Step 1: the checkpoint `image` (an ID or `latest`), as the CTS has the GCS describe it,
+/// and whether this CTS can recover it.
+async fn locate(args: &RecoverArgs, cts: &Cts, image: &str) -> Result<RecoveryInfo, Failure> {
     let info = cts
         .client
-        .recovery_info(&args.gid, &args.image)
+        .recovery_info(&args.gid, image)
         .await
         .map_err(|f| {
             Failure::fault(
                 format!(
-                    "CTS {:?} cannot say how to recover job {:?} from image {:?}",
-                    cts.info.name, args.gid, args.image
+                    "CTS {:?} cannot say how to recover job {:?} from image {image:?}",
+                    cts.info.name, args.gid
                 ),
                 &f,
             )
@@ -250,6 +339,11 @@ async fn fetch(
 
 /// Steps 4: restore with the CTS's core checkpointer; returns the running job's PID, a child
 /// of this process.
+///
+/// Awaited in the binaries' `block_on`, i.e. on the main thread, which forks the core
+/// checkpointer: a CRIU-restored job's parent is that thread, so a job whose image carries a
+/// parent-death signal (`gca-exec --recover-if-checkpointed`) dies with this process and not
+/// with some runtime thread. Do not move the restore into a spawned task.
 async fn restore(
     args: &RecoverArgs,
     cts: &Cts,

@@ -52,6 +52,7 @@ pub fn router(cts: Cts) -> Router {
         .route("/v1/images/fetch", post(fetch_image))
         .route("/v1/jobs/{gid}/exit", post(exit))
         .route("/v1/jobs/{gid}/recovery", get(recovery_info))
+        .route("/v1/jobs/{gid}/checkpoints", get(recoverable_checkpoints))
         .route("/v1/jobs/{gid}/checkpoint", post(checkpoint))
         .with_state(cts)
 }
@@ -97,6 +98,16 @@ async fn recovery_info(
 ) -> Result<Json<RecoveryInfo>, ApiError> {
     let image = q.image.unwrap_or_else(|| LATEST.to_string());
     Ok(Json(cts.recovery_info(&gid, &image, caller).await?))
+}
+
+/// `GET /v1/jobs/{gid}/checkpoints`: the checkpoints the caller could recover the job from,
+/// newest first.
+async fn recoverable_checkpoints(
+    State(cts): State<Cts>,
+    UdsPeer(caller): UdsPeer,
+    Path(gid): Path<String>,
+) -> Result<Json<Vec<CheckpointRecord>>, ApiError> {
+    Ok(Json(cts.recoverable_checkpoints(&gid, caller).await?))
 }
 
 /// `POST /v1/jobs/{gid}/checkpoint` `{"stop": false}`: the caller's own job, now.

@@ -90,6 +90,12 @@ impl Cts {
             return Ok(());
         }
         let Some(id) = checkpoint else {
+            // A restart from the beginning (gca-exec --recover-if-checkpointed for a job that
+            // failed before its first checkpoint): nothing is restored, so nothing of anyone
+            // else's; allowed only while the job has no checkpoint at all.
+            if self.gcs_checkpoints(gid).await?.is_empty() {
+                return Ok(());
+            }
             return Err(Error::invalid(format!(
                 "a recovery of job {gid:?} by user {} names the checkpoint it restores (from_checkpoint)",
                 caller.uid
@@ -98,12 +104,25 @@ impl Cts {
         let record = self.recorded_checkpoint(gid, id).await?;
         self.may_recover(caller, &record)
     }
-    /// The GCS's record of checkpoint `id` of job `gid`, whose image must still be stored.
-    pub(super) async fn recorded_checkpoint(
+    /// `GET /v1/jobs/{gid}/checkpoints`: the checkpoints of `gid` the caller could recover
+    /// from (image stored, the caller's by its verified owner; root: any), newest first.
+    pub async fn recoverable_checkpoints(
         &self,
         gid: &str,
-        id: &str,
-    ) -> Result<CheckpointRecord> {
+        caller: LocalCaller,
+    ) -> Result<Vec<CheckpointRecord>> {
+        let mut list: Vec<CheckpointRecord> = self
+            .gcs_checkpoints(gid)
+            .await?
+            .into_iter()
+            .filter(|r| r.image_state == ImageState::Stored && self.may_recover(&caller, r).is_ok())
+            .collect();
+        list.sort_by_key(|r| std::cmp::Reverse(r.sequence));
+        Ok(list)
+    }
+
+    /// Every checkpoint record the GCS has of job `gid`.
+    async fn gcs_checkpoints(&self, gid: &str) -> Result<Vec<CheckpointRecord>> {
         let list = self
             .inner
             .link
@@ -114,14 +133,24 @@ impl Cts {
             .map_err(|f| {
                 Error::Fault(Fault {
                     message: format!(
-                        "cannot look up checkpoint {id} of job {gid:?} at the GCS: {}",
+                        "cannot look up the checkpoints of job {gid:?} at the GCS: {}",
                         f.message
                     ),
                     ..f
                 })
             })?;
-        let record = list
-            .checkpoints
+        Ok(list.checkpoints)
+    }
+
+    /// The GCS's record of checkpoint `id` of job `gid`, whose image must still be stored.
+    pub(super) async fn recorded_checkpoint(
+        &self,
+        gid: &str,
+        id: &str,
+    ) -> Result<CheckpointRecord> {
+        let record = self
+            .gcs_checkpoints(gid)
+            .await?
             .into_iter()
             .find(|c| c.id == id)
             .ok_or_else(|| {

@@ -402,6 +402,13 @@ async fn a_local_user_cannot_use_another_users_job_or_image() {
         (200, "[]"),
         "a user sees only their own jobs"
     );
+    let (status, text) =
+        local_as_nobody(&f.cts, "GET", "/v1/jobs/gid-auth/checkpoints", None).await;
+    assert_eq!(
+        (status, text.trim()),
+        (200, "[]"),
+        "a user can recover from none of another user's checkpoints"
+    );
     assert_eq!(
         state(&f).await,
         before,

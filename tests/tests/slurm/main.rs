@@ -63,4 +63,5 @@ fn scancel_delivers_sigterm() {
     assert_eq!(slurm::wait_finished(id, WAIT), "CANCELLED");
 }
 
+mod self_recovering;
 mod through_wrappers;

@@ -4,3 +4,4 @@
 mod app;
 mod criu;
 mod failures;
+mod resume;
