@@ -67,6 +67,8 @@ struct Inner {
     in_flight: AtomicU64,
     /// Places for checkpoints taken at once (`limits.checkpoints_in_flight`).
     checkpoint_places: Arc<tokio::sync::Semaphore>,
+    /// Exit statuses of jobs from the kernel (`None`: not available here, see the log).
+    exit_events: Option<Arc<gca_drivers::exits::ExitEvents>>,
     checkpoints_taken: AtomicU64,
     cancel: CancellationToken,
 }
@@ -128,6 +130,13 @@ impl Cts {
             Duration::from_secs(config.heartbeat_secs),
             config.limits.outbox_max_items,
         )?;
+        let exit_events = match gca_drivers::exits::ExitEvents::shared() {
+            Ok(e) => Some(e),
+            Err(why) => {
+                tracing::warn!(reason = %why, "job exit statuses may be unknown");
+                None
+            }
+        };
         let checkpoint_places = Arc::new(tokio::sync::Semaphore::new(
             config.limits.checkpoints_in_flight,
         ));
@@ -147,6 +156,7 @@ impl Cts {
                 jobs: Mutex::new(HashMap::new()),
                 in_flight: AtomicU64::new(0),
                 checkpoint_places,
+                exit_events,
                 checkpoints_taken: AtomicU64::new(0),
                 cancel: CancellationToken::new(),
             }),
