@@ -54,8 +54,9 @@ struct Inner {
     driver_check: String,
     store: ImageStore,
     link: GcsLink,
-    /// For fetching images from other CTSes.
-    http: reqwest::Client,
+    /// For fetching images from other CTSes: bounded by progress, not by a whole-request
+    /// timeout (`transport::transfer_client`).
+    transfers: reqwest::Client,
     /// Signs the images this CTS takes (`None` in insecure mode).
     signer: Option<gca_protocol::signature::Signer>,
     /// Checks the signatures of images this CTS recovers from (`None` in insecure mode).
@@ -81,6 +82,7 @@ impl Cts {
         cts_type: CtsType,
         driver: Arc<dyn CoreCheckpointer>,
         http: reqwest::Client,
+        transfers: reqwest::Client,
     ) -> anyhow::Result<Self> {
         use anyhow::Context;
         let driver_check = driver.self_check().await.map_err(|e| {
@@ -149,7 +151,7 @@ impl Cts {
                 driver_check,
                 store,
                 link,
-                http,
+                transfers,
                 signer,
                 verifier,
                 peer_grants: Mutex::new(HashMap::new()),
