@@ -136,9 +136,12 @@ impl ExitEvents {
 }
 
 fn subscribe() -> rustix::io::Result<OwnedFd> {
-    let fd = rustix::net::socket(
+    // Close-on-exec: a job or CRIU started by this process must not inherit it (CRIU refuses
+    // to dump a process holding a netlink socket with unread data).
+    let fd = rustix::net::socket_with(
         AddressFamily::NETLINK,
         SocketType::DGRAM,
+        rustix::net::SocketFlags::CLOEXEC,
         Some(netlink::CONNECTOR),
     )?;
     rustix::net::bind(&fd, &SocketAddrNetlink::new(0, CN_IDX_PROC))?;
@@ -238,6 +241,17 @@ mod tests {
             .expect("the exit event");
         let _ = child.wait();
         assert_eq!(crate::proc::decode_wait_status(status), (None, Some(9)));
+        // Not inherited by what this process starts.
+        let fds = std::process::Command::new("ls")
+            .arg("-l")
+            .arg("/proc/self/fd")
+            .output()
+            .unwrap();
+        let fds = String::from_utf8_lossy(&fds.stdout);
+        assert!(
+            !fds.contains("socket:"),
+            "a child inherited a socket: {fds}"
+        );
         assert_eq!(
             events.exit_status(pid, Duration::ZERO).await,
             None,
