@@ -317,6 +317,22 @@ async fn a_cts_killed_in_the_middle_of_a_dump_leaves_nothing_half_done() {
             async move { writing }
         })
         .await;
+        let outbox = dir.path().join("state").join("outbox");
+        assert!(
+            files_under(&outbox)
+                .iter()
+                .any(|(p, _)| p.extension().is_some_and(|e| e == "reserved")),
+            "the checkpoint holds its outbox place while CRIU writes"
+        );
+        let criu = format!("criu dump .*-t {}( |$)", job.pid);
+        assert!(
+            std::process::Command::new("pgrep")
+                .args(["-f", &criu])
+                .status()
+                .unwrap()
+                .success(),
+            "CRIU runs"
+        );
         cts.kill();
         // The whole resource's services at once: CRIU too.
         let _ = std::process::Command::new("pkill")
