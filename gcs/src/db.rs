@@ -286,7 +286,10 @@ pub async fn touch_instance(db: &PgPool, name: &str) -> Result<()> {
     Ok(())
 }
 
-pub async fn delete_instance(db: &PgPool, name: &str) -> Result<bool> {
+/// Deletes an instance row, taking its row lock: a registration routing a job to it holds
+/// [`lock_instance_for_routing`] until it commits, so this waits for it, and a registration
+/// after this finds no instance. Check [`active_jobs_on`] after it, in the same transaction.
+pub async fn delete_instance(db: impl PgExecutor<'_>, name: &str) -> Result<bool> {
     Ok(sqlx::query("delete from cts_instances where name = $1")
         .bind(name)
         .execute(db)
@@ -295,7 +298,21 @@ pub async fn delete_instance(db: &PgPool, name: &str) -> Result<bool> {
         == 1)
 }
 
-pub async fn active_jobs_on(db: &PgPool, instance: &str) -> Result<i64> {
+/// Holds an instance row (`for key share`) until the transaction ends, so that the instance
+/// cannot be deleted while a job is routed to it; false when it is not registered (or was
+/// deleted while this waited). `for key share` does not conflict with the updates of
+/// `last_seen` and the address, only with a delete.
+pub async fn lock_instance_for_routing(db: impl PgExecutor<'_>, name: &str) -> Result<bool> {
+    Ok(
+        sqlx::query("select 1 from cts_instances where name = $1 for key share")
+            .bind(name)
+            .fetch_optional(db)
+            .await?
+            .is_some(),
+    )
+}
+
+pub async fn active_jobs_on(db: impl PgExecutor<'_>, instance: &str) -> Result<i64> {
     Ok(sqlx::query_scalar(
         "select count(*) from jobs where cts_instance = $1 and state in ('running', 'recovering')",
     )

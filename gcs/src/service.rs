@@ -94,6 +94,15 @@ fn image_gone(c: &CheckpointRecord) -> Error {
     )
 }
 
+fn unknown_instance(name: &str) -> Error {
+    Error::Fault(
+        Fault::resource_unknown(format!(
+            "no CTS instance named {name:?} is registered; a CTS registers itself when it starts"
+        ))
+        .with_code("unknown-cts-instance"),
+    )
+}
+
 fn check_url(what: &str, value: &str) -> Result<()> {
     match reqwest::Url::parse(value) {
         Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Ok(()),
@@ -193,14 +202,9 @@ impl Gcs {
     }
 
     async fn instance(&self, name: &str) -> Result<CtsInstance> {
-        db::get_instance(&self.db, name).await?.ok_or_else(|| {
-            Error::Fault(
-                Fault::resource_unknown(format!(
-                    "no CTS instance named {name:?} is registered; a CTS registers itself when it starts"
-                ))
-                .with_code("unknown-cts-instance"),
-            )
-        })
+        db::get_instance(&self.db, name)
+            .await?
+            .ok_or_else(|| unknown_instance(name))
     }
 
     async fn cts_type(&self, name: &str) -> Result<CtsType> {
@@ -611,15 +615,22 @@ impl Gcs {
         policy::authorize(&ctx.caller, Op::UnregisterCts)?;
         match (req.instance, req.cts_type) {
             (Some(name), None) => {
-                let active = db::active_jobs_on(&self.db, &name).await?;
+                // Delete first, then count, in one transaction: the delete waits for every
+                // registration routing a job to the instance (they hold its row), and the count,
+                // a later statement, sees what they committed; a later registration finds no
+                // instance. A count taken before the delete could miss a job registered between.
+                let mut tx = self.db.begin().await?;
+                if !db::delete_instance(&mut *tx, &name).await? {
+                    return Err(Error::unknown(format!("no CTS instance named {name:?} is registered")));
+                }
+                let active = db::active_jobs_on(&mut *tx, &name).await?;
                 if active > 0 {
+                    tx.rollback().await?;
                     return Err(Error::conflict(format!(
                         "CTS instance {name:?} is in charge of {active} running job(s); stop or move them first"
                     )));
                 }
-                if !db::delete_instance(&self.db, &name).await? {
-                    return Err(Error::unknown(format!("no CTS instance named {name:?} is registered")));
-                }
+                tx.commit().await?;
                 tracing::info!(cts.name = %name, "CTS instance unregistered");
             }
             (None, Some(name)) => match db::delete_type(&self.db, &name).await {
@@ -759,6 +770,10 @@ impl Gcs {
             req.retention = Some(r.normalized());
         }
         let mut tx = self.db.begin().await?;
+        // The instance stays registered until this commits (UnregisterCTS waits for it).
+        if !db::lock_instance_for_routing(&mut *tx, &instance.name).await? {
+            return Err(unknown_instance(&instance.name));
+        }
         let outcome = if !req.recovery {
             if db::insert_job(&mut *tx, &req.gid, &instance, local_id, state).await? {
                 if let Some(r) = &req.retention {

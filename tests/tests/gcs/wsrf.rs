@@ -612,6 +612,68 @@ async fn destroy_finishes_the_job_and_ends_its_resource() {
 }
 
 #[tokio::test]
+async fn a_destroyed_job_cannot_be_made_running_again_by_a_recovery() {
+    let gcs = setup().await;
+    gcs.call::<RegisterCtsInstanceOp>(RegisterCtsInstance {
+        instance: instance("cts-b", "criu", "node-b", "http://127.0.0.1:2/cts"),
+    })
+    .await
+    .unwrap();
+    // A broker's grant for cts-b, given before the job is destroyed, does not survive it.
+    gcs.authorize_recovery("job-1", "cts-b").await;
+    destroy(&job_url(&gcs, "job-1")).await.unwrap();
+    for (cts, state) in [
+        ("cts-a", None),
+        ("cts-a", Some(JobState::Recovering)),
+        ("cts-b", None),
+        ("cts-b", Some(JobState::Recovering)),
+    ] {
+        let f = gcs
+            .call::<RegisterJobOp>(RegisterJob {
+                gid: "job-1".into(),
+                cts_instance: cts.into(),
+                local_id: Some("777".into()),
+                recovery: true,
+                from_checkpoint: Some("ck-2".into()),
+                state,
+                retention: None,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(f.kind, FaultKind::ResourceUnknown, "{cts} {state:?}: {f}");
+        assert_eq!(f.code.as_deref(), Some("job-destroyed"), "{cts}: {f}");
+    }
+    // Nor a plain registration under the same GID.
+    let f = gcs
+        .call::<RegisterJobOp>(RegisterJob {
+            gid: "job-1".into(),
+            cts_instance: "cts-a".into(),
+            local_id: Some("4242".into()),
+            recovery: false,
+            from_checkpoint: None,
+            state: None,
+            retention: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(f.kind, FaultKind::Conflict, "{f}");
+    let job = gcs
+        .call::<GetJobOp>(GidRequest {
+            gid: "job-1".into(),
+        })
+        .await
+        .unwrap()
+        .job;
+    assert_eq!(job.state, JobState::Finished);
+    assert_eq!(job.cts_instance, "cts-a");
+    assert_eq!(job.recoveries, 0);
+    let f = get_property(&job_url(&gcs, "job-1"), "", "gca:State")
+        .await
+        .unwrap_err();
+    assert_eq!(f.kind, FaultKind::ResourceUnknown, "{f}");
+}
+
+#[tokio::test]
 async fn a_passed_termination_time_destroys_the_job() {
     let gcs = setup().await;
     gcs.register_job("job-2", "cts-a").await;
