@@ -96,6 +96,12 @@ pub struct Config {
     /// internal addresses (by IP, `localhost` or a name resolving there). Off: the GCS would
     /// otherwise POST into its own network for anyone who subscribes (SSRF).
     pub allow_private_consumers: bool,
+    /// Live subscriptions one identity (`role:name`) may hold at once; Subscribe beyond it is
+    /// `SubscribeCreationFailed` with code `subscriptions-per-identity-limit`.
+    pub max_subscriptions_per_identity: u64,
+    /// Live subscriptions the GCS holds at once, all identities together; beyond it:
+    /// `SubscribeCreationFailed` with code `subscriptions-limit`.
+    pub max_subscriptions: u64,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -134,6 +140,8 @@ impl Default for Config {
             recovery_grant_secs: 3600,
             connections: ServeLimits::default(),
             allow_private_consumers: false,
+            max_subscriptions_per_identity: 100,
+            max_subscriptions: 10_000,
         }
     }
 }
@@ -267,6 +275,12 @@ impl Config {
         if let Some(v) = var("GCS_MAX_CONNECTIONS") {
             self.connections.max_connections = parse("GCS_MAX_CONNECTIONS", v)?;
         }
+        if let Some(v) = var("GCS_MAX_SUBSCRIPTIONS_PER_IDENTITY") {
+            self.max_subscriptions_per_identity = parse("GCS_MAX_SUBSCRIPTIONS_PER_IDENTITY", v)?;
+        }
+        if let Some(v) = var("GCS_MAX_SUBSCRIPTIONS") {
+            self.max_subscriptions = parse("GCS_MAX_SUBSCRIPTIONS", v)?;
+        }
         if let Some(v) = var("GCS_ALLOW_PRIVATE_CONSUMERS") {
             self.allow_private_consumers = match v.as_str() {
                 "true" | "1" | "yes" => true,
@@ -318,5 +332,21 @@ mod tests {
             "the others keep their defaults"
         );
         assert!(toml::from_str::<Config>("[connections]\nmax_conns = 7\n").is_err());
+    }
+
+    #[test]
+    fn limits_from_the_file_and_the_environment() {
+        let mut c: Config = toml::from_str("max_subscriptions_per_identity = 3\n").unwrap();
+        assert_eq!(c.max_subscriptions_per_identity, 3);
+        assert_eq!(c.max_subscriptions, 10_000);
+        c.apply_env(|k| (k == "GCS_MAX_SUBSCRIPTIONS").then(|| "5".to_string()))
+            .unwrap();
+        assert_eq!(c.max_subscriptions, 5);
+        let err = c
+            .apply_env(|k| (k == "GCS_MAX_SUBSCRIPTIONS_PER_IDENTITY").then(|| "-1".to_string()))
+            .unwrap_err();
+        assert!(err
+            .to_string()
+            .contains("GCS_MAX_SUBSCRIPTIONS_PER_IDENTITY"));
     }
 }

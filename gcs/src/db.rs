@@ -880,6 +880,53 @@ pub async fn insert_subscription(db: impl PgExecutor<'_>, s: &SubscriptionRow) -
     Ok(())
 }
 
+/// Whether [`insert_subscription_within`] stored the subscription, or which limit it met.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubscriptionAdmission {
+    Inserted,
+    /// The owner holds this many live subscriptions already.
+    OwnerFull(i64),
+    /// The GCS holds this many live subscriptions already.
+    Full(i64),
+}
+
+/// The advisory lock that serializes subscription creation across replicas, so that two
+/// concurrent Subscribes cannot both pass the limits (Subscribe is rare; this costs little).
+const SUBSCRIPTION_LOCK: i64 = 0x6763_615f_7375_6273; // "gca_subs"
+
+/// Inserts a subscription unless its owner holds `per_owner` live subscriptions already, or
+/// the GCS `total`; the check and the insert are one transaction under [`SUBSCRIPTION_LOCK`].
+/// Expired subscriptions the sweep has not removed yet do not count.
+pub async fn insert_subscription_within(
+    db: &PgPool,
+    s: &SubscriptionRow,
+    per_owner: u64,
+    total: u64,
+) -> Result<SubscriptionAdmission> {
+    let mut tx = db.begin().await?;
+    sqlx::query("select pg_advisory_xact_lock($1)")
+        .bind(SUBSCRIPTION_LOCK)
+        .execute(&mut *tx)
+        .await?;
+    let (owned, all): (i64, i64) = sqlx::query_as(
+        "select count(*) filter (where owner is not distinct from $1), count(*)
+         from subscriptions where termination_time is null or termination_time > now()",
+    )
+    .bind(&s.owner)
+    .fetch_one(&mut *tx)
+    .await?;
+    let at_most = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    if owned >= at_most(per_owner) {
+        return Ok(SubscriptionAdmission::OwnerFull(owned));
+    }
+    if all >= at_most(total) {
+        return Ok(SubscriptionAdmission::Full(all));
+    }
+    insert_subscription(&mut *tx, s).await?;
+    tx.commit().await?;
+    Ok(SubscriptionAdmission::Inserted)
+}
+
 /// A live subscription (one whose termination time has passed is gone, whether or not the
 /// sweep has removed it yet).
 pub async fn get_subscription(

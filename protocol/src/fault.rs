@@ -356,6 +356,13 @@ pub struct ErrorBody {
     pub error: Fault,
 }
 
+/// Subscribe refused: the caller's identity holds `max_subscriptions_per_identity` live
+/// subscriptions (`SubscribeCreationFailed`).
+pub const SUBSCRIPTIONS_PER_IDENTITY_LIMIT: &str = "subscriptions-per-identity-limit";
+/// Subscribe refused: the GCS holds `max_subscriptions` live subscriptions
+/// (`SubscribeCreationFailed`).
+pub const SUBSCRIPTIONS_LIMIT: &str = "subscriptions-limit";
+
 #[cfg(test)]
 mod tests {
     use super::*;
