@@ -65,6 +65,8 @@ struct Inner {
     /// The jobs running here, by GID (see [`jobs`]).
     jobs: Mutex<HashMap<String, Arc<Job>>>,
     in_flight: AtomicU64,
+    /// Places for checkpoints taken at once (`limits.checkpoints_in_flight`).
+    checkpoint_places: Arc<tokio::sync::Semaphore>,
     checkpoints_taken: AtomicU64,
     cancel: CancellationToken,
 }
@@ -124,7 +126,11 @@ impl Cts {
             instance.clone(),
             &config.state_dir.join("outbox"),
             Duration::from_secs(config.heartbeat_secs),
+            config.limits.outbox_max_items,
         )?;
+        let checkpoint_places = Arc::new(tokio::sync::Semaphore::new(
+            config.limits.checkpoints_in_flight,
+        ));
         let cts = Cts {
             inner: Arc::new(Inner {
                 config,
@@ -140,18 +146,23 @@ impl Cts {
                 peer_grants: Mutex::new(HashMap::new()),
                 jobs: Mutex::new(HashMap::new()),
                 in_flight: AtomicU64::new(0),
+                checkpoint_places,
                 checkpoints_taken: AtomicU64::new(0),
                 cancel: CancellationToken::new(),
             }),
         };
         cts.reload_jobs();
+        cts.settle_unfinished_checkpoints().await;
         Ok(cts)
     }
 
     /// Starts the GCS link, the store's reconciliation and the per-job watchers; they stop on
     /// [`Cts::shutdown`].
     pub fn start(&self) {
-        tokio::spawn(self.inner.link.clone().run(self.inner.cancel.child_token()));
+        tokio::spawn(self.inner.link.clone().run(
+            Arc::new(self.clone()) as Arc<dyn crate::gcs_link::LocalJobs>,
+            self.inner.cancel.child_token(),
+        ));
         self.spawn_reconciler();
         let jobs: Vec<Arc<Job>> = self.jobs().values().cloned().collect();
         for job in jobs {

@@ -7,6 +7,7 @@ mod authorization;
 mod criu;
 mod export;
 mod faults;
+mod limits;
 mod outbox;
 mod retention;
 mod template;
