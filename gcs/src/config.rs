@@ -102,6 +102,9 @@ pub struct Config {
     /// Live subscriptions the GCS holds at once, all identities together; beyond it:
     /// `SubscribeCreationFailed` with code `subscriptions-limit`.
     pub max_subscriptions: u64,
+    /// The most checkpoint records one GetCheckpoints answer holds (its default `Limit`, and
+    /// the cap of a larger one); callers follow `Next` for the rest.
+    pub checkpoints_page_size: u32,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -142,6 +145,7 @@ impl Default for Config {
             allow_private_consumers: false,
             max_subscriptions_per_identity: 100,
             max_subscriptions: 10_000,
+            checkpoints_page_size: 1000,
         }
     }
 }
@@ -280,6 +284,9 @@ impl Config {
         }
         if let Some(v) = var("GCS_MAX_SUBSCRIPTIONS") {
             self.max_subscriptions = parse("GCS_MAX_SUBSCRIPTIONS", v)?;
+        }
+        if let Some(v) = var("GCS_CHECKPOINTS_PAGE_SIZE") {
+            self.checkpoints_page_size = parse("GCS_CHECKPOINTS_PAGE_SIZE", v)?;
         }
         if let Some(v) = var("GCS_ALLOW_PRIVATE_CONSUMERS") {
             self.allow_private_consumers = match v.as_str() {

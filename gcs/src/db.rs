@@ -654,6 +654,28 @@ pub async fn latest_checkpoint(db: &PgPool, gid: &str) -> Result<Option<Checkpoi
     .transpose()
 }
 
+/// Up to `limit` records of `gid` with a sequence number above `after`, in sequence order
+/// (the `(gid, sequence)` index: each page costs its own size).
+pub async fn checkpoints_page(
+    db: &PgPool,
+    gid: &str,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<CheckpointRecord>> {
+    sqlx::query_as::<_, CheckpointRow>(&format!(
+        "select {CHECKPOINT_COLUMNS} from checkpoints where gid = $1 and sequence > $2
+         order by sequence limit $3"
+    ))
+    .bind(gid)
+    .bind(after)
+    .bind(limit)
+    .fetch_all(db)
+    .await?
+    .into_iter()
+    .map(CheckpointRecord::try_from)
+    .collect()
+}
+
 pub async fn checkpoints_of(db: &PgPool, gid: &str) -> Result<Vec<CheckpointRecord>> {
     sqlx::query_as::<_, CheckpointRow>(&format!(
         "select {CHECKPOINT_COLUMNS} from checkpoints where gid = $1 order by sequence"

@@ -335,12 +335,27 @@ impl Gcs {
         })
     }
 
-    pub async fn get_checkpoints(&self, ctx: &Ctx, req: GidRequest) -> Result<CheckpointList> {
+    /// One page of a job's records: at most `Limit`, and at most `checkpoints_page_size`
+    /// (a job's records grow without bound; one answer must not), with `Next` when more follow.
+    pub async fn get_checkpoints(&self, ctx: &Ctx, req: GetCheckpoints) -> Result<CheckpointList> {
         policy::authorize(&ctx.caller, Op::GetCheckpoints)?;
+        let page_size = i64::from(self.config.checkpoints_page_size.max(1));
+        let limit = match req.limit {
+            None => page_size,
+            Some(l) if l >= 1 => l.min(page_size),
+            Some(l) => return Err(Error::invalid(format!("Limit must be at least 1, not {l}"))),
+        };
         self.job(&req.gid).await?;
-        Ok(CheckpointList {
-            checkpoints: db::checkpoints_of(&self.db, &req.gid).await?,
-        })
+        let mut checkpoints =
+            db::checkpoints_page(&self.db, &req.gid, req.after.unwrap_or(0), limit + 1).await?;
+        let more = checkpoints.len() as i64 > limit;
+        checkpoints.truncate(limit as usize);
+        let next = if more {
+            checkpoints.last().and_then(|c| c.sequence)
+        } else {
+            None
+        };
+        Ok(CheckpointList { checkpoints, next })
     }
 
     pub async fn get_job(&self, ctx: &Ctx, req: GidRequest) -> Result<JobInfo> {

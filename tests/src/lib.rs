@@ -66,6 +66,7 @@ admin_actor!(
     DoCheckpoint,
     FindCts,
     GidRequest,
+    GetCheckpoints,
     GetRecoveryInfo,
     AuthorizeRecovery,
     ListJobs,

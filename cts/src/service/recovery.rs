@@ -4,7 +4,7 @@
 use gca_protocol::fault::Fault;
 use gca_protocol::local::{FetchImage, FetchedImage};
 use gca_protocol::messages::{
-    CheckpointRecord, GetRecoveryInfo, GidRequest, ImageOwner, ImageState, RecoveryInfo,
+    CheckpointRecord, GetCheckpoints, GetRecoveryInfo, ImageOwner, ImageState, RecoveryInfo,
 };
 use gca_store::ImageId;
 
@@ -121,25 +121,33 @@ impl Cts {
         Ok(list)
     }
 
-    /// Every checkpoint record the GCS has of job `gid`.
-    async fn gcs_checkpoints(&self, gid: &str) -> Result<Vec<CheckpointRecord>> {
-        let list = self
-            .inner
-            .link
-            .query::<gca_protocol::ops::GetCheckpointsOp>(&GidRequest {
-                gid: gid.to_string(),
-            })
-            .await
-            .map_err(|f| {
-                Error::Fault(Fault {
-                    message: format!(
-                        "cannot look up the checkpoints of job {gid:?} at the GCS: {}",
-                        f.message
-                    ),
-                    ..f
-                })
-            })?;
-        Ok(list.checkpoints)
+    /// Every checkpoint record the GCS has of job `gid`, page after page (GetCheckpoints
+    /// answers at most the GCS's page size; a job may have many more records).
+    pub(super) async fn gcs_checkpoints(&self, gid: &str) -> Result<Vec<CheckpointRecord>> {
+        let mut records = Vec::new();
+        let mut req = GetCheckpoints::of(gid);
+        loop {
+            let page = self
+                .inner
+                .link
+                .query::<gca_protocol::ops::GetCheckpointsOp>(&req)
+                .await
+                .map_err(|f| {
+                    Error::Fault(Fault {
+                        message: format!(
+                            "cannot look up the checkpoints of job {gid:?} at the GCS: {}",
+                            f.message
+                        ),
+                        ..f
+                    })
+                })?;
+            let next = req.next_page(&page);
+            records.extend(page.checkpoints);
+            match next {
+                Some(n) => req = n,
+                None => return Ok(records),
+            }
+        }
     }
 
     /// The GCS's record of checkpoint `id` of job `gid`, whose image must still be stored.

@@ -45,9 +45,7 @@ async fn do_checkpoint_is_routed_to_the_cts_in_charge_and_recorded() {
     assert_eq!(cts.calls(), 2);
 
     let list = gcs
-        .call::<GetCheckpointsOp>(GidRequest {
-            gid: "job-1".into(),
-        })
+        .call::<GetCheckpointsOp>(gca_protocol::messages::GetCheckpoints::of("job-1"))
         .await
         .unwrap();
     let seqs: Vec<_> = list
