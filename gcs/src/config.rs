@@ -105,6 +105,9 @@ pub struct Config {
     /// The most checkpoint records one GetCheckpoints answer holds (its default `Limit`, and
     /// the cap of a larger one); callers follow `Next` for the rest.
     pub checkpoints_page_size: u32,
+    /// DoCheckpoint calls this replica forwards to one CTS at once; one more is refused at
+    /// once with `ServiceUnavailable`, code `cts-busy`.
+    pub max_checkpoints_in_flight_per_cts: usize,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -146,6 +149,7 @@ impl Default for Config {
             max_subscriptions_per_identity: 100,
             max_subscriptions: 10_000,
             checkpoints_page_size: 1000,
+            max_checkpoints_in_flight_per_cts: 8,
         }
     }
 }
@@ -288,6 +292,10 @@ impl Config {
         if let Some(v) = var("GCS_CHECKPOINTS_PAGE_SIZE") {
             self.checkpoints_page_size = parse("GCS_CHECKPOINTS_PAGE_SIZE", v)?;
         }
+        if let Some(v) = var("GCS_MAX_CHECKPOINTS_IN_FLIGHT_PER_CTS") {
+            self.max_checkpoints_in_flight_per_cts =
+                parse("GCS_MAX_CHECKPOINTS_IN_FLIGHT_PER_CTS", v)?;
+        }
         if let Some(v) = var("GCS_ALLOW_PRIVATE_CONSUMERS") {
             self.allow_private_consumers = match v.as_str() {
                 "true" | "1" | "yes" => true,
@@ -355,5 +363,22 @@ mod tests {
         assert!(err
             .to_string()
             .contains("GCS_MAX_SUBSCRIPTIONS_PER_IDENTITY"));
+        let mut c: Config =
+            toml::from_str("checkpoints_page_size = 50\nmax_checkpoints_in_flight_per_cts = 3\n")
+                .unwrap();
+        assert_eq!(
+            (c.checkpoints_page_size, c.max_checkpoints_in_flight_per_cts),
+            (50, 3)
+        );
+        c.apply_env(|k| match k {
+            "GCS_CHECKPOINTS_PAGE_SIZE" => Some("20".to_string()),
+            "GCS_MAX_CHECKPOINTS_IN_FLIGHT_PER_CTS" => Some("1".to_string()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(
+            (c.checkpoints_page_size, c.max_checkpoints_in_flight_per_cts),
+            (20, 1)
+        );
     }
 }

@@ -42,6 +42,8 @@ pub struct Gcs {
     /// get `ServiceUnavailable` and `/healthz` says why.
     pub ready: tokio::sync::watch::Receiver<bool>,
     pub(crate) ready_tx: Arc<tokio::sync::watch::Sender<bool>>,
+    /// DoCheckpoint calls this replica has in flight to each CTS (a bound, not state).
+    pub in_flight: Arc<crate::inflight::InFlight>,
 }
 
 /// Per-request context the service needs from the transport.
@@ -253,6 +255,20 @@ impl Gcs {
                 cts_type.name, cts_type.core_service.name
             )));
         }
+        let limit = self.config.max_checkpoints_in_flight_per_cts;
+        let _place = self.in_flight.try_take(&instance.name, limit).map_err(|n| {
+            tracing::warn!(gid = %job.gid, cts.name = %instance.name, in_flight = n, "doCheckpoint refused: the CTS has its limit of checkpoints in flight");
+            Error::Fault(
+                Fault::new(
+                    FaultKind::ServiceUnavailable,
+                    format!(
+                        "CTS {:?} has {n} checkpoints in flight from this GCS, its limit (max_checkpoints_in_flight_per_cts = {limit}); job {:?} was not checkpointed, retry later",
+                        instance.name, job.gid
+                    ),
+                )
+                .with_code(gca_protocol::fault::CTS_BUSY),
+            )
+        })?;
         tracing::info!(gid = %job.gid, cts.name = %instance.name, cts.url = %instance.url, stop = req.stop, "forwarding doCheckpoint");
         let client = SoapClient::new(self.http.clone(), instance.url.clone());
         let record = client

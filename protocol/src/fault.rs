@@ -367,6 +367,10 @@ pub const SUBSCRIPTIONS_PER_IDENTITY_LIMIT: &str = "subscriptions-per-identity-l
 /// (`SubscribeCreationFailed`).
 pub const SUBSCRIPTIONS_LIMIT: &str = "subscriptions-limit";
 
+/// DoCheckpoint refused at once (`ServiceUnavailable`): the CTS in charge has as many
+/// checkpoints in flight as it may (at the GCS: `max_checkpoints_in_flight_per_cts`).
+pub const CTS_BUSY: &str = "cts-busy";
+
 #[cfg(test)]
 mod tests {
     use super::*;
