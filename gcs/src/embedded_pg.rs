@@ -419,6 +419,32 @@ impl EmbeddedPostgres {
         Ok(())
     }
 
+    /// Restarts the server on its port (`pg_ctl restart`, which keeps the options it was
+    /// started with): `immediate` stops it as a crash would (recovery from the WAL at start),
+    /// otherwise as a routine restart (`-m fast`: sessions are ended, work in flight fails).
+    pub async fn restart(&self, immediate: bool) -> Result<()> {
+        let mut cmd = self.pg_command(&self.bins.pg_ctl());
+        cmd.arg("restart")
+            .arg("-D")
+            .arg(&self.data_dir)
+            .args(["-m", if immediate { "immediate" } else { "fast" }])
+            .args(["-w", "-t"])
+            .arg(PG_CTL_TIMEOUT_SECS.to_string())
+            .arg("-l")
+            .arg(&self.log_file);
+        let out = run(&mut cmd).await.context("running pg_ctl restart")?;
+        if !out.status.success() {
+            bail!(
+                "pg_ctl restart -D {} failed ({}): {}{}",
+                self.data_dir.display(),
+                out.status,
+                out.text(),
+                self.log_tail_since(0)
+            );
+        }
+        Ok(())
+    }
+
     /// Stops the server with `pg_ctl stop -m fast` if this handle started it; idempotent.
     pub async fn stop(&mut self) -> Result<()> {
         if !self.owns_server {

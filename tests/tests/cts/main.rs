@@ -4,6 +4,7 @@
 
 mod app;
 mod authorization;
+mod bad_days;
 mod criu;
 mod export;
 mod faults;
