@@ -9,6 +9,11 @@ use gca_protocol::messages::{
 use gca_store::ImageId;
 
 use super::{Cts, LocalCaller};
+
+/// The most checkpoints `GET /v1/jobs/{gid}/checkpoints` answers: the newest recoverable
+/// ones, which a recovery wrapper tries in turn (records are about 2 KiB each with their
+/// signature, so this stays far below the 16 MiB a client reads).
+pub const RECOVERABLE_CHECKPOINTS_MAX: usize = 100;
 use crate::error::{Error, Result};
 use crate::policy::owner_may;
 
@@ -105,7 +110,9 @@ impl Cts {
         self.may_recover(caller, &record)
     }
     /// `GET /v1/jobs/{gid}/checkpoints`: the checkpoints of `gid` the caller could recover
-    /// from (image stored, the caller's by its verified owner; root: any), newest first.
+    /// from (image stored, the caller's by its verified owner; root: any), newest first, at
+    /// most [`RECOVERABLE_CHECKPOINTS_MAX`] of them (a job's records grow without bound; the
+    /// answer to the wrapper must not).
     pub async fn recoverable_checkpoints(
         &self,
         gid: &str,
@@ -118,6 +125,7 @@ impl Cts {
             .filter(|r| r.image_state == ImageState::Stored && self.may_recover(&caller, r).is_ok())
             .collect();
         list.sort_by_key(|r| std::cmp::Reverse(r.sequence));
+        list.truncate(RECOVERABLE_CHECKPOINTS_MAX);
         Ok(list)
     }
 

@@ -297,3 +297,30 @@ async fn the_cts_follows_the_pages_of_a_job_with_many_records() {
     assert_eq!(info.checkpoint.id, records[4].id);
     signal(&job, "KILL");
 }
+
+/// The CTS's local answer of recoverable checkpoints is bounded too: the newest 100, read
+/// from the GCS's pages (7 records each here), newest first.
+#[tokio::test]
+async fn the_recoverable_checkpoints_a_wrapper_reads_are_the_newest_hundred() {
+    let gcs = TestGcs::start_with(|c| {
+        c.notify_poll_millis = 50;
+        c.checkpoints_page_size = 7;
+    })
+    .await;
+    let cts = TestCts::registered(&gcs, "cts-many", "app-level", APP_DRIVER, "").await;
+    let (job, records) = job_with_checkpoints(&gcs, &cts, "gid-many", 103).await;
+    let recoverable = cts
+        .local
+        .recoverable_checkpoints("gid-many")
+        .await
+        .expect("recoverable checkpoints");
+    let ids: Vec<&str> = recoverable.iter().map(|r| r.id.as_str()).collect();
+    let newest: Vec<&str> = records
+        .iter()
+        .rev()
+        .take(100)
+        .map(|r| r.id.as_str())
+        .collect();
+    assert_eq!(ids, newest);
+    signal(&job, "KILL");
+}
