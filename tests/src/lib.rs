@@ -67,6 +67,7 @@ admin_actor!(
     DoCheckpoint,
     FindCts,
     GidRequest,
+    GetCheckpoints,
     GetRecoveryInfo,
     AuthorizeRecovery,
     ListJobs,

@@ -120,7 +120,7 @@ async fn a_gcs_killed_while_checkpoints_are_registered_loses_none() {
     for (gid, taken) in gids.iter().zip(&taken) {
         assert_eq!(taken.len(), per_job);
         let records = gcs
-            .call::<GetCheckpointsOp>(GidRequest { gid: gid.clone() })
+            .call::<GetCheckpointsOp>(gca_protocol::messages::GetCheckpoints::of(gid.clone()))
             .await
             .expect("GetCheckpoints")
             .checkpoints;
@@ -218,7 +218,7 @@ async fn postgresql_restarted_or_crashed_under_load_loses_no_checkpoint() {
             );
         }
         let records = gcs
-            .call::<GetCheckpointsOp>(GidRequest { gid: gid.clone() })
+            .call::<GetCheckpointsOp>(gca_protocol::messages::GetCheckpoints::of(gid.clone()))
             .await
             .expect("GetCheckpoints after the restarts")
             .checkpoints;
