@@ -283,10 +283,13 @@ async fn a_cts_killed_in_the_middle_of_a_dump_leaves_nothing_half_done() {
     };
     let mut cts = integration_tests::process::CtsProcess::start(setup(), dir.path()).await;
     let ready = dir.path().join("ready");
+    // It gives its memory back once `shrink` exists, so that its checkpoint after the
+    // restart is quick on a loaded machine.
+    let shrink = dir.path().join("shrink");
     let job = TestJob::script(
         dir.path(),
         &format!(
-            "python3 -c 'import sys, time\nb = bytearray(384 << 20)\nfor i in range(0, len(b), 4096): b[i] = 1\nopen(sys.argv[1], \"w\").write(\"ready\")\nwhile True: time.sleep(0.1)' {ready:?}"
+            "python3 -c 'import os, sys, time\nb = bytearray(384 << 20)\nfor i in range(0, len(b), 4096): b[i] = 1\nopen(sys.argv[1], \"w\").write(\"ready\")\nwhile True:\n  time.sleep(0.1)\n  if os.path.exists(sys.argv[2]): b = None\n' {ready:?} {shrink:?}"
         ),
         &[],
     );
@@ -374,6 +377,8 @@ async fn a_cts_killed_in_the_middle_of_a_dump_leaves_nothing_half_done() {
     // The job runs on (not left stopped by the interrupted dump), and is checkpointed anew.
     let state = gca_drivers::proc::stat(job.pid).expect("the job").state;
     assert!(matches!(state, 'S' | 'R'), "the job's state is {state}");
+    std::fs::write(&shrink, "").unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let record: CheckpointRecord = cts
         .json
         .post(
