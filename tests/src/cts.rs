@@ -30,6 +30,45 @@ pub async fn register_type(gcs: &TestGcs, cts_type: &str) {
     .expect("register the descriptor");
 }
 
+/// The configuration of a test CTS with state under `dir`, serving at `url` (its TOML text,
+/// with the test PKI's certificate unless `insecure = true` is in `extra`).
+pub fn config_text(setup: &CtsSetup<'_>, dir: &Path, url: &str) -> String {
+    let insecure = setup.extra.contains("insecure = true");
+    let state = dir.join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let _ = std::fs::remove_file(state.join("cts.sock"));
+    let descriptor_path = dir.join("descriptor.xml");
+    std::fs::write(&descriptor_path, descriptor(setup.cts_type)).unwrap();
+    let base = format!(
+        "name = {name:?}\nresource = \"node-{name}\"\nexecution_manager = \"https://node-{name}/wsrf/services/ManagedJobFactoryService\"\ngcs_url = {gcs:?}\ndescriptor = {desc:?}\nstate_dir = {state:?}\npublic_url = {url:?}\nheartbeat_secs = 2\ngcs_wait_secs = 5\n[driver]\n{driver}\n",
+        name = setup.name,
+        gcs = setup.gcs_url,
+        desc = descriptor_path,
+        state = state,
+        url = url,
+        driver = setup.driver,
+    );
+    // `extra` overrides the defaults above, key by key (tables merged one level deep).
+    let mut table: toml::Table = base.parse().expect("base configuration");
+    let extra: toml::Table = setup.extra.parse().expect("extra configuration");
+    for (k, v) in extra {
+        match (table.get_mut(&k), v) {
+            (Some(toml::Value::Table(t)), toml::Value::Table(more)) => t.extend(more),
+            (_, v) => {
+                table.insert(k, v);
+            }
+        }
+    }
+    if !insecure {
+        let tls = crate::pki::pki().tls(&crate::pki::cts(setup.name));
+        table.insert(
+            "tls".into(),
+            toml::Value::try_from(&tls).expect("TLS settings as TOML"),
+        );
+    }
+    toml::to_string(&table).unwrap()
+}
+
 /// A CTS running in this process.
 pub struct TestCts {
     pub cts: cts::Cts,
@@ -87,43 +126,11 @@ impl TestCts {
 
     async fn start_in(setup: CtsSetup<'_>, dir: tempfile::TempDir) -> Self {
         crate::init_tracing();
-        let state = dir.path().join("state");
-        std::fs::create_dir_all(&state).unwrap();
-        let _ = std::fs::remove_file(state.join("cts.sock"));
-        let descriptor_path = dir.path().join("descriptor.xml");
-        std::fs::write(&descriptor_path, descriptor(setup.cts_type)).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let insecure = setup.extra.contains("insecure = true");
         let scheme = if insecure { "http" } else { "https" };
         let url = format!("{scheme}://{}", listener.local_addr().unwrap());
-        let base = format!(
-            "name = {name:?}\nresource = \"node-{name}\"\nexecution_manager = \"https://node-{name}/wsrf/services/ManagedJobFactoryService\"\ngcs_url = {gcs:?}\ndescriptor = {desc:?}\nstate_dir = {state:?}\npublic_url = {url:?}\nheartbeat_secs = 2\ngcs_wait_secs = 5\n[driver]\n{driver}\n",
-            name = setup.name,
-            gcs = setup.gcs_url,
-            desc = descriptor_path,
-            state = state,
-            url = url,
-            driver = setup.driver,
-        );
-        // `extra` overrides the defaults above, key by key (tables merged one level deep).
-        let mut table: toml::Table = base.parse().expect("base configuration");
-        let extra: toml::Table = setup.extra.parse().expect("extra configuration");
-        for (k, v) in extra {
-            match (table.get_mut(&k), v) {
-                (Some(toml::Value::Table(t)), toml::Value::Table(more)) => t.extend(more),
-                (_, v) => {
-                    table.insert(k, v);
-                }
-            }
-        }
-        if !insecure {
-            let tls = crate::pki::pki().tls(&crate::pki::cts(setup.name));
-            table.insert(
-                "tls".into(),
-                toml::Value::try_from(&tls).expect("TLS settings as TOML"),
-            );
-        }
-        let text = toml::to_string(&table).unwrap();
+        let text = config_text(&setup, dir.path(), &url);
         let config = cts::Config::from_toml(&text).expect("test CTS configuration");
         let local_socket = config.local_socket();
         let local = cts::bind_local(&local_socket).expect("bind the local socket");

@@ -122,3 +122,98 @@ impl Drop for GcsProcess {
         self.kill();
     }
 }
+
+/// `cts` (the binary) with a test configuration (`crate::cts::config_text`) and its state in
+/// `dir`, registered at its GCS.
+pub struct CtsProcess {
+    pub url: String,
+    /// The CTS's JSON API, as the GCS (which may ask it for checkpoints).
+    pub json: gca_protocol::client::JsonClient,
+    pub local: gca_protocol::local::LocalClient,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl CtsProcess {
+    pub async fn start(setup: crate::cts::CtsSetup<'_>, dir: &Path) -> Self {
+        let addr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let url = format!("https://{addr}");
+        let config = dir.join("cts.toml");
+        std::fs::write(&config, crate::cts::config_text(&setup, dir, &url)).unwrap();
+        let log = dir.join(format!("cts-{}.log", addr.port()));
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = Command::new(crate::wrappers::binary("cts"))
+            .arg("--config")
+            .arg(&config)
+            .arg("--listen")
+            .arg(addr.to_string())
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("start cts");
+        let local = gca_protocol::local::LocalClient::new(dir.join("state").join("cts.sock"));
+        let mut p = Self {
+            json: gca_protocol::client::JsonClient::new(crate::http_as(pki::GCS), url.clone()),
+            url,
+            local,
+            log,
+            child: Some(child),
+        };
+        p.wait_connected().await;
+        p
+    }
+
+    async fn wait_connected(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+                panic!(
+                    "cts exited ({status}) before serving: {}",
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
+            let health: Option<serde_json::Value> = match http()
+                .get(format!("{}/healthz", self.url))
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await
+            {
+                Ok(r) => r.json().await.ok(),
+                Err(_) => None,
+            };
+            if health.is_some_and(|h| h["gcs_connected"] == true) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cts did not register at its GCS: {}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// SIGKILL (the programs it started, such as CRIU, are in process groups of their own and
+    /// go on).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for CtsProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

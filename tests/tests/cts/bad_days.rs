@@ -244,3 +244,143 @@ async fn postgresql_restarted_or_crashed_under_load_loses_no_checkpoint() {
     cts.shutdown().await;
     pg.stop().await.unwrap();
 }
+
+/// Files under `dir`, recursively, with their sizes.
+fn files_under(dir: &std::path::Path) -> Vec<(std::path::PathBuf, u64)> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let Ok(meta) = e.metadata() else { continue };
+            if meta.is_dir() {
+                todo.push(e.path());
+            } else {
+                out.push((e.path(), meta.len()));
+            }
+        }
+    }
+    out
+}
+
+/// The CTS (the binary) and its CRIU killed in the middle of dumping a job of a few hundred
+/// MiB, as a crash of the resource's services would: at its restart the half-written image is
+/// gone, nothing was registered, its outbox place is released, the job runs on, and its next
+/// checkpoint is its first.
+#[tokio::test]
+async fn a_cts_killed_in_the_middle_of_a_dump_leaves_nothing_half_done() {
+    let gcs = TestGcs::start().await;
+    register_type(&gcs, "criu").await;
+    let dir = tempfile::Builder::new()
+        .prefix("cts-killed")
+        .tempdir()
+        .unwrap();
+    let setup = || CtsSetup {
+        name: "cts-killed",
+        cts_type: "criu",
+        gcs_url: &gcs.url,
+        driver: CRIU_DRIVER,
+        extra: "",
+    };
+    let mut cts = integration_tests::process::CtsProcess::start(setup(), dir.path()).await;
+    let ready = dir.path().join("ready");
+    let job = TestJob::script(
+        dir.path(),
+        &format!(
+            "python3 -c 'import sys, time\nb = bytearray(384 << 20)\nfor i in range(0, len(b), 4096): b[i] = 1\nopen(sys.argv[1], \"w\").write(\"ready\")\nwhile True: time.sleep(0.1)' {ready:?}"
+        ),
+        &[],
+    );
+    eventually(Duration::from_secs(30), "the job holds its memory", || {
+        let r = ready.exists();
+        async move { r }
+    })
+    .await;
+    cts.local
+        .register(&gca_protocol::local::RegisterLocalJob {
+            gid: "gid-cts-killed".into(),
+            pid: job.pid,
+            periodic_interval_secs: None,
+            recovery: None,
+            retention: None,
+        })
+        .await
+        .expect("register the job");
+
+    let staging = dir.path().join("state").join("store").join("staging");
+    let json = cts.json.clone();
+    let empty = serde_json::json!({});
+    let request =
+        json.post::<_, CheckpointRecord>("/api/v1/jobs/gid-cts-killed/checkpoint", &empty);
+    let crash = async {
+        eventually(Duration::from_secs(30), "CRIU is writing the pages", || {
+            let writing = files_under(&staging).iter().any(|(_, n)| *n > 16 << 20);
+            async move { writing }
+        })
+        .await;
+        let outbox = dir.path().join("state").join("outbox");
+        assert!(
+            files_under(&outbox)
+                .iter()
+                .any(|(p, _)| p.extension().is_some_and(|e| e == "reserved")),
+            "the checkpoint holds its outbox place while CRIU writes"
+        );
+        let criu = format!("criu dump .*-t {}( |$)", job.pid);
+        assert!(
+            std::process::Command::new("pgrep")
+                .args(["-f", &criu])
+                .status()
+                .unwrap()
+                .success(),
+            "CRIU runs"
+        );
+        cts.kill();
+        // The whole resource's services at once: CRIU too.
+        let _ = std::process::Command::new("pkill")
+            .args(["-KILL", "-f", &format!("criu dump .*-t {}( |$)", job.pid)])
+            .status();
+    };
+    let (answer, ()) = tokio::join!(request, crash);
+    assert!(answer.is_err(), "the request died with the CTS");
+    eventually(Duration::from_secs(10), "CRIU is gone", || {
+        let gone = !std::process::Command::new("pgrep")
+            .args(["-f", &format!("criu dump .*-t {}( |$)", job.pid)])
+            .status()
+            .unwrap()
+            .success();
+        async move { gone }
+    })
+    .await;
+
+    let cts = integration_tests::process::CtsProcess::start(setup(), dir.path()).await;
+    let images = dir.path().join("state").join("store").join("images");
+    assert!(
+        files_under(&images).is_empty(),
+        "no image was committed: {:?}",
+        files_under(&images)
+    );
+    assert!(
+        files_under(&staging).is_empty(),
+        "the half-written dump is gone: {:?}",
+        files_under(&staging)
+    );
+    let outbox = dir.path().join("state").join("outbox");
+    assert!(
+        !files_under(&outbox)
+            .iter()
+            .any(|(p, _)| p.extension().is_some_and(|e| e == "reserved")),
+        "the outbox place is released"
+    );
+    assert!(gcs_checkpoints(&gcs, "gid-cts-killed").await.is_empty());
+    // The job runs on (not left stopped by the interrupted dump), and is checkpointed anew.
+    let state = gca_drivers::proc::stat(job.pid).expect("the job").state;
+    assert!(matches!(state, 'S' | 'R'), "the job's state is {state}");
+    let record: CheckpointRecord = cts
+        .json
+        .post(
+            "/api/v1/jobs/gid-cts-killed/checkpoint",
+            &serde_json::json!({}),
+        )
+        .await
+        .expect("the job is checkpointed after the restart");
+    assert_eq!(record.sequence, Some(1));
+}
