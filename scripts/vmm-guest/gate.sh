@@ -49,11 +49,16 @@ echo "job:x:$uid:$gid:job:/job:/bin/sh" >/etc/passwd
 echo "job:x:$gid:" >/etc/group
 setsid su -s /bin/sh job -c 'exec /bin/sh /job/.gca/cmd' </dev/null >/dev/console 2>&1 &
 job=$!
+# A read ends (EOF) whenever the host side disconnects, as it does while a checkpointed VM
+# is restored elsewhere: read again once the new host connects.
 (
-    while read -r cmd <&3; do
-        case "$cmd" in
-            TERM) kill -TERM "-$job" 2>/dev/null || kill -TERM "$job" ;;
-        esac
+    while :; do
+        while read -r cmd <&3; do
+            case "$cmd" in
+                TERM) kill -TERM "-$job" 2>/dev/null || kill -TERM "$job" ;;
+            esac
+        done
+        sleep 0.2
     done
 ) &
 reader=$!
@@ -61,9 +66,8 @@ wait "$job"
 rc=$?
 kill "$reader" 2>/dev/null
 sync
-find . -mindepth 1 -maxdepth 1 ! -name .gca ! -name lost+found >/tmp/files
-if tar -cf /tmp/out.tar -T /tmp/files 2>/tmp/tar.err || [ ! -s /tmp/files ]; then
-    [ -f /tmp/out.tar ] || : >/tmp/out.tar
+# The whole directory; the host leaves .gca and lost+found out when it unpacks.
+if tar -cf /tmp/out.tar . 2>/tmp/tar.err; then
     echo "FILES $(wc -c </tmp/out.tar)" >&3
     cat /tmp/out.tar >&3
 else

@@ -17,6 +17,7 @@ pub fn descriptor(cts_type: &str) -> &'static str {
     match cts_type {
         "criu" => crate::CRIU_DESCRIPTOR,
         "app-level" => crate::APP_DESCRIPTOR,
+        "vmm" => crate::VMM_DESCRIPTOR,
         other => panic!("no example descriptor for type {other:?}"),
     }
 }

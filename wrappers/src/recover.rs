@@ -249,7 +249,7 @@ async fn supervise_vm(
         );
     }
     let end = crate::vmm::supervise(&cfg, run_dir, pid, args.output.as_deref(), &mut signals).await;
-    match crate::vmm::finish(cts, &args.gid, end, "gca-recover").await {
+    match crate::vmm::finish(cts, &args.gid, pid, end, "gca-recover").await {
         Ok(code) => std::process::exit(code),
         Err(f) => f,
     }

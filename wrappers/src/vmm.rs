@@ -146,17 +146,25 @@ async fn exec(args: &VmmExecArgs) -> Result<i32, Failure> {
     // QEMU is waited for by PID (waitid), like a restored job.
     std::mem::forget(child);
     let end = supervise(&cfg, &run_dir, qemu, args.output.as_deref(), &mut signals).await;
-    finish(&cts, &args.gid, end, "gca-vmm-exec").await
+    finish(&cts, &args.gid, qemu, end, "gca-vmm-exec").await
 }
 
-/// Reports how the job ended to the CTS and returns the exit code to end with.
+/// Reports how the job ended to the CTS, reaps QEMU (`qemu`, ended) and returns the exit code
+/// to end with.
 pub async fn finish(
     cts: &Cts,
     gid: &str,
+    qemu: i32,
     end: Result<VmEnd, Failure>,
     who: &str,
 ) -> Result<i32, Failure> {
-    let end = end?;
+    let end = match end {
+        Ok(e) => e,
+        Err(f) => {
+            signals::reap(qemu);
+            return Err(f);
+        }
+    };
     let (code, report) = match &end {
         VmEnd::Job(code) => (*code, true),
         VmEnd::GateFailed(why) => {
@@ -196,6 +204,7 @@ pub async fn finish(
             }
         }
     }
+    signals::reap(qemu);
     Ok(code)
 }
 
@@ -234,7 +243,8 @@ impl Signals {
     }
 }
 
-/// Supervises the job's VM (QEMU is `qemu`, our child, in `run_dir`) until it ends; reaps it.
+/// Supervises the job's VM (QEMU is `qemu`, our child, in `run_dir`) until it has ended (not
+/// reaped: [`finish`] reports the job's end first, while the CTS still sees QEMU's PID).
 pub async fn supervise(
     cfg: &VmmConfig,
     run_dir: &Path,
@@ -248,7 +258,6 @@ pub async fn supervise(
         g = connect_gate(run_dir, boot) => g,
         e = &mut exited => {
             let how = describe(e);
-            signals::reap(qemu);
             return Ok(VmEnd::Gone(format!("{how} before its gate answered; {}", launch::logs_tail(run_dir))));
         }
     };
@@ -257,7 +266,6 @@ pub async fn supervise(
         Err(m) => {
             kill(qemu);
             let _ = exited.await;
-            signals::reap(qemu);
             return Err(Failure::new(Class::Environment, m));
         }
     };
@@ -319,17 +327,16 @@ pub async fn supervise(
     if let Some(tar) = &files {
         let _ = std::fs::remove_file(tar);
     }
-    // The guest powers off after BYE; a VM that does not is ended.
-    if !exited.is_finished() {
-        if tokio::time::timeout(Duration::from_secs(30), &mut exited)
+    // The guest powers off after BYE; a VM that does not is ended. QEMU stays a zombie
+    // until [`finish`] has reported the job's end (the CTS watches its PID).
+    if !exited.is_finished()
+        && tokio::time::timeout(Duration::from_secs(30), &mut exited)
             .await
             .is_err()
-        {
-            kill(qemu);
-            let _ = exited.await;
-        }
+    {
+        kill(qemu);
+        let _ = exited.await;
     }
-    signals::reap(qemu);
     Ok(end)
 }
 
@@ -401,6 +408,8 @@ async fn unpack(tar: &Path, out: &Path) -> Result<(), String> {
         .arg("-C")
         .arg(out)
         .arg("--no-same-owner")
+        // The gate's own files and the file system's.
+        .args(["--exclude=./.gca", "--exclude=./lost+found"])
         .status()
         .await
         .map_err(|e| format!("cannot run tar: {e}"))?;
