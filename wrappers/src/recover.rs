@@ -210,8 +210,8 @@ fn recovery_of(info: &RecoveryInfo, restoring: bool) -> LocalRecovery {
     }
 }
 
-/// Steps 5-6 for a virtual machine (the vmm-ready-job-resumer, `crate::vmm`): QEMU
-/// registered as the job's process, SIGTERM/INT/HUP sent to the job in the guest, the job's
+/// Steps 5-6 for a virtual machine (the vmm-ready-job-resumer, `crate::vmm`): this wrapper
+/// registered as the job's process (QEMU is its child), SIGTERM/INT/HUP sent to the job in the guest, the job's
 /// files unpacked into `--output`, its status reported; exits with the job's status.
 async fn supervise_vm(
     args: &RecoverArgs,
@@ -229,11 +229,13 @@ async fn supervise_vm(
         Ok(c) => c,
         Err(f) => return f,
     };
+    // The job's process is this wrapper (its VM, QEMU, is our child): the CTS watches a
+    // process whose end is the job's, and QEMU, its descendant, serves the QMP socket.
     if let Err(f) = cts
         .client
         .register(&RegisterLocalJob {
             gid: args.gid.clone(),
-            pid,
+            pid: std::process::id() as i32,
             periodic_interval_secs: args.periodic,
             recovery: Some(recovery_of(info, false)),
             retention,

@@ -156,7 +156,7 @@ async fn a_vm_job_checkpointed_through_the_gcs_continues_on_another_cts_and_ends
         b.local
             .job(gid)
             .await
-            .is_ok_and(|j| j.state == JobState::Running && j.pid != rec.pid)
+            .is_ok_and(|j| j.state == JobState::Running && j.pid == rec.pid)
     })
     .await;
     assert!(b.image_dir(&record.id).join("machine.state").is_file());
@@ -197,10 +197,17 @@ async fn a_vm_job_checkpointed_through_the_gcs_continues_on_another_cts_and_ends
         .collect();
     assert_eq!(numbers, (1..=stopped).collect::<Vec<_>>());
     assert!(stopped > resumed);
-    eventually(T, "the GCS records exit status 9", || async {
-        let j = gcs_job(&gcs, gid).await;
-        j.state == JobState::Finished && j.exit_status == Some(9)
-    })
+    eventually(
+        Duration::from_secs(20),
+        "the GCS records exit status 9",
+        || async {
+            let j = gcs_job(&gcs, gid).await;
+            if j.state == JobState::Finished && j.exit_status != Some(9) {
+                panic!("the GCS records {j:?}");
+            }
+            j.state == JobState::Finished && j.exit_status == Some(9)
+        },
+    )
     .await;
 }
 
