@@ -50,6 +50,8 @@ pub struct Config {
     pub store: StoreConfig,
     #[serde(default)]
     pub checkpoint: CheckpointConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
     pub driver: DriverConfig,
     /// Mutual TLS on the public port and for calls to the GCS and other CTSes: the site CA,
     /// this CTS's certificate (`cts:<name>`) and key (which also signs its images), identity
@@ -126,6 +128,31 @@ impl Default for CheckpointConfig {
     }
 }
 
+/// Bounds on what callers and a GCS that is away can make the CTS hold (`[limits]`); each,
+/// when reached, is a clear refusal naming it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Items the outbox may hold while the GCS does not take them; beyond, new jobs and
+    /// checkpoints are refused (`outbox-full`; exits are always taken).
+    pub outbox_max_items: usize,
+    /// Checkpoints taken at once on this resource; one more waits `checkpoint.busy_wait_secs`
+    /// for a place, then is refused (`cts-busy`).
+    pub checkpoints_in_flight: usize,
+    /// Jobs one local user may have registered here at once (root: no limit).
+    pub jobs_per_user: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            outbox_max_items: 100_000,
+            checkpoints_in_flight: 4,
+            jobs_per_user: 1_000,
+        }
+    }
+}
+
 fn default_listen() -> SocketAddr {
     "127.0.0.1:8090".parse().expect("valid address")
 }
@@ -162,7 +189,9 @@ impl Config {
     }
 
     /// `CTS_NAME`, `CTS_RESOURCE`, `CTS_EXECUTION_MANAGER`, `CTS_GCS_URL`, `CTS_LISTEN`,
-    /// `CTS_PUBLIC_URL`, `CTS_STATE_DIR`, `CTS_LOCAL_SOCKET`, `CTS_STORE_DIR`.
+    /// `CTS_PUBLIC_URL`, `CTS_STATE_DIR`, `CTS_LOCAL_SOCKET`, `CTS_STORE_DIR`, `CTS_TLS_CA`,
+    /// `CTS_TLS_CERT`, `CTS_TLS_KEY`, `CTS_LIMITS_OUTBOX_MAX_ITEMS`,
+    /// `CTS_LIMITS_CHECKPOINTS_IN_FLIGHT`, `CTS_LIMITS_JOBS_PER_USER`, `CTS_INSECURE`.
     pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> anyhow::Result<()> {
         if let Some(v) = get("CTS_NAME") {
             self.name = v;
@@ -211,6 +240,23 @@ impl Config {
             (None, None, None) => {}
             _ => bail!("set all three of CTS_TLS_CA, CTS_TLS_CERT and CTS_TLS_KEY, or none"),
         }
+        let number = |k: &str| -> anyhow::Result<Option<usize>> {
+            get(k)
+                .map(|v| {
+                    v.parse()
+                        .with_context(|| format!("{k}={v:?} is not a whole number"))
+                })
+                .transpose()
+        };
+        if let Some(v) = number("CTS_LIMITS_OUTBOX_MAX_ITEMS")? {
+            self.limits.outbox_max_items = v;
+        }
+        if let Some(v) = number("CTS_LIMITS_CHECKPOINTS_IN_FLIGHT")? {
+            self.limits.checkpoints_in_flight = v;
+        }
+        if let Some(v) = number("CTS_LIMITS_JOBS_PER_USER")? {
+            self.limits.jobs_per_user = v;
+        }
         if let Some(v) = get("CTS_INSECURE") {
             self.insecure = v
                 .parse()
@@ -249,6 +295,18 @@ impl Config {
         }
         if self.heartbeat_secs == 0 {
             bail!("heartbeat_secs must be at least 1");
+        }
+        for (key, v) in [
+            ("limits.outbox_max_items", self.limits.outbox_max_items),
+            (
+                "limits.checkpoints_in_flight",
+                self.limits.checkpoints_in_flight,
+            ),
+            ("limits.jobs_per_user", self.limits.jobs_per_user),
+        ] {
+            if v == 0 {
+                bail!("{key} must be at least 1");
+            }
         }
         if self.checkpoint.timeout_secs == 0 {
             bail!("checkpoint.timeout_secs must be at least 1");

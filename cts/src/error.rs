@@ -23,6 +23,9 @@ pub enum Error {
     /// The outbox of records for the GCS could not be written.
     #[error("{0}")]
     Outbox(String),
+    /// The outbox holds as many items as it may while the GCS does not take them.
+    #[error("{0}")]
+    OutboxFull(String),
     #[error("{0:#}")]
     Internal(#[from] anyhow::Error),
 }
@@ -50,6 +53,9 @@ impl Error {
             Error::Store(e) => e.into(),
             Error::Outbox(m) => {
                 Fault::new(FaultKind::OperationFailed, m).with_code("outbox-unwritable")
+            }
+            Error::OutboxFull(m) => {
+                Fault::new(FaultKind::ServiceUnavailable, m).with_code("outbox-full")
             }
             Error::Internal(e) => {
                 tracing::error!(error = format!("{e:#}"), "internal error");

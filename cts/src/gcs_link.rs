@@ -6,16 +6,30 @@
 //! registered before its job and a record taken while the GCS is down is delivered when it is
 //! back: a checkpoint that was taken is never lost from the registry. A caller that needs the
 //! GCS's answer (a sequence number, a conflict) waits a bounded time for its item's delivery.
+//!
+//! What the GCS answers decides what becomes of an item ([`disposition`]): delivered; retried
+//! with backoff (the GCS or its database is away, a server error, this CTS's own identity
+//! refused: nothing is wrong with the item); the job registered again first (the GCS does not
+//! know the job: its database was restored from an older backup); or, only when the GCS says
+//! the item itself is wrong, set aside under `outbox/rejected/`, logged at ERROR and counted in
+//! the status. A GCS that answers this CTS's registration with `Created` has never heard of
+//! it (or lost it): every job running here is registered again before anything else.
+//!
+//! A checkpoint **reserves** its place before its image is committed ([`GcsLink::reserve`]):
+//! a file that proves the outbox can take the record (and keeps the space for it), and that a
+//! restarted CTS finds if it died between the commit and the record, so that the image is
+//! registered whole or not at all.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use backon::BackoffBuilder;
 use chrono::Utc;
 use gca_protocol::client::SoapClient;
 use gca_protocol::cts_api::LinkStatus;
-use gca_protocol::fault::{Fault, FaultKind};
+use gca_protocol::fault::{Fault, FaultKind, RECORD_REFUSED};
 use gca_protocol::messages::*;
 use gca_protocol::ops::{
     AbandonRecoveryOp, JobFinishedOp, RegisterCheckpointOp, RegisterCtsInstanceOp, RegisterJobOp,
@@ -49,6 +63,25 @@ impl OutboxItem {
             OutboxItem::AbandonRecovery(r) => format!("abandoned recovery of job {:?}", r.gid),
         }
     }
+
+    fn gid(&self) -> &str {
+        match self {
+            OutboxItem::RegisterJob(r) => &r.gid,
+            OutboxItem::RegisterCheckpoint(r) => &r.checkpoint.gid,
+            OutboxItem::JobFinished(r) => &r.gid,
+            OutboxItem::AbandonRecovery(r) => &r.gid,
+        }
+    }
+
+    /// Items that report what already happened to a job (it ended, its recovery was given
+    /// up) are taken even when the outbox is full: refusing them would lose the news, and
+    /// there is at most one per job.
+    fn always_taken(&self) -> bool {
+        matches!(
+            self,
+            OutboxItem::JobFinished(_) | OutboxItem::AbandonRecovery(_)
+        )
+    }
 }
 
 /// The GCS's answer to a delivered item.
@@ -59,13 +92,101 @@ pub enum Delivered {
     Finished(JobInfo),
 }
 
-type Waiter = oneshot::Sender<Result<Delivered, Fault>>;
+/// What becomes of an item after the GCS's answer to it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Disposition {
+    /// Nothing is wrong with the item: keep it first in line and try again later.
+    Retry(Fault),
+    /// The GCS lost this CTS's registration: register the instance, then try again.
+    RegisterInstance(Fault),
+    /// The GCS does not know the item's job: register the job again, then try again.
+    RegisterJob(Fault),
+    /// The GCS says the item itself is wrong: set it aside for an operator.
+    Reject(Fault),
+}
+
+/// How an item the GCS refused with `f` is handled. Only a refusal that says the item is
+/// wrong rejects it (a malformed or conflicting record, a record this CTS may not register,
+/// a bad signature); everything else is the GCS, the network or this CTS's configuration,
+/// and retried until fixed.
+pub fn disposition(item: &OutboxItem, f: Fault) -> Disposition {
+    let code = f.code.as_deref();
+    match f.kind {
+        FaultKind::ResourceUnknown if code == Some("unknown-cts-instance") => {
+            Disposition::RegisterInstance(f)
+        }
+        FaultKind::ResourceUnknown
+            if code == Some("unknown-gid") && !matches!(item, OutboxItem::RegisterJob(_)) =>
+        {
+            Disposition::RegisterJob(f)
+        }
+        FaultKind::InvalidMessage
+        | FaultKind::Conflict
+        | FaultKind::PayloadTooLarge
+        | FaultKind::ResourceUnknown => Disposition::Reject(f),
+        // The record itself was refused; any other refusal is about this CTS's identity
+        // (its certificate, its role), which an admin fixes without touching the item.
+        FaultKind::AccessDenied
+            if matches!(
+                code,
+                Some(RECORD_REFUSED) | Some("bad-signature") | Some("recovery-not-authorized")
+            ) =>
+        {
+            Disposition::Reject(f)
+        }
+        _ => Disposition::Retry(f),
+    }
+}
+
+/// What the link needs to know about the jobs running here, to register them again when the
+/// GCS has forgotten them.
+pub trait LocalJobs: Send + Sync + 'static {
+    /// The registration of job `gid`, if it runs here (a recovery still restoring does not:
+    /// it is registered by its own wrapper's next step).
+    fn registration(&self, gid: &str) -> Option<RegisterJob>;
+    /// The registrations of every job running here.
+    fn registrations(&self) -> Vec<RegisterJob>;
+}
+
+/// No jobs (for a link used without a CTS around it).
+impl LocalJobs for () {
+    fn registration(&self, _: &str) -> Option<RegisterJob> {
+        None
+    }
+    fn registrations(&self) -> Vec<RegisterJob> {
+        Vec::new()
+    }
+}
+
+type Answer = Result<Delivered, Fault>;
+type Waiter = oneshot::Sender<Answer>;
+
+/// The GCS's answer to a queued item, when it comes ([`GcsLink::wait`]).
+pub struct Pending(oneshot::Receiver<Answer>);
+
+/// What a reservation was made for (`NNN.reserved`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReservedFor {
+    pub image: String,
+    pub gid: String,
+}
+
+enum Slot {
+    /// The place of the record of an image being committed.
+    Reserved(ReservedFor),
+    Item(OutboxItem),
+}
 
 struct Queue {
     next: u64,
-    items: BTreeMap<u64, OutboxItem>,
+    slots: BTreeMap<u64, Slot>,
     waiters: HashMap<u64, Waiter>,
+    /// Reservations a previous run left without their record (see [`GcsLink::orphans`]).
+    orphans: Vec<u64>,
 }
+
+/// Space kept for a record by a reservation: far more than any record takes.
+const RESERVED_BYTES: u64 = 64 * 1024;
 
 /// See the module documentation.
 #[derive(Clone)]
@@ -78,53 +199,90 @@ struct Inner {
     instance: CtsInstance,
     dir: PathBuf,
     heartbeat: Duration,
+    max_items: usize,
     queue: Mutex<Queue>,
     status: Mutex<LinkStatus>,
     wake: Notify,
 }
 
 impl GcsLink {
-    /// Opens the outbox in `dir` (items left by a previous run are delivered first).
+    /// Opens the outbox in `dir` (items left by a previous run are delivered first) holding
+    /// at most `max_items` items.
     pub fn open(
         client: SoapClient,
         instance: CtsInstance,
         dir: &Path,
         heartbeat: Duration,
+        max_items: usize,
     ) -> anyhow::Result<Self> {
         use anyhow::Context;
         std::fs::create_dir_all(dir.join("rejected"))
             .with_context(|| format!("creating the outbox {}", dir.display()))?;
-        let mut items = BTreeMap::new();
+        let mut slots = BTreeMap::new();
+        let mut reserved = BTreeMap::new();
         for entry in std::fs::read_dir(dir)? {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(seq) = name
-                .strip_suffix(".json")
-                .and_then(|n| n.parse::<u64>().ok())
+            let Some((seq, kind)) = name
+                .split_once('.')
+                .and_then(|(n, k)| Some((n.parse::<u64>().ok()?, k.to_string())))
             else {
                 continue;
             };
             let text = std::fs::read(entry.path())?;
-            match serde_json::from_slice::<OutboxItem>(&text) {
-                Ok(item) => {
-                    items.insert(seq, item);
+            match kind.as_str() {
+                "json" => match serde_json::from_slice::<OutboxItem>(&text) {
+                    Ok(item) => {
+                        slots.insert(seq, Slot::Item(item));
+                    }
+                    Err(e) => {
+                        tracing::error!(file = %entry.path().display(), error = %e, "unreadable outbox item set aside");
+                        let _ = std::fs::rename(entry.path(), dir.join("rejected").join(&name));
+                    }
+                },
+                "reserved" => {
+                    let end = text.iter().position(|b| *b == 0).unwrap_or(text.len());
+                    match serde_json::from_slice::<ReservedFor>(&text[..end]) {
+                        Ok(r) => {
+                            reserved.insert(seq, r);
+                        }
+                        Err(e) => {
+                            tracing::error!(file = %entry.path().display(), error = %e, "unreadable outbox reservation removed");
+                            let _ = std::fs::remove_file(entry.path());
+                        }
+                    }
                 }
-                Err(e) => {
-                    tracing::error!(file = %entry.path().display(), error = %e, "unreadable outbox item set aside");
-                    let _ = std::fs::rename(entry.path(), dir.join("rejected").join(&name));
+                // A write interrupted before its rename.
+                "tmp" => {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+                _ => {}
+            }
+        }
+        let mut orphans = Vec::new();
+        for (seq, r) in reserved {
+            match slots.entry(seq) {
+                // Filled: the record was written, the reservation not yet removed.
+                std::collections::btree_map::Entry::Occupied(_) => {
+                    let _ = std::fs::remove_file(reservation_path(dir, seq));
+                }
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    v.insert(Slot::Reserved(r));
+                    orphans.push(seq);
                 }
             }
         }
-        if !items.is_empty() {
+        if !slots.is_empty() {
             tracing::info!(
-                items = items.len(),
+                items = slots.len(),
+                unfinished_checkpoints = orphans.len(),
                 "outbox items from a previous run will be delivered"
             );
         }
-        let next = items.keys().next_back().map_or(1, |k| k + 1);
+        let next = slots.keys().next_back().map_or(1, |k| k + 1);
         let status = LinkStatus {
             endpoint: client.endpoint().to_string(),
-            pending: items.len(),
+            pending: slots.len(),
             ..Default::default()
         };
         Ok(Self {
@@ -133,10 +291,12 @@ impl GcsLink {
                 instance,
                 dir: dir.to_path_buf(),
                 heartbeat,
+                max_items,
                 queue: Mutex::new(Queue {
                     next,
-                    items,
+                    slots,
                     waiters: HashMap::new(),
+                    orphans,
                 }),
                 status: Mutex::new(status),
                 wake: Notify::new(),
@@ -154,7 +314,7 @@ impl GcsLink {
 
     pub fn status(&self) -> LinkStatus {
         let mut s = self.inner.status.lock().clone();
-        s.pending = self.inner.queue.lock().items.len();
+        s.pending = self.inner.queue.lock().slots.len();
         s
     }
 
@@ -162,8 +322,13 @@ impl GcsLink {
     /// GCS's answer. `Ok(None)`: not delivered yet; it will be when the GCS is reachable.
     /// `Err(Error::Fault)`: the GCS refused it; `Err(Error::Outbox)`: it could not be queued.
     pub async fn send(&self, item: OutboxItem, wait: Duration) -> Result<Option<Delivered>, Error> {
-        let rx = self.enqueue(item)?;
-        match tokio::time::timeout(wait, rx).await {
+        let pending = self.enqueue(item)?;
+        Self::wait(pending, wait).await
+    }
+
+    /// Waits up to `wait` for the GCS's answer to a queued item (see [`GcsLink::send`]).
+    pub async fn wait(pending: Pending, wait: Duration) -> Result<Option<Delivered>, Error> {
+        match tokio::time::timeout(wait, pending.0).await {
             Ok(Ok(Ok(d))) => Ok(Some(d)),
             Ok(Ok(Err(f))) => Err(Error::Fault(f)),
             Ok(Err(_)) | Err(_) => Ok(None),
@@ -175,78 +340,187 @@ impl GcsLink {
         self.enqueue(item).map(drop)
     }
 
-    fn enqueue(
-        &self,
-        item: OutboxItem,
-    ) -> Result<oneshot::Receiver<Result<Delivered, Fault>>, Error> {
+    /// Queues `item`: written to disk before this returns.
+    pub fn enqueue(&self, item: OutboxItem) -> Result<Pending, Error> {
         let (tx, rx) = oneshot::channel();
         {
             let mut q = self.inner.queue.lock();
+            if !item.always_taken() {
+                self.check_room(&q, &item.describe())?;
+            }
             let seq = q.next;
-            let path = self.inner.dir.join(format!("{seq:020}.json"));
-            write_atomically(
-                &path,
-                &serde_json::to_vec_pretty(&item).map_err(|e| Error::Outbox(e.to_string()))?,
-            )
-            .map_err(|e| {
+            self.write_item(seq, &item)?;
+            q.next += 1;
+            q.slots.insert(seq, Slot::Item(item));
+            q.waiters.insert(seq, tx);
+        }
+        self.inner.wake.notify_one();
+        Ok(Pending(rx))
+    }
+
+    /// Keeps the next place in line for the record of image `image` of job `gid`, before the
+    /// image is committed: the outbox has room and can be written (the space for the record is
+    /// allocated now). Items queued after wait behind it until it is filled or dropped.
+    pub fn reserve(&self, image: &str, gid: &str) -> Result<Reservation, Error> {
+        let what = ReservedFor {
+            image: image.to_string(),
+            gid: gid.to_string(),
+        };
+        let seq = {
+            let mut q = self.inner.queue.lock();
+            self.check_room(
+                &q,
+                &format!("the record of checkpoint {image:?} of job {gid:?}"),
+            )?;
+            let seq = q.next;
+            let path = reservation_path(&self.inner.dir, seq);
+            write_reservation(&path, &what).map_err(|e| {
+                let _ = std::fs::remove_file(&path);
                 Error::Outbox(format!(
-                    "cannot write {} to the outbox {}: {e}",
-                    item.describe(),
+                    "the outbox {} cannot take the record of a checkpoint of job {gid:?} ({e}); nothing was checkpointed: free space there or fix its permissions",
                     self.inner.dir.display()
                 ))
             })?;
             q.next += 1;
-            q.items.insert(seq, item);
+            q.slots.insert(seq, Slot::Reserved(what.clone()));
+            seq
+        };
+        Ok(Reservation {
+            link: self.clone(),
+            seq,
+            what,
+            settled: false,
+        })
+    }
+
+    /// Reservations a previous run made and never filled (it died between an image's commit
+    /// and its record): the caller fills each whose image was committed and drops the others.
+    /// Given once.
+    pub fn orphans(&self) -> Vec<Reservation> {
+        let mut q = self.inner.queue.lock();
+        let seqs = std::mem::take(&mut q.orphans);
+        seqs.into_iter()
+            .filter_map(|seq| match q.slots.get(&seq) {
+                Some(Slot::Reserved(what)) => Some(Reservation {
+                    link: self.clone(),
+                    seq,
+                    what: what.clone(),
+                    settled: false,
+                }),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn check_room(&self, q: &Queue, what: &str) -> Result<(), Error> {
+        if q.slots.len() < self.inner.max_items {
+            return Ok(());
+        }
+        let since = self
+            .inner
+            .status
+            .lock()
+            .last_contact
+            .map(|t| format!(" (last answer {})", fmt_time(&t)))
+            .unwrap_or_default();
+        Err(Error::OutboxFull(format!(
+            "the outbox holds {} items the GCS at {} has not taken yet{since}, its limit (outbox_max_items); {what} was refused: retry when the GCS is reachable again",
+            q.slots.len(),
+            self.inner.client.endpoint()
+        )))
+    }
+
+    fn item_path(&self, seq: u64) -> PathBuf {
+        self.inner.dir.join(format!("{seq:020}.json"))
+    }
+
+    fn write_item(&self, seq: u64, item: &OutboxItem) -> Result<(), Error> {
+        let bytes = serde_json::to_vec_pretty(item).map_err(|e| Error::Outbox(e.to_string()))?;
+        write_atomically(&self.item_path(seq), &bytes).map_err(|e| {
+            Error::Outbox(format!(
+                "cannot write {} to the outbox {}: {e}",
+                item.describe(),
+                self.inner.dir.display()
+            ))
+        })
+    }
+
+    fn fill(&self, seq: u64, what: &ReservedFor, item: OutboxItem) -> Result<Pending, Error> {
+        let reserved = reservation_path(&self.inner.dir, seq);
+        // The space kept is given back just before the record takes it (the reservation
+        // itself stays readable until the record is written).
+        if let Ok(f) = std::fs::OpenOptions::new().write(true).open(&reserved) {
+            let _ = f.set_len(reservation_header(what).len() as u64);
+        }
+        self.write_item(seq, &item)?;
+        let _ = std::fs::remove_file(&reserved);
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut q = self.inner.queue.lock();
+            q.slots.insert(seq, Slot::Item(item));
             q.waiters.insert(seq, tx);
         }
         self.inner.wake.notify_one();
-        Ok(rx)
+        Ok(Pending(rx))
+    }
+
+    fn release(&self, seq: u64, keep_file: bool) {
+        if !keep_file {
+            let _ = std::fs::remove_file(reservation_path(&self.inner.dir, seq));
+        }
+        self.inner.queue.lock().slots.remove(&seq);
+        self.inner.wake.notify_one();
     }
 
     /// Registers the instance, keeps re-registering every heartbeat, and delivers the outbox,
-    /// until `cancel`.
-    pub async fn run(self, cancel: CancellationToken) {
-        let mut backoff = Duration::from_millis(250);
+    /// until `cancel`. `jobs` are registered again when the GCS has forgotten them.
+    pub async fn run(self, jobs: Arc<dyn LocalJobs>, cancel: CancellationToken) {
+        let backoff = || {
+            backon::ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(250))
+                .with_max_delay(Duration::from_secs(30))
+                .with_jitter()
+                .without_max_times()
+                .build()
+        };
+        let mut delays = backoff();
         let mut registered = false;
+        // The GCS did not know this CTS: its jobs are registered again before anything else.
+        let mut resync = false;
         loop {
             if cancel.is_cancelled() {
                 return;
             }
-            if !registered {
-                match self.register_instance().await {
-                    Ok(outcome) => {
-                        registered = true;
-                        backoff = Duration::from_millis(250);
-                        tracing::info!(gcs = %self.inner.client.endpoint(), outcome = outcome.as_str(), "registered at the GCS");
-                    }
-                    Err(f) => {
-                        self.failed(&f);
-                        let level_error = f.kind != FaultKind::ServiceUnavailable;
-                        if level_error {
-                            tracing::error!(gcs = %self.inner.client.endpoint(), error = %f.message, "the GCS refused this CTS's registration; retrying");
-                        } else {
-                            tracing::warn!(gcs = %self.inner.client.endpoint(), error = %f.message, "GCS unreachable; retrying");
-                        }
-                        tokio::select! {
-                            _ = cancel.cancelled() => return,
-                            _ = tokio::time::sleep(backoff) => {}
-                        }
-                        backoff = (backoff * 2).min(Duration::from_secs(30));
-                        continue;
+            let step = async {
+                if !registered {
+                    let outcome = self.register_instance().await?;
+                    tracing::info!(gcs = %self.inner.client.endpoint(), outcome = outcome.as_str(), "registered at the GCS");
+                    registered = true;
+                    if outcome == Registration::Created {
+                        resync = true;
                     }
                 }
-            }
-            match self.deliver_all().await {
-                Ok(()) => {}
+                if resync {
+                    self.register_jobs_again(jobs.as_ref()).await?;
+                    resync = false;
+                }
+                self.deliver_all(jobs.as_ref()).await
+            };
+            match step.await {
+                Ok(()) => delays = backoff(),
                 Err(f) => {
                     self.failed(&f);
                     registered = false;
-                    tracing::warn!(error = %f.message, "delivery to the GCS interrupted; will register again and resume");
+                    let delay = delays.next().unwrap_or(Duration::from_secs(30));
+                    if f.kind == FaultKind::ServiceUnavailable {
+                        tracing::warn!(gcs = %self.inner.client.endpoint(), error = %f.message, retry_in = ?delay, "GCS unreachable; the outbox waits");
+                    } else {
+                        tracing::error!(gcs = %self.inner.client.endpoint(), kind = ?f.kind, error = %f.message, retry_in = ?delay, "the GCS refused this CTS; retrying (nothing is lost meanwhile)");
+                    }
                     tokio::select! {
                         _ = cancel.cancelled() => return,
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(delay) => {}
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
                     continue;
                 }
             }
@@ -271,55 +545,130 @@ impl GcsLink {
         Ok(r.outcome)
     }
 
-    /// Delivers queued items in order. Returns `Err` when the GCS cannot be reached (the item
-    /// stays first in line); items the GCS refuses are set aside and their waiters told.
-    async fn deliver_all(&self) -> Result<(), Fault> {
+    /// The GCS answered our registration with `Created` (it never knew us, or lost its
+    /// database): registers every job running here again. A job the GCS has elsewhere by now
+    /// is only reported.
+    async fn register_jobs_again(&self, jobs: &dyn LocalJobs) -> Result<(), Fault> {
+        let all = jobs.registrations();
+        if all.is_empty() {
+            return Ok(());
+        }
+        tracing::warn!(jobs = all.len(), "the GCS did not know this CTS (a new or restored database?); registering its running jobs again");
+        for reg in all {
+            self.register_job_again(&reg).await?;
+        }
+        Ok(())
+    }
+
+    /// Registers one job again; `Err` only when it should be tried again later.
+    async fn register_job_again(&self, reg: &RegisterJob) -> Result<bool, Fault> {
+        match self.inner.client.call::<RegisterJobOp>(reg).await {
+            Ok(r) => {
+                self.contacted();
+                self.inner.status.lock().reregistered_jobs += 1;
+                tracing::warn!(gid = %reg.gid, outcome = r.outcome.as_str(), "job registered again at the GCS, which did not know it");
+                Ok(true)
+            }
+            Err(f) => match disposition(&OutboxItem::RegisterJob(reg.clone()), f) {
+                Disposition::Reject(f) => {
+                    tracing::error!(gid = %reg.gid, error = %f.message, "the GCS refused to register a job running here again");
+                    Ok(false)
+                }
+                Disposition::Retry(f)
+                | Disposition::RegisterInstance(f)
+                | Disposition::RegisterJob(f) => Err(f),
+            },
+        }
+    }
+
+    /// Delivers queued items in order, up to the first reservation not yet filled. Returns
+    /// `Err` when the first item must be tried again later (it stays first in line); items
+    /// the GCS refuses are set aside and their waiters told.
+    async fn deliver_all(&self, jobs: &dyn LocalJobs) -> Result<(), Fault> {
         loop {
-            let Some((seq, item)) = ({
+            let (seq, item) = {
                 let q = self.inner.queue.lock();
-                q.items.iter().next().map(|(s, i)| (*s, i.clone()))
-            }) else {
-                return Ok(());
+                match q.slots.iter().next() {
+                    None | Some((_, Slot::Reserved(_))) => return Ok(()),
+                    Some((seq, Slot::Item(item))) => (*seq, item.clone()),
+                }
             };
-            let result = self.call(&item).await;
-            let path = self.inner.dir.join(format!("{seq:020}.json"));
-            let outcome = match result {
+            let mut answer = self.call(&item).await;
+            if let Err(f) = &answer {
+                if let Disposition::RegisterJob(_) = disposition(&item, f.clone()) {
+                    if let Some(reg) = self.registration_for(seq, &item, jobs) {
+                        if self.register_job_again(&reg).await? {
+                            answer = self.call(&item).await;
+                        }
+                    }
+                }
+            }
+            let answer = match answer {
                 Ok(d) => {
                     self.contacted();
-                    let _ = std::fs::remove_file(&path);
+                    let _ = std::fs::remove_file(self.item_path(seq));
                     Ok(d)
                 }
-                Err(f) if f.kind == FaultKind::ServiceUnavailable => return Err(f),
-                Err(f)
-                    if f.kind == FaultKind::ResourceUnknown
-                        && f.code.as_deref() == Some("unknown-cts-instance") =>
-                {
-                    // The GCS lost our registration (e.g. an admin removed it): register again.
-                    return Err(f);
-                }
-                Err(f) => {
-                    self.contacted();
-                    tracing::error!(item = %item.describe(), error = %f.message, file = %path.display(), "the GCS refused an outbox item; set aside under outbox/rejected");
-                    let _ = std::fs::rename(
-                        &path,
-                        self.inner
-                            .dir
-                            .join("rejected")
-                            .join(format!("{seq:020}.json")),
-                    );
-                    self.inner.status.lock().rejected += 1;
-                    Err(f)
-                }
+                Err(f) => match disposition(&item, f) {
+                    Disposition::Retry(f) | Disposition::RegisterInstance(f) => return Err(f),
+                    Disposition::RegisterJob(f) | Disposition::Reject(f) => {
+                        self.contacted();
+                        self.reject(seq, &item, &f);
+                        Err(f)
+                    }
+                },
             };
             let waiter = {
                 let mut q = self.inner.queue.lock();
-                q.items.remove(&seq);
+                q.slots.remove(&seq);
                 q.waiters.remove(&seq)
             };
             if let Some(w) = waiter {
-                let _ = w.send(outcome);
+                let _ = w.send(answer);
             }
         }
+    }
+
+    /// How to register the job of an item the GCS does not know the job of: as it runs here,
+    /// or, for a job that has ended since (its exit is queued after the item), as it ran.
+    fn registration_for(
+        &self,
+        seq: u64,
+        item: &OutboxItem,
+        jobs: &dyn LocalJobs,
+    ) -> Option<RegisterJob> {
+        let gid = item.gid();
+        if let Some(r) = jobs.registration(gid) {
+            return Some(r);
+        }
+        let q = self.inner.queue.lock();
+        let ended_later = q
+            .slots
+            .range(seq + 1..)
+            .any(|(_, s)| matches!(s, Slot::Item(OutboxItem::JobFinished(f)) if f.gid == gid));
+        ended_later.then(|| RegisterJob {
+            gid: gid.to_string(),
+            cts_instance: self.inner.instance.name.clone(),
+            local_id: None,
+            recovery: false,
+            from_checkpoint: None,
+            state: None,
+            retention: None,
+        })
+    }
+
+    fn reject(&self, seq: u64, item: &OutboxItem, f: &Fault) {
+        let path = self.item_path(seq);
+        let aside = self
+            .inner
+            .dir
+            .join("rejected")
+            .join(format!("{seq:020}.json"));
+        tracing::error!(item = %item.describe(), kind = ?f.kind, code = ?f.code, error = %f.message, file = %aside.display(), "the GCS refused an outbox item as wrong; set aside for an operator");
+        let _ = std::fs::rename(&path, &aside);
+        let mut s = self.inner.status.lock();
+        s.rejected += 1;
+        s.last_rejected = Some(format!("{}: {}", item.describe(), f.message));
     }
 
     async fn call(&self, item: &OutboxItem) -> Result<Delivered, Fault> {
@@ -350,6 +699,79 @@ impl GcsLink {
     }
 }
 
+/// A place kept in the outbox for the record of an image being committed
+/// ([`GcsLink::reserve`]). Dropped unfilled, it is given up (the checkpoint failed before its
+/// commit).
+pub struct Reservation {
+    link: GcsLink,
+    seq: u64,
+    what: ReservedFor,
+    settled: bool,
+}
+
+impl Reservation {
+    pub fn image(&self) -> &str {
+        &self.what.image
+    }
+
+    pub fn gid(&self) -> &str {
+        &self.what.gid
+    }
+
+    /// Puts the record in its place (written to disk) and queues it. If it cannot be
+    /// written, the reservation file stays for the next start, which registers the image
+    /// from the store.
+    pub fn fill(mut self, item: OutboxItem) -> Result<Pending, Error> {
+        self.settled = true;
+        let seq = self.seq;
+        self.link.fill(seq, &self.what, item).inspect_err(|_| {
+            self.link.release(seq, true);
+        })
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.link.release(self.seq, false);
+        }
+    }
+}
+
+fn reservation_path(dir: &Path, seq: u64) -> PathBuf {
+    dir.join(format!("{seq:020}.reserved"))
+}
+
+fn reservation_header(what: &ReservedFor) -> Vec<u8> {
+    serde_json::to_vec(what).expect("a reservation serializes")
+}
+
+/// The reservation file: what it is for, then space allocated up to [`RESERVED_BYTES`].
+fn write_reservation(path: &Path, what: &ReservedFor) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(&reservation_header(what))?;
+    let len = f.metadata()?.len();
+    match rustix::fs::fallocate(&f, rustix::fs::FallocateFlags::empty(), len, RESERVED_BYTES) {
+        Ok(()) => {}
+        // A file system without fallocate: write the space out.
+        Err(rustix::io::Errno::OPNOTSUPP) => f.write_all(&vec![0u8; RESERVED_BYTES as usize])?,
+        Err(e) => return Err(e.into()),
+    }
+    f.sync_all()?;
+    if let Some(dir) = path.parent() {
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}
+
 /// Writes `bytes` to `path` through a temporary file, fsynced, then renamed.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
@@ -373,4 +795,190 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn finished(gid: &str) -> OutboxItem {
+        OutboxItem::JobFinished(JobFinished {
+            gid: gid.into(),
+            cts_instance: "cts".into(),
+            exit_status: Some(0),
+            signal: None,
+        })
+    }
+
+    fn job(gid: &str) -> OutboxItem {
+        OutboxItem::RegisterJob(RegisterJob {
+            gid: gid.into(),
+            cts_instance: "cts".into(),
+            local_id: None,
+            recovery: false,
+            from_checkpoint: None,
+            state: None,
+            retention: None,
+        })
+    }
+
+    fn fault(kind: FaultKind, code: Option<&str>) -> Fault {
+        let f = Fault::new(kind, "x");
+        match code {
+            Some(c) => f.with_code(c),
+            None => f,
+        }
+    }
+
+    #[test]
+    fn only_a_refusal_of_the_item_itself_rejects_it() {
+        let item = finished("job-1");
+        let d = |k, c| disposition(&item, fault(k, c));
+        // The GCS or its database away, server errors: retried.
+        assert!(matches!(
+            d(FaultKind::ServiceUnavailable, None),
+            Disposition::Retry(_)
+        ));
+        assert!(matches!(
+            d(FaultKind::Internal, None),
+            Disposition::Retry(_)
+        ));
+        assert!(matches!(
+            d(FaultKind::OperationFailed, None),
+            Disposition::Retry(_)
+        ));
+        assert!(matches!(
+            d(FaultKind::ActionNotSupported, None),
+            Disposition::Retry(_)
+        ));
+        // This CTS's certificate or role refused: fixed by an admin, retried meanwhile.
+        assert!(matches!(
+            d(FaultKind::AccessDenied, Some("access-denied")),
+            Disposition::Retry(_)
+        ));
+        assert!(matches!(
+            d(FaultKind::AccessDenied, Some("unauthenticated")),
+            Disposition::Retry(_)
+        ));
+        // The GCS lost us or the job: register again.
+        assert!(matches!(
+            d(FaultKind::ResourceUnknown, Some("unknown-cts-instance")),
+            Disposition::RegisterInstance(_)
+        ));
+        assert!(matches!(
+            d(FaultKind::ResourceUnknown, Some("unknown-gid")),
+            Disposition::RegisterJob(_)
+        ));
+        // The record is wrong.
+        assert!(matches!(
+            d(FaultKind::InvalidMessage, None),
+            Disposition::Reject(_)
+        ));
+        assert!(matches!(
+            d(FaultKind::Conflict, None),
+            Disposition::Reject(_)
+        ));
+        assert!(matches!(
+            d(FaultKind::AccessDenied, Some(RECORD_REFUSED)),
+            Disposition::Reject(_)
+        ));
+        assert!(matches!(
+            d(FaultKind::AccessDenied, Some("bad-signature")),
+            Disposition::Reject(_)
+        ));
+        // A job registration the GCS answers "unknown GID" is not registered again (in a loop).
+        assert!(matches!(
+            disposition(
+                &job("job-1"),
+                fault(FaultKind::ResourceUnknown, Some("unknown-gid"))
+            ),
+            Disposition::Reject(_)
+        ));
+    }
+
+    fn link(dir: &Path, max_items: usize) -> GcsLink {
+        let client = SoapClient::new(reqwest::Client::new(), "http://127.0.0.1:9/gcs");
+        GcsLink::open(
+            client,
+            CtsInstance {
+                name: "cts".into(),
+                cts_type: "t".into(),
+                url: "http://127.0.0.1:9/cts".into(),
+                execution_manager: "em".into(),
+                resource: "r".into(),
+                registered_at: None,
+                last_seen: None,
+            },
+            dir,
+            Duration::from_secs(30),
+            max_items,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_reservation_holds_its_place_and_survives_a_restart_unfilled() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = link(dir.path(), 10);
+        let r = l.reserve("img-1", "job-1").unwrap();
+        let file = dir.path().join(format!("{:020}.reserved", 1));
+        assert!(file.metadata().unwrap().len() >= RESERVED_BYTES);
+        l.enqueue_nowait(finished("job-1")).unwrap();
+        // The CTS dies here (the reservation is never settled).
+        std::mem::forget(r);
+        let again = link(dir.path(), 10);
+        let orphans = again.orphans();
+        assert_eq!(orphans.len(), 1);
+        assert_eq!((orphans[0].image(), orphans[0].gid()), ("img-1", "job-1"));
+        assert!(again.orphans().is_empty(), "given once");
+        // Still first in line: the exit waits behind it.
+        assert_eq!(again.status().pending, 2);
+        let mut orphans = orphans;
+        orphans.pop().unwrap().fill(job("job-1")).unwrap();
+        assert!(!file.exists());
+        let third = link(dir.path(), 10);
+        assert!(third.orphans().is_empty());
+        let q = third.inner.queue.lock();
+        let kinds: Vec<_> = q
+            .slots
+            .values()
+            .map(|s| match s {
+                Slot::Item(i) => i.describe(),
+                Slot::Reserved(_) => "reserved".into(),
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            ["registration of job \"job-1\"", "exit of job \"job-1\""]
+        );
+    }
+
+    #[test]
+    fn a_dropped_reservation_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = link(dir.path(), 10);
+        drop(l.reserve("img-1", "job-1").unwrap());
+        assert_eq!(l.status().pending, 0);
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, ["rejected"]);
+    }
+
+    #[test]
+    fn a_full_outbox_refuses_new_work_but_takes_exits() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = link(dir.path(), 2);
+        l.enqueue_nowait(job("job-1")).unwrap();
+        let _r = l.reserve("img-2", "job-1").unwrap();
+        let e = l.reserve("img-3", "job-1").err().expect("full");
+        let f: Fault = e.into();
+        assert_eq!(f.kind, FaultKind::ServiceUnavailable);
+        assert_eq!(f.code.as_deref(), Some("outbox-full"));
+        assert!(f.message.contains("outbox_max_items"), "{}", f.message);
+        assert!(l.enqueue_nowait(job("job-2")).is_err());
+        l.enqueue_nowait(finished("job-1"))
+            .expect("an exit is always taken");
+    }
 }

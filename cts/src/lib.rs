@@ -51,10 +51,11 @@ pub async fn build(config: Config) -> anyhow::Result<Cts> {
         None => Default::default(),
     };
     let http = transport::http_client(&transport::ClientSettings {
-        tls,
+        tls: tls.clone(),
         ..Default::default()
     })?;
-    Cts::new(config, cts_type, driver, http).await
+    let transfers = transport::transfer_client(tls)?;
+    Cts::new(config, cts_type, driver, http, transfers).await
 }
 
 /// Binds the local socket: replaces a stale one (nobody listening), refuses to steal a live

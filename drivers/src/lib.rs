@@ -33,6 +33,7 @@ pub mod app;
 pub mod command;
 pub mod criu;
 pub mod error;
+pub mod exits;
 pub mod proc;
 pub mod runner;
 #[cfg(test)]

@@ -3,12 +3,16 @@
 //!
 //! Layout under the directory given to [`EmbeddedPostgres::start`]:
 //!
-//! * `pgdata/` — the cluster (created by `initdb -U gca --auth=trust` on first use);
+//! * `pgdata/` — the cluster (created by `initdb -U gca --auth=scram-sha-256` on first use);
+//! * `superuser.password` — the superuser's password, generated then (32 random bytes, hex),
+//!   mode 0600 and owned by the user running the GCS (not the `postgres` user);
 //! * `postgres.log` — the server log (appended to by every start).
 //!
 //! The server listens only on `127.0.0.1`, on a port chosen at start, and has no UNIX socket.
-//! The superuser is `gca` with trust authentication, so the URL is
-//! `postgres://gca@127.0.0.1:PORT/DBNAME`.
+//! The superuser is `gca`, authenticated by SCRAM with that password, so that other local users
+//! cannot use the database; the URL is `postgres://gca:PASSWORD@127.0.0.1:PORT/DBNAME` (a
+//! secret: never log it). A cluster made by an earlier version with `trust` authentication is
+//! given a password and switched to SCRAM at its next start.
 //!
 //! PostgreSQL refuses to run as root: when this process runs as root, `initdb` and `pg_ctl` are
 //! run as the `postgres` system user through `runuser -u postgres --`, `pgdata/` is owned by that
@@ -29,6 +33,8 @@ use tokio::process::Command;
 pub const SUPERUSER: &str = "gca";
 /// The database [`EmbeddedPostgres::start`] creates for the service.
 pub const SERVICE_DATABASE: &str = "gcs";
+/// The superuser's password, beside `pgdata/`.
+pub const PASSWORD_FILE: &str = "superuser.password";
 /// The system user PostgreSQL runs as when this process runs as root.
 const SYSTEM_USER: &str = "postgres";
 /// Environment variable naming the directory holding `initdb`, `pg_ctl` and `postgres`.
@@ -280,6 +286,8 @@ pub struct EmbeddedPostgres {
     as_system_user: bool,
     /// We started the server and must stop it (in `stop` or on drop).
     owns_server: bool,
+    /// The superuser's password (empty until read or made).
+    password: String,
 }
 
 impl EmbeddedPostgres {
@@ -317,7 +325,9 @@ impl EmbeddedPostgres {
             bins,
             as_system_user,
             owns_server: false,
+            password: String::new(),
         };
+        pg.password = read_password(&pg.password_file())?.unwrap_or_default();
 
         if let Some(port) = pg.find_running_server().await? {
             tracing::info!(port, dir = %pg.dir.display(), "reusing the PostgreSQL server already running");
@@ -325,6 +335,9 @@ impl EmbeddedPostgres {
         } else {
             pg.init_cluster_if_missing().await?;
             pg.start_server().await?;
+        }
+        if pg.password.is_empty() {
+            pg.require_password().await?;
         }
         pg.ensure_database(SERVICE_DATABASE).await?;
         Ok(pg)
@@ -335,9 +348,18 @@ impl EmbeddedPostgres {
         self.port
     }
 
-    /// `postgres://gca@127.0.0.1:PORT/DATABASE`
+    /// `postgres://gca:PASSWORD@127.0.0.1:PORT/DATABASE` (the password is hex: nothing to
+    /// escape). A secret: log [`Self::port`], not this.
     pub fn url(&self, database: &str) -> String {
-        format!("postgres://{SUPERUSER}@127.0.0.1:{}/{database}", self.port)
+        format!(
+            "postgres://{SUPERUSER}:{}@127.0.0.1:{}/{database}",
+            self.password, self.port
+        )
+    }
+
+    /// `dir/superuser.password`.
+    pub fn password_file(&self) -> PathBuf {
+        self.dir.join(PASSWORD_FILE)
     }
 
     /// The directory given to [`Self::start`] (absolute).
@@ -367,9 +389,14 @@ impl EmbeddedPostgres {
 
     /// Creates `database` if it does not exist.
     pub async fn ensure_database(&self, database: &str) -> Result<()> {
-        let mut conn = connect(self.port, "postgres", Duration::from_secs(10))
-            .await
-            .with_context(|| format!("connecting to PostgreSQL on 127.0.0.1:{}", self.port))?;
+        let mut conn = connect(
+            self.port,
+            "postgres",
+            &self.password,
+            Duration::from_secs(10),
+        )
+        .await
+        .with_context(|| format!("connecting to PostgreSQL on 127.0.0.1:{}", self.port))?;
         let exists: Option<i32> =
             sqlx::query_scalar("SELECT 1 FROM pg_database WHERE datname = $1")
                 .bind(database)
@@ -389,6 +416,32 @@ impl EmbeddedPostgres {
             }
         }
         let _ = conn.close().await;
+        Ok(())
+    }
+
+    /// Restarts the server on its port (`pg_ctl restart`, which keeps the options it was
+    /// started with): `immediate` stops it as a crash would (recovery from the WAL at start),
+    /// otherwise as a routine restart (`-m fast`: sessions are ended, work in flight fails).
+    pub async fn restart(&self, immediate: bool) -> Result<()> {
+        let mut cmd = self.pg_command(&self.bins.pg_ctl());
+        cmd.arg("restart")
+            .arg("-D")
+            .arg(&self.data_dir)
+            .args(["-m", if immediate { "immediate" } else { "fast" }])
+            .args(["-w", "-t"])
+            .arg(PG_CTL_TIMEOUT_SECS.to_string())
+            .arg("-l")
+            .arg(&self.log_file);
+        let out = run(&mut cmd).await.context("running pg_ctl restart")?;
+        if !out.status.success() {
+            bail!(
+                "pg_ctl restart -D {} failed ({}): {}{}",
+                self.data_dir.display(),
+                out.status,
+                out.text(),
+                self.log_tail_since(0)
+            );
+        }
         Ok(())
     }
 
@@ -508,7 +561,8 @@ impl EmbeddedPostgres {
 
     /// Whether the server on `port` answers and serves our data directory.
     async fn is_our_server(&self, port: u16) -> bool {
-        let Ok(mut conn) = connect(port, "postgres", Duration::from_secs(3)).await else {
+        let Ok(mut conn) = connect(port, "postgres", &self.password, Duration::from_secs(3)).await
+        else {
             return false;
         };
         let dd: Result<String, _> = sqlx::query_scalar("SELECT current_setting('data_directory')")
@@ -526,7 +580,7 @@ impl EmbeddedPostgres {
         }
     }
 
-    async fn init_cluster_if_missing(&self) -> Result<()> {
+    async fn init_cluster_if_missing(&mut self) -> Result<()> {
         if self.data_dir.join("PG_VERSION").exists() {
             if self.as_system_user {
                 self.chown_to_system_user(&self.data_dir, true).await?;
@@ -538,12 +592,29 @@ impl EmbeddedPostgres {
         if self.as_system_user {
             self.chown_to_system_user(&self.data_dir, true).await?;
         }
+        // The password: ours in `superuser.password`; initdb reads it from a copy the
+        // `postgres` user can read, removed once the cluster exists.
+        let password = new_password()?;
+        write_private(&self.password_file(), &password)?;
+        self.password = password;
+        let pwfile = self.dir.join(".initdb-password");
+        write_private(&pwfile, &self.password)?;
+        if self.as_system_user {
+            self.chown_to_system_user(&pwfile, false).await?;
+        }
+        let result = self.initdb(&pwfile).await;
+        let _ = std::fs::remove_file(&pwfile);
+        result
+    }
+
+    async fn initdb(&self, pwfile: &Path) -> Result<()> {
         let mut errors = String::new();
         for locale in ["C.UTF-8", "C"] {
             let mut cmd = self.pg_command(&self.bins.initdb());
             cmd.arg("-D")
                 .arg(&self.data_dir)
-                .args(["-U", SUPERUSER, "--auth=trust", "-E", "UTF8"])
+                .args(["-U", SUPERUSER, "--auth=scram-sha-256", "-E", "UTF8"])
+                .arg(format!("--pwfile={}", pwfile.display()))
                 .arg(format!("--locale={locale}"));
             let out = run(&mut cmd).await.context("running initdb")?;
             if out.status.success() {
@@ -569,6 +640,73 @@ impl EmbeddedPostgres {
         )
     }
 
+    /// A cluster made by an earlier version trusts every local connection: gives the superuser
+    /// a new password, switches `pg_hba.conf`'s `trust` lines to `scram-sha-256`, reloads, and
+    /// only then keeps the password (so an interrupted switch is done again at the next start).
+    async fn require_password(&mut self) -> Result<()> {
+        let hba = self.data_dir.join("pg_hba.conf");
+        let text =
+            std::fs::read_to_string(&hba).with_context(|| format!("reading {}", hba.display()))?;
+        let password = new_password()?;
+        let mut conn = connect(self.port, "postgres", "", Duration::from_secs(10))
+            .await
+            .with_context(|| {
+                format!(
+                    "{} has no {PASSWORD_FILE} and the server does not trust us either; restore the file or recreate the cluster",
+                    self.dir.display()
+                )
+            })?;
+        // Hex: nothing to quote.
+        for sql in [
+            "SET password_encryption = 'scram-sha-256'".to_string(),
+            format!("ALTER ROLE {SUPERUSER} PASSWORD '{password}'"),
+        ] {
+            sqlx::query(&sql)
+                .execute(&mut conn)
+                .await
+                .context("setting the superuser's password")?;
+        }
+        let _ = conn.close().await;
+        // Rewritten in place, so that it keeps its owner and mode.
+        std::fs::write(&hba, switch_trust_to_scram(&text))
+            .with_context(|| format!("writing {}", hba.display()))?;
+        let mut cmd = self.pg_command(&self.bins.pg_ctl());
+        cmd.arg("reload").arg("-D").arg(&self.data_dir);
+        let out = run(&mut cmd).await.context("running pg_ctl reload")?;
+        if !out.status.success() {
+            bail!(
+                "pg_ctl reload -D {} failed: {}",
+                self.data_dir.display(),
+                out.text()
+            );
+        }
+        // The reload is asynchronous: wait until the password is needed and works.
+        let deadline = Instant::now() + ACCEPT_TIMEOUT;
+        loop {
+            let with = connect(self.port, "postgres", &password, Duration::from_secs(3)).await;
+            let without = connect(self.port, "postgres", "", Duration::from_secs(3)).await;
+            if with.is_ok() && without.is_err() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "switched {} to scram-sha-256 but the server still {}",
+                    hba.display(),
+                    if with.is_err() {
+                        "refuses the new password"
+                    } else {
+                        "trusts connections without one"
+                    }
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        write_private(&self.password_file(), &password)?;
+        self.password = password;
+        tracing::warn!(dir = %self.dir.display(), "the private PostgreSQL cluster trusted local connections; it now requires the password in {PASSWORD_FILE}");
+        Ok(())
+    }
+
     async fn chown_to_system_user(&self, path: &Path, recursive: bool) -> Result<()> {
         let mut cmd = Command::new("chown");
         if recursive {
@@ -590,7 +728,14 @@ impl EmbeddedPostgres {
 
     async fn start_server(&mut self) -> Result<()> {
         if !self.log_file.exists() {
-            std::fs::File::create(&self.log_file)
+            // The server's log may quote statements: its users' alone.
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(&self.log_file)
                 .with_context(|| format!("creating {}", self.log_file.display()))?;
         }
         if self.as_system_user {
@@ -645,7 +790,14 @@ impl EmbeddedPostgres {
     async fn wait_until_accepting(&self, log_offset: u64) -> Result<()> {
         let deadline = Instant::now() + ACCEPT_TIMEOUT;
         loop {
-            match connect(self.port, "postgres", Duration::from_secs(3)).await {
+            match connect(
+                self.port,
+                "postgres",
+                &self.password,
+                Duration::from_secs(3),
+            )
+            .await
+            {
                 Ok(conn) => {
                     let _ = conn.close().await;
                     return Ok(());
@@ -699,6 +851,77 @@ impl Drop for EmbeddedPostgres {
     }
 }
 
+/// 32 bytes from the kernel's random source, as hex.
+fn new_password() -> Result<String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .context("reading /dev/urandom for the database password")?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The password in `path`, if there is one; refused when others may read it.
+fn read_password(path: &Path) -> Result<Option<String>> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    if meta.permissions().mode() & 0o077 != 0 {
+        bail!(
+            "{} may be read by other users (mode {:o}); chmod 600 it",
+            path.display(),
+            meta.permissions().mode() & 0o777
+        );
+    }
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let password = text.trim();
+    if password.is_empty() || !password.bytes().all(|b| b.is_ascii_hexdigit()) {
+        bail!("{} does not hold a password this GCS made", path.display());
+    }
+    Ok(Some(password.to_string()))
+}
+
+/// Writes `contents` to a new file at `path`, mode 0600 from the start (replacing it).
+fn write_private(path: &Path, contents: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(contents.as_bytes())
+        .and_then(|_| f.sync_all())
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+}
+
+/// `pg_hba.conf` with the method `trust` of every rule replaced by `scram-sha-256`.
+fn switch_trust_to_scram(hba: &str) -> String {
+    let mut out = String::with_capacity(hba.len() + 64);
+    for line in hba.lines() {
+        let rule = line.split('#').next().unwrap_or("");
+        if rule.split_whitespace().any(|w| w == "trust") {
+            let replaced: Vec<&str> = rule
+                .split_whitespace()
+                .map(|w| if w == "trust" { "scram-sha-256" } else { w })
+                .collect();
+            out.push_str(&replaced.join(" "));
+        } else {
+            out.push_str(line);
+        }
+        out.push('\n');
+    }
+    out
+}
+
 /// Adds o+x to `dir` (ours) if the `postgres` user could not otherwise enter it.
 fn make_dir_searchable(dir: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
@@ -741,13 +964,23 @@ fn read_log_since(log_file: &Path, offset: u64) -> String {
     String::from_utf8_lossy(&buf).into_owned()
 }
 
-async fn connect(port: u16, database: &str, timeout: Duration) -> Result<PgConnection> {
-    let opts = PgConnectOptions::new()
+/// Connects as the superuser; an empty `password` sends none (a `trust` cluster of an earlier
+/// version, before [`EmbeddedPostgres::require_password`]).
+async fn connect(
+    port: u16,
+    database: &str,
+    password: &str,
+    timeout: Duration,
+) -> Result<PgConnection> {
+    let mut opts = PgConnectOptions::new_without_pgpass()
         .host("127.0.0.1")
         .port(port)
         .username(SUPERUSER)
         .database(database)
         .disable_statement_logging();
+    if !password.is_empty() {
+        opts = opts.password(password);
+    }
     match tokio::time::timeout(timeout, opts.connect()).await {
         Ok(r) => Ok(r?),
         Err(_) => Err(anyhow!(
@@ -818,9 +1051,11 @@ mod tests {
     }
 
     async fn answers(port: u16) -> bool {
-        connect(port, "postgres", Duration::from_secs(2))
-            .await
-            .is_ok()
+        // Up: it lets us in, or asks for the password.
+        match connect(port, "postgres", "", Duration::from_secs(2)).await {
+            Ok(_) => true,
+            Err(e) => format!("{e:#}").contains("password"),
+        }
     }
 
     #[tokio::test]
@@ -828,7 +1063,7 @@ mod tests {
         let tmp = test_dir();
         let mut pg = EmbeddedPostgres::start(tmp.path()).await.unwrap();
         assert!(pg.started_here());
-        assert!(pg.url("gcs").starts_with("postgres://gca@127.0.0.1:"));
+        assert!(pg.url("gcs").starts_with("postgres://gca:"));
         let pool = sqlx::PgPool::connect(&pg.url("gcs")).await.unwrap();
         let one: i32 = sqlx::query_scalar("select 1")
             .fetch_one(&pool)
@@ -872,6 +1107,76 @@ mod tests {
         pool.close().await;
         pg.stop().await.unwrap();
         drop(tmp);
+    }
+
+    #[tokio::test]
+    async fn the_cluster_admits_only_who_holds_the_password() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = test_dir();
+        let mut pg = EmbeddedPostgres::start(tmp.path()).await.unwrap();
+        let file = tmp.path().join(PASSWORD_FILE);
+        let meta = std::fs::metadata(&file).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        let err = connect(pg.port(), "postgres", "", Duration::from_secs(3))
+            .await
+            .expect_err("no password, no connection");
+        assert!(format!("{err:#}").contains("password"), "{err:#}");
+        let wrong = connect(pg.port(), "postgres", "00", Duration::from_secs(3)).await;
+        assert!(wrong.is_err(), "a wrong password is refused");
+        assert!(!tmp.path().join(".initdb-password").exists());
+        let mut conn = connect(pg.port(), "gcs", &pg.password, Duration::from_secs(3))
+            .await
+            .expect("the password works");
+        let method: String = sqlx::query_scalar(
+            "SELECT string_agg(DISTINCT auth_method, ',') FROM pg_hba_file_rules",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        assert_eq!(method, "scram-sha-256");
+        let _ = conn.close().await;
+        pg.stop().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_cluster_that_trusted_everyone_gets_a_password() {
+        let tmp = test_dir();
+        // A cluster as an earlier version made it: `trust`, no password file.
+        let mut pg = EmbeddedPostgres::start(tmp.path()).await.unwrap();
+        let hba = tmp.path().join("pgdata").join("pg_hba.conf");
+        let scram = std::fs::read_to_string(&hba).unwrap();
+        std::fs::write(&hba, scram.replace("scram-sha-256", "trust")).unwrap();
+        pg.stop().await.unwrap();
+        std::fs::remove_file(tmp.path().join(PASSWORD_FILE)).unwrap();
+
+        let mut pg = EmbeddedPostgres::start(tmp.path()).await.unwrap();
+        let password = read_password(&tmp.path().join(PASSWORD_FILE))
+            .unwrap()
+            .expect("a password was made");
+        assert_ne!(password, "");
+        assert!(
+            connect(pg.port(), "postgres", "", Duration::from_secs(3))
+                .await
+                .is_err(),
+            "trust is gone"
+        );
+        let pool = sqlx::PgPool::connect(&pg.url("gcs")).await.unwrap();
+        pool.close().await;
+        assert!(!std::fs::read_to_string(&hba)
+            .unwrap()
+            .lines()
+            .any(|l| !l.trim_start().starts_with('#') && l.contains("trust")));
+        pg.stop().await.unwrap();
+    }
+
+    #[test]
+    fn only_trust_rules_change() {
+        let hba = "# comment with trust\nlocal all all trust\nhost all all 127.0.0.1/32 md5\nhost all all ::1/128 trust # was\n";
+        let out = switch_trust_to_scram(hba);
+        assert_eq!(
+            out,
+            "# comment with trust\nlocal all all scram-sha-256\nhost all all 127.0.0.1/32 md5\nhost all all ::1/128 scram-sha-256\n"
+        );
     }
 
     #[tokio::test]

@@ -320,13 +320,18 @@ pub fn may_register_record(
     if caller.is_insecure() {
         return Ok(());
     }
+    // A refusal of the record, not of the caller (code `record-refused`): a CTS sets such a
+    // record aside instead of retrying it.
     let refuse = |why: String| {
-        Err(denied(
-            caller,
-            format!(
-                "{caller} may not register checkpoint {:?} of job {:?}: {why}",
-                record.id, record.gid
-            ),
+        Err(Error::Fault(
+            Fault::new(
+                FaultKind::AccessDenied,
+                format!(
+                    "{caller} may not register checkpoint {:?} of job {:?}: {why}",
+                    record.id, record.gid
+                ),
+            )
+            .with_code(gca_protocol::fault::RECORD_REFUSED),
         ))
     };
     if job.cts_instance != record.cts_name && !took_earlier_checkpoints {

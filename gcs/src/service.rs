@@ -930,10 +930,13 @@ impl Gcs {
         let instance = db::get_instance(&mut *tx, &r.cts_name)
             .await?
             .ok_or_else(|| {
-                Error::unknown(format!(
-                    "cannot register checkpoint {:?}: no CTS instance named {:?} is registered",
-                    r.id, r.cts_name
-                ))
+                Error::Fault(
+                    Fault::resource_unknown(format!(
+                        "cannot register checkpoint {:?}: no CTS instance named {:?} is registered",
+                        r.id, r.cts_name
+                    ))
+                    .with_code("unknown-cts-instance"),
+                )
             })?;
         let took_earlier = job.cts_instance != r.cts_name
             && db::has_checkpoint_by(&mut *tx, &r.gid, &r.cts_name).await?;

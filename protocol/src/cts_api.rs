@@ -42,8 +42,14 @@ pub struct LinkStatus {
     pub last_error: Option<String>,
     /// Items waiting for delivery.
     pub pending: usize,
-    /// Items the GCS refused (kept under `outbox/rejected/` for an operator).
+    /// Items the GCS refused as wrong (kept under `outbox/rejected/` for an operator).
     pub rejected: u64,
+    /// The last of them, and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_rejected: Option<String>,
+    /// Jobs registered again because the GCS did not know them (a restored database).
+    #[serde(default)]
+    pub reregistered_jobs: u64,
 }
 
 /// The body of `POST /api/v1/jobs/{gid}/checkpoint` (`{"stop": false}`; an empty body is

@@ -215,6 +215,10 @@ pub const ALL_KINDS: [FaultKind; 24] = [
 pub const UNAUTHENTICATED: &str = "unauthenticated";
 /// The code of an `AccessDenied` fault for an identity that may not do what it asked (403).
 pub const ACCESS_DENIED: &str = "access-denied";
+/// The code of a refusal of a record a CTS may not register (another CTS's job, an image not
+/// under its address, no digest), as opposed to a refusal of the caller: the CTS sets the
+/// record aside rather than retrying it.
+pub const RECORD_REFUSED: &str = "record-refused";
 
 /// The dialect of [`Fault::code`] values (our `wsrf-bf:ErrorCode` dialect).
 pub const ERROR_CODE_DIALECT: &str = "urn:gca:v1:error-codes";

@@ -190,8 +190,29 @@ impl Default for ClientSettings {
     }
 }
 
+/// The HTTP client for image transfers between resources: no bound on the whole request (a
+/// large image file over a slow link may take longer than any fixed bound), so the transfer
+/// itself must bound progress (`gca_store::fetch`'s stall timeout: a stream that delivers
+/// nothing for that long fails, and the next attempt resumes with a range).
+pub fn transfer_client(tls: ClientTls) -> anyhow::Result<reqwest::Client> {
+    build_client(
+        &ClientSettings {
+            tls,
+            ..Default::default()
+        },
+        None,
+    )
+}
+
 /// The HTTP client for every outgoing call.
 pub fn http_client(settings: &ClientSettings) -> anyhow::Result<reqwest::Client> {
+    build_client(settings, Some(settings.request_timeout))
+}
+
+fn build_client(
+    settings: &ClientSettings,
+    request_timeout: Option<Duration>,
+) -> anyhow::Result<reqwest::Client> {
     let mut roots = rustls::RootCertStore::empty();
     if let Some(ca) = &settings.tls.ca {
         roots = root_store(ca)?;
@@ -207,16 +228,17 @@ pub fn http_client(settings: &ClientSettings) -> anyhow::Result<reqwest::Client>
         (None, None) => builder.with_no_client_auth(),
         _ => return Err(anyhow!("a client certificate needs both `cert` and `key`")),
     };
-    reqwest::Client::builder()
+    let mut builder = reqwest::Client::builder()
         .use_preconfigured_tls(tls)
         // A redirect would send the request (and a client certificate) wherever the peer
         // says: services call exactly the URL they were given (SSRF, issue 15).
         .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(settings.connect_timeout)
-        .timeout(settings.request_timeout)
-        .pool_idle_timeout(Duration::from_secs(30))
-        .build()
-        .context("building the HTTP client")
+        .pool_idle_timeout(Duration::from_secs(30));
+    if let Some(t) = request_timeout {
+        builder = builder.timeout(t);
+    }
+    builder.build().context("building the HTTP client")
 }
 
 /// Bounds every listener keeps on its connections (slowloris, idle sockets, stalled

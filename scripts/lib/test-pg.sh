@@ -12,7 +12,8 @@
 
 # ---------------------------------------------------------------------------------------------
 # PostgreSQL (same layout and rules as gcs::embedded_pg: DIR/pgdata, DIR/postgres.log, superuser
-# gca with trust auth, TCP only on 127.0.0.1, run as the postgres user when we are root)
+# gca with SCRAM auth and its password in DIR/superuser.password (0600), TCP only on 127.0.0.1,
+# run as the postgres user when we are root)
 # ---------------------------------------------------------------------------------------------
 
 find_pg_bin() {
@@ -50,12 +51,14 @@ if [ "${#AS_PG[@]}" -gt 0 ] && ! pg_as test -x "$REPO/target"; then
 fi
 PG_DATA="$PG_DIR/pgdata"
 PG_LOG="$PG_DIR/postgres.log"
+PG_PASSWORD_FILE="$PG_DIR/superuser.password"
 mkdir -p "$PG_DIR"
 if [ "${#AS_PG[@]}" -gt 0 ]; then chmod o+x "$PG_DIR"; fi
 
 psql_at() { # PORT SQL...
     local port="$1"; shift
-    PGCONNECT_TIMEOUT=3 "$PG_BIN/psql" -X -q -At -h 127.0.0.1 -p "$port" -U gca -d postgres "$@"
+    PGPASSWORD="$(cat "$PG_PASSWORD_FILE" 2>/dev/null || true)" PGCONNECT_TIMEOUT=3 \
+        "$PG_BIN/psql" -X -q -At -h 127.0.0.1 -p "$port" -U gca -d postgres "$@"
 }
 
 # The port of a server running from $PG_DATA that answers, or nothing.
@@ -85,13 +88,18 @@ init_cluster() {
     [ -f "$PG_DATA/PG_VERSION" ] && return 0
     mkdir -p "$PG_DATA"
     if [ "${#AS_PG[@]}" -gt 0 ]; then chown -R postgres: "$PG_DATA"; fi
-    local locale out
+    local locale out pwfile="$PG_DIR/.initdb-password"
+    (umask 077; od -An -tx1 -N32 /dev/urandom | tr -d ' \n' >"$PG_PASSWORD_FILE")
+    (umask 077; cp "$PG_PASSWORD_FILE" "$pwfile")
+    if [ "${#AS_PG[@]}" -gt 0 ]; then chown postgres: "$pwfile"; fi
     for locale in C.UTF-8 C; do
-        if out="$(pg_as "$PG_BIN/initdb" -D "$PG_DATA" -U gca --auth=trust -E UTF8 --locale="$locale" 2>&1)"; then
+        if out="$(pg_as "$PG_BIN/initdb" -D "$PG_DATA" -U gca --auth=scram-sha-256 --pwfile="$pwfile" -E UTF8 --locale="$locale" 2>&1)"; then
+            rm -f "$pwfile"
             say "created the test cluster in $PG_DATA"
             return 0
         fi
     done
+    rm -f "$pwfile"
     printf '%s\n' "$out" >&2
     die "initdb -D $PG_DATA failed"
 }
@@ -136,6 +144,12 @@ test_pg_up() {
     # The same lock tests/src/db.rs takes, so that concurrent starters do not race.
     exec 9>"$PG_DIR.lock"
     flock 9
+    if [ -f "$PG_DATA/PG_VERSION" ] && [ ! -s "$PG_PASSWORD_FILE" ]; then
+        # Made before the cluster had a password (trust): a throwaway cluster, made again.
+        say "the test cluster in $PG_DATA has no password; recreating it"
+        pg_as "$PG_BIN/pg_ctl" stop -D "$PG_DATA" -m immediate -w -t 60 >/dev/null 2>&1 || true
+        rm -rf "$PG_DATA"
+    fi
     PG_PORT="$(running_port)"
     if [ -n "$PG_PORT" ]; then
         say "reusing the PostgreSQL cluster running from $PG_DATA on port $PG_PORT"
@@ -150,7 +164,8 @@ test_pg_up() {
     fi
     flock -u 9
     exec 9>&-
-    export GCA_TEST_DATABASE_URL="postgres://gca@127.0.0.1:$PG_PORT/postgres"
+    GCA_TEST_DATABASE_URL="postgres://gca:$(cat "$PG_PASSWORD_FILE")@127.0.0.1:$PG_PORT/postgres"
+    export GCA_TEST_DATABASE_URL
 }
 
 test_pg_down() {

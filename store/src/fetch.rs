@@ -560,6 +560,9 @@ mod tests {
         requests: Mutex<Vec<(String, Option<String>)>>,
         cut: Option<(String, usize)>,
         cut_done: AtomicBool,
+        /// Sends file bodies in 256 KiB pieces with this pause between them, and, with a
+        /// byte count, stops sending (without closing) after that many bytes.
+        trickle: Option<(Duration, Option<usize>)>,
     }
 
     impl Tracker {
@@ -588,6 +591,9 @@ mod tests {
             _ => None,
         };
         let res = next.run(req).await;
+        if let (Some((pause, stall_after)), true) = (t.trickle, path.contains("/files/")) {
+            return trickled(res, pause, stall_after);
+        }
         let Some(n) = cut else { return res };
         let (parts, body) = res.into_parts();
         let mut stream = body.into_data_stream();
@@ -604,6 +610,32 @@ mod tests {
             Err(std::io::Error::other("connection cut by the test")),
         ]);
         Response::from_parts(parts, axum::body::Body::from_stream(cut_stream))
+    }
+
+    fn trickled(res: Response, pause: Duration, stall_after: Option<usize>) -> Response {
+        let (parts, body) = res.into_parts();
+        let pieces = futures::stream::unfold(
+            (body.into_data_stream(), bytes::BytesMut::new(), 0usize),
+            move |(mut body, mut pending, sent)| async move {
+                if stall_after.is_some_and(|n| sent >= n) {
+                    std::future::pending::<()>().await;
+                }
+                while pending.len() < 256 << 10 {
+                    match body.next().await {
+                        Some(Ok(b)) => pending.extend_from_slice(&b),
+                        _ => break,
+                    }
+                }
+                if pending.is_empty() {
+                    return None;
+                }
+                tokio::time::sleep(pause).await;
+                let piece = pending.split_to(pending.len().min(256 << 10)).freeze();
+                let n = piece.len();
+                Some((Ok::<_, std::io::Error>(piece), (body, pending, sent + n)))
+            },
+        );
+        Response::from_parts(parts, axum::body::Body::from_stream(pieces))
     }
 
     async fn serve_tracked(store: ImageStore, tracker: Arc<Tracker>) -> String {
@@ -723,6 +755,71 @@ mod tests {
         let after = s.tracker.requests();
         assert_eq!(after.len(), before + 1);
         assert!(!after.last().unwrap().0.contains("/files/"));
+    }
+
+    /// A transfer slower than any whole-request timeout completes while it makes progress
+    /// (the CTS fetches with `transport::transfer_client`); one that stops sending fails
+    /// after the stall timeout, saying so.
+    #[tokio::test]
+    async fn a_slow_transfer_is_bounded_by_progress_not_by_time() {
+        let once = |stall| FetchOptions {
+            attempts: 1,
+            backoff: Duration::from_millis(10),
+            stall_timeout: stall,
+        };
+        // 8 MiB in 32 pieces, 30 ms apart: about 1 s.
+        let slow = Tracker {
+            trickle: Some((Duration::from_millis(30), None)),
+            ..Default::default()
+        };
+        let s = setup(slow, None).await;
+        let bounded =
+            gca_protocol::transport::http_client(&gca_protocol::transport::ClientSettings {
+                request_timeout: Duration::from_millis(400),
+                ..Default::default()
+            })
+            .unwrap();
+        let e = fetch_image_with(
+            &bounded,
+            &s.base,
+            &id("ckpt-1"),
+            Some(&s.digest),
+            &s.dst,
+            &once(Duration::from_secs(1)),
+        )
+        .await
+        .expect_err("a whole-request timeout cuts a slow transfer");
+        assert!(e.to_string().contains("pages-1.img"), "{e}");
+        let transfers = gca_protocol::transport::transfer_client(Default::default()).unwrap();
+        fetch_image_with(
+            &transfers,
+            &s.base,
+            &id("ckpt-1"),
+            Some(&s.digest),
+            &s.dst,
+            &once(Duration::from_secs(1)),
+        )
+        .await
+        .expect("a transfer that makes progress completes");
+        s.dst.verify(&id("ckpt-1")).await.unwrap();
+
+        let stalled = Tracker {
+            trickle: Some((Duration::from_millis(1), Some(1 << 20))),
+            ..Default::default()
+        };
+        let s = setup(stalled, None).await;
+        let e = fetch_image_with(
+            &transfers,
+            &s.base,
+            &id("ckpt-1"),
+            Some(&s.digest),
+            &s.dst,
+            &once(Duration::from_millis(500)),
+        )
+        .await
+        .expect_err("a transfer that stops sending fails");
+        assert!(e.to_string().contains("sent nothing for"), "{e}");
+        assert!(s.dst.list().await.unwrap().is_empty());
     }
 
     #[tokio::test]

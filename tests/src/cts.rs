@@ -31,6 +31,45 @@ pub async fn register_type(gcs: &TestGcs, cts_type: &str) {
     .expect("register the descriptor");
 }
 
+/// The configuration of a test CTS with state under `dir`, serving at `url` (its TOML text,
+/// with the test PKI's certificate unless `insecure = true` is in `extra`).
+pub fn config_text(setup: &CtsSetup<'_>, dir: &Path, url: &str) -> String {
+    let insecure = setup.extra.contains("insecure = true");
+    let state = dir.join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let _ = std::fs::remove_file(state.join("cts.sock"));
+    let descriptor_path = dir.join("descriptor.xml");
+    std::fs::write(&descriptor_path, descriptor(setup.cts_type)).unwrap();
+    let base = format!(
+        "name = {name:?}\nresource = \"node-{name}\"\nexecution_manager = \"https://node-{name}/wsrf/services/ManagedJobFactoryService\"\ngcs_url = {gcs:?}\ndescriptor = {desc:?}\nstate_dir = {state:?}\npublic_url = {url:?}\nheartbeat_secs = 2\ngcs_wait_secs = 5\n[driver]\n{driver}\n",
+        name = setup.name,
+        gcs = setup.gcs_url,
+        desc = descriptor_path,
+        state = state,
+        url = url,
+        driver = setup.driver,
+    );
+    // `extra` overrides the defaults above, key by key (tables merged one level deep).
+    let mut table: toml::Table = base.parse().expect("base configuration");
+    let extra: toml::Table = setup.extra.parse().expect("extra configuration");
+    for (k, v) in extra {
+        match (table.get_mut(&k), v) {
+            (Some(toml::Value::Table(t)), toml::Value::Table(more)) => t.extend(more),
+            (_, v) => {
+                table.insert(k, v);
+            }
+        }
+    }
+    if !insecure {
+        let tls = crate::pki::pki().tls(&crate::pki::cts(setup.name));
+        table.insert(
+            "tls".into(),
+            toml::Value::try_from(&tls).expect("TLS settings as TOML"),
+        );
+    }
+    toml::to_string(&table).unwrap()
+}
+
 /// A CTS running in this process.
 pub struct TestCts {
     pub cts: cts::Cts,
@@ -88,43 +127,11 @@ impl TestCts {
 
     async fn start_in(setup: CtsSetup<'_>, dir: tempfile::TempDir) -> Self {
         crate::init_tracing();
-        let state = dir.path().join("state");
-        std::fs::create_dir_all(&state).unwrap();
-        let _ = std::fs::remove_file(state.join("cts.sock"));
-        let descriptor_path = dir.path().join("descriptor.xml");
-        std::fs::write(&descriptor_path, descriptor(setup.cts_type)).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let insecure = setup.extra.contains("insecure = true");
         let scheme = if insecure { "http" } else { "https" };
         let url = format!("{scheme}://{}", listener.local_addr().unwrap());
-        let base = format!(
-            "name = {name:?}\nresource = \"node-{name}\"\nexecution_manager = \"https://node-{name}/wsrf/services/ManagedJobFactoryService\"\ngcs_url = {gcs:?}\ndescriptor = {desc:?}\nstate_dir = {state:?}\npublic_url = {url:?}\nheartbeat_secs = 2\ngcs_wait_secs = 5\n[driver]\n{driver}\n",
-            name = setup.name,
-            gcs = setup.gcs_url,
-            desc = descriptor_path,
-            state = state,
-            url = url,
-            driver = setup.driver,
-        );
-        // `extra` overrides the defaults above, key by key (tables merged one level deep).
-        let mut table: toml::Table = base.parse().expect("base configuration");
-        let extra: toml::Table = setup.extra.parse().expect("extra configuration");
-        for (k, v) in extra {
-            match (table.get_mut(&k), v) {
-                (Some(toml::Value::Table(t)), toml::Value::Table(more)) => t.extend(more),
-                (_, v) => {
-                    table.insert(k, v);
-                }
-            }
-        }
-        if !insecure {
-            let tls = crate::pki::pki().tls(&crate::pki::cts(setup.name));
-            table.insert(
-                "tls".into(),
-                toml::Value::try_from(&tls).expect("TLS settings as TOML"),
-            );
-        }
-        let text = toml::to_string(&table).unwrap();
+        let text = config_text(&setup, dir.path(), &url);
         let config = cts::Config::from_toml(&text).expect("test CTS configuration");
         let local_socket = config.local_socket();
         let local = cts::bind_local(&local_socket).expect("bind the local socket");
@@ -397,4 +404,56 @@ pub async fn gcs_job(gcs: &TestGcs, gid: &str) -> Job {
         .await
         .expect("GetJob")
         .job
+}
+
+/// The CTS's directories reachable by `nobody` (the tests' temporary directories are 0700),
+/// so that a local user can talk to its socket.
+pub fn open_to_local_users(cts: &TestCts) {
+    for dir in [cts.dir.path().to_path_buf(), cts.state_dir()] {
+        std::fs::set_permissions(
+            &dir,
+            <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o711),
+        )
+        .unwrap();
+    }
+}
+
+/// `curl` on the CTS's local socket as the unprivileged user `nobody`: (status, body).
+pub async fn local_as_nobody(
+    cts: &TestCts,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> (u16, String) {
+    let mut args = vec![
+        "-u".to_string(),
+        "nobody".to_string(),
+        "--".to_string(),
+        "curl".to_string(),
+        "-s".to_string(),
+        "-w".to_string(),
+        "\n%{http_code}".to_string(),
+        "--unix-socket".to_string(),
+        cts.local.socket().display().to_string(),
+        "-X".to_string(),
+        method.to_string(),
+    ];
+    if let Some(b) = body {
+        args.extend([
+            "-H".into(),
+            "content-type: application/json".into(),
+            "-d".into(),
+            b.into(),
+        ]);
+    }
+    args.push(format!("http://localhost{path}"));
+    // Async: the CTS answering it runs on this test's runtime.
+    let out = tokio::process::Command::new("runuser")
+        .args(&args)
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
 }

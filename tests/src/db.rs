@@ -3,7 +3,7 @@
 //! Every test gets a new, empty database `gca_test_<uuid>` on one shared server:
 //!
 //! * the server at `GCA_TEST_DATABASE_URL` (a maintenance-database URL such as
-//!   `postgres://gca@127.0.0.1:PORT/postgres`; `scripts/test` starts a cluster and sets it);
+//!   `postgres://gca:PASSWORD@127.0.0.1:PORT/postgres`; `scripts/test` starts a cluster and sets it);
 //! * else a private cluster ([`gcs::embedded_pg::EmbeddedPostgres`]) under
 //!   `<workspace>/target/test-pg` (or `/tmp/gca-test-pg-<uid>` when the `postgres` user could not
 //!   reach the workspace), started by the first test that needs it and left running for the

@@ -23,6 +23,7 @@ pub mod cts;
 pub mod db;
 pub mod gridengine;
 pub mod pki;
+pub mod process;
 pub mod slurm;
 pub mod wrappers;
 

@@ -158,10 +158,17 @@ async fn checkpoint(
 }
 
 async fn health(State(cts): State<Cts>) -> Json<serde_json::Value> {
+    // Counts only: which records were refused, and why, is in the authorized /api/v1/status.
     let gcs = cts.link().status();
+    let status = if gcs.connected && gcs.rejected == 0 {
+        "ok"
+    } else {
+        "degraded"
+    };
     Json(serde_json::json!({
-        "status": "ok",
+        "status": status,
         "gcs_connected": gcs.connected,
         "outbox_pending": gcs.pending,
+        "outbox_rejected": gcs.rejected,
     }))
 }

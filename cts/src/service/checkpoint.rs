@@ -13,12 +13,18 @@ use gca_protocol::fault::Fault;
 use gca_protocol::messages::{
     fmt_time, CheckpointRecord, DoCheckpoint, Origin, RegisterCheckpoint,
 };
-use gca_store::{ImageId, ImageMeta, Staging};
+use gca_store::{ImageId, ImageMeta, Manifest, Staging};
 
 use super::jobs::Job;
 use super::{Cts, LocalCaller};
 use crate::error::{Error, Result};
-use crate::gcs_link::{Delivered, OutboxItem};
+use crate::gcs_link::{Delivered, GcsLink, OutboxItem, Pending, Reservation};
+
+/// A checkpoint taken, its image committed and its record queued for the GCS.
+pub(super) struct Taken {
+    pub(super) record: CheckpointRecord,
+    pub(super) delivery: Pending,
+}
 
 impl Cts {
     /// doCheckpoint from the GCS (paper 5.2 steps 4-9).
@@ -65,11 +71,37 @@ impl Cts {
                 }
             }
         };
-        let record = self
+        let taken = self
             .fresh_checkpoint_locked(&job, Origin::External, stop)
             .await;
+        // The image is committed and its record safe in the outbox: the job is free for the
+        // next checkpoint while the GCS's answer is awaited.
         drop(guard);
-        record
+        self.registered(&job, taken?).await
+    }
+
+    /// Waits a bounded time for the GCS's answer to a checkpoint's record: the registered
+    /// record (with its sequence number), or the record as queued when the GCS is away.
+    async fn registered(&self, job: &Job, taken: Taken) -> Result<CheckpointRecord> {
+        let id = taken.record.id.clone();
+        match GcsLink::wait(taken.delivery, self.gcs_wait()).await {
+            Ok(Some(Delivered::Checkpoint(r))) => Ok(r.checkpoint),
+            Ok(_) => {
+                tracing::warn!(gid = %job.gid, checkpoint.id = %id, "GCS unreachable; checkpoint kept and its record queued");
+                Ok(taken.record)
+            }
+            Err(e) => {
+                // The image is stored; the record is set aside in the outbox for an operator.
+                let f: Fault = e.into();
+                Err(Error::Fault(Fault {
+                    message: format!(
+                        "checkpoint {id:?} of job {:?} was taken and stored, but the GCS refused its record: {}",
+                        job.gid, f.message
+                    ),
+                    ..f
+                }))
+            }
+        }
     }
 
     /// A checkpoint the job took on its own comes first (so sequence numbers follow time),
@@ -79,7 +111,7 @@ impl Cts {
         job: &Arc<Job>,
         origin: Origin,
         stop: bool,
-    ) -> Result<CheckpointRecord> {
+    ) -> Result<Taken> {
         self.collect_internal_locked(job).await;
         match self.checkpoint_locked(job, origin, stop).await {
             // The job finished one of its own in between: collect it and ask again, once.
@@ -97,7 +129,7 @@ impl Cts {
         job: &Arc<Job>,
         origin: Origin,
         stop: bool,
-    ) -> Result<CheckpointRecord> {
+    ) -> Result<Taken> {
         if job.restoring {
             return Err(Error::conflict(format!(
                 "job {:?} is being recovered; checkpoint it once it runs again",
@@ -119,14 +151,15 @@ impl Cts {
                 .with_code("job-gone"),
             ));
         }
+        let _place = self.checkpoint_place(&job.gid).await?;
         self.inner.in_flight.fetch_add(1, Ordering::SeqCst);
         job.set_busy(Some((origin, Utc::now())));
         let result = self.take(job, origin, stop).await;
         job.set_busy(None);
         self.inner.in_flight.fetch_sub(1, Ordering::SeqCst);
         match &result {
-            Ok(r) => {
-                tracing::info!(gid = %job.gid, checkpoint.id = %r.id, checkpoint.sequence = ?r.sequence, origin = %origin, stopped = r.job_stopped, "checkpoint taken")
+            Ok(t) => {
+                tracing::info!(gid = %job.gid, checkpoint.id = %t.record.id, origin = %origin, stopped = t.record.job_stopped, "checkpoint taken")
             }
             Err(e) => {
                 tracing::warn!(gid = %job.gid, origin = %origin, error = %e, "checkpoint failed")
@@ -136,7 +169,8 @@ impl Cts {
     }
 
     /// Moves a written image into the store (manifest, atomic rename) and makes its record
-    /// (without a sequence number: the GCS assigns it); counts it for the job.
+    /// (without a sequence number: the GCS assigns it); counts it for the job. An image whose
+    /// record cannot be made is removed again: an image is registered whole or not at all.
     pub(super) async fn commit_image(
         &self,
         job: &Arc<Job>,
@@ -163,30 +197,56 @@ impl Cts {
                 .collect(),
             })
             .await?;
-        let digest = self.inner.store.digest(id).await?;
+        let record = match self.record_of(id, &manifest).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(gid = %job.gid, checkpoint.id = %id, error = %e, "no record can be made for a committed image; removing it");
+                let _ = self.inner.store.delete(id).await;
+                return Err(e);
+            }
+        };
         job.checkpointed(id);
         self.inner.checkpoints_taken.fetch_add(1, Ordering::SeqCst);
         self.save_job(job);
-        let owner = match (job.uid, job.owner_gid) {
-            (uid, Some(gid)) if uid != u32::MAX => {
+        Ok(record)
+    }
+
+    /// The record of a committed image, from its manifest (what the CTS wrote when it
+    /// committed it), signed.
+    pub(super) async fn record_of(
+        &self,
+        id: &ImageId,
+        manifest: &Manifest,
+    ) -> Result<CheckpointRecord> {
+        let meta = &manifest.meta;
+        let digest = self.inner.store.digest(id).await?;
+        let number = |k: &str| meta.extra.get(k).and_then(|v| v.parse::<u32>().ok());
+        let owner = match (
+            number(gca_store::export::OWNER_UID_KEY),
+            number(gca_store::export::OWNER_GID_KEY),
+        ) {
+            (Some(uid), Some(gid)) if uid != u32::MAX => {
                 Some(gca_protocol::messages::ImageOwner { uid, gid })
             }
             _ => None,
         };
+        let origin = meta.origin.parse::<Origin>().map_err(|e| {
+            anyhow::anyhow!("image {id}: its manifest's origin {:?}: {e}", meta.origin)
+        })?;
         let mut record = CheckpointRecord {
             id: id.to_string(),
-            gid: job.gid.clone(),
+            gid: meta.gid.clone(),
             sequence: None,
             cts_name: self.inner.instance.name.clone(),
             cts_type: self.inner.cts_type.name.clone(),
-            taken_at,
+            taken_at: meta.created_at,
             image_name: format!("{}/images/{id}", self.inner.config.public_url()),
             execution_manager: self.inner.instance.execution_manager.clone(),
             size_bytes: Some(manifest.total_bytes as i64),
             digest: Some(digest),
             parent: None,
             origin,
-            job_stopped: stop,
+            job_stopped: meta.extra.get("job_stopped").is_some_and(|v| v == "true"),
             registered_at: None,
             image_state: Default::default(),
             kept_in: None,
@@ -200,7 +260,7 @@ impl Cts {
                     gca_protocol::FaultKind::OperationFailed,
                     format!(
                         "image {id} of job {:?} cannot be signed: the job's owner is unknown",
-                        job.gid
+                        meta.gid
                     ),
                 ))
             })?;
@@ -214,6 +274,64 @@ impl Cts {
         Ok(record)
     }
 
+    /// Waits for one of the `limits.checkpoints_in_flight` places for a checkpoint on this
+    /// resource, up to `checkpoint.busy_wait_secs`.
+    async fn checkpoint_place(&self, gid: &str) -> Result<tokio::sync::OwnedSemaphorePermit> {
+        let places = self.inner.checkpoint_places.clone();
+        if let Ok(p) = places.clone().try_acquire_owned() {
+            return Ok(p);
+        }
+        let wait = Duration::from_secs(self.inner.config.checkpoint.busy_wait_secs);
+        match tokio::time::timeout(wait, places.acquire_owned()).await {
+            Ok(Ok(p)) => Ok(p),
+            _ => Err(Error::Fault(
+                Fault::new(
+                    gca_protocol::FaultKind::ServiceUnavailable,
+                    format!(
+                        "{} checkpoints are being taken on this resource, its limit (limits.checkpoints_in_flight); job {gid:?} was not checkpointed: retry later",
+                        self.inner.config.limits.checkpoints_in_flight
+                    ),
+                )
+                .with_code("cts-busy"),
+            )),
+        }
+    }
+
+    /// Checkpoints a previous run committed but died before queueing the record of (see
+    /// [`crate::gcs_link`]): registered from the store, whole; a reservation whose image was
+    /// never committed is given up (the staging area is emptied when the store opens).
+    pub(super) async fn settle_unfinished_checkpoints(&self) {
+        for r in self.inner.link.orphans() {
+            let Ok(id) = ImageId::parse(r.image()) else {
+                continue;
+            };
+            let manifest = match self.inner.store.manifest(&id).await {
+                Ok(m) => m,
+                Err(_) => {
+                    tracing::info!(checkpoint.id = %id, gid = %r.gid(), "a checkpoint interrupted before its commit left nothing; given up");
+                    continue;
+                }
+            };
+            let result = match self.record_of(&id, &manifest).await {
+                Ok(record) => r
+                    .fill(OutboxItem::RegisterCheckpoint(Box::new(
+                        RegisterCheckpoint { checkpoint: record },
+                    )))
+                    .map(drop),
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(()) => {
+                    tracing::warn!(checkpoint.id = %id, gid = %manifest.meta.gid, "a checkpoint committed just before the CTS stopped is registered now")
+                }
+                Err(e) => {
+                    tracing::error!(checkpoint.id = %id, gid = %manifest.meta.gid, error = %e, "a checkpoint committed just before the CTS stopped cannot be registered; its image is removed");
+                    let _ = self.inner.store.delete(&id).await;
+                }
+            }
+        }
+    }
+
     pub(super) fn new_image_id(&self) -> Result<ImageId> {
         let rand = uuid::Uuid::new_v4().simple().to_string();
         Ok(ImageId::parse(&format!(
@@ -224,16 +342,14 @@ impl Cts {
         ))?)
     }
 
-    pub(super) async fn take(
-        &self,
-        job: &Arc<Job>,
-        origin: Origin,
-        stop: bool,
-    ) -> Result<CheckpointRecord> {
+    pub(super) async fn take(&self, job: &Arc<Job>, origin: Origin, stop: bool) -> Result<Taken> {
         // Checked before every dump: a job may have started a setuid program since it was
         // registered.
         crate::policy::plainly_theirs(job.uid, job.pid, &format!("job {:?}", job.gid))?;
+        self.signable(job)?;
         let id = self.new_image_id()?;
+        // The outbox must be able to take the record before anything is dumped.
+        let place = self.inner.link.reserve(&id, &job.gid)?;
         let staging = self.inner.store.stage(&id).await?;
         let values = self
             .job_values(job)
@@ -279,27 +395,23 @@ impl Cts {
                     tracing::error!(gid = %job.gid, error = %e, "job stopped but its image could not be stored");
                 }
             })?;
-        let item = OutboxItem::RegisterCheckpoint(Box::new(RegisterCheckpoint {
-            checkpoint: record.clone(),
-        }));
-        match self.inner.link.send(item, self.gcs_wait()).await {
-            Ok(Some(Delivered::Checkpoint(r))) => Ok(r.checkpoint),
-            Ok(_) => {
-                tracing::warn!(gid = %job.gid, checkpoint.id = %id, "GCS unreachable; checkpoint kept and its record queued");
-                Ok(record)
-            }
-            Err(e) => {
-                // The image is stored; the record is set aside in the outbox for an operator.
-                let f: Fault = e.into();
-                Err(Error::Fault(Fault {
-                    message: format!(
-                        "checkpoint {id:?} of job {:?} was taken and stored, but the GCS refused its record: {}",
-                        job.gid, f.message
-                    ),
-                    ..f
-                }))
-            }
+        let delivery = queue_record(place, &record)?;
+        Ok(Taken { record, delivery })
+    }
+
+    /// With signatures on, an image is signed with its owner: one whose owner is unknown
+    /// could never be registered, so it is not taken.
+    fn signable(&self, job: &Job) -> Result<()> {
+        if self.inner.signer.is_some() && (job.uid == u32::MAX || job.owner_gid.is_none()) {
+            return Err(Error::Fault(Fault::new(
+                gca_protocol::FaultKind::OperationFailed,
+                format!(
+                    "job {:?} cannot be checkpointed: its owner (user and group) is unknown, and images are signed with their owner",
+                    job.gid
+                ),
+            )));
         }
+        Ok(())
     }
 
     /// The staging directory of a failed checkpoint is removed; its logs (CRIU's `dump.log`,
@@ -405,18 +517,32 @@ impl Cts {
         let id = staging.id().clone();
         self.inner.in_flight.fetch_add(1, Ordering::SeqCst);
         let result = async {
+            self.signable(job)?;
+            let place = self.inner.link.reserve(&id, &job.gid)?;
             let record = self
                 .commit_image(job, staging, &id, taken_at, Origin::Job, false)
                 .await?;
             tracing::info!(gid = %job.gid, checkpoint.id = %id, "checkpoint taken by the job itself");
-            self.inner
-                .link
-                .enqueue_nowait(OutboxItem::RegisterCheckpoint(Box::new(RegisterCheckpoint { checkpoint: record })))
+            queue_record(place, &record).map(drop)
         }
         .await;
         self.inner.in_flight.fetch_sub(1, Ordering::SeqCst);
         result
     }
+}
+
+/// Puts a committed image's record in the place kept for it.
+fn queue_record(place: Reservation, record: &CheckpointRecord) -> Result<Pending> {
+    place
+        .fill(OutboxItem::RegisterCheckpoint(Box::new(RegisterCheckpoint {
+            checkpoint: record.clone(),
+        })))
+        .map_err(|e| {
+            Error::Outbox(format!(
+                "checkpoint {:?} of job {:?} was taken and stored, but its record could not be queued for the GCS ({e}); it is registered when the CTS next starts",
+                record.id, record.gid
+            ))
+        })
 }
 
 /// `uid` and `gid` (the owner's numeric user and group, not the job's GID, which is

@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use gca_drivers::{proc, JobHandle};
 use gca_protocol::fault::Fault;
 use gca_protocol::local::{GcsDelivery, LocalJob};
-use gca_protocol::messages::{AbandonRecovery, JobFinished, JobState, Origin, Property};
+use gca_protocol::messages::{AbandonRecovery, JobFinished, JobState, Origin, Property, Retention};
 use parking_lot::{Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -36,6 +36,8 @@ pub(super) struct Job {
     pub(super) environment: Vec<Property>,
     pub(super) periodic: Option<Duration>,
     pub(super) registered_at: DateTime<Utc>,
+    /// The retention policy the job registered with (given again if the GCS forgot it).
+    pub(super) retention: Option<Retention>,
     /// A recovery wrapper (`pid`) is restoring the job's image: no checkpoints, and the
     /// wrapper's exit is no finish (it registers the restored process next, or withdraws).
     pub(super) restoring: bool,
@@ -80,6 +82,8 @@ pub(super) struct SavedJob {
     /// a restarted CTS keeps the registration, so the wrapper's second step finds it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub(super) restoring: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) retention: Option<Retention>,
 }
 
 impl Job {
@@ -98,6 +102,7 @@ impl Job {
             environment: saved.environment,
             periodic: saved.periodic_interval_secs.map(Duration::from_secs),
             registered_at: saved.registered_at,
+            retention: saved.retention,
             restoring: saved.restoring,
             lock: tokio::sync::Mutex::new(()),
             state: Mutex::new(JobProgress {
@@ -128,6 +133,7 @@ impl Job {
             checkpoints: progress.checkpoints,
             last_checkpoint: progress.last_checkpoint.clone(),
             restoring: self.restoring,
+            retention: self.retention.clone(),
         }
     }
 

@@ -54,8 +54,9 @@ struct Inner {
     driver_check: String,
     store: ImageStore,
     link: GcsLink,
-    /// For fetching images from other CTSes.
-    http: reqwest::Client,
+    /// For fetching images from other CTSes: bounded by progress, not by a whole-request
+    /// timeout (`transport::transfer_client`).
+    transfers: reqwest::Client,
     /// Signs the images this CTS takes (`None` in insecure mode).
     signer: Option<gca_protocol::signature::Signer>,
     /// Checks the signatures of images this CTS recovers from (`None` in insecure mode).
@@ -65,6 +66,10 @@ struct Inner {
     /// The jobs running here, by GID (see [`jobs`]).
     jobs: Mutex<HashMap<String, Arc<Job>>>,
     in_flight: AtomicU64,
+    /// Places for checkpoints taken at once (`limits.checkpoints_in_flight`).
+    checkpoint_places: Arc<tokio::sync::Semaphore>,
+    /// Exit statuses of jobs from the kernel (`None`: not available here, see the log).
+    exit_events: Option<Arc<gca_drivers::exits::ExitEvents>>,
     checkpoints_taken: AtomicU64,
     cancel: CancellationToken,
 }
@@ -77,6 +82,7 @@ impl Cts {
         cts_type: CtsType,
         driver: Arc<dyn CoreCheckpointer>,
         http: reqwest::Client,
+        transfers: reqwest::Client,
     ) -> anyhow::Result<Self> {
         use anyhow::Context;
         let driver_check = driver.self_check().await.map_err(|e| {
@@ -124,7 +130,18 @@ impl Cts {
             instance.clone(),
             &config.state_dir.join("outbox"),
             Duration::from_secs(config.heartbeat_secs),
+            config.limits.outbox_max_items,
         )?;
+        let exit_events = match gca_drivers::exits::ExitEvents::shared() {
+            Ok(e) => Some(e),
+            Err(why) => {
+                tracing::warn!(reason = %why, "job exit statuses may be unknown");
+                None
+            }
+        };
+        let checkpoint_places = Arc::new(tokio::sync::Semaphore::new(
+            config.limits.checkpoints_in_flight,
+        ));
         let cts = Cts {
             inner: Arc::new(Inner {
                 config,
@@ -134,24 +151,30 @@ impl Cts {
                 driver_check,
                 store,
                 link,
-                http,
+                transfers,
                 signer,
                 verifier,
                 peer_grants: Mutex::new(HashMap::new()),
                 jobs: Mutex::new(HashMap::new()),
                 in_flight: AtomicU64::new(0),
+                checkpoint_places,
+                exit_events,
                 checkpoints_taken: AtomicU64::new(0),
                 cancel: CancellationToken::new(),
             }),
         };
         cts.reload_jobs();
+        cts.settle_unfinished_checkpoints().await;
         Ok(cts)
     }
 
     /// Starts the GCS link, the store's reconciliation and the per-job watchers; they stop on
     /// [`Cts::shutdown`].
     pub fn start(&self) {
-        tokio::spawn(self.inner.link.clone().run(self.inner.cancel.child_token()));
+        tokio::spawn(self.inner.link.clone().run(
+            Arc::new(self.clone()) as Arc<dyn crate::gcs_link::LocalJobs>,
+            self.inner.cancel.child_token(),
+        ));
         self.spawn_reconciler();
         let jobs: Vec<Arc<Job>> = self.jobs().values().cloned().collect();
         for job in jobs {

@@ -226,7 +226,7 @@ impl Cts {
                         ))
                     })?;
                 gca_store::fetch::fetch_image(
-                    &self.inner.http,
+                    &self.inner.transfers,
                     base,
                     &image,
                     record.digest.as_deref(),

@@ -51,6 +51,7 @@ impl Cts {
         }
         crate::policy::caller_starts(&caller, req.pid)?;
         crate::policy::plainly_theirs(caller.uid, req.pid, &format!("job {:?}", req.gid))?;
+        self.check_jobs_per_user(&req.gid, uid)?;
         check_retention(&req)?;
         let restoring = req.recovery.as_ref().is_some_and(|r| r.restoring);
         let periodic = if restoring {
@@ -145,6 +146,7 @@ impl Cts {
                 checkpoints: 0,
                 last_checkpoint: None,
                 restoring,
+                retention: req.retention.clone(),
             },
             gcs,
             self.inner.cancel.child_token(),
@@ -156,6 +158,31 @@ impl Cts {
         tracing::info!(gid = %job.gid, pid = job.pid, periodic_secs = ?job.periodic.map(|d| d.as_secs()), gcs = ?gcs, recovery = ?req.recovery, retention = ?req.retention, "job registered");
         self.spawn_job_tasks(job.clone());
         Ok(self.view(&job))
+    }
+
+    /// `limits.jobs_per_user`: a local user's jobs here at once (root's are not counted).
+    fn check_jobs_per_user(&self, gid: &str, uid: u32) -> Result<()> {
+        let limit = self.inner.config.limits.jobs_per_user;
+        if uid == 0 {
+            return Ok(());
+        }
+        let theirs = self
+            .jobs()
+            .values()
+            .filter(|j| j.uid == uid && j.gid != gid)
+            .count();
+        if theirs >= limit {
+            return Err(Error::Fault(
+                Fault::new(
+                    gca_protocol::FaultKind::ServiceUnavailable,
+                    format!(
+                        "user {uid} has {theirs} jobs registered on this resource, its limit (limits.jobs_per_user); job {gid:?} was not registered: wait for one to end"
+                    ),
+                )
+                .with_code("too-many-jobs"),
+            ));
+        }
+        Ok(())
     }
 
     pub(super) fn environment_for(&self, values: &Values) -> anyhow::Result<Vec<Property>> {
@@ -243,6 +270,36 @@ impl Cts {
         let view = self.view(&job);
         self.job_exited(&job, Some(exit)).await;
         Ok(view)
+    }
+}
+
+/// The jobs the GCS link registers again when the GCS has forgotten them: those running
+/// here (a recovery still restoring is left to its wrapper's next step).
+impl crate::gcs_link::LocalJobs for Cts {
+    fn registration(&self, gid: &str) -> Option<RegisterJob> {
+        let job = self.jobs().get(gid).cloned()?;
+        self.registration_again(&job)
+    }
+
+    fn registrations(&self) -> Vec<RegisterJob> {
+        let jobs: Vec<Arc<Job>> = self.jobs().values().cloned().collect();
+        jobs.iter()
+            .filter_map(|j| self.registration_again(j))
+            .collect()
+    }
+}
+
+impl Cts {
+    fn registration_again(&self, job: &Job) -> Option<RegisterJob> {
+        (!job.restoring && !job.stopping()).then(|| RegisterJob {
+            gid: job.gid.clone(),
+            cts_instance: self.inner.instance.name.clone(),
+            local_id: Some(job.pid.to_string()),
+            recovery: false,
+            from_checkpoint: None,
+            state: None,
+            retention: job.retention.clone(),
+        })
     }
 }
 

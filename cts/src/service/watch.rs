@@ -16,6 +16,9 @@ use crate::gcs_link::OutboxItem;
 impl Cts {
     pub(super) fn spawn_job_tasks(&self, job: Arc<Job>) {
         // Exit watcher.
+        if let Some(events) = &self.inner.exit_events {
+            events.watch(job.pid);
+        }
         let cts = self.clone();
         let j = job.clone();
         tokio::spawn(async move {
@@ -85,12 +88,11 @@ impl Cts {
         }
         let (exit_status, signal) = match reported {
             Some(r) => (r.exit_status, r.signal),
-            None => proc::stat(job.pid)
-                .filter(|s| s.start_time == job.start_time && s.state == 'Z')
-                .and_then(|s| s.exit_code)
-                .map(proc::decode_wait_status)
-                .unwrap_or((None, None)),
+            None => self.exit_status_of(job).await,
         };
+        if let Some(events) = &self.inner.exit_events {
+            events.unwatch(job.pid);
+        }
         {
             let _guard = job.lock.lock().await;
             self.collect_internal_locked(job).await;
@@ -123,6 +125,23 @@ impl Cts {
         if let Err(e) = self.inner.link.enqueue_nowait(item) {
             tracing::error!(gid = %job.gid, error = %e, "cannot queue the job's exit for the GCS");
         }
+    }
+}
+
+impl Cts {
+    /// The wait status of a job that is not our child: its zombie's, if its parent has not
+    /// reaped it yet, else the kernel's exit event (which may come a moment after the pidfd
+    /// said it was gone). Unknown (`None, None`) only without the events connector.
+    async fn exit_status_of(&self, job: &Job) -> (Option<i32>, Option<i32>) {
+        let zombie = proc::stat(job.pid)
+            .filter(|s| s.start_time == job.start_time && s.state == 'Z')
+            .and_then(|s| s.exit_code);
+        let status = match (zombie, &self.inner.exit_events) {
+            (Some(code), _) => Some(code),
+            (None, Some(events)) => events.exit_status(job.pid, Duration::from_secs(2)).await,
+            (None, None) => None,
+        };
+        status.map(proc::decode_wait_status).unwrap_or((None, None))
     }
 }
 

@@ -316,54 +316,6 @@ fn signal(job: &TestJob, sig: &str) {
         .success());
 }
 
-/// The CTS's directories reachable by `nobody` (the tests' temporary directories are 0700),
-/// so that a local user can talk to its socket.
-fn open_to_local_users(cts: &TestCts) {
-    for dir in [cts.dir.path().to_path_buf(), cts.state_dir()] {
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711)).unwrap();
-    }
-}
-
-/// `curl` on the CTS's local socket as the unprivileged user `nobody`: (status, body).
-async fn local_as_nobody(
-    cts: &TestCts,
-    method: &str,
-    path: &str,
-    body: Option<&str>,
-) -> (u16, String) {
-    let mut args = vec![
-        "-u".to_string(),
-        "nobody".to_string(),
-        "--".to_string(),
-        "curl".to_string(),
-        "-s".to_string(),
-        "-w".to_string(),
-        "\n%{http_code}".to_string(),
-        "--unix-socket".to_string(),
-        cts.local.socket().display().to_string(),
-        "-X".to_string(),
-        method.to_string(),
-    ];
-    if let Some(b) = body {
-        args.extend([
-            "-H".into(),
-            "content-type: application/json".into(),
-            "-d".into(),
-            b.into(),
-        ]);
-    }
-    args.push(format!("http://localhost{path}"));
-    // Async: the CTS answering it runs on this test's runtime.
-    let out = tokio::process::Command::new("runuser")
-        .args(&args)
-        .output()
-        .await
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (code.trim().parse().unwrap_or(0), body.to_string())
-}
-
 /// A local user cannot use another user's job through the socket: not fetch its image (the
 /// first step of the "local user gets root" chain), not recover, checkpoint or see it.
 #[tokio::test]

@@ -4,9 +4,11 @@
 
 mod app;
 mod authorization;
+mod bad_days;
 mod criu;
 mod export;
 mod faults;
+mod limits;
 mod outbox;
 mod retention;
 mod template;

@@ -511,12 +511,26 @@ fn the_image_builds_and_holds_every_binary_the_services_run() {
         .find_map(|l| l.strip_prefix("FROM rust:"))
         .expect("a rust build image");
     let version = parse_version(image.split('-').next().unwrap());
+    let rustc = std::process::Command::new("rustc")
+        .arg("-vV")
+        .output()
+        .expect("rustc -vV");
+    let host = String::from_utf8_lossy(&rustc.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("host: ").map(str::to_string))
+        .expect("rustc names its host");
     let metadata = std::process::Command::new(std::env::var("CARGO").unwrap_or("cargo".into()))
+        // This platform's packages only: the others' need not be downloaded (offline).
         .args(["metadata", "--format-version", "1", "--offline", "--locked"])
+        .args(["--filter-platform", &host])
         .current_dir(REPO)
         .output()
         .unwrap();
-    assert!(metadata.status.success(), "cargo metadata failed");
+    assert!(
+        metadata.status.success(),
+        "cargo metadata failed: {}",
+        String::from_utf8_lossy(&metadata.stderr)
+    );
     let metadata: serde_json::Value = serde_json::from_slice(&metadata.stdout).unwrap();
     let (needed, by) = metadata["packages"]
         .as_array()
