@@ -528,3 +528,96 @@ impl crate::CoreCheckpointer for Vmm {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::TestJob;
+    use crate::CoreCheckpointer;
+
+    fn vmm() -> Vmm {
+        Vmm::new(VmmConfig::default()).unwrap()
+    }
+
+    /// A QMP socket in the job's directory served by a process outside the job's tree (here,
+    /// this test process) is refused before anything is sent to it, and no image file is made.
+    #[tokio::test]
+    async fn a_qmp_socket_not_served_by_the_jobs_tree_is_refused() {
+        let job = TestJob::start().await;
+        let handle = job.handle("gid-vmm-peer");
+        let listener =
+            std::os::unix::net::UnixListener::bind(handle.checkpoint_dir.join(launch::QMP_SOCKET))
+                .unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let image = tempfile::tempdir().unwrap();
+        let values = gca_protocol::placeholders::Values::new();
+        let err = vmm()
+            .checkpoint(CheckpointRequest {
+                job: &handle,
+                image_id: "img",
+                image_dir: image.path(),
+                leave_running: true,
+                values: &values,
+                timeout: Duration::from_secs(5),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code, "not-the-jobs", "{err}");
+        assert!(err.message.contains("not the job's"), "{err}");
+        // The CTS connected, then said nothing: no QMP greeting was awaited, no command sent.
+        let (mut conn, _) = listener.accept().expect("the CTS connected");
+        let mut buf = [0u8; 1];
+        conn.set_nonblocking(false).unwrap();
+        conn.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let n = std::io::Read::read(&mut conn, &mut buf).unwrap_or(0);
+        assert_eq!(n, 0, "the CTS sent something to a stranger's socket");
+        assert_eq!(std::fs::read_dir(image.path()).unwrap().count(), 0);
+    }
+
+    /// A job without a VM (no QMP socket) is `job-gone`, not a hang.
+    #[tokio::test]
+    async fn a_job_without_a_vm_is_reported_as_such() {
+        let job = TestJob::start().await;
+        let handle = job.handle("gid-vmm-none");
+        let image = tempfile::tempdir().unwrap();
+        let values = gca_protocol::placeholders::Values::new();
+        let err = vmm()
+            .checkpoint(CheckpointRequest {
+                job: &handle,
+                image_id: "img",
+                image_dir: image.path(),
+                leave_running: true,
+                values: &values,
+                timeout: Duration::from_secs(5),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code, "job-gone", "{err}");
+        assert!(err.message.contains("gca-vmm-exec"), "{err}");
+    }
+
+    #[test]
+    fn configurations_that_would_smuggle_options_are_refused() {
+        for bad in [
+            VmmConfig {
+                machine: "q35,accel=tcg".into(),
+                ..VmmConfig::default()
+            },
+            VmmConfig {
+                cpu: "qemu64 -nic".into(),
+                ..VmmConfig::default()
+            },
+            VmmConfig {
+                kernel_args: vec!["a b".into()],
+                ..VmmConfig::default()
+            },
+            VmmConfig {
+                memory_mib: 1,
+                ..VmmConfig::default()
+            },
+        ] {
+            assert!(Vmm::new(bad.clone()).is_err(), "{bad:?}");
+        }
+    }
+}
