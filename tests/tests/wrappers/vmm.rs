@@ -9,7 +9,7 @@
 //! the one that build found to boot the guest here (`accel`: `kvm`, or `tcg` where the host's
 //! KVM cannot boot a stock kernel).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use gca_protocol::messages::*;
@@ -19,30 +19,6 @@ use integration_tests::wrappers::*;
 use integration_tests::TestGcs;
 
 const T: Duration = Duration::from_secs(120);
-
-fn guest_dir() -> PathBuf {
-    let dir = std::env::var_os("GCA_VMM_GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/cache/gca/vmm-guest"));
-    assert!(
-        dir.join("vmlinuz").is_file() && dir.join("initrd.img").is_file(),
-        "no VMM guest in {}: run scripts/install-deps (or scripts/build-vmm-guest)",
-        dir.display()
-    );
-    dir
-}
-
-fn vmm_driver() -> String {
-    let dir = guest_dir();
-    let accel = std::fs::read_to_string(dir.join("accel"))
-        .map(|a| a.trim().to_string())
-        .unwrap_or_else(|_| "kvm".into());
-    format!(
-        "kind = \"vmm\"\nkernel = {:?}\ninitrd = {:?}\naccel = {accel:?}\nmemory_mib = 128\ndisk_mib = 16\n",
-        dir.join("vmlinuz"),
-        dir.join("initrd.img"),
-    )
-}
 
 /// The numbers the job printed on its console (`count N`).
 fn counts(console: &Path) -> Vec<u64> {
