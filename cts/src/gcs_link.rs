@@ -236,8 +236,9 @@ impl GcsLink {
                         slots.insert(seq, Slot::Item(item));
                     }
                     Err(e) => {
-                        tracing::error!(file = %entry.path().display(), error = %e, "unreadable outbox item set aside");
-                        let _ = std::fs::rename(entry.path(), dir.join("rejected").join(&name));
+                        let aside = set_aside_path(dir, seq);
+                        tracing::error!(file = %entry.path().display(), aside = %aside.display(), error = %e, "unreadable outbox item set aside");
+                        let _ = std::fs::rename(entry.path(), aside);
                     }
                 },
                 "reserved" => {
@@ -280,9 +281,14 @@ impl GcsLink {
             );
         }
         let next = slots.keys().next_back().map_or(1, |k| k + 1);
+        // What earlier runs set aside stays counted until an operator removes it.
+        let rejected = std::fs::read_dir(dir.join("rejected"))
+            .map(|d| d.flatten().count() as u64)
+            .unwrap_or(0);
         let status = LinkStatus {
             endpoint: client.endpoint().to_string(),
             pending: slots.len(),
+            rejected,
             ..Default::default()
         };
         Ok(Self {
@@ -485,6 +491,11 @@ impl GcsLink {
         };
         let mut delays = backoff();
         let mut registered = false;
+        // One interval across wake-ups, so that frequent deliveries do not put the heartbeat
+        // off for ever.
+        let mut heartbeat = tokio::time::interval(self.inner.heartbeat);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        heartbeat.tick().await;
         // The GCS did not know this CTS: its jobs are registered again before anything else.
         let mut resync = false;
         loop {
@@ -528,7 +539,7 @@ impl GcsLink {
                 _ = cancel.cancelled() => return,
                 _ = self.inner.wake.notified() => {}
                 // Heartbeat: the registration doubles as "still alive".
-                _ = tokio::time::sleep(self.inner.heartbeat) => registered = false,
+                _ = heartbeat.tick() => registered = false,
             }
         }
     }
@@ -642,9 +653,10 @@ impl GcsLink {
             return Some(r);
         }
         let q = self.inner.queue.lock();
+        // The item itself may be the job's end.
         let ended_later = q
             .slots
-            .range(seq + 1..)
+            .range(seq..)
             .any(|(_, s)| matches!(s, Slot::Item(OutboxItem::JobFinished(f)) if f.gid == gid));
         ended_later.then(|| RegisterJob {
             gid: gid.to_string(),
@@ -659,11 +671,7 @@ impl GcsLink {
 
     fn reject(&self, seq: u64, item: &OutboxItem, f: &Fault) {
         let path = self.item_path(seq);
-        let aside = self
-            .inner
-            .dir
-            .join("rejected")
-            .join(format!("{seq:020}.json"));
+        let aside = set_aside_path(&self.inner.dir, seq);
         tracing::error!(item = %item.describe(), kind = ?f.kind, code = ?f.code, error = %f.message, file = %aside.display(), "the GCS refused an outbox item as wrong; set aside for an operator");
         let _ = std::fs::rename(&path, &aside);
         let mut s = self.inner.status.lock();
@@ -730,12 +738,33 @@ impl Reservation {
     }
 }
 
+impl Reservation {
+    /// Gives the place up for this run but keeps the reservation file, so that the next
+    /// start tries again to register the image.
+    pub fn postpone(mut self) {
+        self.settled = true;
+        self.link.release(self.seq, true);
+    }
+}
+
 impl Drop for Reservation {
     fn drop(&mut self) {
         if !self.settled {
             self.link.release(self.seq, false);
         }
     }
+}
+
+/// Where an item the GCS refused (or that cannot be read) goes: sequence numbers start again
+/// at 1 when a run starts with an empty outbox, so the name also carries when it was set
+/// aside, and an earlier run's file is never overwritten.
+fn set_aside_path(dir: &Path, seq: u64) -> PathBuf {
+    let unique = uuid::Uuid::new_v4().simple().to_string();
+    dir.join("rejected").join(format!(
+        "{seq:020}-{}-{}.json",
+        Utc::now().format("%Y%m%dT%H%M%SZ"),
+        &unique[..8]
+    ))
 }
 
 fn reservation_path(dir: &Path, seq: u64) -> PathBuf {

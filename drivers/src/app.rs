@@ -571,10 +571,80 @@ fn clear_dir(path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The journal of a collection in progress: beside the job's directory (in the CTS's own
+/// directory, out of the job's reach), naming the marker being collected.
+fn journal_path(dir: &Path) -> PathBuf {
+    let name = dir.file_name().unwrap_or_default().to_string_lossy();
+    dir.with_file_name(format!(".{name}.collecting"))
+}
+
+/// Which marker file this is: a new one (the job's next checkpoint) differs even if it
+/// reuses the inode of one collected before.
+fn marker_identity(dir: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(dir.join(MARKER)).ok()?;
+    Some(format!(
+        "{}:{}:{}.{}",
+        m.dev(),
+        m.ino(),
+        m.ctime(),
+        m.ctime_nsec()
+    ))
+}
+
+fn write_synced(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()
+}
+
 /// Takes the completed checkpoint in `dir` into `image_dir` (empty, in the store's staging
 /// area). On error the checkpoint is dropped: `image_dir` is emptied and the marker removed.
+///
+/// Crash-safe: files are moved one by one, so a CTS that stops in the middle leaves part of
+/// them in its staging area (emptied at its next start) and the rest, with the marker, in
+/// `dir`. The journal written before the first move says so at the next collection, which
+/// drops that remainder instead of taking it for a whole checkpoint.
 fn collect(gid: &str, dir: &Path, image_dir: &Path) -> Result<(), DriverError> {
+    let journal = journal_path(dir);
+    let marker = marker_identity(dir);
+    match std::fs::read_to_string(&journal) {
+        Ok(collecting) if marker.as_deref() == Some(collecting.as_str()) => {
+            tracing::error!(gid, dir = %dir.display(), "the collection of this checkpoint was interrupted (the CTS stopped); its remainder is dropped");
+            let cleared = clear_dir(dir);
+            let _ = std::fs::remove_file(&journal);
+            cleared.map_err(|e| {
+                DriverError::failed(format!(
+                    "job {gid}: cannot drop the remainder of an interrupted collection in {}: {e}",
+                    dir.display()
+                ))
+            })?;
+            return Err(DriverError::new(
+                FaultKind::OperationFailed,
+                "app-collection-interrupted",
+                format!(
+                    "job {gid}: the collection of its checkpoint in {} was interrupted by a stop of the CTS; what was left of it was dropped, not registered",
+                    dir.display()
+                ),
+            ));
+        }
+        // A collection that ended after its marker moved: nothing to undo.
+        Ok(_) => {
+            let _ = std::fs::remove_file(&journal);
+        }
+        Err(_) => {}
+    }
+    if let Some(id) = &marker {
+        write_synced(&journal, id).map_err(|e| {
+            DriverError::failed(format!(
+                "job {gid}: cannot write the collection journal {}: {e}",
+                journal.display()
+            ))
+        })?;
+    }
     let result = collect_files(dir, image_dir);
+    let _ = std::fs::remove_file(&journal);
     let Err(err) = result else {
         return Ok(());
     };
@@ -814,6 +884,34 @@ mod tests {
                     .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
             })
             .is_some_and(|mask| mask & (1 << (10 - 1)) != 0)
+    }
+
+    /// A CTS that stopped while moving a checkpoint's files (its journal names the marker
+    /// still there) does not register the remainder; a journal left by a finished collection
+    /// does not drop the job's next checkpoint.
+    #[test]
+    fn an_interrupted_collection_is_dropped_not_registered() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (ckpt, image) = (tmp.path().join("ckpt"), tmp.path().join("image"));
+        std::fs::create_dir(&ckpt).unwrap();
+        std::fs::create_dir(&image).unwrap();
+        // What the crash left: one file of two, the marker, and the journal naming it.
+        std::fs::write(ckpt.join("part-2"), "second half").unwrap();
+        std::fs::write(ckpt.join(MARKER), "").unwrap();
+        std::fs::write(journal_path(&ckpt), marker_identity(&ckpt).unwrap()).unwrap();
+        let e = collect("gid-crash", &ckpt, &image).unwrap_err();
+        assert_eq!(e.code, "app-collection-interrupted", "{e:?}");
+        assert!(names(&ckpt).is_empty(), "the remainder is dropped");
+        assert!(names(&image).is_empty(), "nothing taken");
+        assert!(!journal_path(&ckpt).exists());
+
+        // A stale journal (its marker was collected) and the job's next checkpoint.
+        std::fs::write(journal_path(&ckpt), "0:0:0.0").unwrap();
+        std::fs::write(ckpt.join("state"), "42").unwrap();
+        std::fs::write(ckpt.join(MARKER), "").unwrap();
+        collect("gid-crash", &ckpt, &image).unwrap();
+        assert_eq!(names(&image), vec![MARKER.to_string(), "state".to_string()]);
+        assert!(!journal_path(&ckpt).exists());
     }
 
     #[tokio::test]

@@ -62,23 +62,59 @@ impl ExitEvents {
             .name("gca-exit-events".into())
             .spawn(move || reader.read_loop(fd))
             .map_err(|e| format!("cannot start the exit events thread: {e}"))?;
+        events.self_test()?;
         Ok(events)
     }
 
-    /// Remembers `pid`'s exit from now on.
+    /// The kernel ignores a subscription from outside the initial namespaces without saying
+    /// so: a process of ours must be seen to exit.
+    fn self_test(&self) -> Result<(), String> {
+        // It exits once watched: when its standard input closes.
+        let mut child = std::process::Command::new("/bin/sh")
+            .args(["-c", "read _ignored; exit 3"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| {
+                format!("cannot start /bin/sh to test the process events connector: {e}")
+            })?;
+        let pid = child.id() as i32;
+        self.watch(pid);
+        drop(child.stdin.take());
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let seen = loop {
+            if let Some(Watched::Exited(status)) = self.lock().get(&pid).copied() {
+                break Some(status);
+            }
+            if Instant::now() >= deadline {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let _ = child.wait();
+        self.unwatch(pid);
+        match seen {
+            Some(status) if crate::proc::decode_wait_status(status) == (Some(3), None) => Ok(()),
+            Some(status) => Err(format!(
+                "the process events connector reported wait status {status} for a process that exited 3"
+            )),
+            None => Err("the process events connector reports no exits here (a container or another namespace?); job exit statuses come from /proc, and may be missed when the job's parent reaps it first".into()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i32, Watched>> {
+        self.watched.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Remembers `pid`'s exit from now on (an exit already seen is kept).
     pub fn watch(&self, pid: i32) {
-        self.watched
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(pid, Watched::Running);
+        self.lock().entry(pid).or_insert(Watched::Running);
     }
 
     /// Forgets `pid`.
     pub fn unwatch(&self, pid: i32) {
-        self.watched
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&pid);
+        self.lock().remove(&pid);
     }
 
     /// `pid`'s wait status, waiting up to `within` for the event (it may come a moment after
@@ -87,7 +123,7 @@ impl ExitEvents {
         let deadline = Instant::now() + within;
         loop {
             {
-                let mut w = self.watched.lock().unwrap_or_else(|p| p.into_inner());
+                let mut w = self.lock();
                 match w.get(&pid) {
                     Some(Watched::Exited(status)) => {
                         let status = *status;
@@ -121,8 +157,9 @@ impl ExitEvents {
             let mut at = 0;
             while let Some((len, exit)) = parse_message(&buf[at..n]) {
                 if let Some((tgid, status)) = exit {
-                    let mut w = self.watched.lock().unwrap_or_else(|p| p.into_inner());
-                    if let Some(entry) = w.get_mut(&tgid) {
+                    // The first exit of a watched PID is its job's (a later process with the
+                    // same PID does not overwrite it).
+                    if let Some(entry @ Watched::Running) = self.lock().get_mut(&tgid) {
                         *entry = Watched::Exited(status);
                     }
                 }
@@ -180,14 +217,15 @@ fn parse_message(b: &[u8]) -> Option<(usize, Option<(i32, i32)>)> {
     let aligned = (len + 3) & !3;
     let event = NLMSG_HDR + CN_MSG;
     let exit = (|| {
+        let b = &b[..len];
         if u32_at(b, NLMSG_HDR)? != CN_IDX_PROC || u32_at(b, event)? != PROC_EVENT_EXIT {
             return None;
         }
         // exit_proc_event: process_pid, process_tgid, exit_code, exit_signal
         let data = event + EVENT_DATA;
-        let pid = u32_at(&b[..len], data)? as i32;
-        let tgid = u32_at(&b[..len], data + 4)? as i32;
-        let code = u32_at(&b[..len], data + 8)? as i32;
+        let pid = u32_at(b, data)? as i32;
+        let tgid = u32_at(b, data + 4)? as i32;
+        let code = u32_at(b, data + 8)? as i32;
         // A thread's end is not the process's.
         (pid == tgid).then_some((tgid, code))
     })();

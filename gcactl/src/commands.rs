@@ -13,9 +13,9 @@ use gca_protocol::client::{path_segment, JsonClient};
 use gca_protocol::messages::{
     AuthorizeRecovery, CheckpointList, CheckpointRecord, CheckpointerClass, ClassList,
     ClassRegistered, CtsInstanceList, CtsTypeList, DescriptorRegistered, FindCts, FindCtsResponse,
-    JobInfo, JobList, NewSubscription, Property, RecoveryAuthorized, RecoveryCandidate,
-    RecoveryInfo, RegisterCheckpointerClass, RegisterCtsDescriptor, Registration, SubscriptionInfo,
-    SubscriptionList, Unregistered, WrapperSpec,
+    GetCheckpoints, JobInfo, JobList, NewSubscription, Property, RecoveryAuthorized,
+    RecoveryCandidate, RecoveryInfo, RegisterCheckpointerClass, RegisterCtsDescriptor,
+    Registration, SubscriptionInfo, SubscriptionList, Unregistered, WrapperSpec,
 };
 use gca_protocol::transport::{http_client, ClientSettings, ClientTls};
 use gca_protocol::{Fault, FaultKind};
@@ -240,10 +240,13 @@ impl Gcs {
                 self.show(self.client.post(&path, &body).await, render_checkpoint)
             }
             Command::Checkpoints { gid } => {
-                let path = format!("/api/v1/jobs/{}/checkpoints", path_segment(&gid));
-                self.show(self.client.get(&path).await, |list: &CheckpointList| {
-                    render_checkpoints(&gid, list)
-                })
+                // Every page: the GCS answers at most its page size per request.
+                let all = self.all_checkpoints(&gid).await.and_then(|list| {
+                    serde_json::to_value(list).map_err(|e| {
+                        Fault::new(FaultKind::Internal, format!("cannot encode the list: {e}"))
+                    })
+                });
+                self.show(all, |list: &CheckpointList| render_checkpoints(&gid, list))
             }
             Command::Retention { gid, retention } => {
                 let path = format!("/api/v1/jobs/{}/retention", path_segment(&gid));
@@ -297,6 +300,26 @@ impl Gcs {
     }
 
     /// Decodes the response and renders it; with `--json`, prints it as pretty JSON instead.
+    /// All the checkpoint records of `gid`, following the GCS's pages (`next`).
+    async fn all_checkpoints(&self, gid: &str) -> Result<CheckpointList, Fault> {
+        let mut all = CheckpointList::default();
+        let mut req = GetCheckpoints::of(gid);
+        loop {
+            let path = format!(
+                "/api/v1/jobs/{}/checkpoints{}",
+                path_segment(gid),
+                query(&[("after", req.after.map(|a| a.to_string()))])
+            );
+            let page: CheckpointList = self.client.get(&path).await?;
+            let next = req.next_page(&page);
+            all.checkpoints.extend(page.checkpoints);
+            match next {
+                Some(n) => req = n,
+                None => return Ok(all),
+            }
+        }
+    }
+
     fn show<T: DeserializeOwned + Serialize>(
         &self,
         response: Result<Value, Fault>,

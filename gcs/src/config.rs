@@ -96,6 +96,18 @@ pub struct Config {
     /// internal addresses (by IP, `localhost` or a name resolving there). Off: the GCS would
     /// otherwise POST into its own network for anyone who subscribes (SSRF).
     pub allow_private_consumers: bool,
+    /// Live subscriptions one identity (`role:name`) may hold at once; Subscribe beyond it is
+    /// `SubscribeCreationFailed` with code `subscriptions-per-identity-limit`.
+    pub max_subscriptions_per_identity: u64,
+    /// Live subscriptions the GCS holds at once, all identities together; beyond it:
+    /// `SubscribeCreationFailed` with code `subscriptions-limit`.
+    pub max_subscriptions: u64,
+    /// The most checkpoint records one GetCheckpoints answer holds (its default `Limit`, and
+    /// the cap of a larger one); callers follow `Next` for the rest.
+    pub checkpoints_page_size: u32,
+    /// DoCheckpoint calls this replica forwards to one CTS at once; one more is refused at
+    /// once with `ServiceUnavailable`, code `cts-busy`.
+    pub max_checkpoints_in_flight_per_cts: usize,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -134,6 +146,10 @@ impl Default for Config {
             recovery_grant_secs: 3600,
             connections: ServeLimits::default(),
             allow_private_consumers: false,
+            max_subscriptions_per_identity: 100,
+            max_subscriptions: 10_000,
+            checkpoints_page_size: 1000,
+            max_checkpoints_in_flight_per_cts: 8,
         }
     }
 }
@@ -267,6 +283,19 @@ impl Config {
         if let Some(v) = var("GCS_MAX_CONNECTIONS") {
             self.connections.max_connections = parse("GCS_MAX_CONNECTIONS", v)?;
         }
+        if let Some(v) = var("GCS_MAX_SUBSCRIPTIONS_PER_IDENTITY") {
+            self.max_subscriptions_per_identity = parse("GCS_MAX_SUBSCRIPTIONS_PER_IDENTITY", v)?;
+        }
+        if let Some(v) = var("GCS_MAX_SUBSCRIPTIONS") {
+            self.max_subscriptions = parse("GCS_MAX_SUBSCRIPTIONS", v)?;
+        }
+        if let Some(v) = var("GCS_CHECKPOINTS_PAGE_SIZE") {
+            self.checkpoints_page_size = parse("GCS_CHECKPOINTS_PAGE_SIZE", v)?;
+        }
+        if let Some(v) = var("GCS_MAX_CHECKPOINTS_IN_FLIGHT_PER_CTS") {
+            self.max_checkpoints_in_flight_per_cts =
+                parse("GCS_MAX_CHECKPOINTS_IN_FLIGHT_PER_CTS", v)?;
+        }
         if let Some(v) = var("GCS_ALLOW_PRIVATE_CONSUMERS") {
             self.allow_private_consumers = match v.as_str() {
                 "true" | "1" | "yes" => true,
@@ -318,5 +347,38 @@ mod tests {
             "the others keep their defaults"
         );
         assert!(toml::from_str::<Config>("[connections]\nmax_conns = 7\n").is_err());
+    }
+
+    #[test]
+    fn limits_from_the_file_and_the_environment() {
+        let mut c: Config = toml::from_str("max_subscriptions_per_identity = 3\n").unwrap();
+        assert_eq!(c.max_subscriptions_per_identity, 3);
+        assert_eq!(c.max_subscriptions, 10_000);
+        c.apply_env(|k| (k == "GCS_MAX_SUBSCRIPTIONS").then(|| "5".to_string()))
+            .unwrap();
+        assert_eq!(c.max_subscriptions, 5);
+        let err = c
+            .apply_env(|k| (k == "GCS_MAX_SUBSCRIPTIONS_PER_IDENTITY").then(|| "-1".to_string()))
+            .unwrap_err();
+        assert!(err
+            .to_string()
+            .contains("GCS_MAX_SUBSCRIPTIONS_PER_IDENTITY"));
+        let mut c: Config =
+            toml::from_str("checkpoints_page_size = 50\nmax_checkpoints_in_flight_per_cts = 3\n")
+                .unwrap();
+        assert_eq!(
+            (c.checkpoints_page_size, c.max_checkpoints_in_flight_per_cts),
+            (50, 3)
+        );
+        c.apply_env(|k| match k {
+            "GCS_CHECKPOINTS_PAGE_SIZE" => Some("20".to_string()),
+            "GCS_MAX_CHECKPOINTS_IN_FLIGHT_PER_CTS" => Some("1".to_string()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(
+            (c.checkpoints_page_size, c.max_checkpoints_in_flight_per_cts),
+            (20, 1)
+        );
     }
 }

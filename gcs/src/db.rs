@@ -286,7 +286,10 @@ pub async fn touch_instance(db: &PgPool, name: &str) -> Result<()> {
     Ok(())
 }
 
-pub async fn delete_instance(db: &PgPool, name: &str) -> Result<bool> {
+/// Deletes an instance row, taking its row lock: a registration routing a job to it holds
+/// [`lock_instance_for_routing`] until it commits, so this waits for it, and a registration
+/// after this finds no instance. Check [`active_jobs_on`] after it, in the same transaction.
+pub async fn delete_instance(db: impl PgExecutor<'_>, name: &str) -> Result<bool> {
     Ok(sqlx::query("delete from cts_instances where name = $1")
         .bind(name)
         .execute(db)
@@ -295,7 +298,21 @@ pub async fn delete_instance(db: &PgPool, name: &str) -> Result<bool> {
         == 1)
 }
 
-pub async fn active_jobs_on(db: &PgPool, instance: &str) -> Result<i64> {
+/// Holds an instance row (`for key share`) until the transaction ends, so that the instance
+/// cannot be deleted while a job is routed to it; false when it is not registered (or was
+/// deleted while this waited). `for key share` does not conflict with the updates of
+/// `last_seen` and the address, only with a delete.
+pub async fn lock_instance_for_routing(db: impl PgExecutor<'_>, name: &str) -> Result<bool> {
+    Ok(
+        sqlx::query("select 1 from cts_instances where name = $1 for key share")
+            .bind(name)
+            .fetch_optional(db)
+            .await?
+            .is_some(),
+    )
+}
+
+pub async fn active_jobs_on(db: impl PgExecutor<'_>, instance: &str) -> Result<i64> {
     Ok(sqlx::query_scalar(
         "select count(*) from jobs where cts_instance = $1 and state in ('running', 'recovering')",
     )
@@ -637,6 +654,28 @@ pub async fn latest_checkpoint(db: &PgPool, gid: &str) -> Result<Option<Checkpoi
     .transpose()
 }
 
+/// Up to `limit` records of `gid` with a sequence number above `after`, in sequence order
+/// (the `(gid, sequence)` index: each page costs its own size).
+pub async fn checkpoints_page(
+    db: &PgPool,
+    gid: &str,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<CheckpointRecord>> {
+    sqlx::query_as::<_, CheckpointRow>(&format!(
+        "select {CHECKPOINT_COLUMNS} from checkpoints where gid = $1 and sequence > $2
+         order by sequence limit $3"
+    ))
+    .bind(gid)
+    .bind(after)
+    .bind(limit)
+    .fetch_all(db)
+    .await?
+    .into_iter()
+    .map(CheckpointRecord::try_from)
+    .collect()
+}
+
 pub async fn checkpoints_of(db: &PgPool, gid: &str) -> Result<Vec<CheckpointRecord>> {
     sqlx::query_as::<_, CheckpointRow>(&format!(
         "select {CHECKPOINT_COLUMNS} from checkpoints where gid = $1 order by sequence"
@@ -805,7 +844,19 @@ pub struct Totals {
     pub checkpoints: i64,
 }
 
+/// The kept counts (`registry_counters`, maintained by triggers in the transaction of every
+/// insert and delete): 64 rows, whatever the size of the registry.
 pub async fn totals(db: &PgPool) -> Result<Totals> {
+    Ok(sqlx::query_as::<_, Totals>(
+        "select coalesce(sum(jobs), 0)::bigint as jobs, coalesce(sum(checkpoints), 0)::bigint as checkpoints
+         from registry_counters",
+    )
+    .fetch_one(db)
+    .await?)
+}
+
+/// The same totals counted over every row: what the kept counts must equal (tests, checks).
+pub async fn counted_totals(db: &PgPool) -> Result<Totals> {
     Ok(sqlx::query_as::<_, Totals>(
         "select (select count(*) from jobs) as jobs, (select count(*) from checkpoints) as checkpoints",
     )
@@ -849,6 +900,53 @@ pub async fn insert_subscription(db: impl PgExecutor<'_>, s: &SubscriptionRow) -
     .execute(db)
     .await?;
     Ok(())
+}
+
+/// Whether [`insert_subscription_within`] stored the subscription, or which limit it met.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubscriptionAdmission {
+    Inserted,
+    /// The owner holds this many live subscriptions already.
+    OwnerFull(i64),
+    /// The GCS holds this many live subscriptions already.
+    Full(i64),
+}
+
+/// The advisory lock that serializes subscription creation across replicas, so that two
+/// concurrent Subscribes cannot both pass the limits (Subscribe is rare; this costs little).
+const SUBSCRIPTION_LOCK: i64 = 0x6763_615f_7375_6273; // "gca_subs"
+
+/// Inserts a subscription unless its owner holds `per_owner` live subscriptions already, or
+/// the GCS `total`; the check and the insert are one transaction under [`SUBSCRIPTION_LOCK`].
+/// Expired subscriptions the sweep has not removed yet do not count.
+pub async fn insert_subscription_within(
+    db: &PgPool,
+    s: &SubscriptionRow,
+    per_owner: u64,
+    total: u64,
+) -> Result<SubscriptionAdmission> {
+    let mut tx = db.begin().await?;
+    sqlx::query("select pg_advisory_xact_lock($1)")
+        .bind(SUBSCRIPTION_LOCK)
+        .execute(&mut *tx)
+        .await?;
+    let (owned, all): (i64, i64) = sqlx::query_as(
+        "select count(*) filter (where owner is not distinct from $1), count(*)
+         from subscriptions where termination_time is null or termination_time > now()",
+    )
+    .bind(&s.owner)
+    .fetch_one(&mut *tx)
+    .await?;
+    let at_most = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    if owned >= at_most(per_owner) {
+        return Ok(SubscriptionAdmission::OwnerFull(owned));
+    }
+    if all >= at_most(total) {
+        return Ok(SubscriptionAdmission::Full(all));
+    }
+    insert_subscription(&mut *tx, s).await?;
+    tx.commit().await?;
+    Ok(SubscriptionAdmission::Inserted)
 }
 
 /// A live subscription (one whose termination time has passed is gone, whether or not the

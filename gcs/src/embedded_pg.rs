@@ -276,7 +276,6 @@ fn ensure_system_user_exists() -> Result<()> {
 }
 
 /// A PostgreSQL cluster in a directory of ours, started (or found running) by [`Self::start`].
-#[derive(Debug)]
 pub struct EmbeddedPostgres {
     dir: PathBuf,
     data_dir: PathBuf,
@@ -288,6 +287,18 @@ pub struct EmbeddedPostgres {
     owns_server: bool,
     /// The superuser's password (empty until read or made).
     password: String,
+}
+
+/// Without the password.
+impl std::fmt::Debug for EmbeddedPostgres {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedPostgres")
+            .field("dir", &self.dir)
+            .field("port", &self.port)
+            .field("as_system_user", &self.as_system_user)
+            .field("owns_server", &self.owns_server)
+            .finish_non_exhaustive()
+    }
 }
 
 impl EmbeddedPostgres {
@@ -336,7 +347,7 @@ impl EmbeddedPostgres {
             pg.init_cluster_if_missing().await?;
             pg.start_server().await?;
         }
-        if pg.password.is_empty() {
+        if pg.password.is_empty() || pg.trusts_anyone()? {
             pg.require_password().await?;
         }
         pg.ensure_database(SERVICE_DATABASE).await?;
@@ -640,26 +651,41 @@ impl EmbeddedPostgres {
         )
     }
 
-    /// A cluster made by an earlier version trusts every local connection: gives the superuser
-    /// a new password, switches `pg_hba.conf`'s `trust` lines to `scram-sha-256`, reloads, and
-    /// only then keeps the password (so an interrupted switch is done again at the next start).
-    async fn require_password(&mut self) -> Result<()> {
+    /// Whether `pg_hba.conf` lets anyone in without a password (`trust`).
+    fn trusts_anyone(&self) -> Result<bool> {
         let hba = self.data_dir.join("pg_hba.conf");
         let text =
             std::fs::read_to_string(&hba).with_context(|| format!("reading {}", hba.display()))?;
-        let password = new_password()?;
-        let mut conn = connect(self.port, "postgres", "", Duration::from_secs(10))
+        Ok(switch_trust_to_scram(&text) != text)
+    }
+
+    /// A cluster made by an earlier version trusts every local connection: gives the superuser
+    /// a password, switches `pg_hba.conf`'s `trust` rules to `scram-sha-256`, and reloads. The
+    /// password is on disk before the server knows it, and the switch is decided by what
+    /// `pg_hba.conf` says, so an interrupted switch is finished at the next start and never
+    /// leaves the cluster with a password nobody has.
+    async fn require_password(&mut self) -> Result<()> {
+        if self.password.is_empty() {
+            let password = new_password()?;
+            write_private(&self.password_file(), &password)?;
+            self.password = password;
+        }
+        let hba = self.data_dir.join("pg_hba.conf");
+        let text =
+            std::fs::read_to_string(&hba).with_context(|| format!("reading {}", hba.display()))?;
+        // Under `trust` the password is not asked for; once switched, it is.
+        let mut conn = connect(self.port, "postgres", &self.password, Duration::from_secs(10))
             .await
             .with_context(|| {
                 format!(
-                    "{} has no {PASSWORD_FILE} and the server does not trust us either; restore the file or recreate the cluster",
+                    "{} has no usable {PASSWORD_FILE} and the server does not trust us either; restore the file or recreate the cluster",
                     self.dir.display()
                 )
             })?;
         // Hex: nothing to quote.
         for sql in [
             "SET password_encryption = 'scram-sha-256'".to_string(),
-            format!("ALTER ROLE {SUPERUSER} PASSWORD '{password}'"),
+            format!("ALTER ROLE {SUPERUSER} PASSWORD '{}'", self.password),
         ] {
             sqlx::query(&sql)
                 .execute(&mut conn)
@@ -667,9 +693,13 @@ impl EmbeddedPostgres {
                 .context("setting the superuser's password")?;
         }
         let _ = conn.close().await;
-        // Rewritten in place, so that it keeps its owner and mode.
-        std::fs::write(&hba, switch_trust_to_scram(&text))
-            .with_context(|| format!("writing {}", hba.display()))?;
+        // Replaced whole (a torn write cannot leave half a file), with its owner and mode.
+        let tmp = hba.with_extension("conf.gca-tmp");
+        write_private(&tmp, &switch_trust_to_scram(&text))?;
+        if self.as_system_user {
+            self.chown_to_system_user(&tmp, false).await?;
+        }
+        std::fs::rename(&tmp, &hba).with_context(|| format!("replacing {}", hba.display()))?;
         let mut cmd = self.pg_command(&self.bins.pg_ctl());
         cmd.arg("reload").arg("-D").arg(&self.data_dir);
         let out = run(&mut cmd).await.context("running pg_ctl reload")?;
@@ -683,7 +713,13 @@ impl EmbeddedPostgres {
         // The reload is asynchronous: wait until the password is needed and works.
         let deadline = Instant::now() + ACCEPT_TIMEOUT;
         loop {
-            let with = connect(self.port, "postgres", &password, Duration::from_secs(3)).await;
+            let with = connect(
+                self.port,
+                "postgres",
+                &self.password,
+                Duration::from_secs(3),
+            )
+            .await;
             let without = connect(self.port, "postgres", "", Duration::from_secs(3)).await;
             if with.is_ok() && without.is_err() {
                 break;
@@ -693,7 +729,7 @@ impl EmbeddedPostgres {
                     "switched {} to scram-sha-256 but the server still {}",
                     hba.display(),
                     if with.is_err() {
-                        "refuses the new password"
+                        "refuses the password"
                     } else {
                         "trusts connections without one"
                     }
@@ -701,8 +737,6 @@ impl EmbeddedPostgres {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        write_private(&self.password_file(), &password)?;
-        self.password = password;
         tracing::warn!(dir = %self.dir.display(), "the private PostgreSQL cluster trusted local connections; it now requires the password in {PASSWORD_FILE}");
         Ok(())
     }
@@ -900,7 +934,13 @@ fn write_private(path: &Path, contents: &str) -> Result<()> {
     f.write_all(contents.as_bytes())
         .and_then(|_| f.sync_all())
         .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("syncing {}", dir.display()))?;
+    }
+    Ok(())
 }
 
 /// `pg_hba.conf` with the method `trust` of every rule replaced by `scram-sha-256`.
@@ -1153,6 +1193,10 @@ mod tests {
         let password = read_password(&tmp.path().join(PASSWORD_FILE))
             .unwrap()
             .expect("a password was made");
+        assert!(
+            !format!("{pg:?}").contains(&password),
+            "Debug shows no password"
+        );
         assert_ne!(password, "");
         assert!(
             connect(pg.port(), "postgres", "", Duration::from_secs(3))
@@ -1166,6 +1210,32 @@ mod tests {
             .unwrap()
             .lines()
             .any(|l| !l.trim_start().starts_with('#') && l.contains("trust")));
+        pg.stop().await.unwrap();
+    }
+
+    /// A switch interrupted after the password was saved (here: `pg_hba.conf` still says
+    /// `trust`) is finished at the next start, with the saved password.
+    #[tokio::test]
+    async fn an_interrupted_switch_is_finished_at_the_next_start() {
+        let tmp = test_dir();
+        let mut pg = EmbeddedPostgres::start(tmp.path()).await.unwrap();
+        let saved = pg.password.clone();
+        let hba = tmp.path().join("pgdata").join("pg_hba.conf");
+        let scram = std::fs::read_to_string(&hba).unwrap();
+        std::fs::write(&hba, scram.replace("scram-sha-256", "trust")).unwrap();
+        pg.stop().await.unwrap();
+
+        let mut pg = EmbeddedPostgres::start(tmp.path()).await.unwrap();
+        assert_eq!(pg.password, saved, "the saved password is kept");
+        assert!(
+            connect(pg.port(), "postgres", "", Duration::from_secs(3))
+                .await
+                .is_err(),
+            "trust is gone"
+        );
+        connect(pg.port(), "postgres", &saved, Duration::from_secs(3))
+            .await
+            .expect("the saved password works");
         pg.stop().await.unwrap();
     }
 

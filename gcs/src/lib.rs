@@ -27,6 +27,7 @@ pub mod db;
 pub mod embedded_pg;
 pub mod error;
 pub mod http;
+pub mod inflight;
 pub mod notify;
 pub mod policy;
 pub mod retention;
@@ -89,6 +90,7 @@ impl Gcs {
             image_wake: Arc::new(tokio::sync::Notify::new()),
             ready: ready_rx,
             ready_tx: Arc::new(ready_tx),
+            in_flight: Arc::default(),
         })
     }
 

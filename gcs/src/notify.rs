@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use gca_protocol::destinations;
-use gca_protocol::fault::{Fault, FaultKind};
+use gca_protocol::fault::{self, Fault, FaultKind};
 use gca_protocol::messages::{NewSubscription, SubscriptionInfo, SubscriptionList};
 use gca_protocol::ns;
 use gca_protocol::soap::{self, SoapVersion};
@@ -291,7 +291,46 @@ impl Gcs {
             termination_time: termination,
             owner: policy::subscription_owner(&ctx.caller),
         };
-        db::insert_subscription(&self.db, &row).await?;
+        let admission = db::insert_subscription_within(
+            &self.db,
+            &row,
+            self.config.max_subscriptions_per_identity,
+            self.config.max_subscriptions,
+        )
+        .await?;
+        let who = row.owner.as_deref().unwrap_or("(no identity)");
+        match admission {
+            db::SubscriptionAdmission::Inserted => {}
+            db::SubscriptionAdmission::OwnerFull(n) => {
+                tracing::info!(owner = %who, subscriptions = n, "subscription refused: per-identity limit");
+                return Err(Error::Fault(
+                    Fault::new(
+                        FaultKind::SubscribeCreationFailed,
+                        format!(
+                            "{who} holds {n} live subscriptions, the most one identity may hold (max_subscriptions_per_identity = {}); unsubscribe some, or let them expire, first",
+                            self.config.max_subscriptions_per_identity
+                        ),
+                    )
+                    .with_code(fault::SUBSCRIPTIONS_PER_IDENTITY_LIMIT),
+                ));
+            }
+            db::SubscriptionAdmission::Full(n) => {
+                tracing::warn!(
+                    subscriptions = n,
+                    "subscription refused: the GCS holds its limit of subscriptions"
+                );
+                return Err(Error::Fault(
+                    Fault::new(
+                        FaultKind::SubscribeCreationFailed,
+                        format!(
+                            "the GCS holds {n} live subscriptions, its limit (max_subscriptions = {}); try again when some have ended",
+                            self.config.max_subscriptions
+                        ),
+                    )
+                    .with_code(fault::SUBSCRIPTIONS_LIMIT),
+                ));
+            }
+        }
         tracing::info!(subscription = %row.id, consumer = %row.consumer_address, topics = ?row.topics, gid = ?row.gid, "subscribed");
         Ok(row)
     }

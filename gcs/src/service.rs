@@ -42,6 +42,8 @@ pub struct Gcs {
     /// get `ServiceUnavailable` and `/healthz` says why.
     pub ready: tokio::sync::watch::Receiver<bool>,
     pub(crate) ready_tx: Arc<tokio::sync::watch::Sender<bool>>,
+    /// DoCheckpoint calls this replica has in flight to each CTS (a bound, not state).
+    pub in_flight: Arc<crate::inflight::InFlight>,
 }
 
 /// Per-request context the service needs from the transport.
@@ -91,6 +93,15 @@ fn image_gone(c: &CheckpointRecord) -> Error {
             c.gid, c.id
         ))
         .with_code("image-not-stored"),
+    )
+}
+
+fn unknown_instance(name: &str) -> Error {
+    Error::Fault(
+        Fault::resource_unknown(format!(
+            "no CTS instance named {name:?} is registered; a CTS registers itself when it starts"
+        ))
+        .with_code("unknown-cts-instance"),
     )
 }
 
@@ -193,14 +204,9 @@ impl Gcs {
     }
 
     async fn instance(&self, name: &str) -> Result<CtsInstance> {
-        db::get_instance(&self.db, name).await?.ok_or_else(|| {
-            Error::Fault(
-                Fault::resource_unknown(format!(
-                    "no CTS instance named {name:?} is registered; a CTS registers itself when it starts"
-                ))
-                .with_code("unknown-cts-instance"),
-            )
-        })
+        db::get_instance(&self.db, name)
+            .await?
+            .ok_or_else(|| unknown_instance(name))
     }
 
     async fn cts_type(&self, name: &str) -> Result<CtsType> {
@@ -249,6 +255,20 @@ impl Gcs {
                 cts_type.name, cts_type.core_service.name
             )));
         }
+        let limit = self.config.max_checkpoints_in_flight_per_cts;
+        let _place = self.in_flight.try_take(&instance.name, limit).map_err(|n| {
+            tracing::warn!(gid = %job.gid, cts.name = %instance.name, in_flight = n, "doCheckpoint refused: the CTS has its limit of checkpoints in flight");
+            Error::Fault(
+                Fault::new(
+                    FaultKind::ServiceUnavailable,
+                    format!(
+                        "CTS {:?} has {n} checkpoints in flight from this GCS, its limit (max_checkpoints_in_flight_per_cts = {limit}); job {:?} was not checkpointed, retry later",
+                        instance.name, job.gid
+                    ),
+                )
+                .with_code(gca_protocol::fault::CTS_BUSY),
+            )
+        })?;
         tracing::info!(gid = %job.gid, cts.name = %instance.name, cts.url = %instance.url, stop = req.stop, "forwarding doCheckpoint");
         let client = SoapClient::new(self.http.clone(), instance.url.clone());
         let record = client
@@ -331,12 +351,27 @@ impl Gcs {
         })
     }
 
-    pub async fn get_checkpoints(&self, ctx: &Ctx, req: GidRequest) -> Result<CheckpointList> {
+    /// One page of a job's records: at most `Limit`, and at most `checkpoints_page_size`
+    /// (a job's records grow without bound; one answer must not), with `Next` when more follow.
+    pub async fn get_checkpoints(&self, ctx: &Ctx, req: GetCheckpoints) -> Result<CheckpointList> {
         policy::authorize(&ctx.caller, Op::GetCheckpoints)?;
+        let page_size = i64::from(self.config.checkpoints_page_size.max(1));
+        let limit = match req.limit {
+            None => page_size,
+            Some(l) if l >= 1 => l.min(page_size),
+            Some(l) => return Err(Error::invalid(format!("Limit must be at least 1, not {l}"))),
+        };
         self.job(&req.gid).await?;
-        Ok(CheckpointList {
-            checkpoints: db::checkpoints_of(&self.db, &req.gid).await?,
-        })
+        let mut checkpoints =
+            db::checkpoints_page(&self.db, &req.gid, req.after.unwrap_or(0), limit + 1).await?;
+        let more = checkpoints.len() as i64 > limit;
+        checkpoints.truncate(limit as usize);
+        let next = if more {
+            checkpoints.last().and_then(|c| c.sequence)
+        } else {
+            None
+        };
+        Ok(CheckpointList { checkpoints, next })
     }
 
     pub async fn get_job(&self, ctx: &Ctx, req: GidRequest) -> Result<JobInfo> {
@@ -611,15 +646,22 @@ impl Gcs {
         policy::authorize(&ctx.caller, Op::UnregisterCts)?;
         match (req.instance, req.cts_type) {
             (Some(name), None) => {
-                let active = db::active_jobs_on(&self.db, &name).await?;
+                // Delete first, then count, in one transaction: the delete waits for every
+                // registration routing a job to the instance (they hold its row), and the count,
+                // a later statement, sees what they committed; a later registration finds no
+                // instance. A count taken before the delete could miss a job registered between.
+                let mut tx = self.db.begin().await?;
+                if !db::delete_instance(&mut *tx, &name).await? {
+                    return Err(Error::unknown(format!("no CTS instance named {name:?} is registered")));
+                }
+                let active = db::active_jobs_on(&mut *tx, &name).await?;
                 if active > 0 {
+                    tx.rollback().await?;
                     return Err(Error::conflict(format!(
                         "CTS instance {name:?} is in charge of {active} running job(s); stop or move them first"
                     )));
                 }
-                if !db::delete_instance(&self.db, &name).await? {
-                    return Err(Error::unknown(format!("no CTS instance named {name:?} is registered")));
-                }
+                tx.commit().await?;
                 tracing::info!(cts.name = %name, "CTS instance unregistered");
             }
             (None, Some(name)) => match db::delete_type(&self.db, &name).await {
@@ -759,6 +801,10 @@ impl Gcs {
             req.retention = Some(r.normalized());
         }
         let mut tx = self.db.begin().await?;
+        // The instance stays registered until this commits (UnregisterCTS waits for it).
+        if !db::lock_instance_for_routing(&mut *tx, &instance.name).await? {
+            return Err(unknown_instance(&instance.name));
+        }
         let outcome = if !req.recovery {
             if db::insert_job(&mut *tx, &req.gid, &instance, local_id, state).await? {
                 if let Some(r) = &req.retention {

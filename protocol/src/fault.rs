@@ -360,6 +360,17 @@ pub struct ErrorBody {
     pub error: Fault,
 }
 
+/// Subscribe refused: the caller's identity holds `max_subscriptions_per_identity` live
+/// subscriptions (`SubscribeCreationFailed`).
+pub const SUBSCRIPTIONS_PER_IDENTITY_LIMIT: &str = "subscriptions-per-identity-limit";
+/// Subscribe refused: the GCS holds `max_subscriptions` live subscriptions
+/// (`SubscribeCreationFailed`).
+pub const SUBSCRIPTIONS_LIMIT: &str = "subscriptions-limit";
+
+/// DoCheckpoint refused at once (`ServiceUnavailable`): the CTS in charge has as many
+/// checkpoints in flight as it may (at the GCS: `max_checkpoints_in_flight_per_cts`).
+pub const CTS_BUSY: &str = "cts-busy";
+
 #[cfg(test)]
 mod tests {
     use super::*;

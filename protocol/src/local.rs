@@ -243,8 +243,8 @@ impl LocalClient {
     }
 
     /// The checkpoints of job `gid` the caller could recover from: the GCS's records whose
-    /// image is still stored and belongs to the caller (root: any), newest first. Empty when
-    /// the job has none; `unknown-gid` when the GCS has no such job.
+    /// image is still stored and belongs to the caller (root: any), newest first, at most the
+    /// newest 100. Empty when the job has none; `unknown-gid` when the GCS has no such job.
     pub async fn recoverable_checkpoints(
         &self,
         gid: &str,

@@ -1116,18 +1116,78 @@ impl XmlContent for GidRequest {
     }
 }
 
+/// GetCheckpoints: one page of a job's checkpoint records, in sequence order. A job may have
+/// more records than fit one answer: follow [`CheckpointList::next`] (or use
+/// [`GetCheckpoints::next_page`]) until it is absent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GetCheckpoints {
+    pub gid: String,
+    /// Only records with a higher sequence number (the `Next` of the previous page).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<i64>,
+    /// At most this many records (the GCS answers at most its `checkpoints_page_size`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<i64>,
+}
+
+impl GetCheckpoints {
+    /// The first page of `gid`'s records.
+    pub fn of(gid: impl Into<String>) -> Self {
+        Self {
+            gid: gid.into(),
+            after: None,
+            limit: None,
+        }
+    }
+
+    /// The request for the page after `page`, or None when `page` was the last. A `Next`
+    /// that does not move forward ends the walk too (so a confused server cannot loop a
+    /// client for ever).
+    pub fn next_page(&self, page: &CheckpointList) -> Option<Self> {
+        let next = page.next?;
+        if self.after.is_some_and(|a| next <= a) {
+            return None;
+        }
+        Some(Self {
+            after: Some(next),
+            ..self.clone()
+        })
+    }
+}
+
+impl XmlContent for GetCheckpoints {
+    fn write_children(&self, el: &mut Element) {
+        push(el, "GID", &self.gid);
+        push_opt(el, "After", &self.after);
+        push_opt(el, "Limit", &self.limit);
+    }
+    fn read_children(el: &Element) -> Result<Self, XmlError> {
+        Ok(Self {
+            gid: el.req_text(GCA, "GID")?,
+            after: el.opt_parse(GCA, "After")?,
+            limit: el.opt_parse(GCA, "Limit")?,
+        })
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CheckpointList {
     pub checkpoints: Vec<CheckpointRecord>,
+    /// More records follow: ask again with `After` set to this (the sequence number of the
+    /// last record of this page). Absent on the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<i64>,
 }
 
 impl XmlContent for CheckpointList {
     fn write_children(&self, el: &mut Element) {
         push_list(el, "Checkpoint", &self.checkpoints);
+        push_opt(el, "Next", &self.next);
     }
     fn read_children(el: &Element) -> Result<Self, XmlError> {
         Ok(Self {
             checkpoints: list(el, "Checkpoint")?,
+            next: el.opt_parse(GCA, "Next")?,
         })
     }
 }

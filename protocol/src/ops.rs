@@ -71,7 +71,8 @@ operations! { ns::GCS_PORT_TYPE;
     DoCheckpointOp = "DoCheckpoint": DoCheckpoint => CheckpointRecord;
     /// Find CTS instances by type, class, core service, resource and properties (paper 5.1 step 1).
     FindCtsOp = "FindCTS": FindCts => FindCtsResponse;
-    GetCheckpointsOp = "GetCheckpoints": GidRequest => CheckpointList;
+    /// One page of a job's checkpoint records (follow `Next`).
+    GetCheckpointsOp = "GetCheckpoints": GetCheckpoints => CheckpointList;
     /// What a broker needs to recover a job from an image (paper 5.3 steps 2-5).
     GetRecoveryInfoOp = "GetRecoveryInfo": GetRecoveryInfo => RecoveryInfo;
     /// Let a CTS take a job over by a recovery while it may still run elsewhere.

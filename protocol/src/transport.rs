@@ -204,6 +204,9 @@ pub fn transfer_client(tls: ClientTls) -> anyhow::Result<reqwest::Client> {
     )
 }
 
+/// How long a transfer may wait for any byte, the response's headers included.
+pub const TRANSFER_READ_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// The HTTP client for every outgoing call.
 pub fn http_client(settings: &ClientSettings) -> anyhow::Result<reqwest::Client> {
     build_client(settings, Some(settings.request_timeout))
@@ -235,8 +238,10 @@ fn build_client(
         .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(settings.connect_timeout)
         .pool_idle_timeout(Duration::from_secs(30));
-    if let Some(t) = request_timeout {
-        builder = builder.timeout(t);
+    match request_timeout {
+        Some(t) => builder = builder.timeout(t),
+        // Each read, the wait for the headers too, is bounded instead.
+        None => builder = builder.read_timeout(TRANSFER_READ_TIMEOUT),
     }
     builder.build().context("building the HTTP client")
 }

@@ -61,6 +61,11 @@ const BENCHES: &[(&str, &str)] = &[
         "CRIU checkpoint through the CTS vs `criu dump` run directly on the same process",
     ),
     (
+        "rpdoc",
+        "the GCS's resource property document (which brokers poll) on a registry of 10^6 \
+         checkpoint records vs on one of 2; its kept counts vs counting every row",
+    ),
+    (
         "vmm",
         "a VM checkpoint through the CTS vs QMP's own save of the same VM (drive-backup and \
          migrate to a file)",
@@ -208,6 +213,7 @@ async fn main() -> ExitCode {
             "tls" => tokio::spawn(bench_tls(o)).await,
             "fetch" => tokio::spawn(bench_fetch(o)).await,
             "criu" => tokio::spawn(bench_criu(o)).await,
+            "rpdoc" => tokio::spawn(bench_rpdoc(o)).await,
             "vmm" => tokio::spawn(bench_vmm(o)).await,
             other => unreachable!("unknown benchmark {other}"),
         };
@@ -591,6 +597,176 @@ async fn finish(gcs: TestGcs) {
     gcs.pool.close().await;
     gcs.shutdown().await;
     db::drop_database(&url).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// rpdoc: the GCS's resource property document against the size of the registry
+
+/// Fills a GCS database with `jobs` jobs of `per_job` checkpoint records each, routed to CTS
+/// `cts` (type `criu`), in a few large statements (the count triggers run once per statement).
+async fn fill_registry(pool: &sqlx::PgPool, cts: &str, jobs: i64, per_job: i64) {
+    sqlx::query(
+        "insert into jobs (gid, cts_instance, cts_type, state, checkpoint_count)
+         select 'fill-' || j, $1, 'criu', 'finished', $3 from generate_series(1, $2) j",
+    )
+    .bind(cts)
+    .bind(jobs)
+    .bind(per_job)
+    .execute(pool)
+    .await
+    .expect("insert jobs");
+    let chunk = 100.max(jobs / 10);
+    let mut from = 1;
+    while from <= jobs {
+        let to = (from + chunk - 1).min(jobs);
+        sqlx::query(
+            "insert into checkpoints (id, gid, sequence, cts_name, cts_type, taken_at, image_name,
+                                      execution_manager, origin, image_state)
+             select 'fill-' || j || '-' || k, 'fill-' || j, k, $1, 'criu', now(),
+                    'http://127.0.0.1:9/images/fill-' || j || '-' || k, 'https://node/em',
+                    'periodic', 'deleted'
+             from generate_series($2::bigint, $3::bigint) j, generate_series(1, $4::bigint) k",
+        )
+        .bind(cts)
+        .bind(from)
+        .bind(to)
+        .bind(per_job)
+        .execute(pool)
+        .await
+        .expect("insert checkpoint records");
+        from = to + 1;
+    }
+    sqlx::query("vacuum analyze jobs")
+        .execute(pool)
+        .await
+        .expect("vacuum");
+    sqlx::query("vacuum analyze checkpoints")
+        .execute(pool)
+        .await
+        .expect("vacuum");
+}
+
+async fn rp_document(client: &reqwest::Client, endpoint: &str) {
+    let action = gca_protocol::wsrf::rp_request_action("GetResourcePropertyDocument");
+    let body = integration_tests::envelope11(
+        &action,
+        "<wsrf-rp:GetResourcePropertyDocument xmlns:wsrf-rp=\"http://docs.oasis-open.org/wsrf/rp-2\"/>",
+    );
+    let resp = client
+        .post(endpoint)
+        .header("content-type", "text/xml; charset=utf-8")
+        .header("SOAPAction", action)
+        .body(body)
+        .send()
+        .await
+        .expect("GetResourcePropertyDocument");
+    assert_eq!(resp.status(), 200, "GetResourcePropertyDocument");
+    let text = resp.text().await.expect("the document");
+    assert!(
+        text.contains("CheckpointCount"),
+        "no CheckpointCount: {text}"
+    );
+}
+
+async fn bench_rpdoc(opts: Options) -> Vec<Row> {
+    let (jobs, per_job) = if opts.quick {
+        (1_000, 100)
+    } else {
+        (10_000, 100)
+    };
+    let records = jobs * per_job;
+    let large = TestGcs::start().await;
+    register_type(&large, "criu").await;
+    large
+        .call::<RegisterCtsInstanceOp>(RegisterCtsInstance {
+            instance: instance("bench-cts", "criu", "node-a", "http://127.0.0.1:9/cts"),
+        })
+        .await
+        .expect("register a CTS instance");
+    let t = Instant::now();
+    fill_registry(&large.pool, "bench-cts", jobs, per_job).await;
+    eprintln!(
+        "  rpdoc: {records} records of {jobs} jobs written in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let kept = gcs::db::totals(&large.pool).await.expect("kept totals");
+    let counted = gcs::db::counted_totals(&large.pool)
+        .await
+        .expect("counted totals");
+    assert_eq!(
+        (kept.jobs, kept.checkpoints),
+        (counted.jobs, counted.checkpoints)
+    );
+    assert_eq!(counted.checkpoints, records);
+
+    let small = TestGcs::start().await;
+    register_type(&small, "criu").await;
+    small
+        .call::<RegisterCtsInstanceOp>(RegisterCtsInstance {
+            instance: instance("bench-cts", "criu", "node-a", "http://127.0.0.1:9/cts"),
+        })
+        .await
+        .expect("register a CTS instance");
+    fill_registry(&small.pool, "bench-cts", 1, 2).await;
+
+    let client = integration_tests::http_as(integration_tests::pki::BROKER);
+    let calls = if opts.quick { 5 } else { 20 };
+    let (large_url, small_url) = (large.endpoint(), small.endpoint());
+    let pool = large.pool.clone();
+    let s = interleaved(&opts, "rpdoc", 4, |v| {
+        let (client, large_url, small_url, pool) = (
+            client.clone(),
+            large_url.clone(),
+            small_url.clone(),
+            pool.clone(),
+        );
+        async move {
+            let t = Instant::now();
+            for _ in 0..calls {
+                match v {
+                    0 => rp_document(&client, &large_url).await,
+                    1 => rp_document(&client, &small_url).await,
+                    2 => {
+                        gcs::db::totals(&pool).await.expect("kept totals");
+                    }
+                    _ => {
+                        gcs::db::counted_totals(&pool)
+                            .await
+                            .expect("counted totals");
+                    }
+                }
+            }
+            t.elapsed().as_secs_f64() / calls as f64
+        }
+    })
+    .await;
+    let rows = vec![
+        Row {
+            bench: "rpdoc",
+            measurement: format!(
+                "GetResourcePropertyDocument of the GCS over SOAP, {records} records of {jobs} jobs"
+            ),
+            baseline: "the same, 2 records of 1 job".into(),
+            unit: Unit::Millis,
+            subject: s[0].clone(),
+            base: s[1].clone(),
+            note: "kept counts: the document does not grow with the records".into(),
+        },
+        Row {
+            bench: "rpdoc",
+            measurement: format!(
+                "count(*) over jobs and checkpoints (how the document counted before), {records} records"
+            ),
+            baseline: "the kept counts (sum over the 64 rows of registry_counters)".into(),
+            unit: Unit::Millis,
+            subject: s[3].clone(),
+            base: s[2].clone(),
+            note: String::new(),
+        },
+    ];
+    finish(small).await;
+    finish(large).await;
+    rows
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -209,8 +209,15 @@ async function broker(args, c11, c12, out) {
   out.checkpoint12 = { id: ck12.result.CheckpointID, sequence: Number(ck12.result.SequenceNumber),
     soap12_envelope: /http:\/\/www\.w3\.org\/2003\/05\/soap-envelope/.test(ck12.rawResponse) };
 
-  const listed = await call(port(c11, 'GetCheckpoints', SOAP11_PORT).GetCheckpoints, { GID: args.gid });
-  out.sequences = list(listed.result && listed.result.Checkpoint).map((c) => Number(c.SequenceNumber));
+  // One page at a time: follow Next until an answer has none.
+  out.sequences = [];
+  for (let after = null; ;) {
+    const req = after === null ? { GID: args.gid } : { GID: args.gid, After: after };
+    const page = await call(port(c11, 'GetCheckpoints', SOAP11_PORT).GetCheckpoints, req);
+    out.sequences.push(...list(page.result && page.result.Checkpoint).map((c) => Number(c.SequenceNumber)));
+    if (!page.result || page.result.Next === undefined || page.result.Next === null) break;
+    after = page.result.Next;
+  }
 
   out.fault11 = await expectFault(port(c11, 'DoCheckpoint', SOAP11_PORT).DoCheckpoint,
     { GID: 'no-such-gid', Stop: false });

@@ -87,8 +87,14 @@ def main() -> int:
     ck12 = soap12_service(client).DoCheckpoint(GID=args.gid, Stop=False)
     out["checkpoint12"] = {"id": ck12.CheckpointID, "sequence": ck12.SequenceNumber}
 
-    listed = client.service.GetCheckpoints(GID=args.gid)
-    items = listed if isinstance(listed, list) else (listed or [])
+    # One page (Checkpoint*, then Next when more follow): follow Next until it is absent.
+    items, after = [], None
+    while True:
+        page = client.service.GetCheckpoints(GID=args.gid, After=after)
+        items.extend(page.Checkpoint or [])
+        if page.Next is None:
+            break
+        after = page.Next
     out["sequences"] = [c.SequenceNumber for c in items]
 
     try:

@@ -421,7 +421,7 @@ impl Drop for TestJob {
 
 /// The checkpoints the GCS has for `gid`.
 pub async fn gcs_checkpoints(gcs: &TestGcs, gid: &str) -> Vec<CheckpointRecord> {
-    gcs.call::<gca_protocol::ops::GetCheckpointsOp>(GidRequest { gid: gid.into() })
+    gcs.call::<gca_protocol::ops::GetCheckpointsOp>(gca_protocol::messages::GetCheckpoints::of(gid))
         .await
         .expect("GetCheckpoints")
         .checkpoints

@@ -68,6 +68,7 @@ admin_actor!(
     DoCheckpoint,
     FindCts,
     GidRequest,
+    GetCheckpoints,
     GetRecoveryInfo,
     AuthorizeRecovery,
     ListJobs,

@@ -49,6 +49,20 @@ impl Cts {
         }
         let job = self.job(&req.gid)?;
         let stop = req.stop || self.inner.config.checkpoint.stop_after;
+        // In a task of its own: a caller that goes away (a client disconnecting, a request
+        // timeout, a shutdown) drops only the wait for the answer, never a checkpoint between
+        // its commit and its record.
+        let cts = self.clone();
+        let taking = job.clone();
+        let taken = tokio::spawn(async move { cts.take_external(&taking, &req, stop).await })
+            .await
+            .map_err(|e| anyhow::anyhow!("the checkpoint task of job {:?} failed: {e}", job.gid))?;
+        self.registered(&job, taken?).await
+    }
+
+    /// The checkpoint of a request: waits for the job's lock (`busy_wait_secs`), takes it,
+    /// and frees the job once the image is committed and its record queued.
+    async fn take_external(&self, job: &Arc<Job>, req: &DoCheckpoint, stop: bool) -> Result<Taken> {
         let wait = Duration::from_secs(self.inner.config.checkpoint.busy_wait_secs);
         let guard = match job.lock.try_lock() {
             Ok(g) => g,
@@ -72,12 +86,12 @@ impl Cts {
             }
         };
         let taken = self
-            .fresh_checkpoint_locked(&job, Origin::External, stop)
+            .fresh_checkpoint_locked(job, Origin::External, stop)
             .await;
         // The image is committed and its record safe in the outbox: the job is free for the
         // next checkpoint while the GCS's answer is awaited.
         drop(guard);
-        self.registered(&job, taken?).await
+        taken
     }
 
     /// Waits a bounded time for the GCS's answer to a checkpoint's record: the registered
@@ -199,6 +213,11 @@ impl Cts {
             .await?;
         let record = match self.record_of(id, &manifest).await {
             Ok(r) => r,
+            Err(e) if stop => {
+                // The job is gone: its image is all that is left of it, kept for an operator.
+                tracing::error!(gid = %job.gid, checkpoint.id = %id, error = %e, "no record can be made for the image of a job stopped by its checkpoint; the image is kept, unregistered");
+                return Err(e);
+            }
             Err(e) => {
                 tracing::error!(gid = %job.gid, checkpoint.id = %id, error = %e, "no record can be made for a committed image; removing it");
                 let _ = self.inner.store.delete(id).await;
@@ -318,15 +337,19 @@ impl Cts {
                         RegisterCheckpoint { checkpoint: record },
                     )))
                     .map(drop),
-                Err(e) => Err(e),
+                Err(e) => {
+                    r.postpone();
+                    Err(e)
+                }
             };
             match result {
                 Ok(()) => {
                     tracing::warn!(checkpoint.id = %id, gid = %manifest.meta.gid, "a checkpoint committed just before the CTS stopped is registered now")
                 }
                 Err(e) => {
-                    tracing::error!(checkpoint.id = %id, gid = %manifest.meta.gid, error = %e, "a checkpoint committed just before the CTS stopped cannot be registered; its image is removed");
-                    let _ = self.inner.store.delete(&id).await;
+                    // Kept, image and reservation: the next start tries again (a full disk,
+                    // say, may be cleared by then).
+                    tracing::error!(checkpoint.id = %id, gid = %manifest.meta.gid, error = %e, "a checkpoint committed just before the CTS stopped cannot be registered now; kept for the next start");
                 }
             }
         }

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use gca_protocol::messages::{GidRequest, ImageState};
+use gca_protocol::messages::ImageState;
 use gca_store::ImageId;
 
 use super::Cts;
@@ -54,15 +54,12 @@ impl Cts {
             if self.jobs().get(&gid).is_some_and(|j| j.restoring) {
                 continue;
             }
-            let records = match self
-                .inner
-                .link
-                .query::<gca_protocol::ops::GetCheckpointsOp>(&GidRequest { gid: gid.clone() })
-                .await
-            {
-                Ok(list) => list.checkpoints,
-                Err(f) if f.kind == gca_protocol::FaultKind::ResourceUnknown => continue,
-                Err(f) => return Err(Error::Fault(f)),
+            let records = match self.gcs_checkpoints(&gid).await {
+                Ok(records) => records,
+                Err(Error::Fault(f)) if f.kind == gca_protocol::FaultKind::ResourceUnknown => {
+                    continue
+                }
+                Err(e) => return Err(e),
             };
             for id in ids {
                 let gone = records

@@ -4,11 +4,16 @@
 use gca_protocol::fault::Fault;
 use gca_protocol::local::{FetchImage, FetchedImage};
 use gca_protocol::messages::{
-    CheckpointRecord, GetRecoveryInfo, GidRequest, ImageOwner, ImageState, RecoveryInfo,
+    CheckpointRecord, GetCheckpoints, GetRecoveryInfo, ImageOwner, ImageState, RecoveryInfo,
 };
 use gca_store::ImageId;
 
 use super::{Cts, LocalCaller};
+
+/// The most checkpoints `GET /v1/jobs/{gid}/checkpoints` answers: the newest recoverable
+/// ones, which a recovery wrapper tries in turn (records are about 2 KiB each with their
+/// signature, so this stays far below the 16 MiB a client reads).
+pub const RECOVERABLE_CHECKPOINTS_MAX: usize = 100;
 use crate::error::{Error, Result};
 use crate::policy::owner_may;
 
@@ -105,7 +110,9 @@ impl Cts {
         self.may_recover(caller, &record)
     }
     /// `GET /v1/jobs/{gid}/checkpoints`: the checkpoints of `gid` the caller could recover
-    /// from (image stored, the caller's by its verified owner; root: any), newest first.
+    /// from (image stored, the caller's by its verified owner; root: any), newest first, at
+    /// most [`RECOVERABLE_CHECKPOINTS_MAX`] of them (a job's records grow without bound; the
+    /// answer to the wrapper must not).
     pub async fn recoverable_checkpoints(
         &self,
         gid: &str,
@@ -118,28 +125,37 @@ impl Cts {
             .filter(|r| r.image_state == ImageState::Stored && self.may_recover(&caller, r).is_ok())
             .collect();
         list.sort_by_key(|r| std::cmp::Reverse(r.sequence));
+        list.truncate(RECOVERABLE_CHECKPOINTS_MAX);
         Ok(list)
     }
 
-    /// Every checkpoint record the GCS has of job `gid`.
-    async fn gcs_checkpoints(&self, gid: &str) -> Result<Vec<CheckpointRecord>> {
-        let list = self
-            .inner
-            .link
-            .query::<gca_protocol::ops::GetCheckpointsOp>(&GidRequest {
-                gid: gid.to_string(),
-            })
-            .await
-            .map_err(|f| {
-                Error::Fault(Fault {
-                    message: format!(
-                        "cannot look up the checkpoints of job {gid:?} at the GCS: {}",
-                        f.message
-                    ),
-                    ..f
-                })
-            })?;
-        Ok(list.checkpoints)
+    /// Every checkpoint record the GCS has of job `gid`, page after page (GetCheckpoints
+    /// answers at most the GCS's page size; a job may have many more records).
+    pub(super) async fn gcs_checkpoints(&self, gid: &str) -> Result<Vec<CheckpointRecord>> {
+        let mut records = Vec::new();
+        let mut req = GetCheckpoints::of(gid);
+        loop {
+            let page = self
+                .inner
+                .link
+                .query::<gca_protocol::ops::GetCheckpointsOp>(&req)
+                .await
+                .map_err(|f| {
+                    Error::Fault(Fault {
+                        message: format!(
+                            "cannot look up the checkpoints of job {gid:?} at the GCS: {}",
+                            f.message
+                        ),
+                        ..f
+                    })
+                })?;
+            let next = req.next_page(&page);
+            records.extend(page.checkpoints);
+            match next {
+                Some(n) => req = n,
+                None => return Ok(records),
+            }
+        }
     }
 
     /// The GCS's record of checkpoint `id` of job `gid`, whose image must still be stored.

@@ -134,10 +134,25 @@ async fn do_checkpoint(r: Req, Path(gid): Path<String>, b: Body) -> ApiResult<Ch
     Ok(Json(r.gcs.do_checkpoint(&r.ctx, req).await?))
 }
 
-async fn get_checkpoints(r: Req, Path(gid): Path<String>) -> ApiResult<CheckpointList> {
-    Ok(Json(
-        r.gcs.get_checkpoints(&r.ctx, GidRequest { gid }).await?,
-    ))
+/// `?after=SEQ&limit=N`: the page after sequence number SEQ (the `next` of the previous one).
+#[derive(serde::Deserialize)]
+struct CheckpointsQuery {
+    after: Option<i64>,
+    limit: Option<i64>,
+}
+
+async fn get_checkpoints(
+    r: Req,
+    Path(gid): Path<String>,
+    q: Result<Query<CheckpointsQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<CheckpointList> {
+    let Query(q) = q.map_err(|e| Fault::invalid(format!("invalid query: {e}")))?;
+    let req = GetCheckpoints {
+        gid,
+        after: q.after,
+        limit: q.limit,
+    };
+    Ok(Json(r.gcs.get_checkpoints(&r.ctx, req).await?))
 }
 
 #[derive(serde::Deserialize)]

@@ -120,7 +120,7 @@ async fn a_gcs_killed_while_checkpoints_are_registered_loses_none() {
     for (gid, taken) in gids.iter().zip(&taken) {
         assert_eq!(taken.len(), per_job);
         let records = gcs
-            .call::<GetCheckpointsOp>(GidRequest { gid: gid.clone() })
+            .call::<GetCheckpointsOp>(gca_protocol::messages::GetCheckpoints::of(gid.clone()))
             .await
             .expect("GetCheckpoints")
             .checkpoints;
@@ -218,7 +218,7 @@ async fn postgresql_restarted_or_crashed_under_load_loses_no_checkpoint() {
             );
         }
         let records = gcs
-            .call::<GetCheckpointsOp>(GidRequest { gid: gid.clone() })
+            .call::<GetCheckpointsOp>(gca_protocol::messages::GetCheckpoints::of(gid.clone()))
             .await
             .expect("GetCheckpoints after the restarts")
             .checkpoints;
@@ -283,10 +283,13 @@ async fn a_cts_killed_in_the_middle_of_a_dump_leaves_nothing_half_done() {
     };
     let mut cts = integration_tests::process::CtsProcess::start(setup(), dir.path()).await;
     let ready = dir.path().join("ready");
+    // It gives its memory back once `shrink` exists, so that its checkpoint after the
+    // restart is quick on a loaded machine.
+    let shrink = dir.path().join("shrink");
     let job = TestJob::script(
         dir.path(),
         &format!(
-            "python3 -c 'import sys, time\nb = bytearray(384 << 20)\nfor i in range(0, len(b), 4096): b[i] = 1\nopen(sys.argv[1], \"w\").write(\"ready\")\nwhile True: time.sleep(0.1)' {ready:?}"
+            "python3 -c 'import os, sys, time\nb = bytearray(384 << 20)\nfor i in range(0, len(b), 4096): b[i] = 1\nopen(sys.argv[1], \"w\").write(\"ready\")\nwhile True:\n  time.sleep(0.1)\n  if os.path.exists(sys.argv[2]): b = None\n' {ready:?} {shrink:?}"
         ),
         &[],
     );
@@ -317,6 +320,22 @@ async fn a_cts_killed_in_the_middle_of_a_dump_leaves_nothing_half_done() {
             async move { writing }
         })
         .await;
+        let outbox = dir.path().join("state").join("outbox");
+        assert!(
+            files_under(&outbox)
+                .iter()
+                .any(|(p, _)| p.extension().is_some_and(|e| e == "reserved")),
+            "the checkpoint holds its outbox place while CRIU writes"
+        );
+        let criu = format!("criu dump .*-t {}( |$)", job.pid);
+        assert!(
+            std::process::Command::new("pgrep")
+                .args(["-f", &criu])
+                .status()
+                .unwrap()
+                .success(),
+            "CRIU runs"
+        );
         cts.kill();
         // The whole resource's services at once: CRIU too.
         let _ = std::process::Command::new("pkill")
@@ -358,6 +377,8 @@ async fn a_cts_killed_in_the_middle_of_a_dump_leaves_nothing_half_done() {
     // The job runs on (not left stopped by the interrupted dump), and is checkpointed anew.
     let state = gca_drivers::proc::stat(job.pid).expect("the job").state;
     assert!(matches!(state, 'S' | 'R'), "the job's state is {state}");
+    std::fs::write(&shrink, "").unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let record: CheckpointRecord = cts
         .json
         .post(

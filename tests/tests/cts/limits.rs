@@ -43,8 +43,14 @@ async fn checkpoints_beyond_the_resources_limit_are_refused_as_busy() {
     cts.register("gid-busy-a", a.pid).await;
     cts.register("gid-busy-b", b.pid).await;
 
+    let staging = cts.state_dir().join("store").join("staging");
     let (first, second) = tokio::join!(checkpoint(&cts, "gid-busy-a"), async {
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // The first has its place once its image is being written.
+        eventually(Duration::from_secs(10), "the first checkpoint runs", || {
+            let running = std::fs::read_dir(&staging).is_ok_and(|mut d| d.next().is_some());
+            async move { running }
+        })
+        .await;
         checkpoint(&cts, "gid-busy-b").await
     });
     let first = first.expect("the first checkpoint has the resource's one place");

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use gca_protocol::local::FetchImage;
 use gca_protocol::messages::*;
-use gca_protocol::ops::{DoCheckpointOp, SetRetentionOp};
+use gca_protocol::ops::{DoCheckpointOp, GetCheckpointsOp, SetRetentionOp};
 use integration_tests::cts::*;
 use integration_tests::TestGcs;
 
@@ -258,4 +258,69 @@ async fn copies_fetched_for_a_recovery_go_when_the_job_ends() {
         || async { !b.image_dir(id).exists() },
     )
     .await;
+}
+
+/// A job with more records than one GetCheckpoints page (2 here): the CTS follows the pages
+/// where it reads a job's records — the recoverable checkpoints and the recovery information
+/// it gives the wrappers, and its store's reconciliation (issue 15: one answer of every record
+/// broke recovery of a job with many).
+#[tokio::test]
+async fn the_cts_follows_the_pages_of_a_job_with_many_records() {
+    let gcs = TestGcs::start_with(|c| {
+        c.notify_poll_millis = 50;
+        c.checkpoints_page_size = 2;
+    })
+    .await;
+    let cts = TestCts::registered(&gcs, "cts-pages", "app-level", APP_DRIVER, "").await;
+    let (job, records) = job_with_checkpoints(&gcs, &cts, "gid-pages", 5).await;
+    let first = gcs
+        .call::<GetCheckpointsOp>(GetCheckpoints::of("gid-pages"))
+        .await
+        .unwrap();
+    assert_eq!(first.checkpoints.len(), 2);
+    assert_eq!(first.next, Some(2), "more than one page");
+
+    let recoverable = cts
+        .local
+        .recoverable_checkpoints("gid-pages")
+        .await
+        .expect("recoverable checkpoints");
+    let ids: Vec<&str> = recoverable.iter().map(|r| r.id.as_str()).collect();
+    let newest_first: Vec<&str> = records.iter().rev().map(|r| r.id.as_str()).collect();
+    assert_eq!(ids, newest_first, "every record, from every page");
+    // The newest record is on the last page.
+    let info = cts
+        .local
+        .recovery_info("gid-pages", &records[4].id)
+        .await
+        .expect("the recovery information of a record on the last page");
+    assert_eq!(info.checkpoint.id, records[4].id);
+    signal(&job, "KILL");
+}
+
+/// The CTS's local answer of recoverable checkpoints is bounded too: the newest 100, read
+/// from the GCS's pages (7 records each here), newest first.
+#[tokio::test]
+async fn the_recoverable_checkpoints_a_wrapper_reads_are_the_newest_hundred() {
+    let gcs = TestGcs::start_with(|c| {
+        c.notify_poll_millis = 50;
+        c.checkpoints_page_size = 7;
+    })
+    .await;
+    let cts = TestCts::registered(&gcs, "cts-many", "app-level", APP_DRIVER, "").await;
+    let (job, records) = job_with_checkpoints(&gcs, &cts, "gid-many", 103).await;
+    let recoverable = cts
+        .local
+        .recoverable_checkpoints("gid-many")
+        .await
+        .expect("recoverable checkpoints");
+    let ids: Vec<&str> = recoverable.iter().map(|r| r.id.as_str()).collect();
+    let newest: Vec<&str> = records
+        .iter()
+        .rev()
+        .take(100)
+        .map(|r| r.id.as_str())
+        .collect();
+    assert_eq!(ids, newest);
+    signal(&job, "KILL");
 }

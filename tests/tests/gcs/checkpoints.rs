@@ -45,9 +45,7 @@ async fn do_checkpoint_is_routed_to_the_cts_in_charge_and_recorded() {
     assert_eq!(cts.calls(), 2);
 
     let list = gcs
-        .call::<GetCheckpointsOp>(GidRequest {
-            gid: "job-1".into(),
-        })
+        .call::<GetCheckpointsOp>(gca_protocol::messages::GetCheckpoints::of("job-1"))
         .await
         .unwrap();
     let seqs: Vec<_> = list
@@ -447,4 +445,109 @@ async fn recovery_info_respects_same_resource_and_latest_only_types() {
         .unwrap_err();
     assert_eq!(err.kind, FaultKind::Conflict);
     assert!(err.message.contains("latest"), "{}", err.message);
+}
+
+/// `max_checkpoints_in_flight_per_cts` (issue 15): a CTS with its limit of DoCheckpoints in
+/// flight from this GCS gets no more; the next is refused at once (`ServiceUnavailable`, code
+/// `cts-busy`, over SOAP and JSON) without reaching it, nothing is recorded, other CTSes are
+/// served meanwhile, and a place freed is usable again.
+#[tokio::test]
+async fn checkpoints_in_flight_per_cts_are_capped() {
+    let gcs = TestGcs::start_with(|c| c.max_checkpoints_in_flight_per_cts = 2).await;
+    let slow = FakeCts::start("cts-a").await;
+    slow.set(|b| {
+        b.register_at_gcs = Some(gcs.endpoint());
+        b.delay = Duration::from_millis(1500);
+    });
+    let fast = FakeCts::start("cts-b").await;
+    fast.set(|b| b.register_at_gcs = Some(gcs.endpoint()));
+    gcs.setup_cts("cts-a", "node-a", &slow.url).await;
+    gcs.call::<RegisterCtsInstanceOp>(RegisterCtsInstance {
+        instance: instance("cts-b", "criu", "node-b", &fast.url),
+    })
+    .await
+    .unwrap();
+    for gid in ["job-1", "job-2", "job-3"] {
+        gcs.register_job(gid, "cts-a").await;
+    }
+    gcs.register_job("job-b", "cts-b").await;
+
+    let busy: Vec<_> = ["job-1", "job-2"]
+        .into_iter()
+        .map(|gid| {
+            let soap = gcs.soap_as(pki::BROKER);
+            tokio::spawn(async move {
+                soap.call::<DoCheckpointOp>(&DoCheckpoint {
+                    gid: gid.into(),
+                    stop: false,
+                })
+                .await
+            })
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while slow.calls() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the two calls did not reach the CTS"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let started = std::time::Instant::now();
+    let f = gcs
+        .call::<DoCheckpointOp>(DoCheckpoint {
+            gid: "job-3".into(),
+            stop: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(f.kind, FaultKind::ServiceUnavailable, "{f:?}");
+    assert_eq!(
+        f.code.as_deref(),
+        Some(gca_protocol::fault::CTS_BUSY),
+        "{f:?}"
+    );
+    assert!(
+        f.message.contains("max_checkpoints_in_flight_per_cts = 2"),
+        "{}",
+        f.message
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(1000),
+        "refused at once, not after waiting: {:?}",
+        started.elapsed()
+    );
+    let resp = http_as(pki::BROKER)
+        .post(format!("{}/api/v1/jobs/job-3/checkpoints", gcs.url))
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 503);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "cts-busy", "{body}");
+    assert_eq!(body["error"]["kind"], "ServiceUnavailable", "{body}");
+    assert_eq!(slow.calls(), 2, "the refused calls never reached the CTS");
+    // Another CTS is not held up by the busy one.
+    gcs.call::<DoCheckpointOp>(DoCheckpoint {
+        gid: "job-b".into(),
+        stop: false,
+    })
+    .await
+    .expect("a checkpoint on another CTS");
+
+    for t in busy {
+        t.await.unwrap().expect("the calls in flight complete");
+    }
+    assert_eq!(count_checkpoints(&gcs, "job-3").await, 0);
+    slow.set(|b| b.delay = Duration::ZERO);
+    let r = gcs
+        .call::<DoCheckpointOp>(DoCheckpoint {
+            gid: "job-3".into(),
+            stop: false,
+        })
+        .await
+        .expect("places came back");
+    assert_eq!(r.sequence, Some(1));
 }

@@ -252,3 +252,100 @@ async fn retention_is_set_and_shown_by_gcactl() {
     let (code, _, err) = gcactl(&gcs.url, &["retention", "nope", "--keep-none"]).await;
     assert_eq!(code, 3, "{err}");
 }
+
+/// GetCheckpoints answers one page (at most `checkpoints_page_size` records) with `Next` when
+/// more follow (issue 15: one ever-growing answer broke recovery of a job with many records);
+/// SOAP, JSON and gcactl, which follows the pages, see every record once, in order.
+#[tokio::test]
+async fn get_checkpoints_pages_a_job_with_more_records_than_a_page() {
+    use gca_protocol::fault::FaultKind;
+    use gca_protocol::messages::{CheckpointList, GetCheckpoints, RegisterCheckpoint};
+    use gca_protocol::ops::{GetCheckpointsOp, RegisterCheckpointOp};
+
+    let gcs = TestGcs::start_with(|c| c.checkpoints_page_size = 3).await;
+    gcs.setup_cts("cts-a", "node-a", UNREACHABLE_CTS).await;
+    gcs.register_job("job-1", "cts-a").await;
+    for i in 1..=8 {
+        gcs.call::<RegisterCheckpointOp>(RegisterCheckpoint {
+            checkpoint: checkpoint_record(&format!("ck-{i}"), "job-1", "cts-a"),
+        })
+        .await
+        .unwrap();
+    }
+
+    // SOAP: pages of 3, 3 and 2; Next is the last sequence number of a full page.
+    let mut req = GetCheckpoints::of("job-1");
+    let mut seen = Vec::new();
+    let mut pages = Vec::new();
+    loop {
+        let page = gcs.call::<GetCheckpointsOp>(req.clone()).await.unwrap();
+        pages.push((page.checkpoints.len(), page.next));
+        seen.extend(page.checkpoints.iter().map(|c| c.sequence.unwrap()));
+        match req.next_page(&page) {
+            Some(n) => req = n,
+            None => break,
+        }
+    }
+    assert_eq!(pages, [(3, Some(3)), (3, Some(6)), (2, None)]);
+    assert_eq!(seen, (1..=8).collect::<Vec<i64>>());
+    // A smaller Limit is honoured, a larger one is capped at the page size, 0 is refused.
+    let mut small = GetCheckpoints::of("job-1");
+    small.limit = Some(2);
+    small.after = Some(5);
+    let page = gcs.call::<GetCheckpointsOp>(small.clone()).await.unwrap();
+    let ids: Vec<_> = page.checkpoints.iter().map(|c| c.id.as_str()).collect();
+    assert_eq!(ids, ["ck-6", "ck-7"]);
+    assert_eq!(page.next, Some(7));
+    small.limit = Some(1000);
+    small.after = None;
+    let page = gcs.call::<GetCheckpointsOp>(small.clone()).await.unwrap();
+    assert_eq!((page.checkpoints.len(), page.next), (3, Some(3)));
+    small.limit = Some(0);
+    let f = gcs.call::<GetCheckpointsOp>(small).await.unwrap_err();
+    assert_eq!(f.kind, FaultKind::InvalidMessage, "{f}");
+    // Past the end: an empty last page.
+    let mut end = GetCheckpoints::of("job-1");
+    end.after = Some(8);
+    let page = gcs.call::<GetCheckpointsOp>(end).await.unwrap();
+    assert!(
+        page.checkpoints.is_empty() && page.next.is_none(),
+        "{page:?}"
+    );
+
+    // JSON: ?after=&limit=, and `next` in the body.
+    let page: CheckpointList = gcs
+        .json
+        .get("/api/v1/jobs/job-1/checkpoints?after=3")
+        .await
+        .unwrap();
+    assert_eq!(page.checkpoints[0].id, "ck-4");
+    assert_eq!(page.next, Some(6));
+    let page: CheckpointList = gcs
+        .json
+        .get("/api/v1/jobs/job-1/checkpoints?after=6&limit=5")
+        .await
+        .unwrap();
+    assert_eq!(page.checkpoints.len(), 2);
+    assert_eq!(page.next, None);
+
+    // gcactl follows the pages: every record, once.
+    let (code, out, err) = gcactl(&gcs.url, &["checkpoints", "job-1"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let ids: Vec<&str> = out
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .collect();
+    let want: Vec<String> = (1..=8).map(|i| format!("ck-{i}")).collect();
+    assert_eq!(ids, want, "{out}");
+    let (code, out, err) = gcactl(&gcs.url, &["--json", "checkpoints", "job-1"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let all: CheckpointList = serde_json::from_str(&out).unwrap();
+    let seqs: Vec<_> = all
+        .checkpoints
+        .iter()
+        .map(|c| c.sequence.unwrap())
+        .collect();
+    assert_eq!(seqs, (1..=8).collect::<Vec<i64>>());
+    assert_eq!(all.next, None);
+}

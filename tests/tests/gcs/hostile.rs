@@ -289,12 +289,10 @@ async fn an_endless_answer_from_a_cts_is_cut_off_by_the_retention_runner() {
         Duration::from_secs(15),
         "the failed DELETE is recorded",
         || async {
-            gcs.call::<GetCheckpointsOp>(GidRequest {
-                gid: "job-1".into(),
-            })
-            .await
-            .unwrap()
-            .checkpoints[0]
+            gcs.call::<GetCheckpointsOp>(gca_protocol::messages::GetCheckpoints::of("job-1"))
+                .await
+                .unwrap()
+                .checkpoints[0]
                 .image_error
                 .as_deref()
                 .is_some_and(|e| e.contains("HTTP 500"))

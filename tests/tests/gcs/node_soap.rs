@@ -59,9 +59,9 @@ async fn node_soap_runs_the_broker_scenario_from_the_served_wsdl() {
     assert_eq!(cts.calls(), 2);
     // What the GCS recorded is what node-soap was told.
     let recorded = gcs
-        .call::<gca_protocol::ops::GetCheckpointsOp>(gca_protocol::messages::GidRequest {
-            gid: "job-7".into(),
-        })
+        .call::<gca_protocol::ops::GetCheckpointsOp>(gca_protocol::messages::GetCheckpoints::of(
+            "job-7",
+        ))
         .await
         .unwrap();
     let ids: Vec<&str> = recorded.checkpoints.iter().map(|c| c.id.as_str()).collect();

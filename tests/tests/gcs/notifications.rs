@@ -729,3 +729,182 @@ async fn the_oasis_schemas_accept_every_notification_message_and_fault() {
         );
     }
 }
+
+/// Subscribes over SOAP as `id` to every topic; the subscription's address, or the fault.
+async fn subscribe_as(gcs: &TestGcs, id: &str) -> Result<String, Fault> {
+    let body = env(
+        wsn::SUBSCRIBE_REQUEST,
+        "<wsnt:Subscribe><wsnt:ConsumerReference><wsa:Address>http://127.0.0.1:9/consumer</wsa:Address></wsnt:ConsumerReference></wsnt:Subscribe>",
+    );
+    let resp = http_as(id)
+        .post(gcs.endpoint())
+        .header("content-type", "text/xml; charset=utf-8")
+        .body(body)
+        .send()
+        .await
+        .expect("POST Subscribe");
+    let text = resp.text().await.unwrap();
+    let el = gca_protocol::soap::parse_response(&text)?;
+    Ok(el
+        .child(ns::WSNT, "SubscriptionReference")
+        .and_then(|r| r.opt_text(ns::WSA, "Address"))
+        .expect("a SubscriptionReference address"))
+}
+
+/// Subscribes over JSON as `id`: the HTTP status and the JSON body.
+async fn subscribe_json_as(gcs: &TestGcs, id: &str) -> (u16, serde_json::Value) {
+    let resp = http_as(id)
+        .post(format!("{}/api/v1/subscriptions", gcs.url))
+        .json(&NewSubscription {
+            consumer: "http://127.0.0.1:9/consumer".into(),
+            topics: vec!["CheckpointTaken".into()],
+            gid: None,
+            lifetime_secs: None,
+        })
+        .send()
+        .await
+        .expect("POST /api/v1/subscriptions");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap())
+}
+
+/// `max_subscriptions_per_identity` and `max_subscriptions` (issue 15): concurrent Subscribes
+/// cannot pass them together; the refusal is SubscribeCreationFailedFault with its code over
+/// SOAP and the same kind and code over JSON; ended subscriptions free their place.
+#[tokio::test]
+async fn subscriptions_are_limited_per_identity_and_in_total() {
+    let gcs = TestGcs::start_with(|c| {
+        fast(c);
+        c.max_subscriptions_per_identity = 2;
+        c.max_subscriptions = 3;
+    })
+    .await;
+    let tasks: Vec<_> = (0..6)
+        .map(|_| {
+            let endpoint = gcs.endpoint();
+            tokio::spawn(async move {
+                let body = env(
+                    wsn::SUBSCRIBE_REQUEST,
+                    "<wsnt:Subscribe><wsnt:ConsumerReference><wsa:Address>http://127.0.0.1:9/consumer</wsa:Address></wsnt:ConsumerReference></wsnt:Subscribe>",
+                );
+                let text = http_as(pki::BROKER)
+                    .post(endpoint)
+                    .header("content-type", "text/xml; charset=utf-8")
+                    .body(body)
+                    .send()
+                    .await
+                    .unwrap()
+                    .text()
+                    .await
+                    .unwrap();
+                gca_protocol::soap::parse_response(&text).map(|_| ())
+            })
+        })
+        .collect();
+    let mut refused = Vec::new();
+    let mut accepted = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(()) => accepted += 1,
+            Err(f) => refused.push(f),
+        }
+    }
+    assert_eq!(
+        accepted, 2,
+        "per-identity limit 2 under 6 concurrent Subscribes: {refused:?}"
+    );
+    for f in &refused {
+        assert_eq!(f.kind, FaultKind::SubscribeCreationFailed, "{f:?}");
+        assert_eq!(
+            f.code.as_deref(),
+            Some(gca_protocol::fault::SUBSCRIPTIONS_PER_IDENTITY_LIMIT),
+            "{f:?}"
+        );
+        assert!(f.message.contains(pki::BROKER), "{}", f.message);
+        assert!(
+            f.message.contains("max_subscriptions_per_identity = 2"),
+            "{}",
+            f.message
+        );
+    }
+    // The SOAP detail is the WS-BaseNotification fault element with the code.
+    let body = env(
+        wsn::SUBSCRIBE_REQUEST,
+        "<wsnt:Subscribe><wsnt:ConsumerReference><wsa:Address>http://127.0.0.1:9/consumer</wsa:Address></wsnt:ConsumerReference></wsnt:Subscribe>",
+    );
+    let raw = http_as(pki::BROKER)
+        .post(gcs.endpoint())
+        .header("content-type", "text/xml; charset=utf-8")
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(raw.contains("SubscribeCreationFailedFault"), "{raw}");
+    assert!(raw.contains("subscriptions-per-identity-limit"), "{raw}");
+
+    // Another identity (the admin, over JSON) takes the last place; then the GCS is full.
+    let (status, body) = subscribe_json_as(&gcs, pki::ADMIN).await;
+    assert!((200..300).contains(&status), "{status} {body}");
+    let (status, body) = subscribe_json_as(&gcs, pki::ADMIN).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["kind"], "SubscribeCreationFailed", "{body}");
+    assert_eq!(
+        body["error"]["code"],
+        gca_protocol::fault::SUBSCRIPTIONS_LIMIT,
+        "{body}"
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_subscriptions = 3"),
+        "{body}"
+    );
+    let f = subscribe_as(&gcs, "broker:other-broker").await.unwrap_err();
+    assert_eq!(
+        f.code.as_deref(),
+        Some(gca_protocol::fault::SUBSCRIPTIONS_LIMIT),
+        "{f:?}"
+    );
+
+    // An unsubscribed and an expired subscription free their places.
+    let mine: Vec<String> = sqlx::query_scalar("select id from subscriptions where owner = $1")
+        .bind(pki::BROKER)
+        .fetch_all(&gcs.pool)
+        .await
+        .unwrap();
+    assert_eq!(mine.len(), 2);
+    let unsub = http_as(pki::BROKER)
+        .post(format!("{}/subscriptions/{}", gcs.endpoint(), mine[0]))
+        .header("content-type", "text/xml; charset=utf-8")
+        .body(env(wsn::UNSUBSCRIBE_REQUEST, "<wsnt:Unsubscribe/>"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    gca_protocol::soap::parse_response(&unsub).expect("Unsubscribe");
+    subscribe_as(&gcs, "broker:other-broker")
+        .await
+        .expect("a place was freed");
+    sqlx::query(
+        "update subscriptions set termination_time = now() - interval '1 second' where id = $1",
+    )
+    .bind(&mine[1])
+    .execute(&gcs.pool)
+    .await
+    .unwrap();
+    subscribe_as(&gcs, pki::BROKER)
+        .await
+        .expect("an expired subscription does not count");
+    let f = subscribe_as(&gcs, pki::BROKER).await.unwrap_err();
+    assert_eq!(
+        f.code.as_deref(),
+        Some(gca_protocol::fault::SUBSCRIPTIONS_LIMIT),
+        "{f:?}"
+    );
+}

@@ -382,6 +382,138 @@ async fn unregistering_refuses_what_is_still_in_use() {
     assert_eq!(err.kind, FaultKind::InvalidMessage);
 }
 
+/// Waits until a backend of this database runs a statement starting with `sql` and waits for
+/// a lock; false if that does not happen within a few seconds.
+async fn backend_waits_in(pool: &sqlx::PgPool, sql: &str) -> bool {
+    for _ in 0..100 {
+        let waiting: i64 = sqlx::query_scalar(
+            "select count(*) from pg_stat_activity
+             where datname = current_database() and wait_event_type = 'Lock'
+               and query ilike $1",
+        )
+        .bind(format!("{sql}%"))
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// UnregisterCTS against a RegisterJob in flight for the same instance, interleaved on the
+/// real database: the registration is held inside its transaction (a test transaction holds
+/// an uncommitted row of the same GID, so its insert waits), the unregistration starts, then
+/// the registration goes on. The job must not end up routed to a deleted instance: the
+/// unregistration waits for the registration and then sees its job.
+#[tokio::test]
+async fn unregistering_a_cts_waits_for_a_job_being_routed_to_it() {
+    let gcs = TestGcs::start().await;
+    gcs.setup_cts("cts-a", "node-a", UNREACHABLE_CTS).await;
+    let mut blocker = gcs.pool.begin().await.unwrap();
+    sqlx::query(
+        "insert into jobs (gid, cts_instance, cts_type, state) values ('job-race', 'cts-a', 'criu', 'running')",
+    )
+    .execute(&mut *blocker)
+    .await
+    .unwrap();
+
+    let soap = gcs.soap_as(&pki::cts("cts-a"));
+    let register = tokio::spawn(async move {
+        soap.call::<RegisterJobOp>(&RegisterJob {
+            gid: "job-race".into(),
+            cts_instance: "cts-a".into(),
+            local_id: Some("4242".into()),
+            recovery: false,
+            from_checkpoint: None,
+            state: None,
+            retention: None,
+        })
+        .await
+    });
+    assert!(
+        backend_waits_in(&gcs.pool, "insert into jobs").await,
+        "RegisterJob did not reach its insert"
+    );
+
+    let admin = gcs.soap_as(pki::ADMIN);
+    let mut unregister = tokio::spawn(async move {
+        admin
+            .call::<UnregisterCtsOp>(&UnregisterCts {
+                instance: Some("cts-a".into()),
+                cts_type: None,
+            })
+            .await
+    });
+    // The unregistration must wait for the registration's transaction (it would have
+    // answered by now, deleting the instance, if it had counted the jobs before the delete).
+    let early = tokio::time::timeout(std::time::Duration::from_millis(500), &mut unregister).await;
+    assert!(
+        early.is_err(),
+        "UnregisterCTS answered while a registration to the instance was in flight: {:?}",
+        early.map(|r| r.unwrap())
+    );
+    assert!(
+        backend_waits_in(&gcs.pool, "delete from cts_instances").await,
+        "UnregisterCTS does not wait on the instance row"
+    );
+
+    blocker.rollback().await.unwrap();
+    let registered = register.await.unwrap().expect("RegisterJob");
+    assert_eq!(registered.outcome, Registration::Created);
+    let err = unregister.await.unwrap().unwrap_err();
+    assert_eq!(err.kind, FaultKind::Conflict, "{}", err.message);
+    assert!(err.message.contains("1 running job"), "{}", err.message);
+    let job = gcs
+        .call::<GetJobOp>(GidRequest {
+            gid: "job-race".into(),
+        })
+        .await
+        .unwrap()
+        .job;
+    assert_eq!(job.cts_instance, "cts-a");
+    let instances = gcs
+        .call::<ListCtsInstancesOp>(ListRequest {})
+        .await
+        .unwrap()
+        .instances;
+    assert!(
+        instances.iter().any(|i| i.name == "cts-a"),
+        "the instance in charge of job-race was deleted"
+    );
+
+    // The other order: once the instance is gone, a registration to it is refused.
+    gcs.call::<JobFinishedOp>(JobFinished {
+        gid: "job-race".into(),
+        cts_instance: "cts-a".into(),
+        exit_status: Some(0),
+        signal: None,
+    })
+    .await
+    .unwrap();
+    gcs.call::<UnregisterCtsOp>(UnregisterCts {
+        instance: Some("cts-a".into()),
+        cts_type: None,
+    })
+    .await
+    .unwrap();
+    let err = gcs
+        .call::<RegisterJobOp>(RegisterJob {
+            gid: "job-late".into(),
+            cts_instance: "cts-a".into(),
+            local_id: None,
+            recovery: false,
+            from_checkpoint: None,
+            state: None,
+            retention: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, FaultKind::ResourceUnknown, "{}", err.message);
+}
+
 #[tokio::test]
 async fn jobs_register_move_on_recovery_and_finish() {
     let gcs = TestGcs::start().await;

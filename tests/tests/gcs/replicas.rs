@@ -32,15 +32,11 @@ async fn two_replicas_share_routing_bookkeeping_and_numbering() {
         .unwrap();
     assert_eq!((via_a.sequence, via_b.sequence), (Some(1), Some(2)));
     let from_b = b
-        .call::<GetCheckpointsOp>(GidRequest {
-            gid: "job-1".into(),
-        })
+        .call::<GetCheckpointsOp>(gca_protocol::messages::GetCheckpoints::of("job-1"))
         .await
         .unwrap();
     let from_a = a
-        .call::<GetCheckpointsOp>(GidRequest {
-            gid: "job-1".into(),
-        })
+        .call::<GetCheckpointsOp>(gca_protocol::messages::GetCheckpoints::of("job-1"))
         .await
         .unwrap();
     assert_eq!(from_a, from_b);

@@ -184,7 +184,7 @@ async fn finish(gcs: &TestGcs, gid: &str, exit_status: Option<i32>, signal: Opti
 }
 
 async fn records(gcs: &TestGcs, gid: &str) -> Vec<CheckpointRecord> {
-    gcs.call::<GetCheckpointsOp>(GidRequest { gid: gid.into() })
+    gcs.call::<GetCheckpointsOp>(gca_protocol::messages::GetCheckpoints::of(gid))
         .await
         .unwrap()
         .checkpoints
@@ -395,9 +395,7 @@ async fn a_failed_job_keeps_its_images_for_recovery_until_its_termination_time()
     tokio::time::sleep(Duration::from_millis(2200)).await;
     // The first request to the expired resource destroys it (the sweep would, later).
     let _ = gcs
-        .call::<GetCheckpointsOp>(GidRequest {
-            gid: "job-3".into(),
-        })
+        .call::<GetCheckpointsOp>(gca_protocol::messages::GetCheckpoints::of("job-3"))
         .await;
     let (status, _) = get_property(&gcs, "job-3", "gca:State").await;
     assert_ne!(status, 200, "the job resource has expired");
