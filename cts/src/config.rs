@@ -391,7 +391,7 @@ mod tests {
                 .unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
             seen += 1;
         }
-        assert_eq!(seen, 3);
+        assert_eq!(seen, 4);
     }
 
     #[test]

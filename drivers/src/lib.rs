@@ -7,7 +7,9 @@
 //! - [`app`]: application-level checkpointing (the `basic` class): the job checkpoints itself
 //!   when signalled, or on its own, into a per-job directory;
 //! - [`command`]: any checkpointer with a command line (BLCR, DMTCP, a site's script),
-//!   configured as command templates with placeholders.
+//!   configured as command templates with placeholders;
+//! - [`vmm`]: a virtual machine monitor (QEMU over QMP): each job runs in a VM of its own,
+//!   checkpointed whole (paper section 4).
 //!
 //! What drivers share, so that no driver imports from another: [`runner`] (running a
 //! program with a bound and describing how it ended), [`proc`] (pidfds, `/proc` facts,
@@ -36,6 +38,7 @@ pub mod proc;
 pub mod runner;
 #[cfg(test)]
 mod test_support;
+pub mod vmm;
 
 pub use error::DriverError;
 
@@ -45,6 +48,7 @@ pub fn make_driver(cfg: &DriverConfig) -> Result<Arc<dyn CoreCheckpointer>, Driv
         DriverConfig::Criu(c) => Arc::new(criu::Criu::new(c.clone())?),
         DriverConfig::Application(c) => Arc::new(app::AppLevel::new(c.clone())?),
         DriverConfig::Command(c) => Arc::new(command::CommandDriver::new(c.clone())?),
+        DriverConfig::Vmm(c) => Arc::new(vmm::Vmm::new(c.clone())?),
     })
 }
 
@@ -125,12 +129,16 @@ pub enum Restored {
     /// The image is in place (in `checkpoint_dir`); the wrapper now starts the job itself with
     /// the CTS type's recovery job parameters (application-level checkpointing).
     StartJob,
+    /// The job's virtual machine runs again: QEMU is `pid`, a child of the calling process,
+    /// in `run_dir`, where the wrapper reaches the Virtual Node Gate
+    /// (`vmm::launch::GATE_SOCKET`).
+    VirtualMachine { pid: i32, run_dir: PathBuf },
 }
 
 /// A core checkpointer, as the CTS drives it.
 #[async_trait::async_trait]
 pub trait CoreCheckpointer: Send + Sync + std::fmt::Debug {
-    /// Short name for logs and status (`criu`, `application`, `command`).
+    /// Short name for logs and status (`criu`, `application`, `command`, `vmm`).
     fn kind(&self) -> &'static str;
 
     /// Checks at start-up that the core checkpointer is usable (present, right version,

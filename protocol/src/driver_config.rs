@@ -20,6 +20,7 @@ pub enum DriverConfig {
     Criu(CriuConfig),
     Application(AppConfig),
     Command(CommandConfig),
+    Vmm(VmmConfig),
 }
 
 /// How the CRIU driver is configured (the `[driver]` table of a CTS of kind `criu`).
@@ -103,4 +104,57 @@ pub struct CommandConfig {
     /// An upper bound on each command, on top of the CTS's own timeout for the operation.
     #[serde(default)]
     pub timeout_secs: Option<u64>,
+}
+
+/// How the VMM driver is configured (the `[driver]` table of a CTS of kind `vmm`): the virtual
+/// machine every job of this type runs in. The execute and recovery wrappers start QEMU, as the
+/// job's user, with exactly this machine (`gca_drivers::vmm::launch`); the CTS never starts
+/// QEMU, it only talks QMP to the job's own VM and runs `qemu_img` on its own image files.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VmmConfig {
+    /// The QEMU system emulator.
+    pub qemu: PathBuf,
+    /// `qemu-img` (creates the image's disk file and the restored VM's overlay).
+    pub qemu_img: PathBuf,
+    /// The guest kernel (`scripts/build-vmm-guest`).
+    pub kernel: PathBuf,
+    /// The guest initramfs holding the Virtual Node Gate.
+    pub initrd: PathBuf,
+    /// Extra kernel command-line words (after the gate's own).
+    pub kernel_args: Vec<String>,
+    /// `-accel`: `kvm`, or `tcg` where KVM cannot boot the guest.
+    pub accel: String,
+    /// The QEMU machine type, versioned (`pc-q35-7.2`): a VM restores only on the same one.
+    pub machine: String,
+    /// The CPU model (`qemu64`, a named model; `host` only where every resource has the same
+    /// CPU): a VM restores only on the same one.
+    pub cpu: String,
+    /// Guest memory, MiB.
+    pub memory_mib: u32,
+    /// Virtual CPUs.
+    pub smp: u32,
+    /// The size of the job's disk (its directory in the guest), MiB.
+    pub disk_mib: u32,
+    /// How long the guest may take to boot and report READY, seconds.
+    pub boot_timeout_secs: u64,
+}
+
+impl Default for VmmConfig {
+    fn default() -> Self {
+        Self {
+            qemu: PathBuf::from("qemu-system-x86_64"),
+            qemu_img: PathBuf::from("qemu-img"),
+            kernel: PathBuf::from("/var/cache/gca/vmm-guest/vmlinuz"),
+            initrd: PathBuf::from("/var/cache/gca/vmm-guest/initrd.img"),
+            kernel_args: Vec::new(),
+            accel: "kvm".to_string(),
+            machine: "pc-q35-7.2".to_string(),
+            cpu: "qemu64".to_string(),
+            memory_mib: 256,
+            smp: 1,
+            disk_mib: 64,
+            boot_timeout_secs: 120,
+        }
+    }
 }

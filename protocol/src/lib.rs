@@ -23,6 +23,7 @@ pub mod descriptor;
 pub mod destinations;
 pub mod driver_config;
 pub mod fault;
+pub mod gate;
 pub mod identity;
 pub mod ids;
 pub mod images;

@@ -65,6 +65,11 @@ const BENCHES: &[(&str, &str)] = &[
         "the GCS's resource property document (which brokers poll) on a registry of 10^6 \
          checkpoint records vs on one of 2; its kept counts vs counting every row",
     ),
+    (
+        "vmm",
+        "a VM checkpoint through the CTS vs QMP's own save of the same VM (drive-backup and \
+         migrate to a file)",
+    ),
 ];
 
 const USAGE: &str = "\
@@ -74,7 +79,7 @@ usage: scripts/bench [OPTIONS] [BENCH...]
 Runs the named benchmarks (default: all) and prints a Markdown table; see docs/benchmarks.md.
 Uses the test PostgreSQL server at GCA_TEST_DATABASE_URL, which scripts/bench sets up (without
 it the test harness starts its private cluster and leaves it running, as under cargo test).
-`criu` needs root and CRIU >= 4.1.
+`criu` needs root and CRIU >= 4.1; `vmm` needs QEMU and the guest of scripts/build-vmm-guest.
 
 options:
   --reps N        counted repetitions of every measurement (default 7)
@@ -209,6 +214,7 @@ async fn main() -> ExitCode {
             "fetch" => tokio::spawn(bench_fetch(o)).await,
             "criu" => tokio::spawn(bench_criu(o)).await,
             "rpdoc" => tokio::spawn(bench_rpdoc(o)).await,
+            "vmm" => tokio::spawn(bench_vmm(o)).await,
             other => unreachable!("unknown benchmark {other}"),
         };
         match result {
@@ -1643,6 +1649,171 @@ async fn bench_criu(opts: Options) -> Vec<Row> {
         ),
     }];
     drop(job);
+    drop(cts);
+    finish(gcs).await;
+    rows
+}
+
+// ---------------------------------------------------------------------------------------------
+// vmm: a VM checkpoint through the CTS, or QMP's own save of the same VM
+
+async fn bench_vmm(opts: Options) -> Vec<Row> {
+    use gca_drivers::vmm::launch::{self, Boot};
+    use gca_drivers::vmm::qmp::Qmp;
+    use serde_json::json;
+    let gcs = TestGcs::start().await;
+    let driver = integration_tests::cts::vmm_driver();
+    let cts = TestCts::registered(&gcs, "bench-vmm", "vmm", &driver, "").await;
+    let gid = "bench-vmm";
+    // This process is the job's (as gca-vmm-exec is): QEMU is its child.
+    let registered = cts.register(gid, std::process::id() as i32).await;
+    let run_dir = registered.checkpoint_dir.clone();
+    let cfg: gca_protocol::driver_config::VmmConfig = {
+        let t: toml::Table = driver.parse().expect("driver table");
+        let mut t = t;
+        t.remove("kind");
+        t.try_into().expect("a VMM configuration")
+    };
+    let job = [
+        "sh".to_string(),
+        "-c".into(),
+        "n=0; while :; do n=$((n+1)); echo \"count $n\"; echo $n >> count.log; sleep 0.1; done"
+            .into(),
+    ];
+    launch::make_job_disk(&cfg, &run_dir, None, &job).expect("the job's disk");
+    let me = std::process::id() as i32;
+    let (uid, gidn) = (
+        gca_drivers::proc::uid(me).expect("our UID"),
+        gca_drivers::proc::gid(me).expect("our GID"),
+    );
+    let mut qemu =
+        launch::spawn(&cfg, &run_dir, Boot::Fresh { uid, gid: gidn }).expect("start QEMU");
+    // The gate waits for its host: hold the connection.
+    let gate_path = run_dir.join(launch::GATE_SOCKET);
+    let deadline = Instant::now() + Duration::from_secs(cfg.boot_timeout_secs);
+    let _gate = loop {
+        match std::os::unix::net::UnixStream::connect(&gate_path) {
+            Ok(s) => break s,
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => panic!("the VM's gate socket: {e}"),
+        }
+    };
+    let console = run_dir.join(launch::CONSOLE_LOG);
+    let boot = Instant::now();
+    while !std::fs::read_to_string(&console)
+        .unwrap_or_default()
+        .contains("count 3")
+    {
+        assert!(
+            boot.elapsed() < Duration::from_secs(cfg.boot_timeout_secs),
+            "the job in the VM does not count"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let scratch = cts.dir.path().join("qmp-saves");
+    std::fs::create_dir_all(&scratch).expect("scratch directory");
+    let req = DoCheckpoint {
+        gid: gid.into(),
+        stop: false,
+    };
+    let cts_bytes = AtomicU64::new(0);
+    let direct_bytes = AtomicU64::new(0);
+    let refs = (&cts, &req, &run_dir, &scratch, &cts_bytes, &direct_bytes);
+    let s = interleaved(&opts, "vmm", 2, |v| {
+        let (cts, req, run_dir, scratch, cts_bytes, direct_bytes) = refs;
+        async move {
+            if v == 0 {
+                let start = Instant::now();
+                let r = cts
+                    .soap
+                    .call::<CtsDoCheckpointOp>(req)
+                    .await
+                    .expect("a VM checkpoint through the CTS");
+                let secs = start.elapsed().as_secs_f64();
+                assert!(r.sequence.is_some(), "the GCS numbered the checkpoint");
+                cts_bytes.store(r.size_bytes.unwrap_or(0) as u64, Ordering::Relaxed);
+                cts.cts
+                    .store()
+                    .delete(&ImageId::parse(&r.id).expect("an image ID"))
+                    .await
+                    .expect("delete the image");
+                secs
+            } else {
+                let dir = scratch.join(uuid::Uuid::new_v4().simple().to_string());
+                std::fs::create_dir(&dir).expect("save directory");
+                let (qmp, d) = (run_dir.join(launch::QMP_SOCKET), dir.clone());
+                let secs = tokio::task::spawn_blocking(move || {
+                    let start = Instant::now();
+                    let mut q =
+                        Qmp::connect_waiting(&qmp, Instant::now() + Duration::from_secs(300))
+                            .expect("QMP");
+                    let run = |q: &mut Qmp, c: &str, a: serde_json::Value| {
+                        q.execute(c, Some(a)).unwrap_or_else(|e| panic!("{c}: {e}"))
+                    };
+                    q.execute("stop", None).expect("stop");
+                    run(
+                        &mut q,
+                        "migrate-set-parameters",
+                        json!({ "max-bandwidth": 1_i64 << 40 }),
+                    );
+                    run(
+                        &mut q,
+                        "drive-backup",
+                        json!({
+                            "job-id": "bench-save", "device": launch::DISK_NODE,
+                            "target": d.join("disk.qcow2").display().to_string(),
+                            "format": "qcow2", "sync": "full", "auto-dismiss": false,
+                        }),
+                    );
+                    q.wait_job("bench-save").expect("drive-backup");
+                    run(
+                        &mut q,
+                        "migrate",
+                        json!({
+                            "uri": format!("exec:cat > {}", d.join("machine.state").display()),
+                        }),
+                    );
+                    q.wait_migration().expect("migrate");
+                    q.execute("cont", None).expect("cont");
+                    start.elapsed().as_secs_f64()
+                })
+                .await
+                .expect("the QMP save");
+                direct_bytes.store(dir_bytes(&dir), Ordering::Relaxed);
+                std::fs::remove_dir_all(&dir).expect("remove the save");
+                secs
+            }
+        }
+    })
+    .await;
+    assert!(
+        qemu.try_wait().expect("QEMU").is_none(),
+        "the VM survived its checkpoints"
+    );
+    let rows = vec![Row {
+        bench: "vmm",
+        measurement: "VM checkpoint through the CTS (SOAP DoCheckpoint: QMP stop, \
+                      blockdev-backup and migrate into descriptors, cont; manifest with SHA-256, \
+                      fsync, store, record at the GCS)"
+            .into(),
+        baseline: "QMP's own save of the same VM (stop, drive-backup to a qcow2, migrate to \
+                   exec:cat > file, cont)"
+            .into(),
+        unit: Unit::Millis,
+        subject: s[0].clone(),
+        base: s[1].clone(),
+        note: format!(
+            "{} MiB guest, {} accel, counting job; images: {} KiB through the CTS, {} KiB direct",
+            cfg.memory_mib,
+            cfg.accel,
+            cts_bytes.load(Ordering::Relaxed) / 1024,
+            direct_bytes.load(Ordering::Relaxed) / 1024
+        ),
+    }];
+    let _ = qemu.kill();
+    let _ = qemu.wait();
     drop(cts);
     finish(gcs).await;
     rows

@@ -17,6 +17,7 @@ pub fn descriptor(cts_type: &str) -> &'static str {
     match cts_type {
         "criu" => crate::CRIU_DESCRIPTOR,
         "app-level" => crate::APP_DESCRIPTOR,
+        "vmm" => crate::VMM_DESCRIPTOR,
         other => panic!("no example descriptor for type {other:?}"),
     }
 }
@@ -95,6 +96,34 @@ pub struct CtsSetup<'a> {
 }
 
 pub const CRIU_DRIVER: &str = "kind = \"criu\"";
+
+/// The guest of `scripts/build-vmm-guest` (run by `scripts/install-deps`): `$GCA_VMM_GUEST_DIR`
+/// or /var/cache/gca/vmm-guest; panics (the test fails) when it is missing.
+pub fn vmm_guest_dir() -> PathBuf {
+    let dir = std::env::var_os("GCA_VMM_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/gca/vmm-guest"));
+    assert!(
+        dir.join("vmlinuz").is_file() && dir.join("initrd.img").is_file(),
+        "no VMM guest in {}: run scripts/install-deps (or scripts/build-vmm-guest)",
+        dir.display()
+    );
+    dir
+}
+
+/// A `[driver]` of kind `vmm` on that guest, a small VM, with the accelerator the guest's
+/// build found to boot it here (`accel`: `kvm`, or `tcg` where this machine's KVM cannot).
+pub fn vmm_driver() -> String {
+    let dir = vmm_guest_dir();
+    let accel = std::fs::read_to_string(dir.join("accel"))
+        .map(|a| a.trim().to_string())
+        .unwrap_or_else(|_| "kvm".into());
+    format!(
+        "kind = \"vmm\"\nkernel = {:?}\ninitrd = {:?}\naccel = {accel:?}\nmemory_mib = 128\ndisk_mib = 16\n",
+        dir.join("vmlinuz"),
+        dir.join("initrd.img"),
+    )
+}
 pub const APP_DRIVER: &str = "kind = \"application\"\npoll_interval_ms = 20";
 
 impl TestCts {

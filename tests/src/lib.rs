@@ -29,6 +29,7 @@ pub mod wrappers;
 
 pub const CRIU_DESCRIPTOR: &str = include_str!("../../schemas/examples/criu-cts.xml");
 pub const APP_DESCRIPTOR: &str = include_str!("../../schemas/examples/app-level-cts.xml");
+pub const VMM_DESCRIPTOR: &str = include_str!("../../schemas/examples/vmm-cts.xml");
 
 pub fn init_tracing() {
     static ONCE: std::sync::Once = std::sync::Once::new();

@@ -75,6 +75,7 @@ impl ExecArgs {
             periodic: self.periodic,
             timeout: self.restore_timeout,
             job: self.job.clone(),
+            output: None,
             retention: self.retention.clone(),
         }
     }
@@ -132,6 +133,40 @@ pub struct RecoverArgs {
     /// types, with the type's recovery job parameters appended; ignored when the core
     /// checkpointer restores the process itself).
     #[arg(last = true, value_name = "JOB")]
+    pub job: Vec<OsString>,
+    /// A VMM type (the vmm-ready-job-resumer): where the job's directory comes back when the
+    /// job ends (unpacked from the guest). Without it the files are not kept.
+    #[arg(long, value_name = "DIR")]
+    pub output: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub retention: RetentionArgs,
+}
+
+/// gca-vmm-exec: the execute wrapper of a VMM CTS type (the paper's vmm-ready-job-executor).
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "gca-vmm-exec",
+    version,
+    after_help = "Runs JOB in a virtual machine of the CTS's type, in a directory made of --input DIR's files; the directory comes back into --output DIR when the job ends. Exit codes: the job's own once it ran. Before: 64 usage, 65 registration refused, 70 internal, 72 the VM could not be started, 75 the CTS or GCS unreachable, or the VM ended without the job's status (stopped for migration: recover it)"
+)]
+pub struct VmmExecArgs {
+    /// The job's grid ID.
+    #[arg(long)]
+    pub gid: String,
+    /// The CTS of this resource (a VMM type): `unix:PATH` or its https URL.
+    #[arg(long, value_parser = CtsTarget::parse)]
+    pub cts: CtsTarget,
+    /// Ask the CTS for a checkpoint every SECS seconds.
+    #[arg(long, value_name = "SECS")]
+    pub periodic: Option<u64>,
+    /// The files the job starts with (copied into its directory in the guest).
+    #[arg(long, value_name = "DIR")]
+    pub input: Option<std::path::PathBuf>,
+    /// Where the job's directory comes back when the job ends.
+    #[arg(long, value_name = "DIR")]
+    pub output: Option<std::path::PathBuf>,
+    /// The job: a program of the guest and its arguments, run in its directory.
+    #[arg(last = true, required = true, value_name = "JOB")]
     pub job: Vec<OsString>,
     #[command(flatten)]
     pub retention: RetentionArgs,

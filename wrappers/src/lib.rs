@@ -13,6 +13,10 @@
 //!   command line for the first start and every restart by the resource manager: recovers
 //!   the job from its latest usable checkpoint if it has one, else executes it.
 //!
+//! - `gca-vmm-exec --gid GID --cts URL [--input DIR] [--output DIR] -- JOB [ARGS...]`
+//!   ([`vmm`]): the execute wrapper of a VMM type (the paper's vmm-ready-job-executor): runs
+//!   the job in a virtual machine; `gca-recover` on such a type is the vmm-ready-job-resumer.
+//!
 //! - `gca-checkpoint --gid GID --cts URL [--stop]` ([`checkpoint`]): the job's owner
 //!   checkpoints their own job through the local socket (no certificate needed).
 //!
@@ -29,6 +33,7 @@ pub mod exit;
 pub mod recover;
 pub mod resume;
 pub mod signals;
+pub mod vmm;
 
 /// `<wrapper>: <message>` on stderr.
 pub fn warn(wrapper: &str, message: &str) {

@@ -92,7 +92,13 @@ pub async fn recover_first_usable(
         let more = n + 1 < images.len();
         let attempt = match locate(args, cts, image).await {
             Ok(info) => match restore_from(args, cts, &info, &retention).await {
-                Ok(pid) => return supervise(args, cts, forwarder, &info, retention, pid).await,
+                Ok(Running::Process(pid)) => {
+                    return supervise(args, cts, forwarder, &info, retention, pid).await
+                }
+                Ok(Running::Vm { pid, run_dir }) => {
+                    drop(forwarder);
+                    return supervise_vm(args, cts, &info, retention, pid, &run_dir).await;
+                }
                 Err(a) => a,
             },
             Err(f) if f.class == Class::Permanent => Attempt::ImageUnusable(f),
@@ -137,14 +143,25 @@ enum Attempt {
     Failed(Failure),
 }
 
+/// What runs after a restore.
+enum Running {
+    /// The job's process, our child.
+    Process(i32),
+    /// The job's virtual machine: QEMU, our child, in `run_dir` (a VMM type).
+    Vm {
+        pid: i32,
+        run_dir: std::path::PathBuf,
+    },
+}
+
 /// Steps 2-4 for one checkpoint: registered as restoring, the image fetched and verified,
-/// the job restored; returns its PID. On failure the registration is withdrawn.
+/// the job restored; returns what runs. On failure the registration is withdrawn.
 async fn restore_from(
     args: &RecoverArgs,
     cts: &Cts,
     info: &RecoveryInfo,
     retention: &Option<Retention>,
-) -> Result<i32, Attempt> {
+) -> Result<Running, Attempt> {
     let me = std::process::id() as i32;
     let registered = cts
         .client
@@ -190,6 +207,53 @@ fn recovery_of(info: &RecoveryInfo, restoring: bool) -> LocalRecovery {
     LocalRecovery {
         from_checkpoint: Some(info.checkpoint.id.clone()),
         restoring,
+    }
+}
+
+/// Steps 5-6 for a virtual machine (the vmm-ready-job-resumer, `crate::vmm`): this wrapper
+/// registered as the job's process (QEMU is its child), SIGTERM/INT/HUP sent to the job in the guest, the job's
+/// files unpacked into `--output`, its status reported; exits with the job's status.
+async fn supervise_vm(
+    args: &RecoverArgs,
+    cts: &Cts,
+    info: &RecoveryInfo,
+    retention: Option<Retention>,
+    pid: i32,
+    run_dir: &std::path::Path,
+) -> Failure {
+    let mut signals = match crate::vmm::Signals::install() {
+        Ok(s) => s,
+        Err(f) => return f,
+    };
+    let cfg = match crate::vmm::vmm_config(cts) {
+        Ok(c) => c,
+        Err(f) => return f,
+    };
+    // The job's process is this wrapper (its VM, QEMU, is our child): the CTS watches a
+    // process whose end is the job's, and QEMU, its descendant, serves the QMP socket.
+    if let Err(f) = cts
+        .client
+        .register(&RegisterLocalJob {
+            gid: args.gid.clone(),
+            pid: std::process::id() as i32,
+            periodic_interval_secs: args.periodic,
+            recovery: Some(recovery_of(info, false)),
+            retention,
+        })
+        .await
+    {
+        warn(
+            "gca-recover",
+            &format!(
+                "job {:?} runs again (its VM is PID {pid}) but CTS {:?} did not register it: {}; it cannot be checkpointed until it is recovered again",
+                args.gid, cts.info.name, f.message
+            ),
+        );
+    }
+    let end = crate::vmm::supervise(&cfg, run_dir, pid, args.output.as_deref(), &mut signals).await;
+    match crate::vmm::finish(cts, &args.gid, pid, end, "gca-recover").await {
+        Ok(code) => std::process::exit(code),
+        Err(f) => f,
     }
 }
 
@@ -337,8 +401,8 @@ async fn fetch(
     Ok(fetched.image_dir)
 }
 
-/// Steps 4: restore with the CTS's core checkpointer; returns the running job's PID, a child
-/// of this process.
+/// Steps 4: restore with the CTS's core checkpointer; returns the running job (its PID, a
+/// child of this process) or its virtual machine.
 ///
 /// Awaited in the binaries' `block_on`, i.e. on the main thread, which forks the core
 /// checkpointer: a CRIU-restored job's parent is that thread, so a job whose image carries a
@@ -350,7 +414,7 @@ async fn restore(
     info: &RecoveryInfo,
     image_dir: &std::path::Path,
     registered: &LocalJob,
-) -> Result<i32, Failure> {
+) -> Result<Running, Failure> {
     let Some(driver_config) = &cts.info.driver_config else {
         return Err(Failure::new(
             Class::Internal,
@@ -406,8 +470,9 @@ async fn restore(
             )
         })?;
     match restored {
-        Restored::Running { pid } => Ok(pid),
-        Restored::StartJob => start_job(args, cts, &values, registered),
+        Restored::Running { pid } => Ok(Running::Process(pid)),
+        Restored::StartJob => start_job(args, cts, &values, registered).map(Running::Process),
+        Restored::VirtualMachine { pid, run_dir } => Ok(Running::Vm { pid, run_dir }),
     }
 }
 

@@ -63,7 +63,10 @@ impl Cts {
         // (the restored image may be in the directory already).
         let mut taken_over: Option<Arc<Job>> = None;
         if let Some(existing) = self.jobs().get(&req.gid).cloned() {
-            if existing.pid == req.pid && existing.start_time == stat.start_time {
+            // (A recovery wrapper that is the job's process itself, as a VMM type's is, takes
+            // its own restoring registration over.)
+            let takes_over = existing.restoring && req.recovery.is_some() && !restoring;
+            if existing.pid == req.pid && existing.start_time == stat.start_time && !takes_over {
                 return Ok(self.view(&existing));
             }
             if existing.restoring && req.recovery.is_some() && !restoring {

@@ -5,3 +5,4 @@ mod app;
 mod criu;
 mod failures;
 mod resume;
+mod vmm;
