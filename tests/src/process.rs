@@ -63,38 +63,15 @@ impl GcsProcess {
     }
 
     async fn wait_healthy(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
-                panic!(
-                    "gcs exited ({status}) before serving: {}",
-                    std::fs::read_to_string(&self.log).unwrap_or_default()
-                );
-            }
-            let ok = http()
-                .get(format!("{}/healthz", self.url))
-                .timeout(Duration::from_secs(2))
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success());
-            if ok {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "gcs did not become healthy: {}",
-                std::fs::read_to_string(&self.log).unwrap_or_default()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_ready(&mut self.child, &self.log, &self.url, "gcs", |status, _| {
+            status == 200
+        })
+        .await;
     }
 
     /// SIGKILL, as a crash or the OOM killer would; waits for the process to be gone.
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        kill(&mut self.child);
     }
 
     /// The GCS's SOAP endpoint as `id`.
@@ -173,47 +150,67 @@ impl CtsProcess {
     }
 
     async fn wait_connected(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
-                panic!(
-                    "cts exited ({status}) before serving: {}",
-                    std::fs::read_to_string(&self.log).unwrap_or_default()
-                );
-            }
-            let health: Option<serde_json::Value> = match http()
-                .get(format!("{}/healthz", self.url))
-                .timeout(Duration::from_secs(2))
-                .send()
-                .await
-            {
-                Ok(r) => r.json().await.ok(),
-                Err(_) => None,
-            };
-            if health.is_some_and(|h| h["gcs_connected"] == true) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "cts did not register at its GCS: {}",
-                std::fs::read_to_string(&self.log).unwrap_or_default()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_ready(&mut self.child, &self.log, &self.url, "cts", |_, health| {
+            health["gcs_connected"] == true
+        })
+        .await;
     }
 
     /// SIGKILL (the programs it started, such as CRIU, are in process groups of their own and
     /// go on).
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        kill(&mut self.child);
     }
 }
 
 impl Drop for CtsProcess {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// Polls `url/healthz` until `ready` accepts its answer (status, JSON body or null); panics
+/// with the service's log if it exits first or is not ready within a minute.
+async fn wait_ready(
+    child: &mut Option<Child>,
+    log: &Path,
+    url: &str,
+    what: &str,
+    ready: impl Fn(u16, &serde_json::Value) -> bool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+            panic!(
+                "{what} exited ({status}) before it was ready: {}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        let answer = http()
+            .get(format!("{url}/healthz"))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await;
+        if let Ok(r) = answer {
+            let status = r.status().as_u16();
+            let body = r.json().await.unwrap_or(serde_json::Value::Null);
+            if ready(status, &body) {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} was not ready within a minute: {}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// SIGKILL, and waits for the process to be gone.
+fn kill(child: &mut Option<Child>) {
+    if let Some(mut c) = child.take() {
+        let _ = c.kill();
+        let _ = c.wait();
     }
 }
