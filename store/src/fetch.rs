@@ -762,11 +762,19 @@ mod tests {
     /// after the stall timeout, saying so.
     #[tokio::test]
     async fn a_slow_transfer_is_bounded_by_progress_not_by_time() {
-        let once = |stall| FetchOptions {
-            attempts: 1,
-            backoff: Duration::from_millis(10),
-            stall_timeout: stall,
-        };
+        // One attempt of image ckpt-1 into the destination, with `stall` as its stall bound.
+        async fn fetch_once(
+            http: &reqwest::Client,
+            s: &Setup,
+            stall: Duration,
+        ) -> Result<Manifest, Error> {
+            let once = FetchOptions {
+                attempts: 1,
+                backoff: Duration::from_millis(10),
+                stall_timeout: stall,
+            };
+            fetch_image_with(http, &s.base, &id("ckpt-1"), Some(&s.digest), &s.dst, &once).await
+        }
         // 8 MiB in 32 pieces, 30 ms apart: about 1 s.
         let slow = Tracker {
             trickle: Some((Duration::from_millis(30), None)),
@@ -779,28 +787,14 @@ mod tests {
                 ..Default::default()
             })
             .unwrap();
-        let e = fetch_image_with(
-            &bounded,
-            &s.base,
-            &id("ckpt-1"),
-            Some(&s.digest),
-            &s.dst,
-            &once(Duration::from_secs(1)),
-        )
-        .await
-        .expect_err("a whole-request timeout cuts a slow transfer");
+        let e = fetch_once(&bounded, &s, Duration::from_secs(1))
+            .await
+            .expect_err("a whole-request timeout cuts a slow transfer");
         assert!(e.to_string().contains("pages-1.img"), "{e}");
         let transfers = gca_protocol::transport::transfer_client(Default::default()).unwrap();
-        fetch_image_with(
-            &transfers,
-            &s.base,
-            &id("ckpt-1"),
-            Some(&s.digest),
-            &s.dst,
-            &once(Duration::from_secs(1)),
-        )
-        .await
-        .expect("a transfer that makes progress completes");
+        fetch_once(&transfers, &s, Duration::from_secs(1))
+            .await
+            .expect("a transfer that makes progress completes");
         s.dst.verify(&id("ckpt-1")).await.unwrap();
 
         let stalled = Tracker {
@@ -808,16 +802,9 @@ mod tests {
             ..Default::default()
         };
         let s = setup(stalled, None).await;
-        let e = fetch_image_with(
-            &transfers,
-            &s.base,
-            &id("ckpt-1"),
-            Some(&s.digest),
-            &s.dst,
-            &once(Duration::from_millis(500)),
-        )
-        .await
-        .expect_err("a transfer that stops sending fails");
+        let e = fetch_once(&transfers, &s, Duration::from_millis(500))
+            .await
+            .expect_err("a transfer that stops sending fails");
         assert!(e.to_string().contains("sent nothing for"), "{e}");
         assert!(s.dst.list().await.unwrap().is_empty());
     }
