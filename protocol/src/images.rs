@@ -9,6 +9,7 @@
 //! | `GET /` | JSON list of [`ImageSummary`] |
 //! | `GET /{id}` | the `manifest.json` bytes as stored; [`DIGEST_HEADER`] and `ETag` = its digest |
 //! | `GET`/`HEAD /{id}/files/{*path}` | a file, streamed; one `Range` (`a-b`, `a-`, `-n`) → 206; `If-Range` |
+//! | `POST /{id}/chunks` [`ChunksRequest`] | the chunks' bytes, concatenated (format 2 images) |
 //! | `DELETE /{id}` | [`Deleted`] |
 //! | `POST /{id}/export` [`ExportRequest`] | [`Exported`] |
 //!
@@ -67,4 +68,18 @@ pub struct Exported {
     pub already: bool,
     /// The image is no longer in this store (removed now, or before).
     pub removed: bool,
+}
+
+/// The most chunks one `POST /images/{id}/chunks` asks for.
+pub const MAX_CHUNKS_PER_REQUEST: usize = 1024;
+
+/// The body of `POST /images/{id}/chunks`: chunks of image `id` (each named by 64 lower-case
+/// hex digits, its BLAKE3 digest, and listed in the image's manifest), at most
+/// [`MAX_CHUNKS_PER_REQUEST`]. The answer (`application/octet-stream`) is their bytes one
+/// after the other, in the order asked, each as long as the manifest says; the caller checks
+/// each against its name as it arrives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChunksRequest {
+    pub chunks: Vec<String>,
 }

@@ -79,6 +79,9 @@ pub struct FetchedImage {
     pub digest: String,
     /// Copied from another CTS now (`false`: it was in this store already).
     pub fetched: bool,
+    /// Bytes received from the other CTS for it (only the chunks this store lacked).
+    #[serde(default)]
+    pub bytes_transferred: u64,
 }
 
 /// Whether the GCS has taken a registration yet.

@@ -37,6 +37,15 @@ pub enum Error {
     /// this store, or as fetched).
     #[error("{0}")]
     Corrupt(String),
+    /// A chunk of an image is missing or does not hash to its name (in this store, or as
+    /// fetched): nothing is restored, fetched or exported from that image.
+    #[error("image {image}: chunk {chunk} of file {file} {detail}: refusing a corrupt or tampered image")]
+    ChunkCorrupt {
+        image: String,
+        file: String,
+        chunk: String,
+        detail: String,
+    },
     /// The image holds something the store does not keep (a symlink, a device, a name that
     /// cannot be served).
     #[error("{0}")]
@@ -121,7 +130,7 @@ impl Error {
             Error::Conflict(_) => (K::Conflict, Some("image-exists"), None),
             Error::StoreFull(_) => (K::OperationFailed, Some("store-full"), None),
             Error::Unwritable(_) => (K::OperationFailed, Some("store-unwritable"), None),
-            Error::Corrupt(_) | Error::DigestMismatch(_) => {
+            Error::Corrupt(_) | Error::DigestMismatch(_) | Error::ChunkCorrupt { .. } => {
                 (K::OperationFailed, Some("image-corrupt"), None)
             }
             Error::Unsupported(_) => (K::OperationFailed, Some("image-unsupported"), None),

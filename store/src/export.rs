@@ -84,6 +84,7 @@ pub async fn export_image(
         dir,
         digest,
         store_root: store.root().to_path_buf(),
+        store: store.clone(),
     };
     let mut exported = tokio::task::spawn_blocking(move || job.run(&image_path))
         .await
@@ -126,6 +127,8 @@ struct Job {
     digest: Option<String>,
     /// The store's root: no export goes in there.
     store_root: std::path::PathBuf,
+    /// Where the chunks of a format 2 image are read from.
+    store: ImageStore,
 }
 
 /// The owner an image is exported for.
@@ -496,6 +499,78 @@ impl Job {
         }
     }
 
+    /// Copies one stored file of a format 1 image into `out`, checking its size and SHA-256.
+    fn copy_whole_file(
+        &self,
+        src: BorrowedFd<'_>,
+        entry: &crate::manifest::FileEntry,
+        out: &mut File,
+        buf: &mut [u8],
+        shown: &dyn Fn(&str) -> String,
+    ) -> Result<(), Error> {
+        let id = &self.id;
+            let mut input = match open_file_at(src, &entry.path) {
+            Ok(f) => f,
+            Err(Errno::NOENT) => {
+                return Err(Error::NotFound(format!(
+                    "image {id} was deleted from this store during its export (file {} is \
+                     gone); nothing was exported",
+                    entry.path
+                )))
+            }
+            Err(e) => {
+                return Err(self.io_err(
+                    "opening the stored file",
+                    &format!("{id}/{}", entry.path),
+                    e,
+                ))
+            }
+        };
+        let mut hasher = Sha256::new();
+        let mut size = 0u64;
+        loop {
+            let n = match input.read(buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    return Err(self.io_err(
+                        "reading the stored file",
+                        &format!("{id}/{}", entry.path),
+                        e,
+                    ))
+                }
+            };
+            hasher.update(&buf[..n]);
+            size += n as u64;
+            if size > entry.size {
+                break;
+            }
+            out.write_all(&buf[..n])
+                .map_err(|e| self.io_err("writing", &shown(&entry.path), e))?;
+        }
+        let sha = hex::encode(hasher.finalize());
+        if size != entry.size || Some(&sha) != entry.sha256.as_ref() {
+            let what = if size != entry.size {
+                format!(
+                    "has {}{size} bytes, its manifest says {}",
+                    if size > entry.size { "more than " } else { "" },
+                    entry.size
+                )
+            } else {
+                format!(
+                    "has sha256 {sha}, its manifest says {}",
+                    entry.sha256.as_deref().unwrap_or("-")
+                )
+            };
+            return Err(Error::ExportCorrupt(format!(
+                "image {id} in this store is corrupt: file {} {what}; nothing was exported",
+                entry.path
+            )));
+        }
+        Ok(())
+    }
+
     /// Copies the image's files and manifest into `DIR/partial`, owned by `owner`, checking
     /// every file against the manifest; fsyncs everything.
     fn copy(
@@ -528,23 +603,6 @@ impl Job {
             self.make_dirs(&mut dirs, parent, owner, &shown)?;
             let parent_fd = dirs.get(parent).expect("created above").as_fd();
 
-            let mut input = match open_file_at(src, &entry.path) {
-                Ok(f) => f,
-                Err(Errno::NOENT) => {
-                    return Err(Error::NotFound(format!(
-                        "image {id} was deleted from this store during its export (file {} is \
-                         gone); nothing was exported",
-                        entry.path
-                    )))
-                }
-                Err(e) => {
-                    return Err(self.io_err(
-                        "opening the stored file",
-                        &format!("{id}/{}", entry.path),
-                        e,
-                    ))
-                }
-            };
             let out = rustix::fs::openat(
                 parent_fd,
                 name,
@@ -555,44 +613,26 @@ impl Job {
             set_owner(&out, owner, FILE_MODE)
                 .map_err(|e| self.io_err("setting owner of", &shown(&entry.path), e))?;
             let mut out = File::from(out);
-            let mut hasher = Sha256::new();
-            let mut size = 0u64;
-            loop {
-                let n = match input.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => {
-                        return Err(self.io_err(
-                            "reading the stored file",
-                            &format!("{id}/{}", entry.path),
-                            e,
-                        ))
-                    }
-                };
-                hasher.update(&buf[..n]);
-                size += n as u64;
-                if size > entry.size {
-                    break;
+            if manifest.is_chunked() {
+                // Whole, readable files from the chunks, each checked as it is read; pinned
+                // so that the GC leaves them while the export runs.
+                let pins = self.store.chunks().pin_set();
+                for c in &entry.chunks {
+                    pins.pin(&c.id);
+                    let data = self
+                        .store
+                        .read_chunk(id, &entry.path, c)
+                        .map_err(|e| match e {
+                            Error::ChunkCorrupt { .. } => Error::ExportCorrupt(format!(
+                                "{e}; nothing was exported"
+                            )),
+                            other => other,
+                        })?;
+                    out.write_all(&data)
+                        .map_err(|e| self.io_err("writing", &shown(&entry.path), e))?;
                 }
-                out.write_all(&buf[..n])
-                    .map_err(|e| self.io_err("writing", &shown(&entry.path), e))?;
-            }
-            let sha = hex::encode(hasher.finalize());
-            if size != entry.size || sha != entry.sha256 {
-                let what = if size != entry.size {
-                    format!(
-                        "has {}{size} bytes, its manifest says {}",
-                        if size > entry.size { "more than " } else { "" },
-                        entry.size
-                    )
-                } else {
-                    format!("has sha256 {sha}, its manifest says {}", entry.sha256)
-                };
-                return Err(Error::ExportCorrupt(format!(
-                    "image {id} in this store is corrupt: file {} {what}; nothing was exported",
-                    entry.path
-                )));
+            } else {
+                self.copy_whole_file(src, entry, &mut out, &mut buf, &shown)?;
             }
             out.sync_all()
                 .map_err(|e| self.io_err("syncing", &shown(&entry.path), e))?;
@@ -816,7 +856,7 @@ mod tests {
             fs::create_dir_all(path.parent().unwrap()).unwrap();
             fs::write(path, data).unwrap();
         }
-        s.commit(meta(owner)).await.unwrap()
+        s.commit_whole_files(meta(owner)).await.unwrap()
     }
 
     struct Setup {
@@ -1304,11 +1344,13 @@ mod tests {
 
     #[test]
     fn out_of_space_is_507_and_other_errors_name_the_path() {
+        let tmp = tempfile::tempdir().unwrap();
         let job = Job {
             id: "img-1".into(),
             dir: "/home/alice/ckpt".into(),
             digest: None,
             store_root: "/var/tmp/gca/store".into(),
+            store: ImageStore::open(tmp.path(), None).unwrap(),
         };
         for errno in [Errno::NOSPC, Errno::DQUOT] {
             let e = job.io_err("writing", "/home/alice/ckpt/x", errno);

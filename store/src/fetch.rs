@@ -6,6 +6,13 @@
 //! request after a transport error, and checked (size, SHA-256) against the manifest. Only
 //! when all match is the image committed, with the fetched manifest bytes unchanged, so the
 //! digest is the same on both sides. A refused image leaves nothing behind.
+//!
+//! A format 2 image (chunks) is fetched by chunks, not files: the chunks its manifest names
+//! that this store lacks are asked for in batches ([`MAX_CHUNKS_PER_REQUEST`] chunks or
+//! [`BATCH_BYTES`], whichever is less) on `POST /images/{id}/chunks`, [`PARALLEL_BATCHES`]
+//! at once; each chunk is checked against its name once, as it arrives, and stored; a batch
+//! cut short is asked again for its missing chunks only. Chunks the store has are neither
+//! transferred nor hashed again.
 
 use std::path::Path;
 use std::time::Duration;
@@ -16,6 +23,11 @@ use reqwest::{header, StatusCode};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt, BufWriter};
 
+use std::collections::BTreeMap;
+
+use gca_protocol::images::{ChunksRequest, MAX_CHUNKS_PER_REQUEST};
+
+use crate::chunks::{ChunkId, ChunkRef, PinSet};
 use crate::error::Error;
 use crate::manifest::{FileEntry, Manifest, MAX_MANIFEST_BYTES};
 use crate::names::ImageId;
@@ -24,6 +36,24 @@ use crate::store::{write_err, ImageStore};
 const WRITE_BUF: usize = 1 << 20;
 const MAX_ERROR_BODY: u64 = 64 * 1024;
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// The most bytes one chunk request asks for.
+pub const BATCH_BYTES: u64 = 8 << 20;
+/// Chunk requests in flight at once.
+pub const PARALLEL_BATCHES: usize = 4;
+/// Arrived chunks are checked and stored on a blocking thread in groups of about this size.
+const STORE_GROUP: usize = 2 << 20;
+
+/// What a fetch did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fetched {
+    pub manifest: Manifest,
+    /// Bytes received for the image's contents (files or chunks), not counting the manifest.
+    pub bytes_transferred: u64,
+    /// Chunks received (format 2).
+    pub chunks_transferred: usize,
+    /// Chunks the store had already (format 2).
+    pub chunks_present: usize,
+}
 
 /// How hard a fetch tries.
 #[derive(Debug, Clone)]
@@ -80,6 +110,20 @@ pub async fn fetch_image_with(
     store: &ImageStore,
     opts: &FetchOptions,
 ) -> Result<Manifest, Error> {
+    fetch_image_report(http, base_url, id, expected_digest, store, opts)
+        .await
+        .map(|f| f.manifest)
+}
+
+/// [`fetch_image_with`], telling what was transferred.
+pub async fn fetch_image_report(
+    http: &reqwest::Client,
+    base_url: &str,
+    id: &ImageId,
+    expected_digest: Option<&str>,
+    store: &ImageStore,
+    opts: &FetchOptions,
+) -> Result<Fetched, Error> {
     let ctx = Ctx {
         http,
         base: base_url.trim_end_matches('/'),
@@ -108,13 +152,34 @@ pub async fn fetch_image_with(
             ctx.base, manifest.id
         )));
     }
+    let nothing = |manifest| Fetched {
+        manifest,
+        bytes_transferred: 0,
+        chunks_transferred: 0,
+        chunks_present: 0,
+    };
     if let Some(m) = local_copy(store, id, &digest).await? {
         tracing::info!(image = %id, %digest, "image already in the local store");
-        return Ok(m);
+        return Ok(nothing(m));
     }
 
     let staging = store.stage_expecting(id, manifest.total_bytes).await?;
-    for entry in &manifest.files {
+    let mut report = nothing(manifest.clone());
+    if manifest.is_chunked() {
+        match ctx.fetch_chunks(&manifest, staging.pins()).await {
+            Ok((got, bytes, present)) => {
+                report.chunks_transferred = got;
+                report.bytes_transferred = bytes;
+                report.chunks_present = present;
+            }
+            Err(e) => {
+                staging.discard().await;
+                return Err(e);
+            }
+        }
+    }
+    for entry in manifest.files.iter().filter(|_| !manifest.is_chunked()) {
+        report.bytes_transferred += entry.size;
         // Paths were validated by Manifest::parse.
         let dest = staging.dir.join(&entry.path);
         if let Err(e) = ctx.download_file(entry, &dest).await {
@@ -125,16 +190,49 @@ pub async fn fetch_image_with(
     match staging.commit_with_manifest(bytes).await {
         Ok(m) => {
             tracing::info!(image = %id, %digest, bytes = m.total_bytes, from = ctx.base,
-                "image fetched");
-            Ok(m)
+                transferred = report.bytes_transferred, chunks = report.chunks_transferred,
+                chunks_present = report.chunks_present, "image fetched");
+            report.manifest = m;
+            Ok(report)
         }
         // Fetched concurrently by someone else: fine if it is the same image.
         Err(Error::Conflict(msg)) => match local_copy(store, id, &digest).await? {
-            Some(m) => Ok(m),
+            Some(m) => {
+                report.manifest = m;
+                Ok(report)
+            }
             None => Err(Error::Conflict(msg)),
         },
         Err(e) => Err(e),
     }
+}
+
+/// Whether each chunk is in `store`, on a blocking thread (pinning them first).
+async fn missing_chunks(
+    store: &ImageStore,
+    pins: &PinSet,
+    wanted: Vec<ChunkRef>,
+    id: &ImageId,
+) -> Result<Vec<ChunkRef>, Error> {
+    for c in &wanted {
+        pins.pin(&c.id);
+    }
+    let chunks = store.chunks().clone();
+    let id = id.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut missing = Vec::new();
+        for c in wanted {
+            let has = chunks.backend().has(&c.id).map_err(|e| {
+                Error::io(format!("cannot look up chunk {} of image {id}", c.id), e)
+            })?;
+            if !has {
+                missing.push(c);
+            }
+        }
+        Ok(missing)
+    })
+    .await
+    .map_err(|e| Error::io("chunk lookup task failed", std::io::Error::other(e)))?
 }
 
 /// The local image `id` if it has `digest`; a conflict if it has another one.
@@ -190,6 +288,216 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
+    /// Fetches the chunks of `manifest` the store lacks (see the module documentation).
+    /// Returns (chunks received, their bytes, chunks present already).
+    async fn fetch_chunks(
+        &self,
+        manifest: &Manifest,
+        pins: &PinSet,
+    ) -> Result<(usize, u64, usize), Error> {
+        let all = manifest.chunk_set();
+        // For messages: the first file naming each chunk.
+        let mut file_of: BTreeMap<ChunkId, &str> = BTreeMap::new();
+        for f in &manifest.files {
+            for c in &f.chunks {
+                file_of.entry(c.id).or_insert(f.path.as_str());
+            }
+        }
+        let wanted: Vec<ChunkRef> = all.iter().map(|(&id, &size)| ChunkRef { id, size }).collect();
+        let missing = missing_chunks(self.store, pins, wanted, self.id).await?;
+        let present = all.len() - missing.len();
+        let mut batches: Vec<Vec<ChunkRef>> = Vec::new();
+        let mut bytes = 0u64;
+        for c in &missing {
+            let full = batches.last().is_none_or(|b| {
+                b.len() >= MAX_CHUNKS_PER_REQUEST || bytes + u64::from(c.size) > BATCH_BYTES
+            });
+            if full {
+                batches.push(Vec::new());
+                bytes = 0;
+            }
+            bytes += u64::from(c.size);
+            batches.last_mut().expect("a batch").push(*c);
+        }
+        let file_of = &file_of;
+        let mut results = futures::stream::iter(batches)
+            .map(|b| self.fetch_batch(b, file_of))
+            .buffer_unordered(PARALLEL_BATCHES);
+        let mut total = 0u64;
+        while let Some(r) = results.next().await {
+            total += r?;
+        }
+        Ok((missing.len(), total, present))
+    }
+
+    /// One batch of chunks, asked again (for what is still missing) after a transport error.
+    async fn fetch_batch(
+        &self,
+        mut batch: Vec<ChunkRef>,
+        file_of: &BTreeMap<ChunkId, &str>,
+    ) -> Result<u64, Error> {
+        let url = format!("{}/{}/chunks", self.base, self.id);
+        let mut failures = 0;
+        let mut got = 0u64;
+        loop {
+            let mut done = 0usize;
+            let r = self
+                .transfer_chunks(&url, &batch, file_of, &mut done, &mut got)
+                .await;
+            batch.drain(..done);
+            match r {
+                Ok(()) => return Ok(got),
+                Err(Attempt::Fatal(e)) => return Err(e),
+                Err(Attempt::Retry(msg)) => {
+                    failures += 1;
+                    if failures >= self.opts.attempts {
+                        return Err(Error::Unreachable(format!(
+                            "cannot fetch the chunks of image {} from {url} ({failures} \
+                             attempts, {} chunks still missing): {msg}",
+                            self.id,
+                            batch.len()
+                        )));
+                    }
+                    self.backoff(failures, "chunks", &msg).await;
+                }
+            }
+        }
+    }
+
+    /// One request for `batch`: each chunk checked and stored as it completes; `done` counts
+    /// the chunks stored, `got` their bytes.
+    async fn transfer_chunks(
+        &self,
+        url: &str,
+        batch: &[ChunkRef],
+        file_of: &BTreeMap<ChunkId, &str>,
+        done: &mut usize,
+        got: &mut u64,
+    ) -> Result<(), Attempt> {
+        let body = ChunksRequest {
+            chunks: batch.iter().map(|c| c.id.to_hex()).collect(),
+        };
+        let res = self
+            .http
+            .post(url)
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| Attempt::Retry(describe(&e)))?;
+        if !res.status().is_success() {
+            return Err(self.refused(url, res).await);
+        }
+        let expected: u64 = batch.iter().map(|c| u64::from(c.size)).sum();
+        if let Some(len) = res.content_length() {
+            if len != expected {
+                return Err(Attempt::Fatal(Error::Corrupt(format!(
+                    "{url} sends {len} bytes where the {} chunks asked for have {expected}: \
+                     refusing image {}",
+                    batch.len(),
+                    self.id
+                ))));
+            }
+        }
+        let mut stream = res.bytes_stream();
+        // The chunk being received, and the group of complete ones waiting to be stored.
+        let mut cur: Vec<u8> = Vec::with_capacity(crate::chunks::MAX_CHUNK);
+        let mut group: Vec<(ChunkRef, Vec<u8>)> = Vec::new();
+        let mut group_bytes = 0usize;
+        let mut next = *done;
+        loop {
+            let item = tokio::time::timeout(self.opts.stall_timeout, stream.next())
+                .await
+                .map_err(|_| {
+                    Attempt::Retry(format!("{url} sent nothing for {:?}", self.opts.stall_timeout))
+                })?;
+            let mut data = match item {
+                None => break,
+                Some(Err(e)) => {
+                    // Keep what is complete.
+                    self.store_group(std::mem::take(&mut group), file_of, done, got)
+                        .await?;
+                    return Err(Attempt::Retry(describe(&e)));
+                }
+                Some(Ok(d)) => d,
+            };
+            while !data.is_empty() {
+                let Some(c) = batch.get(next) else {
+                    return Err(Attempt::Fatal(Error::Corrupt(format!(
+                        "{url} sends more than the {expected} bytes of the chunks asked for: \
+                         refusing image {}",
+                        self.id
+                    ))));
+                };
+                let want = c.size as usize - cur.len();
+                let take = want.min(data.len());
+                cur.extend_from_slice(&data.split_to(take));
+                if cur.len() == c.size as usize {
+                    group_bytes += cur.len();
+                    group.push((*c, std::mem::replace(&mut cur, Vec::with_capacity(crate::chunks::MAX_CHUNK))));
+                    next += 1;
+                    if group_bytes >= STORE_GROUP {
+                        group_bytes = 0;
+                        self.store_group(std::mem::take(&mut group), file_of, done, got)
+                            .await?;
+                    }
+                }
+            }
+        }
+        self.store_group(group, file_of, done, got).await?;
+        if *done != batch.len() {
+            return Err(Attempt::Retry(format!(
+                "{url} ended after {done} of {} chunks",
+                batch.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks each arrived chunk against its name and stores it (a blocking thread).
+    async fn store_group(
+        &self,
+        group: Vec<(ChunkRef, Vec<u8>)>,
+        file_of: &BTreeMap<ChunkId, &str>,
+        done: &mut usize,
+        got: &mut u64,
+    ) -> Result<(), Attempt> {
+        if group.is_empty() {
+            return Ok(());
+        }
+        let chunks = self.store.chunks().clone();
+        let n = group.len();
+        let bytes: u64 = group.iter().map(|(c, _)| u64::from(c.size)).sum();
+        let r = tokio::task::spawn_blocking(move || {
+            let mut written = Vec::with_capacity(group.len());
+            for (c, data) in &group {
+                let is = ChunkId::of(data);
+                if is != c.id {
+                    return Err(Ok((c.id, is)));
+                }
+                if chunks.backend().put(&c.id, data).map_err(Err)? {
+                    written.push(c.id);
+                }
+            }
+            chunks.backend().sync(&written).map_err(Err)
+        })
+        .await
+        .map_err(|e| Attempt::Fatal(Error::io("chunk store task failed", std::io::Error::other(e))))?;
+        match r {
+            Ok(()) => {
+                *done += n;
+                *got += bytes;
+                Ok(())
+            }
+            Err(Ok((want, is))) => Err(Attempt::Fatal(Error::ChunkCorrupt {
+                image: self.id.to_string(),
+                file: file_of.get(&want).copied().unwrap_or("-").to_string(),
+                chunk: want.to_hex(),
+                detail: format!("arrived from {} with bytes that hash to {is}", self.base),
+            })),
+            Err(Err(e)) => Err(Attempt::Fatal(self.write_error(e))),
+        }
+    }
+
     fn write_error(&self, e: std::io::Error) -> Error {
         write_err(self.store.root(), self.id.as_str(), e)
     }
@@ -349,7 +657,7 @@ impl Ctx<'_> {
             }
             out.flush().await.map_err(|e| self.write_error(e))?;
             let got = hex::encode(hasher.finalize_reset());
-            if got == entry.sha256 {
+            if Some(&got) == entry.sha256.as_ref() {
                 return Ok(());
             }
             if resumed_from_disk {
@@ -364,7 +672,9 @@ impl Ctx<'_> {
             return Err(Error::Corrupt(format!(
                 "file {} of image {} from {url} has sha256 {got}, its manifest says {}: \
                  refusing a corrupt or tampered image",
-                entry.path, self.id, entry.sha256
+                entry.path,
+                self.id,
+                entry.sha256.as_deref().unwrap_or("-")
             )));
         }
     }
@@ -384,7 +694,7 @@ impl Ctx<'_> {
         if ranged {
             req = req
                 .header(header::RANGE, format!("bytes={have}-"))
-                .header(header::IF_RANGE, format!("\"{}\"", entry.sha256));
+                .header(header::IF_RANGE, format!("\"{}\"", entry.etag()));
         }
         let res = req.send().await.map_err(|e| Attempt::Retry(describe(&e)))?;
         match res.status() {

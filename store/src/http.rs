@@ -5,7 +5,8 @@
 //! |---|---|
 //! | `GET /` | JSON list of [`ImageSummary`](gca_protocol::images::ImageSummary) |
 //! | `GET /{id}` | the `manifest.json` bytes as stored; `X-GCA-Digest` and `ETag` = its digest |
-//! | `GET`/`HEAD /{id}/files/{*path}` | a file, streamed; one `Range` (`a-b`, `a-`, `-n`) → 206; `If-Range` |
+//! | `GET`/`HEAD /{id}/files/{*path}` | a file, streamed; one `Range` (`a-b`, `a-`, `-n`) → 206; `If-Range` (format 2: made from its chunks, each checked) |
+//! | `POST /{id}/chunks` `{"chunks": [hex, ...]}` | the chunks' bytes, concatenated in the order asked: only chunks the image's manifest names, at most 1024 ([`ChunksRequest`]) |
 //! | `DELETE /{id}` | `{"id": .., "freed_bytes": ..}` |
 //! | `POST /{id}/export` `{"dir", "digest"?, "remove"?}` | copy into the owner's directory ([`crate::export`]): `{"id", "path", "files", "bytes", "already", "removed"}` |
 //!
@@ -31,10 +32,15 @@ use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use gca_protocol::images::{Deleted, ExportRequest, DIGEST_HEADER};
+use axum::body::Bytes;
+use futures::StreamExt;
+use gca_protocol::images::{
+    ChunksRequest, Deleted, ExportRequest, DIGEST_HEADER, MAX_CHUNKS_PER_REQUEST,
+};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio_util::io::ReaderStream;
 
+use crate::chunks::{ChunkId, ChunkRef};
 use crate::error::Error;
 use crate::export::export_image;
 use crate::manifest::Manifest;
@@ -49,11 +55,16 @@ pub fn routes() -> Router<ImageStore> {
         .route("/", get(list))
         .route("/{id}", get(manifest).delete(delete))
         .route("/{id}/files/{*path}", get(file))
+        .route("/{id}/chunks", post(chunks))
         .route("/{id}/export", post(export))
 }
 
 /// The largest export request body read.
 const MAX_EXPORT_BODY: usize = 64 * 1024;
+/// The largest chunk request body read (1024 names of 64 hex digits, quoted, with commas).
+const MAX_CHUNKS_BODY: usize = 80 * 1024;
+/// Chunks are read from the store in groups of about this many bytes, two groups ahead.
+const READ_GROUP: usize = 1 << 20;
 
 impl From<PathRejection> for Error {
     fn from(e: PathRejection) -> Self {
@@ -126,6 +137,119 @@ async fn export(
     }
 }
 
+/// `POST /{id}/chunks`: chunks the image's manifest names, concatenated. A name that is not
+/// 64 hex digits, or a chunk the image does not name, refuses the whole request (a peer
+/// authorized for one image reads no other image's chunks through it).
+async fn chunks(
+    State(store): State<ImageStore>,
+    id: Result<Path<String>, PathRejection>,
+    body: Body,
+) -> ApiResult {
+    let Path(id) = id?;
+    let image = ImageId::parse(&id)?;
+    let bytes = axum::body::to_bytes(body, MAX_CHUNKS_BODY)
+        .await
+        .map_err(|e| {
+            Error::BadRequest(format!(
+                "cannot read the chunk request (at most {MAX_CHUNKS_BODY} bytes): {e}"
+            ))
+        })?;
+    let req: ChunksRequest = serde_json::from_slice(&bytes)
+        .map_err(|e| Error::BadRequest(format!("invalid chunk request: {e}")))?;
+    if req.chunks.is_empty() || req.chunks.len() > MAX_CHUNKS_PER_REQUEST {
+        return Err(Error::BadRequest(format!(
+            "a chunk request names 1 to {MAX_CHUNKS_PER_REQUEST} chunks, not {}",
+            req.chunks.len()
+        )));
+    }
+    let m = store.manifest(&image).await?;
+    if !m.is_chunked() {
+        return Err(Error::NotFound(format!(
+            "image {id} is stored as whole files (format {}): read its files",
+            m.format
+        )));
+    }
+    let named = m.chunk_set();
+    let mut refs = Vec::with_capacity(req.chunks.len());
+    for c in &req.chunks {
+        let cid = ChunkId::parse(c).ok_or_else(|| {
+            Error::BadRequest(format!(
+                "bad chunk name {}: a chunk is named by 64 lower-case hex digits",
+                crate::names::shown(c)
+            ))
+        })?;
+        let size = *named
+            .get(&cid)
+            .ok_or_else(|| Error::NotFound(format!("image {id} names no chunk {cid}")))?;
+        refs.push((ChunkRef { id: cid, size }, 0usize, size as usize));
+    }
+    let total: u64 = refs.iter().map(|(r, _, _)| u64::from(r.size)).sum();
+    let mut res = Response::new(Body::from_stream(chunk_stream(
+        store,
+        id,
+        "(chunk request)".into(),
+        refs,
+        false,
+    )));
+    let h = res.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(total));
+    Ok(res)
+}
+
+/// The bytes `skip..skip+take` of each chunk, read from the store a group at a time on
+/// blocking threads (two groups ahead); with `verify`, each chunk checked against its name.
+/// An error ends the stream (the peer sees a short body).
+fn chunk_stream(
+    store: ImageStore,
+    image: String,
+    file: String,
+    refs: Vec<(ChunkRef, usize, usize)>,
+    verify: bool,
+) -> impl futures::Stream<Item = std::io::Result<Bytes>> + Send {
+    let mut groups: Vec<Vec<(ChunkRef, usize, usize)>> = Vec::new();
+    let mut size = 0usize;
+    for r in refs {
+        if groups.is_empty() || size >= READ_GROUP {
+            groups.push(Vec::new());
+            size = 0;
+        }
+        size += r.2;
+        groups.last_mut().expect("a group").push(r);
+    }
+    futures::stream::iter(groups)
+        .map(move |group| {
+            let store = store.clone();
+            let image = image.clone();
+            let file = file.clone();
+            async move {
+                tokio::task::spawn_blocking(move || -> std::io::Result<Bytes> {
+                    let mut out = Vec::with_capacity(group.iter().map(|g| g.2).sum());
+                    for (r, skip, take) in group {
+                        let data = if verify {
+                            store.read_chunk(&image, &file, &r)
+                        } else {
+                            store.read_chunk_unverified(&image, &r)
+                        }
+                        .map_err(|e| {
+                            tracing::error!(image = %image, chunk = %r.id, error = %e,
+                                "cannot serve a chunk");
+                            std::io::Error::other(e.to_string())
+                        })?;
+                        out.extend_from_slice(&data[skip..skip + take]);
+                    }
+                    Ok(Bytes::from(out))
+                })
+                .await
+                .map_err(std::io::Error::other)?
+            }
+        })
+        .buffered(2)
+}
+
 async fn file(
     State(store): State<ImageStore>,
     method: Method,
@@ -133,9 +257,18 @@ async fn file(
     path: Result<Path<(String, String)>, PathRejection>,
 ) -> ApiResult {
     let Path((id, rel)) = path?;
-    let (disk_path, entry) = store
-        .file(&ImageId::parse(&id)?, &RelPath::parse(&rel)?)
-        .await?;
+    let image = ImageId::parse(&id)?;
+    let rel_path = RelPath::parse(&rel)?;
+    let m = store.manifest(&image).await?;
+    if m.is_chunked() {
+        let entry = m
+            .files
+            .into_iter()
+            .find(|f| f.path == rel_path.as_str())
+            .ok_or_else(|| Error::NotFound(format!("image {id} has no file {rel}")))?;
+        return chunked_file(store, method, &headers, id, entry);
+    }
+    let (disk_path, entry) = store.file(&image, &rel_path).await?;
     let mut f = match tokio::fs::File::open(&disk_path).await {
         Ok(f) => f,
         // Deleted between reading the manifest and opening the file.
@@ -163,7 +296,7 @@ async fn file(
             entry.size
         )));
     }
-    let etag = format!("\"{}\"", entry.sha256);
+    let etag = format!("\"{}\"", entry.etag());
 
     let range = headers
         .get(header::RANGE)
@@ -195,6 +328,72 @@ async fn file(
                 })?;
         }
         Body::from_stream(ReaderStream::with_capacity(f.take(count), STREAM_CHUNK))
+    };
+    let mut res = Response::new(body);
+    *res.status_mut() = status;
+    let h = res.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(count));
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert(header::ETAG, hv(&etag));
+    if status == StatusCode::PARTIAL_CONTENT {
+        h.insert(
+            header::CONTENT_RANGE,
+            hv(&format!("bytes {start}-{}/{len}", start + count - 1)),
+        );
+    }
+    Ok(res)
+}
+
+/// A file of a format 2 image, made from its chunks (each checked), with one `Range`.
+fn chunked_file(
+    store: ImageStore,
+    method: Method,
+    headers: &HeaderMap,
+    id: String,
+    entry: crate::manifest::FileEntry,
+) -> ApiResult {
+    let len = entry.size;
+    let etag = format!("\"{}\"", entry.etag());
+    let range = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .filter(|_| if_range_matches(headers, &etag))
+        .map(|r| parse_range(r, len))
+        .unwrap_or(RangeSpec::Full);
+    let (status, start, count) = match range {
+        RangeSpec::Full => (StatusCode::OK, 0, len),
+        RangeSpec::Partial(a, b) => (StatusCode::PARTIAL_CONTENT, a, b - a + 1),
+        RangeSpec::Unsatisfiable => {
+            return Err(Error::RangeNotSatisfiable {
+                message: format!(
+                    "range not satisfiable: file {} of image {id} has {len} bytes",
+                    entry.path
+                ),
+                len,
+            });
+        }
+    };
+    let body = if method == Method::HEAD || count == 0 {
+        Body::empty()
+    } else {
+        let end = start + count;
+        let mut refs = Vec::new();
+        let mut at = 0u64;
+        for c in &entry.chunks {
+            let (a, b) = (at, at + u64::from(c.size));
+            at = b;
+            if b <= start || a >= end {
+                continue;
+            }
+            let skip = start.saturating_sub(a) as usize;
+            let take = (b.min(end) - a) as usize - skip;
+            refs.push((*c, skip, take));
+        }
+        Body::from_stream(chunk_stream(store, id, entry.path.to_string(), refs, true))
     };
     let mut res = Response::new(body);
     *res.status_mut() = status;
@@ -369,12 +568,12 @@ pub(crate) mod tests {
         assert_eq!(res.status(), S::OK);
         assert_eq!(res.headers()["accept-ranges"], "bytes");
         assert_eq!(res.headers()["content-length"], "300000");
-        let etag = format!("\"{}\"", m.files[1].sha256);
+        let etag = format!("\"{}\"", m.files[1].etag());
         assert_eq!(m.files[1].path, "pages-1.img");
         assert_eq!(res.headers()["etag"], etag.as_str());
         let body = res.bytes().await.unwrap();
         assert_eq!(&body[..], &data[..]);
-        assert_eq!(hex::encode(Sha256::digest(&body)), m.files[1].sha256);
+        assert_eq!(Some(hex::encode(Sha256::digest(&body))), m.files[1].sha256);
         let res = http
             .get(format!("{base}/img-1/files/d/core.img"))
             .send()
@@ -532,7 +731,7 @@ pub(crate) mod tests {
                     meta.extra.insert(OWNER_UID_KEY.into(), "1000".into());
                     meta.extra.insert(OWNER_GID_KEY.into(), "1000".into());
                 }
-                s.commit(meta).await.unwrap();
+                s.commit_whole_files(meta).await.unwrap();
             }
         };
         commit("img-1", true).await;

@@ -16,6 +16,7 @@
 //!   answers are `gca_protocol::images`);
 //! - [`error`]: the one error type, mapped to faults and HTTP answers in one place.
 
+pub mod chunks;
 pub mod error;
 pub mod export;
 pub mod fetch;
@@ -29,4 +30,5 @@ pub use error::{Error, Result};
 pub use manifest::{FileEntry, ImageMeta, Manifest};
 pub use names::{ImageId, RelPath};
 pub use staging::Staging;
-pub use store::ImageStore;
+pub use store::{GcReport, ImageStore};
+pub use chunks::{ChunkBackend, ChunkId, ChunkRef, Chunks, LocalChunks};

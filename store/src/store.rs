@@ -1,10 +1,14 @@
 //! The image store: one directory per checkpoint image, each with a manifest, committed
-//! atomically.
+//! atomically, and the chunks the manifests name.
 //!
 //! ```text
 //! ROOT/
 //!   .lock                   held (flock) by the one process that has the store open
-//!   images/<id>/            committed images: the checkpointer's files + manifest.json
+//!   images/<id>/            committed images: manifest.json (format 2: its files are chunks);
+//!                           format 1 (older stores): the checkpointer's files + manifest.json
+//!   chunks/ab/abcdef...     the chunks of format 2 images, named by their BLAKE3 digest
+//!                           (crate::chunks), shared by every image of the store
+//!   restore/<id>/           an image's files made whole again for a restore (ImageStore::materialize)
 //!   staging/<id>.<random>/  images being written (by a driver or by a fetch)
 //!   staging/.trash.<id>.<random>/  images being deleted
 //! ```
@@ -21,6 +25,9 @@
 //!   `manifest.json` bytes ([`Manifest::digest_of`]) authenticates the whole image. A fetched
 //!   image keeps the source's manifest bytes unchanged, so both sides compute the same digest.
 //! - Files are hashed and copied in bounded buffers, never read whole into memory.
+//! - Format 2: an image is committed only once every chunk it names is stored and durable;
+//!   a chunk is removed only by [`ImageStore::collect_garbage`], when no committed image
+//!   names it and no commit or fetch in progress has pinned it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File, OpenOptions};
@@ -35,6 +42,7 @@ use parking_lot::Mutex;
 use rustix::io::Errno;
 use sha2::{Digest, Sha256};
 
+use crate::chunks::{ChunkId, ChunkReadError, ChunkRef, Chunks, LocalChunks};
 use crate::error::Error;
 use crate::manifest::{FileEntry, Manifest, MANIFEST_FILE, MAX_MANIFEST_BYTES};
 use crate::names::{shown, valid_component, ImageId, RelPath, MAX_PATH_DEPTH};
@@ -82,6 +90,10 @@ struct Inner {
     root: PathBuf,
     images: PathBuf,
     staging: PathBuf,
+    restore: PathBuf,
+    chunks: Chunks,
+    /// Write format 1 (whole files) rather than chunks: for stores older CTSes must read.
+    whole_files: bool,
     max_bytes: Option<u64>,
     /// The sum of the committed images' `total_bytes`.
     usage: AtomicU64,
@@ -138,6 +150,12 @@ impl ImageStore {
     /// earlier run left in `staging/`, checks that the store can be written and sums the
     /// committed images' sizes.
     pub fn open(root: &Path, max_bytes: Option<u64>) -> Result<Self, Error> {
+        Self::open_with(root, max_bytes, false)
+    }
+
+    /// [`ImageStore::open`]; with `whole_files`, new images are written in format 1 (every
+    /// file whole in the image directory, as stores before chunks did) rather than as chunks.
+    pub fn open_with(root: &Path, max_bytes: Option<u64>, whole_files: bool) -> Result<Self, Error> {
         let unwritable = |e: io::Error| {
             Error::Unwritable(format!(
                 "image store {} is not writable: {e}",
@@ -146,8 +164,9 @@ impl ImageStore {
         };
         let images = root.join("images");
         let staging = root.join("staging");
+        let restore = root.join("restore");
         // Only the CTS reaches images (memory dumps, the job's files): 0700 all the way.
-        for dir in [root, &images, &staging] {
+        for dir in [root, &images, &staging, &restore] {
             fs::create_dir_all(dir).map_err(unwritable)?;
             fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(unwritable)?;
         }
@@ -177,6 +196,14 @@ impl ImageStore {
             tracing::info!(path = %entry.path().display(), "removing stale staging entry");
             remove_any(&entry.path()).map_err(unwritable)?;
         }
+        // Restores of an earlier run: made again when asked for.
+        for entry in fs::read_dir(&restore).map_err(unwritable)? {
+            let entry = entry.map_err(unwritable)?;
+            remove_any(&entry.path()).map_err(unwritable)?;
+        }
+        let chunks = Chunks::new(Arc::new(
+            LocalChunks::open(&root.join("chunks")).map_err(unwritable)?,
+        ));
         // Probes an earlier run did not get to remove.
         for entry in fs::read_dir(&images).map_err(unwritable)? {
             let entry = entry.map_err(unwritable)?;
@@ -214,6 +241,9 @@ impl ImageStore {
                 root: root.to_path_buf(),
                 images,
                 staging,
+                restore,
+                chunks,
+                whole_files,
                 max_bytes,
                 usage: AtomicU64::new(0),
                 commit_lock: Mutex::new(()),
@@ -231,6 +261,20 @@ impl ImageStore {
 
     pub fn max_bytes(&self) -> Option<u64> {
         self.inner.max_bytes
+    }
+
+    /// The chunks of the store (format 2 images).
+    pub fn chunks(&self) -> &Chunks {
+        &self.inner.chunks
+    }
+
+    /// Whether new images are written in format 1 (whole files).
+    pub fn writes_whole_files(&self) -> bool {
+        self.inner.whole_files
+    }
+
+    pub(crate) fn staging_root(&self) -> &Path {
+        &self.inner.staging
     }
 
     /// The sum of the committed images' sizes (their files, not counting manifests).
@@ -463,24 +507,189 @@ impl ImageStore {
                 tracing::warn!(image = %id, error = %e, path = %trash.display(),
                     "cannot remove a deleted image's files; the next start will");
             }
+            if let Err(e) = remove_any(&inner.restore.join(&id)) {
+                tracing::warn!(image = %id, error = %e, "cannot remove a deleted image's restore copy");
+            }
+            if let Err(e) = store.collect_garbage_sync() {
+                tracing::warn!(image = %id, error = %e, "the chunk sweep after a delete failed; the next one retries");
+            }
             Ok(freed)
         })
         .await
     }
 
-    /// Re-hashes every file of an image and compares with its manifest (exact set of files,
-    /// sizes, SHA-256). Returns the manifest when everything matches.
+    /// Re-hashes every file (format 1) or chunk (format 2) of an image and compares with its
+    /// manifest (exact set of files, sizes, hashes). Returns the manifest when everything
+    /// matches.
     pub async fn verify(&self, id: &ImageId) -> Result<Manifest, Error> {
         let store = self.clone();
         let id = id.to_string();
-        blocking(move || {
-            let (_, m) = store.manifest_sync(&id)?;
-            let dir = store.inner.images.join(&id);
-            let found = scan_dir(&dir, &id, false)?;
-            compare_files(&id, &m.files, &found)?;
-            Ok(m)
-        })
-        .await
+        blocking(move || store.verify_sync(&id)).await
+    }
+
+    fn verify_sync(&self, id: &str) -> Result<Manifest, Error> {
+        let (_, m) = self.manifest_sync(id)?;
+        let dir = self.inner.images.join(id);
+        let found = scan_dir(&dir, id, false)?;
+        if m.is_chunked() {
+            if let Some(extra) = found.first() {
+                return Err(Error::Corrupt(format!(
+                    "image {id}: file {} is not in the manifest",
+                    extra.path
+                )));
+            }
+            for f in &m.files {
+                for c in &f.chunks {
+                    self.read_chunk(id, &f.path, c)?;
+                }
+            }
+        } else {
+            compare_files(id, &m.files, &found)?;
+        }
+        Ok(m)
+    }
+
+    /// A chunk of file `file` of image `image`, checked; missing or corrupt is
+    /// [`Error::ChunkCorrupt`].
+    pub(crate) fn read_chunk(&self, image: &str, file: &str, c: &ChunkRef) -> Result<Vec<u8>, Error> {
+        let bad = |detail: String| Error::ChunkCorrupt {
+            image: image.to_string(),
+            file: file.to_string(),
+            chunk: c.id.to_hex(),
+            detail,
+        };
+        match self.inner.chunks.read_verified(c) {
+            Ok(d) => Ok(d),
+            Err(ChunkReadError::Missing) => Err(bad("is missing from the store".into())),
+            Err(ChunkReadError::Corrupt(why)) => Err(bad(format!("is corrupt ({why})"))),
+            Err(ChunkReadError::Io(e)) => Err(Error::io(
+                format!("cannot read chunk {} of image {image}", c.id),
+                e,
+            )),
+        }
+    }
+
+    /// A chunk of image `image` as stored, without hashing it (served to a peer, which checks
+    /// every chunk as it arrives); only its length is checked.
+    pub(crate) fn read_chunk_unverified(&self, image: &str, c: &ChunkRef) -> Result<Vec<u8>, Error> {
+        match self.inner.chunks.backend().read(&c.id) {
+            Ok(d) if d.len() == c.size as usize => Ok(d),
+            Ok(d) => Err(Error::ChunkCorrupt {
+                image: image.to_string(),
+                file: "-".into(),
+                chunk: c.id.to_hex(),
+                detail: format!("has {} bytes, the manifest says {}", d.len(), c.size),
+            }),
+            Err(e) => Err(Error::io(format!("cannot read chunk {} of image {image}", c.id), e)),
+        }
+    }
+
+    /// An image's files as plain files in a directory, for a restore (CRIU and the other
+    /// drivers read files): format 1 images are their own directory (checked first); format 2
+    /// images are written whole into `restore/<id>/` from their chunks, each chunk checked as
+    /// it is read. The directory is made again on every call, and removed with the image.
+    pub async fn materialize(&self, id: &ImageId) -> Result<PathBuf, Error> {
+        let store = self.clone();
+        let id = id.to_string();
+        blocking(move || store.materialize_sync(&id)).await
+    }
+
+    fn materialize_sync(&self, id: &str) -> Result<PathBuf, Error> {
+        let (_, m) = self.manifest_sync(id)?;
+        if !m.is_chunked() {
+            self.verify_sync(id)?;
+            return Ok(self.inner.images.join(id));
+        }
+        let tmp = self.inner.restore.join(format!(".{id}.{}", random_suffix()));
+        let pins = self.inner.chunks.pin_set();
+        let result = (|| {
+            fs::create_dir(&tmp).map_err(|e| write_err(&self.inner.root, id, e))?;
+            for f in &m.files {
+                let dest = tmp.join(&f.path);
+                let werr = |e| write_err(&self.inner.root, id, e);
+                if let Some(parent) = dest.parent() {
+                    fs::create_dir_all(parent).map_err(werr)?;
+                }
+                let mut out = io::BufWriter::with_capacity(
+                    HASH_BUF,
+                    OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .open(&dest)
+                        .map_err(werr)?,
+                );
+                for c in &f.chunks {
+                    pins.pin(&c.id);
+                    out.write_all(&self.read_chunk(id, &f.path, c)?).map_err(werr)?;
+                }
+                out.flush().map_err(werr)?;
+            }
+            let target = self.inner.restore.join(id);
+            remove_any(&target).map_err(|e| write_err(&self.inner.root, id, e))?;
+            fs::rename(&tmp, &target).map_err(|e| write_err(&self.inner.root, id, e))?;
+            Ok(target)
+        })();
+        if result.is_err() {
+            let _ = remove_any(&tmp);
+        }
+        result
+    }
+
+    /// Removes every chunk no committed image names and no commit or fetch in progress has
+    /// pinned (mark and sweep, under the commit lock: no image is committed meanwhile).
+    /// Refuses to sweep when a manifest cannot be read (its chunks could be removed).
+    pub async fn collect_garbage(&self) -> Result<GcReport, Error> {
+        let store = self.clone();
+        blocking(move || store.collect_garbage_sync()).await
+    }
+
+    fn collect_garbage_sync(&self) -> Result<GcReport, Error> {
+        let _guard = self.lock();
+        let mut live: BTreeSet<ChunkId> = BTreeSet::new();
+        let rd = fs::read_dir(&self.inner.images)
+            .map_err(|e| Error::io("cannot list the images for the chunk sweep", e))?;
+        for entry in rd {
+            let entry = entry.map_err(|e| Error::io("cannot list the images", e))?;
+            let name = entry.file_name();
+            let Some(id) = name.to_str().and_then(|n| ImageId::parse(n).ok()) else {
+                continue;
+            };
+            let (_, m) = self.manifest_sync(id.as_str()).map_err(|e| {
+                Error::Corrupt(format!(
+                    "no chunk is removed while the manifest of image {id} cannot be read: {e}"
+                ))
+            })?;
+            live.extend(m.chunk_set().into_keys());
+        }
+        let backend = self.inner.chunks.backend();
+        let stored = backend
+            .list()
+            .map_err(|e| Error::io("cannot list the chunks for the sweep", e))?;
+        let mut report = GcReport {
+            kept: 0,
+            removed: 0,
+        };
+        for id in stored {
+            if live.contains(&id) {
+                report.kept += 1;
+                continue;
+            }
+            let removed = self
+                .inner
+                .chunks
+                .pins()
+                .remove_unless_pinned(&id, || backend.remove(&id))
+                .map_err(|e| Error::io(format!("cannot remove chunk {id}"), e))?;
+            if removed {
+                report.removed += 1;
+            } else {
+                report.kept += 1;
+            }
+        }
+        if report.removed > 0 {
+            tracing::info!(removed = report.removed, kept = report.kept, "unreferenced chunks removed");
+        }
+        Ok(report)
     }
 
     /// The last step of a commit, under the commit lock: quota with the final size, the
@@ -526,6 +735,15 @@ impl ImageStore {
     }
 }
 
+/// What a chunk sweep did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GcReport {
+    /// Chunks kept (named by an image, or pinned).
+    pub kept: usize,
+    /// Chunks removed.
+    pub removed: usize,
+}
+
 fn not_found(id: &str) -> Error {
     Error::NotFound(format!("no image {id} in this store"))
 }
@@ -537,8 +755,33 @@ fn not_found(id: &str) -> Error {
 pub(crate) fn scan_dir(dir: &Path, id: &str, sync: bool) -> Result<Vec<FileEntry>, Error> {
     let read_err =
         |p: &Path, e: io::Error| Error::io(format!("cannot read {} of image {id}", p.display()), e);
-    let mut files = Vec::new();
     let mut buf = vec![0u8; HASH_BUF];
+    let mut files = Vec::new();
+    for (rel, path) in walk_dir(dir, id, sync, sync)? {
+        let (size, sha256) = hash_file(&path, &mut buf, sync).map_err(|e| read_err(&path, e))?;
+        files.push(FileEntry {
+            path: rel,
+            size,
+            sha256: Some(sha256),
+            chunks: Vec::new(),
+        });
+    }
+    Ok(files)
+}
+
+/// The files of an image directory (its path inside the image, its path on disk), sorted:
+/// regular files and directories only, names a [`RelPath`] takes. The top-level
+/// `manifest.json` is refused with `refuse_manifest` (a driver's output) and skipped
+/// otherwise; with `sync_dirs`, every directory is fsynced on the way.
+pub(crate) fn walk_dir(
+    dir: &Path,
+    id: &str,
+    refuse_manifest: bool,
+    sync_dirs: bool,
+) -> Result<Vec<(RelPath, PathBuf)>, Error> {
+    let read_err =
+        |p: &Path, e: io::Error| Error::io(format!("cannot read {} of image {id}", p.display()), e);
+    let mut files = Vec::new();
     // (directory on disk, its path inside the image, depth)
     let mut stack = vec![(dir.to_path_buf(), String::new(), 0usize)];
     while let Some((d, prefix, depth)) = stack.pop() {
@@ -559,7 +802,7 @@ pub(crate) fn scan_dir(dir: &Path, id: &str, sync: bool) -> Result<Vec<FileEntry
                 format!("{prefix}/{name}")
             };
             if prefix.is_empty() && name == MANIFEST_FILE {
-                if sync {
+                if refuse_manifest {
                     return Err(Error::Unsupported(format!(
                         "image {id} has a file named {MANIFEST_FILE} at its top: that name is \
                          reserved for the store's manifest"
@@ -582,13 +825,7 @@ pub(crate) fn scan_dir(dir: &Path, id: &str, sync: bool) -> Result<Vec<FileEntry
             if ft.is_dir() {
                 stack.push((path, rel, depth + 1));
             } else if ft.is_file() {
-                let (size, sha256) =
-                    hash_file(&path, &mut buf, sync).map_err(|e| read_err(&path, e))?;
-                files.push(FileEntry {
-                    path: RelPath::parse(&rel)?,
-                    size,
-                    sha256,
-                });
+                files.push((RelPath::parse(&rel)?, path));
             } else {
                 let what = if ft.is_symlink() {
                     "a symbolic link"
@@ -601,11 +838,11 @@ pub(crate) fn scan_dir(dir: &Path, id: &str, sync: bool) -> Result<Vec<FileEntry
                 )));
             }
         }
-        if sync {
+        if sync_dirs {
             fsync_dir(&d).map_err(|e| read_err(&d, e))?;
         }
     }
-    files.sort_by(|a, b| a.path.cmp(&b.path));
+    files.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(files)
 }
 
@@ -650,7 +887,9 @@ pub(crate) fn compare_files(
             Some(got) if got.sha256 != want.sha256 => {
                 return corrupt(format!(
                     "file {} has sha256 {}, the manifest says {}",
-                    want.path, got.sha256, want.sha256
+                    want.path,
+                    got.sha256.as_deref().unwrap_or("-"),
+                    want.sha256.as_deref().unwrap_or("-")
                 ))
             }
             Some(_) => {}
@@ -704,7 +943,8 @@ pub(crate) mod tests {
         }
     }
 
-    /// Commits an image with the given files (path, contents).
+    /// Commits an image with the given files (path, contents) in format 1 (whole files, as
+    /// stores before chunks did: the tests of old images).
     pub(crate) async fn put(store: &ImageStore, id: &str, files: &[(&str, &[u8])]) -> Manifest {
         let s = store.stage(&self::id(id)).await.unwrap();
         for (p, data) in files {
@@ -712,7 +952,20 @@ pub(crate) mod tests {
             fs::create_dir_all(path.parent().unwrap()).unwrap();
             fs::write(path, data).unwrap();
         }
-        s.commit(meta("job-1")).await.unwrap()
+        s.commit_whole_files(meta("job-1")).await.unwrap()
+    }
+
+    /// Commits an image with the given files in format 2 (chunks).
+    pub(crate) async fn put_v2(store: &ImageStore, id: &str, files: &[(&str, &[u8])]) -> Manifest {
+        let s = store.stage(&self::id(id)).await.unwrap();
+        for (p, data) in files {
+            let path = s.dir.join(p);
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(path, data).unwrap();
+        }
+        let m = s.commit(meta("job-1")).await.unwrap();
+        assert!(m.is_chunked());
+        m
     }
 
     fn entries(dir: &Path) -> Vec<String> {
@@ -728,18 +981,22 @@ pub(crate) mod tests {
     async fn commit_manifest_digest_round_trip() {
         let tmp = tempfile::tempdir().unwrap();
         let store = ImageStore::open(tmp.path(), None).unwrap();
-        let m = put(
+        let m = put_v2(
             &store,
             "img-1",
             &[("pages-1.img", b"hello"), ("sub/dir/core-7.img", b"world!")],
         )
         .await;
-        assert_eq!(m.format, 1);
+        assert_eq!(m.format, 2);
         assert_eq!(m.id, "img-1");
         assert_eq!(m.total_bytes, 11);
         let paths: Vec<_> = m.files.iter().map(|f| f.path.as_str()).collect();
         assert_eq!(paths, ["pages-1.img", "sub/dir/core-7.img"]);
-        assert_eq!(m.files[0].sha256, hex::encode(Sha256::digest(b"hello")));
+        assert_eq!(m.files[0].sha256, None);
+        assert_eq!(m.files[0].chunks.len(), 1);
+        assert_eq!(m.files[0].chunks[0].id, ChunkId::of(b"hello"));
+        // The image directory holds the manifest only; the files are chunks.
+        assert_eq!(entries(&tmp.path().join("images/img-1")), [MANIFEST_FILE]);
 
         let bytes = store.manifest_bytes(&id("img-1")).await.unwrap();
         assert_eq!(Manifest::parse(&bytes).unwrap(), m);
@@ -761,11 +1018,10 @@ pub(crate) mod tests {
         assert_eq!(list[0].id, "img-1");
         assert_eq!(list[0].gid, "job-1");
         assert_eq!(list[0].total_bytes, 11);
-        let p = store
-            .file_path(&id("img-1"), &rel("sub/dir/core-7.img"))
-            .await
-            .unwrap();
-        assert_eq!(fs::read(p).unwrap(), b"world!");
+        let restored = store.materialize(&id("img-1")).await.unwrap();
+        assert_eq!(restored, tmp.path().join("restore/img-1"));
+        assert_eq!(fs::read(restored.join("sub/dir/core-7.img")).unwrap(), b"world!");
+        assert_eq!(fs::read(restored.join("pages-1.img")).unwrap(), b"hello");
         assert!(matches!(
             store.file(&id("img-1"), &rel("manifest.json")).await,
             Err(Error::NotFound(_))
@@ -794,6 +1050,7 @@ pub(crate) mod tests {
         fs::write(b.dir.join("f"), b"bb").unwrap();
         a.commit(meta("j")).await.unwrap();
         assert!(matches!(b.commit(meta("j")).await, Err(Error::Conflict(_))));
+        assert!(entries(&tmp.path().join("staging")).is_empty());
         assert_eq!(store.usage(), 1);
         assert_eq!(store.verify(&id("same")).await.unwrap().total_bytes, 1);
         assert!(entries(&tmp.path().join("staging")).is_empty());
@@ -1069,10 +1326,12 @@ pub(crate) mod tests {
             format: 1,
             id: id("x"),
             meta: meta("j"),
+            chunk_hash: None,
             files: vec![FileEntry {
                 path: rel("a"),
                 size: 1,
-                sha256: "0".repeat(64),
+                sha256: Some("0".repeat(64)),
+                chunks: vec![],
             }],
             total_bytes: 1,
         };
