@@ -78,6 +78,10 @@ pub struct StoreConfig {
     /// records as deleted or kept (by the retention policy) are removed, which is how copies
     /// fetched for a recovery go once their job has ended.
     pub reconcile_secs: u64,
+    /// Write new images in format 1, every file whole in the image directory, as the stores
+    /// before chunks did (for a store older CTSes must still read; default false: format 2,
+    /// content-defined chunks deduplicated across the store's images). Either format is read.
+    pub whole_files: bool,
 }
 
 impl Default for StoreConfig {
@@ -86,6 +90,7 @@ impl Default for StoreConfig {
             dir: None,
             max_bytes: 0,
             reconcile_secs: 3600,
+            whole_files: false,
         }
     }
 }

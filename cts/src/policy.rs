@@ -38,7 +38,8 @@ pub enum PublicOp {
     ListImages,
     /// `GET /images/{id}`: the manifest.
     ReadManifest,
-    /// `GET`/`HEAD /images/{id}/files/...`: the image's bytes (memory pages, files).
+    /// `GET`/`HEAD /images/{id}/files/...` and `POST /images/{id}/chunks`: the image's bytes
+    /// (memory pages, files; the chunks its manifest names).
     ReadFiles,
     /// `DELETE /images/{id}`.
     DeleteImage,
@@ -156,7 +157,7 @@ pub async fn images_guard(State(cts): State<Cts>, req: Request, next: Next) -> R
     let op = match (req.method().as_str(), parts.as_slice()) {
         ("GET", []) => PublicOp::ListImages,
         ("GET", [_]) => PublicOp::ReadManifest,
-        ("GET" | "HEAD", [_, "files", ..]) => PublicOp::ReadFiles,
+        ("GET" | "HEAD", [_, "files", ..]) | ("POST", [_, "chunks"]) => PublicOp::ReadFiles,
         ("DELETE", [_]) => PublicOp::DeleteImage,
         ("POST", [_, "export"]) => PublicOp::ExportImage,
         // Nothing to guard: the store answers 404/405.

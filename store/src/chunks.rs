@@ -559,7 +559,9 @@ mod tests {
         let mut data = vec![0u8; 20 << 20];
         let mut x: u64 = 1;
         for b in data.iter_mut() {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             *b = (x >> 56) as u8;
         }
         let f = tmp.path().join("f");
@@ -600,7 +602,11 @@ mod tests {
 
         // A flipped byte on disk is caught, naming what is wrong.
         let victim = cut2[0].chunks[3];
-        let p = tmp.path().join("c").join(&victim.id.to_hex()[..2]).join(victim.id.to_hex());
+        let p = tmp
+            .path()
+            .join("c")
+            .join(&victim.id.to_hex()[..2])
+            .join(victim.id.to_hex());
         let mut bytes = fs::read(&p).unwrap();
         bytes[7] ^= 1;
         fs::write(&p, bytes).unwrap();

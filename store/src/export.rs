@@ -509,7 +509,7 @@ impl Job {
         shown: &dyn Fn(&str) -> String,
     ) -> Result<(), Error> {
         let id = &self.id;
-            let mut input = match open_file_at(src, &entry.path) {
+        let mut input = match open_file_at(src, &entry.path) {
             Ok(f) => f,
             Err(Errno::NOENT) => {
                 return Err(Error::NotFound(format!(
@@ -623,9 +623,9 @@ impl Job {
                         .store
                         .read_chunk(id, &entry.path, c)
                         .map_err(|e| match e {
-                            Error::ChunkCorrupt { .. } => Error::ExportCorrupt(format!(
-                                "{e}; nothing was exported"
-                            )),
+                            Error::ChunkCorrupt { .. } => {
+                                Error::ExportCorrupt(format!("{e}; nothing was exported"))
+                            }
                             other => other,
                         })?;
                     out.write_all(&data)
@@ -900,6 +900,68 @@ mod tests {
 
     fn status_and_message(e: Error) -> (u16, String) {
         (e.http_status(), e.to_string())
+    }
+
+    #[tokio::test]
+    async fn a_chunked_image_is_exported_as_whole_readable_files() {
+        let s = setup().await;
+        let st = s.store.stage(&id("img-c")).await.unwrap();
+        for (p, data) in FILES {
+            let path = st.dir.join(p);
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(path, data).unwrap();
+        }
+        let big: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        fs::write(st.dir.join("big.img"), &big).unwrap();
+        let m = st.commit(meta(Some((UID, GID)))).await.unwrap();
+        assert!(m.is_chunked());
+        let done = export_image(&s.store, &id("img-c"), &req(&s.keep))
+            .await
+            .unwrap();
+        let target = s.keep.join("img-c");
+        for (p, data) in FILES {
+            assert_eq!(fs::read(target.join(p)).unwrap(), *data, "{p}");
+        }
+        assert_eq!(fs::read(target.join("big.img")).unwrap(), big);
+        assert_eq!(done.bytes, 14 + big.len() as u64);
+        assert_eq!(
+            Manifest::digest_of(&fs::read(target.join(MANIFEST_FILE)).unwrap()),
+            s.store.digest(&id("img-c")).await.unwrap()
+        );
+        let m = fs::symlink_metadata(target.join("big.img")).unwrap();
+        assert_eq!((m.uid(), m.permissions().mode() & 0o7777), (UID, 0o600));
+
+        // A flipped byte in a chunk: nothing exported, the chunk named.
+        let c = m_chunk(&s, "img-c", "big.img");
+        let p = s.tmp.path().join("store/chunks").join(&c[..2]).join(&c);
+        let mut bytes = fs::read(&p).unwrap();
+        bytes[0] ^= 1;
+        fs::write(&p, bytes).unwrap();
+        let other = s.tmp.path().join("home/alice/other");
+        fs::create_dir_all(&other).unwrap();
+        chown(&other, UID);
+        let e = export_image(&s.store, &id("img-c"), &req(&other))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::ExportCorrupt(_)), "{e:?}");
+        assert!(e.to_string().contains(&c), "{e}");
+        assert_eq!(e.http_status(), 500);
+        assert!(entries(&other).is_empty());
+    }
+
+    fn m_chunk(s: &Setup, image: &str, file: &str) -> String {
+        let bytes = fs::read(
+            s.tmp
+                .path()
+                .join("store/images")
+                .join(image)
+                .join(MANIFEST_FILE),
+        )
+        .unwrap();
+        let m = Manifest::parse(&bytes).unwrap();
+        m.files.iter().find(|f| f.path == file).unwrap().chunks[2]
+            .id
+            .to_hex()
     }
 
     #[tokio::test]

@@ -303,7 +303,10 @@ impl Ctx<'_> {
                 file_of.entry(c.id).or_insert(f.path.as_str());
             }
         }
-        let wanted: Vec<ChunkRef> = all.iter().map(|(&id, &size)| ChunkRef { id, size }).collect();
+        let wanted: Vec<ChunkRef> = all
+            .iter()
+            .map(|(&id, &size)| ChunkRef { id, size })
+            .collect();
         let missing = missing_chunks(self.store, pins, wanted, self.id).await?;
         let present = all.len() - missing.len();
         let mut batches: Vec<Vec<ChunkRef>> = Vec::new();
@@ -408,7 +411,10 @@ impl Ctx<'_> {
             let item = tokio::time::timeout(self.opts.stall_timeout, stream.next())
                 .await
                 .map_err(|_| {
-                    Attempt::Retry(format!("{url} sent nothing for {:?}", self.opts.stall_timeout))
+                    Attempt::Retry(format!(
+                        "{url} sent nothing for {:?}",
+                        self.opts.stall_timeout
+                    ))
                 })?;
             let mut data = match item {
                 None => break,
@@ -433,7 +439,10 @@ impl Ctx<'_> {
                 cur.extend_from_slice(&data.split_to(take));
                 if cur.len() == c.size as usize {
                     group_bytes += cur.len();
-                    group.push((*c, std::mem::replace(&mut cur, Vec::with_capacity(crate::chunks::MAX_CHUNK))));
+                    group.push((
+                        *c,
+                        std::mem::replace(&mut cur, Vec::with_capacity(crate::chunks::MAX_CHUNK)),
+                    ));
                     next += 1;
                     if group_bytes >= STORE_GROUP {
                         group_bytes = 0;
@@ -481,7 +490,12 @@ impl Ctx<'_> {
             chunks.backend().sync(&written).map_err(Err)
         })
         .await
-        .map_err(|e| Attempt::Fatal(Error::io("chunk store task failed", std::io::Error::other(e))))?;
+        .map_err(|e| {
+            Attempt::Fatal(Error::io(
+                "chunk store task failed",
+                std::io::Error::other(e),
+            ))
+        })?;
         match r {
             Ok(()) => {
                 *done += n;
@@ -1327,5 +1341,264 @@ mod tests {
         assert!(matches!(e, Error::Unreachable(_)), "{e}");
         assert!(e.to_string().contains("3 attempts"), "{e}");
         assert_eq!(Fault::from(e).kind, FaultKind::ServiceUnavailable);
+    }
+
+    // ---- format 2: chunks -----------------------------------------------------------------
+
+    async fn put_chunked(store: &ImageStore, id: &str, pages: &[u8]) -> Manifest {
+        crate::store::tests::put_v2(
+            store,
+            id,
+            &[("pages-1.img", pages), ("core-1.img", b"core")],
+        )
+        .await
+    }
+
+    fn chunk_requests(t: &Tracker) -> usize {
+        t.requests()
+            .iter()
+            .filter(|(p, _)| p.ends_with("/chunks"))
+            .count()
+    }
+
+    #[tokio::test]
+    async fn a_chunked_image_transfers_only_the_chunks_the_store_lacks() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = ImageStore::open(&tmp.path().join("src"), None).unwrap();
+        let dst = ImageStore::open(&tmp.path().join("dst"), None).unwrap();
+        let tracker = Arc::new(Tracker::default());
+        let base = serve_tracked(src.clone(), tracker.clone()).await;
+        let http = reqwest::Client::new();
+        let mut pages = noise(20 << 20, 7);
+        put_chunked(&src, "ckpt-1", &pages).await;
+        let d1 = src.digest(&id("ckpt-1")).await.unwrap();
+        let f1 = fetch_image_report(
+            &http,
+            &base,
+            &id("ckpt-1"),
+            Some(&d1),
+            &dst,
+            &FetchOptions::default(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(f1.bytes_transferred, (20 << 20) + 4);
+        assert_eq!(f1.chunks_present, 0);
+        assert_eq!(dst.digest(&id("ckpt-1")).await.unwrap(), d1);
+        // No file was asked for: chunks only, in batches of at most 8 MiB.
+        assert!(tracker.file_requests().is_empty());
+        assert!(chunk_requests(&tracker) >= 3, "{:?}", tracker.requests());
+
+        // The next checkpoint of the job: three pages changed.
+        for at in [1 << 20, 9 << 20, 17 << 20] {
+            pages[at] ^= 0x5a;
+        }
+        put_chunked(&src, "ckpt-2", &pages).await;
+        let d2 = src.digest(&id("ckpt-2")).await.unwrap();
+        let f2 = fetch_image_report(
+            &http,
+            &base,
+            &id("ckpt-2"),
+            Some(&d2),
+            &dst,
+            &FetchOptions::default(),
+        )
+        .await
+        .unwrap();
+        assert!(f2.chunks_transferred <= 3, "{f2:?}");
+        assert!(
+            f2.bytes_transferred <= 3 * crate::chunks::MAX_CHUNK as u64,
+            "{}",
+            f2.bytes_transferred
+        );
+        assert!(f2.chunks_present > 100, "{}", f2.chunks_present);
+        let dir = dst.materialize(&id("ckpt-2")).await.unwrap();
+        assert_eq!(std::fs::read(dir.join("pages-1.img")).unwrap(), pages);
+        assert_eq!(std::fs::read(dir.join("core-1.img")).unwrap(), b"core");
+        assert_eq!(dst.verify(&id("ckpt-2")).await.unwrap().id, "ckpt-2");
+    }
+
+    #[tokio::test]
+    async fn an_interrupted_chunk_batch_asks_again_for_what_is_missing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = ImageStore::open(&tmp.path().join("src"), None).unwrap();
+        let dst = ImageStore::open(&tmp.path().join("dst"), None).unwrap();
+        let tracker = Arc::new(Tracker {
+            cut: Some(("/chunks".into(), 3 << 20)),
+            ..Default::default()
+        });
+        let base = serve_tracked(src.clone(), tracker.clone()).await;
+        let pages = noise(6 << 20, 9);
+        put_chunked(&src, "ckpt-1", &pages).await;
+        let opts = FetchOptions {
+            backoff: Duration::from_millis(10),
+            ..Default::default()
+        };
+        let f = fetch_image_report(
+            &reqwest::Client::new(),
+            &base,
+            &id("ckpt-1"),
+            None,
+            &dst,
+            &opts,
+        )
+        .await
+        .unwrap();
+        // Everything once, plus at most the chunk that was cut.
+        assert!(f.bytes_transferred == (6 << 20) + 4, "{f:?}");
+        assert_eq!(chunk_requests(&tracker), 2);
+        let dir = dst.materialize(&id("ckpt-1")).await.unwrap();
+        assert_eq!(std::fs::read(dir.join("pages-1.img")).unwrap(), pages);
+    }
+
+    #[tokio::test]
+    async fn a_flipped_byte_in_a_chunk_stops_the_fetch_naming_image_and_chunk() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = ImageStore::open(&tmp.path().join("src"), None).unwrap();
+        let dst_root = tmp.path().join("dst");
+        let dst = ImageStore::open(&dst_root, None).unwrap();
+        let base = serve_tracked(src.clone(), Arc::new(Tracker::default())).await;
+        let m = put_chunked(&src, "ckpt-1", &noise(2 << 20, 3)).await;
+        let victim = m
+            .files
+            .iter()
+            .find(|f| f.path == "pages-1.img")
+            .unwrap()
+            .chunks[5];
+        let p = tmp
+            .path()
+            .join("src/chunks")
+            .join(&victim.id.to_hex()[..2])
+            .join(victim.id.to_hex());
+        let mut bytes = std::fs::read(&p).unwrap();
+        bytes[100] ^= 1;
+        std::fs::write(&p, bytes).unwrap();
+
+        let e = fetch_image(&reqwest::Client::new(), &base, &id("ckpt-1"), None, &dst)
+            .await
+            .unwrap_err();
+        match &e {
+            Error::ChunkCorrupt {
+                image, file, chunk, ..
+            } => {
+                assert_eq!(image, "ckpt-1");
+                assert_eq!(file, "pages-1.img");
+                assert_eq!(chunk, &victim.id.to_hex());
+            }
+            other => panic!("{other:?}"),
+        }
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&victim.id.to_hex()) && msg.contains("ckpt-1"),
+            "{msg}"
+        );
+        let f: Fault = e.into();
+        assert_eq!(f.code.as_deref(), Some("image-corrupt"));
+        assert!(dst.list().await.unwrap().is_empty());
+        assert!(std::fs::read_dir(dst_root.join("staging"))
+            .unwrap()
+            .next()
+            .is_none());
+
+        // The source's own restore catches it too.
+        let e = src.materialize(&id("ckpt-1")).await.unwrap_err();
+        assert!(matches!(e, Error::ChunkCorrupt { .. }), "{e:?}");
+        assert!(matches!(
+            src.verify(&id("ckpt-1")).await,
+            Err(Error::ChunkCorrupt { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn the_chunk_endpoint_serves_only_chunks_of_the_image() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = ImageStore::open(&tmp.path().join("src"), None).unwrap();
+        let base = serve_tracked(src.clone(), Arc::new(Tracker::default())).await;
+        let a = put_chunked(&src, "a", &noise(300_000, 1)).await;
+        let b = put_chunked(&src, "b", &noise(300_000, 2)).await;
+        let http = reqwest::Client::new();
+        let ask = |img: &str, names: Vec<String>| {
+            http.post(format!("{base}/{img}/chunks"))
+                .json(&serde_json::json!({ "chunks": names }))
+                .send()
+        };
+        let ca = a.files[1].chunks[0];
+        let cb = b.files[1].chunks[0];
+        let res = ask("a", vec![ca.id.to_hex(), ca.id.to_hex()])
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        let body = res.bytes().await.unwrap();
+        assert_eq!(body.len(), 2 * ca.size as usize);
+        assert_eq!(ChunkId::of(&body[..ca.size as usize]), ca.id);
+        // Another image's chunk through this image: refused whole.
+        let res = ask("a", vec![ca.id.to_hex(), cb.id.to_hex()])
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 404);
+        for bad in [
+            vec!["../../../etc/passwd".to_string()],
+            vec![ca.id.to_hex().to_uppercase()],
+            vec![],
+            vec![ca.id.to_hex(); MAX_CHUNKS_PER_REQUEST + 1],
+        ] {
+            let res = ask("a", bad).await.unwrap();
+            assert_eq!(res.status(), 400);
+        }
+        // A format 1 image has no chunks.
+        put(&src, "old", &[("f", b"x")]).await;
+        assert_eq!(
+            ask("old", vec![ca.id.to_hex()]).await.unwrap().status(),
+            404
+        );
+        // The files endpoint makes whole files from chunks, with ranges.
+        let res = http
+            .get(format!("{base}/a/files/pages-1.img"))
+            .header("range", "bytes=70000-70009")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 206);
+        assert_eq!(
+            &res.bytes().await.unwrap()[..],
+            &noise(300_000, 1)[70000..70010]
+        );
+        let res = http
+            .get(format!("{base}/a/files/pages-1.img"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(&res.bytes().await.unwrap()[..], &noise(300_000, 1)[..]);
+    }
+
+    #[tokio::test]
+    async fn an_old_format_image_is_fetched_by_files_and_materialized_in_place() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = ImageStore::open(&tmp.path().join("src"), None).unwrap();
+        let dst = ImageStore::open(&tmp.path().join("dst"), None).unwrap();
+        let tracker = Arc::new(Tracker::default());
+        let base = serve_tracked(src.clone(), tracker.clone()).await;
+        let m = put(&src, "old", &[("pages-1.img", &noise(1 << 20, 5))]).await;
+        assert_eq!(m.format, 1);
+        let d = src.digest(&id("old")).await.unwrap();
+        let f = fetch_image_report(
+            &reqwest::Client::new(),
+            &base,
+            &id("old"),
+            Some(&d),
+            &dst,
+            &FetchOptions::default(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(f.bytes_transferred, 1 << 20);
+        assert_eq!(tracker.file_requests().len(), 1);
+        let dir = dst.materialize(&id("old")).await.unwrap();
+        assert_eq!(dir, tmp.path().join("dst/images/old"));
+        assert_eq!(
+            std::fs::read(dir.join("pages-1.img")).unwrap(),
+            noise(1 << 20, 5)
+        );
+        assert_eq!(dst.digest(&id("old")).await.unwrap(), d);
     }
 }

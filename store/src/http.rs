@@ -26,13 +26,13 @@
 use std::io::SeekFrom;
 
 use axum::body::Body;
+use axum::body::Bytes;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use axum::body::Bytes;
 use futures::StreamExt;
 use gca_protocol::images::{
     ChunksRequest, Deleted, ExportRequest, DIGEST_HEADER, MAX_CHUNKS_PER_REQUEST,

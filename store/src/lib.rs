@@ -26,9 +26,9 @@ pub mod names;
 pub mod staging;
 pub mod store;
 
+pub use chunks::{ChunkBackend, ChunkId, ChunkRef, Chunks, LocalChunks};
 pub use error::{Error, Result};
 pub use manifest::{FileEntry, ImageMeta, Manifest};
 pub use names::{ImageId, RelPath};
 pub use staging::Staging;
 pub use store::{GcReport, ImageStore};
-pub use chunks::{ChunkBackend, ChunkId, ChunkRef, Chunks, LocalChunks};

@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 
 use crate::chunks::{chunk_files, PinSet, CHUNK_HASH};
 use crate::error::Error;
-use crate::manifest::{FileEntry, ImageMeta, Manifest, MANIFEST_FORMAT, MANIFEST_FORMAT_WHOLE_FILES};
+use crate::manifest::{
+    FileEntry, ImageMeta, Manifest, MANIFEST_FORMAT, MANIFEST_FORMAT_WHOLE_FILES,
+};
 use crate::names::ImageId;
 use crate::store::{
     blocking, compare_files, random_suffix, remove_any, scan_dir, walk_dir, write_err,
@@ -175,7 +177,12 @@ impl Staging {
 
     async fn finish<F>(mut self, build: F) -> Result<Manifest, Error>
     where
-        F: FnOnce(&Path, &ImageId, &ImageStore, &PinSet) -> Result<(Vec<u8>, Manifest, Layout), Error>
+        F: FnOnce(
+                &Path,
+                &ImageId,
+                &ImageStore,
+                &PinSet,
+            ) -> Result<(Vec<u8>, Manifest, Layout), Error>
             + Send
             + 'static,
     {

@@ -155,7 +155,11 @@ impl ImageStore {
 
     /// [`ImageStore::open`]; with `whole_files`, new images are written in format 1 (every
     /// file whole in the image directory, as stores before chunks did) rather than as chunks.
-    pub fn open_with(root: &Path, max_bytes: Option<u64>, whole_files: bool) -> Result<Self, Error> {
+    pub fn open_with(
+        root: &Path,
+        max_bytes: Option<u64>,
+        whole_files: bool,
+    ) -> Result<Self, Error> {
         let unwritable = |e: io::Error| {
             Error::Unwritable(format!(
                 "image store {} is not writable: {e}",
@@ -551,7 +555,12 @@ impl ImageStore {
 
     /// A chunk of file `file` of image `image`, checked; missing or corrupt is
     /// [`Error::ChunkCorrupt`].
-    pub(crate) fn read_chunk(&self, image: &str, file: &str, c: &ChunkRef) -> Result<Vec<u8>, Error> {
+    pub(crate) fn read_chunk(
+        &self,
+        image: &str,
+        file: &str,
+        c: &ChunkRef,
+    ) -> Result<Vec<u8>, Error> {
         let bad = |detail: String| Error::ChunkCorrupt {
             image: image.to_string(),
             file: file.to_string(),
@@ -571,7 +580,11 @@ impl ImageStore {
 
     /// A chunk of image `image` as stored, without hashing it (served to a peer, which checks
     /// every chunk as it arrives); only its length is checked.
-    pub(crate) fn read_chunk_unverified(&self, image: &str, c: &ChunkRef) -> Result<Vec<u8>, Error> {
+    pub(crate) fn read_chunk_unverified(
+        &self,
+        image: &str,
+        c: &ChunkRef,
+    ) -> Result<Vec<u8>, Error> {
         match self.inner.chunks.backend().read(&c.id) {
             Ok(d) if d.len() == c.size as usize => Ok(d),
             Ok(d) => Err(Error::ChunkCorrupt {
@@ -580,7 +593,10 @@ impl ImageStore {
                 chunk: c.id.to_hex(),
                 detail: format!("has {} bytes, the manifest says {}", d.len(), c.size),
             }),
-            Err(e) => Err(Error::io(format!("cannot read chunk {} of image {image}", c.id), e)),
+            Err(e) => Err(Error::io(
+                format!("cannot read chunk {} of image {image}", c.id),
+                e,
+            )),
         }
     }
 
@@ -600,7 +616,10 @@ impl ImageStore {
             self.verify_sync(id)?;
             return Ok(self.inner.images.join(id));
         }
-        let tmp = self.inner.restore.join(format!(".{id}.{}", random_suffix()));
+        let tmp = self
+            .inner
+            .restore
+            .join(format!(".{id}.{}", random_suffix()));
         let pins = self.inner.chunks.pin_set();
         let result = (|| {
             fs::create_dir(&tmp).map_err(|e| write_err(&self.inner.root, id, e))?;
@@ -620,7 +639,8 @@ impl ImageStore {
                 );
                 for c in &f.chunks {
                     pins.pin(&c.id);
-                    out.write_all(&self.read_chunk(id, &f.path, c)?).map_err(werr)?;
+                    out.write_all(&self.read_chunk(id, &f.path, c)?)
+                        .map_err(werr)?;
                 }
                 out.flush().map_err(werr)?;
             }
@@ -687,7 +707,11 @@ impl ImageStore {
             }
         }
         if report.removed > 0 {
-            tracing::info!(removed = report.removed, kept = report.kept, "unreferenced chunks removed");
+            tracing::info!(
+                removed = report.removed,
+                kept = report.kept,
+                "unreferenced chunks removed"
+            );
         }
         Ok(report)
     }
@@ -1020,7 +1044,10 @@ pub(crate) mod tests {
         assert_eq!(list[0].total_bytes, 11);
         let restored = store.materialize(&id("img-1")).await.unwrap();
         assert_eq!(restored, tmp.path().join("restore/img-1"));
-        assert_eq!(fs::read(restored.join("sub/dir/core-7.img")).unwrap(), b"world!");
+        assert_eq!(
+            fs::read(restored.join("sub/dir/core-7.img")).unwrap(),
+            b"world!"
+        );
         assert_eq!(fs::read(restored.join("pages-1.img")).unwrap(), b"hello");
         assert!(matches!(
             store.file(&id("img-1"), &rel("manifest.json")).await,
@@ -1366,5 +1393,201 @@ pub(crate) mod tests {
             );
         }
         assert!(Manifest::parse(b"not json").is_err());
+    }
+
+    fn noise(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    fn stored_chunks(store: &ImageStore) -> BTreeSet<ChunkId> {
+        store
+            .chunks()
+            .backend()
+            .list()
+            .unwrap()
+            .into_iter()
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn checkpoints_of_an_almost_unchanged_job_store_only_the_changed_chunks() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(tmp.path(), None).unwrap();
+        let mut pages = noise(16 << 20, 11);
+        let m1 = put_v2(&store, "c1", &[("pages-1.img", &pages)]).await;
+        let after_one = stored_chunks(&store);
+        assert_eq!(after_one.len(), m1.chunk_set().len());
+        for i in 2..=8 {
+            let n = pages.len();
+            pages[(i * 1_900_000) % n] ^= 0xff;
+            put_v2(&store, &format!("c{i}"), &[("pages-1.img", &pages)]).await;
+        }
+        let all = stored_chunks(&store);
+        let bytes = |ids: &BTreeSet<ChunkId>| -> u64 {
+            ids.iter()
+                .map(|c| {
+                    fs::metadata(
+                        tmp.path()
+                            .join("chunks")
+                            .join(&c.to_hex()[..2])
+                            .join(c.to_hex()),
+                    )
+                    .unwrap()
+                    .len()
+                })
+                .sum()
+        };
+        // Eight images of 16 MiB: one image and the few chunks that changed.
+        assert!(
+            all.len() <= after_one.len() + 7 * 2,
+            "{} {}",
+            all.len(),
+            after_one.len()
+        );
+        assert!(bytes(&all) <= bytes(&after_one) + 7 * 2 * crate::chunks::MAX_CHUNK as u64);
+        assert_eq!(store.usage(), 8 * (16 << 20));
+        let dir = store.materialize(&id("c8")).await.unwrap();
+        assert_eq!(fs::read(dir.join("pages-1.img")).unwrap(), pages);
+    }
+
+    #[tokio::test]
+    async fn the_sweep_removes_exactly_the_unreferenced_chunks() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(tmp.path(), None).unwrap();
+        let shared = noise(1 << 20, 1);
+        let a = put_v2(&store, "a", &[("s", &shared), ("x", &noise(500_000, 2))]).await;
+        let b = put_v2(&store, "b", &[("s", &shared), ("y", &noise(500_000, 3))]).await;
+        let live = |ms: &[&Manifest]| -> BTreeSet<ChunkId> {
+            ms.iter().flat_map(|m| m.chunk_set().into_keys()).collect()
+        };
+        assert_eq!(stored_chunks(&store), live(&[&a, &b]));
+        assert_eq!(store.collect_garbage().await.unwrap().removed, 0);
+        // delete sweeps.
+        store.delete(&id("a")).await.unwrap();
+        assert_eq!(stored_chunks(&store), live(&[&b]));
+        // A chunk nobody names (a crashed commit) goes at the next sweep.
+        store
+            .chunks()
+            .backend()
+            .put(&ChunkId::of(b"orphan"), b"orphan")
+            .unwrap();
+        assert_eq!(store.collect_garbage().await.unwrap().removed, 1);
+        assert_eq!(stored_chunks(&store), live(&[&b]));
+        store.delete(&id("b")).await.unwrap();
+        assert!(stored_chunks(&store).is_empty());
+        // An unreadable manifest stops the sweep: its chunks might be needed.
+        let c = put_v2(&store, "c", &[("s", &shared)]).await;
+        fs::write(tmp.path().join("images/c/manifest.json"), b"garbage").unwrap();
+        store
+            .chunks()
+            .backend()
+            .put(&ChunkId::of(b"orphan"), b"orphan")
+            .unwrap();
+        assert!(store.collect_garbage().await.is_err());
+        assert!(live(&[&c]).is_subset(&stored_chunks(&store)));
+    }
+
+    #[tokio::test]
+    async fn the_sweep_never_removes_a_chunk_a_write_in_progress_counts_on() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(tmp.path(), None).unwrap();
+        let data = noise(3 << 20, 4);
+        let old = put_v2(&store, "old", &[("pages", &data)]).await;
+        // A fetch in progress: it pinned the chunks it counts on (present or arrived).
+        let s = store.stage(&id("new")).await.unwrap();
+        for c in old.chunk_set().keys() {
+            s.pins().pin(c);
+        }
+        let arrived = ChunkId::of(b"arrived");
+        s.pins().pin(&arrived);
+        store.chunks().backend().put(&arrived, b"arrived").unwrap();
+        // The old image goes; its chunks stay, pinned.
+        store.delete(&id("old")).await.unwrap();
+        assert!(stored_chunks(&store).contains(&arrived));
+        assert!(old
+            .chunk_set()
+            .keys()
+            .all(|c| stored_chunks(&store).contains(c)));
+        drop(s);
+        store.collect_garbage().await.unwrap();
+        assert!(stored_chunks(&store).is_empty());
+
+        // Commits and sweeps racing: every committed image stays whole.
+        let writer = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for i in 0..6 {
+                    let mut d = noise(2 << 20, 5);
+                    d[i * 1000] ^= 1;
+                    let s = store.stage(&id(&format!("w{i}"))).await.unwrap();
+                    fs::write(s.dir.join("pages"), &d).unwrap();
+                    s.commit(meta("j")).await.unwrap();
+                    if i % 2 == 0 {
+                        store.delete(&id(&format!("w{i}"))).await.unwrap();
+                    }
+                }
+            })
+        };
+        let sweeper = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for _ in 0..30 {
+                    store.collect_garbage().await.unwrap();
+                    tokio::task::yield_now().await;
+                }
+            })
+        };
+        writer.await.unwrap();
+        sweeper.await.unwrap();
+        for i in [1, 3, 5] {
+            store.verify(&id(&format!("w{i}"))).await.unwrap();
+        }
+        store.collect_garbage().await.unwrap();
+        let live: BTreeSet<ChunkId> = [1, 3, 5]
+            .iter()
+            .flat_map(|i| {
+                let dir = tmp.path().join(format!("images/w{i}/manifest.json"));
+                Manifest::parse(&fs::read(dir).unwrap())
+                    .unwrap()
+                    .chunk_set()
+                    .into_keys()
+            })
+            .collect();
+        assert_eq!(stored_chunks(&store), live);
+    }
+
+    #[tokio::test]
+    async fn an_old_store_with_whole_file_images_is_read_and_still_writes_them_on_request() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ImageStore::open_with(tmp.path(), None, true).unwrap();
+        let s = store.stage(&id("old")).await.unwrap();
+        fs::write(s.dir.join("f"), b"whole").unwrap();
+        let m = s.commit(meta("j")).await.unwrap();
+        assert_eq!((m.format, m.is_chunked()), (1, false));
+        assert_eq!(fs::read(tmp.path().join("images/old/f")).unwrap(), b"whole");
+        drop(store);
+        let store = ImageStore::open(tmp.path(), None).unwrap();
+        put_v2(&store, "new", &[("f", b"whole")]).await;
+        assert_eq!(store.verify(&id("old")).await.unwrap().format, 1);
+        assert_eq!(
+            store.materialize(&id("old")).await.unwrap(),
+            tmp.path().join("images/old")
+        );
+        let d = store.materialize(&id("new")).await.unwrap();
+        assert_eq!(fs::read(d.join("f")).unwrap(), b"whole");
+        // The sweep leaves the old image's files alone (it names no chunk).
+        store.collect_garbage().await.unwrap();
+        assert_eq!(fs::read(tmp.path().join("images/old/f")).unwrap(), b"whole");
+        store.delete(&id("new")).await.unwrap();
+        assert!(!d.exists(), "the restore copy goes with the image");
+        assert!(stored_chunks(&store).is_empty());
     }
 }

@@ -99,8 +99,8 @@ impl Cts {
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         }
         let max = (config.store.max_bytes > 0).then_some(config.store.max_bytes);
-        let store =
-            ImageStore::open(&config.store_dir(), max).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let store = ImageStore::open_with(&config.store_dir(), max, config.store.whole_files)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         let instance = CtsInstance {
             name: config.name.clone(),
             cts_type: cts_type.name.clone(),

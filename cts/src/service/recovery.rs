@@ -225,9 +225,9 @@ impl Cts {
                 _ => Ok(()),
             }
         };
+        let mut bytes_transferred = 0;
         let fetched = match store.image_dir(&image).await {
             Ok(_) => {
-                store.verify(&image).await?;
                 check_digest(&store.digest(&image).await?)?;
                 false
             }
@@ -241,14 +241,16 @@ impl Cts {
                             "cannot fetch image {id} from {source:?}: expected the record's image name, http(s)://<cts>/images/{id}"
                         ))
                     })?;
-                gca_store::fetch::fetch_image(
+                bytes_transferred = gca_store::fetch::fetch_image_report(
                     &self.inner.transfers,
                     base,
                     &image,
                     record.digest.as_deref(),
                     store,
+                    &Default::default(),
                 )
-                .await?;
+                .await?
+                .bytes_transferred;
                 tracing::info!(checkpoint.id = %id, source = %source, "image fetched for a recovery");
                 true
             }
@@ -275,11 +277,15 @@ impl Cts {
                 ));
             }
         }
+        // Plain files for the restore, every file (format 1) or chunk (format 2) checked
+        // against the manifest whose digest was checked above.
+        let image_dir = store.materialize(&image).await?;
         Ok(FetchedImage {
             checkpoint_id: id.to_string(),
-            image_dir: store.image_dir(&image).await?,
+            image_dir,
             digest: store.digest(&image).await?,
             fetched,
+            bytes_transferred,
         })
     }
 }
