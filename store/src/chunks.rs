@@ -168,6 +168,14 @@ impl LocalChunks {
         })
     }
 
+    /// The chunk directory of a store another process has open, to read only (no clean-up).
+    pub fn at(dir: &Path) -> Self {
+        LocalChunks {
+            dir: dir.to_path_buf(),
+            fsync_each: true,
+        }
+    }
+
     fn sub(&self, id: &ChunkId) -> PathBuf {
         self.dir.join(&id.to_hex()[..2])
     }

@@ -31,4 +31,4 @@ pub use error::{Error, Result};
 pub use manifest::{FileEntry, ImageMeta, Manifest};
 pub use names::{ImageId, RelPath};
 pub use staging::Staging;
-pub use store::{GcReport, ImageStore};
+pub use store::{read_image_offline, GcReport, ImageStore};

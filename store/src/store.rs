@@ -759,6 +759,46 @@ impl ImageStore {
     }
 }
 
+/// Writes the files of image `id` of the store at `root` whole into `dest` (created), with a
+/// copy of its `manifest.json`, every file (format 1) or chunk (format 2) checked: for tools
+/// and tests that read a store another process has open (no lock is taken, nothing in the
+/// store is changed).
+pub fn read_image_offline(root: &Path, id: &ImageId, dest: &Path) -> Result<Manifest, Error> {
+    let dir = root.join("images").join(id);
+    let bytes = read_capped(&dir.join(MANIFEST_FILE), MAX_MANIFEST_BYTES)
+        .map_err(|e| Error::io(format!("cannot read the manifest of image {id}"), e))?;
+    let m = Manifest::parse(&bytes)?;
+    let chunks = Chunks::new(Arc::new(LocalChunks::at(&root.join("chunks"))));
+    let werr = |e| write_err(dest, id.as_str(), e);
+    fs::create_dir_all(dest).map_err(werr)?;
+    fs::write(dest.join(MANIFEST_FILE), &bytes).map_err(werr)?;
+    if !m.is_chunked() {
+        compare_files(id.as_str(), &m.files, &scan_dir(&dir, id.as_str(), false)?)?;
+    }
+    for f in &m.files {
+        let out = dest.join(&f.path);
+        if let Some(parent) = out.parent() {
+            fs::create_dir_all(parent).map_err(werr)?;
+        }
+        if !m.is_chunked() {
+            fs::copy(dir.join(&f.path), &out).map_err(werr)?;
+            continue;
+        }
+        let mut w = io::BufWriter::new(File::create(&out).map_err(werr)?);
+        for c in &f.chunks {
+            let data = chunks.read_verified(c).map_err(|e| Error::ChunkCorrupt {
+                image: id.to_string(),
+                file: f.path.to_string(),
+                chunk: c.id.to_hex(),
+                detail: format!("{e:?}"),
+            })?;
+            w.write_all(&data).map_err(werr)?;
+        }
+        w.flush().map_err(werr)?;
+    }
+    Ok(m)
+}
+
 /// What a chunk sweep did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GcReport {
