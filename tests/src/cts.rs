@@ -224,8 +224,89 @@ impl TestCts {
         self.dir.path().join("state")
     }
 
+    /// The directory of image `id` in the CTS's store (its `manifest.json`; in format 1, its
+    /// files too).
     pub fn image_dir(&self, id: &str) -> PathBuf {
         self.state_dir().join("store").join("images").join(id)
+    }
+
+    /// The files of image `id` made whole (every chunk checked) in a new directory of the
+    /// test, with a copy of its `manifest.json`: to read what a checkpoint wrote, whatever
+    /// the store's format.
+    pub fn image_files(&self, id: &str) -> PathBuf {
+        let n = IMAGE_READS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let dest = self
+            .dir
+            .path()
+            .join("image-reads")
+            .join(format!("{id}.{n}"));
+        gca_store::read_image_offline(
+            &self.state_dir().join("store"),
+            &gca_store::ImageId::parse(id).expect("an image ID"),
+            &dest,
+        )
+        .unwrap_or_else(|e| panic!("cannot read image {id}: {e}"));
+        dest
+    }
+
+    /// The image's manifest, as stored.
+    pub fn image_manifest(&self, id: &str) -> gca_store::Manifest {
+        let bytes = std::fs::read(self.image_dir(id).join("manifest.json"))
+            .unwrap_or_else(|e| panic!("no manifest for image {id}: {e}"));
+        gca_store::Manifest::parse(&bytes).expect("a valid manifest")
+    }
+
+    /// Where a chunk of this CTS's store is on disk.
+    pub fn chunk_path(&self, chunk: &gca_store::ChunkId) -> PathBuf {
+        let hex = chunk.to_hex();
+        self.state_dir()
+            .join("store")
+            .join("chunks")
+            .join(&hex[..2])
+            .join(hex)
+    }
+
+    /// The chunks in this CTS's store, and their bytes.
+    pub fn stored_chunks(&self) -> (usize, u64) {
+        let dir = self.state_dir().join("store").join("chunks");
+        let mut n = 0;
+        let mut bytes = 0;
+        for sub in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            for e in std::fs::read_dir(sub.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                if gca_store::ChunkId::parse(&e.file_name().to_string_lossy()).is_some() {
+                    n += 1;
+                    bytes += e.metadata().map(|m| m.len()).unwrap_or(0);
+                }
+            }
+        }
+        (n, bytes)
+    }
+
+    /// Flips one byte of the largest piece of image `id` in the store (its largest chunk,
+    /// or in format 1 its largest file); returns what was changed (the chunk's hex name or
+    /// the file's path).
+    pub fn corrupt_image(&self, id: &str) -> String {
+        let m = self.image_manifest(id);
+        let (path, what) = if m.is_chunked() {
+            let c = m
+                .files
+                .iter()
+                .flat_map(|f| f.chunks.iter())
+                .max_by_key(|c| c.size)
+                .expect("the image has a chunk");
+            (self.chunk_path(&c.id), c.id.to_hex())
+        } else {
+            let f = m.files.iter().max_by_key(|f| f.size).expect("a file");
+            (self.image_dir(id).join(f.path.as_str()), f.path.to_string())
+        };
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[0] ^= 0xff;
+        std::fs::write(&path, bytes).unwrap();
+        what
     }
 
     pub async fn register(&self, gid: &str, pid: i32) -> LocalJob {
@@ -250,6 +331,8 @@ impl TestCts {
         }
     }
 }
+
+static IMAGE_READS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 impl Drop for TestCts {
     fn drop(&mut self) {

@@ -37,7 +37,7 @@ async fn a_requested_checkpoint_holds_the_jobs_own_state() {
         .expect("doCheckpoint");
     assert_eq!(record.sequence, Some(1));
     assert_eq!(record.cts_type, "app-level");
-    let image = cts.image_dir(&record.id);
+    let image = cts.image_files(&record.id);
     let state: u64 = std::fs::read_to_string(image.join("state"))
         .expect("the job's state file is in the image")
         .trim()
@@ -86,12 +86,12 @@ async fn checkpoints_the_job_takes_on_its_own_are_registered() {
         records.iter().all(|r| r.origin == Origin::Job),
         "{records:?}"
     );
-    let first: u64 = std::fs::read_to_string(cts.image_dir(&records[0].id).join("state"))
+    let first: u64 = std::fs::read_to_string(cts.image_files(&records[0].id).join("state"))
         .unwrap()
         .trim()
         .parse()
         .unwrap();
-    let second: u64 = std::fs::read_to_string(cts.image_dir(&records[1].id).join("state"))
+    let second: u64 = std::fs::read_to_string(cts.image_files(&records[1].id).join("state"))
         .unwrap()
         .trim()
         .parse()
@@ -119,5 +119,5 @@ async fn stop_after_checkpoint_terminates_the_job() {
     assert!(record.job_stopped);
     assert!(!job.running());
     assert_eq!(gcs_job(&gcs, "gid-app-stop").await.state, JobState::Stopped);
-    assert!(cts.image_dir(&record.id).join("state").is_file());
+    assert!(cts.image_files(&record.id).join("state").is_file());
 }

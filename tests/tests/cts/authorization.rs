@@ -166,6 +166,13 @@ async fn every_public_endpoint_of_the_cts_is_allowed_or_refused_by_the_matrix() 
             &[],
         ),
         (
+            "chunks",
+            "POST",
+            format!("/images/{id}/chunks"),
+            Some(format!("{{\"chunks\": [\"{}\"]}}", "0".repeat(64))),
+            &[],
+        ),
+        (
             "export",
             "POST",
             format!("/images/{id}/export"),

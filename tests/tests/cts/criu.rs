@@ -43,7 +43,7 @@ async fn do_checkpoint_through_the_gcs_dumps_the_job_and_keeps_it_running() {
         .ends_with(&format!("/images/{}", record.id)));
 
     // The image is in the store: CRIU's files, its log and statistics, and the manifest.
-    let dir = cts.image_dir(&record.id);
+    let dir = cts.image_files(&record.id);
     for f in [
         "manifest.json",
         "pstree.img",
@@ -126,7 +126,7 @@ async fn checkpoint_and_stop_for_migration() {
         !job.running(),
         "the job must be stopped after a stop checkpoint"
     );
-    assert!(cts.image_dir(&record.id).join("pstree.img").is_file());
+    assert!(cts.image_files(&record.id).join("pstree.img").is_file());
     let frozen = job.last();
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(job.last(), frozen, "a stopped job writes nothing more");

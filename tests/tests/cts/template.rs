@@ -39,7 +39,7 @@ async fn a_configured_command_line_checkpoints_real_jobs() {
         .await
         .expect("doCheckpoint through the command driver");
     assert_eq!(record.sequence, Some(1));
-    let image = cts.image_dir(&record.id);
+    let image = cts.image_files(&record.id);
     for f in ["pstree.img", "dump.log", "manifest.json"] {
         assert!(image.join(f).is_file(), "{f} missing");
     }

@@ -1296,7 +1296,7 @@ async fn soap_operations_reference_is_generated_from_real_exchanges() {
     assert_eq!(text_of(&r, "SequenceNumber"), "1");
     assert_eq!(text_of(&r, "CTSName"), "cts-a");
     let first_image = text_of(&r, "CheckpointID");
-    let image = cts.image_dir(&first_image);
+    let image = cts.image_files(&first_image);
     assert_eq!(
         std::fs::read_to_string(image.join("state")).expect("the job's state is in the image"),
         "step 42\n"

@@ -44,7 +44,7 @@ async fn app_level_job_restarts_from_its_checkpoint() {
         a.local.job(gid).await.is_err()
     })
     .await;
-    let saved: u64 = std::fs::read_to_string(a.image_dir(&record.id).join("state"))
+    let saved: u64 = std::fs::read_to_string(a.image_files(&record.id).join("state"))
         .unwrap()
         .trim()
         .parse()

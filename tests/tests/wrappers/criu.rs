@@ -16,7 +16,7 @@ fn soap_url(cts: &TestCts) -> String {
     format!("{}{}", cts.url, gca_protocol::ns::CTS_SERVICE_PATH)
 }
 
-async fn checkpoint(gcs: &TestGcs, gid: &str, stop: bool) -> CheckpointRecord {
+pub(crate) async fn checkpoint(gcs: &TestGcs, gid: &str, stop: bool) -> CheckpointRecord {
     gcs.call::<DoCheckpointOp>(DoCheckpoint {
         gid: gid.into(),
         stop,
@@ -26,7 +26,7 @@ async fn checkpoint(gcs: &TestGcs, gid: &str, stop: bool) -> CheckpointRecord {
 }
 
 /// Runs `script` under gca-exec at `cts`; waits until it is registered with the wrapper's PID.
-async fn exec_job(gcs: &TestGcs, cts: &TestCts, gid: &str, script: &str) -> Wrapper {
+pub(crate) async fn exec_job(gcs: &TestGcs, cts: &TestCts, gid: &str, script: &str) -> Wrapper {
     let url = soap_url(cts);
     let job = Wrapper::spawn(
         "gca-exec",
@@ -45,7 +45,12 @@ async fn exec_job(gcs: &TestGcs, cts: &TestCts, gid: &str, script: &str) -> Wrap
 
 /// Checkpoints and stops the job through the GCS, reaps it, and waits until its CTS has
 /// forgotten it.
-async fn stop_job(gcs: &TestGcs, cts: &TestCts, gid: &str, job: &mut Wrapper) -> CheckpointRecord {
+pub(crate) async fn stop_job(
+    gcs: &TestGcs,
+    cts: &TestCts,
+    gid: &str,
+    job: &mut Wrapper,
+) -> CheckpointRecord {
     let record = checkpoint(gcs, gid, true).await;
     assert!(record.job_stopped);
     job.wait(T).await;
@@ -57,7 +62,7 @@ async fn stop_job(gcs: &TestGcs, cts: &TestCts, gid: &str, job: &mut Wrapper) ->
     record
 }
 
-async fn wait_values(log: &std::path::Path, n: usize) {
+pub(crate) async fn wait_values(log: &std::path::Path, n: usize) {
     eventually(T, "the job counts", || async { values(log).len() >= n }).await;
 }
 
@@ -166,7 +171,7 @@ async fn recover_on_another_resource_from_an_older_image_and_exit_status_comes_t
     })
     .await;
     // B fetched the image from A into its own store.
-    assert!(b.image_dir(&first.id).join("pstree.img").is_file());
+    assert!(b.image_files(&first.id).join("pstree.img").is_file());
     wait_values(&log, stopped_at + 3).await;
     // The log is appended to: the first number written after the recovery follows the first
     // checkpoint's value, not the second's.

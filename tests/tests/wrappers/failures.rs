@@ -28,18 +28,8 @@ async fn a_tampered_image_is_refused_before_anything_is_restored() {
         .await
         .unwrap();
     job.wait(T).await;
-    // Flip one byte of the largest file of the image in A's store.
-    let dir = a.image_dir(&record.id);
-    let largest = std::fs::read_dir(&dir)
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name() != "manifest.json")
-        .max_by_key(|e| e.metadata().unwrap().len())
-        .unwrap()
-        .path();
-    let mut bytes = std::fs::read(&largest).unwrap();
-    bytes[0] ^= 0xff;
-    std::fs::write(&largest, bytes).unwrap();
+    // Flip one byte of the largest chunk of the image in A's store.
+    let chunk = a.corrupt_image(&record.id);
 
     // On A (the image is in its store) and on B (fetched from A): refused, permanent.
     for (cts, name) in [(&a, "A"), (&b, "B")] {
@@ -55,6 +45,10 @@ async fn a_tampered_image_is_refused_before_anything_is_restored() {
         assert_eq!(code, 65, "on {name}: {err}");
         assert!(err.starts_with("gca-recover: "), "{err}");
         assert!(err.contains(&record.id), "{err}");
+        assert!(
+            err.contains(&chunk),
+            "the fault names the chunk on {name}: {err}"
+        );
         assert!(
             gca_drivers::proc::stat(pid).is_none(),
             "nothing was restored on {name}"

@@ -208,16 +208,7 @@ async fn an_unusable_latest_image_is_skipped_for_the_one_before() {
     counts_past(&log, latest_after + 5).await;
     kill_job(&gcs, gid, &mut first).await;
     // The latest image rots in the store: one byte of its largest file flipped.
-    let largest = std::fs::read_dir(cts.image_dir(&latest.id))
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name() != "manifest.json")
-        .max_by_key(|e| e.metadata().unwrap().len())
-        .unwrap()
-        .path();
-    let mut bytes = std::fs::read(&largest).unwrap();
-    bytes[0] ^= 0xff;
-    std::fs::write(&largest, bytes).unwrap();
+    cts.corrupt_image(&latest.id);
     let killed_at = values(&log).len();
 
     let mut second = resume(&cts, gid, &script);

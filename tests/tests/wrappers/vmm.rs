@@ -93,7 +93,7 @@ async fn a_vm_job_checkpointed_through_the_gcs_continues_on_another_cts_and_ends
         .expect("doCheckpoint through the GCS");
     let after = *counts(&console_a).last().unwrap();
     assert!(!record.job_stopped);
-    let image = a.image_dir(&record.id);
+    let image = a.image_files(&record.id);
     for f in ["machine.state", "disk.qcow2", "vm.json", "manifest.json"] {
         assert!(image.join(f).is_file(), "the image has no {f}");
     }
@@ -135,7 +135,7 @@ async fn a_vm_job_checkpointed_through_the_gcs_continues_on_another_cts_and_ends
             .is_ok_and(|j| j.state == JobState::Running && j.pid == rec.pid)
     })
     .await;
-    assert!(b.image_dir(&record.id).join("machine.state").is_file());
+    assert!(b.image_files(&record.id).join("machine.state").is_file());
     // The restored VM is the resumer's child (killed with it if the test fails).
     rec.adopt(child_named(rec.pid, "qemu-system-x86"));
     let run_b = b.local.job(gid).await.unwrap().checkpoint_dir;
