@@ -622,18 +622,23 @@ impl ImageStore {
             .join(format!(".{id}.{}", random_suffix()));
         let pins = self.inner.chunks.pin_set();
         let result = (|| {
-            fs::create_dir(&tmp).map_err(|e| write_err(&self.inner.root, id, e))?;
+            use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+            // The CTS's alone, like the store: memory dumps, the job's files.
+            let mut dirs = fs::DirBuilder::new();
+            dirs.recursive(true).mode(0o700);
+            dirs.create(&tmp).map_err(|e| write_err(&self.inner.root, id, e))?;
             for f in &m.files {
                 let dest = tmp.join(&f.path);
                 let werr = |e| write_err(&self.inner.root, id, e);
                 if let Some(parent) = dest.parent() {
-                    fs::create_dir_all(parent).map_err(werr)?;
+                    dirs.create(parent).map_err(werr)?;
                 }
                 let mut out = io::BufWriter::with_capacity(
                     HASH_BUF,
                     OpenOptions::new()
                         .write(true)
                         .create_new(true)
+                        .mode(0o600)
                         .open(&dest)
                         .map_err(werr)?,
                 );
@@ -1084,6 +1089,10 @@ pub(crate) mod tests {
         assert_eq!(list[0].total_bytes, 11);
         let restored = store.materialize(&id("img-1")).await.unwrap();
         assert_eq!(restored, tmp.path().join("restore/img-1"));
+        use std::os::unix::fs::MetadataExt;
+        let mode = |p: &Path| fs::metadata(p).unwrap().mode() & 0o777;
+        assert_eq!(mode(&restored.join("sub/dir/core-7.img")), 0o600);
+        assert_eq!(mode(&restored.join("sub/dir")), 0o700);
         assert_eq!(
             fs::read(restored.join("sub/dir/core-7.img")).unwrap(),
             b"world!"
