@@ -626,7 +626,8 @@ impl ImageStore {
             // The CTS's alone, like the store: memory dumps, the job's files.
             let mut dirs = fs::DirBuilder::new();
             dirs.recursive(true).mode(0o700);
-            dirs.create(&tmp).map_err(|e| write_err(&self.inner.root, id, e))?;
+            dirs.create(&tmp)
+                .map_err(|e| write_err(&self.inner.root, id, e))?;
             for f in &m.files {
                 let dest = tmp.join(&f.path);
                 let werr = |e| write_err(&self.inner.root, id, e);

@@ -60,9 +60,12 @@ async fn do_checkpoint_through_the_gcs_dumps_the_job_and_keeps_it_running() {
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
     let files = manifest["files"].as_array().expect("manifest lists files");
-    assert!(files
-        .iter()
-        .any(|f| f["path"] == "pstree.img" && f["sha256"].as_str().is_some_and(|h| h.len() == 64)));
+    assert!(files.iter().any(|f| f["path"] == "pstree.img"
+        && f["chunks"].as_array().is_some_and(|c| !c.is_empty()
+            && c.iter()
+                .all(|c| c["id"].as_str().is_some_and(|h| h.len() == 64)))));
+    assert_eq!(manifest["format"], 2);
+    assert_eq!(manifest["chunk_hash"], "blake3");
     // Served over HTTP with the digest the GCS recorded.
     let resp = integration_tests::http()
         .get(&record.image_name)
