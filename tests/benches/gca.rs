@@ -58,7 +58,18 @@ const BENCHES: &[(&str, &str)] = &[
     ),
     (
         "criu",
-        "CRIU checkpoint through the CTS vs `criu dump` run directly on the same process",
+        "CRIU checkpoint of a 64 MiB job through the CTS (steady state and into an empty \
+         store) vs `criu dump` run directly on the same process",
+    ),
+    (
+        "dedup",
+        "stored bytes of 8 CRIU checkpoints of a 64 MiB job changing a few pages between them \
+         vs one image",
+    ),
+    (
+        "hash",
+        "the chunk hash: BLAKE3 (one thread, all threads) and the store's FastCDC cut + BLAKE3 \
+         vs SHA-256 (sha2, SHA-NI when the CPU has it), 64 MiB in memory",
     ),
     (
         "rpdoc",
@@ -213,6 +224,8 @@ async fn main() -> ExitCode {
             "tls" => tokio::spawn(bench_tls(o)).await,
             "fetch" => tokio::spawn(bench_fetch(o)).await,
             "criu" => tokio::spawn(bench_criu(o)).await,
+            "dedup" => tokio::spawn(bench_dedup(o)).await,
+            "hash" => tokio::spawn(bench_hash(o)).await,
             "rpdoc" => tokio::spawn(bench_rpdoc(o)).await,
             "vmm" => tokio::spawn(bench_vmm(o)).await,
             other => unreachable!("unknown benchmark {other}"),
@@ -284,6 +297,9 @@ enum Unit {
     /// Milliseconds per operation (samples: seconds per operation).
     #[serde(rename = "ms")]
     Millis,
+    /// MiB (samples: MiB; smaller is better).
+    #[serde(rename = "MiB")]
+    Mib,
 }
 
 impl Unit {
@@ -291,6 +307,7 @@ impl Unit {
         match self {
             Unit::OpsPerSec | Unit::MibPerSec => 1.0 / secs_per_unit,
             Unit::Millis => secs_per_unit * 1e3,
+            Unit::Mib => secs_per_unit,
         }
     }
 
@@ -299,6 +316,7 @@ impl Unit {
             Unit::OpsPerSec => "op/s",
             Unit::MibPerSec => "MiB/s",
             Unit::Millis => "ms",
+            Unit::Mib => "MiB",
         }
     }
 }
@@ -1253,10 +1271,14 @@ async fn bench_fetch(opts: Options) -> Vec<Row> {
     let dst = TestCts::registered(&gcs, "bench-dst", "app-level", APP_DRIVER, "").await;
     let id = "bench-src-20260101T000000Z-0123456789ab";
     let total = opts.image_mib << 20;
-    let manifest = make_image(src.cts.store(), id, total).await;
+    let chunked = make_image(src.cts.store(), id, total, false).await;
+    assert!(chunked.is_chunked());
+    // The same bytes as whole files (format 1), for the baselines: a plain download of files.
+    let whole_id = "bench-src-20260101T000000Z-0123456789ab-whole";
+    let manifest = make_image(src.cts.store(), whole_id, total, true).await;
     let image = ImageId::parse(id).expect("an image ID");
     let digest = src.cts.store().digest(&image).await.expect("digest");
-    let src_dir = src.image_dir(id);
+    let src_dir = src.image_dir(whole_id);
     let images_url = format!("{}/images", src.url);
     let source = format!("{images_url}/{id}");
     // The destination CTS takes the source and digest from the GCS's record, as in a recovery.
@@ -1313,7 +1335,9 @@ async fn bench_fetch(opts: Options) -> Vec<Row> {
         &http,
         &image,
     );
-    let s = interleaved(&opts, "fetch", 4, |v| {
+    let peer = integration_tests::http_as("cts:bench-dst");
+    let peer = &peer;
+    let s = interleaved(&opts, "fetch", 5, |v| {
         let (dst, manifest, digest, src_dir, images_url, scratch, http, image) = refs;
         async move {
             let dest = scratch.join(format!("copy-{}", uuid::Uuid::new_v4().simple()));
@@ -1332,13 +1356,26 @@ async fn bench_fetch(opts: Options) -> Vec<Row> {
                     assert!(f.fetched, "the image was copied, not found in place");
                     assert_eq!(&f.digest, digest);
                 }
-                1 => http_download(http, images_url, id, manifest, &dest, false).await,
-                2 => http_download(http, images_url, id, manifest, &dest, true).await,
-                _ => local_copy(src_dir, manifest, &dest).await,
+                1 => http_download(http, images_url, whole_id, manifest, &dest, false).await,
+                2 => http_download(http, images_url, whole_id, manifest, &dest, true).await,
+                3 => local_copy(src_dir, manifest, &dest).await,
+                _ => {
+                    let f = gca_store::fetch::fetch_image_report(
+                        peer,
+                        images_url,
+                        image,
+                        Some(digest),
+                        dst.cts.store(),
+                        &Default::default(),
+                    )
+                    .await
+                    .expect("the store's verified fetch");
+                    assert_eq!(f.chunks_present, 0, "into an empty store");
+                }
             }
             let secs = start.elapsed().as_secs_f64();
             // Not timed: back to an empty destination.
-            if v == 0 {
+            if v == 0 || v == 4 {
                 dst.cts
                     .store()
                     .delete(image)
@@ -1356,9 +1393,36 @@ async fn bench_fetch(opts: Options) -> Vec<Row> {
     let files = manifest.files.len();
     let what = format!("{} MiB image, {files} files", opts.image_mib);
     let fetch = format!(
-        "verified fetch CTS → CTS ({what}; POST /v1/images/fetch on the destination's socket)"
+        "verified fetch CTS → CTS and the restore copy ({what}; POST /v1/images/fetch on the \
+         destination's socket: chunks fetched, checked, stored, then files made from them)"
+    );
+    let store_fetch = format!(
+        "verified chunk fetch into the destination's store ({} MiB image in {} chunks; \
+         gca_store::fetch into an empty store, no restore copy)",
+        opts.image_mib,
+        chunked.chunk_set().len()
     );
     let rows = vec![
+        Row {
+            bench: "fetch",
+            measurement: store_fetch.clone(),
+            baseline: "plain HTTP GET of the same bytes (the whole-file copy of the image) from \
+                       the source CTS, written to disk (no hashing, no fsync)"
+                .into(),
+            unit: Unit::MibPerSec,
+            subject: s[4].clone(),
+            base: s[1].clone(),
+            note: String::new(),
+        },
+        Row {
+            bench: "fetch",
+            measurement: store_fetch,
+            baseline: "one-pass verified download: HTTP GET + SHA-256 while writing + fsync".into(),
+            unit: Unit::MibPerSec,
+            subject: s[4].clone(),
+            base: s[2].clone(),
+            note: String::new(),
+        },
         Row {
             bench: "fetch",
             measurement: fetch.clone(),
@@ -1398,7 +1462,7 @@ async fn bench_fetch(opts: Options) -> Vec<Row> {
 
 /// Commits an image of `total` bytes of pseudo-random data into `store`, laid out like a CRIU
 /// dump: one large pages file and a dozen small ones.
-async fn make_image(store: &ImageStore, id: &str, total: u64) -> Manifest {
+async fn make_image(store: &ImageStore, id: &str, total: u64, whole_files: bool) -> Manifest {
     let staging = store
         .stage(&ImageId::parse(id).expect("an image ID"))
         .await
@@ -1438,19 +1502,22 @@ async fn make_image(store: &ImageStore, id: &str, total: u64) -> Manifest {
     })
     .await
     .expect("write the image");
-    staging
-        .commit(ImageMeta {
-            gid: "bench-fetch".into(),
-            created_at: Utc::now(),
-            driver: "criu".into(),
-            origin: "bench-src".into(),
-            extra: [("uid", "0"), ("gid", "0")]
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        })
-        .await
-        .expect("commit the image")
+    let meta = ImageMeta {
+        gid: "bench-fetch".into(),
+        created_at: Utc::now(),
+        driver: "criu".into(),
+        origin: "bench-src".into(),
+        extra: [("uid", "0"), ("gid", "0")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    };
+    if whole_files {
+        staging.commit_whole_files(meta).await
+    } else {
+        staging.commit(meta).await
+    }
+    .expect("commit the image")
 }
 
 /// Downloads the image's files into `dest` over HTTP from the CTS's image routes, like the
@@ -1499,7 +1566,12 @@ async fn http_download(
         }
         out.flush().await.expect("flush a file");
         if verify {
-            assert_eq!(format!("{:x}", hasher.finalize()), f.sha256, "{}", f.path);
+            assert_eq!(
+                Some(format!("{:x}", hasher.finalize())),
+                f.sha256,
+                "{}",
+                f.path
+            );
             out.get_ref().sync_all().await.expect("fsync a file");
         }
     }
@@ -1534,9 +1606,8 @@ async fn bench_criu(opts: Options) -> Vec<Row> {
     let gcs = TestGcs::start().await;
     let cts = TestCts::registered(&gcs, "bench-criu", "criu", CRIU_DRIVER, "").await;
     let gid = "bench-criu";
-    let job = TestJob::counter(cts.dir.path());
+    let job = big_job(cts.dir.path()).await;
     cts.register(gid, job.pid).await;
-    job.wait_for_values(3).await;
     let criu = gca_drivers::criu::find_criu();
     // The options the CTS's driver passes (cts/src/driver/criu.rs), from its configuration.
     let cfg = gca_protocol::driver_config::CriuConfig::default();
@@ -1559,26 +1630,53 @@ async fn bench_criu(opts: Options) -> Vec<Row> {
         &direct_bytes,
         job.pid,
     );
-    let s = interleaved(&opts, "criu", 2, |v| {
+    // The image the steady-state variant keeps between its checkpoints (as a periodic
+    // checkpoint does: the previous image is still stored).
+    let kept: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+    let kept = &kept;
+    let s = interleaved(&opts, "criu", 3, |v| {
         let (cts, req, criu, cfg, scratch, cts_bytes, direct_bytes, pid) = refs;
         async move {
+            let store = cts.cts.store();
+            let delete = |id: String| async move {
+                store
+                    .delete(&ImageId::parse(&id).expect("an image ID"))
+                    .await
+                    .expect("delete the image");
+            };
+            let checkpoint = || async {
+                let r = cts
+                    .soap
+                    .call::<CtsDoCheckpointOp>(req)
+                    .await
+                    .expect("a CRIU checkpoint through the CTS");
+                assert!(r.sequence.is_some(), "the GCS numbered the checkpoint");
+                r
+            };
             let mut secs = 0.0;
             for _ in 0..per_rep {
-                if v == 0 {
+                if v == 0 || v == 2 {
+                    let previous = kept.lock().unwrap().take();
+                    match (v, previous) {
+                        // Steady state: a previous image is in the store.
+                        (0, Some(p)) => *kept.lock().unwrap() = Some(p),
+                        (0, None) => *kept.lock().unwrap() = Some(checkpoint().await.id),
+                        // Into an empty store (its chunks swept with it).
+                        (_, Some(p)) => delete(p).await,
+                        (_, None) => {}
+                    }
                     let start = Instant::now();
-                    let r = cts
-                        .soap
-                        .call::<CtsDoCheckpointOp>(req)
-                        .await
-                        .expect("a CRIU checkpoint through the CTS");
+                    let r = checkpoint().await;
                     secs += start.elapsed().as_secs_f64();
-                    assert!(r.sequence.is_some(), "the GCS numbered the checkpoint");
                     cts_bytes.store(r.size_bytes.unwrap_or(0) as u64, Ordering::Relaxed);
-                    cts.cts
-                        .store()
-                        .delete(&ImageId::parse(&r.id).expect("an image ID"))
-                        .await
-                        .expect("delete the image");
+                    if v == 0 {
+                        let old = kept.lock().unwrap().replace(r.id);
+                        if let Some(old) = old {
+                            delete(old).await;
+                        }
+                    } else {
+                        delete(r.id).await;
+                    }
                 } else {
                     let dir = scratch.join(uuid::Uuid::new_v4().simple().to_string());
                     std::fs::create_dir(&dir).expect("dump directory");
@@ -1629,25 +1727,41 @@ async fn bench_criu(opts: Options) -> Vec<Row> {
     })
     .await;
     assert!(job.running(), "the job survived its checkpoints");
-    let rows = vec![Row {
-        bench: "criu",
-        measurement: "CRIU checkpoint through the CTS (SOAP DoCheckpoint: criu dump, manifest \
-                      with SHA-256, fsync, store, record at the GCS)"
-            .into(),
-        baseline: format!(
-            "criu dump run directly with the driver's options on the same process ({} per \
-             repetition each)",
-            per_rep
-        ),
-        unit: Unit::Millis,
-        subject: s[0].clone(),
-        base: s[1].clone(),
-        note: format!(
-            "bash counter job; images: {} KiB through the CTS, {} KiB direct",
-            cts_bytes.load(Ordering::Relaxed) / 1024,
-            direct_bytes.load(Ordering::Relaxed) / 1024
-        ),
-    }];
+    let baseline = format!(
+        "criu dump run directly with the driver's options on the same process ({} per \
+         repetition each)",
+        per_rep
+    );
+    let note = format!(
+        "bash job holding 64 MiB of random text; images: {} KiB through the CTS, {} KiB direct",
+        cts_bytes.load(Ordering::Relaxed) / 1024,
+        direct_bytes.load(Ordering::Relaxed) / 1024
+    );
+    let rows = vec![
+        Row {
+            bench: "criu",
+            measurement: "CRIU checkpoint through the CTS, steady state (SOAP DoCheckpoint: criu \
+                          dump, chunks cut and hashed in parallel, only new chunks written and \
+                          fsynced, manifest, record at the GCS; the previous image stored)"
+                .into(),
+            baseline: baseline.clone(),
+            unit: Unit::Millis,
+            subject: s[0].clone(),
+            base: s[1].clone(),
+            note: note.clone(),
+        },
+        Row {
+            bench: "criu",
+            measurement: "CRIU checkpoint through the CTS into an empty store (every chunk new: \
+                          written and fsynced)"
+                .into(),
+            baseline,
+            unit: Unit::Millis,
+            subject: s[2].clone(),
+            base: s[1].clone(),
+            note,
+        },
+    ];
     drop(job);
     drop(cts);
     finish(gcs).await;
@@ -1817,6 +1931,164 @@ async fn bench_vmm(opts: Options) -> Vec<Row> {
     drop(cts);
     finish(gcs).await;
     rows
+}
+
+/// A bash job holding 64 MiB of random text (base64 of 48 MB) that then counts in a loop
+/// (a few pages change between checkpoints); returns once the text is in its memory.
+async fn big_job(dir: &Path) -> TestJob {
+    let ready = dir.join(format!("big-ready-{}", uuid::Uuid::new_v4().simple()));
+    let job = TestJob::script(
+        dir,
+        &format!(
+            "big=$(head -c 48000000 /dev/urandom | base64 -w0); : > {ready:?}; i=0; \
+             while :; do i=$((i+1)); sleep 0.05; done"
+        ),
+        &[],
+    );
+    let start = Instant::now();
+    while !ready.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the big job did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    job
+}
+
+// ---------------------------------------------------------------------------------------------
+// dedup: the bytes 8 checkpoints of one job take in the store
+
+async fn bench_dedup(opts: Options) -> Vec<Row> {
+    let gcs = TestGcs::start().await;
+    let cts = TestCts::registered(&gcs, "bench-dedup", "criu", CRIU_DRIVER, "").await;
+    let gid = "bench-dedup";
+    let job = big_job(cts.dir.path()).await;
+    cts.register(gid, job.pid).await;
+    let req = DoCheckpoint {
+        gid: gid.into(),
+        stop: false,
+    };
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    let (mut subject, mut base, mut logical) = (vec![], vec![], 0u64);
+    let reps = if opts.quick { 1 } else { 3 };
+    for _ in 0..reps {
+        let mut ids = Vec::new();
+        let mut one = 0u64;
+        for i in 0..8 {
+            let r = cts
+                .soap
+                .call::<CtsDoCheckpointOp>(&req)
+                .await
+                .expect("a CRIU checkpoint through the CTS");
+            if i == 0 {
+                one = cts.stored_chunks().1;
+                logical = r.size_bytes.unwrap_or(0) as u64;
+            }
+            ids.push(r.id);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        subject.push(mib(cts.stored_chunks().1));
+        base.push(mib(one));
+        for id in ids {
+            cts.cts
+                .store()
+                .delete(&ImageId::parse(&id).expect("an image ID"))
+                .await
+                .expect("delete the image");
+        }
+        assert_eq!(cts.stored_chunks().0, 0, "the sweep removed every chunk");
+    }
+    drop(job);
+    drop(cts);
+    finish(gcs).await;
+    vec![Row {
+        bench: "dedup",
+        measurement: "store bytes (chunks) after 8 CRIU checkpoints of a job holding 64 MiB, \
+                      a counter running between them"
+            .into(),
+        baseline: "store bytes after the first of them (one image)".into(),
+        unit: Unit::Mib,
+        subject,
+        base,
+        note: format!(
+            "one image is {:.1} MiB of CRIU files; 8 whole images (format 1) would take {:.1} MiB",
+            mib(logical),
+            8.0 * mib(logical)
+        ),
+    }]
+}
+
+// ---------------------------------------------------------------------------------------------
+// hash: which hash names chunks
+
+async fn bench_hash(opts: Options) -> Vec<Row> {
+    tokio::task::spawn_blocking(move || {
+        let len = 64usize << 20;
+        let mut data = vec![0u8; len];
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        for c in data.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
+        }
+        let mib = (len >> 20) as f64;
+        let mut samples = vec![Vec::new(); 4];
+        for rep in 0..opts.warmup + opts.reps {
+            for v in order(rep, 4) {
+                let start = Instant::now();
+                match v {
+                    0 => {
+                        std::hint::black_box(Sha256::digest(&data));
+                    }
+                    1 => {
+                        std::hint::black_box(blake3::hash(&data));
+                    }
+                    2 => {
+                        let mut h = blake3::Hasher::new();
+                        h.update_rayon(&data);
+                        std::hint::black_box(h.finalize());
+                    }
+                    _ => {
+                        // What the store does per 8 MiB segment: FastCDC, BLAKE3 per chunk.
+                        for seg in data.chunks(8 << 20) {
+                            for c in
+                                fastcdc::v2020::FastCDC::new(seg, 16 << 10, 64 << 10, 256 << 10)
+                            {
+                                std::hint::black_box(blake3::hash(
+                                    &seg[c.offset..c.offset + c.length],
+                                ));
+                            }
+                        }
+                    }
+                }
+                if rep >= opts.warmup {
+                    samples[v].push(start.elapsed().as_secs_f64() / mib);
+                }
+            }
+        }
+        let sha = "SHA-256 of the same 64 MiB (sha2 0.10, one thread)".to_string();
+        let row = |m: &str, v: usize| Row {
+            bench: "hash",
+            measurement: m.into(),
+            baseline: sha.clone(),
+            unit: Unit::MibPerSec,
+            subject: samples[v].clone(),
+            base: samples[0].clone(),
+            note: String::new(),
+        };
+        vec![
+            row("BLAKE3, one thread", 1),
+            row("BLAKE3, all threads (rayon)", 2),
+            row(
+                "FastCDC 2020 cut (16/64/256 KiB) + BLAKE3 per chunk, one thread",
+                3,
+            ),
+        ]
+    })
+    .await
+    .expect("hash benchmark")
 }
 
 /// The bytes of the files in `dir` (one level, as CRIU writes it).
