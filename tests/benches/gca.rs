@@ -1285,7 +1285,9 @@ async fn bench_fetch(opts: Options) -> Vec<Row> {
     let gid = "bench-fetch";
     gcs.call::<RegisterJobOp>(RegisterJob {
         gid: gid.into(),
-        cts_instance: "bench-src".into(),
+        // Routed to the destination, as in a recovery there: the source lets it read the image
+        // (`Cts::peer_may_read`).
+        cts_instance: "bench-dst".into(),
         local_id: None,
         recovery: false,
         from_checkpoint: None,
