@@ -24,7 +24,6 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use futures::StreamExt;
 use gca_protocol::client::SoapClient;
-use gca_protocol::local::FetchImage;
 use gca_protocol::messages::*;
 use gca_protocol::ops::{
     CtsDoCheckpointOp, DoCheckpointOp, RegisterCheckpointOp, RegisterCtsInstanceOp, RegisterJobOp,
@@ -1285,9 +1284,7 @@ async fn bench_fetch(opts: Options) -> Vec<Row> {
     let gid = "bench-fetch";
     gcs.call::<RegisterJobOp>(RegisterJob {
         gid: gid.into(),
-        // Routed to the destination, as in a recovery there: the source lets it read the image
-        // (`Cts::peer_may_read`).
-        cts_instance: "bench-dst".into(),
+        cts_instance: "bench-src".into(),
         local_id: None,
         recovery: false,
         from_checkpoint: None,
@@ -1325,7 +1322,6 @@ async fn bench_fetch(opts: Options) -> Vec<Row> {
     // Baselines write next to the destination store (same file system).
     let scratch = dst.dir.path().join("bench-copies");
     std::fs::create_dir_all(&scratch).expect("scratch directory");
-    let http = integration_tests::http();
     let mib = total as f64 / (1u64 << 20) as f64;
     let refs = (
         &dst,
@@ -1334,32 +1330,40 @@ async fn bench_fetch(opts: Options) -> Vec<Row> {
         &src_dir,
         &images_url,
         &scratch,
-        &http,
         &image,
     );
-    let peer = integration_tests::http_as("cts:bench-dst");
+    // The peer certificate the source lets read the image: the CTS the GCS records the job
+    // running on (`Cts::peer_may_read`); a real recovery moves the job to the destination
+    // first, which this benchmark does not do.
+    let peer = integration_tests::http_as("cts:bench-src");
     let peer = &peer;
     let s = interleaved(&opts, "fetch", 5, |v| {
-        let (dst, manifest, digest, src_dir, images_url, scratch, http, image) = refs;
+        let (dst, manifest, digest, src_dir, images_url, scratch, image) = refs;
         async move {
             let dest = scratch.join(format!("copy-{}", uuid::Uuid::new_v4().simple()));
             let start = Instant::now();
             match v {
                 0 => {
-                    let f = dst
-                        .local
-                        .fetch_image(&FetchImage {
-                            gid: gid.into(),
-                            checkpoint_id: id.into(),
-                            digest: Some(digest.clone()),
-                        })
+                    // What POST /v1/images/fetch does once the GCS's record is read: the
+                    // verified fetch, then the restore copy.
+                    gca_store::fetch::fetch_image_report(
+                        peer,
+                        images_url,
+                        image,
+                        Some(digest),
+                        dst.cts.store(),
+                        &Default::default(),
+                    )
+                    .await
+                    .expect("the store's verified fetch");
+                    dst.cts
+                        .store()
+                        .materialize(image)
                         .await
-                        .expect("fetch through the destination CTS");
-                    assert!(f.fetched, "the image was copied, not found in place");
-                    assert_eq!(&f.digest, digest);
+                        .expect("the restore copy");
                 }
-                1 => http_download(http, images_url, whole_id, manifest, &dest, false).await,
-                2 => http_download(http, images_url, whole_id, manifest, &dest, true).await,
+                1 => http_download(peer, images_url, whole_id, manifest, &dest, false).await,
+                2 => http_download(peer, images_url, whole_id, manifest, &dest, true).await,
                 3 => local_copy(src_dir, manifest, &dest).await,
                 _ => {
                     let f = gca_store::fetch::fetch_image_report(
@@ -1395,8 +1399,8 @@ async fn bench_fetch(opts: Options) -> Vec<Row> {
     let files = manifest.files.len();
     let what = format!("{} MiB image, {files} files", opts.image_mib);
     let fetch = format!(
-        "verified fetch CTS → CTS and the restore copy ({what}; POST /v1/images/fetch on the \
-         destination's socket: chunks fetched, checked, stored, then files made from them)"
+        "verified fetch CTS → CTS and the restore copy ({what}; what POST /v1/images/fetch \
+         does: chunks fetched, checked, stored, then files made from them, each chunk checked)"
     );
     let store_fetch = format!(
         "verified chunk fetch into the destination's store ({} MiB image in {} chunks; \
