@@ -937,6 +937,7 @@ mod tests {
                 resource: "r".into(),
                 registered_at: None,
                 last_seen: None,
+                facts: None,
             },
             dir,
             Duration::from_secs(30),

@@ -849,6 +849,7 @@ mod tests {
             resource: "node1".into(),
             registered_at: Some(t0()),
             last_seen: Some(t0()),
+            facts: None,
         }
     }
 
@@ -873,6 +874,7 @@ mod tests {
             image_error: None,
             owner: None,
             signature: None,
+            facts: None,
         }
     }
 
@@ -1005,6 +1007,7 @@ mod tests {
                     Property::new("GCA_GID", "job-1"),
                     Property::new("NOTE", "two words"),
                 ],
+                compatibility: None,
             }],
         };
         let out = render_recovery(&info);

@@ -272,6 +272,7 @@ impl Cts {
             image_error: None,
             owner,
             signature: None,
+            facts: None,
         };
         if let Some(signer) = &self.inner.signer {
             let facts = gca_protocol::signature::SignedFacts::of(&record).ok_or_else(|| {

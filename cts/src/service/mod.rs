@@ -113,6 +113,7 @@ impl Cts {
             resource: config.resource.clone(),
             registered_at: None,
             last_seen: None,
+            facts: None,
         };
         let (signer, verifier) =
             match &config.tls {
