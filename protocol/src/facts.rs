@@ -257,7 +257,8 @@ impl Compatibility {
         }
     }
 
-    fn refuse(&mut self, why: String) {
+    /// Marks the verdict incompatible, for `why`.
+    pub fn refuse(&mut self, why: String) {
         self.verdict = Verdict::Incompatible;
         self.reasons.push(why);
     }
