@@ -801,6 +801,15 @@ fn render_candidate(out: &mut String, n: usize, cand: &RecoveryCandidate) {
         W,
         &environment_lines(&cand.environment),
     );
+    if let Some(c) = &cand.compatibility {
+        push_multi(out, indent, "Verdict", W, &[c.verdict.to_string()]);
+        if !c.reasons.is_empty() {
+            push_multi(out, indent, "Why not", W, &c.reasons);
+        }
+        if !c.notes.is_empty() {
+            push_multi(out, indent, "Notes", W, &c.notes);
+        }
+    }
 }
 
 pub fn render_offers(r: &FindCtsResponse) -> String {
@@ -1007,7 +1016,14 @@ mod tests {
                     Property::new("GCA_GID", "job-1"),
                     Property::new("NOTE", "two words"),
                 ],
-                compatibility: None,
+                compatibility: Some(gca_protocol::facts::Compatibility {
+                    verdict: gca_protocol::facts::Verdict::Incompatible,
+                    reasons: vec![
+                        "kernel 6.1 < 6.18 needed by the image's vDSO".into(),
+                        "/data/in.dat missing".into(),
+                    ],
+                    notes: vec![],
+                }),
             }],
         };
         let out = render_recovery(&info);
@@ -1021,7 +1037,10 @@ mod tests {
                  \x20    URL:          http://cts-b:9000/cts\n\
                  \x20    Command:      gca-recover --image=ck-7 --cts=http://cts-b:9000/cts -- --restart\n\
                  \x20    Environment:  GCA_GID=job-1\n\
-                 \x20                  NOTE='two words'\n"
+                 \x20                  NOTE='two words'\n\
+                 \x20    Verdict:      incompatible\n\
+                 \x20    Why not:      kernel 6.1 < 6.18 needed by the image's vDSO\n\
+                 \x20                  /data/in.dat missing\n"
             ),
             "{out}"
         );
