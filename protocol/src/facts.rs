@@ -464,7 +464,7 @@ pub fn judge(
     };
     if image.checkpointer != CRIU {
         c.notes.push(format!(
-            "a {} image: only what its type declares applies",
+            "an image of the {} driver: the system-level rules do not apply (what its type declares is recorded, and every candidate is of its type)",
             image.checkpointer
         ));
         return c;
