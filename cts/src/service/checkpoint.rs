@@ -29,6 +29,12 @@ use crate::gcs_link::{Delivered, GcsLink, OutboxItem, Pending, Reservation};
 /// checkpoint the job took on its own, whatever `busy_wait_secs` says.
 const COLLECTION_WAIT: Duration = Duration::from_secs(30);
 
+/// When an image was taken, and what its restore depends on.
+pub(super) struct Capture {
+    pub(super) taken_at: DateTime<Utc>,
+    pub(super) facts: ImageFacts,
+}
+
 /// A checkpoint taken, its image committed and its record queued for the GCS.
 pub(super) struct Taken {
     pub(super) record: CheckpointRecord,
@@ -212,11 +218,11 @@ impl Cts {
         job: &Arc<Job>,
         staging: Staging,
         id: &ImageId,
-        taken_at: DateTime<Utc>,
+        capture: Capture,
         origin: Origin,
         stop: bool,
-        facts: ImageFacts,
     ) -> Result<CheckpointRecord> {
+        let Capture { taken_at, facts } = capture;
         let facts = serde_json::to_string(&facts)
             .map_err(|e| anyhow::anyhow!("image {id}: its restore facts: {e}"))?;
         let manifest = staging
@@ -446,7 +452,7 @@ impl Cts {
             }
         }
         let record = self
-            .commit_image(job, staging, &id, taken_at, origin, stop, facts)
+            .commit_image(job, staging, &id, Capture { taken_at, facts }, origin, stop)
             .await
             .inspect_err(|e| {
                 if stop {
@@ -592,7 +598,7 @@ impl Cts {
             let place = self.inner.link.reserve(&id, &job.gid)?;
             let facts = self.image_facts(job).await;
             let record = self
-                .commit_image(job, staging, &id, taken_at, Origin::Job, false, facts)
+                .commit_image(job, staging, &id, Capture { taken_at, facts }, Origin::Job, false)
                 .await?;
             tracing::info!(gid = %job.gid, checkpoint.id = %id, "checkpoint taken by the job itself");
             queue_record(place, &record).map(drop)
