@@ -747,6 +747,9 @@ impl Gcs {
                 "ExecutionManager and Resource must not be empty",
             ));
         }
+        if let Some(f) = &i.facts {
+            f.check_bounds().map_err(Error::invalid)?;
+        }
         self.cts_type(&i.cts_type).await?;
         i.registered_at = None;
         i.last_seen = None;

@@ -88,6 +88,33 @@ impl ResourceFacts {
     }
 }
 
+/// The longest text of a resource's facts the GCS keeps (a `cpuinfo.img` is about 200 bytes
+/// of base64; a release string a few dozen).
+pub const MAX_FACT_BYTES: usize = 16 * 1024;
+
+impl ResourceFacts {
+    /// Refuses facts with a value longer than [`MAX_FACT_BYTES`] or an empty architecture or
+    /// kernel.
+    pub fn check_bounds(&self) -> Result<(), String> {
+        if self.architecture.trim().is_empty() || self.kernel.trim().is_empty() {
+            return Err("a resource's facts name its architecture and kernel".into());
+        }
+        for (what, v) in [
+            ("Architecture", Some(&self.architecture)),
+            ("Kernel", Some(&self.kernel)),
+            ("CRIUVersion", self.criu_version.as_ref()),
+            ("CPUInfo", self.cpuinfo.as_ref()),
+        ] {
+            if v.is_some_and(|v| v.len() > MAX_FACT_BYTES) {
+                return Err(format!(
+                    "the facts' {what} is longer than {MAX_FACT_BYTES} bytes"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl XmlContent for ResourceFacts {
     fn write_children(&self, el: &mut Element) {
         self.write_resource(el)
@@ -154,6 +181,7 @@ impl ImageFacts {
 
     /// Refuses facts beyond [`MAX_FILES`] files or with paths that are not absolute.
     pub fn check_bounds(&self) -> Result<(), String> {
+        self.resource.check_bounds()?;
         let n = self.mapped_files.len() + self.open_files.len() + self.declared.len();
         if n > MAX_FILES {
             return Err(format!(
@@ -666,6 +694,20 @@ mod tests {
         let bad = |k: &str| (k == "X_COMPATIBILITY_KERNEL").then(|| "older".to_string());
         assert!(Rules::default().apply_env("X_", &bad).is_err());
         assert!(glob_match(b"a?c", b"abc") && !glob_match(b"a?c", b"ac"));
+    }
+
+    #[test]
+    fn facts_beyond_their_bounds_are_refused() {
+        assert!(image().check_bounds().is_ok());
+        let mut f = image();
+        f.open_files = vec!["/x".into(); MAX_FILES + 1];
+        assert!(f.check_bounds().is_err());
+        let mut f = image();
+        f.open_files = vec!["relative/path".into()];
+        assert!(f.check_bounds().unwrap_err().contains("relative path"));
+        let mut r = resource("6.1", "4.1");
+        r.cpuinfo = Some("A".repeat(MAX_FACT_BYTES + 1));
+        assert!(r.check_bounds().is_err());
     }
 
     #[test]
