@@ -558,6 +558,7 @@ pub fn render_instances(list: &CtsInstanceList) -> String {
         "URL",
         "EXECUTION MANAGER",
         "LAST SEEN",
+        "PLATFORM",
     ]);
     for i in &list.instances {
         t.row([
@@ -567,9 +568,24 @@ pub fn render_instances(list: &CtsInstanceList) -> String {
             i.url.clone(),
             i.execution_manager.clone(),
             fmt_opt_time(i.last_seen.as_ref()),
+            platform(i.facts.as_ref()),
         ]);
     }
     t.render()
+}
+
+/// A resource's restore facts in one cell: `x86_64 6.18.44 criu-4.1.1` (`-`: none reported).
+fn platform(f: Option<&gca_protocol::facts::ResourceFacts>) -> String {
+    match f {
+        None => "-".into(),
+        Some(f) => {
+            let mut s = format!("{} {}", f.architecture, f.kernel);
+            if let Some(v) = &f.criu_version {
+                s.push_str(&format!(" criu-{v}"));
+            }
+            s
+        }
+    }
 }
 
 pub fn render_subscriptions(list: &SubscriptionList) -> String {
@@ -1042,6 +1058,26 @@ mod tests {
                  \x20    Why not:      kernel 6.1 < 6.18 needed by the image's vDSO\n\
                  \x20                  /data/in.dat missing\n"
             ),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn instances_show_their_platform() {
+        let mut a = instance("cts-a");
+        a.facts = Some(gca_protocol::facts::ResourceFacts {
+            architecture: "x86_64".into(),
+            kernel: "6.18.44".into(),
+            criu_version: Some("4.1.1".into()),
+            cpuinfo: None,
+        });
+        let out = render_instances(&CtsInstanceList {
+            instances: vec![a, instance("cts-b")],
+        });
+        assert!(out.lines().next().unwrap().ends_with("PLATFORM"), "{out}");
+        assert!(out.contains("x86_64 6.18.44 criu-4.1.1"), "{out}");
+        assert!(
+            out.lines().nth(2).unwrap().trim_end().ends_with('-'),
             "{out}"
         );
     }
