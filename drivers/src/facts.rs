@@ -174,9 +174,15 @@ pub fn file_digest(path: &Path) -> Option<String> {
 }
 
 /// A path as `/proc` shows it, if it names a file that can be looked for again: absolute,
-/// not deleted, without surrounding blanks (records trim them).
+/// not deleted, without surrounding blanks (records trim them) or control characters (XML
+/// cannot carry them). `/proc` shows a non-UTF-8 name lossily: such a file is then reported
+/// missing on the target, never wrongly found.
 fn usable_path(p: &str) -> Option<&str> {
-    (p.starts_with('/') && !p.ends_with(" (deleted)") && p.trim() == p).then_some(p)
+    (p.starts_with('/')
+        && !p.ends_with(" (deleted)")
+        && p.trim() == p
+        && !p.chars().any(char::is_control))
+    .then_some(p)
 }
 
 /// The job's executable, mapped files and open regular files (see the module comment);
