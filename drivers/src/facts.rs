@@ -175,13 +175,14 @@ pub fn file_digest(path: &Path) -> Option<String> {
 
 /// A path as `/proc` shows it, if it names a file that can be looked for again: absolute,
 /// not deleted, without surrounding blanks (records trim them) or control characters (XML
-/// cannot carry them). `/proc` shows a non-UTF-8 name lossily: such a file is then reported
-/// missing on the target, never wrongly found.
+/// cannot carry them), in UTF-8 (a name that is not cannot be named in a record: left out).
 fn usable_path(p: &str) -> Option<&str> {
     (p.starts_with('/')
         && !p.ends_with(" (deleted)")
         && p.trim() == p
-        && !p.chars().any(char::is_control))
+        && !p
+            .chars()
+            .any(|c| c.is_control() || c == char::REPLACEMENT_CHARACTER))
     .then_some(p)
 }
 
@@ -193,12 +194,12 @@ pub fn process_facts(pid: i32) -> (Option<FileFact>, Vec<FileFact>, Vec<String>)
         .collect();
     let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
         .ok()
-        .and_then(|p| usable_path(&p.to_string_lossy()).map(str::to_string));
+        .and_then(|p| p.to_str().and_then(usable_path).map(str::to_string));
     let mut mapped = BTreeSet::new();
     let mut open = BTreeSet::new();
     for p in &pids {
-        if let Ok(maps) = std::fs::read_to_string(format!("/proc/{p}/maps")) {
-            for line in maps.lines() {
+        if let Ok(maps) = std::fs::read(format!("/proc/{p}/maps")) {
+            for line in String::from_utf8_lossy(&maps).lines() {
                 // address perms offset dev inode pathname
                 let mut f = line.splitn(6, ' ');
                 let inode = f.nth(4).unwrap_or("0");
@@ -215,8 +216,7 @@ pub fn process_facts(pid: i32) -> (Option<FileFact>, Vec<FileFact>, Vec<String>)
                 let Ok(target) = std::fs::read_link(fd.path()) else {
                     continue;
                 };
-                let target = target.to_string_lossy();
-                let Some(target) = usable_path(&target) else {
+                let Some(target) = target.to_str().and_then(usable_path) else {
                     continue;
                 };
                 if std::fs::metadata(fd.path()).is_ok_and(|m| m.is_file()) {
