@@ -430,5 +430,30 @@ mod criu_tests {
         }
         let err = cpuinfo_check(&criu, &B64.encode(&raw)).await.unwrap_err();
         assert!(!err.is_empty());
+
+        // The whole local check: this process's own image facts pass here; with the other
+        // CPU they do not, unless the site ignores the CPU.
+        let mut image = image_facts(&facts, CRIU, std::process::id() as i32, vec![]).await;
+        let c = check_here(Some(&image), &facts, &Rules::default(), Some(&criu)).await;
+        assert!(c.is_compatible(), "{c:?}");
+        assert!(c
+            .notes
+            .iter()
+            .any(|n| n.contains("criu cpuinfo check accepts")));
+        image.resource.cpuinfo = Some(B64.encode(&raw));
+        let c = check_here(Some(&image), &facts, &Rules::default(), Some(&criu)).await;
+        assert!(
+            c.reasons
+                .iter()
+                .any(|r| r.starts_with("the CPU lacks features")),
+            "{c:?}"
+        );
+        let relaxed = Rules {
+            cpu: CpuRule::Ignore,
+            ..Rules::default()
+        };
+        assert!(check_here(Some(&image), &facts, &relaxed, Some(&criu))
+            .await
+            .is_compatible());
     }
 }
