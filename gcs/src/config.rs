@@ -112,6 +112,11 @@ pub struct Config {
     /// `cpu`, `mapped_files`, `ignore_missing`; `GCS_COMPATIBILITY_*`): the strict rules of
     /// `gca_protocol::facts` unless relaxed. The recovering CTS applies its own.
     pub compatibility: gca_protocol::facts::Rules,
+    /// The key the GCS wraps every job's image key with (a file of 64 hex digits, mode 0600;
+    /// every replica reads the same file). Unset with the embedded database:
+    /// `<data_dir>/job-key-wrapping.key`, made at first start. Unset otherwise: the GCS holds
+    /// no job keys and refuses GetJobKey (`ServiceUnavailable`, code `no-job-keys`).
+    pub job_key_wrapping_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -155,6 +160,7 @@ impl Default for Config {
             checkpoints_page_size: 1000,
             max_checkpoints_in_flight_per_cts: 8,
             compatibility: Default::default(),
+            job_key_wrapping_key_file: None,
         }
     }
 }
@@ -184,6 +190,20 @@ impl Config {
                 Ok(Some(Secret::new(text.trim())))
             }
             (None, None) => Ok(None),
+        }
+    }
+
+    /// Where the job-key wrapping key is: the configured file, else (embedded database only)
+    /// one in the data directory, made when missing; `None`: no job keys.
+    pub fn job_key_wrapping(&self) -> Option<(PathBuf, bool)> {
+        match (&self.job_key_wrapping_key_file, &self.data_dir) {
+            (Some(f), _) => Some((f.clone(), false)),
+            (None, Some(dir))
+                if self.database_url.is_none() && self.database_url_file.is_none() =>
+            {
+                Some((dir.join("job-key-wrapping.key"), true))
+            }
+            _ => None,
         }
     }
 
@@ -229,6 +249,9 @@ impl Config {
         }
         if let Some(v) = var("GCS_DATA_DIR") {
             self.data_dir = Some(PathBuf::from(v));
+        }
+        if let Some(v) = var("GCS_JOB_KEY_WRAPPING_KEY_FILE") {
+            self.job_key_wrapping_key_file = Some(PathBuf::from(v));
         }
         if let Some(v) = var("GCS_DB_MAX_CONNECTIONS") {
             self.db_max_connections = parse("GCS_DB_MAX_CONNECTIONS", v)?;
