@@ -3,6 +3,7 @@
 
 mod app;
 mod chunks;
+mod compat;
 mod criu;
 mod failures;
 mod resume;
