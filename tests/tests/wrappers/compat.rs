@@ -165,7 +165,7 @@ async fn another_criu_version_is_refused_before_any_fetch_and_accepted_when_rela
     );
     // cts-c's site accepts another minor version: its CTS judges so, fetches and restores.
     recovers(&c, gid, pid).await;
-    assert!(c.image_dir(&record.id).join("pstree.img").is_file());
+    assert!(c.image_files(&record.id).join("pstree.img").is_file());
 }
 
 #[tokio::test]
@@ -226,7 +226,7 @@ async fn a_missing_open_file_is_refused_before_any_fetch_unless_the_site_ignores
     let err = rec.stderr_text();
     assert!(!err.contains("nothing was fetched"), "{err}");
     assert!(
-        c.image_dir(&record.id).join("pstree.img").is_file(),
+        c.image_files(&record.id).join("pstree.img").is_file(),
         "{err}"
     );
     assert_eq!(code, 72, "{err}");
