@@ -133,7 +133,33 @@ pub enum Restored {
     /// in `run_dir`, where the wrapper reaches the Virtual Node Gate
     /// (`vmm::launch::GATE_SOCKET`).
     VirtualMachine { pid: i32, run_dir: PathBuf },
+    /// The job's PID and mount namespaces run again (a CRIU image of an isolated job): `pid`
+    /// is their init's host PID, a child of the calling process; `pipes` are the wrapper's
+    /// ends of the job's standard streams and of the init's status pipe
+    /// (`gca_protocol::isolation`).
+    Isolated {
+        pid: i32,
+        pipes: Arc<NamespacePipes>,
+    },
 }
+
+/// The wrapper's ends of a restored namespace's pipes.
+#[derive(Debug)]
+pub struct NamespacePipes {
+    /// The job's standard input (write end).
+    pub stdin: OwnedFd,
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
+    /// The init's status pipe (read end).
+    pub status: OwnedFd,
+}
+
+impl PartialEq for NamespacePipes {
+    fn eq(&self, other: &Self) -> bool {
+        std::ptr::eq(self, other)
+    }
+}
+impl Eq for NamespacePipes {}
 
 /// A core checkpointer, as the CTS drives it.
 #[async_trait::async_trait]

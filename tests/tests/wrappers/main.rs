@@ -4,5 +4,6 @@
 mod app;
 mod criu;
 mod failures;
+mod isolation;
 mod resume;
 mod vmm;
