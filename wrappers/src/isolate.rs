@@ -240,19 +240,20 @@ pub async fn supervise(
         // The init ended without a word: killed (a checkpoint that stopped the job, or
         // SIGKILL from outside); end like it.
         None => {
-            let e =
-                match tokio::task::spawn_blocking(move || signals::wait_ended(init_pid)).await {
-                    Ok(Ok(e)) => e,
-                    Ok(Err(e)) => return Failure::new(
+            let e = match tokio::task::spawn_blocking(move || signals::wait_ended(init_pid)).await {
+                Ok(Ok(e)) => e,
+                Ok(Err(e)) => {
+                    return Failure::new(
                         Class::Internal,
                         format!(
                             "cannot wait for the namespace of job {gid:?} (PID {init_pid}): {e}"
                         ),
-                    ),
-                    Err(e) => {
-                        return Failure::new(Class::Internal, format!("waiting task failed: {e}"))
-                    }
-                };
+                    )
+                }
+                Err(e) => {
+                    return Failure::new(Class::Internal, format!("waiting task failed: {e}"))
+                }
+            };
             signals::reap(init_pid);
             e
         }

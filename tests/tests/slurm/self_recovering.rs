@@ -30,7 +30,7 @@ fn resumed_from(v: &[u64], from: usize) -> Option<(usize, u64)> {
 async fn a_requeued_job_resumes_from_its_latest_checkpoint() {
     slurm::check_cluster();
     let gcs = TestGcs::start().await;
-    let cts = TestCts::registered(&gcs, "cts-slurm-rq", "criu", CRIU_DRIVER, "").await;
+    let cts = TestCts::registered(&gcs, "cts-slurm-rq", "criu", CRIU_DRIVER_HOST_PIDS, "").await;
     let dir = tempfile::Builder::new()
         .prefix("gca-slurm")
         .tempdir()

@@ -22,7 +22,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 async fn submit_checkpoint_stop_resubmit_recover_and_scancel() {
     slurm::check_cluster();
     let gcs = TestGcs::start().await;
-    let cts = TestCts::registered(&gcs, "cts-slurm", "criu", CRIU_DRIVER, "").await;
+    let cts = TestCts::registered(&gcs, "cts-slurm", "criu", CRIU_DRIVER_HOST_PIDS, "").await;
     let dir = tempfile::Builder::new()
         .prefix("gca-slurm")
         .tempdir()
