@@ -26,6 +26,10 @@ pub const INIT_ARG: &str = "--gca-ns-init";
 /// The file in a CRIU image of an isolated job (written by the CTS's driver at dump time).
 pub const NOTE_FILE: &str = "gca-isolation.json";
 
+/// The file in an image of a job with cgroup limits: its [`JobLimits`] (written by the CTS
+/// that took it), which the CTS that recovers it gives the restored job again.
+pub const LIMITS_FILE: &str = "gca-limits.json";
+
 /// What the wrapper tells the init once the job is registered: the environment the job
 /// runs with (the CTS type's, and `GCA_CHECKPOINT_DIR`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -99,6 +103,55 @@ pub enum NamespaceMode {
     On,
     /// Never (the jobs keep their host PIDs, and CRIU restores them).
     Off,
+}
+
+/// What a job asks of its cgroup (`gca-exec --memory-max/--cpu-max`): at most what the CTS
+/// type allows (`[cgroup]`); a request above it is refused.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobLimits {
+    /// `memory.max`, bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_max_bytes: Option<u64>,
+    /// `cpu.max`, in percent of one CPU (150 = one and a half).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_max_percent: Option<u32>,
+}
+
+/// A job's cgroup and what it used so far (in the CTS's status and job views).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CgroupUsage {
+    /// The job's cgroup (v2), as a path under the cgroup2 mount.
+    pub path: String,
+    /// `cpu.stat` `usage_usec` (always there in cgroup v2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_usec: Option<u64>,
+    /// `memory.current` (with the memory controller).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+    /// The processes in it (`cgroup.procs`).
+    pub processes: u64,
+    /// The limits written for it.
+    pub limits: JobLimits,
+}
+
+/// What isolation this CTS gives its jobs (`/api/v1/status` `isolation`): said at start, so
+/// a fallback to the old behaviour is visible.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IsolationStatus {
+    /// The `[driver] namespaces` setting of a CRIU type (`auto`, `on`, `off`), `none` for
+    /// other drivers; the wrappers apply it (they need root to create namespaces).
+    pub namespaces: String,
+    /// Jobs get a cgroup of their own.
+    pub cgroups: bool,
+    /// The cgroup2 directory job cgroups are made in (placement `parent`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup_parent: Option<String>,
+    /// The controllers enabled for job cgroups (`memory`, `cpu`): limits need them.
+    pub controllers: Vec<String>,
+    /// Why something is not available (a cgroup v1 host, controllers bound to v1, ...).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 #[cfg(test)]
