@@ -385,6 +385,11 @@ impl CoreCheckpointer for Criu {
                 )))
             }
         };
+        // The whole tree frozen at once by its cgroup, instead of seized task by task.
+        if let Some(cg) = &job.cgroup {
+            args.push("--freeze-cgroup".into());
+            args.push(cg.to_string_lossy().into_owned());
+        }
         if let Some(n) = &note {
             if n.mount_namespace {
                 args.push("--external".into());
@@ -555,6 +560,11 @@ impl Criu {
             "--restore-sibling".into(),
             "--pidfile".into(),
             pid_file.to_string_lossy().into_owned(),
+            // The restored job stays in the cgroups of its restorer (the recovery wrapper's,
+            // under a resource manager its job's); the CTS gives it its own when it registers.
+            // CRIU's default would recreate the cgroups it had on the resource it was dumped
+            // on, here, outside anyone's accounting.
+            "--manage-cgroups=ignore".into(),
         ];
         // An isolated job: fresh namespaces (CRIU makes them from the image), the host's
         // mounts bound again where they were, and new pipes of ours in place of the old
@@ -1129,6 +1139,7 @@ mod tests {
             pid: std::process::id() as i32,
             pidfd: None,
             checkpoint_dir: dir.path().to_path_buf(),
+            cgroup: None,
         };
         let started = Instant::now();
         let e = c
@@ -1184,6 +1195,7 @@ mod tests {
                 pid: i32::MAX - 7,
                 pidfd: None,
                 checkpoint_dir: dir.to_path_buf(),
+                cgroup: None,
             }
         }
     }

@@ -64,6 +64,8 @@ pub struct JobHandle {
     /// The per-job checkpoint directory (`{CHECKPOINT_DIR}`), created by the CTS, owned by
     /// the job's user. Application-level jobs write their images here.
     pub checkpoint_dir: PathBuf,
+    /// The job's cgroup (v2), when the CTS gave it one: CRIU freezes it for the dump.
+    pub cgroup: Option<PathBuf>,
 }
 
 /// The job's process, if it still runs (not a zombie) and, when the CTS holds a pidfd for it,

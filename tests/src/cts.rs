@@ -240,6 +240,7 @@ impl TestCts {
                 periodic_interval_secs: None,
                 recovery: None,
                 retention: None,
+                limits: None,
             })
             .await
             .expect("register the job at the CTS")

@@ -175,6 +175,7 @@ async fn register(
                 }),
             },
             retention,
+            limits: args.limits(),
         })
         .await
         .map_err(|f| {

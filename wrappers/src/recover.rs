@@ -176,6 +176,7 @@ async fn restore_from(
             periodic_interval_secs: None,
             recovery: Some(recovery_of(info, true)),
             retention: retention.clone(),
+            limits: None,
         })
         .await
         .map_err(|f| {
@@ -244,6 +245,7 @@ async fn supervise_vm(
             periodic_interval_secs: args.periodic,
             recovery: Some(recovery_of(info, false)),
             retention,
+            limits: None,
         })
         .await
     {
@@ -281,6 +283,7 @@ async fn supervise_namespace(
             periodic_interval_secs: args.periodic,
             recovery: Some(recovery_of(info, false)),
             retention,
+            limits: None,
         })
         .await
     {
@@ -314,6 +317,7 @@ async fn supervise(
             periodic_interval_secs: args.periodic,
             recovery: Some(recovery_of(info, false)),
             retention,
+            limits: None,
         })
         .await
     {

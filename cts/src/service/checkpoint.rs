@@ -194,6 +194,15 @@ impl Cts {
         origin: Origin,
         stop: bool,
     ) -> Result<CheckpointRecord> {
+        // The job's cgroup limits travel with its image (a recovery gives them again).
+        if job.limits != gca_protocol::isolation::JobLimits::default() {
+            let text = serde_json::to_vec(&job.limits).unwrap_or_default();
+            if let Err(e) =
+                std::fs::write(staging.dir.join(gca_protocol::isolation::LIMITS_FILE), text)
+            {
+                tracing::warn!(gid = %job.gid, error = %e, "cannot note the job's limits in its image");
+            }
+        }
         let manifest = staging
             .commit(ImageMeta {
                 gid: job.gid.clone(),

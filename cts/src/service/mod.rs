@@ -71,6 +71,8 @@ struct Inner {
     /// Exit statuses of jobs from the kernel (`None`: not available here, see the log).
     exit_events: Option<Arc<gca_drivers::exits::ExitEvents>>,
     checkpoints_taken: AtomicU64,
+    /// Job cgroups (`crate::cgroup`), as probed at start.
+    cgroups: crate::cgroup::Cgroups,
     cancel: CancellationToken,
 }
 
@@ -139,6 +141,7 @@ impl Cts {
                 None
             }
         };
+        let cgroups = crate::cgroup::Cgroups::probe(&config.cgroup)?;
         let checkpoint_places = Arc::new(tokio::sync::Semaphore::new(
             config.limits.checkpoints_in_flight,
         ));
@@ -160,6 +163,7 @@ impl Cts {
                 checkpoint_places,
                 exit_events,
                 checkpoints_taken: AtomicU64::new(0),
+                cgroups,
                 cancel: CancellationToken::new(),
             }),
         };
@@ -229,6 +233,15 @@ impl Cts {
                 store_max_bytes: (self.inner.config.store.max_bytes > 0)
                     .then_some(self.inner.config.store.max_bytes),
             },
+            isolation: self.inner.cgroups.status(match &self.inner.config.driver {
+                gca_protocol::driver_config::DriverConfig::Criu(c) => {
+                    serde_json::to_value(c.namespaces)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_default()
+                }
+                _ => "none".into(),
+            }),
         }
     }
 

@@ -296,3 +296,169 @@ async fn an_isolated_job_s_exit_status_and_signal_are_the_wrapper_s_and_the_gcs_
     })
     .await;
 }
+
+/// The cgroup v2 of a process (`0::/path`), relative to the cgroup2 mount.
+fn cgroup_of(pid: i32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("0::").map(str::to_string))
+        .unwrap_or_default()
+}
+
+async fn status(cts: &TestCts) -> gca_protocol::cts_api::Status {
+    cts.json.get("/api/v1/status").await.expect("CTS status")
+}
+
+#[tokio::test]
+async fn a_job_with_a_child_and_an_open_file_is_dumped_frozen_in_its_cgroup_and_restored_in_a_fresh_one(
+) {
+    let gcs = TestGcs::start().await;
+    let parent = format!("gca-tests/{}", uuid::Uuid::new_v4().simple());
+    let extra = format!("[cgroup]\nparent = {parent:?}\n");
+    let a = TestCts::registered(&gcs, "cts-a", "criu", CRIU_DRIVER, &extra).await;
+    let b = TestCts::registered(&gcs, "cts-b", "criu", CRIU_DRIVER, &extra).await;
+    // The CTS says what isolation its jobs get.
+    let st = status(&a).await.isolation;
+    assert!(st.cgroups, "{st:?}");
+    assert_eq!(st.namespaces, "auto");
+    let parent_dir = std::path::PathBuf::from(st.cgroup_parent.clone().unwrap());
+    assert!(parent_dir.ends_with(&parent), "{st:?}");
+    let limits_here = st.controllers.iter().any(|c| c == "memory");
+
+    let gid = "gid-ns-cgroup";
+    let log = a.dir.path().join("counter.log");
+    let marker = a.dir.path().join("usr1");
+    let (mut job, init) = exec_isolated(&a, gid, &job_script(&log, &marker)).await;
+    wait_numbers(&job, 5).await;
+    let view = a.local.job(gid).await.unwrap();
+    let cg = view.cgroup.expect("the job has a cgroup");
+    assert!(
+        cg.path
+            .starts_with(&format!("/{parent}/gca-gid-ns-cgroup-")),
+        "{cg:?}"
+    );
+    // The whole tree is in it: the init, the job, its child.
+    eventually(T, "the job's tree is in its cgroup", || async {
+        let procs = inner_pids(init);
+        procs == vec![1, 2, 3]
+            && std::iter::once(init)
+                .chain(proc::descendants(init))
+                .all(|p| cgroup_of(p) == cg.path)
+    })
+    .await;
+    // Its usage is in the CTS's status.
+    eventually(T, "the job's CPU time is counted", || async {
+        let u = a.local.job(gid).await.unwrap().cgroup.unwrap();
+        u.cpu_usec.is_some_and(|c| c > 0) && u.processes >= 3
+    })
+    .await;
+    // The cgroup is root's: its user could not write its limits or move out.
+    let dir = std::path::PathBuf::from(format!(
+        "{}{}",
+        parent_dir.parent().unwrap().parent().unwrap().display(),
+        cg.path
+    ));
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(&dir).unwrap();
+    assert_eq!((md.uid(), md.mode() & 0o022), (0, 0), "{}", dir.display());
+
+    // The dump froze the cgroup (cgroup v2's cgroup.freeze) rather than seizing task by task.
+    let first = checkpoint(&gcs, gid, false).await;
+    let dump_log = std::fs::read_to_string(a.image_dir(&first.id).join("dump.log")).unwrap();
+    assert!(
+        dump_log.contains("cgroup.freeze=1") && dump_log.contains("cgroup.freeze=0"),
+        "{}",
+        dump_log
+            .lines()
+            .filter(|l| l.contains("freez"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let n = numbers(&job.stdout_text()).len();
+    wait_numbers(&job, n + 3).await; // thawed, it counts on
+    let record = checkpoint(&gcs, gid, true).await;
+    assert_eq!(job.wait(T).await.signal(), Some(9));
+    eventually(T, "the job's cgroup goes with it", || async {
+        !dir.exists()
+    })
+    .await;
+    let logged = values(&log).len();
+
+    let mut rec = Wrapper::spawn_capturing(
+        "gca-recover",
+        &["--gid", gid, "--image", &record.id, "--cts", &b.url],
+        b.dir.path(),
+    );
+    eventually(T, "the job runs again under CTS B", || async {
+        assert!(rec.running(), "gca-recover ended: {}", rec.stderr_text());
+        b.local
+            .job(gid)
+            .await
+            .is_ok_and(|j| j.state == JobState::Running && j.pid != rec.pid)
+    })
+    .await;
+    let rinit = b.local.job(gid).await.unwrap().pid;
+    let rcg = b
+        .local
+        .job(gid)
+        .await
+        .unwrap()
+        .cgroup
+        .expect("a fresh cgroup");
+    assert_ne!(rcg.path, cg.path);
+    assert_eq!(
+        inner_pids(rinit),
+        vec![1, 2, 3],
+        "the job and its child, restored"
+    );
+    for p in std::iter::once(rinit).chain(proc::descendants(rinit)) {
+        assert_eq!(cgroup_of(p), rcg.path, "process {p}");
+    }
+    // Its open file: it goes on appending to the log.
+    eventually(T, "the restored job writes its file", || async {
+        values(&log).len() >= logged + 3
+    })
+    .await;
+    rec.signal("TERM");
+    assert_eq!(rec.wait(T).await.signal(), Some(15));
+
+    // Limits: where this host's cgroup v2 has the memory controller, a job's memory.max is
+    // written and travels with its image; here (a hybrid host whose memory controller is
+    // cgroup v1's) a job asking for one is refused with the reason, and nothing runs.
+    let url = format!("{}{}", a.url, gca_protocol::ns::CTS_SERVICE_PATH);
+    let mut limited = Wrapper::spawn_capturing(
+        "gca-exec",
+        &[
+            "--gid",
+            "gid-ns-limited",
+            "--cts",
+            &url,
+            "--memory-max",
+            "268435456",
+            "--",
+            "sleep",
+            "30",
+        ],
+        a.dir.path(),
+    );
+    if limits_here {
+        eventually(T, "the limited job runs", || async {
+            a.local.job("gid-ns-limited").await.is_ok()
+        })
+        .await;
+        let cg = a.local.job("gid-ns-limited").await.unwrap().cgroup.unwrap();
+        assert_eq!(cg.limits.memory_max_bytes, Some(268435456));
+        limited.signal("TERM");
+        limited.wait(T).await;
+    } else {
+        let code = limited.code(T).await;
+        assert_ne!(code, 0);
+        let said = limited.stderr_text();
+        assert!(
+            said.contains("memory controller is not available") && said.contains("cgroup v1"),
+            "{said}"
+        );
+    }
+    let _ = std::fs::remove_dir(parent_dir);
+}
