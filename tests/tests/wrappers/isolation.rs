@@ -462,3 +462,77 @@ async fn a_job_with_a_child_and_an_open_file_is_dumped_frozen_in_its_cgroup_and_
     }
     let _ = std::fs::remove_dir(parent_dir);
 }
+
+#[tokio::test]
+async fn the_self_recovering_mode_recovers_an_isolated_job_into_a_fresh_namespace() {
+    let gcs = TestGcs::start().await;
+    let a = TestCts::registered(&gcs, "cts-a", "criu", CRIU_DRIVER, "").await;
+    let gid = "gid-ns-resume";
+    let log = a.dir.path().join("counter.log");
+    let socket = format!("unix:{}", a.local.socket().display());
+    let script = counter_script(&log);
+    let args = [
+        "--recover-if-checkpointed",
+        "--gid",
+        gid,
+        "--cts",
+        &socket,
+        "--",
+        "bash",
+        "-c",
+        &script,
+    ];
+    let mut first = Wrapper::spawn_capturing("gca-exec", &args, a.dir.path());
+    eventually(T, "the job runs in its namespace", || async {
+        assert!(first.running(), "{}", first.stderr_text());
+        values(&log).len() >= 5 && a.local.job(gid).await.is_ok_and(|j| j.pid != first.pid)
+    })
+    .await;
+    let init = a.local.job(gid).await.unwrap().pid;
+    assert_eq!(nspid(init), vec![init, 1]);
+    let before = values(&log).last().copied().unwrap();
+    checkpoint(&gcs, gid, false).await;
+    let after = values(&log).last().copied().unwrap();
+    // A resource manager's SIGKILL of the wrapper ends the namespace (its init dies with its
+    // parent).
+    first.signal("KILL");
+    first.wait(T).await;
+    eventually(T, "the namespace dies with its wrapper", || async {
+        proc::stat(init).is_none_or(|s| s.state == 'Z')
+    })
+    .await;
+    eventually(T, "the GCS records the job's end", || async {
+        gcs_job(&gcs, gid).await.state == JobState::Finished
+    })
+    .await;
+    let killed_at = values(&log).len();
+
+    // The same command line: recovered into a fresh namespace.
+    let mut second = Wrapper::spawn_capturing("gca-exec", &args, a.dir.path());
+    eventually(T, "the job is recovered and counts", || async {
+        assert!(second.running(), "{}", second.stderr_text());
+        values(&log).len() > killed_at + 5
+            && a.local
+                .job(gid)
+                .await
+                .is_ok_and(|j| j.state == JobState::Running && j.pid != second.pid)
+    })
+    .await;
+    let rinit = a.local.job(gid).await.unwrap().pid;
+    assert_eq!(proc::stat(rinit).unwrap().ppid, second.pid);
+    assert_eq!(nspid(rinit), vec![rinit, 1]);
+    let resumed = values(&log)[killed_at];
+    assert!(
+        before < resumed && resumed <= after + 1,
+        "resumed at {resumed}, checkpointed between {before} and {after}"
+    );
+    assert_eq!(gcs_job(&gcs, gid).await.recoveries, 1);
+    second.signal("KILL");
+    second.wait(T).await;
+    eventually(
+        T,
+        "the restored namespace dies with its wrapper",
+        || async { proc::stat(rinit).is_none_or(|s| s.state == 'Z') },
+    )
+    .await;
+}
