@@ -108,6 +108,11 @@ pub struct Config {
     /// DoCheckpoint calls this replica forwards to one CTS at once; one more is refused at
     /// once with `ServiceUnavailable`, code `cts-busy`.
     pub max_checkpoints_in_flight_per_cts: usize,
+    /// The key the GCS wraps every job's image key with (a file of 64 hex digits, mode 0600;
+    /// every replica reads the same file). Unset with the embedded database:
+    /// `<data_dir>/job-key-wrapping.key`, made at first start. Unset otherwise: the GCS holds
+    /// no job keys and refuses GetJobKey (`ServiceUnavailable`, code `no-job-keys`).
+    pub job_key_wrapping_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -150,6 +155,7 @@ impl Default for Config {
             max_subscriptions: 10_000,
             checkpoints_page_size: 1000,
             max_checkpoints_in_flight_per_cts: 8,
+            job_key_wrapping_key_file: None,
         }
     }
 }
@@ -179,6 +185,20 @@ impl Config {
                 Ok(Some(Secret::new(text.trim())))
             }
             (None, None) => Ok(None),
+        }
+    }
+
+    /// Where the job-key wrapping key is: the configured file, else (embedded database only)
+    /// one in the data directory, made when missing; `None`: no job keys.
+    pub fn job_key_wrapping(&self) -> Option<(PathBuf, bool)> {
+        match (&self.job_key_wrapping_key_file, &self.data_dir) {
+            (Some(f), _) => Some((f.clone(), false)),
+            (None, Some(dir))
+                if self.database_url.is_none() && self.database_url_file.is_none() =>
+            {
+                Some((dir.join("job-key-wrapping.key"), true))
+            }
+            _ => None,
         }
     }
 
@@ -224,6 +244,9 @@ impl Config {
         }
         if let Some(v) = var("GCS_DATA_DIR") {
             self.data_dir = Some(PathBuf::from(v));
+        }
+        if let Some(v) = var("GCS_JOB_KEY_WRAPPING_KEY_FILE") {
+            self.job_key_wrapping_key_file = Some(PathBuf::from(v));
         }
         if let Some(v) = var("GCS_DB_MAX_CONNECTIONS") {
             self.db_max_connections = parse("GCS_DB_MAX_CONNECTIONS", v)?;

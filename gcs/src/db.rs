@@ -1520,3 +1520,29 @@ pub async fn has_checkpoint_by(db: impl PgExecutor<'_>, gid: &str, cts: &str) ->
     .fetch_one(db)
     .await?)
 }
+
+/// The wrapped image key of job `gid` and when it was made: the stored one, else `wrapped`
+/// stored now (when replicas race, the first insert wins and every caller gets that one).
+pub async fn job_key(
+    db: &PgPool,
+    gid: &str,
+    wrapped: impl FnOnce() -> anyhow::Result<Vec<u8>>,
+) -> Result<(Vec<u8>, DateTime<Utc>)> {
+    const SELECT: &str = "select wrapped, created_at from job_keys where gid = $1";
+    if let Some(row) = sqlx::query_as::<_, (Vec<u8>, DateTime<Utc>)>(SELECT)
+        .bind(gid)
+        .fetch_optional(db)
+        .await?
+    {
+        return Ok(row);
+    }
+    sqlx::query("insert into job_keys (gid, wrapped) values ($1, $2) on conflict (gid) do nothing")
+        .bind(gid)
+        .bind(wrapped().map_err(Error::Internal)?)
+        .execute(db)
+        .await?;
+    Ok(sqlx::query_as::<_, (Vec<u8>, DateTime<Utc>)>(SELECT)
+        .bind(gid)
+        .fetch_one(db)
+        .await?)
+}

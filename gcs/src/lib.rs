@@ -28,6 +28,7 @@ pub mod embedded_pg;
 pub mod error;
 pub mod http;
 pub mod inflight;
+pub mod job_keys;
 pub mod notify;
 pub mod policy;
 pub mod retention;
@@ -78,8 +79,15 @@ impl Gcs {
             Some(tls) => gca_protocol::identity::Authenticator::with_rules(tls.identity.clone()),
             None => gca_protocol::identity::Authenticator::insecure(),
         };
+        let job_keys = match config.job_key_wrapping() {
+            Some((path, false)) => Some(job_keys::KeyWrapper::load(&path)?),
+            Some((path, true)) => Some(job_keys::KeyWrapper::load_or_create(&path)?),
+            None => None,
+        }
+        .map(Arc::new);
         let (ready_tx, ready_rx) = tokio::sync::watch::channel(true);
         Ok(Gcs {
+            job_keys,
             db,
             http,
             consumers,

@@ -36,6 +36,8 @@ pub enum Op {
     RegisterCheckpoint,
     JobFinished,
     AbandonRecovery,
+    /// A job's image key, for the object store (issue 12).
+    GetJobKey,
     /// WS-ResourceProperties on the GCS, a job, a checkpoint or a CTS instance.
     ReadProperties,
     /// WS-ResourceLifetime on a job: SetTerminationTime, Destroy.
@@ -50,7 +52,7 @@ pub enum Op {
 use Role::{Admin, Broker, Cts, User};
 
 impl Op {
-    pub const ALL: [Op; 25] = [
+    pub const ALL: [Op; 26] = [
         Op::DoCheckpoint,
         Op::FindCts,
         Op::GetCheckpoints,
@@ -70,6 +72,7 @@ impl Op {
         Op::RegisterCheckpoint,
         Op::JobFinished,
         Op::AbandonRecovery,
+        Op::GetJobKey,
         Op::ReadProperties,
         Op::Lifetime,
         Op::Subscribe,
@@ -117,6 +120,7 @@ impl Op {
             Op::RegisterCheckpoint => "RegisterCheckpoint",
             Op::JobFinished => "JobFinished",
             Op::AbandonRecovery => "AbandonRecovery",
+            Op::GetJobKey => "GetJobKey",
             Op::ReadProperties => "WS-ResourceProperties",
             Op::Lifetime => "WS-ResourceLifetime",
             Op::Subscribe => "Subscribe",
@@ -146,7 +150,8 @@ impl Op {
             | Op::RegisterJob
             | Op::RegisterCheckpoint
             | Op::JobFinished
-            | Op::AbandonRecovery => &[Cts],
+            | Op::AbandonRecovery
+            | Op::GetJobKey => &[Cts],
             Op::Subscribe
             | Op::GetCurrentMessage
             | Op::ManageSubscription
@@ -206,6 +211,24 @@ pub fn acting_as(caller: &Caller, op: Op, instance: &str) -> Result<()> {
             format!(
                 "{caller} may not call {} for CTS instance {instance:?}: a CTS acts only as itself (cts:{instance})",
                 op.name()
+            ),
+        )),
+    }
+}
+
+/// A job's image key goes to the CTS the job is on only: the one running it, the one it was
+/// stopped on for a migration, the one recovering it (a recovery registers there before it
+/// fetches), or the one it ended on (whose retention tasks may still read its images). Not to
+/// an admin or a broker: they never read images.
+pub fn may_hold_job_key(caller: &Caller, job: &Job) -> Result<()> {
+    match caller {
+        Caller::Insecure => Ok(()),
+        Caller::Identified(i) if i.is_cts(&job.cts_instance) => Ok(()),
+        _ => Err(denied(
+            caller,
+            format!(
+                "{caller} may not have the image key of job {:?}: only the CTS the job is on (cts:{}) may",
+                job.gid, job.cts_instance
             ),
         )),
     }

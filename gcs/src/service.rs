@@ -44,6 +44,9 @@ pub struct Gcs {
     pub(crate) ready_tx: Arc<tokio::sync::watch::Sender<bool>>,
     /// DoCheckpoint calls this replica has in flight to each CTS (a bound, not state).
     pub in_flight: Arc<crate::inflight::InFlight>,
+    /// Wraps the jobs' image keys (`None`: this GCS holds none; see
+    /// [`crate::config::Config::job_key_wrapping_key_file`]).
+    pub job_keys: Option<Arc<crate::job_keys::KeyWrapper>>,
 }
 
 /// Per-request context the service needs from the transport.
@@ -308,6 +311,33 @@ impl Gcs {
         };
         let registered = self.record_checkpoint(&vouching, record).await?;
         Ok(registered.checkpoint)
+    }
+
+    /// GetJobKey (issue 12): the job's image key for the CTS it is on, made at the first call.
+    pub async fn get_job_key(&self, ctx: &Ctx, req: GetJobKey) -> Result<JobKey> {
+        policy::authorize(&ctx.caller, Op::GetJobKey)?;
+        let job = self.job(&req.gid).await?;
+        policy::may_hold_job_key(&ctx.caller, &job)?;
+        let Some(wrapper) = &self.job_keys else {
+            return Err(Error::Fault(
+                Fault::new(
+                    FaultKind::ServiceUnavailable,
+                    "this GCS holds no job keys: give it a key-wrapping key (job_key_wrapping_key_file, GCS_JOB_KEY_WRAPPING_KEY_FILE; the same file on every replica)",
+                )
+                .with_code("no-job-keys"),
+            ));
+        };
+        let (wrapped, created_at) =
+            db::job_key(&self.db, &job.gid, || Ok(wrapper.new_job_key(&job.gid)?.1)).await?;
+        let key = wrapper
+            .unwrap(&job.gid, &wrapped)
+            .map_err(Error::Internal)?;
+        tracing::info!(gid = %job.gid, caller = %ctx.caller, "job key handed out");
+        Ok(JobKey {
+            gid: job.gid,
+            key: base64::Engine::encode(&base64::engine::general_purpose::STANDARD, key),
+            created_at,
+        })
     }
 
     pub async fn find_cts(&self, ctx: &Ctx, q: FindCts) -> Result<FindCtsResponse> {

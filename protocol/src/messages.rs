@@ -1116,6 +1116,59 @@ impl XmlContent for GidRequest {
     }
 }
 
+/// GetJobKey: the key a job's image chunks are encrypted with in an object store, for the CTS
+/// the job is on (running, stopped for migration, being recovered, or last on when it ended).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GetJobKey {
+    pub gid: String,
+}
+
+impl XmlContent for GetJobKey {
+    fn write_children(&self, el: &mut Element) {
+        push(el, "GID", &self.gid);
+    }
+    fn read_children(el: &Element) -> Result<Self, XmlError> {
+        Ok(Self {
+            gid: el.req_text(GCA, "GID")?,
+        })
+    }
+}
+
+/// A job's image key: 32 random bytes made by the GCS at the first GetJobKey, the same for
+/// every later one. `Debug` never shows the key.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobKey {
+    pub gid: String,
+    /// The key, base64 (standard alphabet, padded).
+    pub key: String,
+    pub created_at: DateTime<Utc>,
+}
+
+impl std::fmt::Debug for JobKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobKey")
+            .field("gid", &self.gid)
+            .field("key", &"***")
+            .field("created_at", &self.created_at)
+            .finish()
+    }
+}
+
+impl XmlContent for JobKey {
+    fn write_children(&self, el: &mut Element) {
+        push(el, "GID", &self.gid);
+        push(el, "Key", &self.key);
+        push(el, "CreatedAt", fmt_time(&self.created_at));
+    }
+    fn read_children(el: &Element) -> Result<Self, XmlError> {
+        Ok(Self {
+            gid: el.req_text(GCA, "GID")?,
+            key: el.req_text(GCA, "Key")?,
+            created_at: req_time(el, "CreatedAt")?,
+        })
+    }
+}
+
 /// GetCheckpoints: one page of a job's checkpoint records, in sequence order. A job may have
 /// more records than fit one answer: follow [`CheckpointList::next`] (or use
 /// [`GetCheckpoints::next_page`]) until it is absent.

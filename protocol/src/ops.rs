@@ -63,6 +63,7 @@ pub const GCS_OPERATIONS: &[&str] = &[
     "RegisterCheckpoint",
     "JobFinished",
     "AbandonRecovery",
+    "GetJobKey",
 ];
 
 operations! { ns::GCS_PORT_TYPE;
@@ -95,6 +96,8 @@ operations! { ns::GCS_PORT_TYPE;
     JobFinishedOp = "JobFinished": JobFinished => JobInfo;
     /// A CTS gives up a recovery it registered: the job goes back to how it was.
     AbandonRecoveryOp = "AbandonRecovery": AbandonRecovery => JobInfo;
+    /// The key a job's image chunks are encrypted with in an object store (issue 12).
+    GetJobKeyOp = "GetJobKey": GetJobKey => JobKey;
 }
 
 /// Names of every CTS operation, in WSDL order.

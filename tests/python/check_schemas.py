@@ -587,6 +587,7 @@ def sample_requests(client) -> dict:
         "GetRecoveryInfo": {"GID": "job-1", "Image": "latest"},
         "AuthorizeRecovery": {"GID": "job-1", "CTSInstance": "node-b-criu"},
         "AbandonRecovery": {"GID": "job-1", "CTSInstance": "node-b-criu"},
+        "GetJobKey": {"GID": "job-1"},
         "GetJob": {"GID": "job-1"},
         "ListJobs": {"State": "running", "After": "job-0", "Limit": 50},
         "SetRetention": {"GID": "job-1", "Retention": {

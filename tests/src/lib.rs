@@ -177,6 +177,7 @@ impl TestGcs {
     ) -> Self {
         let mut config = gcs::Config {
             tls: Some(pki::pki().tls(pki::GCS)),
+            job_key_wrapping_key_file: Some(pki::pki().job_key_wrapping_key()),
             ..Default::default()
         };
         configure(&mut config);

@@ -74,6 +74,15 @@ impl TestPki {
         f()
     }
 
+    /// The test GCSes' job-key wrapping key (made once, mode 0600).
+    pub fn job_key_wrapping_key(&self) -> PathBuf {
+        let path = self.dir.join("job-key-wrapping.key");
+        self.locked(|| {
+            gcs::job_keys::KeyWrapper::load_or_create(&path).expect("the test wrapping key")
+        });
+        path
+    }
+
     /// The site CA certificate.
     pub fn ca(&self) -> PathBuf {
         self.dir.join("ca").join(gca_pki::CA_CERT)

@@ -20,6 +20,10 @@ use super::{Cts, LocalCaller};
 use crate::error::{Error, Result};
 use crate::gcs_link::{Delivered, GcsLink, OutboxItem, Pending, Reservation};
 
+/// How long a checkpoint request waits at most for the poller that looks for (and stores) a
+/// checkpoint the job took on its own, whatever `busy_wait_secs` says.
+const COLLECTION_WAIT: Duration = Duration::from_secs(30);
+
 /// A checkpoint taken, its image committed and its record queued for the GCS.
 pub(super) struct Taken {
     pub(super) record: CheckpointRecord,
@@ -67,11 +71,20 @@ impl Cts {
         let guard = match job.lock.try_lock() {
             Ok(g) => g,
             Err(_) => {
-                let busy = job.busy_since();
-                match tokio::time::timeout(wait, job.lock.lock()).await {
-                    Ok(g) => g,
-                    Err(_) => {
-                        let what = busy
+                let started = tokio::time::Instant::now();
+                let mut lock = std::pin::pin!(job.lock.lock());
+                loop {
+                    // Another checkpoint is waited for `busy_wait_secs`; the poller's look for
+                    // a checkpoint the job took on its own is no reason to refuse a request.
+                    let budget = if job.collecting() {
+                        wait.max(COLLECTION_WAIT)
+                    } else {
+                        wait
+                    };
+                    let left = budget.saturating_sub(started.elapsed());
+                    if left.is_zero() {
+                        let what = job
+                            .busy_since()
                             .map(|(o, t)| format!(" ({o}, started {})", fmt_time(&t)))
                             .unwrap_or_default();
                         return Err(Error::Fault(
@@ -81,6 +94,10 @@ impl Cts {
                             ))
                             .with_code("checkpoint-in-progress"),
                         ));
+                    }
+                    tokio::select! {
+                        g = &mut lock => break g,
+                        _ = tokio::time::sleep(left.min(Duration::from_millis(20))) => {}
                     }
                 }
             }

@@ -58,6 +58,9 @@ struct JobProgress {
     gcs: GcsDelivery,
     /// A checkpoint is in flight: what kind, since when.
     busy_since: Option<(Origin, DateTime<Utc>)>,
+    /// The poller looks for a checkpoint the job took on its own (it holds, or is about to
+    /// try, [`Job::lock`] for that moment): a request waits for it instead of being refused.
+    collecting: bool,
     /// Checkpointed and stopped for migration: its exit is expected, not a finish.
     stopping: bool,
     /// Exit already handled (by the watcher or a wrapper's report).
@@ -119,6 +122,7 @@ impl Job {
             state: Mutex::new(JobProgress {
                 gcs,
                 busy_since: None,
+                collecting: false,
                 stopping: false,
                 gone: false,
                 checkpoints: saved.checkpoints,
@@ -157,6 +161,14 @@ impl Job {
 
     pub(super) fn set_busy(&self, busy: Option<(Origin, DateTime<Utc>)>) {
         self.state.lock().busy_since = busy;
+    }
+
+    pub(super) fn collecting(&self) -> bool {
+        self.state.lock().collecting
+    }
+
+    pub(super) fn set_collecting(&self, collecting: bool) {
+        self.state.lock().collecting = collecting;
     }
 
     /// Checkpointed and stopped for migration.

@@ -71,10 +71,14 @@ impl Cts {
                         _ = job.cancel.cancelled() => return,
                         _ = tokio::time::sleep(every) => {}
                     }
+                    // Flagged before the lock is tried, so that a request meeting the lock
+                    // held knows it is only this look and waits for it.
+                    job.set_collecting(true);
                     if let Ok(guard) = job.lock.try_lock() {
                         cts.collect_internal_locked(&job).await;
                         drop(guard);
                     }
+                    job.set_collecting(false);
                 }
             });
         }

@@ -30,6 +30,7 @@ pub fn routes() -> Router<Gcs> {
         .route("/jobs/{gid}/retention", put(set_retention))
         .route("/jobs/{gid}/finished", post(job_finished))
         .route("/jobs/{gid}/abandon-recovery", post(abandon_recovery))
+        .route("/jobs/{gid}/key", get(job_key))
         .route("/checkpoints", post(register_checkpoint))
         .route("/find-cts", post(find_cts))
         .route("/classes", get(list_classes).post(register_class))
@@ -242,6 +243,10 @@ async fn register_job(r: Req, b: Body) -> ApiResult<JobRegistered> {
 async fn job_finished(r: Req, Path(gid): Path<String>, b: Body) -> ApiResult<JobInfo> {
     let req: JobFinished = r.body(b, &[("gid", &gid)]).await?;
     Ok(Json(r.gcs.job_finished(&r.ctx, req).await?))
+}
+
+async fn job_key(r: Req, Path(gid): Path<String>) -> ApiResult<JobKey> {
+    Ok(Json(r.gcs.get_job_key(&r.ctx, GetJobKey { gid }).await?))
 }
 
 async fn abandon_recovery(r: Req, Path(gid): Path<String>, b: Body) -> ApiResult<JobInfo> {

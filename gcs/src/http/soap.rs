@@ -158,6 +158,7 @@ async fn dispatch(
         "AbandonRecovery" => {
             call::<AbandonRecoveryOp, _, _, _>(req, |r| gcs.abandon_recovery(ctx, r)).await
         }
+        "GetJobKey" => call::<GetJobKeyOp, _, _, _>(req, |r| gcs.get_job_key(ctx, r)).await,
         _ => Err(unsupported(req)),
     }
 }

@@ -121,3 +121,42 @@ async fn stop_after_checkpoint_terminates_the_job() {
     assert_eq!(gcs_job(&gcs, "gid-app-stop").await.state, JobState::Stopped);
     assert!(cts.image_dir(&record.id).join("state").is_file());
 }
+
+#[tokio::test]
+async fn a_request_waits_for_the_collection_of_the_jobs_own_checkpoint() {
+    // The job checkpoints itself all the time and the CTS collects every 10 ms, holding the
+    // job's checkpoint lock while it stores what it found: back-to-back broker requests
+    // (busy_wait_secs = 0) wait for that instead of being refused as `checkpoint-in-progress`.
+    let gcs = TestGcs::start().await;
+    let cts = TestCts::registered(
+        &gcs,
+        "cts-app-busy",
+        "app-level",
+        APP_DRIVER,
+        "[checkpoint]\ninternal_poll_ms = 10",
+    )
+    .await;
+    let job = TestJob::app_counter(cts.dir.path(), &[("APP_SELF_CHECKPOINT_EVERY", "1")]);
+    job.start(&cts.register("gid-app-busy", job.pid).await);
+    eventually(
+        Duration::from_secs(10),
+        "the job's own checkpoints are collected",
+        || async { !gcs_checkpoints(&gcs, "gid-app-busy").await.is_empty() },
+    )
+    .await;
+    for i in 1..=20 {
+        let record = gcs
+            .call::<DoCheckpointOp>(DoCheckpoint {
+                gid: "gid-app-busy".into(),
+                stop: false,
+            })
+            .await
+            .unwrap_or_else(|f| panic!("request {i} refused: {f:?}"));
+        assert_eq!(record.origin, Origin::External);
+    }
+    let records = gcs_checkpoints(&gcs, "gid-app-busy").await;
+    assert!(
+        records.iter().any(|r| r.origin == Origin::Job),
+        "the job's own checkpoints went on meanwhile"
+    );
+}

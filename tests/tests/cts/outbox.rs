@@ -158,7 +158,13 @@ async fn a_gcs_that_lost_its_database_gets_the_running_jobs_again() {
     .await;
     let job_at_gcs = gcs_job(&gcs, "gid-resync").await;
     assert_eq!(job_at_gcs.cts_instance, "cts-resync");
-    assert!(cts.cts.link().status().reregistered_jobs >= 1);
+    // Counted once the GCS has answered the CTS, which may be a moment after it knows the job.
+    eventually(
+        Duration::from_secs(5),
+        "the CTS counts the job registered again",
+        || async { cts.cts.link().status().reregistered_jobs >= 1 },
+    )
+    .await;
     let record = gcs
         .call::<gca_protocol::ops::DoCheckpointOp>(DoCheckpoint {
             gid: "gid-resync".into(),

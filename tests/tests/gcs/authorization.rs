@@ -269,6 +269,12 @@ fn cases() -> Vec<Case> {
             )),
         },
         Case {
+            name: "GetJobKey",
+            allowed: &[Cts],
+            soap: gca(&format!("<gca:GetJobKey {ns}><gca:GID>job-1</gca:GID></gca:GetJobKey>")),
+            json: Some(("GET", "/api/v1/jobs/job-1/key".into(), None)),
+        },
+        Case {
             name: "GetResourcePropertyDocument",
             allowed: BROKERS,
             soap: Some((

@@ -137,6 +137,7 @@ fn gcs_operation(op: &str) -> Option<(Caller, &'static str)> {
         "RegisterJob" => (Caller::Cts, "A CTS takes charge of a GID, when the execute wrapper registers the job there; with `Recovery` = `true` (and `FromCheckpoint`, `State`) when a recovery wrapper restores it, which moves the job to that CTS."),
         "RegisterCheckpoint" => (Caller::Cts, "A CTS records a checkpoint it took (on request, periodic, or by the job itself); the GCS assigns the next sequence number. The same record again is `unchanged`."),
         "AbandonRecovery" => (Caller::Cts, "The CTS a job is being recovered on gives the recovery up (it refused the image, or the restore failed): the job goes back to the CTS, state and end it had before the recovery moved it, and the recovery is not counted. Only that CTS, only while the job is `recovering` there."),
+        "GetJobKey" => (Caller::Cts, "The key a job's image chunks are encrypted with in an object store: 32 random bytes, base64, made at the first request and the same for every later one. The GCS keeps it wrapped under its key-wrapping key (`job_key_wrapping_key_file`) and gives it only to the CTS the job is on (running, stopped, recovering there, or last on); the key follows the job when a recovery moves it. A secret: never log it."),
         "JobFinished" => (Caller::Cts, "The CTS in charge reports that the job exited, with its exit status or signal. Exit status 0 ends the job: its retention policy applies to its images. A job that failed keeps them for recovery (and gets a termination time, `failed_job_lifetime_secs`, unless it has one)."),
         "SetRetention" => (Caller::Admin, "The job owner's retention policy: what is kept of the job's images when it ends (exit status 0, or its resource destroyed). `Keep` `none` (the default: delete them), `last` (the newest `KeepLast`) or `all`, moved to `KeepIn`, a directory of the job's owner on the resource holding each image. On a job that has ended, it applies at once to the images still stored."),
         _ => return None,
@@ -197,6 +198,8 @@ struct Example {
 struct Recorder {
     examples: Vec<Example>,
     next_message: u32,
+    /// The CTS the next CTS-facing request speaks for, when its body names none.
+    as_cts: Option<String>,
 }
 
 /// One request, before it is put into its envelope.
@@ -236,7 +239,9 @@ impl Recorder {
         // Each request with the identity of who calls it (see the policy in ARCHITECTURE.md).
         let caller = match (section, gcs_operation(op).map(|c| c.0)) {
             (Section::Cts, _) => pki::GCS.to_string(),
-            (_, Some(Caller::Cts)) => pki::cts(&cts_named_in(req.body)),
+            (_, Some(Caller::Cts)) => {
+                pki::cts(&self.as_cts.take().unwrap_or_else(|| cts_named_in(req.body)))
+            }
             (_, Some(Caller::Admin)) | (Section::Rl, _) => pki::ADMIN.to_string(),
             _ => pki::BROKER.to_string(),
         };
@@ -419,6 +424,7 @@ fn envelope(
 ///   `sha256:0…N`, likewise numbered.
 /// - The real job's PID, in `gca:LocalID`: `12345`.
 /// - An image signature's certificate and value (`gca:Signature`): a short description.
+/// - A job's key (`gca:Key`): [`EXAMPLE_JOB_KEY`].
 struct Normalizer {
     start: DateTime<Utc>,
     base: DateTime<Utc>,
@@ -549,6 +555,11 @@ impl Normalizer {
             }
             return;
         }
+        // A job's key (GetJobKey) is random: an example key instead.
+        if el.is(ns::GCA, "Key") {
+            el.children = vec![Node::Text(EXAMPLE_JOB_KEY.to_string())];
+            return;
+        }
         let local_id = el.is(ns::GCA, "LocalID");
         for a in &mut el.attrs {
             a.value = self.text(&a.value);
@@ -562,6 +573,9 @@ impl Normalizer {
         }
     }
 }
+
+/// The key shown in GetJobKey's example: the bytes 0 to 31, base64.
+const EXAMPLE_JOB_KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 
 /// What the document shows for the parts of an image signature that differ from run to run
 /// (each run's test CA issues new keys).
@@ -1055,6 +1069,7 @@ async fn soap_operations_reference_is_generated_from_real_exchanges() {
     let mut rec = Recorder {
         examples: Vec::new(),
         next_message: 0,
+        as_cts: None,
     };
 
     // Admin: a class and the application-level CTS type.
@@ -1419,6 +1434,19 @@ async fn soap_operations_reference_is_generated_from_real_exchanges() {
     let j = r.child(ns::GCA, "Job").expect("Job");
     assert_eq!(text_of(j, "CTSInstance"), "cts-a");
     assert_eq!(text_of(j, "State"), "running");
+    rec.as_cts = Some("cts-a".into());
+    let r = rec
+        .gcs(
+            &gcs,
+            "GetJobKey",
+            r#"
+            <gca:GetJobKey>
+              <gca:GID>job-42</gca:GID>
+            </gca:GetJobKey>"#,
+        )
+        .await
+        .expect("GetJobKey");
+    assert_eq!(text_of(&r, "GID"), "job-42");
     let r = rec
         .gcs(
             &gcs,

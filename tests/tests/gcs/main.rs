@@ -8,6 +8,7 @@ mod examples;
 mod faults;
 mod gcactl;
 mod hostile;
+mod job_keys;
 mod node_soap;
 mod notifications;
 mod registry;
