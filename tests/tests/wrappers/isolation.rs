@@ -344,7 +344,7 @@ async fn a_job_with_a_child_and_an_open_file_is_dumped_frozen_in_its_cgroup_and_
         procs == vec![1, 2, 3]
             && std::iter::once(init)
                 .chain(proc::descendants(init))
-                .all(|p| cgroup_of(p) == cg.path)
+                .all(|p| [String::new(), cg.path.clone()].contains(&cgroup_of(p)))
     })
     .await;
     // Its usage is in the CTS's status.
@@ -413,7 +413,11 @@ async fn a_job_with_a_child_and_an_open_file_is_dumped_frozen_in_its_cgroup_and_
         "the job and its child, restored"
     );
     for p in std::iter::once(rinit).chain(proc::descendants(rinit)) {
-        assert_eq!(cgroup_of(p), rcg.path, "process {p}");
+        let cg = cgroup_of(p);
+        // (A short `sleep 0.05` of the job may have ended meanwhile.)
+        if !cg.is_empty() {
+            assert_eq!(cg, rcg.path, "process {p}");
+        }
     }
     // Its open file: it goes on appending to the log.
     eventually(T, "the restored job writes its file", || async {
