@@ -76,6 +76,34 @@ struct Inner {
     cancel: CancellationToken,
 }
 
+/// The `[driver] namespaces` setting as the status shows it (`none` for non-CRIU drivers).
+fn namespace_mode(config: &Config) -> String {
+    match &config.driver {
+        gca_protocol::driver_config::DriverConfig::Criu(c) => serde_json::to_value(c.namespaces)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default(),
+        _ => "none".into(),
+    }
+}
+
+/// Why jobs of this CRIU type will not get namespaces, if this host cannot give them (a
+/// kernel or container without PID or mount namespaces); the wrappers fall back (`auto`) or
+/// refuse (`on`).
+fn namespace_note(config: &Config) -> Option<String> {
+    let wanted = !matches!(namespace_mode(config).as_str(), "off" | "none");
+    let missing: Vec<&str> = ["pid", "mnt"]
+        .into_iter()
+        .filter(|ns| !std::path::Path::new(&format!("/proc/self/ns/{ns}")).exists())
+        .collect();
+    (wanted && !missing.is_empty()).then(|| {
+        format!(
+            "this host has no {} namespaces: jobs keep their host PIDs",
+            missing.join(" and ")
+        )
+    })
+}
+
 impl Cts {
     /// Builds the service: checks the driver, opens the store and the outbox, reloads the
     /// jobs of a previous run that still run. Background work starts with [`Cts::start`].
@@ -142,6 +170,14 @@ impl Cts {
             }
         };
         let cgroups = crate::cgroup::Cgroups::probe(&config.cgroup)?;
+        match namespace_note(&config) {
+            Some(why) => tracing::warn!(reason = %why, "jobs get no namespaces of their own"),
+            None if !matches!(namespace_mode(&config).as_str(), "off" | "none") => {
+                tracing::info!(namespaces = %namespace_mode(&config),
+                "jobs of this type run in their own PID and mount namespaces where their wrapper can create them ([driver] namespaces)")
+            }
+            None => {}
+        }
         let checkpoint_places = Arc::new(tokio::sync::Semaphore::new(
             config.limits.checkpoints_in_flight,
         ));
