@@ -69,6 +69,24 @@ pub struct Config {
     /// header_read_timeout_secs, idle_timeout_secs, request_timeout_secs, max_connections).
     #[serde(default)]
     pub connections: gca_protocol::transport::ServeLimits,
+    /// How this CTS judges an image it is asked to recover, before anything is fetched
+    /// (`[compatibility]`: `kernel`, `criu_version`, `cpu`, `mapped_files`, `ignore_missing`;
+    /// `CTS_COMPATIBILITY_*`): the strict rules of `gca_protocol::facts` unless relaxed.
+    #[serde(default)]
+    pub compatibility: gca_protocol::facts::Rules,
+    /// What this CTS reports about its resource instead of what it finds (`[facts]`).
+    #[serde(default)]
+    pub facts: FactsConfig,
+}
+
+/// Overrides of the facts a CTS finds about its resource (`[facts]`). For tests (a resource
+/// with another CRIU without installing one) and for a site whose CRIU build reports a
+/// misleading version; what is reported is what the GCS and this CTS judge images by.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FactsConfig {
+    /// Report this CRIU version (`CTS_FACTS_CRIU_VERSION`).
+    pub criu_version: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -195,7 +213,9 @@ impl Config {
     /// `CTS_NAME`, `CTS_RESOURCE`, `CTS_EXECUTION_MANAGER`, `CTS_GCS_URL`, `CTS_LISTEN`,
     /// `CTS_PUBLIC_URL`, `CTS_STATE_DIR`, `CTS_LOCAL_SOCKET`, `CTS_STORE_DIR`, `CTS_TLS_CA`,
     /// `CTS_TLS_CERT`, `CTS_TLS_KEY`, `CTS_LIMITS_OUTBOX_MAX_ITEMS`,
-    /// `CTS_LIMITS_CHECKPOINTS_IN_FLIGHT`, `CTS_LIMITS_JOBS_PER_USER`, `CTS_INSECURE`.
+    /// `CTS_LIMITS_CHECKPOINTS_IN_FLIGHT`, `CTS_LIMITS_JOBS_PER_USER`, `CTS_INSECURE`,
+    /// `CTS_COMPATIBILITY_{KERNEL,CRIU_VERSION,CPU,MAPPED_FILES,IGNORE_MISSING}`,
+    /// `CTS_FACTS_CRIU_VERSION`.
     pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> anyhow::Result<()> {
         if let Some(v) = get("CTS_NAME") {
             self.name = v;
@@ -271,6 +291,12 @@ impl Config {
         }
         if let Some(v) = number("CTS_LIMITS_JOBS_PER_USER")? {
             self.limits.jobs_per_user = v;
+        }
+        self.compatibility
+            .apply_env("CTS_", &get)
+            .map_err(|e| anyhow::anyhow!(e))?;
+        if let Some(v) = get("CTS_FACTS_CRIU_VERSION") {
+            self.facts.criu_version = Some(v).filter(|v| !v.is_empty());
         }
         if let Some(v) = get("CTS_INSECURE") {
             self.insecure = v

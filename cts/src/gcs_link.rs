@@ -88,7 +88,7 @@ impl OutboxItem {
 #[derive(Debug, Clone)]
 pub enum Delivered {
     Job(JobRegistered),
-    Checkpoint(CheckpointRegistered),
+    Checkpoint(Box<CheckpointRegistered>),
     Finished(JobInfo),
 }
 
@@ -684,7 +684,7 @@ impl GcsLink {
         Ok(match item {
             OutboxItem::RegisterJob(r) => Delivered::Job(c.call::<RegisterJobOp>(r).await?),
             OutboxItem::RegisterCheckpoint(r) => {
-                Delivered::Checkpoint(c.call::<RegisterCheckpointOp>(r.as_ref()).await?)
+                Delivered::Checkpoint(Box::new(c.call::<RegisterCheckpointOp>(r.as_ref()).await?))
             }
             OutboxItem::JobFinished(r) => Delivered::Finished(c.call::<JobFinishedOp>(r).await?),
             OutboxItem::AbandonRecovery(r) => {
@@ -937,6 +937,7 @@ mod tests {
                 resource: "r".into(),
                 registered_at: None,
                 last_seen: None,
+                facts: None,
             },
             dir,
             Duration::from_secs(30),

@@ -34,6 +34,7 @@ pub mod command;
 pub mod criu;
 pub mod error;
 pub mod exits;
+pub mod facts;
 pub mod proc;
 pub mod runner;
 #[cfg(test)]

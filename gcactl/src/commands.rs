@@ -558,6 +558,7 @@ pub fn render_instances(list: &CtsInstanceList) -> String {
         "URL",
         "EXECUTION MANAGER",
         "LAST SEEN",
+        "PLATFORM",
     ]);
     for i in &list.instances {
         t.row([
@@ -567,9 +568,24 @@ pub fn render_instances(list: &CtsInstanceList) -> String {
             i.url.clone(),
             i.execution_manager.clone(),
             fmt_opt_time(i.last_seen.as_ref()),
+            platform(i.facts.as_ref()),
         ]);
     }
     t.render()
+}
+
+/// A resource's restore facts in one cell: `x86_64 6.18.44 criu-4.1.1` (`-`: none reported).
+fn platform(f: Option<&gca_protocol::facts::ResourceFacts>) -> String {
+    match f {
+        None => "-".into(),
+        Some(f) => {
+            let mut s = format!("{} {}", f.architecture, f.kernel);
+            if let Some(v) = &f.criu_version {
+                s.push_str(&format!(" criu-{v}"));
+            }
+            s
+        }
+    }
 }
 
 pub fn render_subscriptions(list: &SubscriptionList) -> String {
@@ -801,6 +817,15 @@ fn render_candidate(out: &mut String, n: usize, cand: &RecoveryCandidate) {
         W,
         &environment_lines(&cand.environment),
     );
+    if let Some(c) = &cand.compatibility {
+        push_multi(out, indent, "Verdict", W, &[c.verdict.to_string()]);
+        if !c.reasons.is_empty() {
+            push_multi(out, indent, "Why not", W, &c.reasons);
+        }
+        if !c.notes.is_empty() {
+            push_multi(out, indent, "Notes", W, &c.notes);
+        }
+    }
 }
 
 pub fn render_offers(r: &FindCtsResponse) -> String {
@@ -849,6 +874,7 @@ mod tests {
             resource: "node1".into(),
             registered_at: Some(t0()),
             last_seen: Some(t0()),
+            facts: None,
         }
     }
 
@@ -873,6 +899,7 @@ mod tests {
             image_error: None,
             owner: None,
             signature: None,
+            facts: None,
         }
     }
 
@@ -1005,6 +1032,14 @@ mod tests {
                     Property::new("GCA_GID", "job-1"),
                     Property::new("NOTE", "two words"),
                 ],
+                compatibility: Some(gca_protocol::facts::Compatibility {
+                    verdict: gca_protocol::facts::Verdict::Incompatible,
+                    reasons: vec![
+                        "kernel 6.1 < 6.18 needed by the image's vDSO".into(),
+                        "/data/in.dat missing".into(),
+                    ],
+                    notes: vec![],
+                }),
             }],
         };
         let out = render_recovery(&info);
@@ -1018,8 +1053,31 @@ mod tests {
                  \x20    URL:          http://cts-b:9000/cts\n\
                  \x20    Command:      gca-recover --image=ck-7 --cts=http://cts-b:9000/cts -- --restart\n\
                  \x20    Environment:  GCA_GID=job-1\n\
-                 \x20                  NOTE='two words'\n"
+                 \x20                  NOTE='two words'\n\
+                 \x20    Verdict:      incompatible\n\
+                 \x20    Why not:      kernel 6.1 < 6.18 needed by the image's vDSO\n\
+                 \x20                  /data/in.dat missing\n"
             ),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn instances_show_their_platform() {
+        let mut a = instance("cts-a");
+        a.facts = Some(gca_protocol::facts::ResourceFacts {
+            architecture: "x86_64".into(),
+            kernel: "6.18.44".into(),
+            criu_version: Some("4.1.1".into()),
+            cpuinfo: None,
+        });
+        let out = render_instances(&CtsInstanceList {
+            instances: vec![a, instance("cts-b")],
+        });
+        assert!(out.lines().next().unwrap().ends_with("PLATFORM"), "{out}");
+        assert!(out.contains("x86_64 6.18.44 criu-4.1.1"), "{out}");
+        assert!(
+            out.lines().nth(2).unwrap().trim_end().ends_with('-'),
             "{out}"
         );
     }

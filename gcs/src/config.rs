@@ -108,6 +108,10 @@ pub struct Config {
     /// DoCheckpoint calls this replica forwards to one CTS at once; one more is refused at
     /// once with `ServiceUnavailable`, code `cts-busy`.
     pub max_checkpoints_in_flight_per_cts: usize,
+    /// How GetRecoveryInfo judges candidates (`[compatibility]`: `kernel`, `criu_version`,
+    /// `cpu`, `mapped_files`, `ignore_missing`; `GCS_COMPATIBILITY_*`): the strict rules of
+    /// `gca_protocol::facts` unless relaxed. The recovering CTS applies its own.
+    pub compatibility: gca_protocol::facts::Rules,
     /// The key the GCS wraps every job's image key with (a file of 64 hex digits, mode 0600;
     /// every replica reads the same file). Unset with the embedded database:
     /// `<data_dir>/job-key-wrapping.key`, made at first start. Unset otherwise: the GCS holds
@@ -155,6 +159,7 @@ impl Default for Config {
             max_subscriptions: 10_000,
             checkpoints_page_size: 1000,
             max_checkpoints_in_flight_per_cts: 8,
+            compatibility: Default::default(),
             job_key_wrapping_key_file: None,
         }
     }
@@ -319,6 +324,9 @@ impl Config {
             self.max_checkpoints_in_flight_per_cts =
                 parse("GCS_MAX_CHECKPOINTS_IN_FLIGHT_PER_CTS", v)?;
         }
+        self.compatibility
+            .apply_env("GCS_", &var)
+            .map_err(|e| anyhow::anyhow!(e))?;
         if let Some(v) = var("GCS_ALLOW_PRIVATE_CONSUMERS") {
             self.allow_private_consumers = match v.as_str() {
                 "true" | "1" | "yes" => true,

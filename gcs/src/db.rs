@@ -3,6 +3,7 @@
 //! can serve one database.
 
 use chrono::{DateTime, Utc};
+use gca_protocol::facts::{ImageFacts, ResourceFacts};
 use gca_protocol::messages::{
     CheckpointRecord, CheckpointerClass, CtsInstance, CtsType, ImageOwner, ImageSignature,
     ImageState, Job, JobState, Keep, Origin, Property, Retention,
@@ -179,6 +180,7 @@ pub struct InstanceRow {
     pub resource: String,
     pub registered_at: DateTime<Utc>,
     pub last_seen: DateTime<Utc>,
+    pub facts: Option<Json<ResourceFacts>>,
 }
 
 impl From<InstanceRow> for CtsInstance {
@@ -191,12 +193,13 @@ impl From<InstanceRow> for CtsInstance {
             resource: r.resource,
             registered_at: Some(r.registered_at),
             last_seen: Some(r.last_seen),
+            facts: r.facts.map(|f| f.0),
         }
     }
 }
 
 const INSTANCE_COLUMNS: &str =
-    "name, cts_type, url, execution_manager, resource, registered_at, last_seen";
+    "name, cts_type, url, execution_manager, resource, registered_at, last_seen, facts";
 
 pub async fn get_instance(db: impl PgExecutor<'_>, name: &str) -> Result<Option<CtsInstance>> {
     Ok(sqlx::query_as::<_, InstanceRow>(&format!(
@@ -241,14 +244,15 @@ pub async fn instances_of_type(
 /// Inserts an instance unless the name is taken; true when inserted.
 pub async fn insert_instance(db: impl PgExecutor<'_>, i: &CtsInstance) -> Result<bool> {
     Ok(sqlx::query(
-        "insert into cts_instances (name, cts_type, url, execution_manager, resource)
-         values ($1, $2, $3, $4, $5) on conflict (name) do nothing",
+        "insert into cts_instances (name, cts_type, url, execution_manager, resource, facts)
+         values ($1, $2, $3, $4, $5, $6) on conflict (name) do nothing",
     )
     .bind(&i.name)
     .bind(&i.cts_type)
     .bind(&i.url)
     .bind(&i.execution_manager)
     .bind(&i.resource)
+    .bind(i.facts.clone().map(Json))
     .execute(db)
     .await?
     .rows_affected()
@@ -258,13 +262,14 @@ pub async fn insert_instance(db: impl PgExecutor<'_>, i: &CtsInstance) -> Result
 pub async fn update_instance(db: &PgPool, i: &CtsInstance) -> Result<()> {
     sqlx::query(
         "update cts_instances set url = $2, execution_manager = $3, resource = $4, last_seen = now(),
-            lost_notified_at = null
+            lost_notified_at = null, facts = $5
          where name = $1",
     )
     .bind(&i.name)
     .bind(&i.url)
     .bind(&i.execution_manager)
     .bind(&i.resource)
+    .bind(i.facts.clone().map(Json))
     .execute(db)
     .await?;
     Ok(())
@@ -343,7 +348,7 @@ pub async fn find_instances(
     }
     let rows = sqlx::query_as::<_, Row>(
         "select i.name, i.cts_type, i.url, i.execution_manager, i.resource, i.registered_at, i.last_seen,
-                t.descriptor
+                i.facts, t.descriptor
          from cts_instances i join cts_types t on t.name = i.cts_type
          where ($1::text is null or i.cts_type = $1)
            and ($2::text is null or exists
@@ -586,6 +591,7 @@ pub struct CheckpointRow {
     pub owner_uid: Option<i64>,
     pub owner_gid: Option<i64>,
     pub signature: Option<Json<ImageSignature>>,
+    pub facts: Option<Json<ImageFacts>>,
 }
 
 impl TryFrom<CheckpointRow> for CheckpointRecord {
@@ -623,6 +629,7 @@ impl TryFrom<CheckpointRow> for CheckpointRecord {
                 _ => None,
             },
             signature: r.signature.map(|s| s.0),
+            facts: r.facts.map(|f| f.0),
         })
     }
 }
@@ -630,7 +637,7 @@ impl TryFrom<CheckpointRow> for CheckpointRecord {
 const CHECKPOINT_COLUMNS: &str =
     "id, gid, sequence, cts_name, cts_type, taken_at, image_name, execution_manager, \
      size_bytes, digest, parent, origin, job_stopped, registered_at, image_state, kept_in, image_error, \
-     owner_uid, owner_gid, signature";
+     owner_uid, owner_gid, signature, facts";
 
 pub async fn get_checkpoint(db: impl PgExecutor<'_>, id: &str) -> Result<Option<CheckpointRecord>> {
     sqlx::query_as::<_, CheckpointRow>(&format!(
@@ -707,8 +714,8 @@ pub async fn insert_checkpoint(
     let registered_at: DateTime<Utc> = sqlx::query_scalar(
         "insert into checkpoints (id, gid, sequence, cts_name, cts_type, taken_at, image_name,
             execution_manager, size_bytes, digest, parent, origin, job_stopped, owner_uid,
-            owner_gid, signature)
-         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
+            owner_gid, signature, facts)
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
          returning registered_at",
     )
     .bind(&r.id)
@@ -727,6 +734,7 @@ pub async fn insert_checkpoint(
     .bind(r.owner.map(|o| i64::from(o.uid)))
     .bind(r.owner.map(|o| i64::from(o.gid)))
     .bind(r.signature.clone().map(Json))
+    .bind(r.facts.clone().map(Json))
     .fetch_one(&mut **tx)
     .await?;
     let job_ended: bool = sqlx::query_scalar(

@@ -499,9 +499,21 @@ impl Gcs {
                 },
                 job_parameters: expand(&cts_type.recovery_job_parameters, &values)?,
                 environment: expand_env(&cts_type.environment, &values)?,
+                compatibility: Some(gca_protocol::facts::judge(
+                    checkpoint.facts.as_ref(),
+                    instance.facts.as_ref(),
+                    &self.config.compatibility,
+                )),
                 instance,
             });
         }
+        // Compatible candidates first, then those nothing is known of, then the others (each
+        // group in name order).
+        gca_protocol::facts::order_by_verdict(&mut candidates, |c| {
+            c.compatibility
+                .as_ref()
+                .map_or(gca_protocol::facts::Verdict::Unknown, |c| c.verdict)
+        });
         Ok(RecoveryInfo {
             gid: job.gid,
             cts_type: cts_type.name,
@@ -765,6 +777,9 @@ impl Gcs {
                 "ExecutionManager and Resource must not be empty",
             ));
         }
+        if let Some(f) = &i.facts {
+            f.check_bounds().map_err(Error::invalid)?;
+        }
         self.cts_type(&i.cts_type).await?;
         i.registered_at = None;
         i.last_seen = None;
@@ -797,7 +812,8 @@ impl Gcs {
             }
             let changed = existing.url != i.url
                 || existing.execution_manager != i.execution_manager
-                || existing.resource != i.resource;
+                || existing.resource != i.resource
+                || existing.facts != i.facts;
             db::update_instance(&self.db, &i).await?;
             if changed {
                 tracing::info!(cts.name = %i.name, cts.url = %i.url, "CTS instance re-registered with new settings");
@@ -989,6 +1005,9 @@ impl Gcs {
         }
         if r.size_bytes.is_some_and(|s| s < 0) {
             return Err(Error::invalid("SizeBytes must not be negative"));
+        }
+        if let Some(f) = &r.facts {
+            f.check_bounds().map_err(Error::invalid)?;
         }
         r.sequence = None;
         r.registered_at = None;

@@ -91,6 +91,7 @@ pub const CHECKPOINT_PROPERTIES: &[PropertyName] = &[
     (ns::GCA, "ImageError"),
     (ns::GCA, "Owner"),
     (ns::GCA, "Signature"),
+    (ns::GCA, "Facts"),
 ];
 
 /// Properties of a CTS instance resource.
@@ -102,6 +103,7 @@ pub const INSTANCE_PROPERTIES: &[PropertyName] = &[
     (ns::GCA, "Resource"),
     (ns::GCA, "RegisteredAt"),
     (ns::GCA, "LastSeen"),
+    (ns::GCA, "ResourceFacts"),
 ];
 
 /// How often each GCS looks for job resources whose termination time has passed.

@@ -24,6 +24,7 @@ pub mod cts_api;
 pub mod descriptor;
 pub mod destinations;
 pub mod driver_config;
+pub mod facts;
 pub mod fault;
 pub mod gate;
 pub mod identity;

@@ -28,7 +28,7 @@ pub fn fmt_time(t: &DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Micros, true)
 }
 
-fn parse_time(el: &Element, name: &str) -> Result<Option<DateTime<Utc>>, XmlError> {
+pub(crate) fn parse_time(el: &Element, name: &str) -> Result<Option<DateTime<Utc>>, XmlError> {
     match el.child(GCA, name) {
         None => Ok(None),
         Some(c) => {
@@ -49,39 +49,39 @@ fn req_time(el: &Element, name: &str) -> Result<DateTime<Utc>, XmlError> {
     })
 }
 
-fn texts(el: &Element, name: &str) -> Vec<String> {
+pub(crate) fn texts(el: &Element, name: &str) -> Vec<String> {
     el.children_named(GCA, name)
         .map(|c| c.text().trim().to_string())
         .collect()
 }
 
-fn push_texts(el: &mut Element, name: &str, values: &[String]) {
+pub(crate) fn push_texts(el: &mut Element, name: &str, values: &[String]) {
     for v in values {
         el.push_text_child(GCA, name, v.clone());
     }
 }
 
-fn push_opt(el: &mut Element, name: &str, v: &Option<impl ToString>) {
+pub(crate) fn push_opt(el: &mut Element, name: &str, v: &Option<impl ToString>) {
     if let Some(v) = v {
         el.push_text_child(GCA, name, v.to_string());
     }
 }
 
-fn push(el: &mut Element, name: &str, v: impl ToString) {
+pub(crate) fn push(el: &mut Element, name: &str, v: impl ToString) {
     el.push_text_child(GCA, name, v.to_string());
 }
 
-fn list<T: XmlContent>(el: &Element, name: &str) -> Result<Vec<T>, XmlError> {
+pub(crate) fn list<T: XmlContent>(el: &Element, name: &str) -> Result<Vec<T>, XmlError> {
     el.children_named(GCA, name).map(T::read_children).collect()
 }
 
-fn push_list<T: XmlContent>(el: &mut Element, name: &str, items: &[T]) {
+pub(crate) fn push_list<T: XmlContent>(el: &mut Element, name: &str, items: &[T]) {
     for i in items {
         el.push_child(i.to_element(name));
     }
 }
 
-fn req_child<'a>(el: &'a Element, name: &str) -> Result<&'a Element, XmlError> {
+pub(crate) fn req_child<'a>(el: &'a Element, name: &str) -> Result<&'a Element, XmlError> {
     el.child(GCA, name).ok_or_else(|| {
         el.error(format!(
             "<{}> is missing the required element <{name}>",
@@ -90,7 +90,7 @@ fn req_child<'a>(el: &'a Element, name: &str) -> Result<&'a Element, XmlError> {
     })
 }
 
-fn opt_child<T: XmlContent>(el: &Element, name: &str) -> Result<Option<T>, XmlError> {
+pub(crate) fn opt_child<T: XmlContent>(el: &Element, name: &str) -> Result<Option<T>, XmlError> {
     el.child(GCA, name).map(T::read_children).transpose()
 }
 
@@ -321,6 +321,10 @@ pub struct CtsInstance {
     pub registered_at: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_seen: Option<DateTime<Utc>>,
+    /// What the resource offers a restore (architecture, kernel, CRIU, CPU), as the CTS
+    /// reported it when it last registered ([`crate::facts`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub facts: Option<crate::facts::ResourceFacts>,
 }
 
 impl XmlContent for CtsInstance {
@@ -336,6 +340,9 @@ impl XmlContent for CtsInstance {
             &self.registered_at.as_ref().map(fmt_time),
         );
         push_opt(el, "LastSeen", &self.last_seen.as_ref().map(fmt_time));
+        if let Some(f) = &self.facts {
+            el.push_child(f.to_element("ResourceFacts"));
+        }
     }
     fn read_children(el: &Element) -> Result<Self, XmlError> {
         Ok(Self {
@@ -346,6 +353,7 @@ impl XmlContent for CtsInstance {
             resource: el.req_text(GCA, "Resource")?,
             registered_at: parse_time(el, "RegisteredAt")?,
             last_seen: parse_time(el, "LastSeen")?,
+            facts: opt_child(el, "ResourceFacts")?,
         })
     }
 }
@@ -792,6 +800,9 @@ pub struct CheckpointRecord {
     /// The taking CTS's signature over the image's identity ([`crate::signature`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signature: Option<ImageSignature>,
+    /// What a restore of the image depends on ([`crate::facts`]), covered by `signature`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub facts: Option<crate::facts::ImageFacts>,
 }
 
 /// The local owner of a job's image.
@@ -911,6 +922,9 @@ impl XmlContent for CheckpointRecord {
         if let Some(s) = &self.signature {
             el.push_child(s.to_element("Signature"));
         }
+        if let Some(f) = &self.facts {
+            el.push_child(f.to_element("Facts"));
+        }
     }
     fn read_children(el: &Element) -> Result<Self, XmlError> {
         Ok(Self {
@@ -935,6 +949,7 @@ impl XmlContent for CheckpointRecord {
             image_error: el.opt_text(GCA, "ImageError"),
             owner: opt_child(el, "Owner")?,
             signature: opt_child(el, "Signature")?,
+            facts: opt_child(el, "Facts")?,
         })
     }
 }
@@ -986,6 +1001,10 @@ pub struct RecoveryCandidate {
     pub recovery_wrapper: WrapperSpec,
     pub job_parameters: Vec<String>,
     pub environment: Vec<Property>,
+    /// Whether this candidate can restore the image, and why not ([`crate::facts::judge`];
+    /// the candidate's CTS checks the rest before it fetches anything).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compatibility: Option<crate::facts::Compatibility>,
 }
 
 impl XmlContent for RecoveryCandidate {
@@ -994,6 +1013,9 @@ impl XmlContent for RecoveryCandidate {
         el.push_child(self.recovery_wrapper.to_element("RecoveryWrapper"));
         push_texts(el, "JobParameter", &self.job_parameters);
         push_list(el, "Environment", &self.environment);
+        if let Some(c) = &self.compatibility {
+            el.push_child(c.to_element("Compatibility"));
+        }
     }
     fn read_children(el: &Element) -> Result<Self, XmlError> {
         Ok(Self {
@@ -1001,6 +1023,7 @@ impl XmlContent for RecoveryCandidate {
             recovery_wrapper: WrapperSpec::read_children(req_child(el, "RecoveryWrapper")?)?,
             job_parameters: texts(el, "JobParameter"),
             environment: list(el, "Environment")?,
+            compatibility: opt_child(el, "Compatibility")?,
         })
     }
 }

@@ -6,7 +6,10 @@
 //!
 //! What is signed, as UTF-8 lines (`key=value`, in this order, each ended by `\n`):
 //! `gca-image-signature-v1`, `checkpoint-id`, `gid`, `digest`, `owner` (`uid:gid`), `cts`,
-//! `cts-type`. The key is the CTS's TLS key; the signature carries the CTS's certificate,
+//! `cts-type`, and, for a record with facts ([`crate::facts`]), a last line
+//! `facts=sha256:<hex>` (the digest of the facts' canonical JSON form): a record without
+//! facts is signed (and verifies) exactly as before, and facts cannot be added, removed or
+//! changed without breaking the signature. The key is the CTS's TLS key; the signature carries the CTS's certificate,
 //! which must chain to the site CA, be valid when the GCS registered the record, and carry
 //! the identity `cts:<CTSName>`.
 
@@ -34,6 +37,8 @@ pub struct SignedFacts<'a> {
     pub owner: ImageOwner,
     pub cts_name: &'a str,
     pub cts_type: &'a str,
+    /// [`crate::facts::ImageFacts::digest`] of the record's facts, if it has any.
+    pub facts: Option<String>,
 }
 
 impl<'a> SignedFacts<'a> {
@@ -46,15 +51,19 @@ impl<'a> SignedFacts<'a> {
             owner: r.owner?,
             cts_name: &r.cts_name,
             cts_type: &r.cts_type,
+            facts: r.facts.as_ref().map(|f| f.digest()),
         })
     }
 
     fn payload(&self) -> Vec<u8> {
-        format!(
+        let mut p = format!(
             "gca-image-signature-v1\ncheckpoint-id={}\ngid={}\ndigest={}\nowner={}\ncts={}\ncts-type={}\n",
             self.checkpoint_id, self.gid, self.digest, self.owner, self.cts_name, self.cts_type
-        )
-        .into_bytes()
+        );
+        if let Some(f) = &self.facts {
+            p.push_str(&format!("facts={f}\n"));
+        }
+        p.into_bytes()
     }
 }
 
@@ -293,6 +302,7 @@ mod tests {
             },
             cts_name: cts,
             cts_type: "criu",
+            facts: None,
         }
     }
 
@@ -332,6 +342,17 @@ mod tests {
         // Another site's CA.
         let (_d2, other_site, _) = site("node1");
         assert!(other_site.verify(&sig, &f, now).is_err());
+        // Facts: signed with them, the record verifies only with the same facts; a record
+        // signed without facts verifies as before but not with facts added.
+        let mut with_facts = f.clone();
+        with_facts.facts = Some("sha256:11".into());
+        let fsig = signer.sign(&with_facts).unwrap();
+        assert!(verifier.verify(&fsig, &with_facts, now).is_ok());
+        assert!(verifier.verify(&fsig, &f, now).is_err());
+        let mut changed = with_facts.clone();
+        changed.facts = Some("sha256:12".into());
+        assert!(verifier.verify(&fsig, &changed, now).is_err());
+        assert!(verifier.verify(&sig, &with_facts, now).is_err());
         let mut garbled = sig.clone();
         garbled.value = "not base64!".into();
         assert!(verifier.verify(&garbled, &f, now).is_err());

@@ -956,6 +956,7 @@ async fn register_once(ctx: &RegisterCtx, via: Via, gid: &str, cts: &str) {
         image_error: None,
         owner: Some(integration_tests::current_owner()),
         signature: None,
+        facts: None,
     });
     match via {
         Via::Soap => {
@@ -1294,6 +1295,7 @@ async fn bench_fetch(opts: Options) -> Vec<Row> {
             image_error: None,
             owner: Some(integration_tests::current_owner()),
             signature: None,
+            facts: None,
         }),
     })
     .await

@@ -338,6 +338,7 @@ pub fn checkpoint_record_at(id: &str, gid: &str, cts: &str, base: &str) -> Check
         image_error: None,
         owner: Some(current_owner()),
         signature: None,
+        facts: None,
     })
 }
 
@@ -369,6 +370,7 @@ pub fn instance(name: &str, cts_type: &str, resource: &str, url: &str) -> CtsIns
         resource: resource.into(),
         registered_at: None,
         last_seen: None,
+        facts: None,
     }
 }
 

@@ -8,7 +8,7 @@
 //! | 64 | usage | wrong command line |
 //! | 65 | permanent | corrupt or tampered image, wrong CTS type, unknown GID or image, refused registration: retrying the same thing will fail again |
 //! | 70 | internal | an unexpected failure (e.g. the core checkpointer is misconfigured) |
-//! | 72 | environment | the resource lacks something the job needs (a file it had open is missing): recover it elsewhere or restore the file |
+//! | 72 | environment | the resource lacks something the job needs (a file it had open is missing, another kernel, CRIU version or CPU: the image's restore facts): recover it elsewhere, restore the file, or relax the rule |
 //! | 75 | temporary | the CTS or the GCS is unreachable, the job's PID is still in use: retry later |
 //! | 126 | (gca-exec) | the job program is not executable |
 //! | 127 | (gca-exec) | the job program was not found |
@@ -34,7 +34,8 @@ Exit codes (before the job runs):
        registration refused; retrying will not help
    70  internal: unexpected failure (e.g. a misconfigured core checkpointer)
    72  environment: the resource lacks something the job needs (a file it had open is
-       missing); restore the file or recover on another resource
+       missing, an older kernel, another CRIU version or CPU); restore the file, recover
+       on another resource, or relax the rule in the CTS's [compatibility]
    75  temporary: CTS or GCS unreachable, the job's PID still in use; retry later
 Once the job runs, the wrapper ends like the job: the job's exit status, or death by the
 same signal.";
@@ -66,7 +67,7 @@ impl Class {
             Some("pid-in-use" | "unreachable" | "timeout" | "store-full") => {
                 return Class::Temporary
             }
-            Some("file-missing") => return Class::Environment,
+            Some("file-missing" | "incompatible-resource") => return Class::Environment,
             Some("image-corrupt" | "unknown-image" | "unknown-gid" | "unknown-checkpoint") => {
                 return Class::Permanent
             }

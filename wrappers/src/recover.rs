@@ -408,6 +408,23 @@ async fn locate(args: &RecoverArgs, cts: &Cts, image: &str) -> Result<RecoveryIn
             ),
         ));
     }
+    // Compatibility before restore: the CTS judged this resource (its facts, the image's
+    // files, criu cpuinfo check) in its answer; nothing is registered or fetched for an
+    // image it cannot restore.
+    let verdict = info
+        .candidates
+        .iter()
+        .find(|c| c.instance.name == cts.info.name)
+        .and_then(|c| c.compatibility.as_ref());
+    if let Some(c) = verdict.filter(|c| c.verdict == gca_protocol::facts::Verdict::Incompatible) {
+        return Err(Failure::new(
+            Class::Environment,
+            format!(
+                "CTS {:?} on {:?} cannot restore checkpoint {} of job {:?}: {}; nothing was fetched: recover it on a compatible resource (gcactl recovery-info lists them) or relax the rule in the CTS's [compatibility]",
+                cts.info.name, cts.info.resource, info.checkpoint.id, args.gid, c.reasons.join("; ")
+            ),
+        ));
+    }
     Ok(info)
 }
 

@@ -9,11 +9,16 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use gca_drivers::{proc, CheckpointRequest, DriverError};
+use gca_protocol::facts::ImageFacts;
 use gca_protocol::fault::Fault;
 use gca_protocol::messages::{
     fmt_time, CheckpointRecord, DoCheckpoint, Origin, RegisterCheckpoint,
 };
 use gca_store::{ImageId, ImageMeta, Manifest, Staging};
+
+/// The key of an image's restore facts (JSON) in its manifest's `meta.extra`: part of the
+/// image (covered by its digest), so a record made again from the manifest has them too.
+pub const FACTS_KEY: &str = "restore_facts";
 
 use super::jobs::Job;
 use super::{Cts, LocalCaller};
@@ -23,6 +28,12 @@ use crate::gcs_link::{Delivered, GcsLink, OutboxItem, Pending, Reservation};
 /// How long a checkpoint request waits at most for the poller that looks for (and stores) a
 /// checkpoint the job took on its own, whatever `busy_wait_secs` says.
 const COLLECTION_WAIT: Duration = Duration::from_secs(30);
+
+/// When an image was taken, and what its restore depends on.
+pub(super) struct Capture {
+    pub(super) taken_at: DateTime<Utc>,
+    pub(super) facts: ImageFacts,
+}
 
 /// A checkpoint taken, its image committed and its record queued for the GCS.
 pub(super) struct Taken {
@@ -207,10 +218,13 @@ impl Cts {
         job: &Arc<Job>,
         staging: Staging,
         id: &ImageId,
-        taken_at: DateTime<Utc>,
+        capture: Capture,
         origin: Origin,
         stop: bool,
     ) -> Result<CheckpointRecord> {
+        let Capture { taken_at, facts } = capture;
+        let facts = serde_json::to_string(&facts)
+            .map_err(|e| anyhow::anyhow!("image {id}: its restore facts: {e}"))?;
         // The job's cgroup limits travel with its image (a recovery gives them again).
         if job.limits != gca_protocol::isolation::JobLimits::default() {
             let text = serde_json::to_vec(&job.limits).unwrap_or_default();
@@ -231,6 +245,7 @@ impl Cts {
                     ("cts_type".to_string(), self.inner.cts_type.name.clone()),
                     ("pid".to_string(), job.pid.to_string()),
                     ("job_stopped".to_string(), stop.to_string()),
+                    (FACTS_KEY.to_string(), facts),
                 ]
                 .into_iter()
                 .chain(owner_extra(job))
@@ -298,6 +313,12 @@ impl Cts {
             image_error: None,
             owner,
             signature: None,
+            facts: match meta.extra.get(FACTS_KEY) {
+                Some(f) => Some(serde_json::from_str(f).map_err(|e| {
+                    anyhow::anyhow!("image {id}: its manifest's restore facts: {e}")
+                })?),
+                None => None,
+            },
         };
         if let Some(signer) = &self.inner.signer {
             let facts = gca_protocol::signature::SignedFacts::of(&record).ok_or_else(|| {
@@ -406,6 +427,9 @@ impl Cts {
             .set("IMAGE_DIR", staging.dir.display().to_string());
         let handle = self.handle(job);
         let timeout = self.inner.config.checkpoint_timeout();
+        // What a restore will depend on, from the job's processes as they are just before
+        // the dump (a CRIU dump may end them).
+        let facts = self.image_facts(job).await;
         let taken_at = Utc::now();
         let outcome = match tokio::time::timeout(
             timeout + Duration::from_secs(5),
@@ -437,7 +461,7 @@ impl Cts {
             }
         }
         let record = self
-            .commit_image(job, staging, &id, taken_at, origin, stop)
+            .commit_image(job, staging, &id, Capture { taken_at, facts }, origin, stop)
             .await
             .inspect_err(|e| {
                 if stop {
@@ -446,6 +470,19 @@ impl Cts {
             })?;
         let delivery = queue_record(place, &record)?;
         Ok(Taken { record, delivery })
+    }
+
+    /// The restore facts of a checkpoint of `job` taken now ([`gca_drivers::facts`]): this
+    /// resource's, the job's processes' for a CRIU image, the type's declared properties
+    /// for any other.
+    async fn image_facts(&self, job: &Job) -> ImageFacts {
+        let kind = self.inner.driver.kind();
+        let declared = if kind == gca_protocol::facts::CRIU {
+            Vec::new()
+        } else {
+            self.inner.cts_type.core_service.properties.clone()
+        };
+        gca_drivers::facts::image_facts(&self.resource_facts(), kind, job.pid, declared).await
     }
 
     /// With signatures on, an image is signed with its owner: one whose owner is unknown
@@ -568,8 +605,9 @@ impl Cts {
         let result = async {
             self.signable(job)?;
             let place = self.inner.link.reserve(&id, &job.gid)?;
+            let facts = self.image_facts(job).await;
             let record = self
-                .commit_image(job, staging, &id, taken_at, Origin::Job, false)
+                .commit_image(job, staging, &id, Capture { taken_at, facts }, Origin::Job, false)
                 .await?;
             tracing::info!(gid = %job.gid, checkpoint.id = %id, "checkpoint taken by the job itself");
             queue_record(place, &record).map(drop)

@@ -52,6 +52,8 @@ struct Inner {
     instance: CtsInstance,
     driver: Arc<dyn CoreCheckpointer>,
     driver_check: String,
+    /// The CRIU binary of a CRIU driver (for `criu cpuinfo check` before a recovery).
+    criu: Option<std::path::PathBuf>,
     store: ImageStore,
     link: GcsLink,
     /// For fetching images from other CTSes: bounded by progress, not by a whole-request
@@ -131,6 +133,14 @@ impl Cts {
         let max = (config.store.max_bytes > 0).then_some(config.store.max_bytes);
         let store =
             ImageStore::open(&config.store_dir(), max).map_err(|e| anyhow::anyhow!("{e}"))?;
+        // What this resource offers a restore, reported with every registration.
+        let criu = gca_drivers::facts::criu_of(&config.driver);
+        let mut facts = gca_drivers::facts::resource_facts(criu.as_deref()).await;
+        if let Some(v) = &config.facts.criu_version {
+            tracing::warn!(found = ?facts.criu_version, reported = %v, "reporting the CRIU version configured in [facts], not the one found");
+            facts.criu_version = Some(v.clone());
+        }
+        tracing::info!(architecture = %facts.architecture, kernel = %facts.kernel, criu = ?facts.criu_version, cpuinfo = facts.cpuinfo.is_some(), "resource facts");
         let instance = CtsInstance {
             name: config.name.clone(),
             cts_type: cts_type.name.clone(),
@@ -143,6 +153,7 @@ impl Cts {
             resource: config.resource.clone(),
             registered_at: None,
             last_seen: None,
+            facts: Some(facts),
         };
         let (signer, verifier) =
             match &config.tls {
@@ -188,6 +199,7 @@ impl Cts {
                 instance,
                 driver,
                 driver_check,
+                criu,
                 store,
                 link,
                 transfers,
@@ -236,6 +248,11 @@ impl Cts {
 
     pub fn instance(&self) -> &CtsInstance {
         &self.inner.instance
+    }
+
+    /// What this resource offers a restore, as reported to the GCS.
+    pub fn resource_facts(&self) -> gca_protocol::facts::ResourceFacts {
+        self.inner.instance.facts.clone().unwrap_or_default()
     }
 
     pub fn link(&self) -> &GcsLink {

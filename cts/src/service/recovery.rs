@@ -80,7 +80,58 @@ impl Cts {
                 })
             })?;
         self.may_recover(&caller, &info.checkpoint)?;
+        // This CTS's own verdict replaces the GCS's for its candidate: it knows what only the
+        // resource can tell (files, digests, criu cpuinfo check), by its own site's rules.
+        let mut info = info;
+        let here = self.compatibility_here(&info.checkpoint).await;
+        match info
+            .candidates
+            .iter_mut()
+            .find(|c| c.instance.name == self.inner.instance.name)
+        {
+            Some(c) => c.compatibility = Some(here),
+            None => tracing::debug!(gid = %gid, "this CTS is not a candidate for the recovery"),
+        }
         Ok(info)
+    }
+
+    /// Whether this resource can restore the image of `r`, by this CTS's
+    /// `[compatibility]` rules ([`gca_drivers::facts::check_here`]).
+    pub async fn compatibility_here(
+        &self,
+        r: &CheckpointRecord,
+    ) -> gca_protocol::facts::Compatibility {
+        gca_drivers::facts::check_here(
+            r.facts.as_ref(),
+            &self.resource_facts(),
+            &self.inner.config.compatibility,
+            self.inner.criu.as_deref(),
+        )
+        .await
+    }
+
+    /// Refuses, before anything is fetched, an image this resource cannot restore
+    /// (`incompatible-resource`, with every reason). An image without facts (taken by an
+    /// older CTS) is not refused: nothing is known against it.
+    async fn refuse_incompatible(&self, r: &CheckpointRecord) -> Result<()> {
+        let c = self.compatibility_here(r).await;
+        if c.verdict != gca_protocol::facts::Verdict::Incompatible {
+            return Ok(());
+        }
+        tracing::info!(gid = %r.gid, checkpoint.id = %r.id, reasons = ?c.reasons, "image refused: this resource cannot restore it");
+        Err(Error::Fault(
+            Fault::new(
+                gca_protocol::FaultKind::OperationFailed,
+                format!(
+                    "CTS {:?} cannot restore checkpoint {} of job {:?}: {}; nothing was fetched (recover it on a compatible resource, GetRecoveryInfo lists them, or relax the rule in [compatibility])",
+                    self.inner.instance.name,
+                    r.id,
+                    r.gid,
+                    c.reasons.join("; ")
+                ),
+            )
+            .with_code("incompatible-resource"),
+        ))
     }
 
     /// A recovery registration of `gid` by `caller`: from `checkpoint` (the latest when
@@ -202,6 +253,7 @@ impl Cts {
         let id = image.as_str();
         let record = self.recorded_checkpoint(&req.gid, id).await?;
         self.may_recover(&caller, &record)?;
+        self.refuse_incompatible(&record).await?;
         if let (Some(want), Some(have)) = (&req.digest, &record.digest) {
             if !want.trim().eq_ignore_ascii_case(have) {
                 return Err(Error::conflict(format!(

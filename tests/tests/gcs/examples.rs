@@ -424,6 +424,8 @@ fn envelope(
 ///   `sha256:0…N`, likewise numbered.
 /// - The real job's PID, in `gca:LocalID`: `12345`.
 /// - An image signature's certificate and value (`gca:Signature`): a short description.
+/// - This machine's kernel release and architecture in restore facts (`gca:Kernel`,
+///   `gca:Architecture`): [`KERNEL_SHOWN`], [`ARCH_SHOWN`].
 /// - A job's key (`gca:Key`): [`EXAMPLE_JOB_KEY`].
 struct Normalizer {
     start: DateTime<Utc>,
@@ -555,6 +557,13 @@ impl Normalizer {
             }
             return;
         }
+        // The facts of this machine (a resource's and an image's).
+        for (name, shown) in [("Kernel", KERNEL_SHOWN), ("Architecture", ARCH_SHOWN)] {
+            if el.is(ns::GCA, name) {
+                el.children = vec![Node::Text(shown.to_string())];
+                return;
+            }
+        }
         // A job's key (GetJobKey) is random: an example key instead.
         if el.is(ns::GCA, "Key") {
             el.children = vec![Node::Text(EXAMPLE_JOB_KEY.to_string())];
@@ -574,6 +583,10 @@ impl Normalizer {
     }
 }
 
+/// What the document shows for this machine's kernel release.
+const KERNEL_SHOWN: &str = "6.18.44";
+/// What the document shows for this machine's architecture.
+const ARCH_SHOWN: &str = "x86_64";
 /// The key shown in GetJobKey's example: the bytes 0 to 31, base64.
 const EXAMPLE_JOB_KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 

@@ -3,6 +3,7 @@
 
 mod authorization;
 mod checkpoints;
+mod compatibility;
 mod compose;
 mod examples;
 mod faults;

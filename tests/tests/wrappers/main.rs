@@ -2,6 +2,7 @@
 //! servers (two of one type stand for two resources), a real GCS on PostgreSQL, real CRIU.
 
 mod app;
+mod compat;
 mod criu;
 mod failures;
 mod isolation;
