@@ -53,6 +53,10 @@ pub struct Config {
     #[serde(default)]
     pub limits: LimitsConfig,
     pub driver: DriverConfig,
+    /// A cgroup (v2) per job: mode, mount, parent, placement, the type's limits
+    /// (`crate::cgroup::CgroupConfig`).
+    #[serde(default)]
+    pub cgroup: crate::cgroup::CgroupConfig,
     /// Mutual TLS on the public port and for calls to the GCS and other CTSes: the site CA,
     /// this CTS's certificate (`cts:<name>`) and key (which also signs its images), identity
     /// rules. Required unless `insecure`.
@@ -246,6 +250,17 @@ impl Config {
         }
         if let Some(v) = get("CTS_STORE_DIR") {
             self.store.dir = Some(v.into());
+        }
+        if let Some(v) = get("CTS_CGROUP_MODE") {
+            self.cgroup.mode = match v.as_str() {
+                "auto" => crate::cgroup::CgroupMode::Auto,
+                "on" => crate::cgroup::CgroupMode::On,
+                "off" => crate::cgroup::CgroupMode::Off,
+                _ => bail!("CTS_CGROUP_MODE={v:?}: auto, on or off"),
+            };
+        }
+        if let Some(v) = get("CTS_CGROUP_PARENT") {
+            self.cgroup.parent = v;
         }
         let file = |k: &str| get(k).filter(|v| !v.is_empty()).map(PathBuf::from);
         match (

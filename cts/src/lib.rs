@@ -12,6 +12,7 @@
 //!   `gca-store` crate;
 //! - [`gcs_link`]: registration at the GCS and the outbox of records for it;
 //! - [`http`]: the public router (SOAP, images, status) and the local one (UNIX socket);
+//! - [`cgroup`]: a cgroup (v2) per job: limits, the freezer for dumps, usage;
 //! - [`config`], [`error`].
 
 use std::future::Future;
@@ -21,6 +22,7 @@ use anyhow::Context;
 use gca_protocol::transport;
 use tokio::net::{TcpListener, UnixListener};
 
+pub mod cgroup;
 pub mod config;
 pub mod error;
 pub mod gcs_link;

@@ -808,6 +808,7 @@ mod tests {
             pid: p.pid(),
             pidfd: proc::pidfd(p.pid()).map(Arc::new),
             checkpoint_dir: ckpt.to_path_buf(),
+            cgroup: None,
         }
     }
 
@@ -1094,6 +1095,7 @@ mod tests {
             pid: std::process::id() as i32,
             pidfd: None,
             checkpoint_dir: ckpt.clone(),
+            cgroup: None,
         };
         assert!(driver().collect_internal(&job, &image).await.unwrap());
         assert!(names(&ckpt).is_empty());
@@ -1131,6 +1133,7 @@ mod tests {
             pid: std::process::id() as i32,
             pidfd: None,
             checkpoint_dir: ckpt.clone(),
+            cgroup: None,
         };
         assert!(driver().collect_internal(&job, &image).await.unwrap());
         let copy = std::fs::metadata(image.join("state")).unwrap();
@@ -1195,6 +1198,7 @@ mod tests {
                 pid: std::process::id() as i32,
                 pidfd: None,
                 checkpoint_dir: ckpt.clone(),
+                cgroup: None,
             };
             let err = driver().collect_internal(&job, &image).await.unwrap_err();
             assert_eq!(err.code, "app-bad-image", "{what}: {err}");
@@ -1225,6 +1229,7 @@ mod tests {
             pid: std::process::id() as i32,
             pidfd: None,
             checkpoint_dir: shm.path().to_path_buf(),
+            cgroup: None,
         };
         assert!(driver().collect_internal(&job, image.path()).await.unwrap());
         assert!(names(shm.path()).is_empty());

@@ -487,6 +487,7 @@ mod tests {
             pid,
             pidfd: proc::pidfd(pid).map(std::sync::Arc::new),
             checkpoint_dir: dir.to_path_buf(),
+            cgroup: None,
         }
     }
 

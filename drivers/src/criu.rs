@@ -19,14 +19,17 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::os::fd::OwnedFd;
+
 use gca_protocol::driver_config::CriuConfig;
+use gca_protocol::isolation::{self, IsolationNote, IsolationPipes};
 use gca_protocol::FaultKind;
 use tokio::time::Instant;
 
 use crate::runner::{describe_status, last_lines, read_pid_file, run, RunError, RunOutput};
 use crate::{
     live_job, proc, CheckpointOutcome, CheckpointRequest, CoreCheckpointer, DriverError,
-    RestoreRequest, Restored,
+    NamespacePipes, RestoreRequest, Restored,
 };
 
 /// Where `scripts/install-criu` puts its wrapper, the last place looked at.
@@ -370,6 +373,30 @@ impl CoreCheckpointer for Criu {
         if req.leave_running {
             args.push("--leave-running".into());
         }
+        // A job in its own namespaces (gca-exec's isolation): CRIU dumps them with it; the
+        // host's mounts seen in its mount namespace are external (not dumped, bound again
+        // from the host at restore), and the note tells the restore which pipes to replace.
+        let note = match isolation_note(job.pid) {
+            Ok(n) => n,
+            Err(e) => {
+                return Err(DriverError::failed(format!(
+                    "cannot checkpoint job {} (pid {}): {e}",
+                    job.gid, job.pid
+                )))
+            }
+        };
+        // The whole tree frozen at once by its cgroup, instead of seized task by task.
+        if let Some(cg) = &job.cgroup {
+            args.push("--freeze-cgroup".into());
+            args.push(cg.to_string_lossy().into_owned());
+        }
+        if let Some(n) = &note {
+            if n.mount_namespace {
+                args.push("--external".into());
+                args.push("mnt[]".into());
+                args.push("--enable-external-masters".into());
+            }
+        }
         self.common_flags(&mut args);
         args.extend(self.cfg.extra_dump_args.iter().cloned());
         let log = req.image_dir.join("dump.log");
@@ -417,6 +444,17 @@ impl CoreCheckpointer for Criu {
             }
             return Err(DriverError::failed(msg));
         }
+        if let Some(n) = &note {
+            let text =
+                serde_json::to_vec_pretty(n).map_err(|e| DriverError::failed(e.to_string()))?;
+            std::fs::write(req.image_dir.join(isolation::NOTE_FILE), text).map_err(|e| {
+                DriverError::failed(format!(
+                    "cannot write {} into the image of job {}: {e}",
+                    isolation::NOTE_FILE,
+                    job.gid
+                ))
+            })?;
+        }
         if req.leave_running {
             return Ok(CheckpointOutcome { stopped: false });
         }
@@ -442,6 +480,11 @@ impl CoreCheckpointer for Criu {
                 req.gid,
                 req.image_dir.display()
             )));
+        }
+        let note = read_note(req.image_dir)?;
+        if let Some(note) = note {
+            // A fresh PID namespace: no PID of the image can be taken.
+            return self.restore_attempt(&req, started, Some(&note)).await;
         }
         // CRIU restores the original PIDs: a killed original, or one of its children, that
         // was not reaped yet still holds its PID (criu#2383). Orphaned children are reaped by
@@ -477,7 +520,7 @@ impl CoreCheckpointer for Criu {
         // released); CRIU then fails with "Can't fork for PID: File exists": retry until the
         // wait is over.
         loop {
-            match self.restore_attempt(&req, started).await {
+            match self.restore_attempt(&req, started, None).await {
                 Err(e) if e.code == "pid-in-use" && started.elapsed() < wait => {
                     tracing::debug!(job.gid = %req.gid, "a PID of the image is still taken; retrying the restore");
                     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -494,6 +537,7 @@ impl Criu {
         &self,
         req: &RestoreRequest<'_>,
         started: Instant,
+        note: Option<&IsolationNote>,
     ) -> Result<Restored, DriverError> {
         let work = make_work_dir(req.gid).map_err(|e| {
             DriverError::failed(format!(
@@ -516,14 +560,56 @@ impl Criu {
             "--restore-sibling".into(),
             "--pidfile".into(),
             pid_file.to_string_lossy().into_owned(),
+            // The restored job stays in the cgroups of its restorer (the recovery wrapper's,
+            // under a resource manager its job's); the CTS gives it its own when it registers.
+            // CRIU's default would recreate the cgroups it had on the resource it was dumped
+            // on, here, outside anyone's accounting.
+            "--manage-cgroups=ignore".into(),
         ];
+        // An isolated job: fresh namespaces (CRIU makes them from the image), the host's
+        // mounts bound again where they were, and new pipes of ours in place of the old
+        // ones. CRIU inherits its ends by number (not close-on-exec); ours are returned.
+        let mut pipes = None;
+        let mut criu_ends = Vec::new();
+        if let Some(note) = note {
+            let made = NewPipes::make().map_err(|e| {
+                DriverError::failed(format!(
+                    "cannot make the pipes to restore job {} with: {e}",
+                    req.gid
+                ))
+            })?;
+            if note.mount_namespace {
+                args.extend([
+                    "--root".into(),
+                    "/".into(),
+                    "--ext-mount-map".into(),
+                    "auto".into(),
+                ]);
+            }
+            let p = note.pipes;
+            for (fd, inode) in [
+                (&made.job_stdin, p.stdin),
+                (&made.job_stdout, p.stdout),
+                (&made.job_stderr, p.stderr),
+                (&made.job_status, p.status),
+            ] {
+                use std::os::fd::AsRawFd;
+                args.push("--inherit-fd".into());
+                args.push(format!("fd[{}]:pipe:[{inode}]", fd.as_raw_fd()));
+            }
+            let (ours, theirs) = made.split();
+            pipes = Some(ours);
+            criu_ends = theirs;
+        }
         self.common_flags(&mut args);
         args.extend(self.cfg.extra_restore_args.iter().cloned());
         let mut cmd = self.command();
         cmd.args(&args);
         let timeout = req.timeout.saturating_sub(started.elapsed());
         tracing::info!(job.gid = %req.gid, image.dir = %req.image_dir.display(), "criu restore");
-        let out = match run(cmd, timeout, false).await {
+        let out = run(cmd, timeout, false).await;
+        drop(criu_ends);
+        let out = match out {
             Ok(out) => out,
             Err(RunError::Spawn(e)) => {
                 let _ = std::fs::remove_dir_all(&work);
@@ -561,7 +647,147 @@ impl Criu {
         })?;
         // The log of a good restore is not needed; a failed one keeps it for the message.
         let _ = std::fs::remove_dir_all(&work);
-        Ok(Restored::Running { pid })
+        Ok(match pipes {
+            Some(pipes) => Restored::Isolated {
+                pid,
+                pipes: std::sync::Arc::new(pipes),
+            },
+            None => Restored::Running { pid },
+        })
+    }
+}
+
+/// The pipes a restore of an isolated job plugs in: the job's ends (for CRIU) and ours.
+struct NewPipes {
+    job_stdin: OwnedFd,
+    job_stdout: OwnedFd,
+    job_stderr: OwnedFd,
+    job_status: OwnedFd,
+    ours: NamespacePipes,
+}
+
+impl NewPipes {
+    fn make() -> std::io::Result<Self> {
+        use rustix::pipe::{pipe_with, PipeFlags};
+        let inherit = |fd: &OwnedFd| rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty());
+        let (in_r, in_w) = pipe_with(PipeFlags::CLOEXEC)?;
+        let (out_r, out_w) = pipe_with(PipeFlags::CLOEXEC)?;
+        let (err_r, err_w) = pipe_with(PipeFlags::CLOEXEC)?;
+        let (st_r, st_w) = pipe_with(PipeFlags::CLOEXEC)?;
+        for fd in [&in_r, &out_w, &err_w, &st_w] {
+            inherit(fd)?;
+        }
+        Ok(Self {
+            job_stdin: in_r,
+            job_stdout: out_w,
+            job_stderr: err_w,
+            job_status: st_w,
+            ours: NamespacePipes {
+                stdin: in_w,
+                stdout: out_r,
+                stderr: err_r,
+                status: st_r,
+            },
+        })
+    }
+
+    fn split(self) -> (NamespacePipes, Vec<OwnedFd>) {
+        (
+            self.ours,
+            vec![
+                self.job_stdin,
+                self.job_stdout,
+                self.job_stderr,
+                self.job_status,
+            ],
+        )
+    }
+}
+
+/// The namespace identity of `/proc/PID/ns/NAME` (`pid:[4026531836]`).
+fn namespace_of(pid: &str, name: &str) -> std::io::Result<std::ffi::OsString> {
+    Ok(std::fs::read_link(format!("/proc/{pid}/ns/{name}"))?.into_os_string())
+}
+
+/// The inode of a pipe descriptor of `pid` (`pipe:[INODE]`).
+fn pipe_inode(pid: i32, fd: i32) -> Result<u64, String> {
+    let link = std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
+        .map_err(|e| format!("cannot read its descriptor {fd}: {e}"))?;
+    let text = link.to_string_lossy();
+    text.strip_prefix("pipe:[")
+        .and_then(|r| r.strip_suffix(']'))
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| format!("its descriptor {fd} is {text}, not the pipe gca-exec gave it"))
+}
+
+/// The note for an isolated job (its root process is the init of its own PID namespace,
+/// started by gca-exec), or `None` for a job in the CTS's own PID namespace.
+pub fn isolation_note(pid: i32) -> Result<Option<IsolationNote>, String> {
+    let p = pid.to_string();
+    let read = |name: &str| {
+        namespace_of(&p, name).map_err(|e| format!("cannot read its {name} namespace: {e}"))
+    };
+    if read("pid")? == namespace_of("self", "pid").map_err(|e| e.to_string())? {
+        return Ok(None);
+    }
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| e.to_string())?;
+    let innermost = status
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))
+        .and_then(|v| v.split_whitespace().last().map(str::to_string));
+    if innermost.as_deref() != Some("1") {
+        return Err(
+            "it is in a PID namespace of its own but not that namespace's init; CRIU dumps a \
+             PID namespace only from its init (start jobs with gca-exec)"
+                .into(),
+        );
+    }
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).map_err(|e| e.to_string())?;
+    let words: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    let status_fd = words
+        .iter()
+        .position(|w| *w == b"--status-fd")
+        .and_then(|at| words.get(at + 1))
+        .and_then(|w| std::str::from_utf8(w).ok()?.parse::<i32>().ok())
+        .filter(|_| {
+            words
+                .get(1)
+                .is_some_and(|w| *w == isolation::INIT_ARG.as_bytes())
+        })
+        .ok_or_else(|| {
+            "its root process is not gca-exec's namespace init (no --status-fd)".to_string()
+        })?;
+    let mount_namespace = read("mnt")? != namespace_of("self", "mnt").map_err(|e| e.to_string())?;
+    Ok(Some(IsolationNote {
+        version: 1,
+        pid_namespace: true,
+        mount_namespace,
+        pipes: IsolationPipes {
+            stdin: pipe_inode(pid, 0)?,
+            stdout: pipe_inode(pid, 1)?,
+            stderr: pipe_inode(pid, 2)?,
+            status: pipe_inode(pid, status_fd)?,
+            status_fd,
+        },
+    }))
+}
+
+/// The image's isolation note, if it has one.
+fn read_note(image_dir: &Path) -> Result<Option<IsolationNote>, DriverError> {
+    let path = image_dir.join(isolation::NOTE_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+            DriverError::failed(format!(
+                "{} is not a valid isolation note: {e}",
+                path.display()
+            ))
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(DriverError::failed(format!(
+            "cannot read {}: {e}",
+            path.display()
+        ))),
     }
 }
 
@@ -913,6 +1139,7 @@ mod tests {
             pid: std::process::id() as i32,
             pidfd: None,
             checkpoint_dir: dir.path().to_path_buf(),
+            cgroup: None,
         };
         let started = Instant::now();
         let e = c
@@ -968,6 +1195,7 @@ mod tests {
                 pid: i32::MAX - 7,
                 pidfd: None,
                 checkpoint_dir: dir.to_path_buf(),
+                cgroup: None,
             }
         }
     }

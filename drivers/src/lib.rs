@@ -65,6 +65,8 @@ pub struct JobHandle {
     /// The per-job checkpoint directory (`{CHECKPOINT_DIR}`), created by the CTS, owned by
     /// the job's user. Application-level jobs write their images here.
     pub checkpoint_dir: PathBuf,
+    /// The job's cgroup (v2), when the CTS gave it one: CRIU freezes it for the dump.
+    pub cgroup: Option<PathBuf>,
 }
 
 /// The job's process, if it still runs (not a zombie) and, when the CTS holds a pidfd for it,
@@ -134,7 +136,33 @@ pub enum Restored {
     /// in `run_dir`, where the wrapper reaches the Virtual Node Gate
     /// (`vmm::launch::GATE_SOCKET`).
     VirtualMachine { pid: i32, run_dir: PathBuf },
+    /// The job's PID and mount namespaces run again (a CRIU image of an isolated job): `pid`
+    /// is their init's host PID, a child of the calling process; `pipes` are the wrapper's
+    /// ends of the job's standard streams and of the init's status pipe
+    /// (`gca_protocol::isolation`).
+    Isolated {
+        pid: i32,
+        pipes: Arc<NamespacePipes>,
+    },
 }
+
+/// The wrapper's ends of a restored namespace's pipes.
+#[derive(Debug)]
+pub struct NamespacePipes {
+    /// The job's standard input (write end).
+    pub stdin: OwnedFd,
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
+    /// The init's status pipe (read end).
+    pub status: OwnedFd,
+}
+
+impl PartialEq for NamespacePipes {
+    fn eq(&self, other: &Self) -> bool {
+        std::ptr::eq(self, other)
+    }
+}
+impl Eq for NamespacePipes {}
 
 /// A core checkpointer, as the CTS drives it.
 #[async_trait::async_trait]

@@ -93,6 +93,7 @@ impl TestJob {
             pid: self.pid,
             pidfd: proc::pidfd(self.pid).map(Arc::new),
             checkpoint_dir,
+            cgroup: None,
         }
     }
 

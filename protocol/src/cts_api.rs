@@ -28,6 +28,9 @@ pub struct Status {
     pub driver_check: String,
     pub gcs: LinkStatus,
     pub load: Load,
+    /// Namespaces and cgroups for jobs, and why not where not.
+    #[serde(default)]
+    pub isolation: crate::isolation::IsolationStatus,
 }
 
 /// What the CTS knows about its GCS, for status and health.

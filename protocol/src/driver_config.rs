@@ -43,6 +43,13 @@ pub struct CriuConfig {
     pub file_locks: bool,
     /// CRIU's log level, 0 (none) to 4 (debug).
     pub log_level: u8,
+    /// Whether `gca-exec` starts each job in its own PID and mount namespaces, which CRIU
+    /// dumps and restores into fresh ones (so a restored job never needs its original PIDs
+    /// to be free): `auto` (default: where the wrapper can create them, i.e. it runs as root;
+    /// else as before, said on its standard error), `on` (refuse to start a job without
+    /// them), `off`. With `shell_job = true`, `auto` means off: an isolated job's standard
+    /// streams are pipes relayed by its wrapper, not the terminal.
+    pub namespaces: crate::isolation::NamespaceMode,
 }
 
 impl Default for CriuConfig {
@@ -55,6 +62,7 @@ impl Default for CriuConfig {
             tcp_established: false,
             file_locks: true,
             log_level: 4,
+            namespaces: crate::isolation::NamespaceMode::Auto,
         }
     }
 }

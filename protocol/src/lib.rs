@@ -15,7 +15,9 @@
 //! - the CTS's own interfaces: [`local`] (the wrapper↔CTS API on its UNIX socket, with its
 //!   client), [`images`] (the image endpoints other CTSes and the GCS call), [`cts_api`] (its
 //!   status and JSON API) and [`driver_config`] (the core checkpointer configuration the
-//!   local API hands the recovery wrapper).
+//!   local API hands the recovery wrapper);
+//! - [`isolation`]: a job in its own namespaces and cgroup: the wrapper↔namespace-init
+//!   messages, the note an isolated CRIU image carries, the isolation settings.
 
 pub mod client;
 pub mod cts_api;
@@ -28,6 +30,7 @@ pub mod gate;
 pub mod identity;
 pub mod ids;
 pub mod images;
+pub mod isolation;
 pub mod local;
 pub mod messages;
 pub mod ns;

@@ -38,6 +38,9 @@ pub struct RegisterLocalJob {
     /// GCS has for the job (the default, delete all, for a new job); a recovery may change it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention: Option<Retention>,
+    /// Limits for the job's cgroup, below the CTS type's (`crate::isolation::JobLimits`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<crate::isolation::JobLimits>,
 }
 
 /// A recovery registration (paper 5.3 step 11), in two steps: first with `restoring: true` and
@@ -113,6 +116,9 @@ pub struct LocalJob {
     /// A checkpoint of this job is in flight.
     pub busy: bool,
     pub gcs: GcsDelivery,
+    /// Its cgroup and usage, when the CTS gives jobs cgroups.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<crate::isolation::CgroupUsage>,
 }
 
 /// `POST /v1/jobs/{gid}/exit`: a wrapper that is the job's parent reporting how it ended.

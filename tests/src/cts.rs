@@ -96,6 +96,10 @@ pub struct CtsSetup<'a> {
 }
 
 pub const CRIU_DRIVER: &str = "kind = \"criu\"";
+/// CRIU with jobs in the host's PID namespace (`namespaces = "off"`): what a site without
+/// isolation, or a job gca-exec cannot isolate (not root), gets; the job keeps its wrapper's
+/// PID and a restore needs its original PIDs free.
+pub const CRIU_DRIVER_HOST_PIDS: &str = "kind = \"criu\"\nnamespaces = \"off\"";
 
 /// The guest of `scripts/build-vmm-guest` (run by `scripts/install-deps`): `$GCA_VMM_GUEST_DIR`
 /// or /var/cache/gca/vmm-guest; panics (the test fails) when it is missing.
@@ -317,6 +321,7 @@ impl TestCts {
                 periodic_interval_secs: None,
                 recovery: None,
                 retention: None,
+                limits: None,
             })
             .await
             .expect("register the job at the CTS")

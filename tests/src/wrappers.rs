@@ -39,6 +39,8 @@ pub struct Wrapper {
     pub child: Child,
     pub pid: i32,
     pub stderr: PathBuf,
+    /// Where its standard output goes, when asked for ([`Wrapper::spawn_capturing`]).
+    pub stdout: Option<PathBuf>,
     status: Option<ExitStatus>,
     /// Processes to kill before the wrapper (a restored job, our grandchild's PID).
     adopted: Vec<i32>,
@@ -47,14 +49,29 @@ pub struct Wrapper {
 impl Wrapper {
     /// `setsid BIN ARGS...`, stdin and stdout on /dev/null, stderr into a file in `dir`.
     pub fn spawn(bin: &str, args: &[&str], dir: &Path) -> Self {
-        let stderr = dir.join(format!("{bin}-{}.err", uuid::Uuid::new_v4().simple()));
+        Self::spawn_with(bin, args, dir, false)
+    }
+
+    /// As [`Wrapper::spawn`], with its standard output into a file of `dir`.
+    pub fn spawn_capturing(bin: &str, args: &[&str], dir: &Path) -> Self {
+        Self::spawn_with(bin, args, dir, true)
+    }
+
+    fn spawn_with(bin: &str, args: &[&str], dir: &Path, capture: bool) -> Self {
+        let tag = uuid::Uuid::new_v4().simple();
+        let stderr = dir.join(format!("{bin}-{tag}.err"));
+        let stdout_path = capture.then(|| dir.join(format!("{bin}-{tag}.out")));
+        let stdout = match &stdout_path {
+            Some(p) => Stdio::from(std::fs::File::create(p).unwrap()),
+            None => Stdio::null(),
+        };
         let child = Command::new("setsid")
             .arg(binary(bin))
             .args(args)
             // The site CA, to check the CTS's certificate when given its https URL.
             .env(gca_protocol::transport::ENV_CA, crate::pki::pki().ca())
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(stdout)
             .stderr(std::fs::File::create(&stderr).unwrap())
             .spawn()
             .expect("start the wrapper");
@@ -64,6 +81,7 @@ impl Wrapper {
             child,
             pid,
             stderr,
+            stdout: stdout_path,
             status: None,
             adopted: Vec::new(),
         }
@@ -72,6 +90,14 @@ impl Wrapper {
     /// Kill `pid` too when dropped (before the wrapper, while it cannot have been reused).
     pub fn adopt(&mut self, pid: i32) {
         self.adopted.push(pid);
+    }
+
+    /// What it wrote on its standard output (with [`Wrapper::spawn_capturing`]).
+    pub fn stdout_text(&self) -> String {
+        self.stdout
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default()
     }
 
     pub fn stderr_text(&self) -> String {

@@ -63,9 +63,27 @@ pub struct ExecArgs {
     pub job: Vec<OsString>,
     #[command(flatten)]
     pub retention: RetentionArgs,
+    /// Limit the job's memory (its cgroup's memory.max), in bytes; at most what the CTS
+    /// type allows. Kept in its checkpoints: a recovery restores it with the job.
+    #[arg(long, value_name = "BYTES")]
+    pub memory_max: Option<u64>,
+    /// Limit the job's CPU (its cgroup's cpu.max), in percent of one CPU; at most what the
+    /// CTS type allows.
+    #[arg(long, value_name = "PERCENT")]
+    pub cpu_max: Option<u32>,
 }
 
 impl ExecArgs {
+    /// The cgroup limits asked for, if any.
+    pub fn limits(&self) -> Option<gca_protocol::isolation::JobLimits> {
+        (self.memory_max.is_some() || self.cpu_max.is_some()).then_some(
+            gca_protocol::isolation::JobLimits {
+                memory_max_bytes: self.memory_max,
+                cpu_max_percent: self.cpu_max,
+            },
+        )
+    }
+
     /// The gca-recover command line the self-recovering mode recovers with.
     pub fn recover_args(&self) -> RecoverArgs {
         RecoverArgs {

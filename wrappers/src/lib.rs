@@ -30,6 +30,7 @@ pub mod cli;
 pub mod cts_target;
 pub mod exec;
 pub mod exit;
+pub mod isolate;
 pub mod recover;
 pub mod resume;
 pub mod signals;

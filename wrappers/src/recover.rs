@@ -95,6 +95,9 @@ pub async fn recover_first_usable(
                 Ok(Running::Process(pid)) => {
                     return supervise(args, cts, forwarder, &info, retention, pid).await
                 }
+                Ok(Running::Namespace(ns)) => {
+                    return supervise_namespace(args, cts, forwarder, &info, retention, ns).await
+                }
                 Ok(Running::Vm { pid, run_dir }) => {
                     drop(forwarder);
                     return supervise_vm(args, cts, &info, retention, pid, &run_dir).await;
@@ -147,6 +150,8 @@ enum Attempt {
 enum Running {
     /// The job's process, our child.
     Process(i32),
+    /// The job's namespaces: their init is our child (`crate::isolate`).
+    Namespace(crate::isolate::Namespace),
     /// The job's virtual machine: QEMU, our child, in `run_dir` (a VMM type).
     Vm {
         pid: i32,
@@ -171,6 +176,7 @@ async fn restore_from(
             periodic_interval_secs: None,
             recovery: Some(recovery_of(info, true)),
             retention: retention.clone(),
+            limits: None,
         })
         .await
         .map_err(|f| {
@@ -239,6 +245,7 @@ async fn supervise_vm(
             periodic_interval_secs: args.periodic,
             recovery: Some(recovery_of(info, false)),
             retention,
+            limits: None,
         })
         .await
     {
@@ -255,6 +262,40 @@ async fn supervise_vm(
         Ok(code) => std::process::exit(code),
         Err(f) => f,
     }
+}
+
+/// Steps 5-6 for a job restored in its own namespaces: their init (our child, the PID
+/// registered) relays and reports as under gca-exec (`crate::isolate::supervise`).
+async fn supervise_namespace(
+    args: &RecoverArgs,
+    cts: &Cts,
+    forwarder: Forwarder,
+    info: &RecoveryInfo,
+    retention: Option<Retention>,
+    ns: crate::isolate::Namespace,
+) -> Failure {
+    let pid = ns.init_pid;
+    if let Err(f) = cts
+        .client
+        .register(&RegisterLocalJob {
+            gid: args.gid.clone(),
+            pid,
+            periodic_interval_secs: args.periodic,
+            recovery: Some(recovery_of(info, false)),
+            retention,
+            limits: None,
+        })
+        .await
+    {
+        warn(
+            "gca-recover",
+            &format!(
+                "job {:?} runs again (its namespace's init is PID {pid}) but CTS {:?} did not register it: {}; it cannot be checkpointed until it is recovered again",
+                args.gid, cts.info.name, f.message
+            ),
+        );
+    }
+    crate::isolate::supervise("gca-recover", Some(cts), &args.gid, forwarder, ns).await
 }
 
 /// Steps 5-6: the running job registered, its signals forwarded, its end reported; ends
@@ -276,6 +317,7 @@ async fn supervise(
             periodic_interval_secs: args.periodic,
             recovery: Some(recovery_of(info, false)),
             retention,
+            limits: None,
         })
         .await
     {
@@ -490,6 +532,18 @@ async fn restore(
         Restored::Running { pid } => Ok(Running::Process(pid)),
         Restored::StartJob => start_job(args, cts, &values, registered).map(Running::Process),
         Restored::VirtualMachine { pid, run_dir } => Ok(Running::Vm { pid, run_dir }),
+        Restored::Isolated { pid, pipes } => {
+            let pipes = std::sync::Arc::try_unwrap(pipes).map_err(|_| {
+                Failure::new(Class::Internal, "the restored namespace's pipes are shared")
+            })?;
+            Ok(Running::Namespace(crate::isolate::Namespace {
+                init_pid: pid,
+                stdin: pipes.stdin,
+                stdout: pipes.stdout,
+                stderr: pipes.stderr,
+                status: pipes.status,
+            }))
+        }
     }
 }
 

@@ -93,6 +93,7 @@ async fn exec(args: &VmmExecArgs) -> Result<i32, Failure> {
             periodic_interval_secs: args.periodic,
             recovery: None,
             retention,
+            limits: None,
         })
         .await
         .map_err(|f| {

@@ -11,6 +11,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use gca_drivers::{proc, JobHandle};
 use gca_protocol::fault::Fault;
+use gca_protocol::isolation::JobLimits;
 use gca_protocol::local::{GcsDelivery, LocalJob};
 use gca_protocol::messages::{AbandonRecovery, JobFinished, JobState, Origin, Property, Retention};
 use parking_lot::{Mutex, MutexGuard};
@@ -41,6 +42,10 @@ pub(super) struct Job {
     /// A recovery wrapper (`pid`) is restoring the job's image: no checkpoints, and the
     /// wrapper's exit is no finish (it registers the restored process next, or withdraws).
     pub(super) restoring: bool,
+    /// The job's cgroup (`crate::cgroup`), made when it registered running.
+    pub(super) cgroup: Option<PathBuf>,
+    /// The limits written into it (kept in its images, so a recovery restores them).
+    pub(super) limits: JobLimits,
     /// One checkpoint at a time per job.
     pub(super) lock: tokio::sync::Mutex<()>,
     state: Mutex<JobProgress>,
@@ -87,6 +92,10 @@ pub(super) struct SavedJob {
     pub(super) restoring: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(super) retention: Option<Retention>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) cgroup: Option<PathBuf>,
+    #[serde(default)]
+    pub(super) limits: JobLimits,
 }
 
 impl Job {
@@ -107,6 +116,8 @@ impl Job {
             registered_at: saved.registered_at,
             retention: saved.retention,
             restoring: saved.restoring,
+            cgroup: saved.cgroup,
+            limits: saved.limits,
             lock: tokio::sync::Mutex::new(()),
             state: Mutex::new(JobProgress {
                 gcs,
@@ -138,6 +149,8 @@ impl Job {
             last_checkpoint: progress.last_checkpoint.clone(),
             restoring: self.restoring,
             retention: self.retention.clone(),
+            cgroup: self.cgroup.clone(),
+            limits: self.limits,
         }
     }
 
@@ -238,6 +251,10 @@ impl Cts {
             last_checkpoint: s.last_checkpoint.clone(),
             busy: s.busy_since.is_some(),
             gcs: s.gcs,
+            cgroup: job
+                .cgroup
+                .as_ref()
+                .map(|dir| self.inner.cgroups.usage(dir, &job.limits)),
         }
     }
 
@@ -367,6 +384,7 @@ impl Cts {
             pid: job.pid,
             pidfd: job.pidfd.clone(),
             checkpoint_dir: job.checkpoint_dir.clone(),
+            cgroup: job.cgroup.clone(),
         }
     }
 }

@@ -73,7 +73,37 @@ struct Inner {
     /// Exit statuses of jobs from the kernel (`None`: not available here, see the log).
     exit_events: Option<Arc<gca_drivers::exits::ExitEvents>>,
     checkpoints_taken: AtomicU64,
+    /// Job cgroups (`crate::cgroup`), as probed at start.
+    cgroups: crate::cgroup::Cgroups,
     cancel: CancellationToken,
+}
+
+/// The `[driver] namespaces` setting as the status shows it (`none` for non-CRIU drivers).
+fn namespace_mode(config: &Config) -> String {
+    match &config.driver {
+        gca_protocol::driver_config::DriverConfig::Criu(c) => serde_json::to_value(c.namespaces)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default(),
+        _ => "none".into(),
+    }
+}
+
+/// Why jobs of this CRIU type will not get namespaces, if this host cannot give them (a
+/// kernel or container without PID or mount namespaces); the wrappers fall back (`auto`) or
+/// refuse (`on`).
+fn namespace_note(config: &Config) -> Option<String> {
+    let wanted = !matches!(namespace_mode(config).as_str(), "off" | "none");
+    let missing: Vec<&str> = ["pid", "mnt"]
+        .into_iter()
+        .filter(|ns| !std::path::Path::new(&format!("/proc/self/ns/{ns}")).exists())
+        .collect();
+    (wanted && !missing.is_empty()).then(|| {
+        format!(
+            "this host has no {} namespaces: jobs keep their host PIDs",
+            missing.join(" and ")
+        )
+    })
 }
 
 impl Cts {
@@ -150,6 +180,15 @@ impl Cts {
                 None
             }
         };
+        let cgroups = crate::cgroup::Cgroups::probe(&config.cgroup)?;
+        match namespace_note(&config) {
+            Some(why) => tracing::warn!(reason = %why, "jobs get no namespaces of their own"),
+            None if !matches!(namespace_mode(&config).as_str(), "off" | "none") => {
+                tracing::info!(namespaces = %namespace_mode(&config),
+                "jobs of this type run in their own PID and mount namespaces where their wrapper can create them ([driver] namespaces)")
+            }
+            None => {}
+        }
         let checkpoint_places = Arc::new(tokio::sync::Semaphore::new(
             config.limits.checkpoints_in_flight,
         ));
@@ -172,6 +211,7 @@ impl Cts {
                 checkpoint_places,
                 exit_events,
                 checkpoints_taken: AtomicU64::new(0),
+                cgroups,
                 cancel: CancellationToken::new(),
             }),
         };
@@ -246,6 +286,15 @@ impl Cts {
                 store_max_bytes: (self.inner.config.store.max_bytes > 0)
                     .then_some(self.inner.config.store.max_bytes),
             },
+            isolation: self.inner.cgroups.status(match &self.inner.config.driver {
+                gca_protocol::driver_config::DriverConfig::Criu(c) => {
+                    serde_json::to_value(c.namespaces)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_default()
+                }
+                _ => "none".into(),
+            }),
         }
     }
 

@@ -116,6 +116,40 @@ impl Cts {
             Some(t) => t.environment.clone(),
             None => self.environment_for(&values)?,
         };
+        // Its cgroup (not while a recovery wrapper restores: the restored tree gets it when
+        // it registers running); a recovery takes over the limits its image carried.
+        let (cgroup, limits) = if restoring {
+            (None, gca_protocol::isolation::JobLimits::default())
+        } else {
+            let carried = match (&req.limits, &req.recovery) {
+                (None, Some(r)) => match &r.from_checkpoint {
+                    Some(id) => self.limits_in_image(id).await,
+                    None => None,
+                },
+                _ => None,
+            };
+            let limits = self
+                .inner
+                .cgroups
+                .limits_for(req.limits.as_ref().or(carried.as_ref()))
+                .map_err(Error::invalid)?;
+            let dir = self
+                .inner
+                .cgroups
+                .create(&req.gid, &[req.pid], &limits)
+                .map_err(|m| {
+                    Error::Fault(
+                        Fault::new(gca_protocol::FaultKind::OperationFailed, m)
+                            .with_code("cgroup-failed"),
+                    )
+                })?;
+            (dir, limits)
+        };
+        let drop_cgroup = |dir: &Option<std::path::PathBuf>| {
+            if let Some(d) = dir.clone() {
+                tokio::spawn(crate::cgroup::Cgroups::remove(d));
+            }
+        };
         // Tell the GCS first: a conflict there (the GID runs elsewhere) refuses the job here.
         let item = OutboxItem::RegisterJob(gcs_registration(&req, &self.inner.instance.name));
         let gcs = match self.inner.link.send(item, self.gcs_wait()).await {
@@ -125,6 +159,7 @@ impl Cts {
                 GcsDelivery::Pending
             }
             Err(e) => {
+                drop_cgroup(&cgroup);
                 let f: Fault = e.into();
                 return Err(Error::Fault(Fault {
                     message: format!("the GCS refused job {:?}: {}", req.gid, f.message),
@@ -147,6 +182,8 @@ impl Cts {
                 last_checkpoint: None,
                 restoring,
                 retention: req.retention.clone(),
+                cgroup,
+                limits,
             },
             gcs,
             self.inner.cancel.child_token(),
@@ -158,6 +195,14 @@ impl Cts {
         tracing::info!(gid = %job.gid, pid = job.pid, periodic_secs = ?job.periodic.map(|d| d.as_secs()), gcs = ?gcs, recovery = ?req.recovery, retention = ?req.retention, "job registered");
         self.spawn_job_tasks(job.clone());
         Ok(self.view(&job))
+    }
+
+    /// The cgroup limits an image of this store carries (`isolation::LIMITS_FILE`).
+    async fn limits_in_image(&self, id: &str) -> Option<gca_protocol::isolation::JobLimits> {
+        let id = gca_store::ImageId::parse(id).ok()?;
+        let rel = gca_store::RelPath::parse(gca_protocol::isolation::LIMITS_FILE).ok()?;
+        let path = self.inner.store.file_path(&id, &rel).await.ok()?;
+        serde_json::from_slice(&std::fs::read(path).ok()?).ok()
     }
 
     /// `limits.jobs_per_user`: a local user's jobs here at once (root's are not counted).
@@ -368,6 +413,7 @@ mod tests {
             periodic_interval_secs: None,
             recovery: None,
             retention,
+            limits: None,
         }
     }
 

@@ -115,6 +115,9 @@ impl Cts {
             let _ = std::fs::remove_file(self.job_file(&job.gid));
             let _ = std::fs::remove_dir_all(&job.checkpoint_dir);
         }
+        if let Some(dir) = job.cgroup.clone() {
+            tokio::spawn(crate::cgroup::Cgroups::remove(dir));
+        }
         if job.stopping() {
             tracing::info!(gid = %job.gid, pid = job.pid, "job stopped after its checkpoint");
             return;

@@ -271,6 +271,7 @@ async fn a_peer_cts_reads_an_image_only_for_a_recovery_the_gcs_records_on_it() {
             restoring: true,
         }),
         retention: None,
+        limits: None,
     };
     let err = peer.local.register(&recovery).await.unwrap_err();
     assert_eq!(err.kind, gca_protocol::FaultKind::AccessDenied, "{err:?}");

@@ -305,6 +305,7 @@ async fn a_cts_killed_in_the_middle_of_a_dump_leaves_nothing_half_done() {
             periodic_interval_secs: None,
             recovery: None,
             retention: None,
+            limits: None,
         })
         .await
         .expect("register the job");

@@ -168,6 +168,7 @@ async fn periodic_checkpoints_are_registered_as_internal() {
             periodic_interval_secs: Some(1),
             recovery: None,
             retention: None,
+            limits: None,
         })
         .await
         .unwrap();

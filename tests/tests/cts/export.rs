@@ -17,6 +17,7 @@ fn reg(gid: &str, pid: i32, retention: Option<Retention>) -> RegisterLocalJob {
         periodic_interval_secs: None,
         recovery: None,
         retention,
+        limits: None,
     }
 }
 

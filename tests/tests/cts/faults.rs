@@ -19,6 +19,7 @@ fn reg(gid: &str, pid: i32) -> RegisterLocalJob {
         periodic_interval_secs: None,
         recovery: None,
         retention: None,
+        limits: None,
     }
 }
 
@@ -287,6 +288,7 @@ async fn a_restarted_cts_keeps_a_recovery_that_is_still_restoring() {
             restoring,
         }),
         retention: None,
+        limits: None,
     };
     // Two recovery wrappers are restoring them when the CTS restarts.
     let wrapper = TestJob::script(cts.dir.path(), "sleep 60", &[]);

@@ -214,6 +214,7 @@ async fn copies_fetched_for_a_recovery_go_when_the_job_ends() {
                 restoring: true,
             }),
             retention: None,
+            limits: None,
         })
         .await
         .expect("the recovery registered on B");

@@ -65,7 +65,7 @@ fn resumed_from(v: &[u64], from: usize) -> Option<(usize, u64)> {
 async fn migrated_and_rescheduled_jobs_come_back_from_their_checkpoints() {
     sge::check_cell();
     let gcs = TestGcs::start().await;
-    let cts = TestCts::registered(&gcs, "cts-sge", "criu", CRIU_DRIVER, "").await;
+    let cts = TestCts::registered(&gcs, "cts-sge", "criu", CRIU_DRIVER_HOST_PIDS, "").await;
     let dir = tempfile::Builder::new()
         .prefix("gca-sge")
         .tempdir()
@@ -199,7 +199,7 @@ async fn migrated_and_rescheduled_jobs_come_back_from_their_checkpoints() {
 async fn ckpt_command_checkpoints_periodically_and_qdel_ends_the_job() {
     sge::check_cell();
     let gcs = TestGcs::start().await;
-    let cts = TestCts::registered(&gcs, "cts-sge-m", "criu", CRIU_DRIVER, "").await;
+    let cts = TestCts::registered(&gcs, "cts-sge-m", "criu", CRIU_DRIVER_HOST_PIDS, "").await;
     let dir = tempfile::Builder::new()
         .prefix("gca-sge")
         .tempdir()

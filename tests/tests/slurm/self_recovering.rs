@@ -28,15 +28,29 @@ fn resumed_from(v: &[u64], from: usize) -> Option<(usize, u64)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_requeued_job_resumes_from_its_latest_checkpoint() {
+    requeued(false).await
+}
+
+/// The same with the job in its own namespaces: every requeue restores into a fresh one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requeued_isolated_job_resumes_from_its_latest_checkpoint_in_a_fresh_namespace() {
+    requeued(true).await
+}
+
+async fn requeued(isolated: bool) {
     slurm::check_cluster();
     let gcs = TestGcs::start().await;
-    let cts = TestCts::registered(&gcs, "cts-slurm-rq", "criu", CRIU_DRIVER, "").await;
+    let (name, driver, gid) = if isolated {
+        ("cts-slurm-rq-ns", CRIU_DRIVER, "gid-slurm-requeue-ns")
+    } else {
+        ("cts-slurm-rq", CRIU_DRIVER_HOST_PIDS, "gid-slurm-requeue")
+    };
+    let cts = TestCts::registered(&gcs, name, "criu", driver, "").await;
     let dir = tempfile::Builder::new()
         .prefix("gca-slurm")
         .tempdir()
         .unwrap();
     let log = dir.path().join("counter.log");
-    let gid = "gid-slurm-requeue";
     // Counts through an open descriptor; interrupted (SIGTERM), it exits 3, not 0: a job that
     // exits 0 has ended and its images go.
     let script = dir.path().join("job.sh");
@@ -100,7 +114,17 @@ async fn a_requeued_job_resumes_from_its_latest_checkpoint() {
         taken.id
     );
     let running = cts.local.job(gid).await.unwrap();
-    assert_eq!(running.pid, pid, "the restored job has its PID back");
+    if isolated {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", running.pid)).unwrap();
+        assert!(
+            status
+                .lines()
+                .any(|l| l.starts_with("NSpid:") && l.ends_with("\t1")),
+            "the restored namespace's init: {status}"
+        );
+    } else {
+        assert_eq!(running.pid, pid, "the restored job has its PID back");
+    }
     let j = gcs_job(&gcs, gid).await;
     assert_eq!((j.state, j.recoveries), (JobState::Running, 1));
 

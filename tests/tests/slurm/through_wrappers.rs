@@ -20,9 +20,26 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn submit_checkpoint_stop_resubmit_recover_and_scancel() {
+    through_slurm(false).await
+}
+
+/// The same with the job in its own PID and mount namespaces (gca-exec runs as root under
+/// the test cluster): wrapper → namespace init → job, all under the batch shell.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_isolated_job_is_submitted_checkpointed_recovered_into_a_fresh_namespace_and_scancelled()
+{
+    through_slurm(true).await
+}
+
+async fn through_slurm(isolated: bool) {
     slurm::check_cluster();
     let gcs = TestGcs::start().await;
-    let cts = TestCts::registered(&gcs, "cts-slurm", "criu", CRIU_DRIVER, "").await;
+    let (name, driver, gid) = if isolated {
+        ("cts-slurm-ns", CRIU_DRIVER, "gid-slurm-ns")
+    } else {
+        ("cts-slurm", CRIU_DRIVER_HOST_PIDS, "gid-slurm")
+    };
+    let cts = TestCts::registered(&gcs, name, "criu", driver, "").await;
     let dir = tempfile::Builder::new()
         .prefix("gca-slurm")
         .tempdir()
@@ -41,7 +58,7 @@ async fn submit_checkpoint_stop_resubmit_recover_and_scancel() {
     std::fs::create_dir(&keep).unwrap();
     let mut submit = Submit::new("gca-exec", dir.path());
     submit.extra.push(format!(
-        "--export=ALL,GID=gid-slurm,CTS_URL=unix:{},GCA_EXEC={},GCA_RECOVER={},GCA_CHECKPOINT={},KEEP_LAST=1,KEEP_IN={}",
+        "--export=ALL,GID={gid},CTS_URL=unix:{},GCA_EXEC={},GCA_RECOVER={},GCA_CHECKPOINT={},KEEP_LAST=1,KEEP_IN={}",
         cts.local.socket().display(),
         binary("gca-exec").display(),
         binary("gca-recover").display(),
@@ -57,12 +74,12 @@ async fn submit_checkpoint_stop_resubmit_recover_and_scancel() {
     let first = blocking(move || s1.script(&e1, &a1)).await;
     let _g1 = JobGuard(first);
     eventually(WAIT, "the job registers and counts", || async {
-        values(&log).len() >= 5 && cts.local.job("gid-slurm").await.is_ok()
+        values(&log).len() >= 5 && cts.local.job(gid).await.is_ok()
     })
     .await;
-    let registered = cts.local.job("gid-slurm").await.unwrap();
+    let registered = cts.local.job(gid).await.unwrap();
     assert_eq!(
-        gcs_job(&gcs, "gid-slurm").await.retention,
+        gcs_job(&gcs, gid).await.retention,
         Retention::last(1, keep.display().to_string()),
         "KEEP_LAST/KEEP_IN of execute.sbatch reach the GCS"
     );
@@ -71,15 +88,15 @@ async fn submit_checkpoint_stop_resubmit_recover_and_scancel() {
     // has its CTS checkpoint the user's job (gca-checkpoint, over the local socket).
     blocking(move || slurm::signal(first, "USR1", true)).await;
     eventually(WAIT, "gca-checkpoint checkpoints the job", || async {
-        gcs_checkpoints(&gcs, "gid-slurm").await.len() == 1
+        gcs_checkpoints(&gcs, gid).await.len() == 1
     })
     .await;
-    assert!(cts.local.job("gid-slurm").await.is_ok(), "the job runs on");
+    assert!(cts.local.job(gid).await.is_ok(), "the job runs on");
 
     // Checkpoint through the GCS and stop the job (migration); the Slurm job ends.
     let record = gcs
         .call::<DoCheckpointOp>(DoCheckpoint {
-            gid: "gid-slurm".into(),
+            gid: gid.into(),
             stop: true,
         })
         .await
@@ -110,12 +127,26 @@ async fn submit_checkpoint_stop_resubmit_recover_and_scancel() {
         after, expected,
         "the counter continues where it stopped: nothing lost or repeated"
     );
-    let running = cts.local.job("gid-slurm").await.unwrap();
-    assert_eq!(
-        running.pid, registered.pid,
-        "the recovered job has its PID back"
-    );
-    let at_gcs = gcs_job(&gcs, "gid-slurm").await;
+    let running = cts.local.job(gid).await.unwrap();
+    if isolated {
+        // A fresh namespace: another host PID, PID 1 inside.
+        let nspid = std::fs::read_to_string(format!("/proc/{}/status", running.pid))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("NSpid:").map(str::to_string))
+            .unwrap();
+        assert_eq!(
+            nspid.split_whitespace().collect::<Vec<_>>(),
+            vec![running.pid.to_string(), "1".into()],
+            "the restored namespace's init"
+        );
+    } else {
+        assert_eq!(
+            running.pid, registered.pid,
+            "the recovered job has its PID back"
+        );
+    }
+    let at_gcs = gcs_job(&gcs, gid).await;
     assert_eq!(at_gcs.state, JobState::Running);
     assert_eq!(at_gcs.recoveries, 1);
 
@@ -131,13 +162,13 @@ async fn submit_checkpoint_stop_resubmit_recover_and_scancel() {
     let (status, _signal) = slurm::exit_code(second);
     assert_eq!(status, 3, "Slurm records the job's own exit status");
     eventually(WAIT, "the GCS records the job's end", || async {
-        gcs_job(&gcs, "gid-slurm").await.state == JobState::Finished
+        gcs_job(&gcs, gid).await.state == JobState::Finished
     })
     .await;
-    assert_eq!(gcs_job(&gcs, "gid-slurm").await.exit_status, Some(3));
+    assert_eq!(gcs_job(&gcs, gid).await.exit_status, Some(3));
     // Ended by a signal with status 3, not 0: its image stays, for a recovery.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let records = gcs_checkpoints(&gcs, "gid-slurm").await;
+    let records = gcs_checkpoints(&gcs, gid).await;
     assert_eq!(records.len(), 2);
     assert_eq!(records[1].image_state, ImageState::Stored);
     assert!(cts.image_dir(&record.id).exists());

@@ -106,12 +106,12 @@ async fn another_criu_version_is_refused_before_any_fetch_and_accepted_when_rela
     let gcs = TestGcs::start().await;
     // cts-b takes the image; cts-a reports another CRIU minor version; cts-c too, at a site
     // that accepts another minor version.
-    let b = TestCts::registered(&gcs, "cts-b", "criu", CRIU_DRIVER, "").await;
+    let b = TestCts::registered(&gcs, "cts-b", "criu", CRIU_DRIVER_HOST_PIDS, "").await;
     let a = TestCts::registered(
         &gcs,
         "cts-a",
         "criu",
-        CRIU_DRIVER,
+        CRIU_DRIVER_HOST_PIDS,
         "[facts]\ncriu_version = \"4.0.0\"\n",
     )
     .await;
@@ -119,7 +119,7 @@ async fn another_criu_version_is_refused_before_any_fetch_and_accepted_when_rela
         &gcs,
         "cts-c",
         "criu",
-        CRIU_DRIVER,
+        CRIU_DRIVER_HOST_PIDS,
         "[facts]\ncriu_version = \"4.0.0\"\n[compatibility]\ncriu_version = \"same-major\"\n",
     )
     .await;
@@ -171,8 +171,8 @@ async fn another_criu_version_is_refused_before_any_fetch_and_accepted_when_rela
 #[tokio::test]
 async fn a_missing_open_file_is_refused_before_any_fetch_unless_the_site_ignores_it() {
     let gcs = TestGcs::start().await;
-    let b = TestCts::registered(&gcs, "cts-b", "criu", CRIU_DRIVER, "").await;
-    let a = TestCts::registered(&gcs, "cts-a", "criu", CRIU_DRIVER, "").await;
+    let b = TestCts::registered(&gcs, "cts-b", "criu", CRIU_DRIVER_HOST_PIDS, "").await;
+    let a = TestCts::registered(&gcs, "cts-a", "criu", CRIU_DRIVER_HOST_PIDS, "").await;
     let data = b.dir.path().join("data");
     std::fs::create_dir(&data).unwrap();
     let input = data.join("in.dat");
@@ -181,7 +181,7 @@ async fn a_missing_open_file_is_refused_before_any_fetch_unless_the_site_ignores
         &gcs,
         "cts-c",
         "criu",
-        CRIU_DRIVER,
+        CRIU_DRIVER_HOST_PIDS,
         &format!(
             "[compatibility]\nignore_missing = [{:?}]\n",
             format!("{}/*", data.display())

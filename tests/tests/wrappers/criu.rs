@@ -69,7 +69,7 @@ pub(crate) async fn wait_values(log: &std::path::Path, n: usize) {
 #[tokio::test]
 async fn exec_checkpoint_stop_and_recover_on_the_same_resource() {
     let gcs = TestGcs::start().await;
-    let a = TestCts::registered(&gcs, "cts-a", "criu", CRIU_DRIVER, "").await;
+    let a = TestCts::registered(&gcs, "cts-a", "criu", CRIU_DRIVER_HOST_PIDS, "").await;
     let gid = "gid-wrap-same";
     let log = a.dir.path().join("counter.log");
     let mut job = exec_job(&gcs, &a, gid, &counter_script(&log)).await;
@@ -134,8 +134,8 @@ async fn exec_checkpoint_stop_and_recover_on_the_same_resource() {
 #[tokio::test]
 async fn recover_on_another_resource_from_an_older_image_and_exit_status_comes_through() {
     let gcs = TestGcs::start().await;
-    let a = TestCts::registered(&gcs, "cts-a", "criu", CRIU_DRIVER, "").await;
-    let b = TestCts::registered(&gcs, "cts-b", "criu", CRIU_DRIVER, "").await;
+    let a = TestCts::registered(&gcs, "cts-a", "criu", CRIU_DRIVER_HOST_PIDS, "").await;
+    let b = TestCts::registered(&gcs, "cts-b", "criu", CRIU_DRIVER_HOST_PIDS, "").await;
     let gid = "gid-wrap-move";
     let log = a.dir.path().join("counter.log");
     let marker = a.dir.path().join("usr1");

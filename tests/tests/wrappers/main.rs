@@ -6,5 +6,6 @@ mod chunks;
 mod compat;
 mod criu;
 mod failures;
+mod isolation;
 mod resume;
 mod vmm;

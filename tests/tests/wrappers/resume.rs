@@ -77,7 +77,7 @@ fn resumed_from(v: &[u64]) -> Option<(usize, u64)> {
 #[tokio::test]
 async fn executes_a_new_job_and_recovers_it_from_its_latest_checkpoint_after_a_kill() {
     let gcs = TestGcs::start().await;
-    let cts = TestCts::registered(&gcs, "cts-a", "criu", CRIU_DRIVER, "").await;
+    let cts = TestCts::registered(&gcs, "cts-a", "criu", CRIU_DRIVER_HOST_PIDS, "").await;
     let gid = "gid-resume";
     let log = cts.dir.path().join("counter.log");
     let script = counter_script(&log);
@@ -148,7 +148,7 @@ async fn executes_a_new_job_and_recovers_it_from_its_latest_checkpoint_after_a_k
 #[tokio::test]
 async fn a_job_never_checkpointed_starts_again_from_the_beginning() {
     let gcs = TestGcs::start().await;
-    let cts = TestCts::registered(&gcs, "cts-a", "criu", CRIU_DRIVER, "").await;
+    let cts = TestCts::registered(&gcs, "cts-a", "criu", CRIU_DRIVER_HOST_PIDS, "").await;
     let gid = "gid-resume-over";
     let log = cts.dir.path().join("counter.log");
     let script = counter_script(&log);
@@ -192,7 +192,7 @@ async fn a_job_never_checkpointed_starts_again_from_the_beginning() {
 #[tokio::test]
 async fn an_unusable_latest_image_is_skipped_for_the_one_before() {
     let gcs = TestGcs::start().await;
-    let cts = TestCts::registered(&gcs, "cts-a", "criu", CRIU_DRIVER, "").await;
+    let cts = TestCts::registered(&gcs, "cts-a", "criu", CRIU_DRIVER_HOST_PIDS, "").await;
     let gid = "gid-resume-skip";
     let log = cts.dir.path().join("counter.log");
     let script = counter_script(&log);
@@ -242,7 +242,7 @@ async fn an_unusable_latest_image_is_skipped_for_the_one_before() {
 #[tokio::test]
 async fn a_job_that_ended_is_not_run_again() {
     let gcs = TestGcs::start().await;
-    let cts = TestCts::registered(&gcs, "cts-a", "criu", CRIU_DRIVER, "").await;
+    let cts = TestCts::registered(&gcs, "cts-a", "criu", CRIU_DRIVER_HOST_PIDS, "").await;
     let gid = "gid-resume-ended";
     let log = cts.dir.path().join("counter.log");
     let done = cts.dir.path().join("done");
@@ -311,7 +311,7 @@ fn kill(pid: i32) {
 async fn a_local_user_starts_their_own_job_over_but_cannot_take_another_users() {
     use std::os::unix::fs::PermissionsExt;
     let gcs = TestGcs::start().await;
-    let cts = TestCts::registered(&gcs, "cts-a", "criu", CRIU_DRIVER, "").await;
+    let cts = TestCts::registered(&gcs, "cts-a", "criu", CRIU_DRIVER_HOST_PIDS, "").await;
     for dir in [cts.dir.path().to_path_buf(), cts.state_dir()] {
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711)).unwrap();
     }
