@@ -46,8 +46,8 @@ async fn recover_on(cts: &TestCts, gid: &str, image: &str, pid: i32) -> Wrapper 
 #[tokio::test]
 async fn a_second_checkpoint_stores_and_transfers_only_the_changed_chunks() {
     let gcs = TestGcs::start().await;
-    let a = TestCts::registered(&gcs, "cts-a", "criu", CRIU_DRIVER, "").await;
-    let b = TestCts::registered(&gcs, "cts-b", "criu", CRIU_DRIVER, "").await;
+    let a = TestCts::registered(&gcs, "cts-a", "criu", CRIU_DRIVER_HOST_PIDS, "").await;
+    let b = TestCts::registered(&gcs, "cts-b", "criu", CRIU_DRIVER_HOST_PIDS, "").await;
     let gid = "gid-chunks";
     let log = a.dir.path().join("counter.log");
     let mut job = exec_job(&gcs, &a, gid, &big_counter(&log)).await;
@@ -128,11 +128,11 @@ async fn an_image_in_the_old_whole_file_format_is_fetched_and_recovered() {
         &gcs,
         "cts-a",
         "criu",
-        CRIU_DRIVER,
+        CRIU_DRIVER_HOST_PIDS,
         "[store]\nwhole_files = true",
     )
     .await;
-    let b = TestCts::registered(&gcs, "cts-b", "criu", CRIU_DRIVER, "").await;
+    let b = TestCts::registered(&gcs, "cts-b", "criu", CRIU_DRIVER_HOST_PIDS, "").await;
     let gid = "gid-old-format";
     let log = a.dir.path().join("counter.log");
     let mut job = exec_job(&gcs, &a, gid, &counter_script(&log)).await;
