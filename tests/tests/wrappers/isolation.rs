@@ -135,7 +135,7 @@ async fn recovered_on_another_cts_while_the_original_runs_with_the_same_pids() {
     let first = checkpoint(&gcs, gid, false).await;
     let after = *numbers(&job.stdout_text()).last().unwrap();
     assert!(
-        a.image_dir(&first.id).join(NOTE_FILE).is_file(),
+        a.image_files(&first.id).join(NOTE_FILE).is_file(),
         "the image is of a namespace"
     );
     // A clone of the job on resource B, while the original runs with the same PIDs.
@@ -365,7 +365,7 @@ async fn a_job_with_a_child_and_an_open_file_is_dumped_frozen_in_its_cgroup_and_
 
     // The dump froze the cgroup (cgroup v2's cgroup.freeze) rather than seizing task by task.
     let first = checkpoint(&gcs, gid, false).await;
-    let dump_log = std::fs::read_to_string(a.image_dir(&first.id).join("dump.log")).unwrap();
+    let dump_log = std::fs::read_to_string(a.image_files(&first.id).join("dump.log")).unwrap();
     assert!(
         dump_log.contains("cgroup.freeze=1") && dump_log.contains("cgroup.freeze=0"),
         "{}",
