@@ -70,12 +70,10 @@ impl Cluster {
         assert!(ok, "kill node {node}");
     }
 
-    /// Every object's raw bytes, as anyone with the bucket's credentials reads them.
-    async fn raw_objects(&self) -> Vec<(String, Vec<u8>)> {
-        use futures::TryStreamExt;
-        use object_store::ObjectStore;
+    /// The bucket as anyone with its credentials sees it (no sealing).
+    fn raw_store(&self) -> object_store::aws::AmazonS3 {
         let c = self.config();
-        let s3 = object_store::aws::AmazonS3Builder::new()
+        object_store::aws::AmazonS3Builder::new()
             .with_endpoint(&c.endpoints[0])
             .with_region(&c.region)
             .with_bucket_name(&c.bucket)
@@ -83,7 +81,14 @@ impl Cluster {
             .with_secret_access_key(c.secret_access_key.expose())
             .with_allow_http(true)
             .build()
-            .unwrap();
+            .unwrap()
+    }
+
+    /// Every object's raw bytes, as anyone with the bucket's credentials reads them.
+    async fn raw_objects(&self) -> Vec<(String, Vec<u8>)> {
+        use futures::TryStreamExt;
+        use object_store::ObjectStore;
+        let s3 = self.raw_store();
         let metas: Vec<_> = s3.list(None).try_collect().await.unwrap();
         let mut out = Vec::new();
         for m in metas {
@@ -203,16 +208,7 @@ async fn an_altered_object_is_refused_naming_the_chunk() {
     bytes[1000] ^= 0x01;
     {
         use object_store::ObjectStore;
-        let c = cluster.config();
-        let s3 = object_store::aws::AmazonS3Builder::new()
-            .with_endpoint(&c.endpoints[0])
-            .with_region(&c.region)
-            .with_bucket_name(&c.bucket)
-            .with_access_key_id(&c.access_key_id)
-            .with_secret_access_key(c.secret_access_key.expose())
-            .with_allow_http(true)
-            .build()
-            .unwrap();
+        let s3 = cluster.raw_store();
         s3.put(&name.as_str().into(), bytes.into()).await.unwrap();
     }
     let j = job.clone();
