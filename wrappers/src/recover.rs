@@ -237,26 +237,15 @@ async fn supervise_vm(
     };
     // The job's process is this wrapper (its VM, QEMU, is our child): the CTS watches a
     // process whose end is the job's, and QEMU, its descendant, serves the QMP socket.
-    if let Err(f) = cts
-        .client
-        .register(&RegisterLocalJob {
-            gid: args.gid.clone(),
-            pid: std::process::id() as i32,
-            periodic_interval_secs: args.periodic,
-            recovery: Some(recovery_of(info, false)),
-            retention,
-            limits: None,
-        })
-        .await
-    {
-        warn(
-            "gca-recover",
-            &format!(
-                "job {:?} runs again (its VM is PID {pid}) but CTS {:?} did not register it: {}; it cannot be checkpointed until it is recovered again",
-                args.gid, cts.info.name, f.message
-            ),
-        );
-    }
+    register_restored(
+        args,
+        cts,
+        info,
+        retention,
+        std::process::id() as i32,
+        &format!("its VM is PID {pid}"),
+    )
+    .await;
     let end = crate::vmm::supervise(&cfg, run_dir, pid, args.output.as_deref(), &mut signals).await;
     match crate::vmm::finish(cts, &args.gid, pid, end, "gca-recover").await {
         Ok(code) => std::process::exit(code),
@@ -275,6 +264,29 @@ async fn supervise_namespace(
     ns: crate::isolate::Namespace,
 ) -> Failure {
     let pid = ns.init_pid;
+    register_restored(
+        args,
+        cts,
+        info,
+        retention,
+        pid,
+        &format!("its namespace's init is PID {pid}"),
+    )
+    .await;
+    crate::isolate::supervise("gca-recover", Some(cts), &args.gid, forwarder, ns).await
+}
+
+/// Registers the restored job (process `pid`) at the CTS as a recovery; a refusal is only
+/// warned about (`what` says which process runs the job): the job runs on, uncheckpointable
+/// until recovered again.
+async fn register_restored(
+    args: &RecoverArgs,
+    cts: &Cts,
+    info: &RecoveryInfo,
+    retention: Option<Retention>,
+    pid: i32,
+    what: &str,
+) {
     if let Err(f) = cts
         .client
         .register(&RegisterLocalJob {
@@ -290,12 +302,11 @@ async fn supervise_namespace(
         warn(
             "gca-recover",
             &format!(
-                "job {:?} runs again (its namespace's init is PID {pid}) but CTS {:?} did not register it: {}; it cannot be checkpointed until it is recovered again",
+                "job {:?} runs again ({what}) but CTS {:?} did not register it: {}; it cannot be checkpointed until it is recovered again",
                 args.gid, cts.info.name, f.message
             ),
         );
     }
-    crate::isolate::supervise("gca-recover", Some(cts), &args.gid, forwarder, ns).await
 }
 
 /// Steps 5-6: the running job registered, its signals forwarded, its end reported; ends
@@ -309,26 +320,7 @@ async fn supervise(
     pid: i32,
 ) -> Failure {
     let forwarding = forwarder.start(pid);
-    if let Err(f) = cts
-        .client
-        .register(&RegisterLocalJob {
-            gid: args.gid.clone(),
-            pid,
-            periodic_interval_secs: args.periodic,
-            recovery: Some(recovery_of(info, false)),
-            retention,
-            limits: None,
-        })
-        .await
-    {
-        warn(
-            "gca-recover",
-            &format!(
-                "job {:?} runs again (PID {pid}) but CTS {:?} did not register it: {}; it cannot be checkpointed until it is recovered again",
-                args.gid, cts.info.name, f.message
-            ),
-        );
-    }
+    register_restored(args, cts, info, retention, pid, &format!("PID {pid}")).await;
     let gid = args.gid.clone();
     let ended = match tokio::task::spawn_blocking(move || signals::wait_ended(pid)).await {
         Ok(Ok(e)) => e,
