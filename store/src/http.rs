@@ -329,23 +329,7 @@ async fn file(
         }
         Body::from_stream(ReaderStream::with_capacity(f.take(count), STREAM_CHUNK))
     };
-    let mut res = Response::new(body);
-    *res.status_mut() = status;
-    let h = res.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/octet-stream"),
-    );
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(count));
-    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    h.insert(header::ETAG, hv(&etag));
-    if status == StatusCode::PARTIAL_CONTENT {
-        h.insert(
-            header::CONTENT_RANGE,
-            hv(&format!("bytes {start}-{}/{len}", start + count - 1)),
-        );
-    }
-    Ok(res)
+    Ok(file_response(body, status, &etag, start, count, len))
 }
 
 /// A file of a format 2 image, made from its chunks (each checked), with one `Range`.
@@ -395,23 +379,7 @@ fn chunked_file(
         }
         Body::from_stream(chunk_stream(store, id, entry.path.to_string(), refs, true))
     };
-    let mut res = Response::new(body);
-    *res.status_mut() = status;
-    let h = res.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/octet-stream"),
-    );
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(count));
-    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    h.insert(header::ETAG, hv(&etag));
-    if status == StatusCode::PARTIAL_CONTENT {
-        h.insert(
-            header::CONTENT_RANGE,
-            hv(&format!("bytes {start}-{}/{len}", start + count - 1)),
-        );
-    }
-    Ok(res)
+    Ok(file_response(body, status, &etag, start, count, len))
 }
 
 fn hv(s: &str) -> HeaderValue {
@@ -483,6 +451,35 @@ pub fn parse_range(header: &str, len: u64) -> RangeSpec {
         return RangeSpec::Unsatisfiable;
     }
     RangeSpec::Partial(a, b.min(len - 1))
+}
+
+/// The answer carrying `count` bytes of a file of `len` from `start`: the whole file (200) or a
+/// range of it (206, with its `Content-Range`), with the validator a resumed fetch sends back.
+fn file_response(
+    body: Body,
+    status: StatusCode,
+    etag: &str,
+    start: u64,
+    count: u64,
+    len: u64,
+) -> Response {
+    let mut res = Response::new(body);
+    *res.status_mut() = status;
+    let h = res.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(count));
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert(header::ETAG, hv(etag));
+    if status == StatusCode::PARTIAL_CONTENT {
+        h.insert(
+            header::CONTENT_RANGE,
+            hv(&format!("bytes {start}-{}/{len}", start + count - 1)),
+        );
+    }
+    res
 }
 
 #[cfg(test)]
