@@ -77,6 +77,106 @@ pub struct Config {
     /// What this CTS reports about its resource instead of what it finds (`[facts]`).
     #[serde(default)]
     pub facts: FactsConfig,
+    /// The S3-compatible object store images also go to (`[object_store]`, issue 12); none:
+    /// the local store only. Which images go there is `store.durability`.
+    #[serde(default)]
+    pub object_store: Option<ObjectStoreConfig>,
+}
+
+/// How far an image of this CTS's type goes before it counts as taken (`store.durability`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// The local store only (the default; no object store needed).
+    #[default]
+    Local,
+    /// A checkpoint is acknowledged and registered only once its chunks and manifest are in
+    /// the object store; an upload that fails is a fault (the local image stays).
+    Replicated,
+    /// Registered at once; uploaded in the background, with retries.
+    Async,
+}
+
+impl std::fmt::Display for Durability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Local => "local",
+            Self::Replicated => "replicated",
+            Self::Async => "async",
+        })
+    }
+}
+
+/// `[object_store]`: the bucket (see `gca_objstore::BucketConfig`). The secret key comes from
+/// `secret_access_key_file` or `CTS_OBJECT_STORE_SECRET_ACCESS_KEY`; it is never logged.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ObjectStoreConfig {
+    /// S3 endpoints, the nearest first (`CTS_OBJECT_STORE_ENDPOINTS`, comma-separated).
+    pub endpoints: Vec<String>,
+    /// `CTS_OBJECT_STORE_REGION`.
+    pub region: String,
+    /// `CTS_OBJECT_STORE_BUCKET`.
+    pub bucket: String,
+    /// `CTS_OBJECT_STORE_ACCESS_KEY_ID`.
+    pub access_key_id: String,
+    /// A file holding the secret access key (its first line); `CTS_OBJECT_STORE_SECRET_ACCESS_KEY_FILE`.
+    #[serde(default)]
+    pub secret_access_key_file: Option<PathBuf>,
+    /// Set from `CTS_OBJECT_STORE_SECRET_ACCESS_KEY` only (never in the file).
+    #[serde(skip)]
+    pub secret_access_key: Option<gca_objstore::Secret>,
+    /// Object names start with this.
+    #[serde(default)]
+    pub prefix: String,
+    /// Accept plain `http://` endpoints (a cluster on loopback); objects are sealed either way.
+    #[serde(default)]
+    pub allow_http: bool,
+    /// Bound on one request to the store, in seconds.
+    #[serde(default = "default_objstore_timeout")]
+    pub request_timeout_secs: u64,
+}
+
+fn default_objstore_timeout() -> u64 {
+    30
+}
+
+impl ObjectStoreConfig {
+    /// The bucket's configuration, with the secret key read (from the environment or the file).
+    pub fn bucket_config(&self) -> anyhow::Result<gca_objstore::BucketConfig> {
+        let secret = match (&self.secret_access_key, &self.secret_access_key_file) {
+            (Some(s), _) => s.clone(),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path).with_context(|| {
+                    format!(
+                        "reading object_store.secret_access_key_file {}",
+                        path.display()
+                    )
+                })?;
+                let line = text.lines().next().unwrap_or("").trim().to_string();
+                if line.is_empty() {
+                    bail!(
+                        "object_store.secret_access_key_file {} is empty",
+                        path.display()
+                    );
+                }
+                gca_objstore::Secret::new(line)
+            }
+            (None, None) => bail!(
+                "[object_store] has no secret key: set secret_access_key_file or CTS_OBJECT_STORE_SECRET_ACCESS_KEY"
+            ),
+        };
+        Ok(gca_objstore::BucketConfig {
+            endpoints: self.endpoints.clone(),
+            region: self.region.clone(),
+            bucket: self.bucket.clone(),
+            access_key_id: self.access_key_id.clone(),
+            secret_access_key: secret,
+            prefix: self.prefix.clone(),
+            allow_http: self.allow_http,
+            request_timeout_secs: self.request_timeout_secs,
+        })
+    }
 }
 
 /// Overrides of the facts a CTS finds about its resource (`[facts]`). For tests (a resource
@@ -104,6 +204,9 @@ pub struct StoreConfig {
     /// before chunks did (for a store older CTSes must still read; default false: format 2,
     /// content-defined chunks deduplicated across the store's images). Either format is read.
     pub whole_files: bool,
+    /// `local` (default), `replicated` or `async` (see [`Durability`]); other than `local`
+    /// needs `[object_store]` and format 2 (`whole_files = false`). `CTS_STORE_DURABILITY`.
+    pub durability: Durability,
 }
 
 impl Default for StoreConfig {
@@ -113,6 +216,7 @@ impl Default for StoreConfig {
             max_bytes: 0,
             reconcile_secs: 3600,
             whole_files: false,
+            durability: Durability::Local,
         }
     }
 }
@@ -251,6 +355,15 @@ impl Config {
         if let Some(v) = get("CTS_STORE_DIR") {
             self.store.dir = Some(v.into());
         }
+        if let Some(v) = get("CTS_STORE_DURABILITY") {
+            self.store.durability = match v.as_str() {
+                "local" => Durability::Local,
+                "replicated" => Durability::Replicated,
+                "async" => Durability::Async,
+                _ => bail!("CTS_STORE_DURABILITY={v:?}: local, replicated or async"),
+            };
+        }
+        self.apply_object_store_env(&get)?;
         if let Some(v) = get("CTS_CGROUP_MODE") {
             self.cgroup.mode = match v.as_str() {
                 "auto" => crate::cgroup::CgroupMode::Auto,
@@ -311,7 +424,90 @@ impl Config {
         self.validate()
     }
 
+    /// `CTS_OBJECT_STORE_{ENDPOINTS,REGION,BUCKET,ACCESS_KEY_ID,SECRET_ACCESS_KEY,
+    /// SECRET_ACCESS_KEY_FILE,PREFIX,ALLOW_HTTP}`: with `ENDPOINTS` they make an `[object_store]`
+    /// the file may not have.
+    fn apply_object_store_env(
+        &mut self,
+        get: &impl Fn(&str) -> Option<String>,
+    ) -> anyhow::Result<()> {
+        let v = |k: &str| get(&format!("CTS_OBJECT_STORE_{k}")).filter(|v| !v.is_empty());
+        if self.object_store.is_none() {
+            let Some(endpoints) = v("ENDPOINTS") else {
+                return Ok(());
+            };
+            let need = |k: &str| {
+                v(k).with_context(|| {
+                    format!("CTS_OBJECT_STORE_ENDPOINTS is set without CTS_OBJECT_STORE_{k}")
+                })
+            };
+            self.object_store = Some(ObjectStoreConfig {
+                endpoints: Vec::new(),
+                region: need("REGION")?,
+                bucket: need("BUCKET")?,
+                access_key_id: need("ACCESS_KEY_ID")?,
+                secret_access_key_file: None,
+                secret_access_key: None,
+                prefix: String::new(),
+                allow_http: false,
+                request_timeout_secs: default_objstore_timeout(),
+            });
+            let _ = endpoints;
+        }
+        let os = self.object_store.as_mut().expect("set above");
+        if let Some(e) = v("ENDPOINTS") {
+            os.endpoints = e
+                .split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect();
+        }
+        if let Some(x) = v("REGION") {
+            os.region = x;
+        }
+        if let Some(x) = v("BUCKET") {
+            os.bucket = x;
+        }
+        if let Some(x) = v("ACCESS_KEY_ID") {
+            os.access_key_id = x;
+        }
+        if let Some(x) = v("SECRET_ACCESS_KEY") {
+            os.secret_access_key = Some(gca_objstore::Secret::new(x));
+        }
+        if let Some(x) = v("SECRET_ACCESS_KEY_FILE") {
+            os.secret_access_key_file = Some(x.into());
+        }
+        if let Some(x) = v("PREFIX") {
+            os.prefix = x;
+        }
+        if let Some(x) = v("ALLOW_HTTP") {
+            os.allow_http = x.parse().with_context(|| {
+                format!("CTS_OBJECT_STORE_ALLOW_HTTP={x:?} is not true or false")
+            })?;
+        }
+        Ok(())
+    }
+
     pub fn validate(&self) -> anyhow::Result<()> {
+        if self.store.durability != Durability::Local {
+            if self.object_store.is_none() {
+                bail!(
+                    "store.durability = {:?} needs an [object_store] (or CTS_OBJECT_STORE_*); use \"local\" without one",
+                    self.store.durability.to_string()
+                );
+            }
+            if self.store.whole_files {
+                bail!(
+                    "store.durability = {:?} needs chunked images: set store.whole_files = false",
+                    self.store.durability.to_string()
+                );
+            }
+        }
+        if let Some(os) = &self.object_store {
+            if os.endpoints.is_empty() {
+                bail!("[object_store] endpoints is empty");
+            }
+        }
         if !gca_protocol::descriptor::is_valid_name(&self.name) {
             bail!(gca_protocol::descriptor::invalid_name_message(
                 "CTS name", &self.name
@@ -461,5 +657,51 @@ mod tests {
         assert!(format!("{err:#}").contains("blcr"), "{err:#}");
         let err = Config::from_toml(&format!("{text}\n[store]\nmax = 3\n")).unwrap_err();
         assert!(format!("{err:#}").contains("max"), "{err:#}");
+    }
+
+    /// `store.durability` other than local needs an object store; the secret key comes from
+    /// the environment or a file and never shows in `Debug`.
+    #[test]
+    fn durability_and_object_store() {
+        let text = "name = \"a\"\nresource = \"r\"\nexecution_manager = \"em\"\ngcs_url = \"http://gcs:8080\"\ndescriptor = \"d.xml\"\nstate_dir = \"/tmp/x\"\ninsecure = true\n[driver]\nkind = \"application\"\n";
+        let cfg = Config::from_toml(text).unwrap();
+        assert_eq!(cfg.store.durability, Durability::Local);
+        assert!(cfg.object_store.is_none());
+        let err = Config::from_toml(&format!("{text}[store]\ndurability = \"replicated\"\n"))
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("[object_store]"), "{err:#}");
+        let mut cfg = Config::from_toml(text).unwrap();
+        let env = |k: &str| {
+            match k {
+                "CTS_STORE_DURABILITY" => Some("async"),
+                "CTS_OBJECT_STORE_ENDPOINTS" => {
+                    Some("http://127.0.0.1:3900, http://127.0.0.1:3910")
+                }
+                "CTS_OBJECT_STORE_REGION" => Some("garage"),
+                "CTS_OBJECT_STORE_BUCKET" => Some("b"),
+                "CTS_OBJECT_STORE_ACCESS_KEY_ID" => Some("GKid"),
+                "CTS_OBJECT_STORE_SECRET_ACCESS_KEY" => Some("very-secret"),
+                "CTS_OBJECT_STORE_ALLOW_HTTP" => Some("true"),
+                _ => None,
+            }
+            .map(str::to_string)
+        };
+        cfg.apply_env(env).unwrap();
+        assert_eq!(cfg.store.durability, Durability::Async);
+        let os = cfg.object_store.as_ref().unwrap();
+        assert_eq!(os.endpoints.len(), 2);
+        assert!(!format!("{cfg:?}").contains("very-secret"));
+        let b = os.bucket_config().unwrap();
+        assert_eq!(b.secret_access_key.expose(), "very-secret");
+        assert!(b.allow_http);
+        let err = Config::from_toml(&format!(
+            "{text}[object_store]\nendpoints = [\"http://h:1\"]\nregion = \"r\"\nbucket = \"b\"\naccess_key_id = \"k\"\n"
+        ))
+        .unwrap()
+        .object_store
+        .unwrap()
+        .bucket_config()
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("secret"), "{err:#}");
     }
 }

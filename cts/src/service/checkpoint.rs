@@ -276,6 +276,10 @@ impl Cts {
                 return Err(e);
             }
         };
+        // `replicated`: registered only once the image is in the object store too (a failure
+        // leaves the local image, unregistered, and is the caller's fault); `async`: uploaded
+        // in the background.
+        self.replicate(&job.gid, id).await?;
         job.checkpointed(id);
         self.inner.checkpoints_taken.fetch_add(1, Ordering::SeqCst);
         self.save_job(job);

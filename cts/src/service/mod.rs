@@ -35,6 +35,7 @@ mod jobs;
 mod reconcile;
 mod recovery;
 mod registration;
+mod tier;
 mod watch;
 
 use jobs::Job;
@@ -75,6 +76,8 @@ struct Inner {
     checkpoints_taken: AtomicU64,
     /// Job cgroups (`crate::cgroup`), as probed at start.
     cgroups: crate::cgroup::Cgroups,
+    /// The object store (`[object_store]`), if any, and this type's durability.
+    tier: Option<tier::Tier>,
     cancel: CancellationToken,
 }
 
@@ -192,6 +195,15 @@ impl Cts {
         let checkpoint_places = Arc::new(tokio::sync::Semaphore::new(
             config.limits.checkpoints_in_flight,
         ));
+        let tier = match &config.object_store {
+            Some(os) => {
+                let bucket = gca_objstore::Bucket::open(&os.bucket_config()?)
+                    .map_err(|e| anyhow::anyhow!("[object_store]: {e}"))?;
+                tracing::info!(endpoints = ?os.endpoints, bucket = %os.bucket, durability = %config.store.durability, "object store tier on");
+                Some(tier::Tier::new(bucket, config.store.durability))
+            }
+            None => None,
+        };
         let cts = Cts {
             inner: Arc::new(Inner {
                 config,
@@ -212,6 +224,7 @@ impl Cts {
                 exit_events,
                 checkpoints_taken: AtomicU64::new(0),
                 cgroups,
+                tier,
                 cancel: CancellationToken::new(),
             }),
         };

@@ -1,0 +1,195 @@
+//! The object-store tier (issue 12): an image's chunks and sealed manifest go to the job's
+//! part of the bucket (`gca_objstore`) after the local commit, at once (`replicated`) or in
+//! the background (`async`); a recovery whose source CTS is unreachable fetches from there.
+//! The job's key comes from the GCS (`GetJobKey`, given only to the CTS the job is on) and is
+//! kept in memory only, never logged.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use gca_objstore::{Bucket, JobChunks, JOB_KEY_LEN};
+use gca_protocol::fault::Fault;
+use gca_protocol::messages::GetJobKey;
+use gca_protocol::ops::GetJobKeyOp;
+use gca_protocol::FaultKind;
+use gca_store::{ChunkBackend, ImageId, Manifest};
+use parking_lot::Mutex;
+
+use super::Cts;
+use crate::config::Durability;
+use crate::error::{Error, Result};
+
+/// Background upload attempts of an `async` image before it is left to the local store only.
+const ASYNC_ATTEMPTS: u32 = 8;
+
+/// The bucket and the job keys fetched so far.
+pub(super) struct Tier {
+    pub(super) bucket: Bucket,
+    pub(super) durability: Durability,
+    keys: Mutex<HashMap<String, Arc<JobChunks>>>,
+}
+
+impl Tier {
+    pub(super) fn new(bucket: Bucket, durability: Durability) -> Self {
+        Self {
+            bucket,
+            durability,
+            keys: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+/// A fault of the tier, with a code callers can tell.
+fn tier_fault(code: &'static str, message: String) -> Error {
+    Error::Fault(Fault::new(FaultKind::OperationFailed, message).with_code(code))
+}
+
+impl Cts {
+    /// The job's part of the bucket, its key fetched from the GCS at the first use.
+    pub(super) async fn job_chunks(&self, gid: &str) -> Result<Arc<JobChunks>> {
+        let tier = self.inner.tier.as_ref().ok_or_else(|| {
+            tier_fault(
+                "no-object-store",
+                "this CTS has no [object_store]".to_string(),
+            )
+        })?;
+        if let Some(j) = tier.keys.lock().get(gid) {
+            return Ok(j.clone());
+        }
+        let key = self
+            .inner
+            .link
+            .query::<GetJobKeyOp>(&GetJobKey {
+                gid: gid.to_string(),
+            })
+            .await
+            .map_err(|f| {
+                Error::Fault(Fault {
+                    message: format!("the GCS did not give the key of job {gid:?}: {}", f.message),
+                    ..f
+                })
+            })?;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(key.key.as_bytes())
+            .ok()
+            .and_then(|b| <[u8; JOB_KEY_LEN]>::try_from(b).ok())
+            .ok_or_else(|| {
+                tier_fault(
+                    "bad-job-key",
+                    format!("the GCS's key of job {gid:?} is not {JOB_KEY_LEN} bytes of base64"),
+                )
+            })?;
+        let chunks = Arc::new(tier.bucket.job(gid, &bytes));
+        tier.keys.lock().insert(gid.to_string(), chunks.clone());
+        Ok(chunks)
+    }
+
+    /// Uploads a committed image: every chunk the bucket does not have yet (read verified from
+    /// the local store), then its sealed manifest (last: a manifest in the bucket means the
+    /// whole image is there).
+    pub(super) async fn upload_image(&self, gid: &str, id: &ImageId) -> Result<()> {
+        let remote = self.job_chunks(gid).await?;
+        let bytes = self.inner.store.manifest_bytes(id).await?;
+        let manifest = Manifest::parse(&bytes)?;
+        if !manifest.is_chunked() {
+            return Err(tier_fault(
+                "not-chunked",
+                format!("image {id} is not chunked (format 1); only chunked images go to the object store"),
+            ));
+        }
+        let refs: Vec<gca_store::ChunkRef> = {
+            let mut seen = std::collections::BTreeSet::new();
+            manifest
+                .files
+                .iter()
+                .flat_map(|f| f.chunks.iter())
+                .filter(|c| seen.insert(c.id))
+                .cloned()
+                .collect()
+        };
+        let store = self.inner.store.clone();
+        let up = remote.clone();
+        let image = id.to_string();
+        let uploaded = tokio::task::spawn_blocking(move || -> Result<usize> {
+            let mut n = 0;
+            for r in &refs {
+                if up.has(&r.id).map_err(|e| upload_err(&image, &e))? {
+                    continue;
+                }
+                let data = store.chunks().read_verified(r).map_err(|e| {
+                    tier_fault(
+                        "object-store-upload-failed",
+                        format!("image {image}: local chunk {}: {e:?}", r.id.to_hex()),
+                    )
+                })?;
+                up.put(&r.id, &data).map_err(|e| upload_err(&image, &e))?;
+                n += 1;
+            }
+            Ok(n)
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("the upload of image {id} failed: {e}"))??;
+        remote
+            .put_manifest(id.as_str(), &bytes)
+            .await
+            .map_err(|e| {
+                tier_fault(
+                    "object-store-upload-failed",
+                    format!("image {id}: its manifest: {e}"),
+                )
+            })?;
+        tracing::info!(%gid, checkpoint.id = %id, chunks.uploaded = uploaded, "image in the object store");
+        Ok(())
+    }
+
+    /// After a local commit, by the type's durability: `replicated` uploads before the caller
+    /// registers (a failure is the caller's fault, the local image stays); `async` starts a
+    /// background upload with retries; `local` does nothing.
+    pub(super) async fn replicate(&self, gid: &str, id: &ImageId) -> Result<()> {
+        let Some(tier) = &self.inner.tier else {
+            return Ok(());
+        };
+        match tier.durability {
+            Durability::Local => Ok(()),
+            Durability::Replicated => self.upload_image(gid, id).await.map_err(|e| {
+                let f: Fault = e.into();
+                Error::Fault(Fault {
+                    message: format!(
+                        "checkpoint {id} of job {gid:?} was stored locally but not in the object store (durability replicated), so it is not registered: {}",
+                        f.message
+                    ),
+                    ..f
+                }
+                .with_code("object-store-upload-failed"))
+            }),
+            Durability::Async => {
+                let cts = self.clone();
+                let (gid, id) = (gid.to_string(), id.clone());
+                tokio::spawn(async move {
+                    let mut wait = Duration::from_millis(500);
+                    for attempt in 1..=ASYNC_ATTEMPTS {
+                        match cts.upload_image(&gid, &id).await {
+                            Ok(()) => return,
+                            Err(e) => {
+                                tracing::warn!(%gid, checkpoint.id = %id, attempt, error = %e, "background upload failed; retrying");
+                            }
+                        }
+                        tokio::select! {
+                            _ = cts.inner.cancel.cancelled() => return,
+                            _ = tokio::time::sleep(wait) => {}
+                        }
+                        wait = (wait * 2).min(Duration::from_secs(30));
+                    }
+                    tracing::error!(%gid, checkpoint.id = %id, "image not uploaded to the object store after {ASYNC_ATTEMPTS} attempts; it is in the local store only");
+                });
+                Ok(())
+            }
+        }
+    }
+}
+
+fn upload_err(image: &str, e: &std::io::Error) -> Error {
+    tier_fault("object-store-upload-failed", format!("image {image}: {e}"))
+}
