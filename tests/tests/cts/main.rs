@@ -12,3 +12,4 @@ mod limits;
 mod outbox;
 mod retention;
 mod template;
+mod tier;
