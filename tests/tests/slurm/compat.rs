@@ -2,8 +2,9 @@
 //! resubmitted with the shipped `recover.sbatch` and `self-recovering.sbatch` at a CTS that
 //! reports another CRIU version. Each batch job ends with exit status 72 (the resource lacks
 //! what the job needs), saying why in its output, before anything is fetched or registered
-//! (the job is not started from scratch either); resubmitted at a compatible CTS it continues
-//! from its state.
+//! (the job is not started from scratch either); resubmitted at a CTS whose site accepts
+//! another CRIU minor version (`[compatibility] criu_version = "same-major"`) it continues from
+//! its state.
 //!
 //! Every CTS runs the same CRIU here; one reports another version through `[facts]
 //! criu_version`, which is what the GCS and the CTS judge images by.
@@ -60,6 +61,15 @@ async fn an_incompatible_resource_refuses_the_recovery_through_slurm_with_status
         "criu",
         CRIU_DRIVER_HOST_PIDS,
         "[facts]\ncriu_version = \"4.0.0\"\n",
+    )
+    .await;
+    // Another CRIU minor version too, at a site that accepts one.
+    let relaxed = TestCts::registered(
+        &gcs,
+        "cts-slurm-relaxed",
+        "criu",
+        CRIU_DRIVER_HOST_PIDS,
+        "[facts]\ncriu_version = \"4.0.0\"\n[compatibility]\ncriu_version = \"same-major\"\n",
     )
     .await;
     let gid = "gid-slurm-compat";
@@ -140,9 +150,9 @@ async fn an_incompatible_resource_refuses_the_recovery_through_slurm_with_status
         );
     }
 
-    // At the compatible CTS it continues from its state.
+    // At the CTS whose site relaxes the rule it continues from its state.
     let (s, e, a) = (
-        submit("gca-recover", dir.path(), gid, &here),
+        submit("gca-recover", dir.path(), gid, &relaxed),
         examples.join("recover.sbatch"),
         args,
     );
@@ -155,7 +165,9 @@ async fn an_incompatible_resource_refuses_the_recovery_through_slurm_with_status
     let v = values(&log);
     let expected: Vec<u64> = (1..=*v.last().unwrap()).collect();
     assert_eq!(v, expected, "the counter continues where it stopped");
-    assert_eq!(gcs_job(&gcs, gid).await.recoveries, 1);
+    let job = gcs_job(&gcs, gid).await;
+    assert_eq!(job.recoveries, 1);
+    assert_eq!(job.cts_instance, "cts-slurm-relaxed", "{job:?}");
     blocking(move || slurm::cancel(second)).await;
     blocking(move || slurm::wait_finished(second, WAIT)).await;
 }
