@@ -257,11 +257,23 @@ pub fn requeue(id: JobId) {
     run("scontrol", ["requeue", &id.to_string()]);
 }
 
+/// How long a requeued job stays pending before [`wait_requeued_running`] starts it: more
+/// than the one-second granularity of slurmd's credential revocation.
+pub const REVOKE_GRACE: Duration = Duration::from_millis(2500);
+
 /// Waits until the job runs again after its `restarts`-th requeue. Slurm makes a requeued
 /// job eligible only `cred_expire` (120 s) later; this moves its start to now
-/// (`scontrol update StartTime=now`, as an operator may) whenever it is pending.
+/// (`scontrol update StartTime=now`, as an operator may) once it has been pending for
+/// [`REVOKE_GRACE`].
+///
+/// Not at once: slurmd revokes the job's credential when it kills the old instance and
+/// refuses a launch whose credential is not newer than the revocation, in whole seconds
+/// ("Job N already killed, do not launch batch job"); a start in the same second as the
+/// requeue fails the job for good (FAILED, ExitCode 1:0, RunTime 0), which is what
+/// `cred_expire` protects against.
 pub fn wait_requeued_running(id: JobId, restarts: u32, timeout: Duration) {
     let deadline = Instant::now() + timeout;
+    let mut pending_since = None;
     loop {
         let info = job_info(id);
         let state = info.get("JobState").cloned().unwrap_or_default();
@@ -272,7 +284,9 @@ pub fn wait_requeued_running(id: JobId, restarts: u32, timeout: Duration) {
         if n >= restarts && state == "RUNNING" {
             return;
         }
-        if state == "PENDING" {
+        if state == "PENDING"
+            && pending_since.get_or_insert_with(Instant::now).elapsed() >= REVOKE_GRACE
+        {
             let _ = Command::new("scontrol")
                 .args(["update", &format!("JobId={id}"), "StartTime=now"])
                 .env("SLURM_CONF", conf())

@@ -63,5 +63,6 @@ fn scancel_delivers_sigterm() {
     assert_eq!(slurm::wait_finished(id, WAIT), "CANCELLED");
 }
 
+mod compat;
 mod self_recovering;
 mod through_wrappers;
