@@ -21,6 +21,7 @@ use tokio::sync::oneshot;
 pub mod consumer;
 pub mod cts;
 pub mod db;
+pub mod garage;
 pub mod gridengine;
 pub mod pki;
 pub mod process;

@@ -293,7 +293,7 @@ impl Cts {
                             "cannot fetch image {id} from {source:?}: expected the record's image name, http(s)://<cts>/images/{id}"
                         ))
                     })?;
-                bytes_transferred = gca_store::fetch::fetch_image_report(
+                let from_cts = gca_store::fetch::fetch_image_report(
                     &self.inner.transfers,
                     base,
                     &image,
@@ -301,9 +301,20 @@ impl Cts {
                     store,
                     &Default::default(),
                 )
-                .await?
-                .bytes_transferred;
-                tracing::info!(checkpoint.id = %id, source = %source, "image fetched for a recovery");
+                .await;
+                bytes_transferred = match from_cts {
+                    Ok(f) => {
+                        tracing::info!(checkpoint.id = %id, source = %source, "image fetched for a recovery");
+                        f.bytes_transferred
+                    }
+                    // The CTS that took it is unreachable (or lost it): the object store.
+                    Err(e) if self.inner.tier.is_some() => {
+                        tracing::warn!(checkpoint.id = %id, source = %source, error = %e, "image not fetched from its CTS; trying the object store");
+                        self.fetch_from_bucket(&req.gid, &image, record.digest.as_deref())
+                            .await?
+                    }
+                    Err(e) => return Err(e.into()),
+                };
                 true
             }
             Err(e) => return Err(e.into()),

@@ -193,3 +193,100 @@ impl Cts {
 fn upload_err(image: &str, e: &std::io::Error) -> Error {
     tier_fault("object-store-upload-failed", format!("image {image}: {e}"))
 }
+
+impl Cts {
+    /// A recovery's fallback when the CTS that took an image is unreachable: the image from
+    /// the job's part of the bucket into the local store. The manifest must have the digest
+    /// the GCS recorded; each chunk is opened (its seal checked) and hashed against its name
+    /// before it is stored; only chunks the local store lacks are downloaded. Returns the
+    /// bytes downloaded.
+    pub(super) async fn fetch_from_bucket(
+        &self,
+        gid: &str,
+        id: &ImageId,
+        digest: Option<&str>,
+    ) -> Result<u64> {
+        let remote = self.job_chunks(gid).await?;
+        let bytes = remote
+            .get_manifest(id.as_str())
+            .await
+            .map_err(|e| {
+                tier_fault(
+                    "object-store-unavailable",
+                    format!("image {id} from the object store: {e}"),
+                )
+            })?
+            .ok_or_else(|| {
+                tier_fault(
+                    "image-not-in-object-store",
+                    format!("image {id} of job {gid:?} is not in the object store"),
+                )
+            })?;
+        let have = Manifest::digest_of(&bytes);
+        if let Some(want) = digest {
+            if !want.trim().eq_ignore_ascii_case(&have) {
+                return Err(tier_fault(
+                    "image-corrupt",
+                    format!("image {id} in the object store has digest {have}, the GCS recorded {want}: refusing it"),
+                ));
+            }
+        }
+        let manifest = Manifest::parse(&bytes)?;
+        let staging = self.inner.store.stage(id).await?;
+        let mut refs = Vec::new();
+        let mut seen = std::collections::BTreeSet::new();
+        for c in manifest.files.iter().flat_map(|f| f.chunks.iter()) {
+            if seen.insert(c.id) {
+                staging.pins().pin(&c.id);
+                refs.push(*c);
+            }
+        }
+        let store = self.inner.store.clone();
+        let image = id.to_string();
+        let downloaded = tokio::task::spawn_blocking(move || -> Result<u64> {
+            let local = store.chunks().backend();
+            let mut written = Vec::new();
+            let mut n = 0u64;
+            for r in &refs {
+                let present = local
+                    .has(&r.id)
+                    .map_err(|e| anyhow::anyhow!("image {image}: local chunk lookup: {e}"))?;
+                if present {
+                    continue;
+                }
+                let data = remote.read(&r.id).map_err(|e| {
+                    tier_fault(
+                        "object-store-unavailable",
+                        format!(
+                            "image {image}: chunk {} from the object store: {e}",
+                            r.id.to_hex()
+                        ),
+                    )
+                })?;
+                if gca_store::ChunkId::of(&data) != r.id || data.len() != r.size as usize {
+                    return Err(tier_fault(
+                        "image-corrupt",
+                        format!(
+                            "image {image}: chunk {} from the object store does not match its name",
+                            r.id.to_hex()
+                        ),
+                    ));
+                }
+                local
+                    .put(&r.id, &data)
+                    .map_err(|e| anyhow::anyhow!("image {image}: storing a chunk: {e}"))?;
+                n += data.len() as u64;
+                written.push(r.id);
+            }
+            local
+                .sync(&written)
+                .map_err(|e| anyhow::anyhow!("image {image}: syncing chunks: {e}"))?;
+            Ok(n)
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("the download of image {id} failed: {e}"))??;
+        staging.commit_with_manifest(bytes).await?;
+        tracing::info!(%gid, checkpoint.id = %id, bytes = downloaded, "image fetched from the object store for a recovery");
+        Ok(downloaded)
+    }
+}

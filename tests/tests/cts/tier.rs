@@ -4,108 +4,13 @@
 //! (`scripts/garage-cluster`; Garage from `scripts/install-garage`, which `scripts/install-deps`
 //! runs): the test fails, it does not skip, when Garage is missing.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
-use base64::Engine;
 use gca_protocol::messages::*;
-use gca_protocol::ops::{DoCheckpointOp, GetJobKeyOp};
+use gca_protocol::ops::DoCheckpointOp;
 use integration_tests::cts::*;
+use integration_tests::garage::Cluster;
 use integration_tests::TestGcs;
-
-struct Cluster {
-    dir: tempfile::TempDir,
-    env: HashMap<String, String>,
-}
-
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/garage-cluster")
-}
-
-impl Cluster {
-    fn start() -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("gca-garage-")
-            .tempdir()
-            .unwrap();
-        let out = Command::new("bash")
-            .arg(script())
-            .args(["start", dir.path().to_str().unwrap(), "3"])
-            .output()
-            .expect("run scripts/garage-cluster");
-        assert!(
-            out.status.success(),
-            "scripts/garage-cluster start failed (scripts/install-garage installs Garage): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let env = std::fs::read_to_string(dir.path().join("env"))
-            .unwrap()
-            .lines()
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
-            .collect();
-        Cluster { dir, env }
-    }
-
-    fn endpoints(&self) -> Vec<String> {
-        self.env["GCA_S3_ENDPOINTS"]
-            .split(' ')
-            .map(String::from)
-            .collect()
-    }
-
-    /// The CTS's `[store]` and `[object_store]` tables (the secret in a file).
-    fn cts_extra(&self, durability: &str) -> String {
-        let secret = self.dir.path().join("secret");
-        std::fs::write(&secret, &self.env["GCA_S3_SECRET_ACCESS_KEY"]).unwrap();
-        format!(
-            "[store]\ndurability = {durability:?}\n[object_store]\nendpoints = {:?}\nregion = {:?}\nbucket = {:?}\naccess_key_id = {:?}\nsecret_access_key_file = {:?}\nprefix = \"cts-test\"\nallow_http = true\nrequest_timeout_secs = 10\n",
-            self.endpoints(),
-            self.env["GCA_S3_REGION"],
-            self.env["GCA_S3_BUCKET"],
-            self.env["GCA_S3_ACCESS_KEY_ID"],
-            secret,
-        )
-    }
-
-    /// The job's part of the bucket as the CTS sees it, under the job's key from the GCS.
-    async fn job(&self, gcs: &TestGcs, cts: &str, gid: &str) -> gca_objstore::JobChunks {
-        let key = gcs
-            .call_as::<GetJobKeyOp>(&format!("cts:{cts}"), GetJobKey { gid: gid.into() })
-            .await
-            .expect("the job's key, for its CTS");
-        let key: [u8; 32] = base64::engine::general_purpose::STANDARD
-            .decode(&key.key)
-            .unwrap()
-            .try_into()
-            .unwrap();
-        let bucket = gca_objstore::Bucket::open(&gca_objstore::BucketConfig {
-            endpoints: self.endpoints(),
-            region: self.env["GCA_S3_REGION"].clone(),
-            bucket: self.env["GCA_S3_BUCKET"].clone(),
-            access_key_id: self.env["GCA_S3_ACCESS_KEY_ID"].clone(),
-            secret_access_key: gca_objstore::Secret::new(
-                self.env["GCA_S3_SECRET_ACCESS_KEY"].clone(),
-            ),
-            prefix: "cts-test".into(),
-            allow_http: true,
-            request_timeout_secs: 10,
-        })
-        .unwrap();
-        bucket.job(gid, &key)
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = Command::new("bash")
-            .arg(script())
-            .args(["stop", self.dir.path().to_str().unwrap()])
-            .status();
-    }
-}
 
 async fn checkpointed(gcs: &TestGcs, cts: &TestCts, gid: &str) -> (CheckpointRecord, TestJob) {
     let job = TestJob::app_counter(cts.dir.path(), &[]);
