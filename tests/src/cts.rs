@@ -328,6 +328,11 @@ impl TestCts {
     }
 
     pub async fn shutdown(mut self) {
+        self.stop().await;
+    }
+
+    /// Stops the CTS (its port closes), keeping its directory (the jobs' files) for the test.
+    pub async fn stop(&mut self) {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }

@@ -8,4 +8,5 @@ mod criu;
 mod failures;
 mod isolation;
 mod resume;
+mod tier;
 mod vmm;
