@@ -34,7 +34,7 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use gca_store::{ChunkBackend, ChunkId};
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as ObjectPath;
@@ -43,6 +43,9 @@ use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 use ring::rand::{SecureRandom, SystemRandom};
 use ring::{hkdf, hmac};
 use serde::Deserialize;
+
+mod transfer;
+pub use transfer::{distinct_chunks, Moved, IN_FLIGHT};
 
 /// Bytes of a job key.
 pub const JOB_KEY_LEN: usize = 32;
@@ -60,6 +63,13 @@ pub enum Error {
     },
     #[error("{0}")]
     Sealed(String),
+    /// What came from the bucket is not what was stored: a seal that does not open, or a
+    /// chunk that does not hash to its name.
+    #[error("{0}")]
+    Corrupt(String),
+    /// The local side of a transfer failed (the local store, a blocking task).
+    #[error("{0}")]
+    Local(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -349,6 +359,18 @@ impl JobChunks {
         Ok(sealed)
     }
 
+    /// [`JobChunks::open_chunk`] for the transfers: a seal that does not open is corruption.
+    fn open_sealed_chunk(&self, name: &str, id: &ChunkId, sealed: Vec<u8>) -> Result<Vec<u8>> {
+        if sealed.len() > gca_store::chunks::MAX_CHUNK + AES_256_GCM.tag_len() {
+            return Err(Error::Corrupt(format!(
+                "chunk {id} of job {:?} in the object store is larger than any chunk",
+                self.gid
+            )));
+        }
+        self.open_chunk(name, id, sealed)
+            .map_err(|e| Error::Corrupt(e.to_string()))
+    }
+
     fn block_on<T>(&self, f: impl std::future::Future<Output = T>) -> T {
         self.bucket.runtime.block_on(f)
     }
@@ -460,19 +482,32 @@ impl JobChunks {
                 }
             })
             .await?;
-        let mut removed = 0;
-        for name in names {
-            if wanted.contains(name.as_ref()) {
-                continue;
-            }
-            self.bucket
-                .each(|s| {
-                    let name = name.clone();
-                    async move { s.delete(&name).await }
-                })
-                .await?;
-            removed += 1;
-        }
+        let unwanted: Vec<ObjectPath> = names
+            .into_iter()
+            .filter(|n| !wanted.contains(n.as_ref()))
+            .collect();
+        let removed = unwanted.len();
+        futures::stream::iter(unwanted)
+            .map(|name| async move {
+                match self
+                    .bucket
+                    .each(|s| {
+                        let name = name.clone();
+                        async move { s.delete(&name).await }
+                    })
+                    .await
+                {
+                    Ok(())
+                    | Err(Error::Store {
+                        source: object_store::Error::NotFound { .. },
+                        ..
+                    }) => Ok(()),
+                    Err(e) => Err(e),
+                }
+            })
+            .buffer_unordered(IN_FLIGHT)
+            .try_collect::<Vec<()>>()
+            .await?;
         Ok(removed)
     }
 }

@@ -35,6 +35,9 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
+#[path = "gca/tier.rs"]
+mod tier;
+
 const BENCHES: &[(&str, &str)] = &[
     (
         "register",
@@ -79,6 +82,12 @@ const BENCHES: &[(&str, &str)] = &[
         "vmm",
         "a VM checkpoint through the CTS vs QMP's own save of the same VM (drive-backup and \
          migrate to a file)",
+    ),
+    (
+        "tier",
+        "the object-store tier: upload and download of an image through it vs a plain PUT/GET \
+         of the same bytes to the same 3-node Garage; a CRIU checkpoint with durability \
+         `replicated` vs `local`",
     ),
 ];
 
@@ -227,6 +236,7 @@ async fn main() -> ExitCode {
             "hash" => tokio::spawn(bench_hash(o)).await,
             "rpdoc" => tokio::spawn(bench_rpdoc(o)).await,
             "vmm" => tokio::spawn(bench_vmm(o)).await,
+            "tier" => tokio::spawn(tier::bench_tier(o)).await,
             other => unreachable!("unknown benchmark {other}"),
         };
         match result {

@@ -79,7 +79,15 @@ impl Cluster {
             .unwrap()
             .try_into()
             .unwrap();
-        let bucket = gca_objstore::Bucket::open(&gca_objstore::BucketConfig {
+        let bucket = gca_objstore::Bucket::open(&self.bucket_config("cts-test")).unwrap();
+        bucket.job(gid, &key)
+    }
+}
+
+impl Cluster {
+    /// The bucket's settings, its names under `prefix`.
+    pub fn bucket_config(&self, prefix: &str) -> gca_objstore::BucketConfig {
+        gca_objstore::BucketConfig {
             endpoints: self.endpoints(),
             region: self.env["GCA_S3_REGION"].clone(),
             bucket: self.env["GCA_S3_BUCKET"].clone(),
@@ -87,16 +95,12 @@ impl Cluster {
             secret_access_key: gca_objstore::Secret::new(
                 self.env["GCA_S3_SECRET_ACCESS_KEY"].clone(),
             ),
-            prefix: "cts-test".into(),
+            prefix: prefix.into(),
             allow_http: true,
             request_timeout_secs: 10,
-        })
-        .unwrap();
-        bucket.job(gid, &key)
+        }
     }
-}
 
-impl Cluster {
     /// Kills node `n` (1-based) at once (SIGKILL).
     pub fn kill(&self, n: u32) {
         let ok = Command::new("bash")

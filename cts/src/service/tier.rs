@@ -14,7 +14,7 @@ use gca_protocol::fault::Fault;
 use gca_protocol::messages::GetJobKey;
 use gca_protocol::ops::GetJobKeyOp;
 use gca_protocol::FaultKind;
-use gca_store::{ChunkBackend, ImageId, Manifest};
+use gca_store::{ImageId, Manifest};
 use parking_lot::Mutex;
 
 use super::Cts;
@@ -99,38 +99,11 @@ impl Cts {
                 format!("image {id} is not chunked (format 1); only chunked images go to the object store"),
             ));
         }
-        let refs: Vec<gca_store::ChunkRef> = {
-            let mut seen = std::collections::BTreeSet::new();
-            manifest
-                .files
-                .iter()
-                .flat_map(|f| f.chunks.iter())
-                .filter(|c| seen.insert(c.id))
-                .cloned()
-                .collect()
-        };
-        let store = self.inner.store.clone();
-        let up = remote.clone();
-        let image = id.to_string();
-        let uploaded = tokio::task::spawn_blocking(move || -> Result<usize> {
-            let mut n = 0;
-            for r in &refs {
-                if up.has(&r.id).map_err(|e| upload_err(&image, &e))? {
-                    continue;
-                }
-                let data = store.chunks().read_verified(r).map_err(|e| {
-                    tier_fault(
-                        "object-store-upload-failed",
-                        format!("image {image}: local chunk {}: {e:?}", r.id.to_hex()),
-                    )
-                })?;
-                up.put(&r.id, &data).map_err(|e| upload_err(&image, &e))?;
-                n += 1;
-            }
-            Ok(n)
-        })
-        .await
-        .map_err(|e| anyhow::anyhow!("the upload of image {id} failed: {e}"))??;
+        let refs = gca_objstore::distinct_chunks(manifest.files.iter().flat_map(|f| &f.chunks));
+        let moved = remote
+            .upload_chunks(&self.inner.store, &refs)
+            .await
+            .map_err(|e| upload_err(id.as_str(), &e))?;
         remote
             .put_manifest(id.as_str(), &bytes)
             .await
@@ -140,7 +113,7 @@ impl Cts {
                     format!("image {id}: its manifest: {e}"),
                 )
             })?;
-        tracing::info!(%gid, checkpoint.id = %id, chunks.uploaded = uploaded, "image in the object store");
+        tracing::info!(%gid, checkpoint.id = %id, chunks.uploaded = moved.chunks, chunks.present = moved.skipped, bytes = moved.bytes, "image in the object store");
         Ok(())
     }
 
@@ -190,8 +163,26 @@ impl Cts {
     }
 }
 
-fn upload_err(image: &str, e: &std::io::Error) -> Error {
+fn upload_err(image: &str, e: &gca_objstore::Error) -> Error {
     tier_fault("object-store-upload-failed", format!("image {image}: {e}"))
+}
+
+/// A download's error as a fault: what the bucket gave back is corrupt, or it (or the local
+/// store) failed.
+fn download_err(image: &str, e: gca_objstore::Error) -> Error {
+    match e {
+        gca_objstore::Error::Corrupt(why) => tier_fault(
+            "image-corrupt",
+            format!("image {image} from the object store: {why}"),
+        ),
+        gca_objstore::Error::Local(why) => {
+            anyhow::anyhow!("image {image} from the object store: {why}").into()
+        }
+        other => tier_fault(
+            "object-store-unavailable",
+            format!("image {image} from the object store: {other}"),
+        ),
+    }
 }
 
 impl Cts {
@@ -233,58 +224,16 @@ impl Cts {
         }
         let manifest = Manifest::parse(&bytes)?;
         let staging = self.inner.store.stage(id).await?;
-        let mut refs = Vec::new();
-        let mut seen = std::collections::BTreeSet::new();
-        for c in manifest.files.iter().flat_map(|f| f.chunks.iter()) {
-            if seen.insert(c.id) {
-                staging.pins().pin(&c.id);
-                refs.push(*c);
-            }
+        let refs = gca_objstore::distinct_chunks(manifest.files.iter().flat_map(|f| &f.chunks));
+        for c in &refs {
+            staging.pins().pin(&c.id);
         }
-        let store = self.inner.store.clone();
-        let image = id.to_string();
-        let downloaded = tokio::task::spawn_blocking(move || -> Result<u64> {
-            let local = store.chunks().backend();
-            let mut written = Vec::new();
-            let mut n = 0u64;
-            for r in &refs {
-                let present = local
-                    .has(&r.id)
-                    .map_err(|e| anyhow::anyhow!("image {image}: local chunk lookup: {e}"))?;
-                if present {
-                    continue;
-                }
-                let data = remote.read(&r.id).map_err(|e| {
-                    tier_fault(
-                        "object-store-unavailable",
-                        format!(
-                            "image {image}: chunk {} from the object store: {e}",
-                            r.id.to_hex()
-                        ),
-                    )
-                })?;
-                if gca_store::ChunkId::of(&data) != r.id || data.len() != r.size as usize {
-                    return Err(tier_fault(
-                        "image-corrupt",
-                        format!(
-                            "image {image}: chunk {} from the object store does not match its name",
-                            r.id.to_hex()
-                        ),
-                    ));
-                }
-                local
-                    .put(&r.id, &data)
-                    .map_err(|e| anyhow::anyhow!("image {image}: storing a chunk: {e}"))?;
-                n += data.len() as u64;
-                written.push(r.id);
-            }
-            local
-                .sync(&written)
-                .map_err(|e| anyhow::anyhow!("image {image}: syncing chunks: {e}"))?;
-            Ok(n)
-        })
-        .await
-        .map_err(|e| anyhow::anyhow!("the download of image {id} failed: {e}"))??;
+        // (On an error the staging area is dropped, which removes it.)
+        let moved = remote
+            .download_chunks(&self.inner.store, &refs)
+            .await
+            .map_err(|e| download_err(id.as_str(), e))?;
+        let downloaded = moved.bytes;
         staging.commit_with_manifest(bytes).await?;
         tracing::info!(%gid, checkpoint.id = %id, bytes = downloaded, "image fetched from the object store for a recovery");
         Ok(downloaded)

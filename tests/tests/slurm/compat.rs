@@ -20,12 +20,12 @@ use integration_tests::TestGcs;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     tokio::task::spawn_blocking(f).await.expect("blocking task")
 }
 
 /// `sbatch` options pointing the example scripts at `cts` for `gid`.
-fn submit(name: &str, dir: &std::path::Path, gid: &str, cts: &TestCts) -> Submit {
+pub(crate) fn submit(name: &str, dir: &std::path::Path, gid: &str, cts: &TestCts) -> Submit {
     let mut s = Submit::new(name, dir);
     s.extra.push(format!(
         "--export=ALL,GID={gid},CTS_URL=unix:{},GCA_EXEC={},GCA_RECOVER={},GCA_CHECKPOINT={}",

@@ -66,3 +66,4 @@ fn scancel_delivers_sigterm() {
 mod compat;
 mod self_recovering;
 mod through_wrappers;
+mod tier;
