@@ -45,7 +45,7 @@ use ring::{hkdf, hmac};
 use serde::Deserialize;
 
 mod transfer;
-pub use transfer::{distinct_chunks, Moved, IN_FLIGHT};
+pub use transfer::{distinct_chunks, Moved, IN_FLIGHT, PACK_BYTES};
 
 /// Bytes of a job key.
 pub const JOB_KEY_LEN: usize = 32;
@@ -207,6 +207,7 @@ impl Bucket {
             gid: gid.to_string(),
             dir,
             keys: JobKeys::derive(key),
+            packs: Default::default(),
         }
     }
 
@@ -281,6 +282,8 @@ pub struct JobChunks {
     gid: String,
     dir: String,
     keys: JobKeys,
+    /// The pack indexes read so far (packs never change once written).
+    packs: std::sync::Mutex<transfer::PackIndex>,
 }
 
 impl std::fmt::Debug for JobChunks {
@@ -295,8 +298,58 @@ impl std::fmt::Debug for JobChunks {
 impl JobChunks {
     /// The object name of a chunk: keyed, so that it does not reveal the chunk's digest.
     fn chunk_name(&self, id: &ChunkId) -> String {
+        format!("{}/chunks/{}", self.dir, hex::encode(self.chunk_tag(id)))
+    }
+
+    /// A chunk's keyed tag: its object name's last part, and its key in pack indexes.
+    fn chunk_tag(&self, id: &ChunkId) -> [u8; 32] {
         let tag = hmac::sign(&self.keys.names, id.to_hex().as_bytes());
-        format!("{}/chunks/{}", self.dir, hex::encode(tag.as_ref()))
+        tag.as_ref().try_into().expect("32 bytes of HMAC-SHA-256")
+    }
+
+    /// Seals a small object (a manifest, a pack index) under the manifest key: a random
+    /// nonce in front, the object's name as associated data.
+    fn seal_blob(&self, name: &str, plain: &[u8]) -> Result<Vec<u8>> {
+        let mut nonce = [0u8; NONCE_LEN];
+        SystemRandom::new()
+            .fill(&mut nonce)
+            .map_err(|_| Error::Sealed("no random numbers for a nonce".into()))?;
+        let mut sealed = plain.to_vec();
+        self.keys
+            .manifests
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(name.as_bytes()),
+                &mut sealed,
+            )
+            .map_err(|_| Error::Sealed(format!("cannot seal {name}")))?;
+        let mut body = nonce.to_vec();
+        body.extend_from_slice(&sealed);
+        Ok(body)
+    }
+
+    /// Opens what [`JobChunks::seal_blob`] made; `what` names it in errors.
+    fn open_blob(&self, name: &str, body: &[u8], what: &str) -> Result<Vec<u8>> {
+        if body.len() < NONCE_LEN {
+            return Err(Error::Sealed(format!(
+                "{what} of job {:?} in the object store is truncated",
+                self.gid
+            )));
+        }
+        let (nonce, sealed) = body.split_at(NONCE_LEN);
+        let mut sealed = sealed.to_vec();
+        let nonce = Nonce::try_assume_unique_for_key(nonce).expect("12 bytes");
+        let plain = self
+            .keys
+            .manifests
+            .open_in_place(nonce, Aad::from(name.as_bytes()), &mut sealed)
+            .map_err(|_| {
+                Error::Sealed(format!(
+                    "{what} of job {:?} in the object store does not open with the job's key (altered, or not this job's)",
+                    self.gid
+                ))
+            })?;
+        Ok(plain.to_vec())
     }
 
     fn manifest_name(&self, image: &str) -> Result<String> {
@@ -378,21 +431,7 @@ impl JobChunks {
     /// Stores an image's manifest (its exact bytes), sealed.
     pub async fn put_manifest(&self, image: &str, manifest: &[u8]) -> Result<()> {
         let name = self.manifest_name(image)?;
-        let mut nonce = [0u8; NONCE_LEN];
-        SystemRandom::new()
-            .fill(&mut nonce)
-            .map_err(|_| Error::Sealed("no random numbers for a nonce".into()))?;
-        let mut sealed = manifest.to_vec();
-        self.keys
-            .manifests
-            .seal_in_place_append_tag(
-                Nonce::assume_unique_for_key(nonce),
-                Aad::from(name.as_bytes()),
-                &mut sealed,
-            )
-            .map_err(|_| Error::Sealed("cannot seal a manifest".into()))?;
-        let mut body = nonce.to_vec();
-        body.extend_from_slice(&sealed);
+        let body = bytes::Bytes::from(self.seal_blob(&name, manifest)?);
         let path = ObjectPath::from(name.as_str());
         self.bucket
             .each(|s| {
@@ -422,26 +461,8 @@ impl JobChunks {
             }) => return Ok(None),
             Err(e) => return Err(e),
         };
-        if body.len() < NONCE_LEN {
-            return Err(Error::Sealed(format!(
-                "the manifest of image {image} of job {:?} in the object store is truncated",
-                self.gid
-            )));
-        }
-        let (nonce, sealed) = body.split_at(NONCE_LEN);
-        let mut sealed = sealed.to_vec();
-        let nonce = Nonce::try_assume_unique_for_key(nonce).expect("12 bytes");
-        let plain = self
-            .keys
-            .manifests
-            .open_in_place(nonce, Aad::from(name.as_bytes()), &mut sealed)
-            .map_err(|_| {
-                Error::Sealed(format!(
-                    "the manifest of image {image} of job {:?} in the object store does not open with the job's key (altered, or not this job's)",
-                    self.gid
-                ))
-            })?;
-        Ok(Some(plain.to_vec()))
+        let what = format!("the manifest of image {image}");
+        self.open_blob(&name, &body, &what).map(Some)
     }
 
     /// Removes an image's manifest (its chunks go at the next [`JobChunks::sweep`]).
@@ -465,7 +486,8 @@ impl JobChunks {
     }
 
     /// Removes every chunk of the job that `keep` (the chunks of the job's images still
-    /// recorded) does not name; returns how many went. The caller makes `keep` under the same
+    /// recorded) does not name, and every pack none of whose chunks it names; returns how
+    /// many objects (single chunks and packs) went. The caller makes `keep` under the same
     /// rule as the local store's sweep: an image being uploaded counts as kept.
     pub async fn sweep(&self, keep: &BTreeSet<ChunkId>) -> Result<usize> {
         let wanted: BTreeSet<String> = keep.iter().map(|id| self.chunk_name(id)).collect();
@@ -505,10 +527,10 @@ impl JobChunks {
                     Err(e) => Err(e),
                 }
             })
-            .buffer_unordered(IN_FLIGHT)
+            .buffer_unordered(IN_FLIGHT * 4)
             .try_collect::<Vec<()>>()
             .await?;
-        Ok(removed)
+        Ok(removed + self.sweep_packs(keep).await?)
     }
 }
 

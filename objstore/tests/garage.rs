@@ -325,3 +325,147 @@ fn plain_http_and_bad_endpoints_are_refused_up_front() {
 fn _assert_backend(j: JobChunks) -> Box<dyn ChunkBackend> {
     Box::new(j)
 }
+
+/// An image of `files` random-looking files (each `len` bytes) committed into `store`.
+async fn image(store: &gca_store::ImageStore, id: &str, files: usize, len: usize) -> Vec<u8> {
+    let id = gca_store::ImageId::parse(id).unwrap();
+    let staging = store.stage(&id).await.unwrap();
+    let mut all = Vec::new();
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    for f in 0..files {
+        let data: Vec<u8> = (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        std::fs::write(staging.dir.join(format!("pages-{f}.img")), &data).unwrap();
+        all.extend_from_slice(&data);
+    }
+    staging
+        .commit(gca_store::ImageMeta {
+            gid: "gid-s3-packs".into(),
+            created_at: std::time::SystemTime::now().into(),
+            driver: "criu".into(),
+            origin: "cts-a".into(),
+            extra: Default::default(),
+        })
+        .await
+        .unwrap();
+    all
+}
+
+fn refs(m: &gca_store::Manifest) -> Vec<gca_store::ChunkRef> {
+    gca_objstore::distinct_chunks(m.files.iter().flat_map(|f| &f.chunks))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_goes_up_in_packs_and_comes_back_verified_into_an_empty_store() {
+    let cluster = Cluster::start();
+    let bucket = Bucket::open(&cluster.config()).unwrap();
+    let job = Arc::new(bucket.job("gid-s3-packs", &key(7)));
+    let dirs = tempfile::tempdir().unwrap();
+    let a = gca_store::ImageStore::open(&dirs.path().join("a"), None).unwrap();
+    let id = gca_store::ImageId::parse("cts-a-20260101T000000Z-000000000001").unwrap();
+    let plain = image(&a, id.as_str(), 3, 4 << 20).await;
+    let manifest = a.manifest(&id).await.unwrap();
+    let chunks = refs(&manifest);
+    assert!(chunks.len() > 100, "{} chunks", chunks.len());
+
+    let up = job.upload_chunks(&a, &chunks).await.unwrap();
+    assert_eq!((up.chunks, up.skipped), (chunks.len(), 0));
+    assert_eq!(up.bytes, plain.len() as u64);
+    assert!(
+        up.objects <= plain.len().div_ceil(gca_objstore::PACK_BYTES) + 1,
+        "{} chunks went as {} packs",
+        up.chunks,
+        up.objects
+    );
+    let again = job.upload_chunks(&a, &chunks).await.unwrap();
+    assert_eq!(
+        (again.chunks, again.skipped, again.objects),
+        (0, chunks.len(), 0),
+        "nothing is uploaded twice"
+    );
+    // Another client of the same job (a CTS after a restart) sees the packs from the bucket.
+    let fresh = Arc::new(bucket.job("gid-s3-packs", &key(7)));
+    assert_eq!(
+        fresh.upload_chunks(&a, &chunks).await.unwrap().chunks,
+        0,
+        "the packs' indexes are read back from the bucket"
+    );
+    let bytes = a.manifest_bytes(&id).await.unwrap();
+    job.put_manifest(id.as_str(), &bytes).await.unwrap();
+
+    // The bucket: a pack and an index per pack, the manifest; no plaintext anywhere.
+    let objects = cluster.raw_objects().await;
+    assert_eq!(
+        objects.len(),
+        2 * up.objects + 1,
+        "{:?}",
+        objects.iter().map(|o| &o.0).collect::<Vec<_>>()
+    );
+    for (name, body) in &objects {
+        assert!(
+            !body.windows(32).any(|w| w == &plain[4096..4128]),
+            "{name} holds the plaintext"
+        );
+    }
+
+    // Into an empty store: every chunk, verified; the image reads back whole.
+    let b = gca_store::ImageStore::open(&dirs.path().join("b"), None).unwrap();
+    let staging = b.stage(&id).await.unwrap();
+    for c in &chunks {
+        staging.pins().pin(&c.id);
+    }
+    let down = fresh.download_chunks(&b, &chunks).await.unwrap();
+    assert_eq!(
+        (down.chunks, down.bytes),
+        (chunks.len(), plain.len() as u64)
+    );
+    assert_eq!(down.objects, up.objects, "one ranged read per pack");
+    staging.commit_with_manifest(bytes.clone()).await.unwrap();
+    b.verify(&id).await.unwrap();
+    let dir = b.materialize(&id).await.unwrap();
+    let mut back = Vec::new();
+    for f in 0..3 {
+        back.extend(std::fs::read(dir.join(format!("pages-{f}.img"))).unwrap());
+    }
+    assert!(back == plain, "the downloaded image is the uploaded one");
+
+    // A flipped byte in a pack: the download stops, naming the chunk.
+    let (name, mut body) = objects
+        .into_iter()
+        .find(|(n, _)| n.contains("/packs/") && !n.ends_with(".index"))
+        .unwrap();
+    body[5000] ^= 0x01;
+    {
+        use object_store::ObjectStore;
+        cluster
+            .raw_store()
+            .put(&name.as_str().into(), body.into())
+            .await
+            .unwrap();
+    }
+    let c = gca_store::ImageStore::open(&dirs.path().join("c"), None).unwrap();
+    let e = fresh.download_chunks(&c, &chunks).await.unwrap_err();
+    assert!(matches!(e, gca_objstore::Error::Corrupt(_)), "{e:?}");
+    assert!(
+        e.to_string().contains("gid-s3-packs") && e.to_string().contains("chunk "),
+        "{e}"
+    );
+
+    // A sweep keeping nothing removes every pack and index (the manifest stays its caller's).
+    let removed = job.sweep(&BTreeSet::new()).await.unwrap();
+    assert_eq!(removed, up.objects);
+    let left: Vec<String> = cluster
+        .raw_objects()
+        .await
+        .into_iter()
+        .map(|o| o.0)
+        .collect();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(left[0].ends_with("/manifest"), "{left:?}");
+}

@@ -113,7 +113,7 @@ impl Cts {
                     format!("image {id}: its manifest: {e}"),
                 )
             })?;
-        tracing::info!(%gid, checkpoint.id = %id, chunks.uploaded = moved.chunks, chunks.present = moved.skipped, bytes = moved.bytes, "image in the object store");
+        tracing::info!(%gid, checkpoint.id = %id, chunks.uploaded = moved.chunks, chunks.present = moved.skipped, packs = moved.objects, bytes = moved.bytes, "image in the object store");
         Ok(())
     }
 
