@@ -38,6 +38,8 @@ pub enum Op {
     AbandonRecovery,
     /// A job's image key, for the object store (issue 12).
     GetJobKey,
+    /// Where a checkpoint's image has got to in an object store (issue 12).
+    SetImageLocation,
     /// WS-ResourceProperties on the GCS, a job, a checkpoint or a CTS instance.
     ReadProperties,
     /// WS-ResourceLifetime on a job: SetTerminationTime, Destroy.
@@ -52,7 +54,7 @@ pub enum Op {
 use Role::{Admin, Broker, Cts, User};
 
 impl Op {
-    pub const ALL: [Op; 26] = [
+    pub const ALL: [Op; 27] = [
         Op::DoCheckpoint,
         Op::FindCts,
         Op::GetCheckpoints,
@@ -73,6 +75,7 @@ impl Op {
         Op::JobFinished,
         Op::AbandonRecovery,
         Op::GetJobKey,
+        Op::SetImageLocation,
         Op::ReadProperties,
         Op::Lifetime,
         Op::Subscribe,
@@ -121,6 +124,7 @@ impl Op {
             Op::JobFinished => "JobFinished",
             Op::AbandonRecovery => "AbandonRecovery",
             Op::GetJobKey => "GetJobKey",
+            Op::SetImageLocation => "SetImageLocation",
             Op::ReadProperties => "WS-ResourceProperties",
             Op::Lifetime => "WS-ResourceLifetime",
             Op::Subscribe => "Subscribe",
@@ -151,7 +155,8 @@ impl Op {
             | Op::RegisterCheckpoint
             | Op::JobFinished
             | Op::AbandonRecovery
-            | Op::GetJobKey => &[Cts],
+            | Op::GetJobKey
+            | Op::SetImageLocation => &[Cts],
             Op::Subscribe
             | Op::GetCurrentMessage
             | Op::ManageSubscription
@@ -216,19 +221,40 @@ pub fn acting_as(caller: &Caller, op: Op, instance: &str) -> Result<()> {
     }
 }
 
-/// A job's image key goes to the CTS the job is on only: the one running it, the one it was
+/// A job's image key goes to the CTS the job is on: the one running it, the one it was
 /// stopped on for a migration, the one recovering it (a recovery registers there before it
-/// fetches), or the one it ended on (whose retention tasks may still read its images). Not to
-/// an admin or a broker: they never read images.
-pub fn may_hold_job_key(caller: &Caller, job: &Job) -> Result<()> {
+/// fetches), or the one it ended on (whose retention tasks may still read its images); and
+/// to a CTS that took one of the job's checkpoints (`took_images`: it held the images, and
+/// the retention policy has it delete them from the object store, which takes the key). Not
+/// to an admin or a broker: they never read images.
+pub fn may_hold_job_key(caller: &Caller, job: &Job, took_images: bool) -> Result<()> {
     match caller {
         Caller::Insecure => Ok(()),
         Caller::Identified(i) if i.is_cts(&job.cts_instance) => Ok(()),
+        Caller::Identified(i) if i.role == Cts && took_images => Ok(()),
         _ => Err(denied(
             caller,
             format!(
-                "{caller} may not have the image key of job {:?}: only the CTS the job is on (cts:{}) may",
+                "{caller} may not have the image key of job {:?}: only the CTS the job is on (cts:{}) or one that took its checkpoints may",
                 job.gid, job.cts_instance
+            ),
+        )),
+    }
+}
+
+/// Where a record's image has got to is told by the CTS that registered the record (its
+/// uploader) or the one the job is on now; no other CTS.
+pub fn may_set_location(caller: &Caller, record: &CheckpointRecord, job: &Job) -> Result<()> {
+    match caller {
+        Caller::Insecure => Ok(()),
+        Caller::Identified(i) if i.is_cts(&record.cts_name) || i.is_cts(&job.cts_instance) => {
+            Ok(())
+        }
+        _ => Err(denied(
+            caller,
+            format!(
+                "{caller} may not set the locations of checkpoint {:?} of job {:?}: only the CTS that registered it (cts:{}) or the one the job is on (cts:{}) may",
+                record.id, job.gid, record.cts_name, job.cts_instance
             ),
         )),
     }
