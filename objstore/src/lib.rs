@@ -442,6 +442,34 @@ impl JobChunks {
         }
     }
 
+    /// The IDs of the images whose manifests the job has in the bucket.
+    pub async fn images(&self) -> Result<Vec<String>> {
+        let prefix = ObjectPath::from(format!("{}/images", self.dir).as_str());
+        let names: Vec<ObjectPath> = self
+            .bucket
+            .each(|s| {
+                let prefix = prefix.clone();
+                async move {
+                    s.list(Some(&prefix))
+                        .map_ok(|m| m.location)
+                        .try_collect::<Vec<_>>()
+                        .await
+                }
+            })
+            .await?;
+        let mut ids: Vec<String> = names
+            .iter()
+            .filter_map(|n| {
+                let rest = n.as_ref().strip_prefix(&format!("{}/images/", self.dir))?;
+                let id = rest.strip_suffix("/manifest")?;
+                (!id.contains('/')).then(|| id.to_string())
+            })
+            .collect();
+        ids.sort();
+        ids.dedup();
+        Ok(ids)
+    }
+
     /// Removes every chunk of the job that `keep` (the chunks of the job's images still
     /// recorded) does not name; returns how many went. The caller makes `keep` under the same
     /// rule as the local store's sweep: an image being uploaded counts as kept.
