@@ -900,6 +900,7 @@ mod tests {
             owner: None,
             signature: None,
             facts: None,
+            locations: Vec::new(),
         }
     }
 

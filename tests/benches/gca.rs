@@ -974,6 +974,7 @@ async fn register_once(ctx: &RegisterCtx, via: Via, gid: &str, cts: &str) {
         owner: Some(integration_tests::current_owner()),
         signature: None,
         facts: None,
+        locations: Vec::new(),
     });
     match via {
         Via::Soap => {
@@ -1317,6 +1318,7 @@ async fn bench_fetch(opts: Options) -> Vec<Row> {
             owner: Some(integration_tests::current_owner()),
             signature: None,
             facts: None,
+            locations: Vec::new(),
         }),
     })
     .await
