@@ -1610,3 +1610,16 @@ pub async fn job_key(
         .fetch_one(db)
         .await?)
 }
+
+/// Whether CTS `cts` took a checkpoint of `gid` whose image the retention policy is deleting
+/// now (its task asks that CTS to delete it, from the object store too, which takes the key).
+pub async fn deleting_checkpoint_by(db: impl PgExecutor<'_>, gid: &str, cts: &str) -> Result<bool> {
+    Ok(sqlx::query_scalar(
+        "select exists (select 1 from checkpoints
+            where gid = $1 and cts_name = $2 and image_state = 'deleting')",
+    )
+    .bind(gid)
+    .bind(cts)
+    .fetch_one(db)
+    .await?)
+}

@@ -221,21 +221,22 @@ pub fn acting_as(caller: &Caller, op: Op, instance: &str) -> Result<()> {
     }
 }
 
-/// A job's image key goes to the CTS the job is on: the one running it, the one it was
+/// A job's image key goes to the CTS the job is on only: the one running it, the one it was
 /// stopped on for a migration, the one recovering it (a recovery registers there before it
-/// fetches), or the one it ended on (whose retention tasks may still read its images); and
-/// to a CTS that took one of the job's checkpoints (`took_images`: it held the images, and
-/// the retention policy has it delete them from the object store, which takes the key). Not
-/// to an admin or a broker: they never read images.
-pub fn may_hold_job_key(caller: &Caller, job: &Job, took_images: bool) -> Result<()> {
+/// fetches), or the one it ended on (whose retention tasks may still read its images); and,
+/// while the retention policy has it delete images of the job it took
+/// (`deleting_its_images`: a job recovered elsewhere since), to that CTS, which removes them
+/// from the object store (sweeping the job's chunks takes the key). Not to an admin or a
+/// broker: they never read images.
+pub fn may_hold_job_key(caller: &Caller, job: &Job, deleting_its_images: bool) -> Result<()> {
     match caller {
         Caller::Insecure => Ok(()),
         Caller::Identified(i) if i.is_cts(&job.cts_instance) => Ok(()),
-        Caller::Identified(i) if i.role == Cts && took_images => Ok(()),
+        Caller::Identified(i) if i.role == Cts && deleting_its_images => Ok(()),
         _ => Err(denied(
             caller,
             format!(
-                "{caller} may not have the image key of job {:?}: only the CTS the job is on (cts:{}) or one that took its checkpoints may",
+                "{caller} may not have the image key of job {:?}: only the CTS the job is on (cts:{}) may, or one whose images of the job are being deleted",
                 job.gid, job.cts_instance
             ),
         )),
