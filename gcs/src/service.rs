@@ -317,15 +317,15 @@ impl Gcs {
     pub async fn get_job_key(&self, ctx: &Ctx, req: GetJobKey) -> Result<JobKey> {
         policy::authorize(&ctx.caller, Op::GetJobKey)?;
         let job = self.job(&req.gid).await?;
-        let took_images = match ctx.caller.identity() {
+        let deleting_its_images = match ctx.caller.identity() {
             Some(i)
                 if i.role == gca_protocol::identity::Role::Cts && !i.is_cts(&job.cts_instance) =>
             {
-                db::has_checkpoint_by(&self.db, &job.gid, &i.name).await?
+                db::deleting_checkpoint_by(&self.db, &job.gid, &i.name).await?
             }
             _ => false,
         };
-        policy::may_hold_job_key(&ctx.caller, &job, took_images)?;
+        policy::may_hold_job_key(&ctx.caller, &job, deleting_its_images)?;
         let Some(wrapper) = &self.job_keys else {
             return Err(Error::Fault(
                 Fault::new(
