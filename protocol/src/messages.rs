@@ -2081,3 +2081,49 @@ pub struct NewSubscription {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lifetime_secs: Option<u64>,
 }
+
+#[cfg(test)]
+mod location_tests {
+    use super::*;
+
+    #[test]
+    fn a_set_image_location_survives_xml_and_json_and_refuses_unknown_states() {
+        let req = SetImageLocation {
+            gid: "job-1".into(),
+            checkpoint_id: "ck-1".into(),
+            location: ImageLocation {
+                since: Some(
+                    "2026-12-02T10:00:00.123456Z"
+                        .parse::<DateTime<Utc>>()
+                        .unwrap(),
+                ),
+                ..ImageLocation::object_store(
+                    "s3://gca/site",
+                    LocationState::Failed,
+                    Some("no route".into()),
+                )
+            },
+        };
+        let el = req.to_element("SetImageLocation");
+        let back = SetImageLocation::read_children(&el).unwrap();
+        assert_eq!(back, req);
+        let json = serde_json::to_value(&req).unwrap();
+        assert_eq!(json["location"]["kind"], "object-store");
+        assert_eq!(json["location"]["state"], "failed");
+        assert_eq!(
+            serde_json::from_value::<SetImageLocation>(json).unwrap(),
+            req
+        );
+        assert!("gone".parse::<LocationState>().is_err());
+        assert!("disk".parse::<LocationKind>().is_err());
+        let mut bad = req.location.to_element("Location");
+        for c in bad.children.iter_mut() {
+            if let crate::xml::Node::Element(e) = c {
+                if e.name == "State" {
+                    e.children = vec![crate::xml::Node::Text("gone".into())];
+                }
+            }
+        }
+        assert!(ImageLocation::read_children(&bad).is_err());
+    }
+}
