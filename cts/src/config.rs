@@ -135,6 +135,31 @@ pub struct ObjectStoreConfig {
     /// Bound on one request to the store, in seconds.
     #[serde(default = "default_objstore_timeout")]
     pub request_timeout_secs: u64,
+    /// The bucket's identity in checkpoint records (their object-store location), the same
+    /// on every CTS that uses this bucket: default `s3://<bucket>/<prefix>`. Set it when two
+    /// S3 services hold buckets of the same name. `CTS_OBJECT_STORE_NAME`.
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+impl ObjectStoreConfig {
+    /// The bucket's identity (see [`ObjectStoreConfig::name`]); never a secret.
+    pub fn identity(&self) -> String {
+        if let Some(n) = self
+            .name
+            .as_deref()
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+        {
+            return n.to_string();
+        }
+        let prefix = self.prefix.trim_matches('/');
+        if prefix.is_empty() {
+            format!("s3://{}", self.bucket)
+        } else {
+            format!("s3://{}/{prefix}", self.bucket)
+        }
+    }
 }
 
 fn default_objstore_timeout() -> u64 {
@@ -425,7 +450,7 @@ impl Config {
     }
 
     /// `CTS_OBJECT_STORE_{ENDPOINTS,REGION,BUCKET,ACCESS_KEY_ID,SECRET_ACCESS_KEY,
-    /// SECRET_ACCESS_KEY_FILE,PREFIX,ALLOW_HTTP}`: with `ENDPOINTS` they make an `[object_store]`
+    /// SECRET_ACCESS_KEY_FILE,PREFIX,ALLOW_HTTP,NAME}`: with `ENDPOINTS` they make an `[object_store]`
     /// the file may not have.
     fn apply_object_store_env(
         &mut self,
@@ -451,6 +476,7 @@ impl Config {
                 prefix: String::new(),
                 allow_http: false,
                 request_timeout_secs: default_objstore_timeout(),
+                name: None,
             });
             let _ = endpoints;
         }
@@ -479,6 +505,9 @@ impl Config {
         }
         if let Some(x) = v("PREFIX") {
             os.prefix = x;
+        }
+        if let Some(x) = v("NAME") {
+            os.name = Some(x);
         }
         if let Some(x) = v("ALLOW_HTTP") {
             os.allow_http = x.parse().with_context(|| {

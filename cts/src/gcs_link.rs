@@ -33,6 +33,7 @@ use gca_protocol::fault::{Fault, FaultKind, RECORD_REFUSED};
 use gca_protocol::messages::*;
 use gca_protocol::ops::{
     AbandonRecoveryOp, JobFinishedOp, RegisterCheckpointOp, RegisterCtsInstanceOp, RegisterJobOp,
+    SetImageLocationOp,
 };
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -49,6 +50,8 @@ pub enum OutboxItem {
     RegisterCheckpoint(Box<RegisterCheckpoint>),
     JobFinished(JobFinished),
     AbandonRecovery(AbandonRecovery),
+    /// Where an image has got to in the object store (an `async` upload ended).
+    SetImageLocation(SetImageLocation),
 }
 
 impl OutboxItem {
@@ -61,6 +64,10 @@ impl OutboxItem {
             ),
             OutboxItem::JobFinished(r) => format!("exit of job {:?}", r.gid),
             OutboxItem::AbandonRecovery(r) => format!("abandoned recovery of job {:?}", r.gid),
+            OutboxItem::SetImageLocation(r) => format!(
+                "location {} ({}) of checkpoint {:?} of job {:?}",
+                r.location.name, r.location.state, r.checkpoint_id, r.gid
+            ),
         }
     }
 
@@ -70,16 +77,19 @@ impl OutboxItem {
             OutboxItem::RegisterCheckpoint(r) => &r.checkpoint.gid,
             OutboxItem::JobFinished(r) => &r.gid,
             OutboxItem::AbandonRecovery(r) => &r.gid,
+            OutboxItem::SetImageLocation(r) => &r.gid,
         }
     }
 
     /// Items that report what already happened to a job (it ended, its recovery was given
-    /// up) are taken even when the outbox is full: refusing them would lose the news, and
-    /// there is at most one per job.
+    /// up, an upload of its image ended) are taken even when the outbox is full: refusing
+    /// them would lose the news, and there is at most one per job (per image).
     fn always_taken(&self) -> bool {
         matches!(
             self,
-            OutboxItem::JobFinished(_) | OutboxItem::AbandonRecovery(_)
+            OutboxItem::JobFinished(_)
+                | OutboxItem::AbandonRecovery(_)
+                | OutboxItem::SetImageLocation(_)
         )
     }
 }
@@ -90,6 +100,8 @@ pub enum Delivered {
     Job(JobRegistered),
     Checkpoint(Box<CheckpointRegistered>),
     Finished(JobInfo),
+    /// The record as it is after a location change.
+    Record(Box<CheckpointRecord>),
 }
 
 /// What becomes of an item after the GCS's answer to it.
@@ -689,6 +701,9 @@ impl GcsLink {
             OutboxItem::JobFinished(r) => Delivered::Finished(c.call::<JobFinishedOp>(r).await?),
             OutboxItem::AbandonRecovery(r) => {
                 Delivered::Finished(c.call::<AbandonRecoveryOp>(r).await?)
+            }
+            OutboxItem::SetImageLocation(r) => {
+                Delivered::Record(Box::new(c.call::<SetImageLocationOp>(r).await?))
             }
         })
     }

@@ -173,7 +173,71 @@ pub async fn images_guard(State(cts): State<Cts>, req: Request, next: Next) -> R
             }
         }
     }
+    // With an object store, a delete (the retention policy) takes the image from the bucket
+    // too; `?gid=` names the job for a delete retried after the local image went.
+    if let (PublicOp::DeleteImage, true, [image]) = (op, cts.has_object_store(), parts.as_slice()) {
+        return delete_everywhere(&cts, image, req.uri().query()).await;
+    }
     next.run(req).await
+}
+
+async fn delete_everywhere(cts: &Cts, image: &str, query: Option<&str>) -> Response {
+    let gid = query.and_then(|q| {
+        q.split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .find(|(k, _)| *k == "gid")
+            .map(|(_, v)| percent_decode(v))
+    });
+    let id = match gca_store::ImageId::parse(image) {
+        Ok(id) => id,
+        Err(e) => return ApiError(Error::from(e).into_fault()).into_response(),
+    };
+    match cts.delete_image_everywhere(&id, gid.as_deref()).await {
+        Ok(Some(freed_bytes)) => axum::Json(gca_protocol::images::Deleted {
+            id: id.to_string(),
+            freed_bytes,
+        })
+        .into_response(),
+        Ok(None) => ApiError(
+            Fault::resource_unknown(format!(
+                "no image {id} in this store (removed from the object store, if it was there)"
+            ))
+            .with_code("image-not-found"),
+        )
+        .into_response(),
+        Err(e) => {
+            tracing::warn!(checkpoint.id = %id, error = %e, "image delete failed");
+            ApiError(e.into_fault()).into_response()
+        }
+    }
+}
+
+/// `%XX` escapes and `+` of a query value (a GID is URL-safe text in practice).
+fn percent_decode(v: &str) -> String {
+    let b = v.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => {
+                match std::str::from_utf8(&b[i + 1..i + 3])
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                {
+                    Some(x) => {
+                        out.push(x);
+                        i += 3;
+                        continue;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// A local user may act on what is theirs: root on anything.

@@ -775,6 +775,12 @@ pub fn render_recovery(r: &RecoveryInfo) -> String {
         ("Original resource", r.original_resource.clone()),
         ("Same resource only", Some(yes_no(r.same_resource_only))),
     ]);
+    if !c.locations.is_empty() {
+        out.push_str(&format!("Locations ({}):\n", c.locations.len()));
+        for l in &c.locations {
+            out.push_str(&format!("  {}\n", location_line(l)));
+        }
+    }
     out.push('\n');
     if r.candidates.is_empty() {
         out.push_str(&format!(
@@ -793,6 +799,21 @@ pub fn render_recovery(r: &RecoveryInfo) -> String {
         render_candidate(&mut out, n + 1, cand);
     }
     out
+}
+
+/// `object-store s3://bucket/prefix: pending since 2026-…`, `cts cts-a: stored (URL)`.
+fn location_line(l: &gca_protocol::messages::ImageLocation) -> String {
+    let mut line = format!("{} {}: {}", l.kind, l.name, l.state);
+    if let Some(t) = &l.since {
+        line.push_str(&format!(" since {}", fmt_time(t)));
+    }
+    if let Some(u) = &l.url {
+        line.push_str(&format!(" ({u})"));
+    }
+    if let Some(e) = &l.error {
+        line.push_str(&format!(": {e}"));
+    }
+    line
 }
 
 fn render_candidate(out: &mut String, n: usize, cand: &RecoveryCandidate) {
@@ -900,6 +921,7 @@ mod tests {
             owner: None,
             signature: None,
             facts: None,
+            locations: Vec::new(),
         }
     }
 
@@ -1078,6 +1100,38 @@ mod tests {
         assert!(out.contains("x86_64 6.18.44 criu-4.1.1"), "{out}");
         assert!(
             out.lines().nth(2).unwrap().trim_end().ends_with('-'),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn recovery_info_lists_where_the_image_is() {
+        use gca_protocol::messages::{ImageLocation, LocationState};
+        let mut c = checkpoint();
+        c.locations = vec![
+            ImageLocation::cts("cts-a", "https://node-a/images/ck-1"),
+            ImageLocation::object_store(
+                "s3://gca/site",
+                LocationState::Failed,
+                Some("no route".into()),
+            ),
+        ];
+        let info = RecoveryInfo {
+            gid: "job-1".into(),
+            checkpoint: c,
+            cts_type: "criu".into(),
+            same_resource_only: false,
+            original_resource: None,
+            candidates: vec![],
+        };
+        let out = render_recovery(&info);
+        assert!(out.contains("Locations (2):\n"), "{out}");
+        assert!(
+            out.contains("  cts cts-a: stored (https://node-a/images/ck-1)\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("  object-store s3://gca/site: failed: no route\n"),
             "{out}"
         );
     }

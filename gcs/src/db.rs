@@ -5,8 +5,8 @@
 use chrono::{DateTime, Utc};
 use gca_protocol::facts::{ImageFacts, ResourceFacts};
 use gca_protocol::messages::{
-    CheckpointRecord, CheckpointerClass, CtsInstance, CtsType, ImageOwner, ImageSignature,
-    ImageState, Job, JobState, Keep, Origin, Property, Retention,
+    CheckpointRecord, CheckpointerClass, CtsInstance, CtsType, ImageLocation, ImageOwner,
+    ImageSignature, ImageState, Job, JobState, Keep, LocationKind, Origin, Property, Retention,
 };
 use sqlx::types::Json;
 use sqlx::{FromRow, PgExecutor, PgPool};
@@ -592,6 +592,7 @@ pub struct CheckpointRow {
     pub owner_gid: Option<i64>,
     pub signature: Option<Json<ImageSignature>>,
     pub facts: Option<Json<ImageFacts>>,
+    pub locations: Json<Vec<ImageLocation>>,
 }
 
 impl TryFrom<CheckpointRow> for CheckpointRecord {
@@ -630,6 +631,7 @@ impl TryFrom<CheckpointRow> for CheckpointRecord {
             },
             signature: r.signature.map(|s| s.0),
             facts: r.facts.map(|f| f.0),
+            locations: r.locations.0,
         })
     }
 }
@@ -637,7 +639,53 @@ impl TryFrom<CheckpointRow> for CheckpointRecord {
 const CHECKPOINT_COLUMNS: &str =
     "id, gid, sequence, cts_name, cts_type, taken_at, image_name, execution_manager, \
      size_bytes, digest, parent, origin, job_stopped, registered_at, image_state, kept_in, image_error, \
-     owner_uid, owner_gid, signature, facts";
+     owner_uid, owner_gid, signature, facts, \
+     (select coalesce(jsonb_agg(jsonb_strip_nulls(jsonb_build_object('kind', l.kind, 'name', l.name, \
+        'url', l.url, 'state', l.state, 'since', l.updated_at, 'error', l.error)) \
+        order by l.position, l.kind, l.name), '[]'::jsonb) \
+      from checkpoint_locations l where l.checkpoint_id = checkpoints.id) as locations";
+
+/// Sets a location of checkpoint `id` (added, or its state, URL and error replaced), stamped
+/// now.
+pub async fn set_location(
+    db: impl PgExecutor<'_>,
+    id: &str,
+    l: &ImageLocation,
+    position: i32,
+) -> Result<()> {
+    sqlx::query(
+        "insert into checkpoint_locations (checkpoint_id, kind, name, url, state, error, position)
+         values ($1, $2, $3, $4, $5, $6, $7)
+         on conflict (checkpoint_id, kind, name) do update set url = excluded.url,
+            state = excluded.state, error = excluded.error, updated_at = now()",
+    )
+    .bind(id)
+    .bind(l.kind.as_str())
+    .bind(&l.name)
+    .bind(&l.url)
+    .bind(l.state.as_str())
+    .bind(&l.error)
+    .bind(position)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// Removes the locations of checkpoint `id` of `kind` (all kinds: `None`).
+pub async fn remove_locations(
+    db: impl PgExecutor<'_>,
+    id: &str,
+    kind: Option<LocationKind>,
+) -> Result<()> {
+    sqlx::query(
+        "delete from checkpoint_locations where checkpoint_id = $1 and ($2::text is null or kind = $2)",
+    )
+    .bind(id)
+    .bind(kind.map(|k| k.as_str()))
+    .execute(db)
+    .await?;
+    Ok(())
+}
 
 pub async fn get_checkpoint(db: impl PgExecutor<'_>, id: &str) -> Result<Option<CheckpointRecord>> {
     sqlx::query_as::<_, CheckpointRow>(&format!(
@@ -1334,6 +1382,14 @@ pub async fn image_task_done(
     .bind(kept_in)
     .execute(&mut **tx)
     .await?;
+    // Deleted: from the CTS and the object store (the CTS deletes both). Kept: moved out of
+    // the CTS's store; an object store keeps its copy (the export is local only).
+    let gone = if kept_in.is_some() {
+        Some(LocationKind::Cts)
+    } else {
+        None
+    };
+    remove_locations(&mut **tx, &task.checkpoint_id, gone).await?;
     Ok(true)
 }
 
@@ -1553,4 +1609,17 @@ pub async fn job_key(
         .bind(gid)
         .fetch_one(db)
         .await?)
+}
+
+/// Whether CTS `cts` took a checkpoint of `gid` whose image the retention policy is deleting
+/// now (its task asks that CTS to delete it, from the object store too, which takes the key).
+pub async fn deleting_checkpoint_by(db: impl PgExecutor<'_>, gid: &str, cts: &str) -> Result<bool> {
+    Ok(sqlx::query_scalar(
+        "select exists (select 1 from checkpoints
+            where gid = $1 and cts_name = $2 and image_state = 'deleting')",
+    )
+    .bind(gid)
+    .bind(cts)
+    .fetch_one(db)
+    .await?)
 }

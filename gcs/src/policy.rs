@@ -38,6 +38,8 @@ pub enum Op {
     AbandonRecovery,
     /// A job's image key, for the object store (issue 12).
     GetJobKey,
+    /// Where a checkpoint's image has got to in an object store (issue 12).
+    SetImageLocation,
     /// WS-ResourceProperties on the GCS, a job, a checkpoint or a CTS instance.
     ReadProperties,
     /// WS-ResourceLifetime on a job: SetTerminationTime, Destroy.
@@ -52,7 +54,7 @@ pub enum Op {
 use Role::{Admin, Broker, Cts, User};
 
 impl Op {
-    pub const ALL: [Op; 26] = [
+    pub const ALL: [Op; 27] = [
         Op::DoCheckpoint,
         Op::FindCts,
         Op::GetCheckpoints,
@@ -73,6 +75,7 @@ impl Op {
         Op::JobFinished,
         Op::AbandonRecovery,
         Op::GetJobKey,
+        Op::SetImageLocation,
         Op::ReadProperties,
         Op::Lifetime,
         Op::Subscribe,
@@ -121,6 +124,7 @@ impl Op {
             Op::JobFinished => "JobFinished",
             Op::AbandonRecovery => "AbandonRecovery",
             Op::GetJobKey => "GetJobKey",
+            Op::SetImageLocation => "SetImageLocation",
             Op::ReadProperties => "WS-ResourceProperties",
             Op::Lifetime => "WS-ResourceLifetime",
             Op::Subscribe => "Subscribe",
@@ -151,7 +155,8 @@ impl Op {
             | Op::RegisterCheckpoint
             | Op::JobFinished
             | Op::AbandonRecovery
-            | Op::GetJobKey => &[Cts],
+            | Op::GetJobKey
+            | Op::SetImageLocation => &[Cts],
             Op::Subscribe
             | Op::GetCurrentMessage
             | Op::ManageSubscription
@@ -218,17 +223,39 @@ pub fn acting_as(caller: &Caller, op: Op, instance: &str) -> Result<()> {
 
 /// A job's image key goes to the CTS the job is on only: the one running it, the one it was
 /// stopped on for a migration, the one recovering it (a recovery registers there before it
-/// fetches), or the one it ended on (whose retention tasks may still read its images). Not to
-/// an admin or a broker: they never read images.
-pub fn may_hold_job_key(caller: &Caller, job: &Job) -> Result<()> {
+/// fetches), or the one it ended on (whose retention tasks may still read its images); and,
+/// while the retention policy has it delete images of the job it took
+/// (`deleting_its_images`: a job recovered elsewhere since), to that CTS, which removes them
+/// from the object store (sweeping the job's chunks takes the key). Not to an admin or a
+/// broker: they never read images.
+pub fn may_hold_job_key(caller: &Caller, job: &Job, deleting_its_images: bool) -> Result<()> {
     match caller {
         Caller::Insecure => Ok(()),
         Caller::Identified(i) if i.is_cts(&job.cts_instance) => Ok(()),
+        Caller::Identified(i) if i.role == Cts && deleting_its_images => Ok(()),
         _ => Err(denied(
             caller,
             format!(
-                "{caller} may not have the image key of job {:?}: only the CTS the job is on (cts:{}) may",
+                "{caller} may not have the image key of job {:?}: only the CTS the job is on (cts:{}) may, or one whose images of the job are being deleted",
                 job.gid, job.cts_instance
+            ),
+        )),
+    }
+}
+
+/// Where a record's image has got to is told by the CTS that registered the record (its
+/// uploader) or the one the job is on now; no other CTS.
+pub fn may_set_location(caller: &Caller, record: &CheckpointRecord, job: &Job) -> Result<()> {
+    match caller {
+        Caller::Insecure => Ok(()),
+        Caller::Identified(i) if i.is_cts(&record.cts_name) || i.is_cts(&job.cts_instance) => {
+            Ok(())
+        }
+        _ => Err(denied(
+            caller,
+            format!(
+                "{caller} may not set the locations of checkpoint {:?} of job {:?}: only the CTS that registered it (cts:{}) or the one the job is on (cts:{}) may",
+                record.id, job.gid, record.cts_name, job.cts_instance
             ),
         )),
     }

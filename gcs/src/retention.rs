@@ -179,9 +179,12 @@ impl Gcs {
         }
     }
 
-    /// `DELETE {image}`; an image the CTS does not have is deleted already.
+    /// `DELETE {image}?gid={gid}`; an image the CTS does not have is deleted already. A CTS
+    /// with an object store deletes it from the bucket too (and sweeps the job's chunks no
+    /// image left there names); the GID names the job when the local copy is gone already.
     async fn delete_image(&self, task: &DueImageTask) -> std::result::Result<(), TaskError> {
-        let url = image_url(task)?;
+        let mut url = image_url(task)?;
+        url.query_pairs_mut().append_pair("gid", &task.gid);
         let resp = self
             .http
             .delete(url.clone())

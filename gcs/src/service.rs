@@ -317,7 +317,15 @@ impl Gcs {
     pub async fn get_job_key(&self, ctx: &Ctx, req: GetJobKey) -> Result<JobKey> {
         policy::authorize(&ctx.caller, Op::GetJobKey)?;
         let job = self.job(&req.gid).await?;
-        policy::may_hold_job_key(&ctx.caller, &job)?;
+        let deleting_its_images = match ctx.caller.identity() {
+            Some(i)
+                if i.role == gca_protocol::identity::Role::Cts && !i.is_cts(&job.cts_instance) =>
+            {
+                db::deleting_checkpoint_by(&self.db, &job.gid, &i.name).await?
+            }
+            _ => false,
+        };
+        policy::may_hold_job_key(&ctx.caller, &job, deleting_its_images)?;
         let Some(wrapper) = &self.job_keys else {
             return Err(Error::Fault(
                 Fault::new(
@@ -338,6 +346,62 @@ impl Gcs {
             key: base64::Engine::encode(&base64::engine::general_purpose::STANDARD, key),
             created_at,
         })
+    }
+
+    /// SetImageLocation (issue 12): where a checkpoint's image has got to in an object store
+    /// (an `async` upload finished or gave up), from the CTS that registered the record or
+    /// the one its job is on now.
+    pub async fn set_image_location(
+        &self,
+        ctx: &Ctx,
+        req: SetImageLocation,
+    ) -> Result<CheckpointRecord> {
+        policy::authorize(&ctx.caller, Op::SetImageLocation)?;
+        check_id("GID", &req.gid)?;
+        check_id("checkpoint ID", &req.checkpoint_id)?;
+        let mut l = req.location;
+        if l.kind != LocationKind::ObjectStore {
+            return Err(Error::invalid(format!(
+                "SetImageLocation sets an object-store location; a {} location is the record's own (set when it is registered)",
+                l.kind
+            )));
+        }
+        check_location(&l)?;
+        l.url = None;
+        l.since = None;
+        if l.state != LocationState::Failed {
+            l.error = None;
+        }
+        let mut tx = self.db.begin().await?;
+        let job = db::lock_job(&mut *tx, &req.gid).await?.ok_or_else(|| {
+            Error::Fault(
+                Fault::resource_unknown(format!("no job with GID {:?} is registered", req.gid))
+                    .with_code("unknown-gid"),
+            )
+        })?;
+        let record = db::get_checkpoint(&mut *tx, &req.checkpoint_id)
+            .await?
+            .filter(|c| c.gid == req.gid)
+            .ok_or_else(|| {
+                Error::Fault(
+                    Fault::resource_unknown(format!(
+                        "job {:?} has no checkpoint {:?}",
+                        req.gid, req.checkpoint_id
+                    ))
+                    .with_code("unknown-checkpoint"),
+                )
+            })?;
+        policy::may_set_location(&ctx.caller, &record, &job)?;
+        let position = record.locations.len() as i32;
+        db::set_location(&mut *tx, &record.id, &l, position).await?;
+        let record = db::get_checkpoint(&mut *tx, &record.id)
+            .await?
+            .ok_or_else(|| {
+                Error::Internal(anyhow::anyhow!("checkpoint {:?} vanished", record.id))
+            })?;
+        tx.commit().await?;
+        tracing::info!(gid = %req.gid, checkpoint.id = %req.checkpoint_id, location = %l.name, state = %l.state, error = ?l.error, caller = %ctx.caller, "image location set");
+        Ok(record)
     }
 
     pub async fn find_cts(&self, ctx: &Ctx, q: FindCts) -> Result<FindCtsResponse> {
@@ -1011,6 +1075,7 @@ impl Gcs {
         }
         r.sequence = None;
         r.registered_at = None;
+        r.locations = checked_locations(&r)?;
         policy::acting_as(vouching, Op::RegisterCheckpoint, &r.cts_name)?;
         let mut tx = self.db.begin().await?;
         let job = db::lock_job(&mut *tx, &r.gid).await?.ok_or_else(|| {
@@ -1074,6 +1139,13 @@ impl Gcs {
         };
         r.sequence = Some(sequence);
         r.registered_at = Some(inserted.registered_at);
+        for (i, l) in r.locations.iter().enumerate() {
+            db::set_location(&mut *tx, &r.id, l, i as i32).await?;
+        }
+        r.locations = db::get_checkpoint(&mut *tx, &r.id)
+            .await?
+            .map(|c| c.locations)
+            .unwrap_or_default();
         // A record delivered late (queued at a CTS) for a job that has ended: its image goes
         // the way of the others.
         let late = inserted.job_ended;
@@ -1195,4 +1267,65 @@ impl Gcs {
         )
         .await
     }
+}
+
+/// The most locations a record lists.
+const MAX_LOCATIONS: usize = 8;
+
+/// One location as a CTS reports it: bounded names, URL and error.
+fn check_location(l: &ImageLocation) -> Result<()> {
+    if l.name.trim().is_empty() || l.name.len() > 512 {
+        return Err(Error::invalid(
+            "a location's Name must be 1 to 512 characters",
+        ));
+    }
+    if l.url.as_ref().is_some_and(|u| u.len() > 2048) {
+        return Err(Error::invalid(
+            "a location's URL must be at most 2048 characters",
+        ));
+    }
+    if l.error.as_ref().is_some_and(|e| e.len() > 4096) {
+        return Err(Error::invalid(
+            "a location's Error must be at most 4096 characters",
+        ));
+    }
+    Ok(())
+}
+
+/// The locations a record is registered with: at most [`MAX_LOCATIONS`], each once; a CTS
+/// location only for the CTS that took the image (listed first, added when the CTS listed
+/// none: a record from an older CTS).
+fn checked_locations(r: &CheckpointRecord) -> Result<Vec<ImageLocation>> {
+    if r.locations.len() > MAX_LOCATIONS {
+        return Err(Error::invalid(format!(
+            "a record lists at most {MAX_LOCATIONS} locations, not {}",
+            r.locations.len()
+        )));
+    }
+    let mut out: Vec<ImageLocation> = vec![ImageLocation::cts(&r.cts_name, &r.image_name)];
+    for l in &r.locations {
+        check_location(l)?;
+        match l.kind {
+            LocationKind::Cts if l.name != r.cts_name => {
+                return Err(Error::invalid(format!(
+                    "checkpoint {:?} lists the store of CTS {:?}; a record lists the store of the CTS that took it ({:?}) only",
+                    r.id, l.name, r.cts_name
+                )))
+            }
+            LocationKind::Cts => {}
+            LocationKind::ObjectStore => {
+                if out.iter().any(|o| o.kind == l.kind && o.name == l.name) {
+                    return Err(Error::invalid(format!(
+                        "checkpoint {:?} lists object store {:?} twice",
+                        r.id, l.name
+                    )));
+                }
+                let mut l = l.clone();
+                l.url = None;
+                l.since = None;
+                out.push(l);
+            }
+        }
+    }
+    Ok(out)
 }

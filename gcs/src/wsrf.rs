@@ -92,6 +92,7 @@ pub const CHECKPOINT_PROPERTIES: &[PropertyName] = &[
     (ns::GCA, "Owner"),
     (ns::GCA, "Signature"),
     (ns::GCA, "Facts"),
+    (ns::GCA, "Location"),
 ];
 
 /// Properties of a CTS instance resource.

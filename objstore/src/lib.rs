@@ -485,6 +485,34 @@ impl JobChunks {
         }
     }
 
+    /// The IDs of the images whose manifests the job has in the bucket.
+    pub async fn images(&self) -> Result<Vec<String>> {
+        let prefix = ObjectPath::from(format!("{}/images", self.dir).as_str());
+        let names: Vec<ObjectPath> = self
+            .bucket
+            .each(|s| {
+                let prefix = prefix.clone();
+                async move {
+                    s.list(Some(&prefix))
+                        .map_ok(|m| m.location)
+                        .try_collect::<Vec<_>>()
+                        .await
+                }
+            })
+            .await?;
+        let mut ids: Vec<String> = names
+            .iter()
+            .filter_map(|n| {
+                let rest = n.as_ref().strip_prefix(&format!("{}/images/", self.dir))?;
+                let id = rest.strip_suffix("/manifest")?;
+                (!id.contains('/')).then(|| id.to_string())
+            })
+            .collect();
+        ids.sort();
+        ids.dedup();
+        Ok(ids)
+    }
+
     /// Removes every chunk of the job that `keep` (the chunks of the job's images still
     /// recorded) does not name, and every pack none of whose chunks it names; returns how
     /// many objects (single chunks and packs) went. The caller makes `keep` under the same
@@ -555,7 +583,7 @@ impl ChunkBackend for JobChunks {
             Err(Error::Store {
                 source: object_store::Error::NotFound { .. },
                 ..
-            }) => Ok(false),
+            }) => self.block_on(self.is_packed(id)).map_err(io_err),
             Err(e) => Err(io_err(e)),
         }
     }
@@ -585,12 +613,22 @@ impl ChunkBackend for JobChunks {
     fn read(&self, id: &ChunkId) -> io::Result<Vec<u8>> {
         let name = self.chunk_name(id);
         let path = ObjectPath::from(name.as_str());
-        let sealed = self
-            .block_on(self.bucket.each(|s| {
-                let path = path.clone();
-                async move { s.get(&path).await?.bytes().await }
-            }))
-            .map_err(io_err)?;
+        let sealed = match self.block_on(self.bucket.each(|s| {
+            let path = path.clone();
+            async move { s.get(&path).await?.bytes().await }
+        })) {
+            Ok(b) => b,
+            Err(
+                e @ Error::Store {
+                    source: object_store::Error::NotFound { .. },
+                    ..
+                },
+            ) => match self.block_on(self.read_packed(id)).map_err(io_err)? {
+                Some(b) => b,
+                None => return Err(io_err(e)),
+            },
+            Err(e) => return Err(io_err(e)),
+        };
         if sealed.len() > gca_store::chunks::MAX_CHUNK + AES_256_GCM.tag_len() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,

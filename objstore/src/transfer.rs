@@ -205,6 +205,30 @@ impl JobChunks {
         })
     }
 
+    /// A chunk's sealed bytes from the pack holding it, if one does (for the single-chunk
+    /// [`gca_store::ChunkBackend`] calls: a fresh listing each time).
+    pub(crate) async fn read_packed(&self, id: &ChunkId) -> Result<Option<bytes::Bytes>> {
+        let located = self.locate().await?;
+        let Some(slot) = located.slots.get(&self.chunk_tag(id)) else {
+            return Ok(None);
+        };
+        let path = ObjectPath::from(&*slot.pack);
+        let range = slot.range.clone();
+        let sealed = self
+            .bucket
+            .each(|s| {
+                let (path, range) = (path.clone(), range.clone());
+                async move { s.get_range(&path, range).await }
+            })
+            .await?;
+        Ok(Some(sealed))
+    }
+
+    /// Whether a pack holds the chunk.
+    pub(crate) async fn is_packed(&self, id: &ChunkId) -> Result<bool> {
+        Ok(self.locate().await?.slots.contains_key(&self.chunk_tag(id)))
+    }
+
     /// Uploads the chunks of `refs` that the bucket does not hold yet, in packs, each chunk
     /// read back from `store` and checked against its name first (a corrupt local chunk is
     /// refused, never sealed and sent). The caller uploads the manifest after this returns.

@@ -803,6 +803,186 @@ pub struct CheckpointRecord {
     /// What a restore of the image depends on ([`crate::facts`]), covered by `signature`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub facts: Option<crate::facts::ImageFacts>,
+    /// Every place the image is (issue 12): the store of the CTS that took it, an object
+    /// store, each with its state. Not covered by `signature` (it changes as uploads finish);
+    /// the GCS keeps it up to date (`SetImageLocation`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub locations: Vec<ImageLocation>,
+}
+
+/// What kind of place an image is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LocationKind {
+    /// The image store of a CTS instance (`name`; `url` its image's URL).
+    Cts,
+    /// An S3-compatible object store (`name` is its identity: bucket and prefix, or the
+    /// name its `[object_store]` gives it; never a secret).
+    ObjectStore,
+}
+
+impl LocationKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LocationKind::Cts => "cts",
+            LocationKind::ObjectStore => "object-store",
+        }
+    }
+}
+
+impl std::str::FromStr for LocationKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "cts" => Ok(LocationKind::Cts),
+            "object-store" => Ok(LocationKind::ObjectStore),
+            other => Err(format!(
+                "unknown location kind {other:?}; expected cts or object-store"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for LocationKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Whether a location has the image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LocationState {
+    /// Not there yet: an `async` upload is under way.
+    Pending,
+    /// The whole image is there.
+    Stored,
+    /// The upload gave up (`error` says why): the image is not there.
+    Failed,
+}
+
+impl LocationState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LocationState::Pending => "pending",
+            LocationState::Stored => "stored",
+            LocationState::Failed => "failed",
+        }
+    }
+}
+
+impl std::str::FromStr for LocationState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "pending" => Ok(LocationState::Pending),
+            "stored" => Ok(LocationState::Stored),
+            "failed" => Ok(LocationState::Failed),
+            other => Err(format!(
+                "unknown location state {other:?}; expected pending, stored or failed"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for LocationState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One place an image is (or is on its way to).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageLocation {
+    pub kind: LocationKind,
+    /// The CTS instance's name, or the object store's identity.
+    pub name: String,
+    /// With `cts`: where the image is fetched from (the record's image name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    pub state: LocationState,
+    /// When the GCS last set the state (set by the GCS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<DateTime<Utc>>,
+    /// With `failed`: why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl ImageLocation {
+    /// The store of CTS `name`, which has the image at `url`.
+    pub fn cts(name: &str, url: &str) -> Self {
+        Self {
+            kind: LocationKind::Cts,
+            name: name.to_string(),
+            url: Some(url.to_string()),
+            state: LocationState::Stored,
+            since: None,
+            error: None,
+        }
+    }
+
+    /// The object store `name`, in `state`.
+    pub fn object_store(name: &str, state: LocationState, error: Option<String>) -> Self {
+        Self {
+            kind: LocationKind::ObjectStore,
+            name: name.to_string(),
+            url: None,
+            state,
+            since: None,
+            error,
+        }
+    }
+}
+
+impl XmlContent for ImageLocation {
+    fn write_children(&self, el: &mut Element) {
+        push(el, "Kind", self.kind);
+        push(el, "Name", &self.name);
+        push_opt(el, "URL", &self.url);
+        push(el, "State", self.state);
+        push_opt(el, "Since", &self.since.as_ref().map(fmt_time));
+        push_opt(el, "Error", &self.error);
+    }
+    fn read_children(el: &Element) -> Result<Self, XmlError> {
+        Ok(Self {
+            kind: el
+                .opt_parse(GCA, "Kind")?
+                .ok_or_else(|| el.error("<Location> has no <Kind> (cts or object-store)"))?,
+            name: el.req_text(GCA, "Name")?,
+            url: el.opt_text(GCA, "URL"),
+            state: el
+                .opt_parse(GCA, "State")?
+                .ok_or_else(|| el.error("<Location> has no <State> (pending, stored or failed)"))?,
+            since: parse_time(el, "Since")?,
+            error: el.opt_text(GCA, "Error"),
+        })
+    }
+}
+
+/// SetImageLocation: the CTS that registered a record (or the one its job is on now) tells
+/// the GCS where the image has got to, when an `async` upload to the object store finished
+/// (`stored`) or gave up (`failed`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetImageLocation {
+    pub gid: String,
+    pub checkpoint_id: String,
+    pub location: ImageLocation,
+}
+
+impl XmlContent for SetImageLocation {
+    fn write_children(&self, el: &mut Element) {
+        push(el, "GID", &self.gid);
+        push(el, "CheckpointID", &self.checkpoint_id);
+        el.push_child(self.location.to_element("Location"));
+    }
+    fn read_children(el: &Element) -> Result<Self, XmlError> {
+        Ok(Self {
+            gid: el.req_text(GCA, "GID")?,
+            checkpoint_id: el.req_text(GCA, "CheckpointID")?,
+            location: ImageLocation::read_children(req_child(el, "Location")?)?,
+        })
+    }
 }
 
 /// The local owner of a job's image.
@@ -873,6 +1053,7 @@ impl CheckpointRecord {
             image_state: ImageState::Stored,
             kept_in: None,
             image_error: None,
+            locations: Vec::new(),
             taken_at: r.taken_at.with_nanosecond_micros(),
             ..r.clone()
         };
@@ -925,6 +1106,7 @@ impl XmlContent for CheckpointRecord {
         if let Some(f) = &self.facts {
             el.push_child(f.to_element("Facts"));
         }
+        push_list(el, "Location", &self.locations);
     }
     fn read_children(el: &Element) -> Result<Self, XmlError> {
         Ok(Self {
@@ -950,6 +1132,7 @@ impl XmlContent for CheckpointRecord {
             owner: opt_child(el, "Owner")?,
             signature: opt_child(el, "Signature")?,
             facts: opt_child(el, "Facts")?,
+            locations: list(el, "Location")?,
         })
     }
 }
@@ -1897,4 +2080,50 @@ pub struct NewSubscription {
     /// Seconds until it ends; absent: the GCS's default lifetime; 0: never.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lifetime_secs: Option<u64>,
+}
+
+#[cfg(test)]
+mod location_tests {
+    use super::*;
+
+    #[test]
+    fn a_set_image_location_survives_xml_and_json_and_refuses_unknown_states() {
+        let req = SetImageLocation {
+            gid: "job-1".into(),
+            checkpoint_id: "ck-1".into(),
+            location: ImageLocation {
+                since: Some(
+                    "2026-12-02T10:00:00.123456Z"
+                        .parse::<DateTime<Utc>>()
+                        .unwrap(),
+                ),
+                ..ImageLocation::object_store(
+                    "s3://gca/site",
+                    LocationState::Failed,
+                    Some("no route".into()),
+                )
+            },
+        };
+        let el = req.to_element("SetImageLocation");
+        let back = SetImageLocation::read_children(&el).unwrap();
+        assert_eq!(back, req);
+        let json = serde_json::to_value(&req).unwrap();
+        assert_eq!(json["location"]["kind"], "object-store");
+        assert_eq!(json["location"]["state"], "failed");
+        assert_eq!(
+            serde_json::from_value::<SetImageLocation>(json).unwrap(),
+            req
+        );
+        assert!("gone".parse::<LocationState>().is_err());
+        assert!("disk".parse::<LocationKind>().is_err());
+        let mut bad = req.location.to_element("Location");
+        for c in bad.children.iter_mut() {
+            if let crate::xml::Node::Element(e) = c {
+                if e.name == "State" {
+                    e.children = vec![crate::xml::Node::Text("gone".into())];
+                }
+            }
+        }
+        assert!(ImageLocation::read_children(&bad).is_err());
+    }
 }

@@ -64,6 +64,7 @@ pub const GCS_OPERATIONS: &[&str] = &[
     "JobFinished",
     "AbandonRecovery",
     "GetJobKey",
+    "SetImageLocation",
 ];
 
 operations! { ns::GCS_PORT_TYPE;
@@ -98,6 +99,8 @@ operations! { ns::GCS_PORT_TYPE;
     AbandonRecoveryOp = "AbandonRecovery": AbandonRecovery => JobInfo;
     /// The key a job's image chunks are encrypted with in an object store (issue 12).
     GetJobKeyOp = "GetJobKey": GetJobKey => JobKey;
+    /// Where an image has got to: an `async` upload to the object store finished or gave up.
+    SetImageLocationOp = "SetImageLocation": SetImageLocation => CheckpointRecord;
 }
 
 /// Names of every CTS operation, in WSDL order.

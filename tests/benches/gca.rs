@@ -984,6 +984,7 @@ async fn register_once(ctx: &RegisterCtx, via: Via, gid: &str, cts: &str) {
         owner: Some(integration_tests::current_owner()),
         signature: None,
         facts: None,
+        locations: Vec::new(),
     });
     match via {
         Via::Soap => {
@@ -1327,6 +1328,7 @@ async fn bench_fetch(opts: Options) -> Vec<Row> {
             owner: Some(integration_tests::current_owner()),
             signature: None,
             facts: None,
+            locations: Vec::new(),
         }),
     })
     .await

@@ -588,6 +588,8 @@ def sample_requests(client) -> dict:
         "AuthorizeRecovery": {"GID": "job-1", "CTSInstance": "node-b-criu"},
         "AbandonRecovery": {"GID": "job-1", "CTSInstance": "node-b-criu"},
         "GetJobKey": {"GID": "job-1"},
+        "SetImageLocation": {"GID": "job-1", "CheckpointID": "ck-1", "Location": {
+            "Kind": "object-store", "Name": "s3://gca/site", "State": "stored"}},
         "GetJob": {"GID": "job-1"},
         "ListJobs": {"State": "running", "After": "job-0", "Limit": 50},
         "SetRetention": {"GID": "job-1", "Retention": {

@@ -101,6 +101,48 @@ impl Cluster {
         }
     }
 
+    /// The bucket as anyone with its credentials sees it (nothing opened or sealed).
+    pub fn raw_store(&self) -> object_store::aws::AmazonS3 {
+        object_store::aws::AmazonS3Builder::new()
+            .with_endpoint(&self.endpoints()[0])
+            .with_region(&self.env["GCA_S3_REGION"])
+            .with_bucket_name(&self.env["GCA_S3_BUCKET"])
+            .with_access_key_id(&self.env["GCA_S3_ACCESS_KEY_ID"])
+            .with_secret_access_key(&self.env["GCA_S3_SECRET_ACCESS_KEY"])
+            .with_allow_http(true)
+            .build()
+            .unwrap()
+    }
+
+    /// The names of every object the CTSes' tier wrote (under the `cts-test` prefix).
+    pub async fn object_names(&self) -> Vec<String> {
+        use futures::TryStreamExt;
+        use object_store::ObjectStore;
+        let prefix = object_store::path::Path::from("cts-test");
+        let mut names: Vec<String> = self
+            .raw_store()
+            .list(Some(&prefix))
+            .map_ok(|m| m.location.to_string())
+            .try_collect()
+            .await
+            .unwrap();
+        names.sort();
+        names
+    }
+
+    /// Flips one byte in the middle of object `name`.
+    pub async fn flip_byte(&self, name: &str) {
+        use object_store::ObjectStore;
+        let s3 = self.raw_store();
+        let path = object_store::path::Path::from(name);
+        let mut bytes = s3.get(&path).await.unwrap().bytes().await.unwrap().to_vec();
+        let i = bytes.len() / 2;
+        bytes[i] ^= 0x01;
+        s3.put(&path, object_store::PutPayload::from(bytes))
+            .await
+            .unwrap();
+    }
+
     /// Kills node `n` (1-based) at once (SIGKILL).
     pub fn kill(&self, n: u32) {
         let ok = Command::new("bash")

@@ -340,6 +340,7 @@ pub fn checkpoint_record_at(id: &str, gid: &str, cts: &str, base: &str) -> Check
         owner: Some(current_owner()),
         signature: None,
         facts: None,
+        locations: Vec::new(),
     })
 }
 

@@ -334,7 +334,25 @@ impl Cts {
                 })?),
                 None => None,
             },
+            locations: Vec::new(),
         };
+        // Where the image is: here and, by the type's durability, in the object store
+        // (`replicated`: uploaded before the record is queued; `async`: on its way).
+        let image_name = record.image_name.clone();
+        record
+            .locations
+            .push(gca_protocol::messages::ImageLocation::cts(
+                &self.inner.instance.name,
+                &image_name,
+            ));
+        if let Some(l) = self
+            .inner
+            .tier
+            .as_ref()
+            .and_then(|t| t.new_record_location())
+        {
+            record.locations.push(l);
+        }
         if let Some(signer) = &self.inner.signer {
             let facts = gca_protocol::signature::SignedFacts::of(&record).ok_or_else(|| {
                 Error::Fault(Fault::new(
@@ -394,11 +412,33 @@ impl Cts {
                 }
             };
             let result = match self.record_of(&id, &manifest).await {
-                Ok(record) => r
-                    .fill(OutboxItem::RegisterCheckpoint(Box::new(
-                        RegisterCheckpoint { checkpoint: record },
-                    )))
-                    .map(drop),
+                Ok(mut record) => {
+                    // Whether it reached the object store before the CTS stopped is not
+                    // known: uploaded again (only missing chunks cross) in the background.
+                    let upload = self
+                        .inner
+                        .tier
+                        .as_ref()
+                        .is_some_and(|t| t.durability != crate::config::Durability::Local);
+                    if upload {
+                        for l in &mut record.locations {
+                            if l.kind == gca_protocol::messages::LocationKind::ObjectStore {
+                                l.state = gca_protocol::messages::LocationState::Pending;
+                            }
+                        }
+                    }
+                    let gid = manifest.meta.gid.clone();
+                    let queued = r
+                        .fill(OutboxItem::RegisterCheckpoint(Box::new(
+                            RegisterCheckpoint { checkpoint: record },
+                        )))
+                        .map(drop);
+                    if queued.is_ok() && upload {
+                        let (cts, id) = (self.clone(), id.clone());
+                        tokio::spawn(async move { cts.upload_in_background(&gid, &id).await });
+                    }
+                    queued
+                }
                 Err(e) => {
                     r.postpone();
                     Err(e)

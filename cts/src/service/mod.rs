@@ -200,7 +200,11 @@ impl Cts {
                 let bucket = gca_objstore::Bucket::open(&os.bucket_config()?)
                     .map_err(|e| anyhow::anyhow!("[object_store]: {e}"))?;
                 tracing::info!(endpoints = ?os.endpoints, bucket = %os.bucket, durability = %config.store.durability, "object store tier on");
-                Some(tier::Tier::new(bucket, config.store.durability))
+                Some(tier::Tier::new(
+                    bucket,
+                    config.store.durability,
+                    os.identity(),
+                ))
             }
             None => None,
         };
@@ -253,6 +257,11 @@ impl Cts {
 
     pub fn config(&self) -> &Config {
         &self.inner.config
+    }
+
+    /// Whether images also go to an object store (`[object_store]`).
+    pub fn has_object_store(&self) -> bool {
+        self.inner.tier.is_some()
     }
 
     pub fn store(&self) -> &ImageStore {

@@ -245,6 +245,54 @@ impl Cts {
         Ok(record)
     }
 
+    /// Whether the record says this CTS's object store has the image: its location there is
+    /// `stored`, or `pending` (an `async` upload whose end the GCS may not know yet: the
+    /// manifest, uploaded last, says). `Err` says why not: `failed`, or no location in this
+    /// CTS's bucket (durability `local`, or another bucket). A record with no locations at
+    /// all (from a GCS before them) does not say: tried.
+    fn bucket_has(&self, record: &CheckpointRecord) -> std::result::Result<(), String> {
+        use gca_protocol::messages::{LocationKind, LocationState};
+        let Some(tier) = &self.inner.tier else {
+            return Err("this CTS has no [object_store]".into());
+        };
+        if record.locations.is_empty() {
+            return Ok(());
+        }
+        let here = record
+            .locations
+            .iter()
+            .find(|l| l.kind == LocationKind::ObjectStore && l.name == tier.identity);
+        match here {
+            Some(l) if l.state != LocationState::Failed => Ok(()),
+            Some(l) => Err(format!(
+                "its upload to object store {:?} failed{}",
+                l.name,
+                l.error
+                    .as_deref()
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default()
+            )),
+            None => {
+                let others: Vec<&str> = record
+                    .locations
+                    .iter()
+                    .filter(|l| l.kind == LocationKind::ObjectStore)
+                    .map(|l| l.name.as_str())
+                    .collect();
+                Err(if others.is_empty() {
+                    "the record lists no object-store copy (its CTS type's durability is local)"
+                        .to_string()
+                } else {
+                    format!(
+                        "the record lists copies in {} only, not in this CTS's object store {:?}",
+                        others.join(", "),
+                        tier.identity
+                    )
+                })
+            }
+        }
+    }
+
     /// `POST /v1/images/fetch`: the image of a checkpoint, verified, in this store: checked
     /// in place when it is here already, else copied from the CTS that took it. Either way
     /// its digest must be the one the GCS recorded.
@@ -307,12 +355,25 @@ impl Cts {
                         tracing::info!(checkpoint.id = %id, source = %source, "image fetched for a recovery");
                         f.bytes_transferred
                     }
-                    // The CTS that took it is unreachable (or lost it): the object store.
-                    Err(e) if self.inner.tier.is_some() => {
-                        tracing::warn!(checkpoint.id = %id, source = %source, error = %e, "image not fetched from its CTS; trying the object store");
-                        self.fetch_from_bucket(&req.gid, &image, record.digest.as_deref())
-                            .await?
-                    }
+                    // The CTS that took it is unreachable (or lost it): the object store,
+                    // unless the record says the image is not there.
+                    Err(e) if self.inner.tier.is_some() => match self.bucket_has(&record) {
+                        Ok(()) => {
+                            tracing::warn!(checkpoint.id = %id, source = %source, error = %e, "image not fetched from its CTS; trying the object store");
+                            self.fetch_from_bucket(&req.gid, &image, record.digest.as_deref())
+                                .await?
+                        }
+                        Err(why) => {
+                            let f: Fault = Error::from(e).into_fault();
+                            return Err(Error::Fault(Fault {
+                                message: format!(
+                                    "{}; the object store was not tried: {why}",
+                                    f.message
+                                ),
+                                ..f
+                            }));
+                        }
+                    },
                     Err(e) => return Err(e.into()),
                 };
                 true

@@ -32,6 +32,7 @@ pub fn routes() -> Router<Gcs> {
         .route("/jobs/{gid}/abandon-recovery", post(abandon_recovery))
         .route("/jobs/{gid}/key", get(job_key))
         .route("/checkpoints", post(register_checkpoint))
+        .route("/checkpoints/{id}/locations", post(set_image_location))
         .route("/find-cts", post(find_cts))
         .route("/classes", get(list_classes).post(register_class))
         .route("/cts-types", get(list_types).post(register_descriptor))
@@ -257,6 +258,16 @@ async fn abandon_recovery(r: Req, Path(gid): Path<String>, b: Body) -> ApiResult
 async fn register_checkpoint(r: Req, b: Body) -> ApiResult<CheckpointRegistered> {
     let req: RegisterCheckpoint = r.body(b, &[]).await?;
     Ok(Json(r.gcs.register_checkpoint(&r.ctx, req).await?))
+}
+
+/// `POST /checkpoints/{id}/locations` `{"gid", "location": {...}}`: SetImageLocation.
+async fn set_image_location(
+    r: Req,
+    Path(id): Path<String>,
+    b: Body,
+) -> ApiResult<CheckpointRecord> {
+    let req: SetImageLocation = r.body(b, &[("checkpoint_id", &id)]).await?;
+    Ok(Json(r.gcs.set_image_location(&r.ctx, req).await?))
 }
 
 async fn find_cts(r: Req, b: Body) -> ApiResult<FindCtsResponse> {

@@ -159,6 +159,9 @@ async fn dispatch(
             call::<AbandonRecoveryOp, _, _, _>(req, |r| gcs.abandon_recovery(ctx, r)).await
         }
         "GetJobKey" => call::<GetJobKeyOp, _, _, _>(req, |r| gcs.get_job_key(ctx, r)).await,
+        "SetImageLocation" => {
+            call::<SetImageLocationOp, _, _, _>(req, |r| gcs.set_image_location(ctx, r)).await
+        }
         _ => Err(unsupported(req)),
     }
 }

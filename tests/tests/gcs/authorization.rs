@@ -275,6 +275,16 @@ fn cases() -> Vec<Case> {
             json: Some(("GET", "/api/v1/jobs/job-1/key".into(), None)),
         },
         Case {
+            name: "SetImageLocation",
+            allowed: &[Cts],
+            soap: gca(&format!("<gca:SetImageLocation {ns}><gca:GID>job-1</gca:GID><gca:CheckpointID>ck-1</gca:CheckpointID><gca:Location><gca:Kind>object-store</gca:Kind><gca:Name>s3://gca/site</gca:Name><gca:State>stored</gca:State></gca:Location></gca:SetImageLocation>")),
+            json: Some((
+                "POST",
+                "/api/v1/checkpoints/ck-1/locations".into(),
+                Some(serde_json::json!({"gid": "job-1", "location": {"kind": "object-store", "name": "s3://gca/site", "state": "stored"}})),
+            )),
+        },
+        Case {
             name: "GetResourcePropertyDocument",
             allowed: BROKERS,
             soap: Some((

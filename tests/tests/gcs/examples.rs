@@ -137,7 +137,8 @@ fn gcs_operation(op: &str) -> Option<(Caller, &'static str)> {
         "RegisterJob" => (Caller::Cts, "A CTS takes charge of a GID, when the execute wrapper registers the job there; with `Recovery` = `true` (and `FromCheckpoint`, `State`) when a recovery wrapper restores it, which moves the job to that CTS."),
         "RegisterCheckpoint" => (Caller::Cts, "A CTS records a checkpoint it took (on request, periodic, or by the job itself); the GCS assigns the next sequence number. The same record again is `unchanged`."),
         "AbandonRecovery" => (Caller::Cts, "The CTS a job is being recovered on gives the recovery up (it refused the image, or the restore failed): the job goes back to the CTS, state and end it had before the recovery moved it, and the recovery is not counted. Only that CTS, only while the job is `recovering` there."),
-        "GetJobKey" => (Caller::Cts, "The key a job's image chunks are encrypted with in an object store: 32 random bytes, base64, made at the first request and the same for every later one. The GCS keeps it wrapped under its key-wrapping key (`job_key_wrapping_key_file`) and gives it only to the CTS the job is on (running, stopped, recovering there, or last on); the key follows the job when a recovery moves it. A secret: never log it."),
+        "SetImageLocation" => (Caller::Cts, "Where a checkpoint's image has got to in an object store: the CTS that registered the record (or the one its job is on now) reports that an `async` upload finished (`stored`) or gave up (`failed`, with `Error`). A record lists every `Location` of its image: the store of the CTS that took it first (with its `URL`), then the object store (`Name`: the bucket's identity, `s3://<bucket>/<prefix>` unless the CTS's `[object_store] name` says otherwise), each with its `State` and `Since`. The answer is the record as it is now."),
+        "GetJobKey" => (Caller::Cts, "The key a job's image chunks are encrypted with in an object store: 32 random bytes, base64, made at the first request and the same for every later one. The GCS keeps it wrapped under its key-wrapping key (`job_key_wrapping_key_file`) and gives it only to the CTS the job is on (running, stopped, recovering there, or last on), and to a CTS the job has left while the retention policy has it delete images of the job it took (from the object store too); the key follows the job when a recovery moves it. A secret: never log it."),
         "JobFinished" => (Caller::Cts, "The CTS in charge reports that the job exited, with its exit status or signal. Exit status 0 ends the job: its retention policy applies to its images. A job that failed keeps them for recovery (and gets a termination time, `failed_job_lifetime_secs`, unless it has one)."),
         "SetRetention" => (Caller::Admin, "The job owner's retention policy: what is kept of the job's images when it ends (exit status 0, or its resource destroyed). `Keep` `none` (the default: delete them), `last` (the newest `KeepLast`) or `all`, moved to `KeepIn`, a directory of the job's owner on the resource holding each image. On a job that has ended, it applies at once to the images still stored."),
         _ => return None,
@@ -1257,6 +1258,17 @@ async fn soap_operations_reference_is_generated_from_real_exchanges() {
                       <gca:Certificate>{cert}</gca:Certificate>
                       <gca:Value>{value}</gca:Value>
                     </gca:Signature>
+                    <gca:Location>
+                      <gca:Kind>cts</gca:Kind>
+                      <gca:Name>cts-b</gca:Name>
+                      <gca:URL>http://cts-b.example.org:8090/images/{CTS_B_IMAGE}</gca:URL>
+                      <gca:State>stored</gca:State>
+                    </gca:Location>
+                    <gca:Location>
+                      <gca:Kind>object-store</gca:Kind>
+                      <gca:Name>s3://gca-images/site-b</gca:Name>
+                      <gca:State>pending</gca:State>
+                    </gca:Location>
                   </gca:Checkpoint>
                 </gca:RegisterCheckpoint>"#,
                 alg = signature.algorithm,
@@ -1268,6 +1280,32 @@ async fn soap_operations_reference_is_generated_from_real_exchanges() {
         .expect("RegisterCheckpoint");
     let ck = r.child(ns::GCA, "Checkpoint").expect("Checkpoint");
     assert_eq!(text_of(ck, "SequenceNumber"), "1");
+    // Its durability is async: the upload ends after the record, and cts-b says so.
+    rec.as_cts = Some("cts-b".into());
+    let r = rec
+        .gcs(
+            &gcs,
+            "SetImageLocation",
+            &format!(
+                r#"
+                <gca:SetImageLocation>
+                  <gca:GID>job-43</gca:GID>
+                  <gca:CheckpointID>{CTS_B_IMAGE}</gca:CheckpointID>
+                  <gca:Location>
+                    <gca:Kind>object-store</gca:Kind>
+                    <gca:Name>s3://gca-images/site-b</gca:Name>
+                    <gca:State>stored</gca:State>
+                  </gca:Location>
+                </gca:SetImageLocation>"#
+            ),
+        )
+        .await
+        .expect("SetImageLocation");
+    let states: Vec<String> = r
+        .children_named(ns::GCA, "Location")
+        .map(|l| text_of(l, "State"))
+        .collect();
+    assert_eq!(states, ["stored", "stored"]);
     let r = rec
         .gcs(
             &gcs,

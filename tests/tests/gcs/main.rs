@@ -10,6 +10,7 @@ mod faults;
 mod gcactl;
 mod hostile;
 mod job_keys;
+mod locations;
 mod node_soap;
 mod notifications;
 mod registry;

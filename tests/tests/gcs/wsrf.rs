@@ -344,10 +344,12 @@ async fn the_gcs_counts_are_kept_right_across_inserts_retention_and_deletes() {
     tx.commit().await.unwrap();
     assert_eq!(gcs_counts(&gcs).await, (7, 32));
     assert_eq!(counted(&gcs).await, (7, 32));
-    sqlx::query("truncate image_tasks, checkpoints, recovery_grants, job_keys, jobs")
-        .execute(&gcs.pool)
-        .await
-        .unwrap();
+    sqlx::query(
+        "truncate image_tasks, checkpoint_locations, checkpoints, recovery_grants, job_keys, jobs",
+    )
+    .execute(&gcs.pool)
+    .await
+    .unwrap();
     assert_eq!(gcs_counts(&gcs).await, (0, 0));
     gcs.register_job("job-after", "cts-a").await;
     assert_eq!(gcs_counts(&gcs).await, (1, 0));
