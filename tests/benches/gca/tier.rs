@@ -185,9 +185,10 @@ pub(super) async fn bench_tier(opts: Options) -> Vec<Row> {
     let mut rows = vec![
         Row {
             bench: "tier",
-            measurement: "upload of an image through the tier (a listing of the job's chunks, \
-                          each missing chunk read back verified, sealed with AES-256-GCM and PUT; \
-                          the sealed manifest) into an empty job"
+            measurement: "upload of an image through the tier (a listing of the job's packs, \
+                          each missing chunk read back verified and sealed with AES-256-GCM, PUT \
+                          in packs of up to 8 MiB with a sealed index each; the sealed manifest) \
+                          into an empty job"
                 .into(),
             baseline: "plain PUT of the same bytes, one object per file, same S3 client and \
                        cluster"
@@ -199,8 +200,9 @@ pub(super) async fn bench_tier(opts: Options) -> Vec<Row> {
         },
         Row {
             bench: "tier",
-            measurement: "download of the image through the tier into an empty store (GET, \
-                          open, BLAKE3 against the name, stored, one sync; manifest committed)"
+            measurement: "download of the image through the tier into an empty store (ranged \
+                          GETs of the packs, each chunk opened, BLAKE3 against its name, stored; \
+                          one sync; manifest committed)"
                 .into(),
             baseline: "plain GET of the same files into files, fsync each".into(),
             unit: Unit::MibPerSec,
