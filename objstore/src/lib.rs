@@ -112,7 +112,7 @@ pub struct BucketConfig {
     /// or a TLS-terminating proxy on the same host); what is stored is sealed either way.
     #[serde(default)]
     pub allow_http: bool,
-    /// Bound on one request, in seconds (progress, not size: chunks are at most 256 KiB).
+    /// Bound on one request, in seconds (a request carries at most one pack: 8 MiB).
     #[serde(default = "default_timeout")]
     pub request_timeout_secs: u64,
 }
