@@ -130,6 +130,7 @@ pub async fn fetch_image_report(
         id,
         store,
         opts,
+        written: Default::default(),
     };
 
     let bytes = ctx.get_manifest().await?;
@@ -285,6 +286,11 @@ struct Ctx<'a> {
     id: &'a ImageId,
     store: &'a ImageStore,
     opts: &'a FetchOptions,
+    /// Chunks stored by this fetch and not yet made durable ([`ChunkBackend::sync`], once at
+    /// the end of [`Ctx::fetch_chunks`]).
+    ///
+    /// [`ChunkBackend::sync`]: crate::ChunkBackend::sync
+    written: parking_lot::Mutex<Vec<ChunkId>>,
 }
 
 impl Ctx<'_> {
@@ -330,6 +336,14 @@ impl Ctx<'_> {
         while let Some(r) = results.next().await {
             total += r?;
         }
+        drop(results);
+        // Durable once, before the manifest naming them is committed.
+        let written = std::mem::take(&mut *self.written.lock());
+        let chunks = self.store.chunks().clone();
+        tokio::task::spawn_blocking(move || chunks.backend().sync(&written))
+            .await
+            .map_err(|e| Error::io("chunk sync task failed", std::io::Error::other(e)))?
+            .map_err(|e| self.write_error(e))?;
         Ok((missing.len(), total, present))
     }
 
@@ -487,7 +501,7 @@ impl Ctx<'_> {
                     written.push(c.id);
                 }
             }
-            chunks.backend().sync(&written).map_err(Err)
+            Ok(written)
         })
         .await
         .map_err(|e| {
@@ -497,7 +511,8 @@ impl Ctx<'_> {
             ))
         })?;
         match r {
-            Ok(()) => {
+            Ok(written) => {
+                self.written.lock().extend(written);
                 *done += n;
                 *got += bytes;
                 Ok(())
@@ -1246,6 +1261,7 @@ mod tests {
             id: &id("ckpt-1"),
             store: &s.dst,
             opts: &opts,
+            written: Default::default(),
         };
         let m = s.src.manifest(&id("ckpt-1")).await.unwrap();
         let entry = m.files.iter().find(|f| f.path == "pages-1.img").unwrap();

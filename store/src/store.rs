@@ -1524,11 +1524,9 @@ pub(crate) mod tests {
         store.delete(&id("a")).await.unwrap();
         assert_eq!(stored_chunks(&store), live(&[&b]));
         // A chunk nobody names (a crashed commit) goes at the next sweep.
-        store
-            .chunks()
-            .backend()
-            .put(&ChunkId::of(b"orphan"), b"orphan")
-            .unwrap();
+        let orphan = ChunkId::of(b"orphan");
+        store.chunks().backend().put(&orphan, b"orphan").unwrap();
+        store.chunks().backend().sync(&[orphan]).unwrap();
         assert_eq!(store.collect_garbage().await.unwrap().removed, 1);
         assert_eq!(stored_chunks(&store), live(&[&b]));
         store.delete(&id("b")).await.unwrap();
@@ -1536,11 +1534,9 @@ pub(crate) mod tests {
         // An unreadable manifest stops the sweep: its chunks might be needed.
         let c = put_v2(&store, "c", &[("s", &shared)]).await;
         fs::write(tmp.path().join("images/c/manifest.json"), b"garbage").unwrap();
-        store
-            .chunks()
-            .backend()
-            .put(&ChunkId::of(b"orphan"), b"orphan")
-            .unwrap();
+        let orphan = ChunkId::of(b"orphan");
+        store.chunks().backend().put(&orphan, b"orphan").unwrap();
+        store.chunks().backend().sync(&[orphan]).unwrap();
         assert!(store.collect_garbage().await.is_err());
         assert!(live(&[&c]).is_subset(&stored_chunks(&store)));
     }
@@ -1559,6 +1555,7 @@ pub(crate) mod tests {
         let arrived = ChunkId::of(b"arrived");
         s.pins().pin(&arrived);
         store.chunks().backend().put(&arrived, b"arrived").unwrap();
+        store.chunks().backend().sync(&[arrived]).unwrap();
         // The old image goes; its chunks stay, pinned.
         store.delete(&id("old")).await.unwrap();
         assert!(stored_chunks(&store).contains(&arrived));
