@@ -65,6 +65,12 @@ pub fn distinct_chunks<'a>(refs: impl IntoIterator<Item = &'a ChunkRef>) -> Vec<
         .collect()
 }
 
+/// One chunk in a pack index: its keyed tag and where its sealed bytes lie.
+type Entry = ([u8; 32], Range<u64>);
+
+/// Chunks wanted from one object, with where they lie in it.
+type Wanted = Vec<(ChunkRef, Range<u64>)>;
+
 /// Where a chunk is in a pack.
 #[derive(Debug, Clone)]
 struct Slot {
@@ -75,7 +81,7 @@ struct Slot {
 /// The job's pack indexes read so far, by pack object name.
 #[derive(Debug, Default)]
 pub(crate) struct PackIndex {
-    packs: HashMap<Arc<str>, Vec<([u8; 32], Range<u64>)>>,
+    packs: HashMap<Arc<str>, Vec<Entry>>,
 }
 
 /// Where each chunk of the job is, from one listing.
@@ -94,7 +100,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
         .map_err(|e| Error::Local(format!("a transfer task failed: {e}")))?
 }
 
-fn encode_index(entries: &[([u8; 32], Range<u64>)]) -> Vec<u8> {
+fn encode_index(entries: &[Entry]) -> Vec<u8> {
     let mut out = Vec::with_capacity(INDEX_MAGIC.len() + entries.len() * ENTRY);
     out.extend_from_slice(INDEX_MAGIC);
     for (tag, r) in entries {
@@ -105,7 +111,7 @@ fn encode_index(entries: &[([u8; 32], Range<u64>)]) -> Vec<u8> {
     out
 }
 
-fn decode_index(plain: &[u8]) -> Option<Vec<([u8; 32], Range<u64>)>> {
+fn decode_index(plain: &[u8]) -> Option<Vec<Entry>> {
     let body = plain.strip_prefix(&INDEX_MAGIC[..])?;
     if body.len() % ENTRY != 0 {
         return None;
@@ -354,7 +360,7 @@ impl JobChunks {
         let skipped = refs.len() - missing.len();
         let located = self.locate().await?;
         // Per pack, the chunks wanted from it in the order they lie; single objects apart.
-        let mut by_pack: HashMap<Arc<str>, Vec<(ChunkRef, Range<u64>)>> = HashMap::new();
+        let mut by_pack: HashMap<Arc<str>, Wanted> = HashMap::new();
         let mut singles = Vec::new();
         for r in missing {
             if let Some(slot) = located.slots.get(&self.chunk_tag(&r.id)) {
@@ -371,7 +377,7 @@ impl JobChunks {
                 )));
             }
         }
-        let mut reads: Vec<(Option<Arc<str>>, Vec<(ChunkRef, Range<u64>)>)> = by_pack
+        let mut reads: Vec<(Option<Arc<str>>, Wanted)> = by_pack
             .into_iter()
             .map(|(p, mut v)| {
                 v.sort_by_key(|(_, range)| range.start);
@@ -410,7 +416,7 @@ impl JobChunks {
         self: &Arc<Self>,
         store: &ImageStore,
         pack: Option<Arc<str>>,
-        wanted: Vec<(ChunkRef, Range<u64>)>,
+        wanted: Wanted,
     ) -> Result<Vec<ChunkRef>> {
         let sealed: Vec<bytes::Bytes> = match &pack {
             Some(pack) => {
