@@ -192,6 +192,11 @@ impl JobChunks {
             .await?;
         let mut known = self.packs.lock().expect("pack index lock");
         known.packs.extend(read);
+        // A pack read before and gone since (swept by another CTS) locates nothing.
+        let listed: HashSet<&str> = packs.iter().map(|p| &**p).collect();
+        known
+            .packs
+            .retain(|p, _| listed.contains(&**p) && indexed.contains(&**p));
         let mut slots = HashMap::new();
         for (pack, entries) in &known.packs {
             for (tag, range) in entries {
