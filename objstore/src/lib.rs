@@ -211,6 +211,24 @@ impl Bucket {
         }
     }
 
+    /// Deletes an object; one that is not there counts as deleted.
+    async fn delete(&self, path: &ObjectPath) -> Result<()> {
+        match self
+            .each(|s| {
+                let path = path.clone();
+                async move { s.delete(&path).await }
+            })
+            .await
+        {
+            Ok(())
+            | Err(Error::Store {
+                source: object_store::Error::NotFound { .. },
+                ..
+            }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Runs `op` against each endpoint in turn until one answers (a `NotFound` is an answer).
     async fn each<T, F, Fut>(&self, op: F) -> Result<T>
     where
@@ -468,21 +486,7 @@ impl JobChunks {
     /// Removes an image's manifest (its chunks go at the next [`JobChunks::sweep`]).
     pub async fn delete_manifest(&self, image: &str) -> Result<()> {
         let path = ObjectPath::from(self.manifest_name(image)?.as_str());
-        match self
-            .bucket
-            .each(|s| {
-                let path = path.clone();
-                async move { s.delete(&path).await }
-            })
-            .await
-        {
-            Ok(())
-            | Err(Error::Store {
-                source: object_store::Error::NotFound { .. },
-                ..
-            }) => Ok(()),
-            Err(e) => Err(e),
-        }
+        self.bucket.delete(&path).await
     }
 
     /// The IDs of the images whose manifests the job has in the bucket.
@@ -538,23 +542,7 @@ impl JobChunks {
             .collect();
         let removed = unwanted.len();
         futures::stream::iter(unwanted)
-            .map(|name| async move {
-                match self
-                    .bucket
-                    .each(|s| {
-                        let name = name.clone();
-                        async move { s.delete(&name).await }
-                    })
-                    .await
-                {
-                    Ok(())
-                    | Err(Error::Store {
-                        source: object_store::Error::NotFound { .. },
-                        ..
-                    }) => Ok(()),
-                    Err(e) => Err(e),
-                }
-            })
+            .map(|name| async move { self.bucket.delete(&name).await })
             .buffer_unordered(IN_FLIGHT * 4)
             .try_collect::<Vec<()>>()
             .await?;
@@ -640,17 +628,7 @@ impl ChunkBackend for JobChunks {
 
     fn remove(&self, id: &ChunkId) -> io::Result<()> {
         let path = ObjectPath::from(self.chunk_name(id).as_str());
-        match self.block_on(self.bucket.each(|s| {
-            let path = path.clone();
-            async move { s.delete(&path).await }
-        })) {
-            Ok(())
-            | Err(Error::Store {
-                source: object_store::Error::NotFound { .. },
-                ..
-            }) => Ok(()),
-            Err(e) => Err(io_err(e)),
-        }
+        self.block_on(self.bucket.delete(&path)).map_err(io_err)
     }
 
     fn list(&self) -> io::Result<Vec<ChunkId>> {

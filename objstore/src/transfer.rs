@@ -492,22 +492,7 @@ impl JobChunks {
         futures::stream::iter(doomed)
             .map(|pack| async move {
                 for name in [format!("{pack}.index"), pack.to_string()] {
-                    let path = ObjectPath::from(name.as_str());
-                    match self
-                        .bucket
-                        .each(|s| {
-                            let path = path.clone();
-                            async move { s.delete(&path).await }
-                        })
-                        .await
-                    {
-                        Ok(())
-                        | Err(Error::Store {
-                            source: object_store::Error::NotFound { .. },
-                            ..
-                        }) => {}
-                        Err(e) => return Err(e),
-                    }
+                    self.bucket.delete(&ObjectPath::from(name.as_str())).await?;
                 }
                 self.packs
                     .lock()

@@ -329,6 +329,23 @@ impl Drop for JobGuard {
     }
 }
 
+/// A batch job's payload for the wrapper tests: a bash script in `dir` counting into
+/// `counter.log` through an open descriptor (so CRIU restores the file's offset); interrupted
+/// (SIGTERM) it exits 3, not 0, since a job that exits 0 has ended and its images go.
+/// Returns (the log, the script).
+pub fn counting_job(dir: &Path) -> (PathBuf, PathBuf) {
+    let log = dir.join("counter.log");
+    let script = dir.join("job.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "trap 'exit 3' TERM; exec 3>>{log:?}; i=0; while :; do i=$((i+1)); echo $i >&3; sleep 0.05; done"
+        ),
+    )
+    .expect("write the job's script");
+    (log, script)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -50,17 +50,7 @@ async fn requeued(isolated: bool) {
         .prefix("gca-slurm")
         .tempdir()
         .unwrap();
-    let log = dir.path().join("counter.log");
-    // Counts through an open descriptor; interrupted (SIGTERM), it exits 3, not 0: a job that
-    // exits 0 has ended and its images go.
-    let script = dir.path().join("job.sh");
-    std::fs::write(
-        &script,
-        format!(
-            "trap 'exit 3' TERM; exec 3>>{log:?}; i=0; while :; do i=$((i+1)); echo $i >&3; sleep 0.05; done"
-        ),
-    )
-    .unwrap();
+    let (log, script) = slurm::counting_job(dir.path());
     let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../examples/slurm/self-recovering.sbatch");
     let mut submit = Submit::new("gca-self-recovering", dir.path());

@@ -45,15 +45,7 @@ async fn a_slurm_job_is_recovered_from_the_object_store_after_its_resource_is_lo
         .prefix("gca-slurm")
         .tempdir()
         .unwrap();
-    let log = dir.path().join("counter.log");
-    let script = dir.path().join("job.sh");
-    std::fs::write(
-        &script,
-        format!(
-            "trap 'exit 3' TERM; exec 3>>{log:?}; i=0; while :; do i=$((i+1)); echo $i >&3; sleep 0.05; done"
-        ),
-    )
-    .unwrap();
+    let (log, script) = slurm::counting_job(dir.path());
     let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/slurm");
     let args = vec!["bash".to_string(), script.display().to_string()];
 
