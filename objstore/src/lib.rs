@@ -211,6 +211,21 @@ impl Bucket {
         }
     }
 
+    /// The names of every object under `prefix` (one paginated listing).
+    async fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        let prefix = ObjectPath::from(prefix);
+        self.each(|s| {
+            let prefix = prefix.clone();
+            async move {
+                s.list(Some(&prefix))
+                    .map_ok(|m| m.location.to_string())
+                    .try_collect::<Vec<_>>()
+                    .await
+            }
+        })
+        .await
+    }
+
     /// Deletes an object; one that is not there counts as deleted.
     async fn delete(&self, path: &ObjectPath) -> Result<()> {
         match self
@@ -491,23 +506,11 @@ impl JobChunks {
 
     /// The IDs of the images whose manifests the job has in the bucket.
     pub async fn images(&self) -> Result<Vec<String>> {
-        let prefix = ObjectPath::from(format!("{}/images", self.dir).as_str());
-        let names: Vec<ObjectPath> = self
-            .bucket
-            .each(|s| {
-                let prefix = prefix.clone();
-                async move {
-                    s.list(Some(&prefix))
-                        .map_ok(|m| m.location)
-                        .try_collect::<Vec<_>>()
-                        .await
-                }
-            })
-            .await?;
+        let names = self.bucket.list(&format!("{}/images", self.dir)).await?;
         let mut ids: Vec<String> = names
             .iter()
             .filter_map(|n| {
-                let rest = n.as_ref().strip_prefix(&format!("{}/images/", self.dir))?;
+                let rest = n.strip_prefix(&format!("{}/images/", self.dir))?;
                 let id = rest.strip_suffix("/manifest")?;
                 (!id.contains('/')).then(|| id.to_string())
             })
@@ -523,22 +526,11 @@ impl JobChunks {
     /// rule as the local store's sweep: an image being uploaded counts as kept.
     pub async fn sweep(&self, keep: &BTreeSet<ChunkId>) -> Result<usize> {
         let wanted: BTreeSet<String> = keep.iter().map(|id| self.chunk_name(id)).collect();
-        let prefix = ObjectPath::from(format!("{}/chunks", self.dir).as_str());
-        let names: Vec<ObjectPath> = self
-            .bucket
-            .each(|s| {
-                let prefix = prefix.clone();
-                async move {
-                    s.list(Some(&prefix))
-                        .map_ok(|m| m.location)
-                        .try_collect::<Vec<_>>()
-                        .await
-                }
-            })
-            .await?;
+        let names = self.bucket.list(&format!("{}/chunks", self.dir)).await?;
         let unwanted: Vec<ObjectPath> = names
             .into_iter()
-            .filter(|n| !wanted.contains(n.as_ref()))
+            .filter(|n| !wanted.contains(n))
+            .map(|n| ObjectPath::from(n.as_str()))
             .collect();
         let removed = unwanted.len();
         futures::stream::iter(unwanted)

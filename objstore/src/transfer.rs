@@ -134,22 +134,9 @@ impl JobChunks {
     /// Lists the job's objects once, reads the indexes not read before, and says where every
     /// chunk of the job is.
     async fn locate(&self) -> Result<Located> {
-        let list = |prefix: String| async move {
-            let prefix = ObjectPath::from(prefix.as_str());
-            self.bucket
-                .each(|s| {
-                    let prefix = prefix.clone();
-                    async move {
-                        s.list(Some(&prefix))
-                            .map_ok(|m| m.location.to_string())
-                            .try_collect::<Vec<_>>()
-                            .await
-                    }
-                })
-                .await
-        };
+        let (chunks_dir, packs_dir) = (format!("{}/chunks", self.dir), self.packs_dir());
         let (singles, packed) =
-            futures::try_join!(list(format!("{}/chunks", self.dir)), list(self.packs_dir()))?;
+            futures::try_join!(self.bucket.list(&chunks_dir), self.bucket.list(&packs_dir))?;
         let indexed: HashSet<&str> = packed
             .iter()
             .filter_map(|n| n.strip_suffix(".index"))
