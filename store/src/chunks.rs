@@ -18,8 +18,8 @@
 //! | `list()` | every stored name, for the GC's sweep |
 //!
 //! Every method blocks: the store calls them from blocking threads, never from the async
-//! runtime. [`LocalChunks`] is the backend of a store on a file system: `chunks/ab/abcdef...`
-//! (the first two hex digits are a directory). See [`LocalChunks`] for its write order.
+//! runtime. [`LocalChunks`](crate::local_chunks::LocalChunks) is the backend of a store on a
+//! file system (chunks in packs; see its module for the layout and the write order).
 //! A remote (object store) backend implements the same six methods.
 //!
 //! # Cutting files ([`chunk_files`])
@@ -40,16 +40,14 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::fs::{self, File};
+use std::io;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
-
-use crate::store::{fsync_dir, random_suffix};
 
 /// The largest chunk FastCDC makes (and the largest accepted from anywhere).
 pub const MAX_CHUNK: usize = 256 * 1024;
@@ -63,10 +61,6 @@ pub const SEGMENT: usize = 8 << 20;
 pub const CHUNK_HASH: &str = "blake3";
 /// Threads cutting and hashing at once (at most).
 const MAX_THREADS: usize = 4;
-const TMP_PREFIX: &str = ".tmp-";
-/// Up to this many new chunks, `sync` fsyncs each file; above, one `syncfs` of the store's
-/// file system is cheaper (measured: ~2 ms per fsync on the development machine's disk).
-const FSYNC_EACH_UP_TO: usize = 16;
 
 /// A chunk's name: the BLAKE3 digest of its bytes.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -90,6 +84,14 @@ impl ChunkId {
 
     pub fn to_hex(&self) -> String {
         hex::encode(self.0)
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    pub fn from_bytes(b: [u8; 32]) -> Self {
+        ChunkId(b)
     }
 }
 
@@ -137,235 +139,10 @@ pub trait ChunkBackend: Send + Sync + fmt::Debug {
     fn read(&self, id: &ChunkId) -> io::Result<Vec<u8>>;
     fn remove(&self, id: &ChunkId) -> io::Result<()>;
     fn list(&self) -> io::Result<Vec<ChunkId>>;
-}
-
-/// Chunks as files: `DIR/ab/abcdef...` (0600, in 0700 directories).
-///
-/// # Write order (crash safety)
-///
-/// A file under a chunk's final name is always complete, durable and hashes to its name;
-/// temporary files (`DIR/ab/.tmp-*`) are never counted as chunks and are removed by
-/// [`LocalChunks::open`].
-///
-/// 1. `put` writes the bytes into a new temporary file in the chunk's directory, without
-///    fsync, and records it as *pending* (not shown by `has`, `read` or `list`).
-/// 2. `sync(ids)` makes the pending ones among `ids` durable: each file fsynced when there
-///    are at most [`FSYNC_EACH_UP_TO`], else one `syncfs` of the store's file system;
-/// 3. then renames each to its final name;
-/// 4. then fsyncs the directories holding them (at most [`FSYNC_EACH_UP_TO`] chunks) or
-///    `syncfs` again, so that the names are durable before `sync` returns, that is before
-///    the caller commits a manifest naming them.
-///
-/// A crash before 3 leaves temporary files only; between 3 and 4 complete chunks under
-/// their final names that no committed manifest names yet (the GC removes them).
-#[derive(Debug)]
-pub struct LocalChunks {
-    dir: PathBuf,
-    /// Chunks written by `put` into a temporary file (complete, not yet durable), by name.
-    pending: Mutex<HashMap<ChunkId, PathBuf>>,
-}
-
-impl LocalChunks {
-    /// Opens (creating) the chunk directory and removes temporary files an earlier run left.
-    pub fn open(dir: &Path) -> io::Result<Self> {
-        fs::create_dir_all(dir)?;
-        use std::os::unix::fs::PermissionsExt;
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
-        for sub in fs::read_dir(dir)? {
-            let sub = sub?;
-            if !sub.file_type()?.is_dir() {
-                continue;
-            }
-            for e in fs::read_dir(sub.path())? {
-                let e = e?;
-                if e.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
-                    let _ = fs::remove_file(e.path());
-                }
-            }
-        }
-        Ok(LocalChunks {
-            dir: dir.to_path_buf(),
-            pending: Mutex::new(HashMap::new()),
-        })
-    }
-
-    /// The chunk directory of a store another process has open, to read only (no clean-up).
-    pub fn at(dir: &Path) -> Self {
-        LocalChunks {
-            dir: dir.to_path_buf(),
-            pending: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// Chunks written by `put` and not yet passed to `sync` (tests).
-    #[cfg(test)]
-    pub(crate) fn pending_count(&self) -> usize {
-        self.pending.lock().len()
-    }
-
-    /// One `syncfs` of the file system holding the chunks.
-    fn syncfs(&self) -> io::Result<()> {
-        let d = File::open(&self.dir)?;
-        rustix::fs::syncfs(&d).map_err(io::Error::from)
-    }
-
-    fn sub(&self, id: &ChunkId) -> PathBuf {
-        self.dir.join(&id.to_hex()[..2])
-    }
-
-    /// Where a chunk is on disk.
-    pub fn path(&self, id: &ChunkId) -> PathBuf {
-        let hex = id.to_hex();
-        self.dir.join(&hex[..2]).join(hex)
-    }
-}
-
-impl ChunkBackend for LocalChunks {
-    fn has(&self, id: &ChunkId) -> io::Result<bool> {
-        match fs::symlink_metadata(self.path(id)) {
-            Ok(m) => Ok(m.is_file()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(e),
-        }
-    }
-
-    fn put(&self, id: &ChunkId, data: &[u8]) -> io::Result<bool> {
-        let path = self.path(id);
-        if fs::symlink_metadata(&path).is_ok() {
-            return Ok(false);
-        }
-        if self.pending.lock().contains_key(id) {
-            // Written by another put not yet synced: this caller syncs it too.
-            return Ok(true);
-        }
-        let sub = self.sub(id);
-        let tmp = sub.join(format!("{TMP_PREFIX}{}", random_suffix()));
-        let open = || {
-            use std::os::unix::fs::OpenOptionsExt;
-            OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)
-        };
-        let mut f = match open() {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                fs::create_dir_all(&sub)?;
-                open()?
-            }
-            Err(e) => return Err(e),
-        };
-        if let Err(e) = f.write_all(data) {
-            let _ = fs::remove_file(&tmp);
-            return Err(e);
-        }
-        drop(f);
-        let mut pending = self.pending.lock();
-        if pending.contains_key(id) {
-            // Two puts of the same chunk at once: keep one file.
-            drop(pending);
-            let _ = fs::remove_file(&tmp);
-        } else {
-            pending.insert(*id, tmp);
-        }
-        Ok(true)
-    }
-
-    fn sync(&self, written: &[ChunkId]) -> io::Result<()> {
-        if written.is_empty() {
-            return Ok(());
-        }
-        let few = written.len() <= FSYNC_EACH_UP_TO;
-        // 2. The pending files' bytes durable. A file stays pending (and so is not renamed by
-        // another sync) until it is renamed below, under the lock.
-        let mine: Vec<(ChunkId, PathBuf)> = {
-            let pending = self.pending.lock();
-            written
-                .iter()
-                .filter_map(|id| pending.get(id).map(|t| (*id, t.clone())))
-                .collect()
-        };
-        if few {
-            for (_, tmp) in &mine {
-                match File::open(tmp) {
-                    Ok(f) => f.sync_data()?,
-                    // Renamed by a concurrent sync meanwhile (which made it durable first).
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(e),
-                }
-            }
-        } else if !mine.is_empty() {
-            self.syncfs()?;
-        }
-        // 3. Renamed to their final names.
-        {
-            let mut pending = self.pending.lock();
-            for (id, _) in &mine {
-                if let Some(tmp) = pending.get(id) {
-                    fs::rename(tmp, self.path(id))?;
-                    pending.remove(id);
-                }
-            }
-        }
-        // Every chunk named is there now (ours, or renamed by another sync, which made its
-        // bytes durable before).
-        for id in written {
-            if fs::symlink_metadata(self.path(id)).is_err() {
-                return Err(io::Error::new(
-                    io::ErrorKind::NotFound,
-                    format!("chunk {id} was written but is not in the store"),
-                ));
-            }
-        }
-        // 4. The names durable.
-        if few {
-            let subs: BTreeSet<PathBuf> = written.iter().map(|id| self.sub(id)).collect();
-            for sub in &subs {
-                fsync_dir(sub)?;
-            }
-            fsync_dir(&self.dir)?;
-        } else {
-            self.syncfs()?;
-        }
+    /// Called once a sweep's `remove`s are done, under the same lock: makes them durable
+    /// (a backend whose `remove` is durable at once does nothing).
+    fn finish_sweep(&self) -> io::Result<()> {
         Ok(())
-    }
-
-    fn read(&self, id: &ChunkId) -> io::Result<Vec<u8>> {
-        let f = File::open(self.path(id))?;
-        let mut buf = Vec::with_capacity(AVG_CHUNK);
-        f.take(MAX_CHUNK as u64 + 1).read_to_end(&mut buf)?;
-        if buf.len() > MAX_CHUNK {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("chunk {id} is larger than {MAX_CHUNK} bytes"),
-            ));
-        }
-        Ok(buf)
-    }
-
-    fn remove(&self, id: &ChunkId) -> io::Result<()> {
-        match fs::remove_file(self.path(id)) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        }
-    }
-
-    fn list(&self) -> io::Result<Vec<ChunkId>> {
-        let mut out = Vec::new();
-        for sub in fs::read_dir(&self.dir)? {
-            let sub = sub?;
-            if !sub.file_type()?.is_dir() {
-                continue;
-            }
-            for e in fs::read_dir(sub.path())? {
-                let e = e?;
-                if let Some(id) = e.file_name().to_str().and_then(ChunkId::parse) {
-                    out.push(id);
-                }
-            }
-        }
-        Ok(out)
     }
 }
 
@@ -625,6 +402,7 @@ pub fn chunk_files(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::local_chunks::LocalChunks;
 
     #[test]
     fn chunk_ids_are_hex_digests_only() {
@@ -640,137 +418,6 @@ mod tests {
         ] {
             assert_eq!(ChunkId::parse(bad), None, "{bad:?}");
         }
-    }
-
-    /// Every file under the chunk directory: (final chunks, temporary files).
-    fn on_disk(dir: &Path) -> (BTreeSet<ChunkId>, usize) {
-        let (mut ids, mut tmps) = (BTreeSet::new(), 0);
-        for sub in fs::read_dir(dir).unwrap() {
-            let sub = sub.unwrap();
-            if !sub.file_type().unwrap().is_dir() {
-                continue;
-            }
-            for e in fs::read_dir(sub.path()).unwrap() {
-                let name = e.unwrap().file_name().to_string_lossy().into_owned();
-                if name.starts_with(TMP_PREFIX) {
-                    tmps += 1;
-                } else {
-                    ids.insert(ChunkId::parse(&name).expect("only chunk names"));
-                }
-            }
-        }
-        (ids, tmps)
-    }
-
-    fn blobs(n: usize, seed: u8) -> Vec<(ChunkId, Vec<u8>)> {
-        (0..n)
-            .map(|i| {
-                let d = vec![seed ^ (i as u8); 1000 + i];
-                (ChunkId::of(&d), d)
-            })
-            .collect()
-    }
-
-    #[test]
-    fn a_crash_before_sync_leaves_temporary_files_only_and_they_go_at_the_next_open() {
-        // 3 chunks (fsync each) and 40 (syncfs): the two ways sync makes them durable.
-        for n in [3, 40] {
-            let tmp = tempfile::tempdir().unwrap();
-            let dir = tmp.path().join("c");
-            let b = LocalChunks::open(&dir).unwrap();
-            for (id, d) in blobs(n, 1) {
-                assert!(b.put(&id, &d).unwrap());
-                // Written, not synced: not a chunk yet.
-                assert!(!b.has(&id).unwrap());
-                assert_eq!(b.read(&id).unwrap_err().kind(), io::ErrorKind::NotFound);
-            }
-            assert!(b.list().unwrap().is_empty());
-            assert_eq!(on_disk(&dir), (BTreeSet::new(), n));
-            // The process dies here (no sync); the next one opens the store.
-            drop(b);
-            let b = LocalChunks::open(&dir).unwrap();
-            assert_eq!(on_disk(&dir), (BTreeSet::new(), 0));
-            assert!(b.list().unwrap().is_empty());
-            assert_eq!(b.pending_count(), 0);
-        }
-    }
-
-    #[test]
-    fn sync_renames_complete_chunks_under_their_names() {
-        for n in [1, FSYNC_EACH_UP_TO, FSYNC_EACH_UP_TO + 1, 200] {
-            let tmp = tempfile::tempdir().unwrap();
-            let dir = tmp.path().join("c");
-            let b = LocalChunks::open(&dir).unwrap();
-            let all = blobs(n, 7);
-            let mut written = Vec::new();
-            for (id, d) in &all {
-                if b.put(id, d).unwrap() {
-                    written.push(*id);
-                }
-            }
-            // A put of a chunk already pending counts as written (the caller syncs it too),
-            // and leaves one file.
-            assert!(b.put(&all[0].0, &all[0].1).unwrap());
-            b.sync(&written).unwrap();
-            assert_eq!(b.pending_count(), 0);
-            let (ids, tmps) = on_disk(&dir);
-            assert_eq!(tmps, 0);
-            assert_eq!(ids.len(), n);
-            for (id, d) in &all {
-                assert!(b.has(id).unwrap());
-                let back = b.read(id).unwrap();
-                assert_eq!(&back, d);
-                assert_eq!(ChunkId::of(&back), *id);
-                // Present now: not written again.
-                assert!(!b.put(id, d).unwrap());
-            }
-            // A sync naming a chunk another sync renamed already (two commits sharing one
-            // new chunk) succeeds; one naming a chunk nobody wrote fails.
-            b.sync(&written).unwrap();
-            let ghost = ChunkId::of(b"never put");
-            assert_eq!(
-                b.sync(&[ghost]).unwrap_err().kind(),
-                io::ErrorKind::NotFound
-            );
-            // A crash after the renames, before any manifest names them: complete chunks
-            // that a reopened store shows (the GC removes them if nothing names them).
-            drop(b);
-            let b = LocalChunks::open(&dir).unwrap();
-            assert_eq!(b.list().unwrap().len(), n);
-        }
-    }
-
-    #[test]
-    fn two_writers_of_the_same_new_chunks_both_sync_them() {
-        let tmp = tempfile::tempdir().unwrap();
-        let b = Arc::new(LocalChunks::open(&tmp.path().join("c")).unwrap());
-        let all = Arc::new(blobs(50, 3));
-        let writers: Vec<_> = (0..2)
-            .map(|_| {
-                let (b, all) = (b.clone(), all.clone());
-                std::thread::spawn(move || {
-                    let mut written = Vec::new();
-                    for (id, d) in all.iter() {
-                        if b.put(id, d).unwrap() {
-                            written.push(*id);
-                        }
-                    }
-                    b.sync(&written).unwrap();
-                    // What this writer counts on is there when its sync returns.
-                    for (id, _) in all.iter() {
-                        assert!(b.has(id).unwrap());
-                    }
-                })
-            })
-            .collect();
-        for w in writers {
-            w.join().unwrap();
-        }
-        assert_eq!(b.pending_count(), 0);
-        assert_eq!(
-            on_disk(&tmp.path().join("c")),
-            (all.iter().map(|(i, _)| *i).collect(), 0)
-        );
     }
 
     #[test]
@@ -824,19 +471,12 @@ mod tests {
 
         // A flipped byte on disk is caught, naming what is wrong.
         let victim = cut2[0].chunks[3];
-        let p = tmp
-            .path()
-            .join("c")
-            .join(&victim.id.to_hex()[..2])
-            .join(victim.id.to_hex());
-        let mut bytes = fs::read(&p).unwrap();
-        bytes[7] ^= 1;
-        fs::write(&p, bytes).unwrap();
+        crate::local_chunks::flip_byte(&tmp.path().join("c"), &victim.id, 7);
         assert!(matches!(
             chunks.read_verified(&victim),
             Err(ChunkReadError::Corrupt(_))
         ));
-        fs::remove_file(&p).unwrap();
+        chunks.backend().remove(&victim.id).unwrap();
         assert!(matches!(
             chunks.read_verified(&victim),
             Err(ChunkReadError::Missing)

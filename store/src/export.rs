@@ -933,10 +933,11 @@ mod tests {
 
         // A flipped byte in a chunk: nothing exported, the chunk named.
         let c = m_chunk(&s, "img-c", "big.img");
-        let p = s.tmp.path().join("store/chunks").join(&c[..2]).join(&c);
-        let mut bytes = fs::read(&p).unwrap();
-        bytes[0] ^= 1;
-        fs::write(&p, bytes).unwrap();
+        crate::local_chunks::flip_byte(
+            &s.tmp.path().join("store/chunks"),
+            &crate::chunks::ChunkId::parse(&c).unwrap(),
+            0,
+        );
         let other = s.tmp.path().join("home/alice/other");
         fs::create_dir_all(&other).unwrap();
         chown(&other, UID);

@@ -1481,14 +1481,7 @@ mod tests {
             .find(|f| f.path == "pages-1.img")
             .unwrap()
             .chunks[5];
-        let p = tmp
-            .path()
-            .join("src/chunks")
-            .join(&victim.id.to_hex()[..2])
-            .join(victim.id.to_hex());
-        let mut bytes = std::fs::read(&p).unwrap();
-        bytes[100] ^= 1;
-        std::fs::write(&p, bytes).unwrap();
+        crate::local_chunks::flip_byte(&tmp.path().join("src/chunks"), &victim.id, 100);
 
         let e = fetch_image(&reqwest::Client::new(), &base, &id("ckpt-1"), None, &dst)
             .await

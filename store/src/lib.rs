@@ -7,6 +7,8 @@
 //! - [`names`]: [`ImageId`] and [`RelPath`], the only names that reach the file system;
 //! - [`manifest`]: the `manifest.json` of an image ([`Manifest`], [`ImageMeta`]) and its
 //!   digest, the image's identity;
+//! - [`chunks`]: chunk names, the backend trait, the cut; [`local_chunks`]: chunks in packs
+//!   on a file system;
 //! - [`store`]: the store ([`ImageStore`]: open, list, read, verify, delete) and
 //!   [`staging`]: an image being written, committed in one rename;
 //! - [`fetch`]: a resumable, verified copy from another CTS;
@@ -21,13 +23,15 @@ pub mod error;
 pub mod export;
 pub mod fetch;
 pub mod http;
+pub mod local_chunks;
 pub mod manifest;
 pub mod names;
 pub mod staging;
 pub mod store;
 
-pub use chunks::{ChunkBackend, ChunkId, ChunkRef, Chunks, LocalChunks};
+pub use chunks::{ChunkBackend, ChunkId, ChunkRef, Chunks};
 pub use error::{Error, Result};
+pub use local_chunks::{ChunkLocation, LocalChunks};
 pub use manifest::{FileEntry, ImageMeta, Manifest};
 pub use names::{ImageId, RelPath};
 pub use staging::Staging;

@@ -6,8 +6,10 @@
 //!   .lock                   held (flock) by the one process that has the store open
 //!   images/<id>/            committed images: manifest.json (format 2: its files are chunks);
 //!                           format 1 (older stores): the checkpointer's files + manifest.json
-//!   chunks/ab/abcdef...     the chunks of format 2 images, named by their BLAKE3 digest
-//!                           (crate::chunks), shared by every image of the store
+//!   chunks/packs/<P>.pack   the chunks of format 2 images, named by their BLAKE3 digest
+//!   chunks/packs/<P>.idx    (crate::chunks), in packs with an index each (crate::local_chunks),
+//!                           shared by every image of the store; chunks/ab/abcdef... one file
+//!                           per chunk in stores written before packs (still read)
 //!   restore/<id>/           an image's files made whole again for a restore (ImageStore::materialize)
 //!   staging/<id>.<random>/  images being written (by a driver or by a fetch)
 //!   staging/.trash.<id>.<random>/  images being deleted
@@ -42,8 +44,9 @@ use parking_lot::Mutex;
 use rustix::io::Errno;
 use sha2::{Digest, Sha256};
 
-use crate::chunks::{ChunkId, ChunkReadError, ChunkRef, Chunks, LocalChunks};
+use crate::chunks::{ChunkId, ChunkReadError, ChunkRef, Chunks};
 use crate::error::Error;
+use crate::local_chunks::LocalChunks;
 use crate::manifest::{FileEntry, Manifest, MANIFEST_FILE, MAX_MANIFEST_BYTES};
 use crate::names::{shown, valid_component, ImageId, RelPath, MAX_PATH_DEPTH};
 use crate::staging::Staging;
@@ -712,6 +715,9 @@ impl ImageStore {
                 report.kept += 1;
             }
         }
+        backend
+            .finish_sweep()
+            .map_err(|e| Error::io("cannot make the sweep's removals durable", e))?;
         if report.removed > 0 {
             tracing::info!(
                 removed = report.removed,
@@ -774,7 +780,13 @@ pub fn read_image_offline(root: &Path, id: &ImageId, dest: &Path) -> Result<Mani
     let bytes = read_capped(&dir.join(MANIFEST_FILE), MAX_MANIFEST_BYTES)
         .map_err(|e| Error::io(format!("cannot read the manifest of image {id}"), e))?;
     let m = Manifest::parse(&bytes)?;
-    let chunks = Chunks::new(Arc::new(LocalChunks::at(&root.join("chunks"))));
+    let local = LocalChunks::at(&root.join("chunks")).map_err(|e| {
+        Error::io(
+            format!("cannot read the chunk packs of {}", root.display()),
+            e,
+        )
+    })?;
+    let chunks = Chunks::new(Arc::new(local));
     let werr = |e| write_err(dest, id.as_str(), e);
     fs::create_dir_all(dest).map_err(werr)?;
     fs::write(dest.join(MANIFEST_FILE), &bytes).map_err(werr)?;
@@ -1482,17 +1494,9 @@ pub(crate) mod tests {
         }
         let all = stored_chunks(&store);
         let bytes = |ids: &BTreeSet<ChunkId>| -> u64 {
+            let local = LocalChunks::at(&tmp.path().join("chunks")).unwrap();
             ids.iter()
-                .map(|c| {
-                    fs::metadata(
-                        tmp.path()
-                            .join("chunks")
-                            .join(&c.to_hex()[..2])
-                            .join(c.to_hex()),
-                    )
-                    .unwrap()
-                    .len()
-                })
+                .map(|c| local.locate(c).unwrap().expect("stored").len as u64)
                 .sum()
         };
         // Eight images of 16 MiB: one image and the few chunks that changed.

@@ -260,34 +260,21 @@ impl TestCts {
         gca_store::Manifest::parse(&bytes).expect("a valid manifest")
     }
 
-    /// Where a chunk of this CTS's store is on disk.
-    pub fn chunk_path(&self, chunk: &gca_store::ChunkId) -> PathBuf {
-        let hex = chunk.to_hex();
-        self.state_dir()
-            .join("store")
-            .join("chunks")
-            .join(&hex[..2])
-            .join(hex)
+    /// This CTS's chunk store as it is on disk now (sealed packs), read as another process.
+    fn chunk_store(&self) -> gca_store::LocalChunks {
+        gca_store::LocalChunks::at(&self.state_dir().join("store").join("chunks"))
+            .expect("the CTS's chunk packs can be read")
     }
 
     /// The chunks in this CTS's store, and their bytes.
     pub fn stored_chunks(&self) -> (usize, u64) {
-        let dir = self.state_dir().join("store").join("chunks");
-        let mut n = 0;
-        let mut bytes = 0;
-        for sub in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-            for e in std::fs::read_dir(sub.path())
-                .into_iter()
-                .flatten()
-                .flatten()
-            {
-                if gca_store::ChunkId::parse(&e.file_name().to_string_lossy()).is_some() {
-                    n += 1;
-                    bytes += e.metadata().map(|m| m.len()).unwrap_or(0);
-                }
-            }
-        }
-        (n, bytes)
+        let store = self.chunk_store();
+        let ids = gca_store::ChunkBackend::list(&store).expect("list the chunks");
+        let bytes = ids
+            .iter()
+            .map(|id| store.locate(id).unwrap().map_or(0, |l| l.len as u64))
+            .sum();
+        (ids.len(), bytes)
     }
 
     /// Flips one byte of the largest piece of image `id` in the store (its largest chunk,
@@ -295,21 +282,32 @@ impl TestCts {
     /// the file's path).
     pub fn corrupt_image(&self, id: &str) -> String {
         let m = self.image_manifest(id);
-        let (path, what) = if m.is_chunked() {
+        let (path, offset, what) = if m.is_chunked() {
             let c = m
                 .files
                 .iter()
                 .flat_map(|f| f.chunks.iter())
                 .max_by_key(|c| c.size)
                 .expect("the image has a chunk");
-            (self.chunk_path(&c.id), c.id.to_hex())
+            let at = self.chunk_store().locate(&c.id).unwrap().expect("stored");
+            (at.path, at.offset, c.id.to_hex())
         } else {
             let f = m.files.iter().max_by_key(|f| f.size).expect("a file");
-            (self.image_dir(id).join(f.path.as_str()), f.path.to_string())
+            (
+                self.image_dir(id).join(f.path.as_str()),
+                0,
+                f.path.to_string(),
+            )
         };
-        let mut bytes = std::fs::read(&path).unwrap();
-        bytes[0] ^= 0xff;
-        std::fs::write(&path, bytes).unwrap();
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let mut b = [0u8; 1];
+        file.read_exact_at(&mut b, offset).unwrap();
+        file.write_all_at(&[b[0] ^ 0xff], offset).unwrap();
         what
     }
 
