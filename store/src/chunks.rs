@@ -26,9 +26,10 @@
 //!
 //! Each file is cut at fixed [`SEGMENT`] boundaries (so that several threads cut one large
 //! file at once, and a changed page never moves a boundary outside its segment), and each
-//! segment by FastCDC (2020, 16/64/256 KiB min/avg/max). Files and segments are cut, hashed
-//! and stored by a few threads at once; new chunks are made durable once at the end
-//! ([`ChunkBackend::sync`]).
+//! segment by FastCDC (2020, 16/64/256 KiB min/avg/max). CRIU's page files are cut along
+//! their pagemap instead, at 64 KiB windows of the address space (`criu_pages`), which costs
+//! no rolling hash. Files and segments are cut, hashed and stored by a few threads at once;
+//! new chunks are made durable once at the end ([`ChunkBackend::sync`]).
 //!
 //! # Writes in progress and the GC
 //!
@@ -289,6 +290,30 @@ pub struct CutStats {
     pub total_chunks: usize,
 }
 
+/// A piece of a file one thread cuts: by FastCDC, or along given chunk lengths.
+struct Piece {
+    file: usize,
+    start: u64,
+    len: usize,
+    cuts: Option<Vec<u32>>,
+}
+
+/// Given chunk lengths in groups of at most [`SEGMENT`] bytes (each chunk is at most
+/// [`MAX_CHUNK`]).
+fn cut_groups(cuts: &[u32]) -> Vec<Vec<u32>> {
+    let mut out: Vec<Vec<u32>> = Vec::new();
+    let mut bytes = 0usize;
+    for &c in cuts {
+        if out.is_empty() || bytes + c as usize > SEGMENT {
+            out.push(Vec::new());
+            bytes = 0;
+        }
+        out.last_mut().expect("pushed").push(c);
+        bytes += c as usize;
+    }
+    out
+}
+
 /// Cuts the files (on disk, full paths) into chunks, stores the new ones (pinned in `pins`)
 /// and fsyncs them: several threads at once, over files and segments of files. Returns one
 /// [`CutFile`] per path, in order, and what was written.
@@ -297,16 +322,41 @@ pub fn chunk_files(
     pins: &PinSet,
     paths: &[PathBuf],
 ) -> io::Result<(Vec<CutFile>, CutStats)> {
-    // The work: (file index, segment index), biggest files first is not needed: segments are
-    // all the same size.
+    // The work: pieces of at most SEGMENT bytes of a file, cut by FastCDC, or (CRIU's page
+    // files, crate::criu_pages) along the lengths their pagemap gives.
+    let page_cuts = crate::criu_pages::page_file_cuts(paths);
     let mut sizes = Vec::with_capacity(paths.len());
-    let mut work = Vec::new();
+    let mut work: Vec<Piece> = Vec::new();
     for (i, p) in paths.iter().enumerate() {
         let len = fs::metadata(p)?.len();
         sizes.push(len);
+        // (Only if the file still has the length the pagemap gave.)
+        let cuts = page_cuts
+            .get(p)
+            .filter(|c| c.iter().map(|&n| n as u64).sum::<u64>() == len);
+        if let Some(cuts) = cuts {
+            let mut start = 0u64;
+            for group in cut_groups(cuts) {
+                let bytes: u64 = group.iter().map(|&c| c as u64).sum();
+                work.push(Piece {
+                    file: i,
+                    start,
+                    len: bytes as usize,
+                    cuts: Some(group),
+                });
+                start += bytes;
+            }
+            continue;
+        }
         let segments = len.div_ceil(SEGMENT as u64).max(1);
         for s in 0..segments {
-            work.push((i, s));
+            let start = s * SEGMENT as u64;
+            work.push(Piece {
+                file: i,
+                start,
+                len: (len.saturating_sub(start)).min(SEGMENT as u64) as usize,
+                cuts: None,
+            });
         }
     }
     let threads = std::thread::available_parallelism()
@@ -329,27 +379,37 @@ pub fn chunk_files(
                         return;
                     }
                     let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some(&(fi, seg)) = work.get(n) else {
+                    let Some(piece) = work.get(n) else {
                         return;
                     };
+                    let fi = piece.file;
                     let r = (|| -> io::Result<Vec<ChunkRef>> {
                         if open.as_ref().map(|(i, _)| *i) != Some(fi) {
                             open = Some((fi, File::open(&paths[fi])?));
                         }
                         let f = &open.as_ref().expect("opened").1;
-                        let start = seg * SEGMENT as u64;
-                        let want = (sizes[fi].saturating_sub(start)).min(SEGMENT as u64) as usize;
-                        f.read_exact_at(&mut buf[..want], start)?;
-                        let data = &buf[..want];
+                        f.read_exact_at(&mut buf[..piece.len], piece.start)?;
+                        let data = &buf[..piece.len];
                         let mut refs = Vec::new();
                         let mut local = CutStats::default();
-                        for c in fastcdc::v2020::FastCDC::new(
-                            data,
-                            MIN_CHUNK as u32,
-                            AVG_CHUNK as u32,
-                            MAX_CHUNK as u32,
-                        ) {
-                            let bytes = &data[c.offset..c.offset + c.length];
+                        let bounds: Box<dyn Iterator<Item = (usize, usize)>> = match &piece.cuts {
+                            Some(cuts) => Box::new(cuts.iter().scan(0usize, |at, &c| {
+                                let b = (*at, c as usize);
+                                *at += c as usize;
+                                Some(b)
+                            })),
+                            None => Box::new(
+                                fastcdc::v2020::FastCDC::new(
+                                    data,
+                                    MIN_CHUNK as u32,
+                                    AVG_CHUNK as u32,
+                                    MAX_CHUNK as u32,
+                                )
+                                .map(|c| (c.offset, c.length)),
+                            ),
+                        };
+                        for (offset, length) in bounds {
+                            let bytes = &data[offset..offset + length];
                             let id = ChunkId::of(bytes);
                             pins.pin(&id);
                             if chunks.backend.put(&id, bytes)? {
@@ -359,7 +419,7 @@ pub fn chunk_files(
                             local.total_chunks += 1;
                             refs.push(ChunkRef {
                                 id,
-                                size: c.length as u32,
+                                size: length as u32,
                             });
                         }
                         let mut s = stats.lock();
@@ -369,7 +429,7 @@ pub fn chunk_files(
                         Ok(refs)
                     })();
                     match r {
-                        Ok(refs) => results.lock().push(((fi, seg), refs)),
+                        Ok(refs) => results.lock().push(((fi, piece.start), refs)),
                         Err(e) => {
                             failure.lock().get_or_insert(e);
                             return;

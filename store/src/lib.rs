@@ -7,7 +7,8 @@
 //! - [`names`]: [`ImageId`] and [`RelPath`], the only names that reach the file system;
 //! - [`manifest`]: the `manifest.json` of an image ([`Manifest`], [`ImageMeta`]) and its
 //!   digest, the image's identity;
-//! - [`chunks`]: chunk names, the backend trait, the cut; [`local_chunks`]: chunks in packs
+//! - [`chunks`]: chunk names, the backend trait, the cut (CRIU's page files along their
+//!   pagemap, `criu_pages`); [`local_chunks`]: chunks in packs
 //!   on a file system;
 //! - [`store`]: the store ([`ImageStore`]: open, list, read, verify, delete) and
 //!   [`staging`]: an image being written, committed in one rename;
@@ -19,6 +20,7 @@
 //! - [`error`]: the one error type, mapped to faults and HTTP answers in one place.
 
 pub mod chunks;
+mod criu_pages;
 pub mod error;
 pub mod export;
 pub mod fetch;

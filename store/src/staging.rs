@@ -2,8 +2,8 @@
 //! `images/` in one rename once its manifest is written and everything is fsynced.
 //!
 //! Format 2 (chunks): at the commit the files the driver wrote are cut into chunks by a few
-//! threads at once ([`crate::chunks::chunk_files`]); only new chunks are written, each
-//! fsynced once by the thread that wrote it, their directories once at the end; the image
+//! threads at once ([`crate::chunks::chunk_files`]); only new chunks are written, appended to
+//! a pack sealed once at the end ([`crate::local_chunks`]); the image
 //! directory that is renamed into `images/` holds just the manifest, and the driver's files
 //! are removed. Format 1 (whole files, [`ImageStore::open_with`]) keeps today's way: every
 //! file hashed, fsynced and renamed with the manifest.
