@@ -50,6 +50,8 @@ pub struct Criu {
 
 /// How long `criu --version` and `criu check` may take.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a job's cgroup may take to freeze before a dump (CRIU's own default is 10 s).
+const FREEZE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Finds the CRIU binary as the driver does without a configured path: `$GCA_CRIU`, else
 /// `criu` on `PATH`, else [`DEFAULT_PATH`] (returned even when it does not exist).
@@ -404,6 +406,16 @@ impl CoreCheckpointer for Criu {
         cmd.args(&args);
         tracing::info!(job.gid = %job.gid, job.pid = job.pid, image.dir = %req.image_dir.display(),
             leave_running = req.leave_running, "criu dump");
+        // Frozen here rather than by CRIU, which would wait 100 ms for it (crate::freezer);
+        // thawed once CRIU is done, whatever it did.
+        let frozen = match &job.cgroup {
+            Some(cg) => crate::freezer::freeze(cg, req.timeout.min(FREEZE_TIMEOUT))
+                .await
+                .map_err(|e| {
+                    DriverError::failed(format!("cannot checkpoint job {}: {e}", job.gid))
+                })?,
+            None => None,
+        };
         let out = match run(cmd, req.timeout, false).await {
             Ok(out) => out,
             Err(RunError::Spawn(e)) => {
@@ -424,6 +436,7 @@ impl CoreCheckpointer for Criu {
                 )))
             }
         };
+        drop(frozen);
         if !out.status.success() {
             let failure = Failure::read(&log, &out);
             let msg = format!(
@@ -444,6 +457,8 @@ impl CoreCheckpointer for Criu {
             }
             return Err(DriverError::failed(msg));
         }
+        tracing::debug!(job.gid = %job.gid, elapsed_ms = started.elapsed().as_millis() as u64,
+            "criu dump done");
         if let Some(n) = &note {
             let text =
                 serde_json::to_vec_pretty(n).map_err(|e| DriverError::failed(e.to_string()))?;

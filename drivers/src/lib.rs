@@ -35,6 +35,7 @@ pub mod criu;
 pub mod error;
 pub mod exits;
 pub mod facts;
+pub mod freezer;
 pub mod proc;
 pub mod runner;
 #[cfg(test)]

@@ -74,6 +74,7 @@ impl Staging {
             return self.commit_whole_files(meta).await;
         }
         self.finish(move |dir, id, store, pins| {
+            let started = std::time::Instant::now();
             let found = walk_dir(dir, id.as_str(), true, false)?;
             let paths: Vec<PathBuf> = found.iter().map(|(_, p)| p.clone()).collect();
             let (cut, stats) = chunk_files(store.chunks(), pins, &paths)
@@ -90,7 +91,7 @@ impl Staging {
                 .collect();
             tracing::debug!(image = %id, chunks = stats.total_chunks,
                 new_chunks = stats.new_chunks.len(), new_bytes = stats.new_bytes,
-                "image cut into chunks");
+                elapsed_ms = started.elapsed().as_millis() as u64, "image cut into chunks");
             let manifest = Manifest {
                 format: MANIFEST_FORMAT,
                 id: id.clone(),

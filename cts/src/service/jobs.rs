@@ -368,6 +368,13 @@ impl Cts {
                     }));
                 continue;
             }
+            // A previous run that died during a dump may have left it frozen
+            // (gca_drivers::freezer); no dump of it is going on now.
+            if let Some(cg) = &saved.cgroup {
+                if let Err(e) = gca_drivers::freezer::thaw(cg) {
+                    tracing::error!(gid = %saved.gid, cgroup = %cg.display(), error = %e, "cannot thaw the cgroup of a job of a previous run");
+                }
+            }
             let job = Arc::new(Job::new(
                 saved,
                 GcsDelivery::Registered,
