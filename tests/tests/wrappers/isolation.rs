@@ -363,11 +363,19 @@ async fn a_job_with_a_child_and_an_open_file_is_dumped_frozen_in_its_cgroup_and_
     let md = std::fs::metadata(&dir).unwrap();
     assert_eq!((md.uid(), md.mode() & 0o022), (0, 0), "{}", dir.display());
 
-    // The dump froze the cgroup (cgroup v2's cgroup.freeze) rather than seizing task by task.
+    // The dump froze the cgroup (cgroup v2's cgroup.freeze: the driver freezes it, CRIU finds it
+    // frozen) rather than seizing task by task, and the cgroup is thawed once the dump is done.
     let first = checkpoint(&gcs, gid, false).await;
     let dump_log = std::fs::read_to_string(a.image_files(&first.id).join("dump.log")).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(dir.join("cgroup.freeze"))
+            .unwrap()
+            .trim(),
+        "0",
+        "the cgroup is thawed after the dump"
+    );
     assert!(
-        dump_log.contains("cgroup.freeze=1") && dump_log.contains("cgroup.freeze=0"),
+        dump_log.contains("Detected cgroup V2 freezer") && dump_log.contains("cgroup.freeze=1"),
         "{}",
         dump_log
             .lines()
