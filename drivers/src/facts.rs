@@ -11,7 +11,7 @@
 //! A file opened between this and the dump is not recorded (CRIU then still names it, at
 //! restore, if it is missing).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -154,12 +154,17 @@ pub async fn cpuinfo_check(criu: &Path, cpuinfo_b64: &str) -> Result<(), String>
 }
 
 /// `sha256:<hex>` of a file's content, if it is a regular file no larger than
-/// [`MAX_HASHED_BYTES`] and readable.
+/// [`MAX_HASHED_BYTES`] and readable. Digests are remembered ([`DigestCache`]): a job's
+/// libraries are hashed once, not at every checkpoint.
 pub fn file_digest(path: &Path) -> Option<String> {
     let mut f = std::fs::File::open(path).ok()?;
     let meta = f.metadata().ok()?;
     if !meta.is_file() || meta.len() > MAX_HASHED_BYTES {
         return None;
+    }
+    let key = FileVersion::of(&meta);
+    if let Some(d) = DIGESTS.get(&key) {
+        return Some(d);
     }
     let mut h = sha2::Sha256::new();
     let mut buf = vec![0u8; 64 * 1024];
@@ -170,7 +175,78 @@ pub fn file_digest(path: &Path) -> Option<String> {
             Err(_) => return None,
         }
     }
-    Some(format!("sha256:{}", hex::encode(h.finalize())))
+    let digest = format!("sha256:{}", hex::encode(h.finalize()));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(i64::MAX, |d| d.as_secs() as i64);
+    DIGESTS.put(key, &digest, now);
+    Some(digest)
+}
+
+/// What tells one content of a file from another without reading it: the inode and its
+/// size, modification and change times. The change time cannot be set by a user (any
+/// write or `utimes` moves it), so a file whose version is unchanged has the content
+/// hashed before, with one exception [`DigestCache`] guards against: two writes within
+/// one tick of the file system's clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct FileVersion {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileVersion {
+    fn of(m: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        FileVersion {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        }
+    }
+
+    /// Changed so recently that another write within the same clock tick could follow
+    /// unseen (as git's "racily clean" entries): such a file is hashed every time.
+    fn is_recent(&self, now_secs: i64) -> bool {
+        self.ctime.0 >= now_secs - RECENT_SECS
+    }
+}
+
+/// See [`FileVersion::is_recent`].
+const RECENT_SECS: i64 = 2;
+
+/// At most this many digests are remembered; beyond it the cache starts again empty.
+const MAX_CACHED_DIGESTS: usize = 4096;
+
+/// The digests of file versions hashed before, process-wide (see [`file_digest`]).
+struct DigestCache(std::sync::Mutex<HashMap<FileVersion, String>>);
+
+static DIGESTS: std::sync::LazyLock<DigestCache> = std::sync::LazyLock::new(DigestCache::new);
+
+impl DigestCache {
+    fn new() -> Self {
+        DigestCache(std::sync::Mutex::new(HashMap::new()))
+    }
+
+    fn get(&self, key: &FileVersion) -> Option<String> {
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(key).cloned()
+    }
+
+    fn put(&self, key: FileVersion, digest: &str, now_secs: i64) {
+        if key.is_recent(now_secs) {
+            return;
+        }
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= MAX_CACHED_DIGESTS {
+            map.clear();
+        }
+        map.insert(key, digest.to_string());
+    }
 }
 
 /// A path as `/proc` shows it, if it names a file that can be looked for again: absolute,
@@ -406,6 +482,48 @@ mod tests {
         assert!(
             notes[0].contains("compatibility.ignore_missing"),
             "{notes:?}"
+        );
+    }
+
+    #[test]
+    fn a_digest_is_remembered_per_file_version_and_not_for_a_file_just_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let lib = dir.path().join("lib.so");
+        std::fs::write(&lib, "one").unwrap();
+        let v1 = FileVersion::of(&std::fs::metadata(&lib).unwrap());
+        let cache = DigestCache::new();
+        // Just changed: not remembered (a second write in the same tick could follow).
+        cache.put(v1, "sha256:one", v1.ctime.0);
+        assert_eq!(cache.get(&v1), None);
+        // Changed long enough ago: remembered for that version only.
+        let later = v1.ctime.0 + RECENT_SECS + 1;
+        cache.put(v1, "sha256:one", later);
+        assert_eq!(cache.get(&v1).as_deref(), Some("sha256:one"));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(&lib, "two").unwrap();
+        let v2 = FileVersion::of(&std::fs::metadata(&lib).unwrap());
+        assert_ne!(v1, v2, "same size, new content: another version");
+        assert_eq!(cache.get(&v2), None);
+        // Bounded: a full cache starts again empty.
+        for i in 0..MAX_CACHED_DIGESTS as u64 {
+            cache.put(
+                FileVersion {
+                    ino: i + 1_000_000,
+                    ..v1
+                },
+                "x",
+                later,
+            );
+        }
+        assert!(cache.0.lock().unwrap().len() <= MAX_CACHED_DIGESTS);
+        // And the file's real digest follows its content.
+        assert_ne!(file_digest(&lib), Some("sha256:one".into()));
+        assert_eq!(
+            file_digest(&lib),
+            Some(format!(
+                "sha256:{}",
+                hex::encode(sha2::Sha256::digest(b"two"))
+            ))
         );
     }
 }
