@@ -1053,11 +1053,14 @@ mod tests {
         }
     }
 
+    /// Nothing in `staging/` but the trash being removed in the background.
     fn staging_is_empty(root: &Path) -> bool {
-        std::fs::read_dir(root.join("staging"))
-            .unwrap()
-            .next()
-            .is_none()
+        std::fs::read_dir(root.join("staging")).unwrap().all(|e| {
+            e.unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with(".trash.")
+        })
     }
 
     #[tokio::test]

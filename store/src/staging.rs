@@ -219,7 +219,11 @@ impl Staging {
             drop(pins);
             let leftovers = match (&result, made) {
                 (Ok(_), None) => vec![],
-                (Ok(_), Some(_)) => vec![dir],
+                (Ok(_), Some(_)) => {
+                    // The driver's files, cut into chunks: not on the answer's path.
+                    crate::store::remove_in_background(store.staging_root(), &dir);
+                    vec![]
+                }
                 (Err(_), made) => std::iter::once(dir).chain(made).collect(),
             };
             for d in leftovers {

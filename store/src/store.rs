@@ -129,6 +129,33 @@ pub(crate) fn remove_any(path: &Path) -> io::Result<()> {
     }
 }
 
+/// Removes a directory of `staging` off the caller's path: renamed at once into the trash
+/// (`.trash.*`, which nothing reads and the next open empties), then removed by a blocking
+/// task. Without a runtime, or if the rename fails, it is removed here.
+pub(crate) fn remove_in_background(staging: &Path, dir: &Path) {
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned());
+    let trash = staging.join(format!(
+        "{TRASH_PREFIX}{}.{}",
+        name.unwrap_or_default(),
+        random_suffix()
+    ));
+    let remove = |d: PathBuf| {
+        if let Err(e) = remove_any(&d) {
+            tracing::warn!(path = %d.display(), error = %e, "cannot remove a staging directory");
+        }
+    };
+    match (
+        fs::rename(dir, &trash),
+        tokio::runtime::Handle::try_current(),
+    ) {
+        (Ok(()), Ok(rt)) => {
+            rt.spawn_blocking(move || remove(trash));
+        }
+        (Ok(()), Err(_)) => remove(trash),
+        (Err(_), _) => remove(dir.to_path_buf()),
+    }
+}
+
 pub(crate) fn read_capped(path: &Path, cap: u64) -> io::Result<Vec<u8>> {
     let f = File::open(path)?;
     let mut buf = Vec::new();
@@ -1050,10 +1077,12 @@ pub(crate) mod tests {
         m
     }
 
+    /// The entries of a directory, but the trash being removed in the background.
     fn entries(dir: &Path) -> Vec<String> {
         let mut v: Vec<String> = fs::read_dir(dir)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.starts_with(TRASH_PREFIX))
             .collect();
         v.sort();
         v
@@ -1189,6 +1218,26 @@ pub(crate) mod tests {
         assert_eq!(ids, ["ok"]);
         let f: Fault = ImageId::parse("../x").unwrap_err().into();
         assert_eq!(f.kind, FaultKind::InvalidMessage);
+    }
+
+    #[tokio::test]
+    async fn a_committed_image_s_staging_files_are_removed_after_the_answer() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(tmp.path(), None).unwrap();
+        let s = store.stage(&id("cut")).await.unwrap();
+        fs::write(s.dir.join("pages-1.img"), vec![7u8; 1 << 20]).unwrap();
+        s.commit(meta("j")).await.unwrap();
+        // At once, nothing live is left; the driver's files go with the trash, soon.
+        assert!(entries(&tmp.path().join("staging")).is_empty());
+        let all = || fs::read_dir(tmp.path().join("staging")).unwrap().count();
+        for _ in 0..200 {
+            if all() == 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(all(), 0, "the trash is removed in the background");
+        assert_eq!(store.verify(&id("cut")).await.unwrap().total_bytes, 1 << 20);
     }
 
     #[tokio::test]
