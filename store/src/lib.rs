@@ -30,6 +30,7 @@ pub mod manifest;
 pub mod names;
 pub mod staging;
 pub mod store;
+mod writeback;
 
 pub use chunks::{ChunkBackend, ChunkId, ChunkRef, Chunks};
 pub use error::{Error, Result};

@@ -19,6 +19,8 @@
 //!
 //! 1. `put` appends the bytes to the open pack (no fsync) and records the chunk as *pending*:
 //!    not shown by `has`, `read` or `list`; a second `put` of it answers `true` (written).
+//!    Every [`WRITEBACK_BYTES`] a background thread flushes what the pack holds so far
+//!    ([`crate::writeback`]: the disk works while writers go on); durability is still 2's.
 //! 2. `sync` seals every pack written to since the last seal (whoever wrote to it): fsyncs
 //!    the pack, writes its index into a temporary file, fsyncs it, renames it to `<P>.idx`,
 //!    fsyncs the directory; only then are its chunks shown. A pack file without an index holds
@@ -45,6 +47,7 @@ use parking_lot::Mutex;
 
 use crate::chunks::{ChunkBackend, ChunkId, AVG_CHUNK, MAX_CHUNK};
 use crate::store::{fsync_dir, random_suffix};
+use crate::writeback::{FlushError, Writeback, WRITEBACK_BYTES};
 
 /// A pack takes new chunks until it holds this many bytes, then a new one is started.
 pub const PACK_BYTES: u64 = 32 << 20;
@@ -92,6 +95,9 @@ struct Open {
     file: Arc<File>,
     len: u64,
     entries: Vec<(ChunkId, Entry)>,
+    /// `len` at the last early writeback ([`crate::writeback`]), and its error if any.
+    kicked: u64,
+    flush_error: FlushError,
 }
 
 #[derive(Debug, Default)]
@@ -114,6 +120,7 @@ pub struct LocalChunks {
     state: Mutex<State>,
     /// One seal at a time (a sync waits for a seal in progress that holds its chunks).
     seal: Mutex<()>,
+    writeback: Writeback,
 }
 
 fn invalid(msg: String) -> io::Error {
@@ -165,6 +172,7 @@ impl LocalChunks {
             packs_dir: dir.join(PACKS),
             state: Mutex::new(State::default()),
             seal: Mutex::new(()),
+            writeback: Writeback::default(),
         }
     }
 
@@ -342,6 +350,8 @@ impl LocalChunks {
             file: Arc::new(file),
             len: 0,
             entries: Vec::new(),
+            kicked: 0,
+            flush_error: FlushError::default(),
         })
     }
 
@@ -385,6 +395,9 @@ impl LocalChunks {
     fn seal_packs(&self, todo: &[Open]) -> io::Result<()> {
         for p in todo {
             p.file.sync_data()?;
+            if let Some(e) = p.flush_error.lock().take() {
+                return Err(e);
+            }
         }
         for p in todo {
             self.write_index(&p.name, p.entries.iter().map(|(id, e)| (id, e)))?;
@@ -580,6 +593,10 @@ impl ChunkBackend for LocalChunks {
                 len: data.len() as u32,
             },
         ));
+        if open.len - open.kicked >= WRITEBACK_BYTES {
+            open.kicked = open.len;
+            self.writeback.kick(&open.file, &open.flush_error);
+        }
         let full = open.len >= PACK_BYTES;
         st.pending.insert(*id);
         if full {
@@ -799,6 +816,34 @@ mod tests {
         assert_eq!(on_disk(&dir), (0, 0, 0));
         assert!(b.list().unwrap().is_empty());
         assert_eq!(b.pending_count(), 0);
+    }
+
+    #[test]
+    fn a_failed_early_writeback_fails_the_seal_and_shows_no_chunk() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("c");
+        let b = LocalChunks::open(&dir).unwrap();
+        // Enough bytes for the pack to be flushed early at least once.
+        let all: Vec<(ChunkId, Vec<u8>)> = (0..WRITEBACK_BYTES as usize / MAX_CHUNK + 1)
+            .map(|i| {
+                let d = vec![i as u8; MAX_CHUNK];
+                (ChunkId::of(&d), d)
+            })
+            .collect();
+        let written = put_all(&b, &all);
+        // What a background flush that met an I/O error leaves for the seal.
+        {
+            let st = b.state.lock();
+            let open = st.open.as_ref().expect("an open pack");
+            assert!(open.kicked > 0, "flushed early");
+            open.flush_error
+                .lock()
+                .get_or_insert(io::Error::other("EIO in the background"));
+        }
+        let e = b.sync(&written).unwrap_err();
+        assert!(e.to_string().contains("EIO in the background"), "{e}");
+        assert!(!b.has(&all[0].0).unwrap());
+        assert_eq!(on_disk(&dir), (0, 0, 0), "the pack went");
     }
 
     #[test]
