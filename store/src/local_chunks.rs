@@ -395,6 +395,8 @@ impl LocalChunks {
     fn seal_packs(&self, todo: &[Open]) -> io::Result<()> {
         for p in todo {
             p.file.sync_data()?;
+            // After the fsync: a background flush in progress holds the lock until its
+            // result is in (crate::writeback).
             if let Some(e) = p.flush_error.lock().take() {
                 return Err(e);
             }

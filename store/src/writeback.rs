@@ -73,8 +73,11 @@ fn flusher(rx: mpsc::Receiver<Job>) {
             }
         }
         for j in jobs {
+            // Held during the flush: a seal that fsyncs meanwhile waits here before it looks
+            // for an error, so one this flush took from the kernel is never missed.
+            let mut error = j.error.lock();
             if let Err(e) = j.file.sync_data() {
-                j.error.lock().get_or_insert(e);
+                error.get_or_insert(e);
             }
         }
     }
