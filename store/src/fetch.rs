@@ -1059,7 +1059,7 @@ mod tests {
             e.unwrap()
                 .file_name()
                 .to_string_lossy()
-                .starts_with(".trash.")
+                .starts_with(crate::store::TRASH_PREFIX)
         })
     }
 

@@ -243,14 +243,6 @@ impl Drop for Staging {
         if !self.armed {
             return;
         }
-        let dir = std::mem::take(&mut self.dir);
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => {
-                rt.spawn_blocking(move || remove_any(&dir));
-            }
-            Err(_) => {
-                let _ = remove_any(&dir);
-            }
-        }
+        crate::store::remove_in_background(self.store.staging_root(), &self.dir);
     }
 }

@@ -54,7 +54,7 @@ use crate::staging::Staging;
 /// A new image is refused when the file system holding the store has less free space.
 const MIN_FREE_BYTES: u64 = 1 << 20;
 const HASH_BUF: usize = 1 << 20;
-const TRASH_PREFIX: &str = ".trash.";
+pub(crate) const TRASH_PREFIX: &str = ".trash.";
 const PROBE_PREFIX: &str = ".probe-";
 
 /// Whether an I/O error means "no space left" (ENOSPC) or "quota exceeded" (EDQUOT).
@@ -134,11 +134,7 @@ pub(crate) fn remove_any(path: &Path) -> io::Result<()> {
 /// task. Without a runtime, or if the rename fails, it is removed here.
 pub(crate) fn remove_in_background(staging: &Path, dir: &Path) {
     let name = dir.file_name().map(|n| n.to_string_lossy().into_owned());
-    let trash = staging.join(format!(
-        "{TRASH_PREFIX}{}.{}",
-        name.unwrap_or_default(),
-        random_suffix()
-    ));
+    let trash = trash_path(staging, &name.unwrap_or_default());
     let remove = |d: PathBuf| {
         if let Err(e) = remove_any(&d) {
             tracing::warn!(path = %d.display(), error = %e, "cannot remove a staging directory");
@@ -154,6 +150,11 @@ pub(crate) fn remove_in_background(staging: &Path, dir: &Path) {
         (Ok(()), Err(_)) => remove(trash),
         (Err(_), _) => remove(dir.to_path_buf()),
     }
+}
+
+/// A fresh name in `staging`'s trash for something named `name`.
+fn trash_path(staging: &Path, name: &str) -> PathBuf {
+    staging.join(format!("{TRASH_PREFIX}{name}.{}", random_suffix()))
 }
 
 pub(crate) fn read_capped(path: &Path, cap: u64) -> io::Result<Vec<u8>> {
@@ -507,9 +508,7 @@ impl ImageStore {
         let id = id.to_string();
         blocking(move || {
             let inner = &store.inner;
-            let trash = inner
-                .staging
-                .join(format!("{TRASH_PREFIX}{id}.{}", random_suffix()));
+            let trash = trash_path(&inner.staging, &id);
             let freed = {
                 let _guard = store.lock();
                 match fs::rename(inner.images.join(&id), &trash) {
