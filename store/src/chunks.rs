@@ -50,6 +50,8 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::early_hash::Known;
+
 /// The largest chunk FastCDC makes (and the largest accepted from anywhere).
 pub const MAX_CHUNK: usize = 256 * 1024;
 /// The smallest chunk (but the last of a segment).
@@ -322,6 +324,18 @@ pub fn chunk_files(
     pins: &PinSet,
     paths: &[PathBuf],
 ) -> io::Result<(Vec<CutFile>, CutStats)> {
+    chunk_files_knowing(chunks, pins, paths, &Known::new())
+}
+
+/// [`chunk_files`], given the digests of some chunks found while their files were written
+/// ([`crate::early_hash`]): a chunk cut at an offset with a length found there, and that the
+/// backend has, is not read or hashed again.
+pub(crate) fn chunk_files_knowing(
+    chunks: &Chunks,
+    pins: &PinSet,
+    paths: &[PathBuf],
+    known: &Known,
+) -> io::Result<(Vec<CutFile>, CutStats)> {
     // The work: pieces of at most SEGMENT bytes of a file, cut by FastCDC, or (CRIU's page
     // files, crate::criu_pages) along the lengths their pagemap gives.
     let page_cuts = crate::criu_pages::page_file_cuts(paths);
@@ -388,6 +402,17 @@ pub fn chunk_files(
                             open = Some((fi, File::open(&paths[fi])?));
                         }
                         let f = &open.as_ref().expect("opened").1;
+                        let found = known
+                            .get(&paths[fi])
+                            .filter(|found| found.contains_key(&piece.start));
+                        if let (Some(cuts), Some(found)) = (&piece.cuts, found) {
+                            let r = cut_known(chunks, pins, f, piece.start, cuts, found, &mut buf)?;
+                            let mut s = stats.lock();
+                            s.new_chunks.extend(r.1.new_chunks);
+                            s.new_bytes += r.1.new_bytes;
+                            s.total_chunks += r.1.total_chunks;
+                            return Ok(r.0);
+                        }
                         f.read_exact_at(&mut buf[..piece.len], piece.start)?;
                         let data = &buf[..piece.len];
                         let mut refs = Vec::new();
@@ -459,6 +484,52 @@ pub fn chunk_files(
     Ok((files, stats))
 }
 
+/// Cuts a piece of a file along `cuts` (starting at `start`), taking the digests `found`
+/// early: a chunk found there (same offset, same length) that the backend has is neither
+/// read nor hashed; any other is read, hashed and put.
+fn cut_known(
+    chunks: &Chunks,
+    pins: &PinSet,
+    file: &File,
+    start: u64,
+    cuts: &[u32],
+    found: &HashMap<u64, (u32, ChunkId)>,
+    buf: &mut [u8],
+) -> io::Result<(Vec<ChunkRef>, CutStats)> {
+    let mut refs = Vec::with_capacity(cuts.len());
+    let mut stats = CutStats::default();
+    let mut offset = start;
+    for &size in cuts {
+        let early = found.get(&offset).filter(|(len, _)| *len == size);
+        let present = match early {
+            Some((_, id)) => {
+                pins.pin(id);
+                chunks.backend.has(id)?.then_some(*id)
+            }
+            None => None,
+        };
+        let id = match present {
+            Some(id) => id,
+            None => {
+                // Hashed from the bytes the backend gets, whatever was found early.
+                let bytes = &mut buf[..size as usize];
+                file.read_exact_at(bytes, offset)?;
+                let id = ChunkId::of(bytes);
+                pins.pin(&id);
+                if chunks.backend.put(&id, bytes)? {
+                    stats.new_chunks.push(id);
+                    stats.new_bytes += size as u64;
+                }
+                id
+            }
+        };
+        stats.total_chunks += 1;
+        refs.push(ChunkRef { id, size });
+        offset += size as u64;
+    }
+    Ok((refs, stats))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -478,6 +549,44 @@ mod tests {
         ] {
             assert_eq!(ChunkId::parse(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_chunk_hashed_early_that_the_store_has_is_not_read_again_and_any_other_is() {
+        let tmp = tempfile::tempdir().unwrap();
+        let chunks = Chunks::new(Arc::new(LocalChunks::open(&tmp.path().join("c")).unwrap()));
+        // Two 64 KiB windows of present pages: two chunks.
+        let base = 0x7f00_0000_0000u64;
+        let map = tmp.path().join("pagemap-9.img");
+        fs::write(&map, crate::criu_pages::tests::pagemap(1, &[(base, 32, 4)])).unwrap();
+        let pages = tmp.path().join("pages-1.img");
+        let window = |n: u8| vec![n; 64 * 1024];
+        fs::write(&pages, [window(1), window(2)].concat()).unwrap();
+        let paths = [map.clone(), pages.clone()];
+        let pins = chunks.pin_set();
+        let (first, _) = chunk_files(&chunks, &pins, &paths).unwrap();
+        assert_eq!(first[1].chunks.len(), 2);
+        let (old0, old1) = (first[1].chunks[0].id, first[1].chunks[1].id);
+
+        // Both windows change on disk after they were "hashed early": the first digest is of
+        // a chunk the store has, the second of one it lacks.
+        fs::write(&pages, [window(3), window(4)].concat()).unwrap();
+        let lacking = ChunkId::of(b"never stored");
+        let known: Known = [(
+            pages.clone(),
+            [(0u64, (65536u32, old0)), (65536, (65536, lacking))].into(),
+        )]
+        .into();
+        let pins = chunks.pin_set();
+        let (cut, stats) = chunk_files_knowing(&chunks, &pins, &paths, &known).unwrap();
+        // The one the store has is taken as found (not read: its bytes on disk changed).
+        assert_eq!(cut[1].chunks[0].id, old0);
+        // The other is read and hashed from the file, whatever was found early.
+        assert_eq!(cut[1].chunks[1].id, ChunkId::of(&window(4)));
+        assert_ne!(cut[1].chunks[1].id, old1);
+        assert_eq!(stats.new_chunks, vec![ChunkId::of(&window(4))]);
+        assert_eq!(chunks.read_verified(&cut[1].chunks[1]).unwrap(), window(4));
+        assert!(!chunks.backend().has(&lacking).unwrap());
     }
 
     #[test]

@@ -164,7 +164,7 @@ fn varint(b: &[u8], i: &mut usize) -> Option<u64> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn enc_varint(mut v: u64, out: &mut Vec<u8>) {
@@ -188,7 +188,8 @@ mod tests {
         m
     }
 
-    fn pagemap(pages_id: u64, entries: &[(u64, u64, u64)]) -> Vec<u8> {
+    /// A `pagemap-<pid>.img` naming `pages-<pages_id>.img`, with entries (vaddr, pages, flags).
+    pub(crate) fn pagemap(pages_id: u64, entries: &[(u64, u64, u64)]) -> Vec<u8> {
         let mut b = Vec::new();
         for m in MAGICS {
             b.extend_from_slice(&m.to_le_bytes());

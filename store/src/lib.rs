@@ -8,8 +8,8 @@
 //! - [`manifest`]: the `manifest.json` of an image ([`Manifest`], [`ImageMeta`]) and its
 //!   digest, the image's identity;
 //! - [`chunks`]: chunk names, the backend trait, the cut (CRIU's page files along their
-//!   pagemap, `criu_pages`); [`local_chunks`]: chunks in packs
-//!   on a file system;
+//!   pagemap, `criu_pages`; hashed while CRIU writes them, `early_hash`);
+//!   [`local_chunks`]: chunks in packs on a file system;
 //! - [`store`]: the store ([`ImageStore`]: open, list, read, verify, delete) and
 //!   [`staging`]: an image being written, committed in one rename;
 //! - [`fetch`]: a resumable, verified copy from another CTS;
@@ -21,6 +21,7 @@
 
 pub mod chunks;
 mod criu_pages;
+mod early_hash;
 pub mod error;
 pub mod export;
 pub mod fetch;

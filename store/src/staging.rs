@@ -10,7 +10,8 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::chunks::{chunk_files, PinSet, CHUNK_HASH};
+use crate::chunks::{chunk_files_knowing, PinSet, CHUNK_HASH};
+use crate::early_hash::EarlyHash;
 use crate::error::Error;
 use crate::manifest::{
     FileEntry, ImageMeta, Manifest, MANIFEST_FORMAT, MANIFEST_FORMAT_WHOLE_FILES,
@@ -33,6 +34,8 @@ pub struct Staging {
     pins: Option<PinSet>,
     /// Remove `dir` on drop.
     armed: bool,
+    /// Page files being hashed while the driver writes them.
+    early: Option<EarlyHash>,
 }
 
 /// What a commit puts into `images/<id>/`.
@@ -53,6 +56,7 @@ impl Staging {
             store,
             pins: Some(pins),
             armed: true,
+            early: None,
         }
     }
 
@@ -66,18 +70,63 @@ impl Staging {
         self.pins.as_ref().expect("pins until committed")
     }
 
+    /// Starts hashing CRIU's page files (`pages-<N>.img`) while the driver writes them, along
+    /// the chunks the same files have in `previous`, the job's previous image in this store
+    /// ([`crate::early_hash`]). Only for a driver that writes those files front to back and
+    /// never goes back: CRIU. Nothing happens when `previous` is not here or has no such file
+    /// in chunks; a guess that turns out wrong only costs the work of an otherwise idle core.
+    pub async fn hash_page_files_early(&mut self, previous: &ImageId) {
+        if self.store.writes_whole_files() || self.early.is_some() {
+            return;
+        }
+        let Ok(m) = self.store.manifest(previous).await else {
+            return;
+        };
+        let files: Vec<(PathBuf, Vec<u32>)> = m
+            .files
+            .iter()
+            .filter(|f| {
+                !f.path.contains('/')
+                    && f.path.starts_with("pages-")
+                    && f.path.ends_with(".img")
+                    && !f.chunks.is_empty()
+            })
+            .map(|f| {
+                let cuts = f.chunks.iter().map(|c| c.size).collect();
+                (self.dir.join(f.path.as_str()), cuts)
+            })
+            .collect();
+        if files.is_empty() {
+            return;
+        }
+        match EarlyHash::start(files) {
+            Ok(e) => self.early = Some(e),
+            Err(e) => tracing::debug!(image = %self.id, error = %e,
+                "cannot start hashing the page files early; they are hashed at the commit"),
+        }
+    }
+
+    /// How many bytes of page files were hashed early so far.
+    #[cfg(test)]
+    pub(crate) fn early_hashed_bytes(&self) -> u64 {
+        self.early.as_ref().map_or(0, EarlyHash::hashed_bytes)
+    }
+
     /// Cuts the files written into the staging directory into chunks (format 2; format 1
     /// when the store writes whole files), writes the manifest and moves the image into the
     /// store. On any error the staging directory is removed.
-    pub async fn commit(self, meta: ImageMeta) -> Result<Manifest, Error> {
+    pub async fn commit(mut self, meta: ImageMeta) -> Result<Manifest, Error> {
         if self.store.writes_whole_files() {
             return self.commit_whole_files(meta).await;
         }
+        let early = self.early.take();
         self.finish(move |dir, id, store, pins| {
             let started = std::time::Instant::now();
+            let early_bytes = early.as_ref().map_or(0, EarlyHash::hashed_bytes);
+            let known = early.map(EarlyHash::finish).unwrap_or_default();
             let found = walk_dir(dir, id.as_str(), true, false)?;
             let paths: Vec<PathBuf> = found.iter().map(|(_, p)| p.clone()).collect();
-            let (cut, stats) = chunk_files(store.chunks(), pins, &paths)
+            let (cut, stats) = chunk_files_knowing(store.chunks(), pins, &paths, &known)
                 .map_err(|e| write_err(store.root(), id.as_str(), e))?;
             let files: Vec<FileEntry> = found
                 .into_iter()
@@ -90,6 +139,7 @@ impl Staging {
                 })
                 .collect();
             tracing::debug!(image = %id, chunks = stats.total_chunks,
+                hashed_early_bytes = early_bytes,
                 new_chunks = stats.new_chunks.len(), new_bytes = stats.new_bytes,
                 elapsed_ms = started.elapsed().as_millis() as u64, "image cut into chunks");
             let manifest = Manifest {

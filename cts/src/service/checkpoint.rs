@@ -475,7 +475,13 @@ impl Cts {
         let id = self.new_image_id()?;
         // The outbox must be able to take the record before anything is dumped.
         let place = self.inner.link.reserve(&id, &job.gid)?;
-        let staging = self.inner.store.stage(&id).await?;
+        let mut staging = self.inner.store.stage(&id).await?;
+        if self.inner.driver.kind() == gca_protocol::facts::CRIU {
+            // Hashed on the idle core while CRIU writes them (gca_store::Staging).
+            if let Some(previous) = job.last_checkpoint().and_then(|p| ImageId::parse(&p).ok()) {
+                staging.hash_page_files_early(&previous).await;
+            }
+        }
         let values = self
             .job_values(job)
             .set("IMAGE_ID", id.to_string())

@@ -185,6 +185,11 @@ impl Job {
         std::mem::replace(&mut self.state.lock().gone, true)
     }
 
+    /// The job's latest checkpoint, if it has one.
+    pub(super) fn last_checkpoint(&self) -> Option<String> {
+        self.state.lock().last_checkpoint.clone()
+    }
+
     /// Counts checkpoint `id` as the job's latest.
     pub(super) fn checkpointed(&self, id: &str) {
         let mut s = self.state.lock();
