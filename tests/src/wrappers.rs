@@ -104,6 +104,18 @@ impl Wrapper {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
     }
 
+    /// Ends the test's job: SIGKILL to the adopted processes (a restored job, which a
+    /// SIGKILL of the wrapper would leave running), then waits for the wrapper to end.
+    pub async fn kill_job_and_wait(&mut self, within: Duration) -> ExitStatus {
+        for pid in &self.adopted {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .stderr(Stdio::null())
+                .status();
+        }
+        self.wait(within).await
+    }
+
     /// Waits (polling) for the wrapper to end; panics after `within`.
     pub async fn wait(&mut self, within: Duration) -> ExitStatus {
         if let Some(s) = self.status {

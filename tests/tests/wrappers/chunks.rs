@@ -117,8 +117,7 @@ async fn a_second_checkpoint_stores_and_transfers_only_the_changed_chunks() {
             .unwrap()
             .size
     );
-    rec.signal("KILL");
-    rec.wait(T).await;
+    rec.kill_job_and_wait(T).await;
 }
 
 #[tokio::test]
@@ -150,6 +149,5 @@ async fn an_image_in_the_old_whole_file_format_is_fetched_and_recovered() {
     // B keeps it as it is: same format, same digest.
     assert_eq!(b.image_manifest(&record.id).format, 1);
     assert_eq!(b.stored_chunks().0, 0);
-    rec.signal("KILL");
-    rec.wait(T).await;
+    rec.kill_job_and_wait(T).await;
 }

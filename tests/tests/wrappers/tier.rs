@@ -62,6 +62,5 @@ async fn a_job_is_recovered_from_the_object_store_after_its_resource_and_a_garag
         last + 1,
         "the recovered job continues its count: {after:?}"
     );
-    rec.signal("KILL");
-    rec.wait(T).await;
+    rec.kill_job_and_wait(T).await;
 }
