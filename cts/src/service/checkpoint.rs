@@ -20,7 +20,7 @@ use gca_store::{ImageId, ImageMeta, Manifest, Staging};
 /// image (covered by its digest), so a record made again from the manifest has them too.
 pub const FACTS_KEY: &str = "restore_facts";
 
-use super::jobs::Job;
+use super::jobs::{Job, Saving};
 use super::{Cts, LocalCaller};
 use crate::error::{Error, Result};
 use crate::gcs_link::{Delivered, GcsLink, OutboxItem, Pending, Reservation};
@@ -44,6 +44,8 @@ pub(super) struct Capture {
 pub(super) struct Taken {
     pub(super) record: CheckpointRecord,
     pub(super) delivery: Pending,
+    /// The job's state file being saved with the new count ([`Cts::save_job_soon`]).
+    pub(super) saved: Saving,
 }
 
 impl Cts {
@@ -131,7 +133,9 @@ impl Cts {
     /// record (with its sequence number), or the record as queued when the GCS is away.
     async fn registered(&self, job: &Job, taken: Taken) -> Result<CheckpointRecord> {
         let id = taken.record.id.clone();
-        match GcsLink::wait(taken.delivery, self.gcs_wait()).await {
+        // The job's state is saved while the GCS answers; the answer waits for both.
+        let (answer, _) = tokio::join!(GcsLink::wait(taken.delivery, self.gcs_wait()), taken.saved);
+        match answer {
             Ok(Some(Delivered::Checkpoint(r))) => Ok(r.checkpoint),
             Ok(_) => {
                 tracing::warn!(gid = %job.gid, checkpoint.id = %id, "GCS unreachable; checkpoint kept and its record queued");
@@ -232,7 +236,7 @@ impl Cts {
         capture: Capture,
         origin: Origin,
         stop: bool,
-    ) -> Result<CheckpointRecord> {
+    ) -> Result<(CheckpointRecord, Saving)> {
         let Capture { taken_at, facts } = capture;
         let facts = serde_json::to_string(&facts)
             .map_err(|e| anyhow::anyhow!("image {id}: its restore facts: {e}"))?;
@@ -282,8 +286,7 @@ impl Cts {
         self.replicate(&job.gid, id).await?;
         job.checkpointed(id);
         self.inner.checkpoints_taken.fetch_add(1, Ordering::SeqCst);
-        self.save_job(job);
-        Ok(record)
+        Ok((record, self.save_job_soon(job)))
     }
 
     /// The record of a committed image, from its manifest (what the CTS wrote when it
@@ -521,7 +524,7 @@ impl Cts {
                 self.stop_job(job).await;
             }
         }
-        let record = self
+        let (record, saved) = self
             .commit_image(job, staging, &id, Capture { taken_at, facts }, origin, stop)
             .await
             .inspect_err(|e| {
@@ -530,7 +533,11 @@ impl Cts {
                 }
             })?;
         let delivery = queue_record(place, &record)?;
-        Ok(Taken { record, delivery })
+        Ok(Taken {
+            record,
+            delivery,
+            saved,
+        })
     }
 
     /// The restore facts of a checkpoint of `job` taken now ([`gca_drivers::facts`]): this
@@ -667,9 +674,10 @@ impl Cts {
             self.signable(job)?;
             let place = self.inner.link.reserve(&id, &job.gid)?;
             let facts = self.image_facts(job).await;
-            let record = self
+            let (record, saved) = self
                 .commit_image(job, staging, &id, Capture { taken_at, facts }, Origin::Job, false)
                 .await?;
+            let _ = saved.await;
             tracing::info!(gid = %job.gid, checkpoint.id = %id, "checkpoint taken by the job itself");
             queue_record(place, &record).map(drop)
         }

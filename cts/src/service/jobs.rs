@@ -48,6 +48,8 @@ pub(super) struct Job {
     pub(super) limits: JobLimits,
     /// One checkpoint at a time per job.
     pub(super) lock: tokio::sync::Mutex<()>,
+    /// One write of its state file at a time (each takes the state when it runs).
+    saving: Mutex<()>,
     state: Mutex<JobProgress>,
     pub(super) cancel: CancellationToken,
 }
@@ -119,6 +121,7 @@ impl Job {
             cgroup: saved.cgroup,
             limits: saved.limits,
             lock: tokio::sync::Mutex::new(()),
+            saving: Mutex::new(()),
             state: Mutex::new(JobProgress {
                 gcs,
                 busy_since: None,
@@ -197,6 +200,9 @@ impl Job {
         s.last_checkpoint = Some(id.to_string());
     }
 }
+
+/// A job's state file being saved ([`Cts::save_job_soon`]).
+pub(super) type Saving = tokio::task::JoinHandle<()>;
 
 pub(super) fn check_gid(gid: &str) -> Result<()> {
     gca_protocol::ids::check("GID", gid).map_err(|e| Error::invalid(e.to_string()))
@@ -312,6 +318,9 @@ impl Cts {
     }
 
     pub(super) fn save_job(&self, job: &Job) {
+        // Under the job's save lock, the state taken now: of two saves, the later writes the
+        // newer state.
+        let _one_at_a_time = job.saving.lock();
         let saved = job.saved();
         let path = self.job_file(&job.gid);
         let result = serde_json::to_vec_pretty(&saved)
@@ -320,6 +329,13 @@ impl Cts {
         if let Err(e) = result {
             tracing::error!(gid = %job.gid, file = %path.display(), error = %e, "cannot save the job's state; it will be forgotten if the CTS restarts");
         }
+    }
+
+    /// [`Cts::save_job`] on a blocking thread (it fsyncs twice), started now; a checkpoint's
+    /// answer waits for it while the GCS answers.
+    pub(super) fn save_job_soon(&self, job: &Arc<Job>) -> Saving {
+        let (cts, job) = (self.clone(), job.clone());
+        tokio::task::spawn_blocking(move || cts.save_job(&job))
     }
 
     /// Jobs of a previous run that still run are taken back; the others are reported as
