@@ -10,7 +10,8 @@
 //! | object | contents |
 //! |---|---|
 //! | `…/chunks/<N>` | one chunk, sealed: AES-256-GCM under the job's chunk key; `N` = hex HMAC-SHA-256 of the chunk's BLAKE3 digest under the job's name key |
-//! | `…/images/<image-id>/manifest` | the image's `manifest.json`, sealed likewise (random nonce, stored in front) |
+//! | `…/packs/<P>`, `…/packs/<P>.index` | chunks sealed as above, concatenated; the pack's index, sealed under the manifest key (`transfer`) |
+//! | `…/images/<image-id>/manifest` | the image's `manifest.json` and where its chunks lie in the packs (`places`), sealed under the manifest key (random nonce, stored in front) |
 //!
 //! # Keys
 //!
@@ -44,7 +45,9 @@ use ring::rand::{SecureRandom, SystemRandom};
 use ring::{hkdf, hmac};
 use serde::Deserialize;
 
+mod places;
 mod transfer;
+pub use places::Places;
 pub use transfer::{distinct_chunks, Moved, IN_FLIGHT, PACK_BYTES};
 
 /// Bytes of a job key.
@@ -461,10 +464,11 @@ impl JobChunks {
         self.bucket.runtime.block_on(f)
     }
 
-    /// Stores an image's manifest (its exact bytes), sealed.
-    pub async fn put_manifest(&self, image: &str, manifest: &[u8]) -> Result<()> {
+    /// Stores an image's manifest (its exact bytes) with where its chunks are (what
+    /// [`JobChunks::upload_chunks`] returned), sealed.
+    pub async fn put_manifest(&self, image: &str, manifest: &[u8], places: &Places) -> Result<()> {
         let name = self.manifest_name(image)?;
-        let body = bytes::Bytes::from(self.seal_blob(&name, manifest)?);
+        let body = bytes::Bytes::from(self.seal_blob(&name, &places::encode(manifest, places))?);
         let path = ObjectPath::from(name.as_str());
         self.bucket
             .each(|s| {
@@ -477,6 +481,12 @@ impl JobChunks {
 
     /// An image's manifest bytes, as stored by [`JobChunks::put_manifest`]; `None` if absent.
     pub async fn get_manifest(&self, image: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.get_image(image).await?.map(|(manifest, _)| manifest))
+    }
+
+    /// An image's manifest bytes and where its chunks are (nothing placed for a manifest an
+    /// earlier version stored); `None` if absent.
+    pub async fn get_image(&self, image: &str) -> Result<Option<(Vec<u8>, Places)>> {
         let name = self.manifest_name(image)?;
         let path = ObjectPath::from(name.as_str());
         let body = match self
@@ -495,7 +505,13 @@ impl JobChunks {
             Err(e) => return Err(e),
         };
         let what = format!("the manifest of image {image}");
-        self.open_blob(&name, &body, &what).map(Some)
+        let plain = self.open_blob(&name, &body, &what)?;
+        places::decode(plain).map(Some).ok_or_else(|| {
+            Error::Corrupt(format!(
+                "{what} of job {:?} in the object store is malformed",
+                self.gid
+            ))
+        })
     }
 
     /// Removes an image's manifest (its chunks go at the next [`JobChunks::sweep`]).

@@ -31,6 +31,7 @@ use object_store::path::Path as ObjectPath;
 use object_store::PutPayload;
 use ring::rand::{SecureRandom, SystemRandom};
 
+use crate::places::{PackId, Places, PlacesBuilder};
 use crate::{Error, JobChunks, Result};
 
 /// Most plaintext bytes in one pack.
@@ -54,6 +55,9 @@ pub struct Moved {
     pub skipped: usize,
     /// Objects written or read for them.
     pub objects: usize,
+    /// Whether the job's objects were listed (a download whose image records where its
+    /// chunks are does not list them).
+    pub listed: bool,
 }
 
 /// The distinct chunks of a manifest's files, in order of first use.
@@ -70,6 +74,13 @@ type Entry = ([u8; 32], Range<u64>);
 
 /// Chunks wanted from one object, with where they lie in it.
 type Wanted = Vec<(ChunkRef, Range<u64>)>;
+
+/// What one pack took: its ID, where each chunk is in it, their plaintext bytes.
+struct Sent {
+    id: PackId,
+    chunks: Vec<(ChunkId, Range<u64>)>,
+    bytes: u64,
+}
 
 /// Where a chunk is in a pack.
 #[derive(Debug, Clone)]
@@ -129,6 +140,17 @@ fn decode_index(plain: &[u8]) -> Option<Vec<Entry>> {
 impl JobChunks {
     fn packs_dir(&self) -> String {
         format!("{}/packs", self.dir)
+    }
+
+    /// The object name of pack `id`.
+    fn pack_name(&self, id: &PackId) -> String {
+        format!("{}/{}", self.packs_dir(), hex::encode(id))
+    }
+
+    /// The ID in a pack's object name (`None` for a name this version does not write).
+    fn pack_id(&self, name: &str) -> Option<PackId> {
+        let hex_id = name.strip_prefix(&self.packs_dir())?.strip_prefix('/')?;
+        hex::decode(hex_id).ok()?.try_into().ok()
     }
 
     /// Lists the job's objects once, reads the indexes not read before, and says where every
@@ -229,21 +251,25 @@ impl JobChunks {
 
     /// Uploads the chunks of `refs` that the bucket does not hold yet, in packs, each chunk
     /// read back from `store` and checked against its name first (a corrupt local chunk is
-    /// refused, never sealed and sent). The caller uploads the manifest after this returns.
+    /// refused, never sealed and sent). Returns also where every packed chunk of `refs` is,
+    /// which the caller gives [`JobChunks::put_manifest`] after this returns.
     pub async fn upload_chunks(
         self: &Arc<Self>,
         store: &ImageStore,
         refs: &[ChunkRef],
-    ) -> Result<Moved> {
+    ) -> Result<(Moved, Places)> {
         let located = self.locate().await?;
-        let missing: Vec<ChunkRef> = refs
-            .iter()
-            .filter(|r| {
-                !located.slots.contains_key(&self.chunk_tag(&r.id))
-                    && !located.singles.contains(&self.chunk_name(&r.id))
-            })
-            .copied()
-            .collect();
+        let mut places = PlacesBuilder::default();
+        let mut missing = Vec::new();
+        for r in refs {
+            if let Some(slot) = located.slots.get(&self.chunk_tag(&r.id)) {
+                if let Some(pack) = self.pack_id(&slot.pack) {
+                    places.add(r.id, pack, slot.range.clone());
+                }
+            } else if !located.singles.contains(&self.chunk_name(&r.id)) {
+                missing.push(*r);
+            }
+        }
         let skipped = refs.len() - missing.len();
         let mut groups: Vec<Vec<ChunkRef>> = Vec::new();
         let mut filled = PACK_BYTES;
@@ -259,14 +285,22 @@ impl JobChunks {
         let sent = futures::stream::iter(groups)
             .map(|group| self.upload_pack(store, group))
             .buffer_unordered(IN_FLIGHT)
-            .try_collect::<Vec<(usize, u64)>>()
+            .try_collect::<Vec<Sent>>()
             .await?;
-        Ok(Moved {
-            chunks: sent.iter().map(|s| s.0).sum(),
-            bytes: sent.iter().map(|s| s.1).sum(),
+        let mut moved = Moved {
             skipped,
             objects,
-        })
+            listed: true,
+            ..Moved::default()
+        };
+        for pack in sent {
+            moved.chunks += pack.chunks.len();
+            moved.bytes += pack.bytes;
+            for (id, range) in pack.chunks {
+                places.add(id, pack.id, range);
+            }
+        }
+        Ok((moved, places.build()))
     }
 
     /// One pack: its chunks read, sealed and concatenated, PUT, then its index.
@@ -274,13 +308,14 @@ impl JobChunks {
         self: &Arc<Self>,
         store: &ImageStore,
         group: Vec<ChunkRef>,
-    ) -> Result<(usize, u64)> {
-        let mut id = [0u8; 16];
+    ) -> Result<Sent> {
+        let mut id: PackId = [0u8; 16];
         SystemRandom::new()
             .fill(&mut id)
             .map_err(|_| Error::Sealed("no random numbers for a pack name".into()))?;
-        let pack: Arc<str> = format!("{}/{}", self.packs_dir(), hex::encode(id)).into();
-        let (job, store, n) = (self.clone(), store.clone(), group.len());
+        let pack: Arc<str> = self.pack_name(&id).into();
+        let ids: Vec<ChunkId> = group.iter().map(|r| r.id).collect();
+        let (job, store) = (self.clone(), store.clone());
         let (body, entries, plain) = blocking(move || {
             let mut body = Vec::with_capacity(PACK_BYTES + group.len() * 16);
             let mut entries = Vec::with_capacity(group.len());
@@ -315,22 +350,52 @@ impl JobChunks {
                 })
                 .await?;
         }
+        let chunks = ids
+            .into_iter()
+            .zip(entries.iter().map(|(_, r)| r.clone()))
+            .collect();
         self.packs
             .lock()
             .expect("pack index lock")
             .packs
             .insert(pack, entries);
-        Ok((n, plain))
+        Ok(Sent {
+            id,
+            chunks,
+            bytes: plain,
+        })
     }
 
     /// Downloads the chunks of `refs` that `store` lacks into it: each is opened (its seal
     /// checked: a chunk altered in the bucket fails here, named) and hashed against its name
-    /// before it is written; then one sync of what was written. The caller pins the chunks
-    /// first and commits the manifest after this returns.
+    /// before it is written; then one sync of what was written. `places` (from
+    /// [`JobChunks::get_image`]) says where the chunks are; the job's objects are listed
+    /// only for chunks it does not place, or if a pack it names is gone. The caller pins the
+    /// chunks first and commits the manifest after this returns.
     pub async fn download_chunks(
         self: &Arc<Self>,
         store: &ImageStore,
         refs: &[ChunkRef],
+        places: &Places,
+    ) -> Result<Moved> {
+        match self.download_placed(store, refs, places).await {
+            Err(Error::Store {
+                source: object_store::Error::NotFound { path, .. },
+                ..
+            }) if !places.is_empty() => {
+                tracing::warn!(job = %self.gid, object = %path,
+                    "a pack the image's manifest names is gone; listing the job's objects");
+                self.download_placed(store, refs, &Places::default()).await
+            }
+            r => r,
+        }
+    }
+
+    async fn download_placed(
+        self: &Arc<Self>,
+        store: &ImageStore,
+        refs: &[ChunkRef],
+        places: &Places,
     ) -> Result<Moved> {
         let missing = {
             let (store, refs) = (store.clone(), refs.to_vec());
@@ -350,11 +415,23 @@ impl JobChunks {
             .await?
         };
         let skipped = refs.len() - missing.len();
-        let located = self.locate().await?;
+        let mut located = None;
         // Per pack, the chunks wanted from it in the order they lie; single objects apart.
         let mut by_pack: HashMap<Arc<str>, Wanted> = HashMap::new();
+        let mut names: HashMap<PackId, Arc<str>> = HashMap::new();
         let mut singles = Vec::new();
         for r in missing {
+            if let Some((pack, range)) = places.get(&r.id) {
+                let name = names
+                    .entry(*pack)
+                    .or_insert_with(|| self.pack_name(pack).into());
+                by_pack.entry(name.clone()).or_default().push((r, range));
+                continue;
+            }
+            if located.is_none() {
+                located = Some(self.locate().await?);
+            }
+            let located = located.as_ref().expect("located above");
             if let Some(slot) = located.slots.get(&self.chunk_tag(&r.id)) {
                 by_pack
                     .entry(slot.pack.clone())
@@ -399,6 +476,7 @@ impl JobChunks {
             bytes: written.iter().map(|r| u64::from(r.size)).sum(),
             skipped,
             objects,
+            listed: located.is_some(),
         })
     }
 

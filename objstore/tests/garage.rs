@@ -146,9 +146,13 @@ async fn chunks_are_stored_once_sealed_and_read_back_by_their_job_only() {
     assert!(present);
     assert_eq!(back, data);
 
-    job.put_manifest("cts-a-1", b"{\"manifest\": \"of job 1\"}")
-        .await
-        .unwrap();
+    job.put_manifest(
+        "cts-a-1",
+        b"{\"manifest\": \"of job 1\"}",
+        &Default::default(),
+    )
+    .await
+    .unwrap();
     assert_eq!(
         job.get_manifest("cts-a-1").await.unwrap().as_deref(),
         Some(&b"{\"manifest\": \"of job 1\"}"[..])
@@ -374,8 +378,9 @@ async fn an_image_goes_up_in_packs_and_comes_back_verified_into_an_empty_store()
     let chunks = refs(&manifest);
     assert!(chunks.len() > 100, "{} chunks", chunks.len());
 
-    let up = job.upload_chunks(&a, &chunks).await.unwrap();
+    let (up, places) = job.upload_chunks(&a, &chunks).await.unwrap();
     assert_eq!((up.chunks, up.skipped), (chunks.len(), 0));
+    assert_eq!(places.len(), chunks.len(), "every chunk placed");
     assert_eq!(up.bytes, plain.len() as u64);
     assert!(
         up.objects <= plain.len().div_ceil(gca_objstore::PACK_BYTES) + 1,
@@ -383,21 +388,35 @@ async fn an_image_goes_up_in_packs_and_comes_back_verified_into_an_empty_store()
         up.chunks,
         up.objects
     );
-    let again = job.upload_chunks(&a, &chunks).await.unwrap();
+    let (again, placed_again) = job.upload_chunks(&a, &chunks).await.unwrap();
     assert_eq!(
         (again.chunks, again.skipped, again.objects),
         (0, chunks.len(), 0),
         "nothing is uploaded twice"
     );
+    assert_eq!(
+        placed_again, places,
+        "the chunks the bucket had are placed too"
+    );
     // Another client of the same job (a CTS after a restart) sees the packs from the bucket.
     let fresh = Arc::new(bucket.job("gid-s3-packs", &key(7)));
     assert_eq!(
-        fresh.upload_chunks(&a, &chunks).await.unwrap().chunks,
+        fresh.upload_chunks(&a, &chunks).await.unwrap().0.chunks,
         0,
         "the packs' indexes are read back from the bucket"
     );
     let bytes = a.manifest_bytes(&id).await.unwrap();
-    job.put_manifest(id.as_str(), &bytes).await.unwrap();
+    job.put_manifest(id.as_str(), &bytes, &places)
+        .await
+        .unwrap();
+    // A client that never saw the job reads the manifest and where its chunks are.
+    let cold = Arc::new(bucket.job("gid-s3-packs", &key(7)));
+    let (got, placed) = cold.get_image(id.as_str()).await.unwrap().unwrap();
+    assert_eq!((&got, &placed), (&bytes, &places));
+    assert_eq!(
+        cold.get_manifest(id.as_str()).await.unwrap(),
+        Some(bytes.clone())
+    );
 
     // The bucket: a pack and an index per pack, the manifest; no plaintext anywhere.
     let objects = cluster.raw_objects().await;
@@ -420,12 +439,16 @@ async fn an_image_goes_up_in_packs_and_comes_back_verified_into_an_empty_store()
     for c in &chunks {
         staging.pins().pin(&c.id);
     }
-    let down = fresh.download_chunks(&b, &chunks).await.unwrap();
+    let down = cold.download_chunks(&b, &chunks, &placed).await.unwrap();
     assert_eq!(
         (down.chunks, down.bytes),
         (chunks.len(), plain.len() as u64)
     );
     assert_eq!(down.objects, up.objects, "one ranged read per pack");
+    assert!(
+        !down.listed,
+        "the manifest placed every chunk: nothing listed"
+    );
     staging.commit_with_manifest(bytes.clone()).await.unwrap();
     b.verify(&id).await.unwrap();
     let dir = b.materialize(&id).await.unwrap();
@@ -450,7 +473,10 @@ async fn an_image_goes_up_in_packs_and_comes_back_verified_into_an_empty_store()
             .unwrap();
     }
     let c = gca_store::ImageStore::open(&dirs.path().join("c"), None).unwrap();
-    let e = fresh.download_chunks(&c, &chunks).await.unwrap_err();
+    let e = fresh
+        .download_chunks(&c, &chunks, &places)
+        .await
+        .unwrap_err();
     assert!(matches!(e, gca_objstore::Error::Corrupt(_)), "{e:?}");
     assert!(
         e.to_string().contains("gid-s3-packs") && e.to_string().contains("chunk "),
@@ -470,6 +496,22 @@ async fn an_image_goes_up_in_packs_and_comes_back_verified_into_an_empty_store()
     assert!(left[0].ends_with("/manifest"), "{left:?}");
     // Another client of the job had read those packs' indexes: it uploads everything again
     // rather than trusting what it read before the sweep.
-    let again = fresh.upload_chunks(&a, &chunks).await.unwrap();
+    let (again, replaced) = fresh.upload_chunks(&a, &chunks).await.unwrap();
     assert_eq!((again.chunks, again.skipped), (chunks.len(), 0));
+
+    // A download given the places of before the sweep (packs gone since) lists the job's
+    // objects and finds the chunks where they are now; one given no places (a manifest an
+    // earlier version stored) lists them too.
+    for (dir, stale) in [("d", &places), ("e", &Default::default())] {
+        let d = gca_store::ImageStore::open(&dirs.path().join(dir), None).unwrap();
+        let staging = d.stage(&id).await.unwrap();
+        for c in &chunks {
+            staging.pins().pin(&c.id);
+        }
+        let down = cold.download_chunks(&d, &chunks, stale).await.unwrap();
+        assert_eq!((down.chunks, down.listed), (chunks.len(), true), "{dir}");
+        staging.commit_with_manifest(bytes.clone()).await.unwrap();
+        d.verify(&id).await.unwrap();
+    }
+    assert_ne!(replaced, places, "the chunks are in new packs");
 }

@@ -141,12 +141,12 @@ impl Cts {
             tier,
             id: id.clone(),
         };
-        let moved = remote
+        let (moved, places) = remote
             .upload_chunks(&self.inner.store, &refs)
             .await
             .map_err(|e| upload_err(id.as_str(), &e))?;
         remote
-            .put_manifest(id.as_str(), &bytes)
+            .put_manifest(id.as_str(), &bytes, &places)
             .await
             .map_err(|e| {
                 tier_fault(
@@ -387,8 +387,8 @@ impl Cts {
         digest: Option<&str>,
     ) -> Result<u64> {
         let remote = self.job_chunks(gid).await?;
-        let bytes = remote
-            .get_manifest(id.as_str())
+        let (bytes, places) = remote
+            .get_image(id.as_str())
             .await
             .map_err(|e| {
                 tier_fault(
@@ -419,7 +419,7 @@ impl Cts {
         }
         // (On an error the staging area is dropped, which removes it.)
         let moved = remote
-            .download_chunks(&self.inner.store, &refs)
+            .download_chunks(&self.inner.store, &refs, &places)
             .await
             .map_err(|e| download_err(id.as_str(), e))?;
         let downloaded = moved.bytes;
