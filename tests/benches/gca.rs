@@ -1351,7 +1351,7 @@ async fn bench_fetch(opts: Options) -> Vec<Row> {
     // first, which this benchmark does not do.
     let peer = integration_tests::http_as("cts:bench-src");
     let peer = &peer;
-    let s = interleaved(&opts, "fetch", 5, |v| {
+    let s = interleaved(&opts, "fetch", 6, |v| {
         let (dst, manifest, digest, src_dir, images_url, scratch, image) = refs;
         async move {
             let dest = scratch.join(format!("copy-{}", uuid::Uuid::new_v4().simple()));
@@ -1376,9 +1376,10 @@ async fn bench_fetch(opts: Options) -> Vec<Row> {
                         .await
                         .expect("the restore copy");
                 }
-                1 => http_download(peer, images_url, whole_id, manifest, &dest, false).await,
-                2 => http_download(peer, images_url, whole_id, manifest, &dest, true).await,
+                1 => http_download(peer, images_url, whole_id, manifest, &dest, Plain).await,
+                2 => http_download(peer, images_url, whole_id, manifest, &dest, Verified).await,
                 3 => local_copy(src_dir, manifest, &dest).await,
+                5 => http_download(peer, images_url, whole_id, manifest, &dest, Durable).await,
                 _ => {
                     let f = gca_store::fetch::fetch_image_report(
                         peer,
@@ -1432,6 +1433,17 @@ async fn bench_fetch(opts: Options) -> Vec<Row> {
             unit: Unit::MibPerSec,
             subject: s[4].clone(),
             base: s[1].clone(),
+            note: String::new(),
+        },
+        Row {
+            bench: "fetch",
+            measurement: store_fetch.clone(),
+            baseline: "plain HTTP GET of the same bytes written to disk and fsynced (durable \
+                       as the fetch is), no hashing"
+                .into(),
+            unit: Unit::MibPerSec,
+            subject: s[4].clone(),
+            base: s[5].clone(),
             note: String::new(),
         },
         Row {
@@ -1544,14 +1556,27 @@ async fn make_image(store: &ImageStore, id: &str, total: u64, whole_files: bool)
 /// fetch but without retries or commit; with `verify`, also the manifest (checked against
 /// nothing but parsed), a SHA-256 of every file while it is written, and an fsync of every
 /// file and of `dest`.
+/// What a baseline download does besides writing the bytes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Download {
+    /// Nothing: left in the page cache.
+    Plain,
+    /// fsync of each file and of the directory.
+    Durable,
+    /// The manifest read and parsed, SHA-256 of each file checked, and the fsyncs.
+    Verified,
+}
+use Download::{Durable, Plain, Verified};
+
 async fn http_download(
     http: &reqwest::Client,
     images_url: &str,
     id: &str,
     manifest: &Manifest,
     dest: &Path,
-    verify: bool,
+    mode: Download,
 ) {
+    let (verify, sync) = (mode == Verified, mode != Plain);
     tokio::fs::create_dir_all(dest).await.expect("create dest");
     if verify {
         let bytes = http
@@ -1592,10 +1617,12 @@ async fn http_download(
                 "{}",
                 f.path
             );
+        }
+        if sync {
             out.get_ref().sync_all().await.expect("fsync a file");
         }
     }
-    if verify {
+    if sync {
         let dir = dest.to_path_buf();
         tokio::task::spawn_blocking(move || std::fs::File::open(dir)?.sync_all())
             .await
