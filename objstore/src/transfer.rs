@@ -13,8 +13,10 @@
 //! [`gca_store::ChunkBackend::put`] writes) are read too.
 //!
 //! An upload sends only the chunks the bucket lacks (from the job's indexes, read once and
-//! cached: packs never change) and a download only the chunks the local store lacks; either
-//! is resumed by running it again. A pack goes at a sweep when none of its chunks is kept
+//! cached: packs never change) and says where every chunk is ([`Places`], sealed into the
+//! manifest's object); a download fetches only the chunks the local store lacks, from where
+//! the image's places say (listing the job's objects only for chunks they do not place, or
+//! when a pack they name is gone). Either is resumed by running it again. A pack goes at a sweep when none of its chunks is kept
 //! (its index first, so a pack is never listed without its contents); a pack some of whose
 //! chunks are kept stays whole (the space it keeps is bounded by one pack per upload).
 //!
