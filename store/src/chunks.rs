@@ -292,6 +292,15 @@ pub struct CutStats {
     pub total_chunks: usize,
 }
 
+impl CutStats {
+    /// Adds what another part of the cut wrote.
+    fn absorb(&mut self, other: CutStats) {
+        self.new_chunks.extend(other.new_chunks);
+        self.new_bytes += other.new_bytes;
+        self.total_chunks += other.total_chunks;
+    }
+}
+
 /// A piece of a file one thread cuts: by FastCDC, or along given chunk lengths.
 struct Piece {
     file: usize,
@@ -406,12 +415,10 @@ pub(crate) fn chunk_files_knowing(
                             .get(&paths[fi])
                             .filter(|found| found.contains_key(&piece.start));
                         if let (Some(cuts), Some(found)) = (&piece.cuts, found) {
-                            let r = cut_known(chunks, pins, f, piece.start, cuts, found, &mut buf)?;
-                            let mut s = stats.lock();
-                            s.new_chunks.extend(r.1.new_chunks);
-                            s.new_bytes += r.1.new_bytes;
-                            s.total_chunks += r.1.total_chunks;
-                            return Ok(r.0);
+                            let (refs, local) =
+                                cut_known(chunks, pins, f, piece.start, cuts, found, &mut buf)?;
+                            stats.lock().absorb(local);
+                            return Ok(refs);
                         }
                         f.read_exact_at(&mut buf[..piece.len], piece.start)?;
                         let data = &buf[..piece.len];
@@ -447,10 +454,7 @@ pub(crate) fn chunk_files_knowing(
                                 size: length as u32,
                             });
                         }
-                        let mut s = stats.lock();
-                        s.new_chunks.extend(local.new_chunks);
-                        s.new_bytes += local.new_bytes;
-                        s.total_chunks += local.total_chunks;
+                        stats.lock().absorb(local);
                         Ok(refs)
                     })();
                     match r {

@@ -91,7 +91,14 @@ fn hash_growing(files: Vec<(PathBuf, Vec<u32>)>, stop: &AtomicBool, hashed: &Ato
     let mut known = Known::new();
     let mut buf = vec![0u8; BATCH];
     let stopped = || stop.load(Ordering::Acquire);
-    for (path, cuts) in files {
+    for (path, mut cuts) in files {
+        // A guess can only be followed up to its first impossible chunk length.
+        if let Some(bad) = cuts
+            .iter()
+            .position(|&len| len == 0 || len as usize > MAX_CHUNK)
+        {
+            cuts.truncate(bad);
+        }
         let file = loop {
             match File::open(&path) {
                 Ok(f) => break f,
@@ -111,20 +118,13 @@ fn hash_growing(files: Vec<(PathBuf, Vec<u32>)>, stop: &AtomicBool, hashed: &Ato
             let (mut end, mut last) = (offset, next);
             while let Some(&len) = cuts.get(last) {
                 let len = len as u64;
-                if len == 0
-                    || len > MAX_CHUNK as u64
-                    || end + len > size
-                    || end + len - offset > BATCH as u64
-                {
+                if end + len > size || end + len - offset > BATCH as u64 {
                     break;
                 }
                 end += len;
                 last += 1;
             }
             if last == next {
-                if cuts[next] == 0 || cuts[next] as usize > MAX_CHUNK {
-                    break;
-                }
                 std::thread::sleep(POLL);
                 continue;
             }
