@@ -16,9 +16,10 @@
 //! cached: packs never change) and says where every chunk is ([`Places`], sealed into the
 //! manifest's object); a download fetches only the chunks the local store lacks, from where
 //! the image's places say (listing the job's objects only for chunks they do not place, or
-//! when a pack they name is gone). Either is resumed by running it again. A pack goes at a sweep when none of its chunks is kept
-//! (its index first, so a pack is never listed without its contents); a pack some of whose
-//! chunks are kept stays whole (the space it keeps is bounded by one pack per upload).
+//! when a pack they name is gone). Either is resumed by running it again. A pack goes at a
+//! sweep when none of its chunks is kept (its index first, so a pack is never listed without
+//! its contents); a pack some of whose chunks are kept stays whole (the space it keeps is
+//! bounded by one pack per upload).
 //!
 //! Sealing, opening and hashing run on blocking threads, never on the runtime's workers.
 
@@ -423,7 +424,12 @@ impl JobChunks {
         let mut names: HashMap<PackId, Arc<str>> = HashMap::new();
         let mut singles = Vec::new();
         for r in missing {
-            if let Some((pack, range)) = places.get(&r.id) {
+            // A place is taken only with the length a sealed chunk of this size has.
+            let sealed_len = u64::from(r.size) + ring::aead::AES_256_GCM.tag_len() as u64;
+            let placed = places
+                .get(&r.id)
+                .filter(|(_, range)| range.end - range.start == sealed_len);
+            if let Some((pack, range)) = placed {
                 let name = names
                     .entry(*pack)
                     .or_insert_with(|| self.pack_name(pack).into());
