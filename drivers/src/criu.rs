@@ -145,6 +145,11 @@ fn is_permission_problem(text: &str) -> bool {
 /// `pstree.img`: two magic numbers, then entries, each a 32-bit length and a protobuf
 /// `PstreeEntry` (field 1 `pid`, field 5 `threads`, both varints). `None` when the file is
 /// missing or not in that format.
+///
+/// A live task's thread list starts with its own PID. A zombie's does not: CRIU 4.1 writes
+/// one thread ID for it that it never filled in (any 32-bit value, seen as 2028262352 and
+/// above `i32::MAX`), so an entry whose threads do not include its PID counts as the PID
+/// alone. Reading that value as a PID would make a restore wait for an unrelated process.
 pub fn image_pids(image_dir: &Path) -> Option<Vec<i32>> {
     const IMG_COMMON_MAGIC: u32 = 0x5456_4319;
     const PSTREE_MAGIC: u32 = 0x5027_3030;
@@ -161,46 +166,56 @@ pub fn image_pids(image_dir: &Path) -> Option<Vec<i32>> {
         let len = word(at)? as usize;
         let entry = bytes.get(at + 4..at + 4 + len)?;
         at += 4 + len;
-        let mut i = 0;
-        let mut first = true;
-        while i < entry.len() {
-            let tag = varint(entry, &mut i)?;
-            match (tag >> 3, tag & 7) {
-                (field, 0) => {
-                    let v = varint(entry, &mut i)?;
-                    if field == 1 || field == 5 {
-                        let pid = i32::try_from(v).ok().filter(|p| *p > 0)?;
-                        if !pids.contains(&pid) {
-                            pids.push(pid);
-                        }
-                        first &= field != 1;
-                    }
-                }
-                (field, 2) => {
-                    let n = usize::try_from(varint(entry, &mut i)?).ok()?;
-                    let body = entry.get(i..i + n)?;
-                    i += n;
-                    if field == 5 {
-                        // Packed threads.
-                        let mut j = 0;
-                        while j < body.len() {
-                            let pid = i32::try_from(varint(body, &mut j)?).ok()?;
-                            if pid > 0 && !pids.contains(&pid) {
-                                pids.push(pid);
-                            }
-                        }
-                    }
-                }
-                (_, 5) => i += 4,
-                (_, 1) => i += 8,
-                _ => return None,
+        let (pid, threads) = pstree_entry(entry)?;
+        let pid = i32::try_from(pid).ok().filter(|p| *p > 0)?;
+        let mut push = |p: i32| {
+            if !pids.contains(&p) {
+                pids.push(p);
             }
-        }
-        if first {
-            return None; // an entry without a pid
+        };
+        push(pid);
+        if threads.contains(&u64::from(pid.unsigned_abs())) {
+            for t in threads {
+                push(i32::try_from(t).ok().filter(|t| *t > 0)?);
+            }
         }
     }
     (!pids.is_empty()).then_some(pids)
+}
+
+/// One `PstreeEntry`: its `pid` (required) and its `threads` (plain or packed).
+fn pstree_entry(entry: &[u8]) -> Option<(u64, Vec<u64>)> {
+    let mut pid = None;
+    let mut threads = Vec::new();
+    let mut i = 0;
+    while i < entry.len() {
+        let tag = varint(entry, &mut i)?;
+        match (tag >> 3, tag & 7) {
+            (field, 0) => {
+                let v = varint(entry, &mut i)?;
+                match field {
+                    1 => pid = Some(v),
+                    5 => threads.push(v),
+                    _ => {}
+                }
+            }
+            (field, 2) => {
+                let n = usize::try_from(varint(entry, &mut i)?).ok()?;
+                let body = entry.get(i..i + n)?;
+                i += n;
+                if field == 5 {
+                    let mut j = 0;
+                    while j < body.len() {
+                        threads.push(varint(body, &mut j)?);
+                    }
+                }
+            }
+            (_, 5) => i += 4,
+            (_, 1) => i += 8,
+            _ => return None,
+        }
+    }
+    Some((pid?, threads))
 }
 
 fn varint(bytes: &[u8], at: &mut usize) -> Option<u64> {
@@ -945,19 +960,39 @@ mod tests {
 
         let dir = tempfile::tempdir().unwrap();
         // pstree.img of a bash loop (32625) with a `sleep` child (609), as CRIU 4.1.1 wrote it.
-        let img: Vec<u8> = [
+        let hex = |s: &str| -> Vec<u8> {
+            s.as_bytes()
+                .chunks(2)
+                .map(|h| u8::from_str_radix(std::str::from_utf8(h).unwrap(), 16).unwrap())
+                .collect()
+        };
+        let img = [
             "194356543030275012000000",
             "08f1fe01100018f1fe0120f1fe0128f1fe01",
             "12000000",
             "08e10410f1fe0118f1fe0120f1fe0128e104",
         ]
-        .concat()
-        .as_bytes()
-        .chunks(2)
-        .map(|h| u8::from_str_radix(std::str::from_utf8(h).unwrap(), 16).unwrap())
-        .collect();
-        std::fs::write(dir.path().join("pstree.img"), img).unwrap();
+        .concat();
+        std::fs::write(dir.path().join("pstree.img"), hex(&img)).unwrap();
         assert_eq!(image_pids(dir.path()), Some(vec![32625, 609]));
+        // A `sleep 1000` (13354) with a zombie child (13356), as CRIU 4.1.1 wrote it: the
+        // zombie's one thread ID is a value CRIU never filled in, here 2028262352; with
+        // another above i32::MAX.
+        let zombie = |thread: &str| {
+            let img = [
+                "19435654303027500e000000",
+                "08aa681000",
+                "18aa6820aa6828aa68",
+                "12000000",
+                "08ac6810aa6818aa6820aa6828",
+                thread,
+            ]
+            .concat();
+            std::fs::write(dir.path().join("pstree.img"), hex(&img)).unwrap();
+            image_pids(dir.path())
+        };
+        assert_eq!(zombie("d0a793c707"), Some(vec![13354, 13356]));
+        assert_eq!(zombie("d0a793c70f"), Some(vec![13354, 13356]));
         std::fs::write(dir.path().join("pstree.img"), b"junk").unwrap();
         assert_eq!(image_pids(dir.path()), None);
     }
