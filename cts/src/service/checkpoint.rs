@@ -476,6 +476,11 @@ impl Cts {
         crate::policy::plainly_theirs(job.uid, job.pid, &format!("job {:?}", job.gid))?;
         self.signable(job)?;
         let id = self.new_image_id()?;
+        // What a restore will depend on, from the job's processes as they are just before
+        // the dump (a CRIU dump may end them): read from /proc on a blocking thread while
+        // the outbox place and the staging area are made. Not during the dump: CRIU and the
+        // early hashing have both cores then (measured: the dump got slower).
+        let facts = tokio::spawn(self.image_facts(job));
         // The outbox must be able to take the record before anything is dumped.
         let place = self.inner.link.reserve(&id, &job.gid)?;
         let mut staging = self.inner.store.stage(&id).await?;
@@ -491,9 +496,9 @@ impl Cts {
             .set("IMAGE_DIR", staging.dir.display().to_string());
         let handle = self.handle(job);
         let timeout = self.inner.config.checkpoint_timeout();
-        // What a restore will depend on, from the job's processes as they are just before
-        // the dump (a CRIU dump may end them).
-        let facts = self.image_facts(job).await;
+        let facts = facts
+            .await
+            .map_err(|e| anyhow::anyhow!("the restore facts of job {:?}: {e}", job.gid))?;
         let taken_at = Utc::now();
         let outcome = match tokio::time::timeout(
             timeout + Duration::from_secs(5),
@@ -543,14 +548,16 @@ impl Cts {
     /// The restore facts of a checkpoint of `job` taken now ([`gca_drivers::facts`]): this
     /// resource's, the job's processes' for a CRIU image, the type's declared properties
     /// for any other.
-    async fn image_facts(&self, job: &Job) -> ImageFacts {
+    fn image_facts(&self, job: &Job) -> impl std::future::Future<Output = ImageFacts> + 'static {
         let kind = self.inner.driver.kind();
         let declared = if kind == gca_protocol::facts::CRIU {
             Vec::new()
         } else {
             self.inner.cts_type.core_service.properties.clone()
         };
-        gca_drivers::facts::image_facts(&self.resource_facts(), kind, job.pid, declared).await
+        let resource = self.resource_facts();
+        let pid = job.pid;
+        async move { gca_drivers::facts::image_facts(&resource, kind, pid, declared).await }
     }
 
     /// With signatures on, an image is signed with its owner: one whose owner is unknown
