@@ -166,15 +166,15 @@ pub fn image_pids(image_dir: &Path) -> Option<Vec<i32>> {
         let len = word(at)? as usize;
         let entry = bytes.get(at + 4..at + 4 + len)?;
         at += 4 + len;
-        let (pid, threads) = pstree_entry(entry)?;
-        let pid = i32::try_from(pid).ok().filter(|p| *p > 0)?;
+        let (raw_pid, threads) = pstree_entry(entry)?;
+        let pid = i32::try_from(raw_pid).ok().filter(|p| *p > 0)?;
         let mut push = |p: i32| {
             if !pids.contains(&p) {
                 pids.push(p);
             }
         };
         push(pid);
-        if threads.contains(&u64::from(pid.unsigned_abs())) {
+        if threads.contains(&raw_pid) {
             for t in threads {
                 push(i32::try_from(t).ok().filter(|t| *t > 0)?);
             }
@@ -960,12 +960,6 @@ mod tests {
 
         let dir = tempfile::tempdir().unwrap();
         // pstree.img of a bash loop (32625) with a `sleep` child (609), as CRIU 4.1.1 wrote it.
-        let hex = |s: &str| -> Vec<u8> {
-            s.as_bytes()
-                .chunks(2)
-                .map(|h| u8::from_str_radix(std::str::from_utf8(h).unwrap(), 16).unwrap())
-                .collect()
-        };
         let img = [
             "194356543030275012000000",
             "08f1fe01100018f1fe0120f1fe0128f1fe01",
@@ -973,7 +967,7 @@ mod tests {
             "08e10410f1fe0118f1fe0120f1fe0128e104",
         ]
         .concat();
-        std::fs::write(dir.path().join("pstree.img"), hex(&img)).unwrap();
+        std::fs::write(dir.path().join("pstree.img"), hex::decode(&img).unwrap()).unwrap();
         assert_eq!(image_pids(dir.path()), Some(vec![32625, 609]));
         // A `sleep 1000` (13354) with a zombie child (13356), as CRIU 4.1.1 wrote it: the
         // zombie's one thread ID is a value CRIU never filled in, here 2028262352; with
@@ -988,7 +982,7 @@ mod tests {
                 thread,
             ]
             .concat();
-            std::fs::write(dir.path().join("pstree.img"), hex(&img)).unwrap();
+            std::fs::write(dir.path().join("pstree.img"), hex::decode(&img).unwrap()).unwrap();
             image_pids(dir.path())
         };
         assert_eq!(zombie("d0a793c707"), Some(vec![13354, 13356]));
