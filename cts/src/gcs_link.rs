@@ -18,7 +18,8 @@
 //! A checkpoint **reserves** its place before its image is committed ([`GcsLink::reserve`]):
 //! a file that proves the outbox can take the record (and keeps the space for it), and that a
 //! restarted CTS finds if it died between the commit and the record, so that the image is
-//! registered whole or not at all.
+//! registered whole or not at all. The record is delivered while its file is written
+//! ([`GcsLink::fill`]): until then the reservation stands for it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -195,6 +196,18 @@ struct Queue {
     waiters: HashMap<u64, Waiter>,
     /// Reservations a previous run left without their record (see [`GcsLink::orphans`]).
     orphans: Vec<u64>,
+    /// Records being written into their reserved place while they are delivered
+    /// ([`GcsLink::fill`]), with what became of their file if the GCS answered first: the
+    /// writer does it once the file is there.
+    writing: HashMap<u64, Option<AfterWrite>>,
+}
+
+/// What the delivery of an item decided for its file while the file was still being written.
+enum AfterWrite {
+    /// Delivered: the file goes.
+    Remove,
+    /// Refused as wrong: the file is set aside there.
+    SetAside(PathBuf),
 }
 
 /// Space kept for a record by a reservation: far more than any record takes.
@@ -315,6 +328,7 @@ impl GcsLink {
                     slots,
                     waiters: HashMap::new(),
                     orphans,
+                    writing: HashMap::new(),
                 }),
                 status: Mutex::new(status),
                 wake: Notify::new(),
@@ -463,23 +477,96 @@ impl GcsLink {
         })
     }
 
-    fn fill(&self, seq: u64, what: &ReservedFor, item: OutboxItem) -> Result<Pending, Error> {
+    /// Queues the record for the GCS at once, then writes it into its place: the call to the
+    /// GCS and the fsyncs run side by side. Meanwhile the reservation is the record's durable
+    /// copy: a CTS that stops before the record is written registers the image again from
+    /// the store at its next start (the GCS answers an identical report `Unchanged`). A
+    /// record that cannot be written is still delivered from memory, and its reservation
+    /// stays until the GCS has it.
+    fn fill(&self, seq: u64, what: &ReservedFor, item: OutboxItem) -> Pending {
+        let bytes = serde_json::to_vec_pretty(&item);
+        let describe = item.describe();
+        let pending = self.queue_filled(seq, item);
+        self.write_filled(seq, what, bytes, &describe);
+        pending
+    }
+
+    /// The first half of [`GcsLink::fill`]: the record in its place in line, its file still
+    /// to be written.
+    fn queue_filled(&self, seq: u64, item: OutboxItem) -> Pending {
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut q = self.inner.queue.lock();
+            q.slots.insert(seq, Slot::Item(item));
+            q.waiters.insert(seq, tx);
+            q.writing.insert(seq, None);
+        }
+        self.inner.wake.notify_one();
+        Pending(rx)
+    }
+
+    /// The second half of [`GcsLink::fill`]: the record's file written, and what its delivery
+    /// decided meanwhile done to it.
+    fn write_filled(
+        &self,
+        seq: u64,
+        what: &ReservedFor,
+        bytes: serde_json::Result<Vec<u8>>,
+        describe: &str,
+    ) {
         let reserved = reservation_path(&self.inner.dir, seq);
         // The space kept is given back just before the record takes it (the reservation
         // itself stays readable until the record is written).
         if let Ok(f) = std::fs::OpenOptions::new().write(true).open(&reserved) {
             let _ = f.set_len(reservation_header(what).len() as u64);
         }
-        self.write_item(seq, &item)?;
-        let _ = std::fs::remove_file(&reserved);
-        let (tx, rx) = oneshot::channel();
+        let written = bytes
+            .map_err(std::io::Error::other)
+            .and_then(|b| write_atomically(&self.item_path(seq), &b));
+        let after = self.inner.queue.lock().writing.remove(&seq).flatten();
+        match &written {
+            Ok(()) => {
+                let _ = std::fs::remove_file(&reserved);
+            }
+            Err(e) => {
+                tracing::error!(item = %describe, outbox = %self.inner.dir.display(), error = %e, "cannot write a checkpoint's record to the outbox; it is delivered from memory, and registered from the store at the next start if the CTS stops first");
+            }
+        }
+        match after {
+            None => {}
+            Some(AfterWrite::Remove) => {
+                let _ = std::fs::remove_file(self.item_path(seq));
+                let _ = std::fs::remove_file(&reserved);
+            }
+            Some(AfterWrite::SetAside(aside)) => {
+                if written.is_ok() {
+                    let _ = std::fs::rename(self.item_path(seq), aside);
+                }
+                let _ = std::fs::remove_file(&reserved);
+            }
+        }
+    }
+
+    /// Does `action` to item `seq`'s file now, or leaves it to [`GcsLink::fill`] if the file
+    /// is still being written.
+    fn after_delivery(&self, seq: u64, action: AfterWrite) {
         {
             let mut q = self.inner.queue.lock();
-            q.slots.insert(seq, Slot::Item(item));
-            q.waiters.insert(seq, tx);
+            if let Some(slot) = q.writing.get_mut(&seq) {
+                *slot = Some(action);
+                return;
+            }
         }
-        self.inner.wake.notify_one();
-        Ok(Pending(rx))
+        match action {
+            AfterWrite::Remove => {
+                let _ = std::fs::remove_file(self.item_path(seq));
+                // A record that could not be written leaves its reservation until now.
+                let _ = std::fs::remove_file(reservation_path(&self.inner.dir, seq));
+            }
+            AfterWrite::SetAside(aside) => {
+                let _ = std::fs::rename(self.item_path(seq), aside);
+            }
+        }
     }
 
     fn release(&self, seq: u64, keep_file: bool) {
@@ -629,7 +716,7 @@ impl GcsLink {
             let answer = match answer {
                 Ok(d) => {
                     self.contacted();
-                    let _ = std::fs::remove_file(self.item_path(seq));
+                    self.after_delivery(seq, AfterWrite::Remove);
                     Ok(d)
                 }
                 Err(f) => match disposition(&item, f) {
@@ -682,10 +769,9 @@ impl GcsLink {
     }
 
     fn reject(&self, seq: u64, item: &OutboxItem, f: &Fault) {
-        let path = self.item_path(seq);
         let aside = set_aside_path(&self.inner.dir, seq);
         tracing::error!(item = %item.describe(), kind = ?f.kind, code = ?f.code, error = %f.message, file = %aside.display(), "the GCS refused an outbox item as wrong; set aside for an operator");
-        let _ = std::fs::rename(&path, &aside);
+        self.after_delivery(seq, AfterWrite::SetAside(aside));
         let mut s = self.inner.status.lock();
         s.rejected += 1;
         s.last_rejected = Some(format!("{}: {}", item.describe(), f.message));
@@ -741,15 +827,12 @@ impl Reservation {
         &self.what.gid
     }
 
-    /// Puts the record in its place (written to disk) and queues it. If it cannot be
-    /// written, the reservation file stays for the next start, which registers the image
-    /// from the store.
-    pub fn fill(mut self, item: OutboxItem) -> Result<Pending, Error> {
+    /// Queues the record and puts it in its place (written to disk, while the GCS is called:
+    /// see [`GcsLink::fill`]). If it cannot be written, the reservation file stays until
+    /// the GCS has the record, for a next start to register the image from the store.
+    pub fn fill(mut self, item: OutboxItem) -> Pending {
         self.settled = true;
-        let seq = self.seq;
-        self.link.fill(seq, &self.what, item).inspect_err(|_| {
-            self.link.release(seq, true);
-        })
+        self.link.fill(self.seq, &self.what, item)
     }
 }
 
@@ -979,7 +1062,7 @@ mod tests {
         // Still first in line: the exit waits behind it.
         assert_eq!(again.status().pending, 2);
         let mut orphans = orphans;
-        orphans.pop().unwrap().fill(job("job-1")).unwrap();
+        orphans.pop().unwrap().fill(job("job-1"));
         assert!(!file.exists());
         let third = link(dir.path(), 10);
         assert!(third.orphans().is_empty());
@@ -995,6 +1078,100 @@ mod tests {
         assert_eq!(
             kinds,
             ["registration of job \"job-1\"", "exit of job \"job-1\""]
+        );
+    }
+
+    fn outbox_files(dir: &Path) -> Vec<String> {
+        let mut names: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n != "rejected")
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// The GCS may answer before the record's file is written (`fill` queues it first): the
+    /// file written after the answer must not bring the record back at the next start.
+    #[test]
+    fn a_record_delivered_before_its_file_is_written_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = link(dir.path(), 10);
+        let r = l.reserve("img-1", "job-1").unwrap();
+        let (seq, what) = (r.seq, r.what.clone());
+        std::mem::forget(r);
+        let item = job("job-1");
+        let bytes = serde_json::to_vec_pretty(&item);
+        let _pending = l.queue_filled(seq, item);
+        // The deliverer's success, first.
+        l.after_delivery(seq, AfterWrite::Remove);
+        l.inner.queue.lock().slots.remove(&seq);
+        assert_eq!(outbox_files(dir.path()), [format!("{seq:020}.reserved")]);
+        l.write_filled(seq, &what, bytes, "x");
+        assert!(
+            outbox_files(dir.path()).is_empty(),
+            "{:?}",
+            outbox_files(dir.path())
+        );
+        let again = link(dir.path(), 10);
+        assert_eq!(again.status().pending, 0);
+        assert!(again.orphans().is_empty());
+    }
+
+    /// Refused as wrong before its file is written: set aside once written, not queued again.
+    #[test]
+    fn a_record_refused_before_its_file_is_written_is_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = link(dir.path(), 10);
+        let r = l.reserve("img-1", "job-1").unwrap();
+        let (seq, what) = (r.seq, r.what.clone());
+        std::mem::forget(r);
+        let item = job("job-1");
+        let bytes = serde_json::to_vec_pretty(&item);
+        let _pending = l.queue_filled(seq, item.clone());
+        l.reject(seq, &item, &fault(FaultKind::InvalidMessage, None));
+        l.write_filled(seq, &what, bytes, "x");
+        assert!(outbox_files(dir.path()).is_empty());
+        let aside: Vec<_> = std::fs::read_dir(dir.path().join("rejected"))
+            .unwrap()
+            .map(|e| std::fs::read(e.unwrap().path()).unwrap())
+            .collect();
+        assert_eq!(aside.len(), 1);
+        assert_eq!(
+            serde_json::from_slice::<OutboxItem>(&aside[0]).unwrap(),
+            item
+        );
+    }
+
+    /// A record whose file cannot be written is still queued (delivered from memory); its
+    /// reservation stays for the next start until the GCS has it.
+    #[test]
+    fn a_record_that_cannot_be_written_keeps_its_reservation_until_delivered() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = link(dir.path(), 10);
+        let r = l.reserve("img-1", "job-1").unwrap();
+        let seq = r.seq;
+        // The record's file name is taken by a directory: its rename fails.
+        std::fs::create_dir(dir.path().join(format!("{seq:020}.json"))).unwrap();
+        let _pending = r.fill(job("job-1"));
+        assert_eq!(l.status().pending, 1, "queued from memory");
+        assert!(dir.path().join(format!("{seq:020}.reserved")).exists());
+        // Stopped now: the next start finds the reservation.
+        {
+            std::fs::remove_dir(dir.path().join(format!("{seq:020}.json"))).unwrap();
+            let _ = std::fs::remove_file(dir.path().join(format!("{seq:020}.tmp")));
+            let again = link(dir.path(), 10);
+            let orphans = again.orphans();
+            assert_eq!(orphans.len(), 1);
+            assert_eq!(orphans[0].image(), "img-1");
+            orphans.into_iter().for_each(std::mem::forget);
+        }
+        // Delivered: the reservation goes.
+        l.after_delivery(seq, AfterWrite::Remove);
+        assert!(
+            outbox_files(dir.path()).is_empty(),
+            "{:?}",
+            outbox_files(dir.path())
         );
     }
 

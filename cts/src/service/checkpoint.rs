@@ -431,16 +431,14 @@ impl Cts {
                         }
                     }
                     let gid = manifest.meta.gid.clone();
-                    let queued = r
-                        .fill(OutboxItem::RegisterCheckpoint(Box::new(
-                            RegisterCheckpoint { checkpoint: record },
-                        )))
-                        .map(drop);
-                    if queued.is_ok() && upload {
+                    drop(r.fill(OutboxItem::RegisterCheckpoint(Box::new(
+                        RegisterCheckpoint { checkpoint: record },
+                    ))));
+                    if upload {
                         let (cts, id) = (self.clone(), id.clone());
                         tokio::spawn(async move { cts.upload_in_background(&gid, &id).await });
                     }
-                    queued
+                    Ok(())
                 }
                 Err(e) => {
                     r.postpone();
@@ -537,7 +535,7 @@ impl Cts {
                     tracing::error!(gid = %job.gid, error = %e, "job stopped but its image could not be stored");
                 }
             })?;
-        let delivery = queue_record(place, &record)?;
+        let delivery = queue_record(place, &record);
         Ok(Taken {
             record,
             delivery,
@@ -686,7 +684,8 @@ impl Cts {
                 .await?;
             let _ = saved.await;
             tracing::info!(gid = %job.gid, checkpoint.id = %id, "checkpoint taken by the job itself");
-            queue_record(place, &record).map(drop)
+            drop(queue_record(place, &record));
+            Ok(())
         }
         .await;
         self.inner.in_flight.fetch_sub(1, Ordering::SeqCst);
@@ -695,17 +694,12 @@ impl Cts {
 }
 
 /// Puts a committed image's record in the place kept for it.
-fn queue_record(place: Reservation, record: &CheckpointRecord) -> Result<Pending> {
-    place
-        .fill(OutboxItem::RegisterCheckpoint(Box::new(RegisterCheckpoint {
+fn queue_record(place: Reservation, record: &CheckpointRecord) -> Pending {
+    place.fill(OutboxItem::RegisterCheckpoint(Box::new(
+        RegisterCheckpoint {
             checkpoint: record.clone(),
-        })))
-        .map_err(|e| {
-            Error::Outbox(format!(
-                "checkpoint {:?} of job {:?} was taken and stored, but its record could not be queued for the GCS ({e}); it is registered when the CTS next starts",
-                record.id, record.gid
-            ))
-        })
+        },
+    )))
 }
 
 /// `uid` and `gid` (the owner's numeric user and group, not the job's GID, which is
