@@ -19,7 +19,8 @@
 //! a file that proves the outbox can take the record (and keeps the space for it), and that a
 //! restarted CTS finds if it died between the commit and the record, so that the image is
 //! registered whole or not at all. The record is delivered while its file is written
-//! ([`GcsLink::fill`]): until then the reservation stands for it.
+//! ([`GcsLink::fill`]): until then the reservation stands for it, and the item after it waits
+//! for the file ([`GcsLink::written_out`]), so the order holds across a crash too.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -206,8 +207,9 @@ struct Queue {
 enum AfterWrite {
     /// Delivered: the file goes.
     Remove,
-    /// Refused as wrong: the file is set aside there.
-    SetAside(PathBuf),
+    /// Refused as wrong: the file is set aside at `path` (`bytes` are the item, for a file
+    /// that could not be written).
+    SetAside { path: PathBuf, bytes: Vec<u8> },
 }
 
 /// Space kept for a record by a reservation: far more than any record takes.
@@ -228,6 +230,9 @@ struct Inner {
     queue: Mutex<Queue>,
     status: Mutex<LinkStatus>,
     wake: Notify,
+    /// A record's file written and what its delivery decided done to it (see
+    /// [`GcsLink::written_out`]).
+    written: Notify,
 }
 
 impl GcsLink {
@@ -332,6 +337,7 @@ impl GcsLink {
                 }),
                 status: Mutex::new(status),
                 wake: Notify::new(),
+                written: Notify::new(),
             }),
         })
     }
@@ -520,30 +526,48 @@ impl GcsLink {
         if let Ok(f) = std::fs::OpenOptions::new().write(true).open(&reserved) {
             let _ = f.set_len(reservation_header(what).len() as u64);
         }
-        let written = bytes
-            .map_err(std::io::Error::other)
-            .and_then(|b| write_atomically(&self.item_path(seq), &b));
-        let after = self.inner.queue.lock().writing.remove(&seq).flatten();
+        let written = match &bytes {
+            Ok(b) => write_atomically(&self.item_path(seq), b),
+            Err(e) => Err(std::io::Error::other(e.to_string())),
+        };
+        // What the delivery decided, if it has: the entry stays until that is done, so that
+        // the deliverer waits for it (below). Otherwise the delivery does it when it ends.
+        let after = {
+            let mut q = self.inner.queue.lock();
+            let after = q.writing.get_mut(&seq).and_then(Option::take);
+            if after.is_none() {
+                q.writing.remove(&seq);
+            }
+            after
+        };
         match &written {
             Ok(()) => {
                 let _ = std::fs::remove_file(&reserved);
             }
             Err(e) => {
+                self.inner.status.lock().unwritten_records += 1;
                 tracing::error!(item = %describe, outbox = %self.inner.dir.display(), error = %e, "cannot write a checkpoint's record to the outbox; it is delivered from memory, and registered from the store at the next start if the CTS stops first");
             }
         }
-        match after {
-            None => {}
-            Some(AfterWrite::Remove) => {
-                let _ = std::fs::remove_file(self.item_path(seq));
-                let _ = std::fs::remove_file(&reserved);
+        if let Some(action) = after {
+            self.do_after_delivery(seq, action);
+            self.inner.queue.lock().writing.remove(&seq);
+        }
+        self.inner.written.notify_waiters();
+    }
+
+    /// Returns once item `seq`'s file is written (or could not be) and what its delivery
+    /// decided is done to it. The deliverer waits for this before it sends the next item:
+    /// a CTS that dies meanwhile sends nothing again after a later item at its next start.
+    async fn written_out(&self, seq: u64) {
+        loop {
+            let notified = self.inner.written.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if !self.inner.queue.lock().writing.contains_key(&seq) {
+                return;
             }
-            Some(AfterWrite::SetAside(aside)) => {
-                if written.is_ok() {
-                    let _ = std::fs::rename(self.item_path(seq), aside);
-                }
-                let _ = std::fs::remove_file(&reserved);
-            }
+            notified.await;
         }
     }
 
@@ -557,16 +581,31 @@ impl GcsLink {
                 return;
             }
         }
+        self.do_after_delivery(seq, action);
+    }
+
+    /// Removes or sets aside item `seq`'s file, and its reservation (kept until now by a
+    /// record that could not be written).
+    fn do_after_delivery(&self, seq: u64, action: AfterWrite) {
+        let file = self.item_path(seq);
         match action {
             AfterWrite::Remove => {
-                let _ = std::fs::remove_file(self.item_path(seq));
-                // A record that could not be written leaves its reservation until now.
-                let _ = std::fs::remove_file(reservation_path(&self.inner.dir, seq));
+                let _ = std::fs::remove_file(&file);
             }
-            AfterWrite::SetAside(aside) => {
-                let _ = std::fs::rename(self.item_path(seq), aside);
-            }
+            AfterWrite::SetAside { path, bytes } => match std::fs::rename(&file, &path) {
+                Ok(()) => {}
+                // Never written: set aside from memory.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    if let Err(e) = write_atomically(&path, &bytes) {
+                        tracing::error!(file = %path.display(), error = %e,
+                            "cannot set aside an item the GCS refused");
+                    }
+                }
+                Err(e) => tracing::error!(file = %file.display(), error = %e,
+                    "cannot set aside an item the GCS refused"),
+            },
         }
+        let _ = std::fs::remove_file(reservation_path(&self.inner.dir, seq));
     }
 
     fn release(&self, seq: u64, keep_file: bool) {
@@ -736,6 +775,7 @@ impl GcsLink {
             if let Some(w) = waiter {
                 let _ = w.send(answer);
             }
+            self.written_out(seq).await;
         }
     }
 
@@ -771,7 +811,8 @@ impl GcsLink {
     fn reject(&self, seq: u64, item: &OutboxItem, f: &Fault) {
         let aside = set_aside_path(&self.inner.dir, seq);
         tracing::error!(item = %item.describe(), kind = ?f.kind, code = ?f.code, error = %f.message, file = %aside.display(), "the GCS refused an outbox item as wrong; set aside for an operator");
-        self.after_delivery(seq, AfterWrite::SetAside(aside));
+        let bytes = serde_json::to_vec_pretty(item).unwrap_or_default();
+        self.after_delivery(seq, AfterWrite::SetAside { path: aside, bytes });
         let mut s = self.inner.status.lock();
         s.rejected += 1;
         s.last_rejected = Some(format!("{}: {}", item.describe(), f.message));
@@ -904,7 +945,7 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
-    {
+    let written = (|| {
         // Job state and queued records hold job environments: the CTS's alone.
         let mut f = std::fs::OpenOptions::new()
             .write(true)
@@ -914,8 +955,13 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
             .open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = written {
+        // (A full disk keeps nothing of a write that failed.)
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
     }
-    std::fs::rename(&tmp, path)?;
     if let Some(dir) = path.parent() {
         if let Ok(d) = std::fs::File::open(dir) {
             let _ = d.sync_all();
@@ -1132,15 +1178,89 @@ mod tests {
         l.reject(seq, &item, &fault(FaultKind::InvalidMessage, None));
         l.write_filled(seq, &what, bytes, "x");
         assert!(outbox_files(dir.path()).is_empty());
-        let aside: Vec<_> = std::fs::read_dir(dir.path().join("rejected"))
+        assert_eq!(set_aside(dir.path()), [item]);
+    }
+
+    /// A failed write of the record's bytes (as a full disk would fail it).
+    fn unwritable() -> serde_json::Result<Vec<u8>> {
+        serde_json::from_str::<Vec<u8>>("not json")
+    }
+
+    fn set_aside(dir: &Path) -> Vec<OutboxItem> {
+        std::fs::read_dir(dir.join("rejected"))
             .unwrap()
-            .map(|e| std::fs::read(e.unwrap().path()).unwrap())
-            .collect();
-        assert_eq!(aside.len(), 1);
-        assert_eq!(
-            serde_json::from_slice::<OutboxItem>(&aside[0]).unwrap(),
-            item
+            .map(|e| serde_json::from_slice(&std::fs::read(e.unwrap().path()).unwrap()).unwrap())
+            .collect()
+    }
+
+    /// A record refused as wrong whose file could not be written is set aside from memory,
+    /// whichever came first, and its reservation goes (nothing to register again).
+    #[test]
+    fn a_refused_record_that_cannot_be_written_is_set_aside_from_memory() {
+        for refused_first in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let l = link(dir.path(), 10);
+            let r = l.reserve("img-1", "job-1").unwrap();
+            let (seq, what) = (r.seq, r.what.clone());
+            std::mem::forget(r);
+            let item = job("job-1");
+            let _pending = l.queue_filled(seq, item.clone());
+            let refuse = || l.reject(seq, &item, &fault(FaultKind::InvalidMessage, None));
+            if refused_first {
+                refuse();
+                l.write_filled(seq, &what, unwritable(), "x");
+            } else {
+                l.write_filled(seq, &what, unwritable(), "x");
+                assert!(dir.path().join(format!("{seq:020}.reserved")).exists());
+                refuse();
+            }
+            assert!(
+                outbox_files(dir.path()).is_empty(),
+                "refused first: {refused_first}: {:?}",
+                outbox_files(dir.path())
+            );
+            assert_eq!(
+                set_aside(dir.path()),
+                [item],
+                "refused first: {refused_first}"
+            );
+            assert_eq!(l.status().unwritten_records, 1);
+        }
+    }
+
+    /// The deliverer sends nothing after a delivered record until the record's file is
+    /// written and removed: a CTS that dies meanwhile never sends the record again after a
+    /// later item.
+    #[tokio::test]
+    async fn the_next_item_waits_until_a_delivered_records_file_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = link(dir.path(), 10);
+        let r = l.reserve("img-1", "job-1").unwrap();
+        let (seq, what) = (r.seq, r.what.clone());
+        std::mem::forget(r);
+        let item = job("job-1");
+        let bytes = serde_json::to_vec_pretty(&item);
+        let _pending = l.queue_filled(seq, item);
+        l.after_delivery(seq, AfterWrite::Remove);
+        let waiting = tokio::spawn({
+            let l = l.clone();
+            async move { l.written_out(seq).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !waiting.is_finished(),
+            "returned before the file was written"
         );
+        l.write_filled(seq, &what, bytes, "x");
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("woken once the file is gone")
+            .unwrap();
+        assert!(outbox_files(dir.path()).is_empty());
+        // Nothing to wait for: at once.
+        tokio::time::timeout(Duration::from_secs(5), l.written_out(seq + 1))
+            .await
+            .unwrap();
     }
 
     /// A record whose file cannot be written is still queued (delivered from memory); its

@@ -53,6 +53,10 @@ pub struct LinkStatus {
     /// Jobs registered again because the GCS did not know them (a restored database).
     #[serde(default)]
     pub reregistered_jobs: u64,
+    /// Checkpoint records the outbox could not write to disk (full, or failing): each is
+    /// delivered from memory, and its reservation stands for it until the GCS has it.
+    #[serde(default)]
+    pub unwritten_records: u64,
 }
 
 /// The body of `POST /api/v1/jobs/{gid}/checkpoint` (`{"stop": false}`; an empty body is

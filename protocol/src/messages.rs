@@ -1045,9 +1045,17 @@ impl XmlContent for ImageSignature {
 
 impl CheckpointRecord {
     /// Equality of what the CTS reports, ignoring what the GCS adds (sequence, registration
-    /// time): used to make re-registration idempotent.
+    /// time): used to make re-registration idempotent. The signature's value is not
+    /// compared, only its algorithm and certificate: ECDSA and RSA-PSS signatures are
+    /// randomized, so a CTS that signs the same facts again (a record rebuilt from its image
+    /// after a restart) makes a different value for the same report; the GCS verifies it
+    /// before it compares.
     pub fn same_report(&self, other: &CheckpointRecord) -> bool {
         let strip = |r: &CheckpointRecord| CheckpointRecord {
+            signature: r.signature.as_ref().map(|s| ImageSignature {
+                value: String::new(),
+                ..s.clone()
+            }),
             sequence: None,
             registered_at: None,
             image_state: ImageState::Stored,

@@ -160,7 +160,7 @@ async fn checkpoint(
 async fn health(State(cts): State<Cts>) -> Json<serde_json::Value> {
     // Counts only: which records were refused, and why, is in the authorized /api/v1/status.
     let gcs = cts.link().status();
-    let status = if gcs.connected && gcs.rejected == 0 {
+    let status = if gcs.connected && gcs.rejected == 0 && gcs.unwritten_records == 0 {
         "ok"
     } else {
         "degraded"
@@ -170,5 +170,6 @@ async fn health(State(cts): State<Cts>) -> Json<serde_json::Value> {
         "gcs_connected": gcs.connected,
         "outbox_pending": gcs.pending,
         "outbox_rejected": gcs.rejected,
+        "outbox_unwritten_records": gcs.unwritten_records,
     }))
 }

@@ -276,6 +276,24 @@ async fn checkpoint_registration_is_idempotent_and_refuses_clashes() {
         (again.outcome, again.checkpoint.sequence),
         (Registration::Unchanged, Some(1))
     );
+    // Signed again (a CTS rebuilding the record from its image after a restart): another
+    // value for the same facts, the same report.
+    let resigned = signed(r.clone());
+    assert_ne!(
+        resigned.signature.as_ref().unwrap().value,
+        r.signature.as_ref().unwrap().value,
+        "ECDSA signatures are randomized"
+    );
+    let again = gcs
+        .call::<RegisterCheckpointOp>(RegisterCheckpoint {
+            checkpoint: resigned,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        (again.outcome, again.checkpoint.sequence),
+        (Registration::Unchanged, Some(1))
+    );
     let mut other = r.clone();
     other.image_name = "https://127.0.0.1:1/images/somewhere-else".into();
     let err = gcs
