@@ -14,7 +14,9 @@
 //! cut short is asked again for its missing chunks only. Chunks the store has are neither
 //! transferred nor hashed again.
 
+use std::collections::HashSet;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -53,6 +55,9 @@ pub struct Fetched {
     pub chunks_transferred: usize,
     /// Chunks the store had already (format 2).
     pub chunks_present: usize,
+    /// The chunks this fetch received and checked against their names as they arrived
+    /// (format 2): [`ImageStore::materialize_checked`] does not hash them again.
+    pub checked: Arc<HashSet<ChunkId>>,
 }
 
 /// How hard a fetch tries.
@@ -158,6 +163,7 @@ pub async fn fetch_image_report(
         bytes_transferred: 0,
         chunks_transferred: 0,
         chunks_present: 0,
+        checked: Arc::default(),
     };
     if let Some(m) = local_copy(store, id, &digest).await? {
         tracing::info!(image = %id, %digest, "image already in the local store");
@@ -168,10 +174,11 @@ pub async fn fetch_image_report(
     let mut report = nothing(manifest.clone());
     if manifest.is_chunked() {
         match ctx.fetch_chunks(&manifest, staging.pins()).await {
-            Ok((got, bytes, present)) => {
+            Ok((got, bytes, present, checked)) => {
                 report.chunks_transferred = got;
                 report.bytes_transferred = bytes;
                 report.chunks_present = present;
+                report.checked = Arc::new(checked);
             }
             Err(e) => {
                 staging.discard().await;
@@ -300,7 +307,7 @@ impl Ctx<'_> {
         &self,
         manifest: &Manifest,
         pins: &PinSet,
-    ) -> Result<(usize, u64, usize), Error> {
+    ) -> Result<(usize, u64, usize, HashSet<ChunkId>), Error> {
         let all = manifest.chunk_set();
         // For messages: the first file naming each chunk.
         let mut file_of: BTreeMap<ChunkId, &str> = BTreeMap::new();
@@ -340,11 +347,14 @@ impl Ctx<'_> {
         // Durable once, before the manifest naming them is committed.
         let written = std::mem::take(&mut *self.written.lock());
         let chunks = self.store.chunks().clone();
-        tokio::task::spawn_blocking(move || chunks.backend().sync(&written))
-            .await
-            .map_err(|e| Error::io("chunk sync task failed", std::io::Error::other(e)))?
-            .map_err(|e| self.write_error(e))?;
-        Ok((missing.len(), total, present))
+        let written = tokio::task::spawn_blocking(move || {
+            chunks.backend().sync(&written)?;
+            Ok::<_, std::io::Error>(written.into_iter().collect())
+        })
+        .await
+        .map_err(|e| Error::io("chunk sync task failed", std::io::Error::other(e)))?
+        .map_err(|e| self.write_error(e))?;
+        Ok((missing.len(), total, present, written))
     }
 
     /// One batch of chunks, asked again (for what is still missing) after a transport error.
@@ -1431,10 +1441,31 @@ mod tests {
             f2.bytes_transferred
         );
         assert!(f2.chunks_present > 100, "{}", f2.chunks_present);
-        let dir = dst.materialize(&id("ckpt-2")).await.unwrap();
+        assert_eq!(f2.checked.len(), f2.chunks_transferred);
+        let dir = dst
+            .materialize_checked(&id("ckpt-2"), f2.checked.clone())
+            .await
+            .unwrap();
         assert_eq!(std::fs::read(dir.join("pages-1.img")).unwrap(), pages);
         assert_eq!(std::fs::read(dir.join("core-1.img")).unwrap(), b"core");
         assert_eq!(dst.verify(&id("ckpt-2")).await.unwrap().id, "ckpt-2");
+
+        // Only the chunks the fetch checked are trusted: one the store had before is
+        // checked as the restore copy reads it.
+        let m2 = dst.manifest(&id("ckpt-2")).await.unwrap();
+        let old = m2
+            .files
+            .iter()
+            .flat_map(|f| &f.chunks)
+            .find(|c| !f2.checked.contains(&c.id) && c.size > 100)
+            .unwrap();
+        crate::local_chunks::flip_byte(&tmp.path().join("dst/chunks"), &old.id, 50);
+        match dst.materialize_checked(&id("ckpt-2"), f2.checked).await {
+            Err(Error::ChunkCorrupt { image, chunk, .. }) => {
+                assert_eq!((image.as_str(), chunk), ("ckpt-2", old.id.to_hex()));
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[tokio::test]

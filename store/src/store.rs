@@ -31,7 +31,7 @@
 //!   a chunk is removed only by [`ImageStore::collect_garbage`], when no committed image
 //!   names it and no commit or fetch in progress has pinned it.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -634,12 +634,24 @@ impl ImageStore {
     /// images are written whole into `restore/<id>/` from their chunks, each chunk checked as
     /// it is read. The directory is made again on every call, and removed with the image.
     pub async fn materialize(&self, id: &ImageId) -> Result<PathBuf, Error> {
-        let store = self.clone();
-        let id = id.to_string();
-        blocking(move || store.materialize_sync(&id)).await
+        self.materialize_checked(id, Arc::default()).await
     }
 
-    fn materialize_sync(&self, id: &str) -> Result<PathBuf, Error> {
+    /// [`ImageStore::materialize`] right after a fetch: the chunks in `checked` (those the
+    /// fetch received, [`crate::fetch::Fetched::checked`]) were checked against their names
+    /// as they arrived, so they are copied without being hashed again; every other chunk
+    /// (one the store had before) is checked as it is read.
+    pub async fn materialize_checked(
+        &self,
+        id: &ImageId,
+        checked: Arc<HashSet<ChunkId>>,
+    ) -> Result<PathBuf, Error> {
+        let store = self.clone();
+        let id = id.to_string();
+        blocking(move || store.materialize_sync(&id, &checked)).await
+    }
+
+    fn materialize_sync(&self, id: &str, checked: &HashSet<ChunkId>) -> Result<PathBuf, Error> {
         let (_, m) = self.manifest_sync(id)?;
         if !m.is_chunked() {
             self.verify_sync(id)?;
@@ -674,8 +686,12 @@ impl ImageStore {
                 );
                 for c in &f.chunks {
                     pins.pin(&c.id);
-                    out.write_all(&self.read_chunk(id, &f.path, c)?)
-                        .map_err(werr)?;
+                    let data = if checked.contains(&c.id) {
+                        self.read_chunk_unverified(id, c)?
+                    } else {
+                        self.read_chunk(id, &f.path, c)?
+                    };
+                    out.write_all(&data).map_err(werr)?;
                 }
                 out.flush().map_err(werr)?;
             }

@@ -326,6 +326,8 @@ impl Cts {
             }
         };
         let mut bytes_transferred = 0;
+        // The chunks a fetch from the CTS checked as they arrived: not hashed again below.
+        let mut checked = Default::default();
         let fetched = match store.image_dir(&image).await {
             Ok(_) => {
                 check_digest(&store.digest(&image).await?)?;
@@ -353,6 +355,7 @@ impl Cts {
                 bytes_transferred = match from_cts {
                     Ok(f) => {
                         tracing::info!(checkpoint.id = %id, source = %source, "image fetched for a recovery");
+                        checked = f.checked;
                         f.bytes_transferred
                     }
                     // The CTS that took it is unreachable (or lost it): the object store,
@@ -402,8 +405,9 @@ impl Cts {
             }
         }
         // Plain files for the restore, every file (format 1) or chunk (format 2) checked
-        // against the manifest whose digest was checked above.
-        let image_dir = store.materialize(&image).await?;
+        // against the manifest whose digest was checked above: each chunk once, as it
+        // arrived or as it is read now.
+        let image_dir = store.materialize_checked(&image, checked).await?;
         Ok(FetchedImage {
             checkpoint_id: id.to_string(),
             image_dir,
