@@ -186,6 +186,9 @@ pub struct ReservedFor {
 }
 
 enum Slot {
+    /// The place of an item whose file is being written (outside the queue's lock): the line
+    /// stops here until it is.
+    Writing,
     /// The place of the record of an image being committed.
     Reserved(ReservedFor),
     Item(OutboxItem),
@@ -378,22 +381,43 @@ impl GcsLink {
         self.enqueue(item).map(drop)
     }
 
-    /// Queues `item`: written to disk before this returns.
+    /// Queues `item`: written to disk before this returns. Its place in line is taken under
+    /// the queue's lock and its file written outside it (the line stops at the place until
+    /// then), so that callers do not wait for each other's fsyncs.
     pub fn enqueue(&self, item: OutboxItem) -> Result<Pending, Error> {
+        let room = (!item.always_taken()).then(|| item.describe());
+        let seq = self.take_place(room.as_deref(), Slot::Writing)?;
+        if let Err(e) = self.write_item(seq, &item) {
+            self.give_up_place(seq);
+            return Err(e);
+        }
         let (tx, rx) = oneshot::channel();
         {
             let mut q = self.inner.queue.lock();
-            if !item.always_taken() {
-                self.check_room(&q, &item.describe())?;
-            }
-            let seq = q.next;
-            self.write_item(seq, &item)?;
-            q.next += 1;
             q.slots.insert(seq, Slot::Item(item));
             q.waiters.insert(seq, tx);
         }
         self.inner.wake.notify_one();
         Ok(Pending(rx))
+    }
+
+    /// The next place in line, holding `slot`; with `room_for`, only if the outbox has room
+    /// (`room_for` names what would take it, for the error).
+    fn take_place(&self, room_for: Option<&str>, slot: Slot) -> Result<u64, Error> {
+        let mut q = self.inner.queue.lock();
+        if let Some(what) = room_for {
+            self.check_room(&q, what)?;
+        }
+        let seq = q.next;
+        q.next += 1;
+        q.slots.insert(seq, slot);
+        Ok(seq)
+    }
+
+    /// A place whose file could not be written: the line goes on without it.
+    fn give_up_place(&self, seq: u64) {
+        self.inner.queue.lock().slots.remove(&seq);
+        self.inner.wake.notify_one();
     }
 
     /// Keeps the next place in line for the record of image `image` of job `gid`, before the
@@ -404,25 +428,22 @@ impl GcsLink {
             image: image.to_string(),
             gid: gid.to_string(),
         };
-        let seq = {
-            let mut q = self.inner.queue.lock();
-            self.check_room(
-                &q,
-                &format!("the record of checkpoint {image:?} of job {gid:?}"),
-            )?;
-            let seq = q.next;
-            let path = reservation_path(&self.inner.dir, seq);
-            write_reservation(&path, &what).map_err(|e| {
-                let _ = std::fs::remove_file(&path);
-                Error::Outbox(format!(
-                    "the outbox {} cannot take the record of a checkpoint of job {gid:?} ({e}); nothing was checkpointed: free space there or fix its permissions",
-                    self.inner.dir.display()
-                ))
-            })?;
-            q.next += 1;
-            q.slots.insert(seq, Slot::Reserved(what.clone()));
-            seq
-        };
+        // Written outside the queue's lock, like an item (see GcsLink::enqueue).
+        let seq = self.take_place(
+            Some(&format!(
+                "the record of checkpoint {image:?} of job {gid:?}"
+            )),
+            Slot::Reserved(what.clone()),
+        )?;
+        let path = reservation_path(&self.inner.dir, seq);
+        if let Err(e) = write_reservation(&path, &what) {
+            let _ = std::fs::remove_file(&path);
+            self.give_up_place(seq);
+            return Err(Error::Outbox(format!(
+                "the outbox {} cannot take the record of a checkpoint of job {gid:?} ({e}); nothing was checkpointed: free space there or fix its permissions",
+                self.inner.dir.display()
+            )));
+        }
         Ok(Reservation {
             link: self.clone(),
             seq,
@@ -730,17 +751,22 @@ impl GcsLink {
         }
     }
 
-    /// Delivers queued items in order, up to the first reservation not yet filled. Returns
-    /// `Err` when the first item must be tried again later (it stays first in line); items
-    /// the GCS refuses are set aside and their waiters told.
+    /// The first item in line, unless a reservation not yet filled or an item still being
+    /// written comes first.
+    fn next_to_deliver(&self) -> Option<(u64, OutboxItem)> {
+        match self.inner.queue.lock().slots.iter().next() {
+            Some((seq, Slot::Item(item))) => Some((*seq, item.clone())),
+            None | Some((_, Slot::Reserved(_) | Slot::Writing)) => None,
+        }
+    }
+
+    /// Delivers queued items in order, up to the first reservation not yet filled or item
+    /// still being written. Returns `Err` when the first item must be tried again later (it
+    /// stays first in line); items the GCS refuses are set aside and their waiters told.
     async fn deliver_all(&self, jobs: &dyn LocalJobs) -> Result<(), Fault> {
         loop {
-            let (seq, item) = {
-                let q = self.inner.queue.lock();
-                match q.slots.iter().next() {
-                    None | Some((_, Slot::Reserved(_))) => return Ok(()),
-                    Some((seq, Slot::Item(item))) => (*seq, item.clone()),
-                }
+            let Some((seq, item)) = self.next_to_deliver() else {
+                return Ok(());
             };
             let mut answer = self.call(&item).await;
             if let Err(f) = &answer {
@@ -1119,6 +1145,7 @@ mod tests {
             .map(|s| match s {
                 Slot::Item(i) => i.describe(),
                 Slot::Reserved(_) => "reserved".into(),
+                Slot::Writing => "writing".into(),
             })
             .collect();
         assert_eq!(
@@ -1179,6 +1206,39 @@ mod tests {
         l.write_filled(seq, &what, bytes, "x");
         assert!(outbox_files(dir.path()).is_empty());
         assert_eq!(set_aside(dir.path()), [item]);
+    }
+
+    /// An item's file is written outside the queue's lock: its place holds the line until
+    /// the file is there, and a write that fails gives the place up.
+    #[test]
+    fn an_item_being_written_holds_its_place_and_a_failed_write_gives_it_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = link(dir.path(), 10);
+        // Another caller's item, still being written.
+        let first = l.take_place(None, Slot::Writing).unwrap();
+        l.enqueue_nowait(job("job-1")).unwrap();
+        assert_eq!(
+            l.next_to_deliver(),
+            None,
+            "the line waits for the first item's file"
+        );
+        l.give_up_place(first);
+        let (seq, item) = l.next_to_deliver().unwrap();
+        assert_eq!((seq, item), (first + 1, job("job-1")));
+
+        // A write that fails: the caller is told, and nothing of it stays in line.
+        let next = l.inner.queue.lock().next;
+        std::fs::create_dir(dir.path().join(format!("{next:020}.json"))).unwrap();
+        match l.enqueue(finished("job-1")) {
+            Err(Error::Outbox(_)) => {}
+            Err(e) => panic!("{e:?}"),
+            Ok(_) => panic!("queued without its file"),
+        }
+        assert_eq!(l.status().pending, 1);
+        assert!(!dir.path().join(format!("{next:020}.tmp")).exists());
+        l.enqueue_nowait(finished("job-1")).unwrap();
+        let in_line: Vec<_> = l.inner.queue.lock().slots.keys().copied().collect();
+        assert_eq!(in_line, [first + 1, next + 1]);
     }
 
     /// A failed write of the record's bytes (as a full disk would fail it).
