@@ -187,8 +187,9 @@ pub struct ReservedFor {
 
 enum Slot {
     /// The place of an item whose file is being written (outside the queue's lock): the line
-    /// stops here until it is.
-    Writing,
+    /// stops here until it is. (The item is already seen by [`GcsLink::registration_for`]: a
+    /// job's exit being written still tells how an earlier item's job is registered again.)
+    Writing(OutboxItem),
     /// The place of the record of an image being committed.
     Reserved(ReservedFor),
     Item(OutboxItem),
@@ -386,7 +387,7 @@ impl GcsLink {
     /// then), so that callers do not wait for each other's fsyncs.
     pub fn enqueue(&self, item: OutboxItem) -> Result<Pending, Error> {
         let room = (!item.always_taken()).then(|| item.describe());
-        let seq = self.take_place(room.as_deref(), Slot::Writing)?;
+        let seq = self.take_place(room.as_deref(), Slot::Writing(item.clone()))?;
         if let Err(e) = self.write_item(seq, &item) {
             self.give_up_place(seq);
             return Err(e);
@@ -756,7 +757,7 @@ impl GcsLink {
     fn next_to_deliver(&self) -> Option<(u64, OutboxItem)> {
         match self.inner.queue.lock().slots.iter().next() {
             Some((seq, Slot::Item(item))) => Some((*seq, item.clone())),
-            None | Some((_, Slot::Reserved(_) | Slot::Writing)) => None,
+            None | Some((_, Slot::Reserved(_) | Slot::Writing(_))) => None,
         }
     }
 
@@ -819,10 +820,10 @@ impl GcsLink {
         }
         let q = self.inner.queue.lock();
         // The item itself may be the job's end.
-        let ended_later = q
-            .slots
-            .range(seq..)
-            .any(|(_, s)| matches!(s, Slot::Item(OutboxItem::JobFinished(f)) if f.gid == gid));
+        let ended_later = q.slots.range(seq..).any(|(_, s)| {
+            matches!(s, Slot::Item(OutboxItem::JobFinished(f))
+                    | Slot::Writing(OutboxItem::JobFinished(f)) if f.gid == gid)
+        });
         ended_later.then(|| RegisterJob {
             gid: gid.to_string(),
             cts_instance: self.inner.instance.name.clone(),
@@ -1145,7 +1146,7 @@ mod tests {
             .map(|s| match s {
                 Slot::Item(i) => i.describe(),
                 Slot::Reserved(_) => "reserved".into(),
-                Slot::Writing => "writing".into(),
+                Slot::Writing(_) => "writing".into(),
             })
             .collect();
         assert_eq!(
@@ -1213,9 +1214,9 @@ mod tests {
     #[test]
     fn an_item_being_written_holds_its_place_and_a_failed_write_gives_it_up() {
         let dir = tempfile::tempdir().unwrap();
-        let l = link(dir.path(), 10);
+        let l = link(dir.path(), 2);
         // Another caller's item, still being written.
-        let first = l.take_place(None, Slot::Writing).unwrap();
+        let first = l.take_place(None, Slot::Writing(job("job-0"))).unwrap();
         l.enqueue_nowait(job("job-1")).unwrap();
         assert_eq!(
             l.next_to_deliver(),
@@ -1229,16 +1230,39 @@ mod tests {
         // A write that fails: the caller is told, and nothing of it stays in line.
         let next = l.inner.queue.lock().next;
         std::fs::create_dir(dir.path().join(format!("{next:020}.json"))).unwrap();
-        match l.enqueue(finished("job-1")) {
+        match l.enqueue(job("job-2")) {
             Err(Error::Outbox(_)) => {}
             Err(e) => panic!("{e:?}"),
             Ok(_) => panic!("queued without its file"),
         }
         assert_eq!(l.status().pending, 1);
         assert!(!dir.path().join(format!("{next:020}.tmp")).exists());
-        l.enqueue_nowait(finished("job-1")).unwrap();
+        // Its place counts no more against the limit (2): one more fits, then none.
+        l.enqueue_nowait(job("job-3")).unwrap();
         let in_line: Vec<_> = l.inner.queue.lock().slots.keys().copied().collect();
         assert_eq!(in_line, [first + 1, next + 1]);
+        assert!(matches!(
+            l.enqueue_nowait(job("job-4")),
+            Err(Error::OutboxFull(_))
+        ));
+    }
+
+    /// A job's exit still being written counts for an earlier item of the job the GCS no
+    /// longer knows: the job is registered again as it ran, not the item refused.
+    #[test]
+    fn an_exit_being_written_tells_how_to_register_its_job_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = link(dir.path(), 10);
+        let item = job("job-1");
+        l.enqueue_nowait(item.clone()).unwrap();
+        let first = l.inner.queue.lock().slots.keys().next().copied().unwrap();
+        assert_eq!(l.registration_for(first, &item, &()), None);
+        l.take_place(None, Slot::Writing(finished("job-1")))
+            .unwrap();
+        let again = l
+            .registration_for(first, &item, &())
+            .expect("registered as it ran");
+        assert_eq!(again.gid, "job-1");
     }
 
     /// A failed write of the record's bytes (as a full disk would fail it).
@@ -1291,7 +1315,7 @@ mod tests {
     /// The deliverer sends nothing after a delivered record until the record's file is
     /// written and removed: a CTS that dies meanwhile never sends the record again after a
     /// later item.
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_next_item_waits_until_a_delivered_records_file_is_gone() {
         let dir = tempfile::tempdir().unwrap();
         let l = link(dir.path(), 10);
@@ -1311,7 +1335,11 @@ mod tests {
             !waiting.is_finished(),
             "returned before the file was written"
         );
-        l.write_filled(seq, &what, bytes, "x");
+        // Written on another thread, as a checkpoint's task does.
+        let writer = l.clone();
+        tokio::task::spawn_blocking(move || writer.write_filled(seq, &what, bytes, "x"))
+            .await
+            .unwrap();
         tokio::time::timeout(Duration::from_secs(5), waiting)
             .await
             .expect("woken once the file is gone")
