@@ -1165,15 +1165,21 @@ mod tests {
         names
     }
 
+    /// A reservation for a record of job-1 that the test fills by hand, step by step.
+    fn reserved(l: &GcsLink) -> (u64, ReservedFor) {
+        let r = l.reserve("img-1", "job-1").unwrap();
+        let place = (r.seq, r.what.clone());
+        std::mem::forget(r);
+        place
+    }
+
     /// The GCS may answer before the record's file is written (`fill` queues it first): the
     /// file written after the answer must not bring the record back at the next start.
     #[test]
     fn a_record_delivered_before_its_file_is_written_leaves_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let l = link(dir.path(), 10);
-        let r = l.reserve("img-1", "job-1").unwrap();
-        let (seq, what) = (r.seq, r.what.clone());
-        std::mem::forget(r);
+        let (seq, what) = reserved(&l);
         let item = job("job-1");
         let bytes = serde_json::to_vec_pretty(&item);
         let _pending = l.queue_filled(seq, item);
@@ -1197,9 +1203,7 @@ mod tests {
     fn a_record_refused_before_its_file_is_written_is_set_aside() {
         let dir = tempfile::tempdir().unwrap();
         let l = link(dir.path(), 10);
-        let r = l.reserve("img-1", "job-1").unwrap();
-        let (seq, what) = (r.seq, r.what.clone());
-        std::mem::forget(r);
+        let (seq, what) = reserved(&l);
         let item = job("job-1");
         let bytes = serde_json::to_vec_pretty(&item);
         let _pending = l.queue_filled(seq, item.clone());
@@ -1284,9 +1288,7 @@ mod tests {
         for refused_first in [true, false] {
             let dir = tempfile::tempdir().unwrap();
             let l = link(dir.path(), 10);
-            let r = l.reserve("img-1", "job-1").unwrap();
-            let (seq, what) = (r.seq, r.what.clone());
-            std::mem::forget(r);
+            let (seq, what) = reserved(&l);
             let item = job("job-1");
             let _pending = l.queue_filled(seq, item.clone());
             let refuse = || l.reject(seq, &item, &fault(FaultKind::InvalidMessage, None));
@@ -1319,9 +1321,7 @@ mod tests {
     async fn the_next_item_waits_until_a_delivered_records_file_is_gone() {
         let dir = tempfile::tempdir().unwrap();
         let l = link(dir.path(), 10);
-        let r = l.reserve("img-1", "job-1").unwrap();
-        let (seq, what) = (r.seq, r.what.clone());
-        std::mem::forget(r);
+        let (seq, what) = reserved(&l);
         let item = job("job-1");
         let bytes = serde_json::to_vec_pretty(&item);
         let _pending = l.queue_filled(seq, item);
