@@ -18,9 +18,9 @@
 //! A checkpoint **reserves** its place before its image is committed ([`GcsLink::reserve`]):
 //! a file that proves the outbox can take the record (and keeps the space for it), and that a
 //! restarted CTS finds if it died between the commit and the record, so that the image is
-//! registered whole or not at all. The record is delivered while its file is written
-//! ([`GcsLink::fill`]): until then the reservation stands for it, and the item after it waits
-//! for the file ([`GcsLink::written_out`]), so the order holds across a crash too.
+//! registered whole or not at all. The record's file is written, then the record queued
+//! ([`GcsLink::fill`]); a record still being written holds back the item after it
+//! ([`GcsLink::written_out`]), so the order holds across a crash too.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -505,29 +505,34 @@ impl GcsLink {
         })
     }
 
-    /// Queues the record for the GCS at once, then writes it into its place: the call to the
-    /// GCS and the fsyncs run side by side. Meanwhile the reservation is the record's durable
-    /// copy: a CTS that stops before the record is written registers the image again from
-    /// the store at its next start (the GCS answers an identical report `Unchanged`). A
+    /// Writes the record into its place, then queues it. The reservation is the record's
+    /// durable copy until its file is there: a CTS that stops first registers the image again
+    /// from the store at its next start (the GCS answers an identical report `Unchanged`). A
     /// record that cannot be written is still delivered from memory, and its reservation
-    /// stays until the GCS has it.
+    /// stays until the GCS has it. (The machinery for delivering it while it is written,
+    /// `queue_filled(.., true)` and `AfterWrite`, is kept, tested, for when the Slurm
+    /// failure below is understood.)
     fn fill(&self, seq: u64, what: &ReservedFor, item: OutboxItem) -> Pending {
         let bytes = serde_json::to_vec_pretty(&item);
         let describe = item.describe();
-        let pending = self.queue_filled(seq, item);
+        // For now the file is written before the record is queued: delivered while its file
+        // was written, a job Slurm requeued right after its checkpoint failed to resume
+        // (`slurm self_recovering`, cause not found yet; see docs/reliability.md).
         self.write_filled(seq, what, bytes, &describe);
-        pending
+        self.queue_filled(seq, item, false)
     }
 
-    /// The first half of [`GcsLink::fill`]: the record in its place in line, its file still
-    /// to be written.
-    fn queue_filled(&self, seq: u64, item: OutboxItem) -> Pending {
+    /// The record in its place in line; with `still_writing`, its file still to be written
+    /// (what the delivery decides is then left to [`GcsLink::write_filled`]).
+    fn queue_filled(&self, seq: u64, item: OutboxItem, still_writing: bool) -> Pending {
         let (tx, rx) = oneshot::channel();
         {
             let mut q = self.inner.queue.lock();
             q.slots.insert(seq, Slot::Item(item));
             q.waiters.insert(seq, tx);
-            q.writing.insert(seq, None);
+            if still_writing {
+                q.writing.insert(seq, None);
+            }
         }
         self.inner.wake.notify_one();
         Pending(rx)
@@ -1182,7 +1187,7 @@ mod tests {
         let (seq, what) = reserved(&l);
         let item = job("job-1");
         let bytes = serde_json::to_vec_pretty(&item);
-        let _pending = l.queue_filled(seq, item);
+        let _pending = l.queue_filled(seq, item, true);
         // The deliverer's success, first.
         l.after_delivery(seq, AfterWrite::Remove);
         l.inner.queue.lock().slots.remove(&seq);
@@ -1206,7 +1211,7 @@ mod tests {
         let (seq, what) = reserved(&l);
         let item = job("job-1");
         let bytes = serde_json::to_vec_pretty(&item);
-        let _pending = l.queue_filled(seq, item.clone());
+        let _pending = l.queue_filled(seq, item.clone(), true);
         l.reject(seq, &item, &fault(FaultKind::InvalidMessage, None));
         l.write_filled(seq, &what, bytes, "x");
         assert!(outbox_files(dir.path()).is_empty());
@@ -1290,7 +1295,7 @@ mod tests {
             let l = link(dir.path(), 10);
             let (seq, what) = reserved(&l);
             let item = job("job-1");
-            let _pending = l.queue_filled(seq, item.clone());
+            let _pending = l.queue_filled(seq, item.clone(), true);
             let refuse = || l.reject(seq, &item, &fault(FaultKind::InvalidMessage, None));
             if refused_first {
                 refuse();
@@ -1324,7 +1329,7 @@ mod tests {
         let (seq, what) = reserved(&l);
         let item = job("job-1");
         let bytes = serde_json::to_vec_pretty(&item);
-        let _pending = l.queue_filled(seq, item);
+        let _pending = l.queue_filled(seq, item, true);
         l.after_delivery(seq, AfterWrite::Remove);
         let waiting = tokio::spawn({
             let l = l.clone();
